@@ -1,0 +1,45 @@
+"""Registers the typed schema with Hydra and checks what types alone cannot."""
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from sadr.conf.schema import RunConfig
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks, each naming the key and what it accepts."""
+    lam = cfg.sadr["lambda"]
+    if lam < 0:
+        raise ConfigError(f"sadr.lambda={lam}: γ must be >= 0 (0 turns SADR off)")
+    editor = cfg.editor
+    missing = [key for key in ("layers", "v_loss_layer") if OmegaConf.is_missing(editor, key)]
+    if missing:
+        raise ConfigError(
+            f"no published defaults for editor={editor.name.name} with model={cfg.model.name} "
+            f"(sadr/conf/hparams/{editor.name.name}_{cfg.model.name}.yaml does not exist): set "
+            + " and ".join(f"editor.{key}=..." for key in missing)
+            + ", e.g. editor.layers=[5] editor.v_loss_layer=<last layer index>"
+        )
+    if not editor.layers:
+        raise ConfigError("editor.layers is empty; give the layer(s) to edit, e.g. editor.layers=[5]")
+    if editor.v_num_grad_steps < 1:
+        raise ConfigError(f"editor.v_num_grad_steps={editor.v_num_grad_steps}: must be >= 1")
+    if editor.batch_size < 1:
+        raise ConfigError(f"editor.batch_size={editor.batch_size}: must be >= 1")
+    if editor.protocol.name == "single" and editor.batch_size != 1:
+        raise ConfigError(
+            f"editor.batch_size={editor.batch_size} with editor.protocol=single; use editor.protocol=batch "
+            "(or sequential) to edit several requests at once"
+        )
+    for pair in editor.context_templates:
+        if len(pair) != 2 or min(pair) < 0:
+            raise ConfigError(f"editor.context_templates entry {list(pair)}: expected [max_tokens, count]")

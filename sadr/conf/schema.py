@@ -1,0 +1,158 @@
+"""Typed structured configs: a typo or a wrong type fails at composition, naming the key and what it accepts."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+class EditorName(Enum):
+    rome = "rome"
+    memit = "memit"
+    pmet = "pmet"
+
+
+class EditProtocol(Enum):
+    single = "single"  # edit one request, evaluate, restore
+    batch = "batch"  # edit editor.batch_size requests at once, evaluate each, restore
+    sequential = "sequential"  # edit batches one after another without restoring; evaluate all at the end
+
+
+class DType(Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float64 = "float64"
+
+
+class StatsCorpus(Enum):
+    auto = "auto"  # `generated` for the embedded offline model, `hub` otherwise
+    hub = "hub"  # a Hugging Face text dataset (stats.hub_dataset / hub_config / hub_split), streamed
+    generated = "generated"  # text the model itself samples from a fixed seed
+    file = "file"  # a user's UTF-8 text file (stats.text_file), one document per blank-line-separated block
+
+
+class InvalidRecordPolicy(Enum):
+    error = "error"
+    skip = "skip"
+
+
+class ZsreTarget(Enum):
+    answers = "answers"  # ROME/MEMIT: edit towards answers[0]
+    alt = "alt"  # EasyEdit: edit towards the counterfactual `alt`
+
+
+class SadrHeads(Enum):
+    selective = "selective"
+    all = "all"
+
+
+class Divergence(Enum):
+    kl = "kl"
+
+
+@dataclass
+class StatsConfig:
+    """Where the key second moment C = E[k kᵀ] comes from (shared by every editor for a given model)."""
+
+    corpus: StatsCorpus = StatsCorpus.auto
+    hub_dataset: str = "wikitext"
+    hub_config: Optional[str] = "wikitext-103-raw-v1"
+    hub_split: str = "train"
+    text_file: Optional[str] = None
+    n_samples: int = 100000  # documents (or generated texts)
+    sample_length: int = 1024  # tokens kept per document
+    batch_tokens: int = 8192  # token budget of one forward batch
+    npz_dir: Optional[str] = None  # folder of ROME-format <module>_float32_mom2_<n>.npz files to load instead
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in results and in the per-(editor, model) defaults
+    source: str = MISSING  # hub id, local directory, GGUF file, or "embedded:smollm2"
+    gguf_file: Optional[str] = None  # file name inside `source` when it is a directory holding GGUF files
+    revision: Optional[str] = None
+    family: Optional[str] = None  # expected config.model_type, checked after loading
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+
+@dataclass
+class EditorConfig:
+    name: EditorName = MISSING
+    source: str = ""  # where these hyperparameters were published, or how they were chosen
+    layers: List[int] = MISSING
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_loss_layer: int = MISSING
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    mom2_adjustment: bool = True
+    mom2_update_weight: float = 15000.0
+    nll_loss_factor: float = 1.0
+    # (max tokens, number of prefixes); ROME: 10 of <=5 and 10 of <=10 tokens, MEMIT/PMET: 5 of <=10
+    context_templates: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    protocol: EditProtocol = EditProtocol.single
+    batch_size: int = 1
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # format: offline_counterfact | counterfact | multi_counterfact | zsre | knowedit_counterfact | sadr_merged
+    path: Optional[str] = None  # local file; when unset the canonical copy is used (embedded or downloaded)
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    size: Optional[int] = None
+    limit: Optional[int] = None
+    case_ids: Optional[List[Any]] = None
+    shard: Optional[str] = None  # "i/n": the i-th (1-based) of n contiguous shards
+    on_invalid: InvalidRecordPolicy = InvalidRecordPolicy.error
+    target: ZsreTarget = ZsreTarget.answers
+
+
+def _sadr_config_class():
+    # `lambda` is a Python keyword, so the dataclass is built without generated __init__/__repr__/__eq__
+    # (whose generated source would name the field); OmegaConf only reads its fields and defaults.
+    namespace: dict[str, Any] = {
+        "__annotations__": {
+            "lambda": float,
+            "heads": SadrHeads,
+            "layers": Optional[List[int]],
+            "divergence": Divergence,
+            "epsilon": float,
+        },
+        "__doc__": "Selective Attention Drift Restriction: `lambda` is γ (0 = the plain editor, bit for bit).",
+        "lambda": 0.0,
+        "heads": SadrHeads.selective,
+        "layers": None,
+        "divergence": Divergence.kl,
+        "epsilon": 1e-8,
+    }
+    return dataclasses.dataclass(init=False, repr=False, eq=False)(type("SadrConfig", (), namespace))
+
+
+SadrConfig = _sadr_config_class()
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64  # (prompt, target) pairs per forward
+    metrics: List[str] = field(default_factory=lambda: ["efficacy", "paraphrase", "neighborhood"])
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    editor: EditorConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    sadr: Any = field(default_factory=SadrConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: DType = DType.float32
+    seed: int = 0
+    cache_dir: str = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"
+    output_dir: str = "${hydra:runtime.output_dir}"

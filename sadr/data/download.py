@@ -1,0 +1,148 @@
+"""The one file downloader: resumable, verified, atomic (standard library only).
+
+The body is streamed into `<dest>.part`; a `.part` left by an interrupted run is resumed with an
+HTTP Range request. Only once its size and sha256 match (where known) is it renamed to `<dest>`,
+so a file at `dest` is always complete and verified, and later runs use it without re-hashing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60
+
+
+class DownloadError(OSError):
+    """A file could not be fetched; the message says from where, and how to supply it by hand."""
+
+
+class ChecksumError(DownloadError):
+    """A fetched file has the wrong size or sha256; its partial copy has been deleted."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file at `url`, with its expected byte size and sha256 where they are known."""
+
+    url: str
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def filename(self) -> str:
+        return Path(urlparse(self.url).path).name
+
+
+def download(remote: RemoteFile, directory: str | os.PathLike, hint: str = "") -> Path:
+    """Return `directory/remote.filename`, fetching it first unless it is already there.
+
+    `hint` (e.g. which config key to set for a manual copy) is appended to every error message.
+    """
+    dest = Path(directory) / remote.filename
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest.with_name(dest.name + ".lock")):
+        if not dest.is_file():  # another process may have completed it while this one waited
+            _download_to(remote, dest, hint)
+    return dest
+
+
+def _download_to(remote: RemoteFile, dest: Path, hint: str) -> None:
+    part = dest.with_name(dest.name + ".part")
+    try:
+        _fetch(remote, part)
+    except (OSError, http.client.HTTPException) as exc:
+        kept = f"; the partial file {part} is kept and the next run resumes it" if part.exists() else ""
+        raise DownloadError(_message(f"could not download {remote.url}: {exc}{kept}.", hint)) from exc
+    _verify(remote, part, hint)
+    os.replace(part, dest)
+    log.info("downloaded %s to %s", remote.url, dest)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Serialise downloads of one file across processes (e.g. the parallel shards of a sweep)."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fetch(remote: RemoteFile, part: Path) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    if remote.size is not None and have >= remote.size:
+        return  # already complete (or too long, which _verify reports)
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    log.info("downloading %s to %s%s", remote.url, part, f" (resuming at byte {have})" if have else "")
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(remote.url, headers=headers), timeout=_TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left after `have`: the .part already holds the whole file
+            return
+        raise
+    with response:
+        resumed = have > 0 and response.status == 206
+        if have and not resumed:
+            log.info("%s ignored the Range request; downloading from the start", remote.url)
+        with open(part, "ab" if resumed else "wb") as out:
+            shutil.copyfileobj(response, out, _CHUNK)
+        # urllib returns a short body silently when the connection drops; Content-Length tells.
+        length = response.headers.get("Content-Length")
+        expected = (have if resumed else 0) + int(length) if length is not None else None
+        got = part.stat().st_size
+        if expected is not None and got != expected:
+            raise ConnectionError(f"the connection closed after {got} of {expected} bytes")
+
+
+def _verify(remote: RemoteFile, part: Path, hint: str) -> None:
+    size = part.stat().st_size
+    if remote.size is not None and size < remote.size:
+        raise DownloadError(
+            _message(
+                f"download of {remote.url} stopped at {size} of {remote.size} bytes; "
+                f"the partial file {part} is kept and the next run resumes it.",
+                hint,
+            )
+        )
+    if remote.size is not None and size != remote.size:
+        part.unlink()
+        raise ChecksumError(
+            _message(f"{remote.url} has {size} bytes, expected {remote.size}; the download was deleted.", hint)
+        )
+    if remote.sha256:
+        digest = _sha256_of(part)
+        if digest != remote.sha256.lower():
+            part.unlink()
+            raise ChecksumError(
+                _message(f"{remote.url} has sha256 {digest}, expected {remote.sha256}; the download was deleted.", hint)
+            )
+
+
+def _sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _message(problem: str, hint: str) -> str:
+    return f"{problem} {hint}".strip()

@@ -1,0 +1,37 @@
+"""Field readers that several formats share: edit templates, subject checks, labeled prompt lists."""
+
+from __future__ import annotations
+
+from sadr.data.records import LabeledPrompt
+from sadr.data.validation import Record
+
+
+def edit_template(rec: Record, key: str) -> str:
+    """A prompt that already holds "{}" exactly once where the subject goes (CounterFact style)."""
+    prompt = rec.text(key)
+    if prompt.count("{}") != 1:
+        rec.fail(key, 'a prompt template containing "{}" exactly once where the subject goes', prompt)
+    return prompt
+
+
+def template_around_subject(rec: Record, key: str, subject: str) -> str:
+    """Turn a prompt that spells out the subject into a "{}" template (its first occurrence is replaced)."""
+    prompt = rec.text(key)
+    if subject not in prompt:
+        rec.fail(key, f"a prompt containing the subject {subject!r} verbatim", prompt)
+    return prompt.replace(subject, "{}", 1)
+
+
+def check_mentions_subject(rec: Record, key: str, prompts: list[str], subject: str) -> tuple[str, ...]:
+    """Paraphrases of the edit must contain the subject verbatim (the editor locates it there)."""
+    for i, prompt in enumerate(prompts):
+        if subject not in prompt:
+            rec.fail(f"{key}[{i}]", f"a paraphrase containing the subject {subject!r} verbatim", prompt)
+    return tuple(prompts)
+
+
+def labeled_prompts(rec: Record, key: str) -> tuple[LabeledPrompt, ...]:
+    """An optional list of {"prompt", "ground_truth"} objects; ground_truth may be a list of alias lists."""
+    return tuple(
+        LabeledPrompt(item.text("prompt"), item.alias("ground_truth")) for item in rec.children(key, required=False)
+    )

@@ -1,0 +1,56 @@
+"""The entry point: `load_cases(cfg, cache_dir)` reads, validates and selects one dataset's edit cases."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sadr.conf.schema import DatasetConfig, InvalidRecordPolicy
+from sadr.data.records import EditCase
+from sadr.data.registry import FORMATS
+from sadr.data.selection import Selection
+from sadr.data.sources import resolve_source
+from sadr.data.validation import parse_records
+
+
+class MalformedDatasetError(ValueError):
+    """The file is not a JSON list of records."""
+
+
+@dataclass
+class LoadedDataset:
+    cases: list[EditCase]
+    n_invalid_skipped: int
+    selection: dict  # what case_ids / shard / limit did, see `Selection.apply`
+    source: str  # the file actually read
+
+
+def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDataset:
+    fmt = FORMATS.get(cfg.name)
+    if fmt is None:
+        raise ValueError(f"unknown dataset.name={cfg.name!r}; expected one of: {', '.join(sorted(FORMATS))}.")
+    selection = Selection.from_config(cfg)
+    path = resolve_source(fmt, cfg, cache_dir)
+    parse = functools.partial(fmt.parse, cfg=cfg)
+    cases, n_skipped = parse_records(read_json_list(path), str(path), parse, InvalidRecordPolicy(cfg.on_invalid))
+    cases, applied = selection.apply(cases)
+    return LoadedDataset(cases, n_skipped, applied, str(path))
+
+
+def read_json_list(path: Path) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise MalformedDatasetError(
+            f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
+            "The file may be truncated or not a dataset; fix it, or delete it to download it again."
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise MalformedDatasetError(f"{path}: not UTF-8 text ({exc}); expected a JSON dataset file.") from exc
+    if not isinstance(data, list):
+        raise MalformedDatasetError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}.")
+    return data

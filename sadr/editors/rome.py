@@ -1,0 +1,52 @@
+"""ROME (Meng et al., 2022): a rank-one update of one MLP down-projection per request (method.md §2).
+
+k* is the key averaged over the context templates; v* is the MLP output at the bare prompt's subject
+token plus the optimised δ; the update makes the layer map k* to v* exactly.
+"""
+from __future__ import annotations
+
+from sadr.data.records import EditRequest
+from sadr.editors.base import EditOutcome, Editor, timed
+from sadr.editors.covariance import SecondMomentStatistics
+from sadr.editors.delta import DeltaObjective, optimize_delta
+from sadr.editors.keys import mean_keys
+from sadr.editors.update import rank_one_update
+from sadr.models.adapters import ModelAdapter
+
+
+class RomeEditor(Editor):
+    def __init__(self, model, adapter: ModelAdapter, tokenizer, hparams, *, statistics: SecondMomentStatistics,
+                 context_templates: list[str], regularizers=()):
+        if len(hparams.layers) != 1:
+            raise ValueError(f"ROME edits exactly one layer; editor.layers={list(hparams.layers)}")
+        self.model, self.adapter, self.tokenizer, self.hparams = model, adapter, tokenizer, hparams
+        self.layer = int(hparams.layers[0])
+        self.layers = [self.layer]
+        self.statistics, self.context_templates, self.regularizers = statistics, context_templates, list(regularizers)
+        self.objective = DeltaObjective(
+            sites=("mlp_out",), layer=self.layer, steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
+            weight_decay=hparams.v_weight_decay, clamp_norm_factor=hparams.clamp_norm_factor,
+            kl_factor=hparams.kl_factor, loss_layer=hparams.v_loss_layer,
+        )
+
+    def apply(self, requests: list[EditRequest]) -> EditOutcome:
+        """Requests are applied one after another, each seeing the previous ones' updates (as ROME does)."""
+        outcome = EditOutcome()
+        for request in requests:
+            with timed(outcome.seconds, "covariance"):
+                second_moment = self.statistics.get([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
+            with timed(outcome.seconds, "k_star"):
+                key = mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], [request], self.context_templates)[self.layer][0]
+            with timed(outcome.seconds, "v_star"):
+                delta = optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
+                                       self.objective, self.regularizers)
+            with timed(outcome.seconds, "update"):
+                # v* − (W k* + b): the module's own output at k*, bias included for families that have one
+                down = self.adapter.mlp_down_module(self.model, self.layer)
+                current = down(key[None].to(down.weight.dtype))[0].float()
+                update = rank_one_update(key, delta.target("mlp_out") - current, second_moment)
+                self.adapter.add_to_down_weight(self.model, self.layer, update)
+            outcome.updates[self.layer] = outcome.updates.get(self.layer, 0) + update
+            outcome.diagnostics.update({"delta_steps": delta.steps_run, "delta_final_loss": delta.history[-1].loss,
+                                        **delta.diagnostics})
+        return outcome

@@ -1,0 +1,91 @@
+"""What each prompt-level metric asks of the model, as probes built from an `EditCase`.
+
+A probe with a `bad` answer succeeds when p(good) > p(bad), and its magnitude is p(good) − p(bad);
+a probe without one is scored by teacher-forced top-1 token accuracy of `good` (zsRE, portability).
+A metric whose prompts the case does not have yields no probes and is left out of the results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from sadr.data.records import EditCase
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    good: str
+    bad: str | None = None
+
+
+def _efficacy(case: EditCase) -> list[Probe]:
+    r = case.request
+    return [Probe(r.text, r.target_new, r.target_true)] if r.target_true else []
+
+
+def _paraphrase(case: EditCase) -> list[Probe]:
+    r = case.request
+    return [Probe(p, r.target_new, r.target_true) for p in case.paraphrase_prompts] if r.target_true else []
+
+
+def _neighborhood(case: EditCase) -> list[Probe]:
+    r = case.request
+    return [Probe(p, r.target_true, r.target_new) for p in case.neighborhood_prompts] if r.target_true else []
+
+
+def distract(case: EditCase, prompt: str) -> str:
+    """A neighborhood prompt with the edit sentence prepended (SADR's Distract Neighborhood)."""
+    return f"{case.request.text} {case.request.target_new}. {prompt}"
+
+
+def _distract_neighborhood(case: EditCase) -> list[Probe]:
+    r = case.request
+    return [Probe(distract(case, p), r.target_true, r.target_new) for p in case.neighborhood_prompts] if r.target_true else []
+
+
+def _relation(case: EditCase) -> list[Probe]:
+    return [Probe(p.prompt, p.target, case.request.target_new) for p in case.relation_prompts]
+
+
+def _portability(case: EditCase) -> list[Probe]:
+    return [Probe(p.prompt, p.target) for prompts in case.portability.values() for p in prompts]
+
+
+def _zsre_efficacy(case: EditCase) -> list[Probe]:
+    return [] if case.request.target_true else [Probe(case.request.text, case.request.target_new)]
+
+
+def _zsre_generalization(case: EditCase) -> list[Probe]:
+    return [] if case.request.target_true else [Probe(p, case.request.target_new) for p in case.paraphrase_prompts]
+
+
+def _locality(case: EditCase) -> list[Probe]:
+    return [Probe(p.prompt, p.target) for p in case.locality_prompts]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # results key
+    short: str  # table label
+    probes: Callable[[EditCase], list[Probe]]
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("efficacy", "ES", _efficacy),
+    Metric("paraphrase", "PS", _paraphrase),
+    Metric("neighborhood", "NS", _neighborhood),
+    Metric("distract_neighborhood", "DNS", _distract_neighborhood),
+    Metric("relation", "RS", _relation),
+    Metric("portability", "Port", _portability),
+    Metric("token_efficacy", "zsRE-E", _zsre_efficacy),
+    Metric("token_generalization", "zsRE-G", _zsre_generalization),
+    Metric("locality", "Loc", _locality),
+]}
+
+
+def resolve_metrics(names: list[str]) -> list[Metric]:
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
+    return [METRICS[n] for n in names]

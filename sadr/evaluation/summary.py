@@ -1,0 +1,60 @@
+"""Many run directories -> one comparison table, with the keys that differ between runs as columns."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from sadr.results import CONFIG_FILE, METRICS_FILE
+
+ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda")
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = str(value) if isinstance(value, list) else value
+    return flat
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; pass a run directory or a multirun directory")
+    runs = sorted(p.parent for p in root.rglob(METRICS_FILE) if (p.parent / CONFIG_FILE).is_file())
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {root} (looked for {METRICS_FILE} beside {CONFIG_FILE})")
+    return runs
+
+
+def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
+    """Rows: runs (edited) plus the unedited model once per distinct setting; columns: swept keys, metrics."""
+    runs = find_runs(root)
+    settings = {run: _flatten(OmegaConf.to_container(OmegaConf.load(run / CONFIG_FILE), resolve=False)) for run in runs}
+    keys = sorted({k for s in settings.values() for k in s})
+    swept = [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1 and k != "seed" or k in ALWAYS]
+    swept = [k for k in ALWAYS if k in keys] + [k for k in swept if k not in ALWAYS]
+    records = []
+    for run in runs:
+        table = pd.read_csv(run / METRICS_FILE)
+        table = table[(table.protocol == protocol) & (table.quantity != "magnitude")]
+        for state, part in table.groupby("state", sort=False):
+            record = {k: settings[run].get(k) for k in swept}
+            record.update(state=state, n_cases=int(part[part.quantity == "success"].n.max()) if (part.quantity == "success").any() else 0,
+                          run=str(run.relative_to(root)) if run != Path(root) else ".")
+            for _, row in part.iterrows():
+                record[row.label] = round(row["mean"], 2)
+                if row.quantity == "success":
+                    record[f"{row.label} ci95"] = round(row["ci95"], 2)
+            records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    edited = frame[frame.state == "edited"]
+    unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state")] + ["model.name", "dataset.name"])
+    if "editor.name" in unedited:
+        unedited = unedited.assign(**{"editor.name": "none"})
+    return pd.concat([unedited, edited], ignore_index=True)

@@ -1,0 +1,22 @@
+"""A content hash of a model, so caches are keyed by the weights actually loaded, not by a name."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the config and, per parameter, its name, shape, dtype and float64 sum and sum of squares."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, param in model.named_parameters():
+        p = param.detach().double()
+        h.update(f"{name}{tuple(p.shape)}{param.dtype}{p.sum().item():.10e}{p.square().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(**parts) -> str:
+    """A short hash of everything that determines a cached artefact."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

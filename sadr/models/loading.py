@@ -1,0 +1,72 @@
+"""Load a model and tokenizer from a hub id, a local directory, a GGUF file, or the embedded default."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sadr.models.adapters import ModelAdapter, adapter_for
+from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    resolved_source: str  # the file, directory or hub id actually loaded
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return device
+
+
+def _from_pretrained_args(source: str, gguf_file: str | None, cache_dir: str) -> tuple[str, dict]:
+    if source in EMBEDDED_SOURCES:
+        path = embedded_gguf(source, cache_dir)
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist (model.source)")
+        return str(path.parent), {"gguf_file": path.name}
+    if gguf_file:
+        return str(path), {"gguf_file": gguf_file}
+    if source.startswith((".", "/", "~")) and not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist (model.source)")
+    return str(path) if path.exists() else source, {}
+
+
+def load_model(source: str, *, gguf_file: str | None = None, revision: str | None = None,
+               family: str | None = None, device: str = "auto", dtype: str = "float32",
+               cache_dir: str = ".") -> LoadedModel:
+    location, extra = _from_pretrained_args(source, gguf_file, cache_dir)
+    if revision:
+        extra["revision"] = revision
+    log.info("loading model %s %s", location, extra)
+    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **extra)
+    model = model.to(resolve_device(device)).eval().requires_grad_(False)
+    adapter = adapter_for(model)
+    if family is not None and adapter.family != family:
+        raise ValueError(
+            f"model.family is {family!r} but {source} is a {adapter.family!r} model (config.model_type); "
+            "fix model.family or model.source"
+        )
+    return LoadedModel(model, tokenizer, adapter, f"{location}/{extra['gguf_file']}" if "gguf_file" in extra else location)

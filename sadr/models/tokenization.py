@@ -1,0 +1,139 @@
+"""Text -> token ids for prompts, targets and subject positions, the same way everywhere.
+
+Positions are found from the fast tokenizer's character offsets on the *whole* text, so tokenizers that
+add a BOS token or merge a leading space cannot shift them (tokenising prefix, subject and suffix
+separately is off by one for such tokenizers). Batches are right-padded: position ids then match the
+unpadded sequence for every family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class SubjectNotFoundError(ValueError):
+    """The subject string does not occur in the prompt it is supposed to be in."""
+
+
+def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    target_ids: list[int]
+    prompt_offsets: list[tuple[int, int]]  # character span of each prompt token
+
+
+def encode_prompt_target(tokenizer, prompt: str, target: str) -> EncodedPair:
+    """Token ids of `prompt` and of `target` read as its continuation with a leading space.
+
+    The pair is tokenised as one text "prompt target" and split at the prompt's last character, so the
+    target's ids are those the model sees after the prompt. If the tokenizer merges a token across that
+    boundary, prompt and " target" are tokenised separately and concatenated instead.
+    """
+    if not target:
+        raise ValueError(f"empty target for prompt {prompt!r}")
+    ids, offsets = encode_with_offsets(tokenizer, f"{prompt} {target}")
+    boundary = len(prompt)
+    split = next((i for i, (start, end) in enumerate(offsets) if end > start and start >= boundary), None)
+    straddles = any(start < boundary < end for start, end in offsets)
+    if split is None or straddles or split == 0:
+        prompt_ids, prompt_offsets = encode_with_offsets(tokenizer, prompt)
+        target_ids = list(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
+        return EncodedPair(prompt_ids, target_ids, prompt_offsets)
+    return EncodedPair(ids[:split], ids[split:], offsets[:split])
+
+
+def subject_span(text: str, subject: str, start_hint: int | None = None) -> tuple[int, int]:
+    """Character span of `subject` in `text` (at `start_hint` if given, else its last occurrence)."""
+    if start_hint is not None and text[start_hint : start_hint + len(subject)] == subject:
+        return start_hint, start_hint + len(subject)
+    pos = text.rfind(subject)
+    if not subject or pos < 0:
+        raise SubjectNotFoundError(
+            f"subject {subject!r} not found in prompt {text!r}; every prompt that is edited or "
+            "regularised must contain its subject verbatim (fix the record or its 'subject' field)"
+        )
+    return pos, pos + len(subject)
+
+
+def last_token_of_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> int:
+    """Index of the last token that overlaps the character span."""
+    start, end = span
+    hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    if not hits:
+        raise SubjectNotFoundError(f"no token covers characters {start}..{end}")
+    return hits[-1]
+
+
+def fill_subject(template: str, subject: str) -> tuple[str, tuple[int, int]]:
+    """Fill the "{}" of `template` with `subject`; return the text and the subject's character span."""
+    if template.count("{}") != 1:
+        raise ValueError(f"prompt template must contain '{{}}' exactly once, got {template!r}")
+    start = template.index("{}")
+    return template.replace("{}", subject, 1), (start, start + len(subject))
+
+
+@dataclass
+class PaddedBatch:
+    """Right-padded token ids and attention mask."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device) -> "PaddedBatch":
+        return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> PaddedBatch:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return PaddedBatch(ids, mask)
+
+
+def pad_id_of(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@dataclass
+class PromptTargetBatch:
+    """Teacher-forced prompt+target sequences: where each target token is predicted, and which id it is."""
+
+    batch: PaddedBatch
+    rows: torch.Tensor  # (n_target_tokens,) batch row (= pair index) of each target token
+    positions: torch.Tensor  # (n_target_tokens,) position whose logits predict that token
+    target_ids: torch.Tensor  # (n_target_tokens,)
+    prompt_lengths: list[int]
+
+
+def encode_prompt_target_batch(tokenizer, prompts: list[str], targets: list[str]) -> PromptTargetBatch:
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    sequences, rows, positions, target_ids, prompt_lengths = [], [], [], [], []
+    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+        pair = encode_prompt_target(tokenizer, prompt, target)
+        p_ids, t_ids = pair.prompt_ids, pair.target_ids
+        sequences.append(p_ids + t_ids)
+        prompt_lengths.append(len(p_ids))
+        rows += [row] * len(t_ids)
+        positions += list(range(len(p_ids) - 1, len(p_ids) + len(t_ids) - 1))
+        target_ids += t_ids
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return PromptTargetBatch(
+        batch=pad_right(sequences, pad_id_of(tokenizer)),
+        rows=as_long(rows),
+        positions=as_long(positions),
+        target_ids=as_long(target_ids),
+        prompt_lengths=prompt_lengths,
+    )

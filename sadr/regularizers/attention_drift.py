@@ -1,0 +1,166 @@
+"""SADR: Selective Attention Drift Restriction (method.md §3) as a δ-optimisation regularizer.
+
+For each rewrite prompt j and layer ℓ after the injection layer, the attention rows W* of the last prompt
+token are kept close (KL) to the unedited rows W, but only for the heads that now attend to the subject's
+last token more than any head did before the edit (or for every head with `heads: all`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sadr.conf.schema import Divergence, SadrHeads
+from sadr.models.adapters import ModelAdapter
+from sadr.regularizers.attention_rows import AttentionRows
+from sadr.regularizers.base import DeltaBatch, DeltaRegularizer
+
+
+def select_heads(reference: Tensor, current: Tensor, subject_positions: Tensor) -> Tensor:
+    """H = {h : W*[h, s] > max_h' W[h', s]} per row: (N, H) bool, outside autograd.
+
+    reference and current are (N, H, T) attention rows, subject_positions (N,).
+    """
+    with torch.no_grad():
+        rows = torch.arange(reference.shape[0], device=reference.device)
+        before = reference[rows, :, subject_positions].amax(dim=-1)  # (N,)
+        return current[rows, :, subject_positions] > before[:, None]
+
+
+def head_kl(reference: Tensor, current: Tensor, key_mask: Tensor, epsilon: float) -> Tensor:
+    """KL(W + ε ‖ W* + ε) of every row and head over the non-padded keys: (N, H), in at least float32."""
+    dtype = torch.promote_types(current.dtype, torch.float32)
+    p = reference.to(dtype) + epsilon
+    q = current.to(dtype) + epsilon
+    terms = p * (p.log() - q.log())
+    return torch.where(key_mask.bool()[:, None, :], terms, 0.0).sum(dim=-1)
+
+
+class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
+    """L_SADR = (1/N) Σ_j Σ_ℓ Σ_{h ∈ H_ℓ,j} KL(W^{ℓ,h}_j ‖ W*^{ℓ,h}_j) over the N rewrite prompts.
+
+    The reference rows W come from the step-0 forward (δ = 0) and stay frozen; the selection H is
+    recomputed every step. `layers=None` means every layer after the injection layer; given layers at
+    or before it are dropped (δ cannot change them). After each `loss()`, `selected[layer]` holds the
+    (N, H) selection that was used (kept after `detach()` for logging).
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        heads: SadrHeads | str = SadrHeads.selective,
+        layers: Optional[Sequence[int]] = None,
+        epsilon: float = 1e-8,
+    ) -> None:
+        self.weight = float(weight)
+        self.selective = SadrHeads(heads) is SadrHeads.selective
+        self.layers = None if layers is None else sorted(set(layers))
+        self.epsilon = float(epsilon)
+        self.selected: dict[int, Tensor] = {}
+        self._recorder: Optional[AttentionRows] = None
+        self._reference: Optional[dict[int, Tensor]] = None
+        self._diagnostics: dict[str, float] = {}
+
+    def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
+        self.detach()
+        self.selected, self._diagnostics = {}, {}
+        layers = self._active_layers(adapter.num_layers(model), batch.injection_layer)
+        device = next(model.parameters()).device
+        rows = batch.rewrite_rows.cpu()
+        self._subjects = batch.subject_positions.cpu()[rows].to(device)
+        self._key_mask = batch.attention_mask.cpu()[rows].to(device)
+        self._recorder = AttentionRows(
+            model, adapter, layers, batch.last_prompt_positions.cpu()[rows], batch.attention_mask, batch_rows=rows
+        )
+
+    def _active_layers(self, n_layers: int, injection_layer: int) -> list[int]:
+        if self.layers is None:
+            layers = list(range(injection_layer + 1, n_layers))
+        else:
+            out_of_range = [layer for layer in self.layers if not 0 <= layer < n_layers]
+            if out_of_range:
+                raise ValueError(f"sadr.layers {out_of_range} out of range: the model has layers 0..{n_layers - 1}")
+            layers = [layer for layer in self.layers if layer > injection_layer]
+        if not layers:
+            raise ValueError(
+                f"sadr.layers selects no layer after the injection layer {injection_layer} "
+                f"(the model has layers 0..{n_layers - 1}); δ cannot change attention at or before it"
+            )
+        return layers
+
+    def loss(self, step: int) -> Tensor:
+        if self._recorder is None:
+            raise RuntimeError("SelectiveAttentionDriftRegularizer.loss() called before attach()")
+        current = self._recorder.rows
+        if not current:
+            raise RuntimeError("no attention rows recorded: run the model's forward before loss()")
+        if step == 0:
+            return self._record_reference(current)
+        if self._reference is None:
+            raise RuntimeError("the step-0 (δ = 0) forward must come first: it records the reference rows")
+        total = 0.0
+        for layer, rows in current.items():
+            reference = self._reference[layer]
+            if self.selective:
+                selected = select_heads(reference, rows, self._subjects)
+            else:
+                selected = torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device)
+            kl = head_kl(reference, rows, self._key_mask, self.epsilon)
+            total = total + torch.where(selected, kl, 0.0).sum()
+            self.selected[layer] = selected
+        loss = total / len(self._subjects)
+        self._diagnostics = {
+            "selected_heads": float(sum(int(s.sum()) for s in self.selected.values())),
+            "loss": float(loss.detach()),
+        }
+        return loss
+
+    def _record_reference(self, current: dict[int, Tensor]) -> Tensor:
+        """δ = 0: these rows are the unedited reference W; W* = W, so the loss is exactly 0 (no head selected)."""
+        self._reference = {layer: rows.detach() for layer, rows in current.items()}
+        self.selected = {layer: torch.zeros_like(rows[:, :, 0], dtype=torch.bool) for layer, rows in current.items()}
+        self._diagnostics = {"selected_heads": 0.0, "loss": 0.0}
+        return sum(rows.sum() for rows in current.values()) * 0.0  # in the graph, so backward() still works
+
+    def detach(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+        self._recorder = None
+        self._reference = None
+
+    def diagnostics(self) -> dict[str, float]:
+        return dict(self._diagnostics)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
+
+
+def build_regularizers(sadr_cfg: Any) -> list[DeltaRegularizer]:
+    """The regularizers a `sadr` config asks for: none when γ = 0, so the plain editor runs bit for bit."""
+    gamma = _get(sadr_cfg, "lambda")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"sadr.lambda must be a finite number >= 0 (γ; 0 disables SADR), got {gamma!r}")
+    epsilon = _get(sadr_cfg, "epsilon")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
+        raise ValueError(f"sadr.epsilon must be a finite number > 0 (added to both distributions), got {epsilon!r}")
+    heads = _enum(SadrHeads, _get(sadr_cfg, "heads"), "sadr.heads")
+    _enum(Divergence, _get(sadr_cfg, "divergence"), "sadr.divergence")
+    layers = _get(sadr_cfg, "layers")
+    if layers is not None:
+        layers = list(layers)
+        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+            raise ValueError(f"sadr.layers must be null or a non-empty list of layer indices >= 0, got {layers!r}")
+    if gamma == 0:
+        return []
+    return [SelectiveAttentionDriftRegularizer(weight=gamma, heads=heads, layers=layers, epsilon=epsilon)]
+
+
+def _enum(enum: type, value: Any, key: str):
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{key} must be one of {[m.value for m in enum]}, got {value!r}") from None

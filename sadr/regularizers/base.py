@@ -1,0 +1,56 @@
+"""The one plug-in point for extra terms in the δ-optimisation loss.
+
+The δ-optimiser runs the same padded batch (rewrite prompts, then the essence prompts) through the model
+once per step. A regularizer hooks into that forward (`attach`), returns its loss term after each forward
+(`loss`) and removes its hooks (`detach`). Step 0 runs with δ = 0, so anything a regularizer needs from
+the unedited model (SADR's reference attention rows) is recorded in that first forward at no extra cost.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sadr.models.adapters import ModelAdapter
+
+
+@dataclass(frozen=True)
+class DeltaBatch:
+    """What a regularizer may know about the δ-optimisation batch.
+
+    `rewrite_rows` are the batch rows of the templated rewrite prompts (never the essence prompts);
+    `subject_positions[r]` is the subject's last token and `last_prompt_positions[r]` the last prompt
+    token (the one predicting the target's first token) of row r. Layers `> injection_layer` are the
+    ones whose computation δ can change.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rewrite_rows: torch.Tensor
+    subject_positions: torch.Tensor
+    last_prompt_positions: torch.Tensor
+    injection_layer: int
+
+
+class DeltaRegularizer(ABC):
+    """An extra loss term γ·L(δ) for the δ-optimisation of any editor."""
+
+    weight: float
+
+    @abstractmethod
+    def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
+        """Register whatever hooks the loss needs, before the first forward."""
+
+    @abstractmethod
+    def loss(self, step: int) -> torch.Tensor:
+        """The unweighted term for the forward just run (step 0 is the δ = 0 forward)."""
+
+    @abstractmethod
+    def detach(self) -> None:
+        """Remove every hook; called even when the optimisation fails."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers worth logging about the last step (e.g. how many heads were selected)."""
+        return {}

@@ -1,0 +1,109 @@
+"""A run directory: the composed config, the environment, one JSON line per finished case, the tables.
+
+Rows are appended and flushed as each case finishes, so an interrupted run loses nothing; re-running
+with the same directory and the same config skips the finished cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_FILE, ENV_FILE, ROWS_FILE, METRICS_FILE = "config.yaml", "environment.json", "cases.jsonl", "metrics.csv"
+PACKAGES = ("sadr", "torch", "transformers", "hydra-core", "omegaconf", "datasets", "pandas", "numpy", "gguf", "accelerate")
+
+
+class RunConflictError(RuntimeError):
+    pass
+
+
+def _identity(cfg: DictConfig) -> dict:
+    """The settings that determine results: everything but where they are written."""
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)
+    plain.pop("output_dir", None)
+    return plain
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, cfg: DictConfig) -> None:
+        """Write config.yaml, or check that the one already there describes the same run."""
+        target = self.path / CONFIG_FILE
+        identity = _identity(cfg)
+        if target.is_file():
+            existing = OmegaConf.to_container(OmegaConf.load(target), resolve=False)
+            existing.pop("output_dir", None)
+            if existing != identity:
+                changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+                raise RunConflictError(
+                    f"{self.path} already holds a run with a different config (differs in: {', '.join(changed)}); "
+                    "resume only with identical settings, or choose a new directory with hydra.run.dir=..."
+                )
+            return
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
+        tmp.replace(target)
+
+    def write_environment(self, extra: dict) -> None:
+        versions = {}
+        for name in PACKAGES:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                versions[name] = None
+        record = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+                  "git_commit": git_commit(), **extra}
+        (self.path / ENV_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+    def rows(self) -> list[dict]:
+        file = self.path / ROWS_FILE
+        if not file.is_file():
+            return []
+        rows = []
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill: everything before it is complete
+        return rows
+
+    def finished(self) -> set[str]:
+        return {str(row["case_id"]) for row in self.rows()}
+
+    def append(self, row: dict) -> None:
+        with open(self.path / ROWS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def drop_partial_line(self) -> None:
+        """Remove a trailing line cut short by a kill, so appends start on a clean line."""
+        file = self.path / ROWS_FILE
+        if not file.is_file():
+            return
+        text = file.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            file.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+
+    def write_metrics(self, table: pd.DataFrame) -> Path:
+        target = self.path / METRICS_FILE
+        table.to_csv(target.with_suffix(".tmp"), index=False)
+        target.with_suffix(".tmp").replace(target)
+        return target

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from sadr.models.adapters import ADAPTERS, UnsupportedModelError, adapter_for
+from tests.tiny_models import HIDDEN, LAYERS, make_model
+
+
+def test_adapter_finds_every_module(tiny_model, family):
+    adapter = adapter_for(tiny_model)
+    assert adapter.family == family
+    assert adapter.num_layers(tiny_model) == LAYERS
+    for layer in range(LAYERS):
+        down = adapter.mlp_down_module(tiny_model, layer)
+        weight = adapter.down_weight(tiny_model, layer)
+        assert weight.shape[0] == HIDDEN  # (out, in) whatever the storage layout
+        assert adapter.module(tiny_model, adapter.attn_out, layer) is not None
+        assert adapter.module(tiny_model, adapter.attention, layer) is not None
+        assert down is tiny_model.get_submodule(adapter.mlp_down.format(layer))
+    assert tiny_model.get_submodule(adapter.final_norm) is not None
+
+
+def test_down_weight_view_matches_module_output(tiny_model):
+    """W as (out, in) must be what maps the module input to its output (GPT-2 stores it transposed)."""
+    adapter = adapter_for(tiny_model)
+    down = adapter.mlp_down_module(tiny_model, 1)
+    weight = adapter.down_weight(tiny_model, 1)
+    x = torch.randn(3, weight.shape[1])
+    bias = down.bias if getattr(down, "bias", None) is not None else 0
+    torch.testing.assert_close(down(x), x @ weight.T + bias)
+
+
+def test_add_to_down_weight_changes_the_mapping(tiny_model):
+    adapter = adapter_for(tiny_model)
+    weight = adapter.down_weight(tiny_model, 2)
+    delta = torch.randn(weight.shape, dtype=torch.float64)
+    before = weight.clone()
+    adapter.add_to_down_weight(tiny_model, 2, delta)
+    torch.testing.assert_close(adapter.down_weight(tiny_model, 2), before + delta.float())
+
+
+def test_unsupported_family_names_the_type_and_the_fix():
+    model = make_model("gpt2")
+    model.config.model_type = "bloom"
+    with pytest.raises(UnsupportedModelError, match=r"'bloom'.*supported families: .*gpt2.*llama"):
+        adapter_for(model)
+
+
+def test_layer_out_of_range_is_a_clear_error():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"layer 9 out of range.*0\.\.3"):
+        adapter_for(model).mlp_down_module(model, 9)
+
+
+def test_registry_covers_the_documented_families():
+    assert {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"} <= set(ADAPTERS)

@@ -1,0 +1,244 @@
+"""SADR's loss: the head selection and KL of method.md §3, its gradient, and its config."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sadr.conf.schema import SadrConfig
+from sadr.models.adapters import adapter_for
+from sadr.regularizers.attention_drift import (
+    SelectiveAttentionDriftRegularizer,
+    build_regularizers,
+    head_kl,
+    select_heads,
+)
+from sadr.regularizers.base import DeltaBatch
+from tests.test_attention_rows import add_delta, build_model, encode
+
+# Two rewrite prompts, then one essence prompt ("{subject} is a"), right-padded as the δ-optimiser does.
+PROMPTS = ["Because I said Toyota is based in", "The Toyota is", "Toyota is a"]
+SUBJECTS = torch.tensor([9, 3, 2])  # last token of "Toyota" (' To', 'yot', 'a')
+INJECTION = 1
+
+
+def delta_batch(tokenizer) -> DeltaBatch:
+    enc = encode(tokenizer, PROMPTS)
+    return DeltaBatch(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        rewrite_rows=torch.tensor([0, 1]),
+        subject_positions=SUBJECTS,
+        last_prompt_positions=enc["attention_mask"].sum(1) - 1,
+        injection_layer=INJECTION,
+    )
+
+
+class Edit:
+    """A δ-optimisation harness: δ added at every row's subject token after block INJECTION."""
+
+    def __init__(self, model, batch, reg):
+        self.model, self.batch, self.reg = model, batch, reg
+        self.delta = torch.zeros(model.config.hidden_size, dtype=model.dtype, requires_grad=True)
+        rows = torch.arange(len(batch.input_ids))
+        self.handle = add_delta(model, INJECTION, rows, batch.subject_positions, self.delta)
+        reg.attach(model, adapter_for(model), batch)
+
+    def loss(self, step):
+        self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask)
+        return self.reg.loss(step)
+
+    def close(self):
+        self.reg.detach()
+        self.handle.remove()
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def test_selection_and_kl_on_hand_checked_rows():
+    # one prompt, 3 heads, 4 keys of which the last is padding; subject at key 1
+    reference = torch.tensor([[[0.5, 0.2, 0.3, 0.0], [0.4, 0.5, 0.1, 0.0], [0.8, 0.1, 0.1, 0.0]]])
+    current = torch.tensor([[[0.3, 0.6, 0.1, 0.0], [0.5, 0.5, 0.0, 0.0], [0.2, 0.7, 0.1, 0.9]]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # M = max_h W[h, 1] = 0.5; head 0 (0.6) and head 2 (0.7) exceed it, head 1 (0.5, equal) does not
+    assert select_heads(reference, current, torch.tensor([1])).tolist() == [[True, False, True]]
+
+    got = head_kl(reference, current, mask, epsilon=1e-8)
+    want = [
+        kl([0.5, 0.2, 0.3], [0.3, 0.6, 0.1]),
+        kl([0.4, 0.5, 0.1], [0.5, 0.5, 1e-8]),  # a key the current row ignores: ε keeps the KL finite
+        kl([0.8, 0.1, 0.1], [0.2, 0.7, 0.1]),
+    ]
+    torch.testing.assert_close(got, torch.tensor([want]), atol=1e-5, rtol=1e-5)  # padding key 3 ignored
+    assert got.dtype == torch.float32
+
+
+def test_selection_has_no_gradient_and_kl_is_float32():
+    reference = torch.softmax(torch.randn(2, 4, 5), -1)
+    current = torch.softmax(torch.randn(2, 4, 5, requires_grad=True), -1).half()
+    assert not select_heads(reference, current, torch.tensor([0, 3])).requires_grad
+    assert head_kl(reference, current, torch.ones(2, 5), 1e-8).dtype == torch.float32
+
+
+def expected_loss(family, tokenizer, delta, selective):
+    """L_SADR from the model's own eager attention maps (output_attentions), for comparison."""
+    model = build_model(family, attn_implementation="eager")
+    batch = delta_batch(tokenizer)
+    rows = batch.rewrite_rows
+    maps = []
+    for value in (torch.zeros_like(delta), delta):
+        handle = add_delta(model, INJECTION, torch.arange(len(PROMPTS)), batch.subject_positions, value)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True)
+        handle.remove()
+        maps.append([a[rows, :, batch.last_prompt_positions[rows]] for a in out.attentions])
+    total, n_selected = 0.0, 0
+    for layer in range(INJECTION + 1, len(maps[0])):
+        w, w_star = maps[0][layer], maps[1][layer]
+        for j, s in enumerate(batch.subject_positions[rows]):
+            valid = batch.attention_mask[rows[j]].bool()
+            for h in range(w.shape[1]):
+                if not selective or w_star[j, h, s] > w[j, :, s].max():
+                    p, q = w[j, h, valid] + 1e-8, w_star[j, h, valid] + 1e-8
+                    total += float((p * (p / q).log()).sum())
+                    n_selected += 1
+    return total / len(rows), n_selected
+
+
+@pytest.mark.parametrize("heads", ["selective", "all"])
+def test_loss_matches_eager_attention_reference(tokenizer, family, heads):
+    model = build_model(family)  # default implementation (sdpa where available)
+    reg = SelectiveAttentionDriftRegularizer(weight=0.01, heads=heads)
+    edit = Edit(model, delta_batch(tokenizer), reg)
+    try:
+        zero = edit.loss(0)
+        assert zero.item() == 0.0 and zero.requires_grad
+        zero.backward()
+        assert edit.delta.grad is not None and (edit.delta.grad == 0).all()
+
+        torch.manual_seed(2)  # a δ that makes some heads drift in every tiny model
+        with torch.no_grad():
+            edit.delta.copy_(torch.randn_like(edit.delta) * 8)
+        loss = edit.loss(1)
+    finally:
+        edit.close()
+    want, n_selected = expected_loss(family, tokenizer, edit.delta.detach(), heads == "selective")
+    assert n_selected > 0 and want > 0
+    assert reg.diagnostics() == {"selected_heads": n_selected, "loss": pytest.approx(want, rel=1e-4, abs=1e-6)}
+    assert loss.item() == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert sorted(reg.selected) == list(range(INJECTION + 1, adapter_for(model).num_layers(model)))
+
+
+# Central-difference step and tolerance. GPT-2 and GPT-NeoX run entirely in float64; the others keep
+# float32 islands even in a float64 model (llama-family RMSNorm, GPT-J's attention scores), which add
+# ~1e-8 noise to the loss, so they need a larger step and a looser tolerance.
+FINITE_DIFFERENCES = {"gpt2": (1e-6, 1e-5), "gpt_neox": (1e-6, 1e-5)}
+
+
+@pytest.mark.parametrize("heads", ["selective", "all"])
+def test_gradient_matches_finite_differences(tokenizer, family, heads):
+    h, rel = FINITE_DIFFERENCES.get(family, (1e-2, 3e-3))
+    model = build_model(family, dtype=torch.float64)
+    reg = SelectiveAttentionDriftRegularizer(weight=1.0, heads=heads)
+    edit = Edit(model, delta_batch(tokenizer), reg)
+    try:
+        edit.loss(0)
+        torch.manual_seed(2)
+        with torch.no_grad():
+            edit.delta.copy_(torch.randn_like(edit.delta) * 8)
+        loss = edit.loss(1)
+        selection = {layer: s.clone() for layer, s in reg.selected.items()}
+        assert loss.item() > 0 and sum(int(s.sum()) for s in selection.values()) > 0
+        (grad,) = torch.autograd.grad(loss, edit.delta)
+
+        base = edit.delta.detach().clone()
+        for _ in range(3):
+            direction = torch.randn_like(base)
+            sides = []
+            for sign in (1, -1):
+                with torch.no_grad():
+                    edit.delta.copy_(base + sign * h * direction)
+                    sides.append(edit.loss(1).item())
+                assert all(torch.equal(reg.selected[layer], s) for layer, s in selection.items())  # held fixed
+            numeric = (sides[0] - sides[1]) / (2 * h)
+            assert float(grad @ direction) == pytest.approx(numeric, rel=rel, abs=1e-8)
+    finally:
+        edit.close()
+
+
+def test_essence_rows_do_not_count(tokenizer):
+    """Changing only the essence prompt's subject leaves the loss unchanged."""
+    model = build_model("llama")
+    batch = delta_batch(tokenizer)
+    reg = SelectiveAttentionDriftRegularizer(weight=1.0, heads="all")
+    reg.attach(model, adapter_for(model), batch)
+    delta = torch.randn(model.config.hidden_size) * 8
+    losses = []
+    try:
+        for rows in ([0, 1], [0, 1, 2]):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            reg.loss(0)
+            handle = add_delta(model, INJECTION, torch.tensor(rows), SUBJECTS[rows], delta)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            handle.remove()
+            losses.append(reg.loss(1).item())
+    finally:
+        reg.detach()
+    assert losses[0] > 0 and losses[0] == losses[1]
+
+
+def test_layers_option_and_detach(tokenizer):
+    model = build_model("gpt2")
+    batch = delta_batch(tokenizer)
+    reg = SelectiveAttentionDriftRegularizer(weight=1.0, layers=[0, 1, 3])  # 0 and 1 are not after injection
+    reg.attach(model, adapter_for(model), batch)
+    with pytest.raises(RuntimeError, match="step-0"):
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        reg.loss(1)
+    reg.loss(0)
+    assert sorted(reg.selected) == [3]
+    reg.detach()
+    assert not any(m._forward_hooks for m in model.modules())
+
+    with pytest.raises(ValueError, match="sadr.layers"):
+        SelectiveAttentionDriftRegularizer(weight=1.0, layers=[4]).attach(model, adapter_for(model), batch)
+    with pytest.raises(ValueError, match="sadr.layers"):
+        SelectiveAttentionDriftRegularizer(weight=1.0, layers=[0, 1]).attach(model, adapter_for(model), batch)
+
+
+def sadr_config(**values):
+    cfg = OmegaConf.structured(SadrConfig)
+    for key, value in values.items():
+        cfg[key] = value
+    return cfg
+
+
+def test_gamma_zero_builds_no_regularizer():
+    assert build_regularizers(sadr_config()) == []
+    assert build_regularizers(sadr_config(**{"lambda": 0.0, "heads": "all"})) == []
+
+
+def test_build_regularizer_from_config():
+    (reg,) = build_regularizers(sadr_config(**{"lambda": 0.01, "heads": "all", "layers": [5, 6], "epsilon": 1e-7}))
+    assert isinstance(reg, SelectiveAttentionDriftRegularizer)
+    assert (reg.weight, reg.selective, reg.layers, reg.epsilon) == (0.01, False, [5, 6], 1e-7)
+
+
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"lambda": -0.1}, "sadr.lambda"),
+        ({"lambda": float("nan")}, "sadr.lambda"),
+        ({"epsilon": 0.0}, "sadr.epsilon"),
+        ({"layers": [3, -1]}, "sadr.layers"),
+        ({"layers": []}, "sadr.layers"),
+        ({"heads": "some"}, "sadr.heads"),
+    ],
+)
+def test_invalid_config_names_the_key(values, key):
+    cfg = {"lambda": 0.01, "heads": "selective", "layers": None, "divergence": "kl", "epsilon": 1e-8, **values}
+    with pytest.raises(ValueError, match=key):
+        build_regularizers(cfg)

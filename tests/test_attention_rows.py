@@ -1,0 +1,141 @@
+"""The fast attention rows equal the model's own attention weights, for every family, and are differentiable."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sadr.models.adapters import UnsupportedModelError, adapter_for
+from sadr.regularizers.attention_rows import AttentionRows
+from tests import tiny_models
+from tests.tiny_models import FAMILIES
+
+PROMPTS = ["The capital of France is Paris and", "Toyota is", "Because I said"]  # 8, 3 and 3 tokens
+
+# The tiny models' default shapes, plus the options that change how each family forms its attention.
+VARIANTS = [(family, {}) for family in FAMILIES] + [
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True}),
+    ("gpt2", {"scale_attn_weights": False}),
+    ("gptj", {"rotary_dim": 16}),  # rotary over the whole head
+    ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}),
+    ("llama", {"num_key_value_heads": 1}),
+    ("mistral", {"sliding_window": 3}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2}),
+]
+
+
+def build_model(family, overrides=None, attn_implementation=None, dtype=torch.float32, sharpen=0.3, seed=0):
+    """A tiny model whose weights get extra noise, so attention is peaked and every detail of it shows."""
+    base = tiny_models._config(family)
+    fields = {key: value for key, value in base.to_dict().items() if key != "layer_types"}
+    config = type(base)(**{**fields, **(overrides or {})})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * sharpen)
+    return model.eval().requires_grad_(False)
+
+
+def encode(tokenizer, prompts=PROMPTS):
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert tokenizer.padding_side == "right" and len(set(batch["attention_mask"].sum(1).tolist())) > 1
+    return batch
+
+
+def add_delta(model, layer, rows, positions, delta):
+    """Forward hook adding δ to block `layer`'s output hidden state at (rows, positions)."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.index_put((rows, positions), delta, accumulate=True)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    adapter = adapter_for(model)
+    return adapter.block(model, layer).register_forward_hook(hook)
+
+
+def fast_rows(model, batch, positions, batch_rows=None):
+    adapter = adapter_for(model)
+    layers = range(adapter.num_layers(model))
+    with AttentionRows(model, adapter, layers, positions, batch["attention_mask"], batch_rows=batch_rows) as hooks:
+        model(**batch)
+    return hooks.rows
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS, ids=[f"{f}-{'-'.join(o) or 'default'}" for f, o in VARIANTS])
+def test_rows_equal_eager_attention_weights(tokenizer, family, overrides):
+    batch = encode(tokenizer)
+    positions = torch.tensor([6, 2, 1])  # not always the last token; row 0 reaches past a sliding window of 3
+    reference = build_model(family, overrides, attn_implementation="eager")
+    expected = reference(**batch, output_attentions=True).attentions
+    rows = torch.arange(len(PROMPTS))
+
+    for implementation in ("eager", None):  # None: the model's default (sdpa where the family has it)
+        model = build_model(family, overrides, attn_implementation=implementation)
+        got = fast_rows(model, batch, positions)
+        assert sorted(got) == list(range(len(expected)))
+        for layer, weights in enumerate(expected):
+            want = weights[rows, :, positions]
+            n_heads, seq_len = model.config.num_attention_heads, batch["input_ids"].shape[1]
+            assert got[layer].shape == want.shape == (len(PROMPTS), n_heads, seq_len)
+            assert got[layer].dtype == torch.float32
+            torch.testing.assert_close(got[layer], want, atol=1e-5, rtol=0)
+            assert (got[layer].transpose(1, 2)[batch["attention_mask"] == 0] == 0).all()  # padded keys
+    # The comparison has power: attention is far from uniform.
+    assert max(weights[rows, :, positions].max() for weights in expected) > 0.9
+
+
+def test_rows_of_selected_batch_rows(tokenizer):
+    model = build_model("llama")
+    batch = encode(tokenizer)
+    every = fast_rows(model, batch, torch.tensor([6, 2, 1]))
+    some = fast_rows(model, batch, torch.tensor([1, 2]), batch_rows=torch.tensor([2, 1]))
+    for layer in every:
+        torch.testing.assert_close(some[layer], every[layer][[2, 1]], atol=0, rtol=0)
+
+
+def test_gradient_flows_from_later_layers_rows_to_delta(tokenizer, family):
+    model = build_model(family)
+    adapter = adapter_for(model)
+    batch = encode(tokenizer)
+    delta = torch.zeros(model.config.hidden_size, requires_grad=True)
+    rows, subject = torch.arange(len(PROMPTS)), torch.tensor([3, 0, 0])
+    handle = add_delta(model, 1, rows, subject, delta)
+    try:
+        with AttentionRows(model, adapter, [0, 2, 3], torch.tensor([6, 2, 1]), batch["attention_mask"]) as hooks:
+            model(**batch)
+        assert all(r.requires_grad for layer, r in hooks.rows.items() if layer > 1)
+        assert not hooks.rows[0].requires_grad  # before the injection: δ cannot reach it
+        (grad,) = torch.autograd.grad(sum(hooks.rows[layer][:, :, s].sum() for layer, s in [(2, 0), (3, 0)]), delta)
+    finally:
+        handle.remove()
+    assert grad.abs().sum() > 0
+
+
+def test_hooks_are_removed(tokenizer):
+    model = build_model("gpt2")
+    adapter = adapter_for(model)
+    batch = encode(tokenizer)
+    with AttentionRows(model, adapter, [1], torch.tensor([6, 2, 1]), batch["attention_mask"]):
+        pass
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_rejects_padding_query_and_other_batches(tokenizer):
+    model = build_model("qwen2")
+    adapter = adapter_for(model)
+    batch = encode(tokenizer)
+    with pytest.raises(ValueError, match="non-padding"):
+        AttentionRows(model, adapter, [1], torch.tensor([6, 5, 1]), batch["attention_mask"])
+    with AttentionRows(model, adapter, [1], torch.tensor([6, 2, 1]), batch["attention_mask"]):
+        with pytest.raises(RuntimeError, match="built for a batch"):
+            model(**encode(tokenizer, PROMPTS[:2]))
+
+
+def test_unsupported_family_is_named():
+    model = build_model("llama")
+    adapter = adapter_for(model)
+    other = type(adapter)(**{**adapter.__dict__, "family": "falcon"})
+    with pytest.raises(UnsupportedModelError, match="falcon"):
+        AttentionRows(model, other, [0], torch.tensor([0]), torch.ones(1, 1))

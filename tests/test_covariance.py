@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from sadr.data.corpus import Corpus
+from sadr.editors.covariance import SecondMomentStatistics, accumulate_second_moments, load_rome_npz
+from sadr.models.adapters import adapter_for
+from tests.tiny_models import make_model
+
+TEXTS = ["The capital of France is Paris.", "Toyota is a company based in Japan, and Honda too.",
+         "I said you should know", "Because London is in England"]
+
+
+def _direct(model, tokenizer, layer):
+    """Reference: one text at a time, no padding, keys from the module's input, mean of k kᵀ."""
+    adapter = adapter_for(model)
+    keys = []
+    handle = adapter.mlp_down_module(model, layer).register_forward_pre_hook(lambda m, a: keys.append(a[0][0].double()))
+    with torch.no_grad():
+        for text in TEXTS:
+            model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+    handle.remove()
+    k = torch.cat(keys)
+    return k.T @ k / k.shape[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_covariance_matches_direct_computation(family, tokenizer):
+    model = make_model(family)
+    adapter = adapter_for(model)
+    # a small token budget forces several padded batches
+    sums = accumulate_second_moments(model, adapter, tokenizer, [1, 2], TEXTS, sample_length=64, batch_tokens=24)
+    for layer in (1, 2):
+        total, count = sums[layer]
+        assert total.dtype == torch.float64
+        torch.testing.assert_close(total / count, _direct(model, tokenizer, layer), rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_are_cached_on_disk_and_keyed_by_corpus(tmp_path, tokenizer):
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    calls = []
+
+    def corpus(texts, tag):
+        return Corpus({"kind": "test", "tag": tag}, lambda: (calls.append(tag), iter(texts))[1])
+
+    def stats(c):
+        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f", corpus=c, sample_length=64,
+                                      batch_tokens=256, cache_dir=tmp_path)
+
+    first = stats(corpus(TEXTS, "a")).get([1, 2])
+    again = stats(corpus(TEXTS, "a")).get([1, 2])
+    other = stats(corpus(TEXTS[:2], "b")).get([1])
+    assert calls == ["a", "b"]  # one pass for both layers; the second service read the cache
+    torch.testing.assert_close(first[1], again[1])
+    assert not torch.allclose(first[1], other[1])
+
+
+def test_rome_npz_statistics_are_loaded_as_mean(tmp_path):
+    total = np.array([[4.0, 2.0], [2.0, 6.0]], dtype=np.float32)
+    path = tmp_path / "transformer.h.1.mlp.c_proj_float32_mom2_100.npz"
+    np.savez(path, **{"mom2.mom2": total, "mom2.count": np.array(2)})
+    torch.testing.assert_close(load_rome_npz(path), torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
+    with pytest.raises(FileNotFoundError, match="model.stats.npz_dir"):
+        load_rome_npz(tmp_path / "missing.npz")

@@ -1,0 +1,196 @@
+"""Downloads against a local HTTP server thread: verification, resume, atomic rename, offline errors."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from sadr.conf.schema import DatasetConfig
+from sadr.data.download import ChecksumError, DownloadError, RemoteFile, download
+from sadr.data.load import load_cases
+from sadr.data.registry import FORMATS, DatasetFormat
+from tests.data_fixtures import FIXTURES
+
+BODY = (FIXTURES / "counterfact.json").read_bytes()
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+class FileServer:
+    """Serves `files` (name -> bytes); honours Range unless `ignore_range`; `cut_after` drops the connection;
+    `delay` (seconds) holds each response back."""
+
+    def __init__(self):
+        self.files = {"counterfact.json": BODY}
+        self.ranges: list[str | None] = []  # the Range header of every request
+        self.ignore_range = False
+        self.cut_after: int | None = None
+        self.delay = 0.0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.ranges.append(self.headers.get("Range"))
+                time.sleep(server.delay)
+                body = server.files.get(self.path.lstrip("/"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if match and not server.ignore_range:
+                    start = int(match[1])
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                end = len(body) if server.cut_after is None else min(len(body), start + server.cut_after)
+                self.wfile.write(body[start:end])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = FileServer()
+    yield srv
+    srv.close()
+
+
+def remote(server, **kw):
+    return RemoteFile(server.url + "counterfact.json", **kw)
+
+
+def test_downloads_verifies_and_renames(server, tmp_path):
+    path = download(remote(server, size=len(BODY), sha256=SHA), tmp_path)
+    assert path == tmp_path / "counterfact.json" and path.read_bytes() == BODY
+    assert not (tmp_path / "counterfact.json.part").exists()
+    assert server.ranges == [None]
+
+
+def test_an_existing_file_is_not_fetched_again(server, tmp_path):
+    (tmp_path / "counterfact.json").write_bytes(b"[]")
+    assert download(remote(server), tmp_path).read_bytes() == b"[]"
+    assert server.ranges == []
+
+
+def test_resumes_a_partial_file_with_a_range_request(server, tmp_path):
+    (tmp_path / "counterfact.json.part").write_bytes(BODY[:1000])
+    path = download(remote(server, size=len(BODY), sha256=SHA), tmp_path)
+    assert server.ranges == ["bytes=1000-"]
+    assert path.read_bytes() == BODY
+
+
+def test_restarts_when_the_server_ignores_the_range(server, tmp_path):
+    server.ignore_range = True
+    (tmp_path / "counterfact.json.part").write_bytes(b"garbage that must not stay in front")
+    assert download(remote(server, sha256=SHA), tmp_path).read_bytes() == BODY
+
+
+def test_a_complete_part_file_is_only_verified(server, tmp_path):
+    (tmp_path / "counterfact.json.part").write_bytes(BODY)
+    assert download(remote(server, size=len(BODY), sha256=SHA), tmp_path).read_bytes() == BODY
+    assert server.ranges == []
+
+
+def test_an_interrupted_download_keeps_its_part_and_the_next_call_resumes(server, tmp_path):
+    server.cut_after = 700
+    with pytest.raises(
+        DownloadError, match="closed after 700 of .* bytes.*partial file .*counterfact.json.part is kept"
+    ):
+        download(remote(server, sha256=SHA), tmp_path)
+    assert not (tmp_path / "counterfact.json").exists()  # nothing unverified under the final name
+    assert (tmp_path / "counterfact.json.part").read_bytes() == BODY[:700]
+    server.cut_after = None
+    assert download(remote(server, sha256=SHA), tmp_path).read_bytes() == BODY
+    assert server.ranges == [None, "bytes=700-"]
+
+
+def test_concurrent_downloads_of_one_file_fetch_it_once(server, tmp_path):
+    server.delay = 0.2
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(download(remote(server, sha256=SHA), tmp_path)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [p.read_bytes() for p in results] == [BODY] * 3
+    assert server.ranges == [None]
+
+
+def test_checksum_mismatch_deletes_the_download(server, tmp_path):
+    with pytest.raises(ChecksumError, match=f"has sha256 {SHA}, expected {'0' * 64}; the download was deleted. set it"):
+        download(remote(server, sha256="0" * 64), tmp_path, hint="set it")
+    assert not (tmp_path / "counterfact.json").exists() and not (tmp_path / "counterfact.json.part").exists()
+
+
+def test_size_mismatch_deletes_an_oversized_download(server, tmp_path):
+    (tmp_path / "counterfact.json.part").write_bytes(BODY + b"extra")
+    with pytest.raises(ChecksumError, match=f"has {len(BODY) + 5} bytes, expected {len(BODY)}"):
+        download(remote(server, size=len(BODY)), tmp_path)
+    assert not (tmp_path / "counterfact.json").exists() and not (tmp_path / "counterfact.json.part").exists()
+
+
+def test_http_errors_name_the_url(server, tmp_path):
+    with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:\d+/missing.json: HTTP Error 404"):
+        download(RemoteFile(server.url + "missing.json"), tmp_path)
+
+
+def closed_port_url(name):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"  # nothing listens there any more
+
+
+def test_offline_error_says_where_to_get_the_file_and_which_key_to_set(tmp_path, monkeypatch):
+    url = closed_port_url("counterfact.json")
+    monkeypatch.setitem(FORMATS, "counterfact", DatasetFormat(FORMATS["counterfact"].parse, RemoteFile(url)))
+    with pytest.raises(DownloadError) as err:
+        load_cases(DatasetConfig(name="counterfact"), tmp_path)
+    message = str(err.value)
+    assert f"could not download {url}" in message
+    assert f"download {url} and set dataset.path=/path/to/counterfact.json" in message
+
+
+def test_load_cases_downloads_into_the_cache(server, tmp_path):
+    loaded = load_cases(DatasetConfig(name="counterfact", url=server.url + "counterfact.json", sha256=SHA), tmp_path)
+    assert loaded.source == str(tmp_path / "datasets" / "counterfact.json")
+    assert [c.case_id for c in loaded.cases] == [100, 101, 102]
+    # the canonical checksum belongs to the canonical URL only; dataset.sha256 overrides it
+    with pytest.raises(ChecksumError, match="set dataset.path="):
+        load_cases(
+            DatasetConfig(name="counterfact", url=server.url + "counterfact.json", sha256="f" * 64), tmp_path / "other"
+        )
+
+
+def test_canonical_checksum_applies_to_the_canonical_url(server, tmp_path, monkeypatch):
+    url = server.url + "counterfact.json"
+    canonical = DatasetFormat(FORMATS["counterfact"].parse, RemoteFile(url, size=len(BODY), sha256="e" * 64))
+    monkeypatch.setitem(FORMATS, "counterfact", canonical)
+    with pytest.raises(ChecksumError, match="expected " + "e" * 64):
+        load_cases(DatasetConfig(name="counterfact", url=url), tmp_path)
+    assert load_cases(DatasetConfig(name="counterfact", url=url, sha256=SHA), tmp_path).cases

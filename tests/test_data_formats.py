@@ -1,0 +1,193 @@
+"""Each format's fixture (own made-up records in the real schema, quirks included) loads into the right EditCases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from sadr.conf.schema import DatasetConfig, ZsreTarget
+from sadr.data.load import load_cases
+from sadr.data.records import EditRequest, LabeledPrompt
+from sadr.data.registry import FORMATS, DatasetFormat
+from tests.data_fixtures import FIXTURES, REAL_SAMPLES, config
+
+
+def load(name, tmp_path, **overrides):
+    return load_cases(config(name, **overrides), tmp_path)
+
+
+def test_counterfact(tmp_path):
+    loaded = load("counterfact", tmp_path)
+    assert loaded.source == str(FIXTURES / "counterfact.json")
+    assert loaded.n_invalid_skipped == 0
+    assert [c.case_id for c in loaded.cases] == [100, 101, 102]
+    first = loaded.cases[0]
+    assert first.request == EditRequest(
+        prompt="The mother tongue of {} is",
+        subject="Velimir Ostrander",
+        target_new="Portuguese",
+        target_true="Finnish",
+        relation_id="P103",
+        target_new_id="Q9001",
+    )
+    assert first.request.text == "The mother tongue of Velimir Ostrander is"
+    # paraphrases keep their random prefix and newlines verbatim
+    assert first.paraphrase_prompts[1].startswith("Minutes of the 1911 meeting\n\nSee also\n")
+    assert len(first.neighborhood_prompts) == 3 and len(first.attribute_prompts) == 2
+    assert first.generation_prompts.count("Velimir Ostrander's mother tongue is") == 2  # repeats kept
+    assert first.relation_prompts == () and first.portability == {} and first.source == "counterfact"
+    second = loaded.cases[1]  # non-ASCII subject written as \u escapes, non-breaking spaces kept
+    assert second.request.subject == "Zoë Quillfeather-Ñandú"
+    assert second.request.text == "Zoë Quillfeather-Ñandú, who plays the"
+    assert second.neighborhood_prompts[0] == "Orrin\u00a0B.\u00a0Haskett, who plays the"
+
+
+def test_multi_counterfact_shares_the_schema(tmp_path):
+    cases = load("multi_counterfact", tmp_path).cases
+    assert [c.case_id for c in cases] == [0, 1]
+    assert cases[1].request.target_new == "botany" and cases[1].request.target_true == "geology"
+    assert cases[0].source == "multi_counterfact"
+
+
+def test_offline_counterfact_relation_specificity(tmp_path):
+    cases = load("offline_counterfact", tmp_path).cases
+    assert cases[0].relation_prompts == (
+        LabeledPrompt("The official language of Duchy of Quenmark is", "Quennish"),
+        LabeledPrompt("The currency of Duchy of Quenmark is", "mark"),
+    )
+    # the list is optional, and so are attribute / generation prompts
+    assert cases[1].relation_prompts == () and cases[1].attribute_prompts == () and cases[1].generation_prompts == ()
+    assert cases[1].paraphrase_prompts == ("The Glass Orchard is a novel by",)
+
+
+def test_offline_counterfact_reads_the_packaged_file_by_default(tmp_path, monkeypatch):
+    missing = DatasetFormat(FORMATS["offline_counterfact"].parse, packaged="offline/no_such_file.json")
+    monkeypatch.setitem(FORMATS, "offline_counterfact", missing)
+    with pytest.raises(FileNotFoundError) as err:
+        load_cases(DatasetConfig(name="offline_counterfact"), tmp_path)
+    message = str(err.value)
+    assert "sadr/data/offline/no_such_file.json" in message and "dataset.path=" in message
+
+
+def test_offline_counterfact_packaged_dataset_loads_when_present(tmp_path):
+    from importlib.resources import files
+
+    if not files("sadr.data").joinpath("offline/counterfact_offline.json").is_file():
+        pytest.skip("the embedded offline dataset is not written yet")
+    loaded = load_cases(DatasetConfig(name="offline_counterfact"), tmp_path)
+    assert loaded.cases and loaded.source.endswith("counterfact_offline.json")
+
+
+def test_zsre_answers_target(tmp_path):
+    cases = load("zsre", tmp_path).cases
+    assert [c.case_id for c in cases] == [0, 1, 2]  # numbered by position, as in ROME
+    first = cases[0]
+    assert first.request == EditRequest("Which college did {} attend?", "Harwick Pell", "Grayhaven University", None)
+    assert first.paraphrase_prompts == ("Harwick Pell studied at which college?",)
+    # ROME's locality prompt: the NQ question keeps its "nq question: " prefix and gets a "?"
+    assert first.locality_prompts == (
+        LabeledPrompt("nq question: who painted the ceiling of the old lantern hall?", "Edda Lorne"),
+    )
+    assert cases[1].request.target_new == "Bryales"  # answers[0]
+    # a subject that occurs twice: only the first occurrence becomes the template slot
+    third = cases[2].request
+    assert third.prompt == "Who designed {}, and when was Stormward Bridge opened?"
+    assert third.text == "Who designed Stormward Bridge, and when was Stormward Bridge opened?"
+
+
+def test_zsre_alt_target(tmp_path):
+    cases = load("zsre", tmp_path, target=ZsreTarget.alt).cases
+    assert (cases[0].request.target_new, cases[0].request.target_true) == ("Fenwater Institute", "Grayhaven University")
+
+
+def test_knowedit_counterfact(tmp_path):
+    cases = load("knowedit_counterfact", tmp_path).cases
+    first = cases[0]
+    assert first.request.prompt == "The name of the country which {} is associated with is"
+    assert (first.request.target_new, first.request.target_true) == ("Valdoria", "Estmark")
+    assert first.portability == {
+        "Reasoning": (
+            LabeledPrompt(
+                "The name of the capital city of the country Order of the Amber Quill is associated with is",
+                "Valdor City",
+            ),
+        ),
+        "Subject_Aliasing": (
+            LabeledPrompt("The name of the country which Amber Quill Order is associated with is", "Valdoria"),
+        ),
+    }
+    assert first.relation_prompts == (
+        LabeledPrompt("The name of the founder of Order of the Amber Quill is", "Teodor Brann"),
+    )
+    assert first.locality_prompts == ()
+    second = cases[1]
+    assert second.request.target_true == "cartographer"  # first alias of the top-level ground_truth list
+    assert second.portability["Logical_Generalization"] == (LabeledPrompt("Is Jörn Halvass a cartographer?", "no"),)
+    assert second.locality_prompts == (  # Forgetfulness
+        LabeledPrompt("The occupation of Jörn Halvass, which is not lighthouse keeper, is", "cartographer"),
+    )
+    assert cases[2].portability == {} and cases[2].relation_prompts == ()
+
+
+def test_sadr_merged(tmp_path):
+    cases = load("sadr_merged", tmp_path).cases
+    knowedit_half, counterfact_half, alias, empty_neighbors = cases
+    assert knowedit_half.request.prompt == "The name of the country of citizenship of {} is"
+    assert knowedit_half.request.relation_id is None
+    assert knowedit_half.portability == {
+        "Reasoning": (
+            LabeledPrompt("The official language of the country of citizenship of Wenna Tallow is", "Saltic"),
+            LabeledPrompt("The official language of the country of citizenship of Wenna Tallow is", "Marsh Saltic"),
+        )
+    }
+    assert knowedit_half.relation_prompts == (LabeledPrompt("The occupation of Wenna Tallow is", "weaver"),)
+    assert knowedit_half.paraphrase_prompts == () and knowedit_half.neighborhood_prompts == ()
+
+    assert counterfact_half.request == EditRequest("{} performs", "Corvin Ashby", "opera", "blues", "P136", "Q9031")
+    assert counterfact_half.paraphrase_prompts[1].startswith("Notes\n\nFurther reading")
+    assert counterfact_half.neighborhood_prompts == ("Della Marr plays", "What does Olin Fisk play? They play")
+    assert counterfact_half.generation_prompts == ("Corvin Ashby is known for",) * 2
+
+    assert alias.portability == {"Subject_Aliasing": (LabeledPrompt("The Tidewatch follows", "Gull Lock"),)}
+    assert alias.neighborhood_prompts == () and alias.relation_prompts == ()
+    assert empty_neighbors.neighborhood_prompts == () and empty_neighbors.paraphrase_prompts
+
+
+def test_loads_from_an_omegaconf_structured_config(tmp_path):
+    cfg = OmegaConf.structured(config("zsre", target=ZsreTarget.alt, on_invalid="skip", case_ids=[2, 0]))
+    loaded = load_cases(cfg, tmp_path)
+    assert [c.case_id for c in loaded.cases] == [0, 2]
+    assert loaded.cases[0].request.target_new == "Fenwater Institute"
+
+
+@pytest.mark.parametrize(
+    "name, sample",
+    [
+        ("counterfact", "counterfact_sample.json"),
+        ("multi_counterfact", "counterfact_sample.json"),
+        ("zsre", "zsre_mend_eval_sample.json"),
+        ("knowedit_counterfact", "knowedit_wiki_counterfact_sample.json"),
+        ("sadr_merged", "sadr_merged_counterfact_sample.json"),
+    ],
+)
+def test_real_samples_load(name, sample, tmp_path):
+    path = REAL_SAMPLES / sample
+    if not path.is_file():
+        pytest.skip(f"real samples not available at {REAL_SAMPLES}")
+    loaded = load_cases(config(name, path), tmp_path)
+    assert loaded.n_invalid_skipped == 0 and loaded.cases
+    for case in loaded.cases:
+        assert case.request.prompt.count("{}") == 1 and case.request.subject in case.request.text
+        assert all(case.request.subject in p for p in case.paraphrase_prompts)
+
+
+def test_every_format_has_a_fixture_and_a_conf_file():
+    conf_dir = Path(__file__).resolve().parents[1] / "sadr" / "conf" / "dataset"
+    for name in FORMATS:
+        assert (FIXTURES / f"{name}.json").is_file()
+        if name != "offline_counterfact":  # its conf file comes with the offline dataset
+            conf = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(conf_dir / f"{name}.yaml"))
+            assert conf.name == name and conf.path is None
+            assert conf.url == FORMATS[name].remote.url  # the conf file and the registry agree

@@ -1,0 +1,94 @@
+"""Selection: case_ids, then shard "i/n" (1-based, contiguous), then limit, recorded in `selection`."""
+
+from __future__ import annotations
+
+import pytest
+
+from sadr.data.load import load_cases
+from sadr.data.records import EditCase, EditRequest
+from sadr.data.selection import Selection, parse_shard
+from tests.data_fixtures import config, write_records
+
+
+def cases(n):
+    return [EditCase(i, EditRequest("{} is", f"s{i}", "new")) for i in range(n)]
+
+
+def ids(selected):
+    return [c.case_id for c in selected]
+
+
+def test_nothing_selected_keeps_everything():
+    selected, applied = Selection().apply(cases(4))
+    assert ids(selected) == [0, 1, 2, 3]
+    assert applied == {
+        "n_loaded": 4,
+        "case_ids": None,
+        "shard": None,
+        "shard_range": None,
+        "limit": None,
+        "n_selected": 4,
+    }
+
+
+def test_case_ids_keep_dataset_order_and_match_by_string():
+    selected, applied = Selection(case_ids=(5, "2", 7)).apply(cases(10))
+    assert ids(selected) == [2, 5, 7]
+    assert applied["case_ids"] == [5, "2", 7]
+
+
+def test_unknown_case_ids_are_listed():
+    with pytest.raises(ValueError, match=r"dataset.case_ids: no case with id 12, 40 among the 10 loaded cases"):
+        Selection(case_ids=(3, 40, 12)).apply(cases(10))
+
+
+def test_shards_are_contiguous_and_cover_everything():
+    parts = [Selection(shard=(i, 3)).apply(cases(10)) for i in (1, 2, 3)]
+    assert [ids(p) for p, _ in parts] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert parts[1][1]["shard"] == "2/3" and parts[1][1]["shard_range"] == [3, 6]
+
+
+def test_order_is_case_ids_then_shard_then_limit():
+    selected, applied = Selection(case_ids=(1, 3, 4, 6, 8, 9), shard=(2, 2), limit=2).apply(cases(10))
+    assert ids(selected) == [6, 8]  # ids -> [1,3,4,6,8,9]; shard 2/2 -> [6,8,9]; limit 2
+    assert applied["n_loaded"] == 10 and applied["n_selected"] == 2 and applied["shard_range"] == [3, 6]
+
+
+@pytest.mark.parametrize("value", ["0/8", "9/8", "a/b", "1/0", "3", "1/2/3", "-1/4", ""])
+def test_malformed_shards_are_rejected(value):
+    with pytest.raises(ValueError) as err:
+        parse_shard(value)
+    assert f"dataset.shard={value!r} is not valid" in str(err.value) and "1 <= i <= n" in str(err.value)
+
+
+def test_shard_parsing():
+    assert parse_shard("1/8") == (1, 8) and parse_shard(" 8 / 8 ") == (8, 8)
+
+
+@pytest.mark.parametrize("limit", [-1, 1.5, True])
+def test_bad_limit_is_rejected(limit, tmp_path):
+    with pytest.raises(ValueError, match="dataset.limit=.* is not valid: expected a non-negative integer"):
+        Selection.from_config(config("zsre", limit=limit))
+
+
+def test_bad_shard_fails_before_reading_the_file(tmp_path):
+    with pytest.raises(ValueError, match="dataset.shard='9/8'"):
+        load_cases(config("counterfact", tmp_path / "absent.json", shard="9/8"), tmp_path)
+
+
+def test_load_cases_records_the_selection(tmp_path):
+    loaded = load_cases(config("counterfact", case_ids=[102, 100], shard="1/2", limit=5), tmp_path)
+    assert ids(loaded.cases) == [100]
+    assert loaded.selection == {
+        "n_loaded": 3,
+        "case_ids": [102, 100],
+        "shard": "1/2",
+        "shard_range": [0, 1],
+        "limit": 5,
+        "n_selected": 1,
+    }
+
+
+def test_limit_zero_selects_nothing(tmp_path):
+    path = write_records(tmp_path / "z.json", [])
+    assert load_cases(config("zsre", path, limit=0), tmp_path).cases == []

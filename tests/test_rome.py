@@ -1,0 +1,104 @@
+import torch
+
+from sadr.data.records import EditRequest
+from sadr.editors.base import WeightSnapshot
+from sadr.editors.keys import mean_keys
+from sadr.editors.rome import RomeEditor
+from sadr.evaluation.scorer import score_pairs_detailed
+from sadr.models.adapters import adapter_for
+from tests.editing import TEMPLATES, editor_config, statistics
+
+# In random tiny models attention is nearly uniform, so only a subject that ends the prompt can move the
+# next-token prediction far enough for an argmax test.
+REQUEST = EditRequest(prompt="The capital city of {}", subject="France", target_new="Japan", target_true="Paris")
+
+
+def _top1(model, tokenizer, prompt):
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        return model(input_ids=ids).logits[0, -1].argmax().item()
+
+
+def test_rome_makes_the_new_object_the_argmax_and_maps_k_to_v(tiny_model, tokenizer, tmp_path):
+    adapter = adapter_for(tiny_model)
+    new_id = tokenizer(" Japan", add_special_tokens=False)["input_ids"]
+    assert len(new_id) == 1
+    assert _top1(tiny_model, tokenizer, REQUEST.text) != new_id[0]
+    editor = RomeEditor(tiny_model, adapter, tokenizer, editor_config(), statistics=statistics(tiny_model, tokenizer, tmp_path),
+                        context_templates=TEMPLATES)
+    snapshot = WeightSnapshot(tiny_model, adapter, editor.layers)
+    outcome = editor.apply([REQUEST])
+    assert _top1(tiny_model, tokenizer, REQUEST.text) == new_id[0]
+    scores = score_pairs_detailed(tiny_model, tokenizer, [REQUEST.text] * 2, ["Japan", "Paris"])
+    assert scores.nll[0] < scores.nll[1]
+    assert set(outcome.seconds) == {"covariance", "k_star", "v_star", "update"}
+    assert outcome.updates[1].shape == adapter.down_weight(tiny_model, 1).shape
+    snapshot.restore()
+
+
+def test_weights_restored_bitwise(tiny_model, tokenizer, tmp_path):
+    adapter = adapter_for(tiny_model)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    editor = RomeEditor(tiny_model, adapter, tokenizer, editor_config(v_num_grad_steps=3),
+                        statistics=statistics(tiny_model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    snapshot = WeightSnapshot(tiny_model, adapter, editor.layers)
+    editor.apply([REQUEST])
+    assert not torch.equal(adapter.down_weight(tiny_model, 1), before[adapter.mlp_down.format(1) + ".weight"]
+                           if not adapter.down_weight_is_transposed else before[adapter.mlp_down.format(1) + ".weight"].T)
+    snapshot.restore()
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rome_update_writes_exactly_k_star_to_v_star(tokenizer, tmp_path):
+    """After the update, the edited layer maps the mean key k* to v* = v₀ + δ (bias included)."""
+    from sadr.editors import delta as delta_module
+    from tests.tiny_models import make_model
+
+    model = make_model("gpt2")  # a family whose down-projection has a bias and a transposed weight
+    adapter = adapter_for(model)
+    captured = {}
+    original = delta_module.optimize_delta
+
+    def spy(*args, **kwargs):
+        captured["result"] = original(*args, **kwargs)
+        return captured["result"]
+
+    editor = RomeEditor(model, adapter, tokenizer, editor_config(v_num_grad_steps=5),
+                        statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    import sadr.editors.rome as rome_module
+
+    rome_module.optimize_delta, saved = spy, rome_module.optimize_delta
+    try:
+        editor.apply([REQUEST])
+    finally:
+        rome_module.optimize_delta = saved
+    key = mean_keys(model, adapter, tokenizer, [1], [REQUEST], TEMPLATES)  # keys are below the edited weight
+    down = adapter.mlp_down_module(model, 1)
+    with torch.no_grad():
+        got = down(key[1])[0]
+    torch.testing.assert_close(got, captured["result"].target("mlp_out"), rtol=1e-4, atol=1e-4)
+
+
+def test_mom2_adjustment_off_gives_a_different_update(tokenizer, tmp_path):
+    from tests.tiny_models import make_model
+
+    results = []
+    for adjust in (True, False):
+        model = make_model("llama")
+        editor = RomeEditor(model, adapter_for(model), tokenizer, editor_config(v_num_grad_steps=3, mom2_adjustment=adjust),
+                            statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+        results.append(editor.apply([REQUEST]).updates[1])
+    assert not torch.allclose(results[0], results[1])
+
+
+def test_same_inputs_give_identical_updates(tokenizer, tmp_path):
+    from tests.tiny_models import make_model
+
+    updates = []
+    for _ in range(2):
+        model = make_model("llama")
+        editor = RomeEditor(model, adapter_for(model), tokenizer, editor_config(v_num_grad_steps=4),
+                            statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+        updates.append(editor.apply([REQUEST]).updates[1])
+    assert torch.equal(updates[0], updates[1])

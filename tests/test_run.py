@@ -1,0 +1,175 @@
+"""End to end through the real config files: composition, errors, outputs, resume, determinism, sweeps."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from sadr.conf.registry import ConfigError, register_configs, validate
+from sadr.editors.rome import RomeEditor
+from sadr.runner import run_experiment
+from tests.editing import random_texts
+from tests.tiny_models import make_model, make_tokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "data" / "offline_counterfact.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama saved like any local model, and a text file for its key statistics."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_model("llama").save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    (root / "corpus.txt").write_text("\n\n".join(random_texts()))
+    return root
+
+
+def tiny_overrides(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "model=local", f"model.source={tiny_dir / 'model'}", "model.family=llama",
+        "model.stats.corpus=file", f"model.stats.text_file={tiny_dir / 'corpus.txt'}", "model.stats.sample_length=64",
+        "editor.layers=[1]", "editor.v_loss_layer=3", "editor.v_num_grad_steps=6", "editor.v_lr=0.05",
+        "editor.clamp_norm_factor=100", "editor.context_templates=[[5,5]]",
+        f"dataset.path={FIXTURE}", "dataset.limit=2", f"output_dir={out}", f"cache_dir={tiny_dir / 'cache'}",
+        *extra,
+    ]
+
+
+def composed(overrides: list[str]):
+    register_configs()
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
+def test_every_model_and_published_default_composes():
+    conf = Path(__file__).parents[1] / "sadr" / "conf"
+    for model in sorted(p.stem for p in (conf / "model").glob("*.yaml")):
+        local = ["model.source=x", "editor.layers=[2]", "editor.v_loss_layer=9"]
+        cfg = composed([f"model={model}", *local] if model == "local" else [f"model={model}"])
+        assert cfg.model.name == model
+        if (conf / "hparams" / f"rome_{model}.yaml").is_file():
+            assert cfg.editor.source and cfg.editor.layers, model
+    gptj = composed(["model=gpt-j"])
+    assert list(gptj.editor.layers) == [5] and gptj.editor.v_loss_layer == 27 and gptj.editor.mom2_adjustment
+
+
+def test_a_model_without_published_defaults_asks_for_the_layers():
+    with pytest.raises(ConfigError, match=r"editor=rome with model=local.*editor.layers=\.\.\. and editor.v_loss_layer="):
+        composed(["model=local", "model.source=x"])
+
+
+def test_negative_lambda_is_rejected():
+    with pytest.raises(ConfigError, match=r"sadr.lambda=-1.0"):
+        composed(["sadr.lambda=-1"])
+
+
+def test_batch_size_needs_a_batch_protocol():
+    with pytest.raises(ConfigError, match="editor.protocol=batch"):
+        composed(["editor.batch_size=4"])
+
+
+def _sadr_run(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "sadr.cli.run", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("editor=rmoe", r"Could not find 'editor/rmoe'[\s\S]*Available options in 'editor'[\s\S]*rome"),
+    ("sadr.lambda=abc", r"Value 'abc' of type 'str' could not be converted to Float[\s\S]*full_key: sadr.lambda"),
+    ("sadr.heads=some", r"Invalid value 'some', expected one of \[selective, all\][\s\S]*full_key: sadr.heads"),
+    ("editor.v_lrr=0.1", r"Key 'v_lrr' not in 'EditorConfig'"),
+    ("editor.protocol=serial", r"expected one of \[single, batch, sequential\]"),
+])
+def test_bad_overrides_fail_at_once_naming_key_and_allowed_values(override, expected, tmp_path):
+    done = _sadr_run(override, cwd=tmp_path)
+    assert done.returncode != 0
+    assert __import__("re").search(expected, done.stderr + done.stdout), done.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("cases.jsonl"))
+
+
+def test_run_writes_config_environment_rows_and_metrics(tiny_dir, tmp_path):
+    out = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run")))
+    assert (out / "config.yaml").is_file()
+    env = json.loads((out / "environment.json").read_text())
+    assert env["packages"]["torch"] and env["device"] == "cpu" and env["n_cases"] == 2
+    assert env["stats_corpus"]["kind"] == "file"
+    rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert [r["case_id"] for r in rows] == [0, 1]
+    first = rows[0]
+    assert first["protocol"] == "single" and first["editor"] == "rome" and first["sadr_lambda"] == 0.0
+    assert set(first["edited"]) >= {"efficacy", "paraphrase", "neighborhood"}
+    assert first["edited"].keys() == first["unedited"].keys()
+    assert {"covariance", "k_star", "v_star", "update", "eval_per_case"} <= set(first["seconds"])
+    table = pd.read_csv(out / "metrics.csv")
+    assert set(table.protocol) == {"prompt", "case"} and set(table.state) == {"edited", "unedited"}
+    es = table[(table.metric == "efficacy") & (table.protocol == "case") & (table.state == "edited") & (table.quantity == "success")]
+    assert es["n"].item() == 2
+    assert es["mean"].item() == pytest.approx(100 * sum(r["edited"]["efficacy"]["value"][0] for r in rows) / 2)
+
+
+def test_same_config_twice_gives_identical_metrics(tiny_dir, tmp_path):
+    a = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "a")))
+    b = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "b")))
+    pd.testing.assert_frame_equal(pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv"))
+
+
+def test_killed_run_resumes_without_redoing_finished_cases(tiny_dir, tmp_path, monkeypatch):
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run"))
+    out = run_experiment(cfg)
+    complete = (out / "cases.jsonl").read_text().splitlines()
+    # as if killed while writing the second row
+    (out / "cases.jsonl").write_text(complete[0] + "\n" + complete[1][:40])
+    (out / "metrics.csv").unlink()
+    edited = []
+    original = RomeEditor.apply
+    monkeypatch.setattr(RomeEditor, "apply", lambda self, requests: (edited.extend(r.subject for r in requests), original(self, requests))[1])
+    run_experiment(cfg)
+    resumed = (out / "cases.jsonl").read_text().splitlines()
+    assert len(edited) == 1  # case 1 only
+    assert resumed[0] == complete[0]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+    assert [strip(x) for x in resumed] == [strip(x) for x in complete]
+    assert (out / "metrics.csv").is_file()
+
+
+def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
+    from sadr.results import RunConflictError
+
+    run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
+    with pytest.raises(RunConflictError, match=r"differs in: dataset"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=2")))
+
+
+def test_missing_dataset_file_is_a_clear_error(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"dataset\.path"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"dataset.path={tmp_path / 'nope.json'}")))
+
+
+def test_multirun_sweep_and_summarize(tiny_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(tiny_dir, sweep) if not o.startswith("output_dir=")]
+    done = _sadr_run("-m", *overrides, "sadr.lambda=0,0.01", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(sweep.rglob("metrics.csv"))) == 2
+    summary = subprocess.run([sys.executable, "-m", "sadr.cli.main", "summarize", str(sweep)], capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    table = pd.read_csv(sweep / "summary.csv")
+    edited = table[table.state == "edited"]
+    assert sorted(edited["sadr.lambda"]) == [0.0, 0.01]
+    assert {"ES", "PS", "NS", "ES ci95"} <= set(table.columns)
+    assert (table.state == "unedited").sum() == 1
+    assert "| sadr.lambda" in (sweep / "summary.md").read_text() or "sadr.lambda" in (sweep / "summary.md").read_text()
+
+
+def test_summarize_reports_a_directory_without_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sadr.cli.main", "summarize", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "no finished runs" in done.stderr

@@ -1,0 +1,56 @@
+"""Closed-form updates against independent computations."""
+import torch
+
+from sadr.editors.update import least_squares_update, rank_one_update
+
+
+def _spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return a @ a.T / (3 * n)
+
+
+def test_rank_one_update_is_the_least_C_norm_solution_of_the_constraint():
+    """min tr(ΔW C ΔWᵀ) s.t. ΔW k = r, solved independently: substitute M = ΔW C^½ and take the
+    minimum-norm solution of the underdetermined linear system from lstsq."""
+    d_out, d_in = 4, 6
+    g = torch.Generator().manual_seed(0)
+    C = _spd(d_in, 1)
+    k = torch.randn(d_in, generator=g, dtype=torch.float64)
+    r = torch.randn(d_out, generator=g, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(C)
+    c_half_inv = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    c_half = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    a = c_half_inv @ k  # constraint: M a = r
+    system = torch.kron(torch.eye(d_out, dtype=torch.float64), a[None, :])  # vec(M) row-major
+    m = torch.linalg.lstsq(system, r[:, None], driver="gelsd").solution.reshape(d_out, d_in)
+    expected = m @ c_half_inv
+    got = rank_one_update(k, r, C)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(got @ k, r)
+    assert torch.allclose(expected @ c_half @ c_half.T, expected @ C)
+
+
+def test_rank_one_update_without_mom2_adjustment_uses_identity():
+    k = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
+    r = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(rank_one_update(k, r, None), torch.outer(r, k) / 9.0)
+
+
+def test_least_squares_update_satisfies_the_normal_equations_and_matches_lstsq():
+    """ΔW minimises Σ‖ΔW kᵢ − rᵢ‖² + λ tr(ΔW C ΔWᵀ): compare with lstsq on the stacked ridge system."""
+    n, d_in, d_out, lam = 5, 7, 3, 2.5
+    g = torch.Generator().manual_seed(3)
+    K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    C = _spd(d_in, 4)
+    got = least_squares_update(K, R, C, lam)
+    # normal equations: ΔW (λC + KᵀK) = Rᵀ K
+    torch.testing.assert_close(got @ (lam * C + K.T @ K), R.T @ K)
+    # independent: ‖[K; √λ C^½] ΔWᵀ − [R; 0]‖² by least squares
+    evals, evecs = torch.linalg.eigh(C)
+    c_half = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    A = torch.cat([K, lam ** 0.5 * c_half])
+    B = torch.cat([R, torch.zeros(d_in, d_out, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(A, B).solution.T
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
