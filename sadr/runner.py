@@ -1,4 +1,11 @@
-"""One experiment: load model and data, score the unedited model once, edit, evaluate, restore, write rows."""
+"""One experiment: load model and data, score the unedited model once, edit, evaluate, write rows.
+
+Protocols (recorded in every row):
+- single / batch: edit `editor.batch_size` requests at once, evaluate them, restore the weights bitwise;
+- sequential: edit the batches one after another without restoring, evaluate every case at the end.
+  After each batch the edited weights are checkpointed in the run directory, so an interrupted
+  sequential run resumes from the last finished batch.
+"""
 from __future__ import annotations
 
 import json
@@ -7,18 +14,17 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
-from sadr.editors.base import WeightSnapshot
+from sadr.editors.base import Editor, EditOutcome, WeightSnapshot
 from sadr.editors.context_templates import context_templates
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.registry import EDITORS
 from sadr.evaluation.aggregate import compact_table, metric_table
-from sadr.evaluation.probes import resolve_metrics
-from sadr.evaluation.prompt_metrics import evaluate_cases
+from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
 from sadr.models.fingerprint import cache_key, model_fingerprint
 from sadr.models.loading import LoadedModel, load_model
@@ -26,6 +32,8 @@ from sadr.regularizers.attention_drift import build_regularizers
 from sadr.results import RunDirectory
 
 log = logging.getLogger(__name__)
+
+SEQUENTIAL_STATE = "sequential_state.pt"
 
 
 def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> SecondMomentStatistics:
@@ -45,14 +53,15 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
     )
 
 
-def unedited_results(loaded: LoadedModel, cases: list[EditCase], metrics, fingerprint: str, cache_dir: str,
-                     batch_size: int) -> list[dict]:
-    """The unedited model's per-prompt results, computed once per (model, cases, metrics) and cached."""
-    key = cache_key(kind="unedited", model=fingerprint, cases=[repr(c) for c in cases], metrics=[m.name for m in metrics])
+def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: list[Evaluator], fingerprint: str,
+                     cache_dir: str) -> list[dict]:
+    """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk."""
+    key = cache_key(kind="unedited", model=fingerprint, cases=[repr(c) for c in cases],
+                    evaluators=[e.identity() for e in evaluators])
     path = Path(cache_dir) / "unedited" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    results = evaluate_cases(loaded.model, loaded.tokenizer, cases, metrics, batch_size)
+    results = evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(results))
     path.with_suffix(".tmp").replace(path)
@@ -63,66 +72,122 @@ def case_groups(cases: list[EditCase], batch_size: int) -> list[list[EditCase]]:
     return [cases[i : i + batch_size] for i in range(0, len(cases), batch_size)]
 
 
-def run_experiment(cfg: DictConfig) -> Path:
-    out = RunDirectory(cfg.output_dir)
-    out.claim(cfg)
-    out.drop_partial_line()
-    torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision,
-                        family=cfg.model.family, device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
-    dataset = load_cases(cfg.dataset, cfg.cache_dir)
-    fingerprint = model_fingerprint(loaded.model)
-    statistics = build_statistics(cfg, loaded, fingerprint)
-    out.write_environment({
-        "device": str(loaded.device),
-        "device_name": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu",
-        "model_source": loaded.resolved_source, "model_fingerprint": fingerprint,
-        "dataset_source": dataset.source, "dataset_selection": dataset.selection,
-        "dataset_invalid_skipped": dataset.n_invalid_skipped, "n_cases": len(dataset.cases),
-        "stats_corpus": statistics.description() if cfg.editor.mom2_adjustment or cfg.editor.name.name != "rome" else None,
-    })
-    metrics = resolve_metrics(list(cfg.eval.metrics))
-    started = time.perf_counter()
-    unedited = dict(zip((str(c.case_id) for c in dataset.cases),
-                        unedited_results(loaded, dataset.cases, metrics, fingerprint, cfg.cache_dir, cfg.eval.batch_size)))
-    log.info("unedited model scored on %d cases in %.1f s", len(dataset.cases), time.perf_counter() - started)
+class Experiment:
+    """Everything a run needs once loaded; `run()` does the protocol and writes the tables."""
 
-    templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                  seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir)
-    editor = EDITORS[cfg.editor.name.name](
-        loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, statistics=statistics,
-        context_templates=templates, regularizers=build_regularizers(cfg.sadr),
-    )
-    done = out.finished()
-    protocol = cfg.editor.protocol.name
-    if protocol == "sequential":
-        raise NotImplementedError("editor.protocol=sequential is not implemented yet; use single or batch")
-    todo = [c for c in dataset.cases if str(c.case_id) not in done]
-    log.info("%d cases to edit (%d already finished in %s)", len(todo), len(dataset.cases) - len(todo), out.path)
-    for group in case_groups(todo, cfg.editor.batch_size):
-        snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out = RunDirectory(cfg.output_dir)
+        self.out.claim(cfg)
+        self.out.drop_partial_line()
+        torch.manual_seed(cfg.seed)
+        self.loaded = load_model(cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision,
+                                 family=cfg.model.family, device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
+        self.dataset = load_cases(cfg.dataset, cfg.cache_dir)
+        self.fingerprint = model_fingerprint(self.loaded.model)
+        self.statistics = build_statistics(cfg, self.loaded, self.fingerprint)
+        self.evaluators = build_evaluators(cfg)
+        self.out.write_environment({
+            "device": str(self.loaded.device),
+            "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",
+            "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
+            "dataset_source": self.dataset.source, "dataset_selection": self.dataset.selection,
+            "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
+            "stats_corpus": self.statistics.description(),
+        })
+
+    def _editor(self) -> Editor:
+        cfg, loaded = self.cfg, self.loaded
+        templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
+                                      seed=cfg.seed, fingerprint=self.fingerprint, cache_dir=cfg.cache_dir)
+        return EDITORS[cfg.editor.name.name](
+            loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, statistics=self.statistics,
+            context_templates=templates, regularizers=build_regularizers(cfg.sadr),
+        )
+
+    def _evaluate(self, cases: list[EditCase]) -> tuple[list[dict], float]:
+        start = time.perf_counter()
+        results = evaluate_all(self.evaluators, self.loaded.model, self.loaded.tokenizer, self.loaded.adapter, cases)
+        return results, (time.perf_counter() - start) / max(1, len(cases))
+
+    def _row(self, case: EditCase, edited: dict, unedited: dict, outcome: EditOutcome, eval_seconds: float, group_size: int) -> dict:
+        cfg = self.cfg
+        edited = {**edited, **compare_all(self.evaluators, edited, unedited)}
+        return {
+            "case_id": case.case_id, "editor": cfg.editor.name.name, "protocol": cfg.editor.protocol.name,
+            "batch_size": group_size, "sadr_lambda": cfg.sadr["lambda"],
+            "sadr": OmegaConf.to_container(cfg.sadr, enum_to_str=True), "model": cfg.model.name,
+            "dataset": cfg.dataset.name, "subject": case.request.subject,
+            "edited": edited, "unedited": unedited,
+            "seconds": {**outcome.seconds, "eval_per_case": eval_seconds}, "diagnostics": outcome.diagnostics,
+        }
+
+    def run(self) -> Path:
+        cases = self.dataset.cases
+        started = time.perf_counter()
+        unedited = dict(zip((str(c.case_id) for c in cases),
+                            unedited_results(self.loaded, cases, self.evaluators, self.fingerprint, self.cfg.cache_dir)))
+        log.info("unedited model scored on %d cases in %.1f s", len(cases), time.perf_counter() - started)
+        done = self.out.finished()
+        todo = [c for c in cases if str(c.case_id) not in done]
+        log.info("%d cases to edit (%d already finished in %s)", len(todo), len(cases) - len(todo), self.out.path)
+        if todo:
+            editor = self._editor()
+            protocol = self._sequential if self.cfg.editor.protocol.name == "sequential" else self._restoring
+            protocol(editor, todo, unedited)
+        return self._finish()
+
+    def _restoring(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
+        """single / batch: edit a group, evaluate it, restore the weights bitwise, write its rows."""
+        for group in case_groups(todo, self.cfg.editor.batch_size):
+            snapshot = WeightSnapshot(self.loaded.model, self.loaded.adapter, editor.layers)
+            try:
+                outcome = editor.apply([case.request for case in group])
+                edited, eval_seconds = self._evaluate(group)
+            finally:
+                snapshot.restore()
+            for case, result in zip(group, edited):
+                self.out.append(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group)))
+            log.info("case(s) %s done: %s", [c.case_id for c in group], {k: round(v, 2) for k, v in outcome.seconds.items()})
+
+    def _sequential(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
+        """Edit every batch without restoring (checkpointing the edited weights), then evaluate all cases."""
+        model, adapter = self.loaded.model, self.loaded.adapter
+        state_file = self.out.path / SEQUENTIAL_STATE
+        snapshot = WeightSnapshot(model, adapter, editor.layers)
+        total = EditOutcome()
         try:
-            outcome = editor.apply([case.request for case in group])
-            eval_start = time.perf_counter()
-            edited = evaluate_cases(loaded.model, loaded.tokenizer, group, metrics, cfg.eval.batch_size)
-            eval_seconds = (time.perf_counter() - eval_start) / len(group)
+            state = torch.load(state_file) if state_file.is_file() else {"edited": [], "weights": {}}
+            with torch.no_grad():
+                for layer, weight in state["weights"].items():
+                    adapter.down_weight(model, layer).copy_(weight)
+            pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
+            for group in case_groups(pending, self.cfg.editor.batch_size):
+                outcome = editor.apply([case.request for case in group])
+                for name, seconds in outcome.seconds.items():
+                    total.seconds[name] = total.seconds.get(name, 0.0) + seconds
+                state["edited"] += [str(c.case_id) for c in group]
+                state["weights"] = {layer: adapter.down_weight(model, layer).detach().clone() for layer in editor.layers}
+                torch.save(state, state_file.with_suffix(".tmp"))
+                state_file.with_suffix(".tmp").replace(state_file)
+                log.info("sequential: %d/%d requests edited into the model", len(state["edited"]), len(todo))
+            edited, eval_seconds = self._evaluate(todo)
         finally:
             snapshot.restore()
-        for case, result in zip(group, edited):
-            out.append({
-                "case_id": case.case_id, "editor": cfg.editor.name.name, "protocol": protocol,
-                "batch_size": len(group), "sadr_lambda": cfg.sadr["lambda"], "model": cfg.model.name,
-                "dataset": cfg.dataset.name, "subject": case.request.subject,
-                "edited": result, "unedited": unedited[str(case.case_id)],
-                "seconds": {**outcome.seconds, "eval_per_case": eval_seconds}, "diagnostics": outcome.diagnostics,
-            })
-        log.info("case(s) %s done: %s", [c.case_id for c in group],
-                 {k: round(v, 2) for k, v in outcome.seconds.items()})
-    table = metric_table(out.rows())
-    out.write_metrics(table)
-    print(f"\n{cfg.editor.name.name} on {cfg.model.name} / {cfg.dataset.name} ({len(out.rows())} cases, "
-          f"sadr.lambda={cfg.sadr['lambda']}), prompt-level success ×100 ± 95% CI:")
-    print(compact_table(table).to_string())
-    print(f"\nresults: {out.path}")
-    return out.path
+        total.diagnostics["n_edits_in_model"] = len(state["edited"])
+        for case, result in zip(todo, edited):
+            self.out.append(self._row(case, result, unedited[str(case.case_id)], total, eval_seconds, self.cfg.editor.batch_size))
 
+    def _finish(self) -> Path:
+        cfg = self.cfg
+        table = metric_table(self.out.rows())
+        self.out.write_metrics(table)
+        print(f"\n{cfg.editor.name.name} on {cfg.model.name} / {cfg.dataset.name} ({len(self.out.rows())} cases, "
+              f"protocol={cfg.editor.protocol.name}, sadr.lambda={cfg.sadr['lambda']}), prompt-level success ×100 ± 95% CI:")
+        print(compact_table(table).to_string())
+        print(f"\nresults: {self.out.path}")
+        return self.out.path
+
+
+def run_experiment(cfg: DictConfig) -> Path:
+    return Experiment(cfg).run()

@@ -111,7 +111,7 @@ def test_run_writes_config_environment_rows_and_metrics(tiny_dir, tmp_path):
     assert {"covariance", "k_star", "v_star", "update", "eval_per_case"} <= set(first["seconds"])
     table = pd.read_csv(out / "metrics.csv")
     assert set(table.protocol) == {"prompt", "case"} and set(table.state) == {"edited", "unedited"}
-    es = table[(table.metric == "efficacy") & (table.protocol == "case") & (table.state == "edited") & (table.quantity == "success")]
+    es = table[(table.metric == "efficacy") & (table.protocol == "case") & (table.state == "edited") & (table.quantity == "value")]
     assert es["n"].item() == 2
     assert es["mean"].item() == pytest.approx(100 * sum(r["edited"]["efficacy"]["value"][0] for r in rows) / 2)
 

@@ -35,10 +35,15 @@ class StepState:
     """What a schedule or stop rule may look at after a forward."""
 
     step: int
-    loss: float
-    nll: float
-    kl: float
-    target_is_argmax: bool
+    loss: float  # the total loss, NLL weight and regularizers included
+    nll: float  # mean NLL of the target over the rewrite prompts, unweighted
+    kl: float  # kl_factor · KL of the essence prompts' distribution
+    target_is_argmax: bool  # every target token is the argmax after every rewrite prompt
+
+
+def loss_is_small(state: StepState) -> bool:
+    """The stop rule of ROME and MEMIT (and part of PMET's): the total loss is below 5e-2."""
+    return state.loss < 5e-2
 
 
 @dataclass
@@ -53,8 +58,15 @@ class DeltaObjective:
     loss_layer: int
     # NLL weight for the current step, given the previous step's state (None at step 0).
     nll_weight: Callable[[StepState | None], float] = lambda _previous: 1.0
-    # Stop before taking a gradient step; ROME and MEMIT stop when the total loss < 5e-2.
-    should_stop: Callable[[StepState], bool] = lambda state: state.loss < 5e-2
+    # Stop before taking a gradient step.
+    should_stop: Callable[[StepState], bool] = loss_is_small
+
+    @classmethod
+    def from_hparams(cls, hparams, *, sites: tuple[str, ...], layer: int, **rules) -> "DeltaObjective":
+        """The objective an `EditorConfig` describes, for δs at `sites` of block `layer`."""
+        return cls(sites=sites, layer=layer, steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
+                   weight_decay=hparams.v_weight_decay, clamp_norm_factor=hparams.clamp_norm_factor,
+                   kl_factor=hparams.kl_factor, loss_layer=hparams.v_loss_layer, **rules)
 
 
 @dataclass

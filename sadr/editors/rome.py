@@ -23,11 +23,7 @@ class RomeEditor(Editor):
         self.layer = int(hparams.layers[0])
         self.layers = [self.layer]
         self.statistics, self.context_templates, self.regularizers = statistics, context_templates, list(regularizers)
-        self.objective = DeltaObjective(
-            sites=("mlp_out",), layer=self.layer, steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
-            weight_decay=hparams.v_weight_decay, clamp_norm_factor=hparams.clamp_norm_factor,
-            kl_factor=hparams.kl_factor, loss_layer=hparams.v_loss_layer,
-        )
+        self.objective = DeltaObjective.from_hparams(hparams, sites=("mlp_out",), layer=self.layer)
 
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         """Requests are applied one after another, each seeing the previous ones' updates (as ROME does)."""

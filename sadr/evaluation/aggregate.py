@@ -11,6 +11,9 @@ import pandas as pd
 
 from sadr.evaluation.probes import METRICS
 
+# Table labels of every metric entry an evaluator may produce (unknown names are shown as they are).
+LABELS: dict[str, str] = {name: metric.short for name, metric in METRICS.items()}
+
 # Harmonic-mean summaries and the success rates they combine.
 SUMMARIES = {
     "score": ("efficacy", "paraphrase", "neighborhood"),  # ROME's Score
@@ -43,7 +46,7 @@ def _observations(rows: list[dict], state: str, metric: str, quantity: str, prot
         entry = row.get(state, {}).get(metric)
         if not entry:
             continue
-        if quantity == "success":
+        if quantity == "value":
             values = entry["value"]
         elif "p_bad" in entry:
             values = [g - b for g, b in zip(entry["p_good"], entry["p_bad"])]
@@ -57,18 +60,22 @@ def _observations(rows: list[dict], state: str, metric: str, quantity: str, prot
 
 
 def metric_table(rows: list[dict], states: tuple[str, ...] = ("edited", "unedited")) -> pd.DataFrame:
-    """One row per (state, metric, quantity, protocol): mean, ci95 and n, on a 0-100 scale."""
+    """One row per (state, metric, quantity, protocol): mean, ci95 and n, ×100.
+
+    `value` is the success rate (or token accuracy, or fluency entropy); `magnitude` is p(good) − p(bad).
+    """
     records = []
+    names = list(dict.fromkeys(name for row in rows for state in states for name in row.get(state, {})))
     for state in states:
         for protocol in PROTOCOLS:
-            for name, metric in METRICS.items():
-                for quantity in ("success", "magnitude"):
+            for name in names:
+                for quantity in ("value", "magnitude"):
                     mean, ci, n = mean_ci(_observations(rows, state, name, quantity, protocol))
                     if n:
-                        records.append(dict(state=state, metric=name, label=metric.short, quantity=quantity,
+                        records.append(dict(state=state, metric=name, label=LABELS.get(name, name), quantity=quantity,
                                             protocol=protocol, mean=100 * mean, ci95=100 * ci, n=n, components=""))
             successes = {r["metric"]: r["mean"] for r in records
-                         if r["state"] == state and r["protocol"] == protocol and r["quantity"] == "success"}
+                         if r["state"] == state and r["protocol"] == protocol and r["quantity"] == "value"}
             for summary, parts in SUMMARIES.items():
                 if all(p in successes for p in parts):
                     records.append(dict(state=state, metric=summary, label=summary, quantity="harmonic_mean",
@@ -83,5 +90,5 @@ def compact_table(table: pd.DataFrame, protocol: str = "prompt") -> pd.DataFrame
     text = picked.apply(lambda r: f"{r['mean']:.2f}" + ("" if math.isnan(r["ci95"]) else f" ± {r['ci95']:.2f}"), axis=1)
     picked = picked.assign(value=text)
     wide = picked.pivot(index="state", columns="label", values="value")
-    order = [m.short for m in METRICS.values() if m.short in wide.columns] + [s for s in SUMMARIES if s in wide.columns]
+    order = [c for c in wide.columns if c not in SUMMARIES] + [s for s in SUMMARIES if s in wide.columns]
     return wide[order]

@@ -45,11 +45,11 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
         table = table[(table.protocol == protocol) & (table.quantity != "magnitude")]
         for state, part in table.groupby("state", sort=False):
             record = {k: settings[run].get(k) for k in swept}
-            record.update(state=state, n_cases=int(part[part.quantity == "success"].n.max()) if (part.quantity == "success").any() else 0,
+            record.update(state=state, n_cases=int(part[part.quantity == "value"].n.max()) if (part.quantity == "value").any() else 0,
                           run=str(run.relative_to(root)) if run != Path(root) else ".")
             for _, row in part.iterrows():
                 record[row.label] = round(row["mean"], 2)
-                if row.quantity == "success":
+                if row.quantity == "value":
                     record[f"{row.label} ci95"] = round(row["ci95"], 2)
             records.append(record)
     frame = pd.DataFrame.from_records(records)

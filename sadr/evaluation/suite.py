@@ -1,0 +1,64 @@
+"""The evaluators a run applies to the unedited and the edited model, behind one interface.
+
+Each evaluator returns, per case, a dict of metric entries `{name: {"value": [...], ...}}` (one value
+per prompt or per generated text), which `aggregate.metric_table` turns into both protocols. An evaluator
+may also derive entries from the edited and unedited results of the same case (`compare`), e.g. how
+much attention drifted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sadr.data.records import EditCase
+from sadr.evaluation.probes import Metric, resolve_metrics
+from sadr.evaluation.prompt_metrics import evaluate_cases
+
+
+class Evaluator:
+    name: str
+
+    def evaluate(self, model, tokenizer, adapter, cases: list[EditCase]) -> list[dict]:
+        raise NotImplementedError
+
+    def compare(self, edited: dict, unedited: dict) -> dict:
+        """Entries that need both states of one case; they are stored with the edited results."""
+        return {}
+
+    def identity(self) -> dict:
+        """Everything that determines this evaluator's results (for the unedited-results cache key)."""
+        return {"name": self.name}
+
+
+@dataclass
+class PromptMetrics(Evaluator):
+    """ES, PS, NS, DNS, RS, portability, zsRE token accuracy...: teacher-forced probes in shared batches."""
+
+    metrics: list[Metric]
+    batch_size: int = 64
+    name: str = "prompt_metrics"
+
+    def evaluate(self, model, tokenizer, adapter, cases):
+        return evaluate_cases(model, tokenizer, cases, self.metrics, self.batch_size)
+
+    def identity(self):
+        return {"name": self.name, "metrics": [m.name for m in self.metrics]}
+
+
+def build_evaluators(cfg) -> list[Evaluator]:
+    """The evaluators a run config asks for (`cfg` is the whole run config)."""
+    return [PromptMetrics(resolve_metrics(list(cfg.eval.metrics)), cfg.eval.batch_size)]
+
+
+def evaluate_all(evaluators: list[Evaluator], model, tokenizer, adapter, cases: list[EditCase]) -> list[dict]:
+    results: list[dict] = [{} for _ in cases]
+    for evaluator in evaluators:
+        for merged, part in zip(results, evaluator.evaluate(model, tokenizer, adapter, cases)):
+            merged.update(part)
+    return results
+
+
+def compare_all(evaluators: list[Evaluator], edited: dict, unedited: dict) -> dict:
+    derived: dict = {}
+    for evaluator in evaluators:
+        derived.update(evaluator.compare(edited, unedited))
+    return derived
