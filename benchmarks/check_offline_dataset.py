@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default=str(DEFAULT_DATASET))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--show-failures", action="store_true", help="also list every failing non-edit prompt")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             checks["relspec"].append((i, add(rs["prompt"], rs["ground_truth"]), add(rs["prompt"], new)))
 
     t1 = time.time()
-    nll = score_pairs(model, tok, prompts, targets, batch_size=args.batch_size).tolist()
+    # score in length-sorted order so that each padded batch wastes little compute
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]) + len(targets[k]))
+    sorted_nll = score_pairs(model, tok, [prompts[k] for k in order], [targets[k] for k in order],
+                             batch_size=args.batch_size).tolist()
+    nll = [0.0] * len(prompts)
+    for k, v in zip(order, sorted_nll):
+        nll[k] = v
     print(f"scored {len(prompts)} pairs in {time.time() - t1:.1f} s\n")
 
     def summarize(kind: str, label: str) -> list[int]:
@@ -125,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\nedit prompt by relation:")
     for rel, v in sorted(by_rel.items()):
         print(f"  {rel:<52} {pct(sum(v), len(v))}")
+
+    if args.show_failures:
+        print("\nfailing prompts (paraphrase / neighborhood / attribute / relation_specificity):")
+        for kind in ("paraphrase", "neighborhood", "attribute", "relspec"):
+            for i, a, b in checks[kind]:
+                if not nll[a] < nll[b]:
+                    print(f"  {kind} case_id {records[i]['case_id']}: {prompts[a]!r} "
+                          f"{targets[a]!r} p={math.exp(-nll[a]):.3f} vs {targets[b]!r} p={math.exp(-nll[b]):.3f}")
 
     print(f"\nrecords failing the edit-prompt check: {len(failing_edit)}")
     for i in failing_edit:

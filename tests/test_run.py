@@ -9,45 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sadr.conf.registry import ConfigError, register_configs, validate
+from sadr.conf.registry import ConfigError
 from sadr.editors.rome import RomeEditor
 from sadr.runner import run_experiment
-from tests.editing import random_texts
-from tests.tiny_models import make_model, make_tokenizer
-
-FIXTURE = Path(__file__).parent / "fixtures" / "data" / "offline_counterfact.json"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny llama saved like any local model, and a text file for its key statistics."""
-    root = tmp_path_factory.mktemp("tiny")
-    make_model("llama").save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    (root / "corpus.txt").write_text("\n\n".join(random_texts()))
-    return root
-
-
-def tiny_overrides(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "model=local", f"model.source={tiny_dir / 'model'}", "model.family=llama",
-        "model.stats.corpus=file", f"model.stats.text_file={tiny_dir / 'corpus.txt'}", "model.stats.sample_length=64",
-        "editor.layers=[1]", "editor.v_loss_layer=3", "editor.v_num_grad_steps=6", "editor.v_lr=0.05",
-        "editor.clamp_norm_factor=100", "editor.context_templates=[[5,5]]",
-        f"dataset.path={FIXTURE}", "dataset.limit=2", f"output_dir={out}", f"cache_dir={tiny_dir / 'cache'}",
-        *extra,
-    ]
-
-
-def composed(overrides: list[str]):
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    validate(cfg)
-    return cfg
+from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
 
 def test_every_model_and_published_default_composes():

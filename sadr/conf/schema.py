@@ -8,6 +8,8 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
+from sadr.evaluation.probes import METRICS
+
 
 class EditorName(Enum):
     rome = "rome"
@@ -141,7 +143,16 @@ SadrConfig = _sadr_config_class()
 @dataclass
 class EvalConfig:
     batch_size: int = 64  # (prompt, target) pairs per forward
-    metrics: List[str] = field(default_factory=lambda: ["efficacy", "paraphrase", "neighborhood"])
+    # teacher-forced metrics (sadr/evaluation/probes.py); each applies only to cases that have its prompts
+    metrics: List[str] = field(default_factory=lambda: list(METRICS))
+    # fluency (and consistency) from sampled continuations of each case's generation_prompts
+    generation: bool = True
+    generation_prompts_per_case: Optional[int] = 2  # the first N prompts of a case; null = all (ROME: all 10)
+    new_tokens: int = 100  # sampled tokens per prompt (top-k 5)
+    # folder with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json; unset: no consistency column
+    consistency_dir: Optional[str] = None
+    consistency_download: bool = False  # fetch missing files (~1 GB, size and sha256 checked) into consistency_dir
+    drift: bool = True  # attention drift to the edited subject on the DNS prompts (sadr/evaluation/drift.py)
 
 
 @dataclass

@@ -49,3 +49,6 @@ class EditCase:
     locality_prompts: tuple[LabeledPrompt, ...] = ()
     portability: dict[str, tuple[LabeledPrompt, ...]] = field(default_factory=dict)
     source: str = ""
+    # zsRE: efficacy and generalization are top-1 token accuracy of target_new, never p(new) vs p(true)
+    # comparisons, whichever answer the edit targets (target_true is set when it edits towards `alt`)
+    token_scored: bool = False

@@ -57,9 +57,9 @@ class Record:
         return _ABSENT
 
     def text(self, key: str, required: bool = True) -> str | None:
-        """A non-empty string; None when absent and not required."""
+        """A non-empty string; None when absent (or null) and not required."""
         value = self._get(key, required, "a non-empty string")
-        if value is _ABSENT:
+        if value is _ABSENT or (value is None and not required):
             return None
         if not _is_text(value):
             self.fail(key, "a non-empty string", value)

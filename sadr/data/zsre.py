@@ -5,7 +5,8 @@ Per record: `subject`, a question `src` that contains it, `answers` (list), the 
 (`pred` and `cond` are not used). Choices, following ROME's `MENDQADataset`:
 
 * target: `dataset.target=answers` edits towards `answers[0]` (ROME/MEMIT, no `target_true`);
-  `dataset.target=alt` edits towards `alt` with `answers[0]` as `target_true` (EasyEdit).
+  `dataset.target=alt` edits towards `alt` with `answers[0]` as `target_true` (EasyEdit); either
+  way the case is `token_scored` (top-1 token accuracy of the new target, as both protocols score it).
 * the edit template is `src` with the first occurrence of the subject replaced by "{}"; the
   rephrase is not required to contain the subject (it is only scored, never edited).
 * `loc` keeps its "nq question: " prefix and gets a "?" appended, exactly the prompt ROME scores
@@ -36,4 +37,5 @@ def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
         paraphrase_prompts=(rec.text("rephrase"),),
         locality_prompts=(LabeledPrompt(rec.text("loc") + "?", rec.text("loc_ans")),),
         source=cfg.name,
+        token_scored=True,
     )

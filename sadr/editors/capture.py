@@ -12,33 +12,29 @@ def _first(value):
 
 
 @contextmanager
+def _capture(modules: dict[int, nn.Module], inputs: bool):
+    captured: dict[int, torch.Tensor] = {}
+    if inputs:
+        handles = [m.register_forward_pre_hook(lambda _m, args, layer=layer: captured.__setitem__(layer, args[0]))
+                   for layer, m in modules.items()]
+    else:
+        handles = [m.register_forward_hook(lambda _m, _a, out, layer=layer: captured.__setitem__(layer, _first(out)))
+                   for layer, m in modules.items()]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_inputs(modules: dict[int, nn.Module]):
     """Record the first positional input of each module (by layer) during the forwards inside the block."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = [
-        module.register_forward_pre_hook(lambda _m, args, layer=layer: captured.__setitem__(layer, args[0]))
-        for layer, module in modules.items()
-    ]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _capture(modules, inputs=True)
 
 
-@contextmanager
 def capture_outputs(modules: dict[int, nn.Module]):
     """Record the (first) output of each module (by layer) during the forwards inside the block."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, _a, out, layer=layer: captured.__setitem__(layer, _first(out)))
-        for layer, module in modules.items()
-    ]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _capture(modules, inputs=False)
 
 
 @contextmanager

@@ -13,6 +13,8 @@ from sadr.evaluation.probes import METRICS
 
 # Table labels of every metric entry an evaluator may produce (unknown names are shown as they are).
 LABELS: dict[str, str] = {name: metric.short for name, metric in METRICS.items()}
+LABELS.update(drift_max="Drift", drift_mean="Drift mean")  # sadr/evaluation/drift.py, attention-mass points
+LABELS.update(fluency="FL", consistency="Cons")  # sadr/evaluation/generation_metrics.py
 
 # Harmonic-mean summaries and the success rates they combine.
 SUMMARIES = {

@@ -3,6 +3,7 @@
 A probe with a `bad` answer succeeds when p(good) > p(bad), and its magnitude is p(good) − p(bad);
 a probe without one is scored by teacher-forced top-1 token accuracy of `good` (zsRE, portability).
 A metric whose prompts the case does not have yields no probes and is left out of the results.
+A case is either compared (CounterFact family: ES, PS, NS, DNS) or token-scored (zsRE), never both.
 """
 from __future__ import annotations
 
@@ -19,19 +20,23 @@ class Probe:
     bad: str | None = None
 
 
+def _compared(case: EditCase) -> bool:
+    return case.request.target_true is not None and not case.token_scored
+
+
 def _efficacy(case: EditCase) -> list[Probe]:
     r = case.request
-    return [Probe(r.text, r.target_new, r.target_true)] if r.target_true else []
+    return [Probe(r.text, r.target_new, r.target_true)] if _compared(case) else []
 
 
 def _paraphrase(case: EditCase) -> list[Probe]:
     r = case.request
-    return [Probe(p, r.target_new, r.target_true) for p in case.paraphrase_prompts] if r.target_true else []
+    return [Probe(p, r.target_new, r.target_true) for p in case.paraphrase_prompts] if _compared(case) else []
 
 
 def _neighborhood(case: EditCase) -> list[Probe]:
     r = case.request
-    return [Probe(p, r.target_true, r.target_new) for p in case.neighborhood_prompts] if r.target_true else []
+    return [Probe(p, r.target_true, r.target_new) for p in case.neighborhood_prompts] if _compared(case) else []
 
 
 def distract(case: EditCase, prompt: str) -> str:
@@ -41,7 +46,7 @@ def distract(case: EditCase, prompt: str) -> str:
 
 def _distract_neighborhood(case: EditCase) -> list[Probe]:
     r = case.request
-    return [Probe(distract(case, p), r.target_true, r.target_new) for p in case.neighborhood_prompts] if r.target_true else []
+    return [Probe(distract(case, p), r.target_true, r.target_new) for p in case.neighborhood_prompts] if _compared(case) else []
 
 
 def _relation(case: EditCase) -> list[Probe]:
@@ -53,11 +58,11 @@ def _portability(case: EditCase) -> list[Probe]:
 
 
 def _zsre_efficacy(case: EditCase) -> list[Probe]:
-    return [] if case.request.target_true else [Probe(case.request.text, case.request.target_new)]
+    return [Probe(case.request.text, case.request.target_new)] if case.token_scored else []
 
 
 def _zsre_generalization(case: EditCase) -> list[Probe]:
-    return [] if case.request.target_true else [Probe(p, case.request.target_new) for p in case.paraphrase_prompts]
+    return [Probe(p, case.request.target_new) for p in case.paraphrase_prompts] if case.token_scored else []
 
 
 def _locality(case: EditCase) -> list[Probe]:

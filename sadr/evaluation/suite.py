@@ -46,7 +46,15 @@ class PromptMetrics(Evaluator):
 
 def build_evaluators(cfg) -> list[Evaluator]:
     """The evaluators a run config asks for (`cfg` is the whole run config)."""
-    return [PromptMetrics(resolve_metrics(list(cfg.eval.metrics)), cfg.eval.batch_size)]
+    from sadr.evaluation.drift import AttentionDrift  # drift.py subclasses Evaluator from this module
+    from sadr.evaluation.generation_metrics import GenerationMetrics  # likewise
+
+    evaluators: list[Evaluator] = [PromptMetrics(resolve_metrics(list(cfg.eval.metrics)), cfg.eval.batch_size)]
+    if cfg.eval.drift:
+        evaluators.append(AttentionDrift(cfg.eval.batch_size))
+    if cfg.eval.generation:
+        evaluators.append(GenerationMetrics.from_config(cfg))
+    return evaluators
 
 
 def evaluate_all(evaluators: list[Evaluator], model, tokenizer, adapter, cases: list[EditCase]) -> list[dict]:

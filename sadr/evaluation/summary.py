@@ -4,11 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from sadr.evaluation.aggregate import LABELS
 from sadr.results import CONFIG_FILE, METRICS_FILE
 
-ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda")
+# SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
+ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", "editor.v_num_grad_steps")
+# Columns placed right after another metric's, so related numbers read side by side.
+NEXT_TO = {LABELS["distract_neighborhood"]: (LABELS["drift_max"], LABELS["drift_mean"])}
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -57,4 +62,43 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state")] + ["model.name", "dataset.name"])
     if "editor.name" in unedited:
         unedited = unedited.assign(**{"editor.name": "none"})
-    return pd.concat([unedited, edited], ignore_index=True)
+    return _order_columns(pd.concat([unedited, edited], ignore_index=True))
+
+
+def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Move each NEXT_TO group (with its ci95 columns) right after its anchor metric's columns."""
+    columns = list(frame.columns)
+    for anchor, followers in NEXT_TO.items():
+        moved = [c for label in followers for c in (label, f"{label} ci95") if c in columns]
+        if anchor not in columns or not moved:
+            continue
+        columns = [c for c in columns if c not in moved]
+        at = columns.index(f"{anchor} ci95") if f"{anchor} ci95" in columns else columns.index(anchor)
+        columns[at + 1 : at + 1] = moved
+    return frame[columns]
+
+
+def write_summary(table: pd.DataFrame, target: Path) -> str:
+    """summary.csv and summary.md in `target`; returns the Markdown."""
+    target.mkdir(parents=True, exist_ok=True)
+    table.to_csv(target / "summary.csv", index=False)
+    markdown = table.to_markdown(index=False)
+    (target / "summary.md").write_text(markdown + "\n")
+    return markdown
+
+
+class SummarizeSweep(Callback):
+    """Hydra callback: when a multirun ends, its one comparison table (as `sadr summarize <sweep dir>`).
+
+    Enabled per overlay (`hydra.callbacks.summarize._target_: sadr.evaluation.summary.SummarizeSweep`);
+    Hydra does not call it when a job failed, so rebuild the table then with `sadr summarize`.
+    """
+
+    def __init__(self, protocol: str = "prompt") -> None:
+        self.protocol = protocol
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        root = Path(config.hydra.sweep.dir)
+        markdown = write_summary(summarize(root, self.protocol), root)
+        print(f"\n{self.protocol}-level results ×100 of every run in {root}:\n{markdown}\n\n"
+              f"wrote {root / 'summary.csv'} and {root / 'summary.md'}")

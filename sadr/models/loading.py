@@ -60,8 +60,16 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
     if revision:
         extra["revision"] = revision
     log.info("loading model %s %s", location, extra)
-    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **extra)
+    except OSError as err:
+        if Path(location).exists():
+            raise
+        raise OSError(
+            f"could not load {location!r} from the Hugging Face hub ({err}). Without network access, download the "
+            "model elsewhere and set model.source=/path/to/model_dir (or a .gguf file)."
+        ) from err
     model = model.to(resolve_device(device)).eval().requires_grad_(False)
     adapter = adapter_for(model)
     if family is not None and adapter.family != family:

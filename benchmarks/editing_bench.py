@@ -1,0 +1,145 @@
+"""Seconds per edit of ROME, MEMIT and PMET on the offline default model, split by phase.
+
+Each editor is built from the real composed config (`sadr-run editor=<name>`, default model and dataset),
+so the numbers are those of the chosen SmolLM2 defaults. Every editor gets its own empty statistics cache:
+the first edit pays for the key second moments of its layers (one corpus pass for all of them), later
+edits read them from memory. Edits follow the single protocol (edit one case, evaluate it with
+`evaluate_cases`, restore the weights); then all cases are edited in one `apply` (ROME applies them one
+after another, MEMIT and PMET solve for them jointly).
+
+Usage:
+    python benchmarks/editing_bench.py                       # 8 cases of the offline dataset
+    python benchmarks/editing_bench.py --cases 4 --editors memit pmet --threads 2
+    python benchmarks/editing_bench.py --dataset tests/fixtures/data/offline_counterfact.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sadr.conf.registry import register_configs  # noqa: E402
+from sadr.data.load import load_cases  # noqa: E402
+from sadr.editors.base import WeightSnapshot  # noqa: E402
+from sadr.editors.context_templates import context_templates  # noqa: E402
+from sadr.editors.registry import EDITORS  # noqa: E402
+from sadr.evaluation.probes import resolve_metrics  # noqa: E402
+from sadr.evaluation.prompt_metrics import evaluate_cases  # noqa: E402
+from sadr.models.fingerprint import model_fingerprint  # noqa: E402
+from sadr.models.loading import load_model  # noqa: E402
+from sadr.runner import build_statistics  # noqa: E402
+
+# Phase -> the names editors time it under (ROME calls its key and δ phases k_star and v_star).
+PHASES = {"keys": ("keys", "k_star"), "δ-optimisation": ("delta", "v_star"), "update": ("update",)}
+
+
+def composed(editor: str, overrides: list[str]):
+    register_configs()
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        return compose("config", overrides=[f"editor={editor}", *overrides])
+
+
+def phase_seconds(outcomes: list[dict[str, float]], n_edits: int) -> dict[str, float]:
+    return {phase: sum(o.get(name, 0.0) for o in outcomes for name in names) / n_edits for phase, names in PHASES.items()}
+
+
+def efficacy(results: list[dict]) -> float:
+    values = [v for result in results for v in result.get("efficacy", {}).get("value", [])]
+    return 100 * statistics.fmean(values) if values else float("nan")
+
+
+def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, cases, metrics, eval_batch: int,
+                 batch: bool) -> list[dict]:
+    cfg = composed(name, overrides)
+    with tempfile.TemporaryDirectory() as stats_dir:
+        stats = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
+        templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
+                                      seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir)
+        editor = EDITORS[name](loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, statistics=stats,
+                               context_templates=templates)
+        single, eval_seconds, results = [], [], []
+        for case in cases:
+            snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
+            single.append(editor.apply([case.request]).seconds)
+            start = time.perf_counter()
+            results += evaluate_cases(loaded.model, loaded.tokenizer, [case], metrics, eval_batch)
+            eval_seconds.append(time.perf_counter() - start)
+            snapshot.restore()
+        rows = [{
+            "editor": f"{name} (layers {list(editor.layers)})", "edits per apply": 1,
+            "covariance, first (s)": single[0].get("covariance", 0.0),
+            "covariance, cached (s/edit)": statistics.fmean(s.get("covariance", 0.0) for s in single[1:]) if len(single) > 1 else float("nan"),
+            **{f"{phase} (s/edit)": v for phase, v in phase_seconds(single, len(cases)).items()},
+            "eval (s/case)": statistics.fmean(eval_seconds), "ES": efficacy(results),
+        }]
+        if batch:
+            snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
+            outcome = editor.apply([case.request for case in cases]).seconds
+            start = time.perf_counter()
+            results = evaluate_cases(loaded.model, loaded.tokenizer, cases, metrics, eval_batch)
+            eval_per_case = (time.perf_counter() - start) / len(cases)
+            snapshot.restore()
+            rows.append({
+                "editor": f"{name} (layers {list(editor.layers)})", "edits per apply": len(cases),
+                "covariance, first (s)": float("nan"), "covariance, cached (s/edit)": outcome.get("covariance", 0.0) / len(cases),
+                **{f"{phase} (s/edit)": v for phase, v in phase_seconds([outcome], len(cases)).items()},
+                "eval (s/case)": eval_per_case, "ES": efficacy(results),
+            })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--editors", nargs="+", default=["rome", "memit", "pmet"], choices=sorted(EDITORS))
+    parser.add_argument("--cases", type=int, default=8, help="cases of the dataset (dataset.limit)")
+    parser.add_argument("--dataset", help="a CounterFact-schema file instead of the embedded offline dataset")
+    parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-batch", action="store_true", help="skip the one-apply batch edit")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    overrides = [f"cache_dir={args.cache_dir}", f"dataset.limit={args.cases}"]
+    if args.dataset:
+        overrides.append(f"dataset.path={Path(args.dataset).resolve()}")
+    cfg = composed("rome", overrides)
+    start = time.perf_counter()
+    loaded = load_model(cfg.model.source, gguf_file=cfg.model.gguf_file, family=cfg.model.family, device=cfg.device,
+                        dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
+    load_seconds = time.perf_counter() - start
+    cases = load_cases(cfg.dataset, cfg.cache_dir).cases
+    metrics = resolve_metrics(list(cfg.eval.metrics))
+    fingerprint = model_fingerprint(loaded.model)
+    rows = []
+    for name in args.editors:
+        rows += bench_editor(name, overrides, loaded, fingerprint, cases, metrics, cfg.eval.batch_size,
+                             batch=not args.no_batch)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"model {cfg.model.name} ({loaded.resolved_source}, loaded in {load_seconds:.1f} s) on {loaded.device}, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average {load}; "
+          f"{len(cases)} cases; eval metrics {[m.name for m in metrics]}")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

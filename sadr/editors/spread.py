@@ -1,0 +1,156 @@
+"""What MEMIT and PMET share: one δ-optimisation per request at the last edited layer, then the targets
+spread over the edited layers' MLP down-projections by one ridge solve per layer (method.md §2).
+
+For layer lᵢ, i = 0..m−1 in order, with the layers before it already written:
+
+    K  = each request's key at lᵢ, recomputed on the partly edited model;
+    R  = (z − current output of the target site at l_m) / divisor(m − i);
+    ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (λ = mom2_update_weight), written before the next layer's keys are read.
+
+MEMIT divides by m − i, PMET by √(m − i); either way the last layer takes the full remaining residual.
+Two details of the public MEMIT code (inherited by PMET and the SADR repo) are kept:
+
+* a key is the mean over template *groups* of the mean within each group (MEMIT's `compute_ks`): the bare
+  prompt is a group of its own, so with `context_templates: [[10, 5]]` it weighs 1/2 and each of the five
+  prefixed prompts 1/10 (ROME instead averages all templates alike);
+* the current output is read at the subject's last token of the bare prompt only (MEMIT's
+  `get_module_input_output_at_words` over the requests' own prompts), the prompt whose δ = 0 output z is
+  built on, so before any write R = δ / m exactly.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from sadr.data.records import EditRequest
+from sadr.editors.base import EditOutcome, Editor, timed
+from sadr.editors.capture import capture_outputs
+from sadr.editors.covariance import SecondMomentStatistics
+from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delta
+from sadr.editors.keys import mean_keys
+from sadr.editors.prompts import encode_subject_prompts
+from sadr.editors.update import least_squares_update
+from sadr.models.adapters import ModelAdapter
+
+
+def template_groups(context_templates: list[str], length_params) -> list[list[str]]:
+    """Split the flat template list into the bare prompt and one group per [max_tokens, count] entry."""
+    sizes = [1] + [int(count) for _max_tokens, count in length_params]
+    if sum(sizes) != len(context_templates):
+        raise ValueError(f"{len(context_templates)} context templates do not match editor.context_templates="
+                         f"{[list(p) for p in length_params]} (1 bare prompt + {sum(sizes) - 1} prefixes)")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [context_templates[start : start + size] for start, size in zip(starts, sizes) if size]
+
+
+def grouped_mean_keys(model, adapter: ModelAdapter, tokenizer, layer: int, requests: list[EditRequest],
+                      groups: list[list[str]]) -> torch.Tensor:
+    """(n_requests, d_in) float32: the mean over template groups of each group's mean key."""
+    per_group = [mean_keys(model, adapter, tokenizer, [layer], requests, group)[layer] for group in groups]
+    return torch.stack(per_group).mean(0)
+
+
+@torch.no_grad()
+def bare_prompt_outputs(model, adapter: ModelAdapter, tokenizer, site: str, layer: int, requests: list[EditRequest],
+                        batch_size: int = 64) -> torch.Tensor:
+    """(n_requests, hidden) float32: the output of `site` of block `layer` at each bare prompt's subject token."""
+    device = next(model.parameters()).device
+    module = {layer: SITES[site](adapter, model, layer)}
+    chunks = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        enc = encode_subject_prompts(tokenizer, [r.prompt for r in chunk], [r.subject for r in chunk])
+        batch = enc.batch.to(device)
+        with capture_outputs(module) as captured:
+            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        rows = torch.arange(len(chunk), device=device)
+        chunks.append(captured[layer][rows, enc.subject_positions.to(device)].float())
+    return torch.cat(chunks)
+
+
+@dataclass
+class LayerSolve:
+    """One layer's ridge problem as solved: ΔW (λC + KᵀK) = Rᵀ K, with K and R as rows."""
+
+    layer: int
+    keys: torch.Tensor  # (n, d_in) float32
+    residuals: torch.Tensor  # (n, d_out) float32, already divided
+    update: torch.Tensor  # (d_out, d_in) float64, written into the down-projection
+
+
+@dataclass
+class SpreadOutcome(EditOutcome):
+    solves: list[LayerSolve] = field(default_factory=list)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _delta_diagnostics(results: list[DeltaResult]) -> dict[str, float]:
+    """Per-request numbers, averaged over the batch."""
+    names = {name for r in results for name in r.diagnostics}
+    return {
+        "delta_steps": _mean([r.steps_run for r in results]),
+        "delta_final_loss": _mean([r.history[-1].loss for r in results]),
+        **{name: _mean([r.diagnostics[name] for r in results if name in r.diagnostics]) for name in sorted(names)},
+    }
+
+
+class SpreadEditor(Editor):
+    """A MEMIT-style editor; subclasses name the δ sites, the site whose target is written, and the divisor."""
+
+    #: δ-optimisation sites at the last edited layer.
+    delta_sites: tuple[str, ...]
+    #: The site whose target z the MLP down-projections must produce, and whose current output R is read from.
+    target_site: str
+
+    def __init__(self, model, adapter: ModelAdapter, tokenizer, hparams, *, statistics: SecondMomentStatistics,
+                 context_templates: list[str], regularizers=()):
+        layers = [int(layer) for layer in hparams.layers]
+        if layers != sorted(set(layers)):
+            raise ValueError(f"editor.layers={layers}: give distinct layers in increasing order")
+        if not hparams.mom2_adjustment:
+            raise ValueError(f"{type(self).__name__} always weighs its update by the key second moment C "
+                             "(editor.mom2_update_weight); editor.mom2_adjustment=false applies to ROME only")
+        self.model, self.adapter, self.tokenizer, self.hparams = model, adapter, tokenizer, hparams
+        self.layers = layers
+        self.statistics, self.context_templates, self.regularizers = statistics, context_templates, list(regularizers)
+        self.groups = template_groups(context_templates, hparams.context_templates)
+        self.objective = DeltaObjective.from_hparams(hparams, sites=self.delta_sites, layer=layers[-1],
+                                                     **self.delta_rules(hparams))
+
+    @staticmethod
+    @abstractmethod
+    def divisor(remaining_layers: int) -> float:
+        """What the residual is divided by when `remaining_layers` layers (this one included) are left."""
+
+    def delta_rules(self, hparams) -> dict:
+        """`nll_weight` / `should_stop` overrides of the δ-objective (none: DeltaObjective's defaults)."""
+        return {}
+
+    def apply(self, requests: list[EditRequest]) -> SpreadOutcome:
+        """Edit the whole batch: independent δs (on the unedited model), then one joint solve per layer."""
+        outcome = SpreadOutcome()
+        with timed(outcome.seconds, "covariance"):
+            second_moments = self.statistics.get(self.layers)
+        with timed(outcome.seconds, "delta"):
+            results = [optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
+                                      self.objective, self.regularizers) for request in requests]
+        targets = torch.stack([r.target(self.target_site) for r in results])
+        for i, layer in enumerate(self.layers):
+            with timed(outcome.seconds, "keys"):
+                keys = grouped_mean_keys(self.model, self.adapter, self.tokenizer, layer, requests, self.groups)
+            with timed(outcome.seconds, "update"):
+                current = bare_prompt_outputs(self.model, self.adapter, self.tokenizer, self.target_site,
+                                              self.layers[-1], requests)
+                residuals = (targets - current) / self.divisor(len(self.layers) - i)
+                update = least_squares_update(keys, residuals, second_moments[layer], self.hparams.mom2_update_weight)
+                self.adapter.add_to_down_weight(self.model, layer, update)
+            outcome.solves.append(LayerSolve(layer, keys, residuals, update))
+            outcome.updates[layer] = update
+            outcome.diagnostics[f"residual_norm_layer{layer}"] = (targets - current).norm(dim=-1).mean().item()
+        outcome.diagnostics.update(_delta_diagnostics(results))
+        return outcome

@@ -1,0 +1,99 @@
+"""Fluency and ROME's consistency, from text the model samples after each case's `generation_prompts`.
+
+Per case, the first `prompts_per_case` generation prompts are continued by `new_tokens` sampled tokens
+(top-k 5, the KV cache). The sampling seed is derived from the run seed and the case id, and each case
+is sampled in its own `sample_texts` call: `sample_texts` draws every row of a batch from one random
+stream, so batching several cases together would tie a case's texts to its batch-mates. This way a
+case gets the same texts whether it is evaluated with all cases (the unedited model) or in its edit
+group (the edited model), and the edited and unedited models continue its prompts with the same
+random stream.
+
+Entries per case: `fluency` (n-gram entropy of each text, with the texts themselves) and, when ROME's
+TF-IDF files are configured and readable, `consistency` (one TF-IDF cosine of the joined texts vs the
+attribute snippets of (relation_id, target_new_id)). A case without generation prompts gets neither;
+without the files, or without snippets for its (relation, new object), no consistency entry is made
+and the log says why.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from sadr.data.records import EditCase
+from sadr.evaluation.consistency import ConsistencyData, ConsistencyUnavailable, load_consistency_data
+from sadr.evaluation.fluency import ngram_entropy
+from sadr.evaluation.suite import Evaluator
+from sadr.models.fingerprint import cache_key
+from sadr.models.generation import sample_texts
+
+log = logging.getLogger(__name__)
+
+TOP_K = 5  # ROME's generation setting
+
+
+def case_seed(seed: int, case_id: int | str) -> int:
+    """A sampling seed that depends only on the run seed and the case (64 bits)."""
+    return int(cache_key(kind="generation", seed=seed, case=str(case_id)), 16)
+
+
+class GenerationMetrics(Evaluator):
+    name = "generation_metrics"
+
+    def __init__(self, seed: int, prompts_per_case: int | None = 2, new_tokens: int = 100,
+                 consistency_dir: str | None = None, consistency_download: bool = False):
+        if prompts_per_case is not None and prompts_per_case < 1:
+            raise ValueError(f"eval.generation_prompts_per_case={prompts_per_case}: must be >= 1, or null for all")
+        if new_tokens < 1:
+            raise ValueError(f"eval.new_tokens={new_tokens}: must be >= 1")
+        self.seed, self.prompts_per_case, self.new_tokens = seed, prompts_per_case, new_tokens
+        self.consistency_dir, self.consistency_download = consistency_dir, consistency_download
+
+    @classmethod
+    def from_config(cls, cfg) -> GenerationMetrics:
+        """From the whole run config (`eval.*` and the run seed)."""
+        e = cfg.eval
+        return cls(cfg.seed, e.generation_prompts_per_case, e.new_tokens, e.consistency_dir, e.consistency_download)
+
+    @functools.cached_property
+    def consistency(self) -> ConsistencyData | None:
+        """ROME's TF-IDF data, read on first use (attribute_snippets.json is ~1 GB); None, logged once, if unavailable."""
+        if self.consistency_dir is None:
+            log.warning("consistency is not computed: eval.consistency_dir is not set (a folder with ROME's "
+                        "attribute_snippets.json, idf.npy and tfidf_vocab.json; add eval.consistency_download=true "
+                        "to fetch them, ~1 GB)")
+            return None
+        try:
+            return load_consistency_data(self.consistency_dir, self.consistency_download)
+        except ConsistencyUnavailable as exc:
+            log.warning("consistency is not computed: %s", exc)
+            return None
+
+    def identity(self) -> dict:
+        return {"name": self.name, "seed": self.seed, "prompts_per_case": self.prompts_per_case,
+                "new_tokens": self.new_tokens, "top_k": TOP_K, "consistency": self.consistency is not None}
+
+    def evaluate(self, model, tokenizer, adapter, cases: list[EditCase]) -> list[dict]:
+        return [self._evaluate_case(model, tokenizer, case) for case in cases]
+
+    def _evaluate_case(self, model, tokenizer, case: EditCase) -> dict:
+        prompts = list(case.generation_prompts[: self.prompts_per_case])
+        if not prompts:
+            return {}
+        texts = sample_texts(model, tokenizer, prompts, max_new_tokens=self.new_tokens,
+                             seed=case_seed(self.seed, case.case_id), top_k=TOP_K)
+        entries = {"fluency": {"value": [ngram_entropy(t) for t in texts], "text": texts}}
+        consistency = self._consistency_entry(case, texts)
+        if consistency is not None:
+            entries["consistency"] = consistency
+        return entries
+
+    def _consistency_entry(self, case: EditCase, texts: list[str]) -> dict | None:
+        data = self.consistency
+        if data is None:
+            return None
+        relation, target = case.request.relation_id, case.request.target_new_id
+        if relation is None or target is None or not data.snippets_for(relation, target):
+            log.info("case %s: no consistency (no attribute snippets for relation %s, new object %s)",
+                     case.case_id, relation, target)
+            return None
+        return {"value": [data.score(texts, relation, target)]}

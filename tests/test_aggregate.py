@@ -1,0 +1,140 @@
+"""Metric tables on hand-made results: both protocols, CIs, magnitudes, summaries, and the token-accuracy path."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sadr.data.records import EditCase, EditRequest, LabeledPrompt
+from sadr.evaluation import prompt_metrics
+from sadr.evaluation.aggregate import compact_table, harmonic_mean, mean_ci, metric_table
+from sadr.evaluation.probes import resolve_metrics
+from sadr.evaluation.scorer import PairScores
+
+
+def test_harmonic_mean():
+    assert harmonic_mean([50.0, 100.0]) == pytest.approx(200 / 3)  # 2 / (1/50 + 1/100)
+    assert harmonic_mean([80.0, 80.0, 80.0]) == pytest.approx(80.0)
+    assert harmonic_mean([90.0, 0.0, 70.0]) == 0.0  # one failed component zeroes the score
+
+
+def test_mean_ci():
+    # [1, 0, 1, 1]: mean 3/4, sample variance (3 · 1/16 + 9/16) / 3 = 1/4, CI = 1.96 · (1/2) / √4
+    assert mean_ci([1, 0, 1, 1]) == pytest.approx((0.75, 0.49, 4))
+    mean, ci, n = mean_ci([0.3])
+    assert (mean, n) == (0.3, 1) and math.isnan(ci)
+    assert mean_ci([])[2] == 0
+
+
+def entry(values, p_good=None, p_bad=None):
+    out = {"value": values}
+    if p_good is not None:
+        out["p_good"] = p_good
+    if p_bad is not None:
+        out["p_bad"] = p_bad
+    return out
+
+
+# Case A has 4 neighborhood prompts, case B 2: the prompt protocol weights A twice as much as the case protocol.
+ROWS = [
+    {"edited": {"efficacy": entry([1.0], [0.6], [0.2]),
+                "paraphrase": entry([1.0, 0.0], [0.5, 0.1], [0.3, 0.3]),
+                "neighborhood": entry([1.0, 1.0, 1.0, 1.0]),
+                "fluency": entry([6.0, 5.0])},
+     "unedited": {"efficacy": entry([0.0], [0.1], [0.5])}},
+    {"edited": {"efficacy": entry([1.0], [0.4], [0.3]),
+                "paraphrase": entry([1.0, 1.0], [0.3, 0.2], [0.1, 0.1]),
+                "neighborhood": entry([0.0, 0.0]),
+                "token_efficacy": entry([0.5], [0.2])},
+     "unedited": {"efficacy": entry([0.0], [0.2], [0.4])}},
+]
+
+
+def pick(table, metric, protocol, quantity="value", state="edited"):
+    row = table[(table.metric == metric) & (table.protocol == protocol) & (table.quantity == quantity) & (table.state == state)]
+    assert len(row) == 1, (metric, protocol, quantity, state)
+    return row.iloc[0]
+
+
+def test_prompt_and_case_protocols_differ_as_defined():
+    table = metric_table(ROWS)
+    prompt, case = pick(table, "neighborhood", "prompt"), pick(table, "neighborhood", "case")
+    # prompt: [1, 1, 1, 1, 0, 0] -> 4/6; variance (4 · 1/9 + 2 · 4/9) / 5 = 4/15; CI = 1.96 · √(4/15 / 6)
+    assert (prompt["mean"], prompt["ci95"], prompt["n"]) == pytest.approx((400 / 6, 196 * math.sqrt(4 / 90), 6))
+    # case: [1, 0] -> 1/2; variance 1/2; CI = 1.96 · √(1/2 / 2) = 0.98
+    assert (case["mean"], case["ci95"], case["n"]) == pytest.approx((50.0, 98.0, 2))
+    # equal prompt counts: both protocols give the same mean (3/4), not the same n
+    assert pick(table, "paraphrase", "prompt")["mean"] == pytest.approx(pick(table, "paraphrase", "case")["mean"]) == 75.0
+    assert (pick(table, "paraphrase", "prompt")["n"], pick(table, "paraphrase", "case")["n"]) == (4, 2)
+
+
+def test_magnitudes_are_mean_p_good_minus_p_bad():
+    table = metric_table(ROWS)
+    # paraphrase differences: A [0.2, -0.2], B [0.2, 0.1]
+    assert pick(table, "paraphrase", "prompt", "magnitude")["mean"] == pytest.approx(100 * 0.3 / 4)
+    assert pick(table, "paraphrase", "case", "magnitude")["mean"] == pytest.approx(100 * (0.0 + 0.15) / 2)
+    assert pick(table, "efficacy", "case", "magnitude", state="unedited")["mean"] == pytest.approx(-30.0)
+    # without p_bad (token accuracy, fluency) there is no magnitude
+    assert not ((table.metric.isin(["token_efficacy", "fluency", "neighborhood"])) & (table.quantity == "magnitude")).any()
+
+
+def test_token_accuracy_and_fluency_are_shown_times_100():
+    table = metric_table(ROWS)
+    assert pick(table, "token_efficacy", "prompt")["mean"] == pytest.approx(50.0)
+    assert pick(table, "token_efficacy", "prompt")["n"] == 1  # only case B has it
+    assert pick(table, "fluency", "prompt")["mean"] == pytest.approx(550.0)
+    assert set(table[table.metric == "fluency"].label) == {"FL"}
+
+
+def test_summaries_combine_their_components_per_protocol():
+    table = metric_table(ROWS)
+    for protocol in ("prompt", "case"):
+        score = pick(table, "score", protocol, "harmonic_mean")
+        parts = [pick(table, m, protocol)["mean"] for m in ("efficacy", "paraphrase", "neighborhood")]
+        assert score["mean"] == pytest.approx(harmonic_mean(parts))
+        assert score["components"] == "efficacy+paraphrase+neighborhood" and math.isnan(score["ci95"])
+    assert pick(table, "score", "prompt", "harmonic_mean")["mean"] == pytest.approx(3 / (1 / 100 + 1 / 75 + 1 / (400 / 6)))
+    assert "avg_s" not in set(table.metric)  # no RS / DNS in these rows
+    # the unedited state has only ES: no summary for it
+    assert not ((table.state == "unedited") & (table.quantity == "harmonic_mean")).any()
+    assert set(table[table.quantity != "harmonic_mean"].components) == {""}
+
+
+def test_compact_table_shows_one_protocol_with_labels():
+    wide = compact_table(metric_table(ROWS), "case")
+    assert wide.loc["edited", "NS"] == "50.00 ± 98.00"
+    assert wide.loc["edited", "ES"] == "100.00 ± 0.00" and list(wide.columns)[-1] == "score"
+
+
+def test_token_accuracy_path_from_probes_to_the_table(monkeypatch):
+    """zsRE probes are scored by token accuracy (value) and CounterFact ones by p(new) > p(true), by hand."""
+    zsre = EditCase(0, EditRequest("Which college did {} attend?", "Harwick Pell", "Grayhaven University", "Fenwater"),
+                    paraphrase_prompts=("Harwick Pell studied at which college?",),
+                    locality_prompts=(LabeledPrompt("nq question: who painted the hall?", "Edda Lorne"),), token_scored=True)
+    counterfact = EditCase(1, EditRequest("{} is in", "Toyota", "France", "Japan"))
+    scores = {  # (prompt, target): (p, token accuracy)
+        ("Which college did Harwick Pell attend?", "Grayhaven University"): (0.2, 2 / 3),
+        ("Harwick Pell studied at which college?", "Grayhaven University"): (0.1, 1 / 3),
+        ("nq question: who painted the hall?", "Edda Lorne"): (0.3, 1.0),
+        ("Toyota is in", "France"): (0.4, 0.0),
+        ("Toyota is in", "Japan"): (0.3, 1.0),
+    }
+
+    def fake_scores(model, tokenizer, prompts, targets, batch_size):
+        p, acc = zip(*(scores[pair] for pair in zip(prompts, targets)))
+        return PairScores(-torch.log(torch.tensor(p)), torch.tensor(acc))
+
+    monkeypatch.setattr(prompt_metrics, "score_pairs_detailed", fake_scores)
+    metrics = resolve_metrics(["efficacy", "token_efficacy", "token_generalization", "locality"])
+    got = prompt_metrics.evaluate_cases(None, None, [zsre, counterfact], metrics)
+    assert set(got[0]) == {"token_efficacy", "token_generalization", "locality"}  # token-scored: no ES
+    assert got[0]["token_efficacy"]["value"] == [pytest.approx(2 / 3)]
+    assert got[0]["token_generalization"]["value"] == [pytest.approx(1 / 3)]
+    assert got[0]["locality"]["value"] == [1.0]
+    assert set(got[1]) == {"efficacy"}
+    assert got[1]["efficacy"]["value"] == [1.0]  # 0.4 > 0.3, whatever the token accuracy
+    assert got[1]["efficacy"]["p_bad"] == [pytest.approx(0.3)]
+    table = metric_table([{"edited": r} for r in got], states=("edited",))
+    assert pick(table, "token_efficacy", "prompt")["mean"] == pytest.approx(200 / 3)
+    assert set(table[table.metric == "token_generalization"].label) == {"zsRE-G"}

@@ -1,0 +1,134 @@
+"""The attention-drift evaluator: its per-head attention, its drift entries, and SADR's effect on an edit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sadr.conf.schema import SadrConfig
+from sadr.data.records import EditCase, EditRequest
+from sadr.editors.rome import RomeEditor
+from sadr.evaluation.aggregate import LABELS, metric_table
+from sadr.evaluation.drift import ATTENTION, AttentionDrift, decode_entry, drift_prompts, encode_matrix
+from sadr.evaluation.probes import distract
+from sadr.models.adapters import adapter_for
+from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer, build_regularizers
+from tests.editing import TEMPLATES, editor_config, statistics
+from tests.test_attention_rows import build_model
+from tests.tiny_models import make_model
+
+# Neighborhood prompts of different lengths, so the DNS batch is right-padded.
+CASE = EditCase(
+    case_id=7,
+    request=EditRequest(prompt="{} is based in", subject="Toyota", target_new="America", target_true="Japan"),
+    neighborhood_prompts=("Honda is based in", "The capital of France is", "Ford is"),
+)
+
+
+def eager_attention_to_subject(model, prompt) -> torch.Tensor:
+    """(layers, heads) from the model's own eager attention weights at (last position, subject position)."""
+    out = model(input_ids=torch.tensor([prompt.ids]), output_attentions=True)
+    return torch.stack([a[0, :, prompt.last_position, prompt.subject_position] for a in out.attentions])
+
+
+def test_dns_prompts_are_tokenised_with_the_subject_of_the_edit_sentence(tokenizer):
+    prompts = drift_prompts(tokenizer, [CASE])
+    assert len(prompts) == len(CASE.neighborhood_prompts)
+    for prompt, neighbor in zip(prompts, CASE.neighborhood_prompts):
+        text = distract(CASE, neighbor)
+        assert text.startswith("Toyota is based in America. ")
+        assert prompt.ids == tokenizer(text)["input_ids"]  # the whole DNS prompt; the last token predicts the answer
+        assert tokenizer.decode(prompt.ids[: prompt.subject_position + 1]) == "Toyota"
+        assert tokenizer.decode(prompt.ids[prompt.subject_position + 1 :]).startswith(" is based in America.")
+
+
+def test_subject_attention_equals_the_models_eager_attention_weights(tokenizer, family):
+    model = build_model(family)  # the family's default kernel (sdpa where it has one), peaked attention
+    entry = AttentionDrift().evaluate(model, tokenizer, adapter_for(model), [CASE])[0][ATTENTION]
+    got = decode_entry(entry)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    assert entry["value"] == [] and entry["shape"] == [n_layers, n_heads]
+    assert got.shape == (len(CASE.neighborhood_prompts), n_layers, n_heads)
+    eager = build_model(family, attn_implementation="eager")
+    want = np.stack([eager_attention_to_subject(eager, p).numpy() for p in drift_prompts(tokenizer, [CASE])])
+    assert want.max() > 0.02  # attention on the subject, not all ~0, so the comparison means something
+    np.testing.assert_allclose(got, want, atol=2.5e-4, rtol=0)  # float16 storage: within 2^-12
+
+
+def test_batching_and_padding_do_not_change_the_values(tokenizer):
+    model = build_model("llama")
+    adapter = adapter_for(model)
+    one = AttentionDrift(batch_size=1).evaluate(model, tokenizer, adapter, [CASE, CASE])
+    many = AttentionDrift(batch_size=64).evaluate(model, tokenizer, adapter, [CASE, CASE])
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(decode_entry(a[ATTENTION]), decode_entry(b[ATTENTION]), atol=2.5e-4, rtol=0)
+
+
+def test_a_case_without_dns_prompts_gets_no_entries(tokenizer):
+    model = make_model("llama")
+    zsre_like = EditCase(0, EditRequest(prompt="{} is based in", subject="Toyota", target_new="America"),
+                         neighborhood_prompts=("Honda is based in",))  # no target_true: no DNS probes
+    evaluator = AttentionDrift()
+    results = evaluator.evaluate(model, tokenizer, adapter_for(model), [zsre_like, CASE])
+    assert results[0] == {} and ATTENTION in results[1]
+    assert evaluator.compare(results[0], results[0]) == {}
+
+
+def entry(matrices) -> dict:
+    array = torch.tensor(matrices, dtype=torch.float32)
+    return {"value": [], "encoding": "float16-base64", "shape": list(array.shape[1:]),
+            "attention": [encode_matrix(m) for m in array]}
+
+
+def test_compare_picks_the_largest_increase_its_layer_and_head():
+    # 2 prompts, 3 layers, 2 heads; values are multiples of 1/64, exact in float16
+    before = [[[0.50, 0.25], [0.125, 0.0], [0.75, 0.0625]],
+              [[0.50, 0.25], [0.125, 0.0], [0.75, 0.0625]]]
+    after = [[[0.25, 0.25], [0.125, 0.5], [0.875, 0.0625]],  # largest increase +0.5 at layer 1, head 1
+             [[0.50, 0.25], [0.125, 0.0], [0.50, 0.1875]]]  # +0.125 at layer 2, head 1 (the drop at head 0 is not it)
+    derived = AttentionDrift().compare({ATTENTION: entry(after)}, {ATTENTION: entry(before)})
+    assert derived["drift_max"]["value"] == [0.5, 0.125]
+    assert derived["drift_mean"]["value"] == pytest.approx([(-0.25 + 0.5 + 0.125) / 6, (-0.25 + 0.125) / 6])
+    location = derived["drift_argmax"]
+    assert (location["layer"], location["head"]) == ([1, 2], [1, 1])
+    assert (location["before"], location["after"]) == ([0.0, 0.0625], [0.5, 0.1875])
+    assert location["value"] == []
+
+
+def test_drift_entries_make_table_rows_and_the_raw_attention_does_not():
+    unedited = {ATTENTION: entry([[[0.5, 0.25]], [[0.5, 0.25]]])}  # 2 prompts, 1 layer, 2 heads
+    edited = {ATTENTION: entry([[[0.75, 0.25]], [[0.5, 0.5]]])}
+    rows = [{"edited": {**edited, **AttentionDrift().compare(edited, unedited)}, "unedited": unedited}]
+    table = metric_table(rows)
+    shown = table[(table.protocol == "prompt") & (table.quantity == "value")]
+    assert set(shown.metric) == {"drift_max", "drift_mean"}
+    assert set(shown.label) == {LABELS["drift_max"], LABELS["drift_mean"]} == {"Drift", "Drift mean"}
+    drift = shown[shown.metric == "drift_max"].iloc[0]
+    assert drift["mean"] == pytest.approx(25.0) and drift["n"] == 2  # ×100, one observation per DNS prompt
+
+
+def rome_update(family, tokenizer, tmp_path, regularizers, request=CASE.request, **hparams):
+    model = make_model(family)
+    editor = RomeEditor(model, adapter_for(model), tokenizer, editor_config(**hparams),
+                        statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES,
+                        regularizers=regularizers)
+    return editor.apply([request]).updates[1]
+
+
+def test_zero_lambda_is_the_plain_editor_bit_for_bit(tokenizer, tmp_path):
+    plain = rome_update("llama", tokenizer, tmp_path, [])
+    zero = build_regularizers(OmegaConf.merge(OmegaConf.structured(SadrConfig), {"lambda": 0.0}))
+    assert zero == []  # `sadr.lambda=0` builds no regularizer at all
+    assert torch.equal(rome_update("llama", tokenizer, tmp_path, zero), plain)
+    # even attached, with its hooks recording every forward, a weight of 0 leaves the edit bitwise unchanged
+    attached = rome_update("llama", tokenizer, tmp_path, [SelectiveAttentionDriftRegularizer(0.0)])
+    assert torch.equal(attached, plain)
+
+
+def test_positive_lambda_changes_the_edit(tokenizer, tmp_path):
+    plain = rome_update("gpt2", tokenizer, tmp_path, [])
+    regularizer = SelectiveAttentionDriftRegularizer(10.0)
+    with_sadr = rome_update("gpt2", tokenizer, tmp_path, [regularizer])
+    assert regularizer.selected and not torch.equal(with_sadr, plain)
+    assert (with_sadr - plain).norm() > 1e-4 * plain.norm()

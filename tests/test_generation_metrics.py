@@ -1,0 +1,139 @@
+"""GenerationMetrics: seeded per case, independent of batching, fluency per text, consistency only from real files."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sadr.data.records import EditCase, EditRequest
+from sadr.evaluation.consistency import load_consistency_data
+from sadr.evaluation.fluency import ngram_entropy
+from sadr.evaluation.generation_metrics import GenerationMetrics
+from sadr.runner import run_experiment
+from tests.runs import FIXTURES, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.tiny_models import make_model, make_tokenizer
+
+WORDS = ["capital", "france", "paris", "japan", "company", "city", "london", "england"]
+
+
+def write_tfidf_files(directory, relation: str, target: str) -> None:
+    """ROME's three files, tiny: the tiny corpus's words, and two snippets for (relation, target)."""
+    np.save(directory / "idf.npy", np.arange(1.0, len(WORDS) + 1))
+    (directory / "tfidf_vocab.json").write_text(json.dumps({w: i for i, w in enumerate(WORDS)}))
+    snippets = [{"relation_id": relation, "target_id": target,
+                 "samples": [{"text": "The capital of France is Paris."}, {"text": "London is a city in England."}]}]
+    (directory / "attribute_snippets.json").write_text(json.dumps(snippets))
+
+
+def case(case_id, prompts=("The capital of France is", "Toyota is a company"), relation="P1", target="Q7") -> EditCase:
+    request = EditRequest("{} is in", "Toyota", "France", "Japan", relation_id=relation, target_new_id=target)
+    return EditCase(case_id, request, generation_prompts=tuple(prompts))
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return make_model("llama"), make_tokenizer()
+
+
+def evaluate(model_and_tokenizer, cases, **settings):
+    model, tokenizer = model_and_tokenizer
+    return GenerationMetrics(seed=settings.pop("seed", 0), new_tokens=settings.pop("new_tokens", 6), **settings).evaluate(
+        model, tokenizer, None, cases)
+
+
+def test_texts_depend_on_seed_and_case_only_not_on_batch_mates(model_and_tokenizer):
+    together = evaluate(model_and_tokenizer, [case(1), case(2), case(3)])
+    alone = evaluate(model_and_tokenizer, [case(2)])
+    assert alone[0] == together[1]
+    assert together[0]["fluency"]["text"] != together[1]["fluency"]["text"]  # another case, another stream
+    other_seed = evaluate(model_and_tokenizer, [case(2)], seed=1)
+    assert other_seed[0]["fluency"]["text"] != alone[0]["fluency"]["text"]
+
+
+def test_fluency_is_the_entropy_of_each_text_of_the_first_prompts(model_and_tokenizer):
+    prompts = ("The capital of France is", "Toyota is a company", "The city of London")
+    two, every = (evaluate(model_and_tokenizer, [case(1, prompts)], prompts_per_case=k)[0]["fluency"] for k in (2, None))
+    assert len(two["text"]) == 2 and len(every["text"]) == 3
+    assert [t.startswith(p) for t, p in zip(every["text"], prompts)] == [True] * 3  # texts keep their prompt
+    assert two["value"] == [ngram_entropy(t) for t in two["text"]]
+
+
+def test_cases_without_generation_prompts_get_no_entries(model_and_tokenizer):
+    assert evaluate(model_and_tokenizer, [case(1, prompts=())]) == [{}]
+
+
+def test_consistency_is_left_out_and_logged_once_when_not_configured(model_and_tokenizer, caplog):
+    metrics = GenerationMetrics(seed=0, new_tokens=4)
+    with caplog.at_level(logging.WARNING, logger="sadr.evaluation.generation_metrics"):
+        for _ in range(2):
+            results = metrics.evaluate(*model_and_tokenizer, None, [case(1), case(2)])
+            assert all("consistency" not in r and "fluency" in r for r in results)
+    assert [r.getMessage() for r in caplog.records] == [
+        "consistency is not computed: eval.consistency_dir is not set (a folder with ROME's attribute_snippets.json, "
+        "idf.npy and tfidf_vocab.json; add eval.consistency_download=true to fetch them, ~1 GB)"
+    ]
+
+
+def test_consistency_is_left_out_with_the_reason_when_files_are_missing(model_and_tokenizer, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="sadr.evaluation.generation_metrics"):
+        results = evaluate(model_and_tokenizer, [case(1)], consistency_dir=str(tmp_path))
+    assert "consistency" not in results[0]
+    assert "idf.npy, tfidf_vocab.json, attribute_snippets.json not found in" in caplog.text
+
+
+def test_consistency_scores_the_joined_texts_against_the_snippets(model_and_tokenizer, tmp_path):
+    write_tfidf_files(tmp_path, "P1", "Q7")
+    data = load_consistency_data(tmp_path)
+    got = evaluate(model_and_tokenizer, [case(1), case(2, relation="P9"), case(3, target=None)],
+                   consistency_dir=str(tmp_path), new_tokens=12)
+    texts = got[0]["fluency"]["text"]
+    assert got[0]["consistency"] == {"value": [pytest.approx(data.score(texts, "P1", "Q7"))]}
+    assert got[0]["consistency"]["value"][0] > 0  # the prompts themselves share words with the snippets
+    assert "consistency" not in got[1] and "consistency" not in got[2]  # no snippets / no target id: no number
+
+
+def test_identity_names_every_setting_and_whether_consistency_is_available(tmp_path):
+    write_tfidf_files(tmp_path, "P1", "Q7")
+    base = GenerationMetrics(seed=0).identity()
+    assert base["consistency"] is False and base["new_tokens"] == 100 and base["top_k"] == 5
+    assert GenerationMetrics(seed=0, consistency_dir=str(tmp_path)).identity()["consistency"] is True
+    for changed in (GenerationMetrics(seed=1), GenerationMetrics(seed=0, prompts_per_case=None),
+                    GenerationMetrics(seed=0, new_tokens=50)):
+        assert changed.identity() != base
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(prompts_per_case=0), r"eval.generation_prompts_per_case=0: must be >= 1, or null for all"),
+    (dict(new_tokens=0), r"eval.new_tokens=0: must be >= 1"),
+])
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationMetrics(seed=0, **settings)
+
+
+def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path):
+    tfidf = tmp_path / "tfidf"
+    tfidf.mkdir()
+    write_tfidf_files(tfidf, "P103", "Q9001")  # case 100 of the CounterFact fixture
+    overrides = tiny_overrides(tiny_dir, tmp_path / "run", "dataset=counterfact", f"dataset.path={FIXTURES / 'counterfact.json'}",
+                               "dataset.limit=1", "eval.new_tokens=8", f"eval.consistency_dir={tfidf}")
+    out = run_experiment(composed(overrides))
+    row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
+    data = load_consistency_data(tfidf)
+    for state in ("edited", "unedited"):
+        texts = row[state]["fluency"]["text"]
+        assert len(texts) == 2  # eval.generation_prompts_per_case defaults to 2
+        assert row[state]["consistency"]["value"] == [pytest.approx(data.score(texts, "P103", "Q9001"))]
+    table = pd.read_csv(out / "metrics.csv")
+    fl = table[(table.label == "FL") & (table.state == "edited") & (table.protocol == "prompt")]
+    assert fl["mean"].item() == pytest.approx(100 * np.mean(row["edited"]["fluency"]["value"]))
+    assert set(table[table.label == "Cons"].protocol) == {"prompt", "case"}
+
+
+def test_generation_can_be_switched_off(tiny_dir, tmp_path):
+    out = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1", "eval.generation=false")))
+    row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
+    assert "fluency" not in row["edited"] and "efficacy" in row["edited"]

@@ -1,0 +1,90 @@
+"""MEMIT, and the multi-layer machinery it shares with PMET (sadr/editors/spread.py), on tiny models of every
+family: ridge solves, layer-by-layer keys, batch edits, what is written, configs."""
+import pytest
+import torch
+
+from sadr.editors.memit import MemitEditor
+from sadr.editors.spread import grouped_mean_keys, template_groups
+from sadr.models.adapters import adapter_for
+from tests.editing import (
+    TEMPLATES,
+    assert_every_new_object_is_the_argmax,
+    assert_only_the_updates_were_written,
+    assert_ridge_solutions,
+    batch_edit,
+    batch_requests,
+    composed_editor,
+    record_deltas,
+    spread_config,
+    statistics,
+)
+from tests.tiny_models import FAMILIES, make_model
+
+
+@pytest.fixture(scope="module", params=[(name, family) for name in ("memit", "pmet") for family in FAMILIES],
+                ids="-".join)
+def edit(request, tokenizer, tmp_path_factory):
+    """One batch edit of ten requests per (editor, family)."""
+    name, family = request.param
+    return batch_edit(name, family, tokenizer, tmp_path_factory.mktemp("stats"))
+
+
+def test_each_layer_update_solves_its_ridge_problem(edit):
+    assert [s.layer for s in edit.outcome.solves] == [1, 2]
+    assert_ridge_solutions(edit)
+
+
+def test_a_batch_of_ten_edits_makes_every_new_object_the_argmax(edit, tokenizer):
+    assert_every_new_object_is_the_argmax(edit, tokenizer)
+
+
+def test_only_the_edited_down_projections_change_and_by_the_updates(edit):
+    assert_only_the_updates_were_written(edit)
+
+
+def test_the_first_layer_takes_delta_over_m_and_keys_are_recomputed_after_each_write(tokenizer, tmp_path, monkeypatch):
+    """R₀ = (z − output before any write) / m = δ / m; the keys of layer l₂ are those of the model with only
+    l₁ written, which differ from the unedited model's."""
+    deltas = record_deltas(monkeypatch)
+    requests = batch_requests(3)
+    model = make_model("llama")
+    editor = MemitEditor(model, adapter_for(model), tokenizer, spread_config("memit"),
+                         statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    first, second = editor.apply(requests).solves
+    expected = torch.stack([d.deltas["block_out"] for d in deltas]) / 2
+    torch.testing.assert_close(first.residuals, expected, rtol=1e-4, atol=1e-5)
+
+    groups = template_groups(TEMPLATES, [[10, 3]])
+    fresh = make_model("llama")
+    adapter = adapter_for(fresh)
+    unedited_keys = grouped_mean_keys(fresh, adapter, tokenizer, 2, requests, groups)
+    adapter.add_to_down_weight(fresh, 1, first.update)
+    torch.testing.assert_close(second.keys, grouped_mean_keys(fresh, adapter, tokenizer, 2, requests, groups))
+    assert (second.keys - unedited_keys).norm() > 1e-3 * unedited_keys.norm()
+
+
+def test_keys_weigh_each_template_group_alike():
+    """MEMIT's compute_ks: the bare prompt is one group, so it weighs as much as all prefixes together."""
+    assert template_groups(["{}", "a. {}", "b. {}", "c. {}"], [[10, 3]]) == [["{}"], ["a. {}", "b. {}", "c. {}"]]
+    with pytest.raises(ValueError, match=r"editor.context_templates=\[\[10, 5\]\]"):
+        template_groups(TEMPLATES, [[10, 5]])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"layers": [2, 1]}, "increasing order"),
+    ({"mom2_adjustment": False}, "ROME only"),
+])
+def test_bad_settings_are_rejected(overrides, message, tokenizer, tmp_path):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=message):
+        MemitEditor(model, adapter_for(model), tokenizer, spread_config("memit", **overrides),
+                    statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+
+
+def test_published_defaults_compose():
+    gptj = composed_editor("memit", "gpt-j")
+    assert list(gptj.layers) == [3, 4, 5, 6, 7, 8] and gptj.mom2_update_weight == 15000 and gptj.clamp_norm_factor == 0.75
+    assert gptj.context_templates == [[10, 5]] and "MEMIT repo" in gptj.source
+    for model in ("gpt2-xl", "llama3-8b", "llama2-7b", "tinyllama", "smollm2-135m"):
+        cfg = composed_editor("memit", model)
+        assert cfg.source and cfg.layers and cfg.v_loss_layer > max(cfg.layers), model

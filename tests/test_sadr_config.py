@@ -1,0 +1,108 @@
+"""SADR settings as config: `sadr=paper` per (editor, model), the comparison overlay, and its one table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from sadr.conf.registry import register_configs, validate
+from sadr.evaluation.summary import _order_columns
+from tests.test_run import _sadr_run, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
+
+CONF = Path(__file__).parents[1] / "sadr" / "conf"
+PAPER = CONF / "sadr_hparams" / "paper"
+EDITORS = ("rome", "memit", "pmet")
+
+# hparams.md "SADR (released for GPT-J only)": γ and δ steps with SADR.
+GPTJ = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
+
+
+def composed(overrides: list[str], hydra: bool = False):
+    register_configs()
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+def test_sadr_is_off_by_default():
+    cfg = composed([])
+    assert cfg.sadr["lambda"] == 0.0 and cfg.editor.v_num_grad_steps == 20
+
+
+@pytest.mark.parametrize("editor", EDITORS)
+def test_paper_setting_for_gpt_j(editor):
+    plain = composed([f"editor={editor}", "model=gpt-j"])
+    cfg = composed([f"editor={editor}", "model=gpt-j", "sadr=paper"])
+    validate(cfg)
+    assert (cfg.sadr["lambda"], cfg.editor.v_num_grad_steps) == GPTJ[editor]
+    # only γ and the step count change; the editor's published hyperparameters stay
+    assert OmegaConf.to_container(cfg.editor) == {**OmegaConf.to_container(plain.editor), "v_num_grad_steps": GPTJ[editor][1]}
+    assert {k: v for k, v in cfg.sadr.items() if k != "lambda"} == {k: v for k, v in plain.sadr.items() if k != "lambda"}
+
+
+def test_paper_setting_yields_to_the_command_line():
+    cfg = composed(["model=gpt-j", "sadr=paper", "sadr.lambda=0.5", "editor.v_num_grad_steps=7", "sadr.heads=all"])
+    assert (cfg.sadr["lambda"], cfg.editor.v_num_grad_steps, cfg.sadr.heads.name) == (0.5, 7, "all")
+
+
+def test_paper_setting_for_a_pair_without_one_names_the_pairs_that_have_one():
+    with pytest.raises(MissingConfigException, match=r"sadr_hparams/paper/rome_llama3-8b[\s\S]*rome_gpt-j"):
+        composed(["model=llama3-8b", "sadr=paper"])
+
+
+def test_every_setting_names_its_source():
+    files = sorted(PAPER.glob("*.yaml"))
+    assert {f.stem for f in files} >= {f"{e}_gpt-j" for e in EDITORS}
+    for path in files:
+        text = path.read_text()
+        assert text.startswith("# @package _global_\n# source: "), path.name
+        values = OmegaConf.load(path)
+        assert set(values) == {"sadr", "editor"} and set(values.sadr) == {"lambda"}, path.name
+        assert set(values.editor) == {"v_num_grad_steps"}, path.name
+
+
+def test_comparison_overlay_sweeps_every_editor_with_and_without_sadr():
+    cfg = composed(["experiment=sadr_comparison"], hydra=True)
+    assert dict(cfg.hydra.sweeper.params) == {"editor": "rome,memit,pmet", "sadr": "default,paper"}
+    assert {"efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation"} <= set(cfg.eval.metrics)
+    assert cfg.eval.drift
+    assert cfg.hydra.callbacks.summarize._target_ == "sadr.evaluation.summary.SummarizeSweep"
+    assert "sadr_comparison" in cfg.hydra.sweep.dir
+
+
+@pytest.mark.parametrize("editor", EDITORS)
+@pytest.mark.parametrize("sadr", ["default", "paper"])
+def test_every_job_of_the_comparison_composes_for_the_default_model(editor, sadr):
+    cfg = composed(["experiment=sadr_comparison", f"editor={editor}", f"sadr={sadr}"])
+    validate(cfg)
+    assert cfg.model.name == "smollm2-135m"
+    assert (cfg.sadr["lambda"] > 0) == (sadr == "paper")
+
+
+def test_summary_puts_drift_next_to_dns():
+    frame = pd.DataFrame(columns=["editor.name", "state", "ES", "ES ci95", "DNS", "DNS ci95", "RS", "RS ci95",
+                                  "Drift", "Drift ci95", "Drift mean", "Drift mean ci95"])
+    assert list(_order_columns(frame).columns) == [
+        "editor.name", "state", "ES", "ES ci95", "DNS", "DNS ci95", "Drift", "Drift ci95", "Drift mean",
+        "Drift mean ci95", "RS", "RS ci95"]
+
+
+def test_comparison_sweep_ends_in_one_table(tiny_dir, tmp_path):  # noqa: F811
+    """The overlay's sweep on a tiny model, one editor and two γ (command-line choices replace the overlay's)."""
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(tiny_dir, sweep) if not o.startswith("output_dir=")]
+    done = _sadr_run("-m", "experiment=sadr_comparison", *overrides, "editor=rome", "sadr=default",
+                     "sadr.lambda=0,10", "eval.generation=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(sweep.rglob("metrics.csv"))) == 2
+    table = pd.read_csv(sweep / "summary.csv")
+    assert sorted(table[table.state == "edited"]["sadr.lambda"]) == [0.0, 10.0]
+    assert "editor.v_num_grad_steps" in table.columns
+    columns = list(table.columns)
+    assert columns[columns.index("DNS ci95") + 1 : columns.index("DNS ci95") + 5] == [
+        "Drift", "Drift ci95", "Drift mean", "Drift mean ci95"]
+    assert table[table.state == "edited"]["Drift"].notna().all()
+    assert "Drift" in (sweep / "summary.md").read_text() and "summary.md" in done.stdout
