@@ -1,9 +1,10 @@
 """Seconds per edit of ROME, MEMIT and PMET on the offline default model, split by phase.
 
 Each editor is built from the real composed config (`sadr-run editor=<name>`, default model and dataset),
-so the numbers are those of the chosen SmolLM2 defaults. Every editor gets its own empty statistics cache:
-the first edit pays for the key second moments of its layers (one corpus pass for all of them), later
-edits read them from memory. Edits follow the single protocol (edit one case, evaluate it with
+so the numbers are those of the chosen SmolLM2 defaults. The first edit of each editor asks for the key
+second moments of its layers: from the disk cache if they are there, or, with --cold-stats, from an empty
+cache (one corpus pass for all of its layers; for the offline model that includes sampling the corpus);
+later edits read them from memory. Edits follow the single protocol (edit one case, evaluate it with
 `evaluate_cases`, restore the weights); then all cases are edited in one `apply` (ROME applies them one
 after another, MEMIT and PMET solve for them jointly).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 import statistics
 import sys
 import tempfile
@@ -59,43 +61,55 @@ def efficacy(results: list[dict]) -> float:
     return 100 * statistics.fmean(values) if values else float("nan")
 
 
+def row(editor, edits_per_apply: int, covariance_first: float, covariance_cached: float,
+        outcomes: list[dict[str, float]], n_edits: int, eval_per_case: float, results: list[dict]) -> dict:
+    return {
+        "editor": f"{editor.hparams.name.name} (layers {list(editor.layers)})", "edits per apply": edits_per_apply,
+        "covariance, first (s)": covariance_first, "covariance, cached (s/edit)": covariance_cached,
+        **{f"{phase} (s/edit)": v for phase, v in phase_seconds(outcomes, n_edits).items()},
+        "eval (s/case)": eval_per_case, "ES": efficacy(results),
+    }
+
+
+def one_by_one(editor, loaded, cases, metrics, eval_batch: int) -> dict:
+    """The single protocol: edit a case, evaluate it, restore."""
+    seconds, eval_seconds, results = [], [], []
+    for case in cases:
+        snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
+        seconds.append(editor.apply([case.request]).seconds)
+        start = time.perf_counter()
+        results += evaluate_cases(loaded.model, loaded.tokenizer, [case], metrics, eval_batch)
+        eval_seconds.append(time.perf_counter() - start)
+        snapshot.restore()
+    cached = statistics.fmean(s.get("covariance", 0.0) for s in seconds[1:]) if len(seconds) > 1 else float("nan")
+    return row(editor, 1, seconds[0].get("covariance", 0.0), cached, seconds, len(cases),
+               statistics.fmean(eval_seconds), results)
+
+
+def all_at_once(editor, loaded, cases, metrics, eval_batch: int) -> dict:
+    """Every case in one `apply`, then all evaluated, then restored."""
+    snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
+    seconds = editor.apply([case.request for case in cases]).seconds
+    start = time.perf_counter()
+    results = evaluate_cases(loaded.model, loaded.tokenizer, cases, metrics, eval_batch)
+    eval_per_case = (time.perf_counter() - start) / len(cases)
+    snapshot.restore()
+    return row(editor, len(cases), float("nan"), seconds.get("covariance", 0.0) / len(cases), [seconds], len(cases),
+               eval_per_case, results)
+
+
 def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, cases, metrics, eval_batch: int,
-                 batch: bool) -> list[dict]:
+                 batch: bool, cold_stats: bool) -> list[dict]:
     cfg = composed(name, overrides)
-    with tempfile.TemporaryDirectory() as stats_dir:
+    with tempfile.TemporaryDirectory() if cold_stats else nullcontext(cfg.cache_dir) as stats_dir:
         stats = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
         templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
                                       seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir)
         editor = EDITORS[name](loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, statistics=stats,
                                context_templates=templates)
-        single, eval_seconds, results = [], [], []
-        for case in cases:
-            snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
-            single.append(editor.apply([case.request]).seconds)
-            start = time.perf_counter()
-            results += evaluate_cases(loaded.model, loaded.tokenizer, [case], metrics, eval_batch)
-            eval_seconds.append(time.perf_counter() - start)
-            snapshot.restore()
-        rows = [{
-            "editor": f"{name} (layers {list(editor.layers)})", "edits per apply": 1,
-            "covariance, first (s)": single[0].get("covariance", 0.0),
-            "covariance, cached (s/edit)": statistics.fmean(s.get("covariance", 0.0) for s in single[1:]) if len(single) > 1 else float("nan"),
-            **{f"{phase} (s/edit)": v for phase, v in phase_seconds(single, len(cases)).items()},
-            "eval (s/case)": statistics.fmean(eval_seconds), "ES": efficacy(results),
-        }]
+        rows = [one_by_one(editor, loaded, cases, metrics, eval_batch)]
         if batch:
-            snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
-            outcome = editor.apply([case.request for case in cases]).seconds
-            start = time.perf_counter()
-            results = evaluate_cases(loaded.model, loaded.tokenizer, cases, metrics, eval_batch)
-            eval_per_case = (time.perf_counter() - start) / len(cases)
-            snapshot.restore()
-            rows.append({
-                "editor": f"{name} (layers {list(editor.layers)})", "edits per apply": len(cases),
-                "covariance, first (s)": float("nan"), "covariance, cached (s/edit)": outcome.get("covariance", 0.0) / len(cases),
-                **{f"{phase} (s/edit)": v for phase, v in phase_seconds([outcome], len(cases)).items()},
-                "eval (s/case)": eval_per_case, "ES": efficacy(results),
-            })
+            rows.append(all_at_once(editor, loaded, cases, metrics, eval_batch))
     return rows
 
 
@@ -115,6 +129,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-batch", action="store_true", help="skip the one-apply batch edit")
+    parser.add_argument("--cold-stats", action="store_true", help="time the key statistics from an empty cache")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,11 +148,12 @@ def main() -> None:
     rows = []
     for name in args.editors:
         rows += bench_editor(name, overrides, loaded, fingerprint, cases, metrics, cfg.eval.batch_size,
-                             batch=not args.no_batch)
+                             batch=not args.no_batch, cold_stats=args.cold_stats)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"model {cfg.model.name} ({loaded.resolved_source}, loaded in {load_seconds:.1f} s) on {loaded.device}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average {load}; "
-          f"{len(cases)} cases; eval metrics {[m.name for m in metrics]}")
+          f"{len(cases)} cases; eval metrics {[m.name for m in metrics]}; key statistics "
+          f"{'from an empty cache' if args.cold_stats else f'from the cache in {args.cache_dir}'}")
     print(markdown(rows))
 
 

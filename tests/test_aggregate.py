@@ -52,7 +52,8 @@ ROWS = [
 
 
 def pick(table, metric, protocol, quantity="value", state="edited"):
-    row = table[(table.metric == metric) & (table.protocol == protocol) & (table.quantity == quantity) & (table.state == state)]
+    row = table[(table.metric == metric) & (table.protocol == protocol) & (table.quantity == quantity)
+                & (table.state == state)]
     assert len(row) == 1, (metric, protocol, quantity, state)
     return row.iloc[0]
 

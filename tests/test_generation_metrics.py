@@ -118,8 +118,9 @@ def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path):
     tfidf = tmp_path / "tfidf"
     tfidf.mkdir()
     write_tfidf_files(tfidf, "P103", "Q9001")  # case 100 of the CounterFact fixture
-    overrides = tiny_overrides(tiny_dir, tmp_path / "run", "dataset=counterfact", f"dataset.path={FIXTURES / 'counterfact.json'}",
-                               "dataset.limit=1", "eval.new_tokens=8", f"eval.consistency_dir={tfidf}")
+    overrides = tiny_overrides(tiny_dir, tmp_path / "run", "dataset=counterfact",
+                               f"dataset.path={FIXTURES / 'counterfact.json'}", "dataset.limit=1", "eval.new_tokens=8",
+                               f"eval.consistency_dir={tfidf}")
     out = run_experiment(composed(overrides))
     row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
     data = load_consistency_data(tfidf)

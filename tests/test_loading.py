@@ -71,6 +71,9 @@ def test_family_mismatch_is_reported(tmp_path):
 
 
 def test_unreachable_hub_model_names_the_local_alternative(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", offline)
     with pytest.raises(OSError, match=r"model.source=/path/to/model_dir"):
         load_model("no-such-org/no-such-model-sadr-test")

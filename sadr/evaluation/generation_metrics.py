@@ -56,7 +56,7 @@ class GenerationMetrics(Evaluator):
 
     @functools.cached_property
     def consistency(self) -> ConsistencyData | None:
-        """ROME's TF-IDF data, read on first use (attribute_snippets.json is ~1 GB); None, logged once, if unavailable."""
+        """ROME's TF-IDF data, read on first use (attribute_snippets.json is ~1 GB); None, logged once, if missing."""
         if self.consistency_dir is None:
             log.warning("consistency is not computed: eval.consistency_dir is not set (a folder with ROME's "
                         "attribute_snippets.json, idf.npy and tfidf_vocab.json; add eval.consistency_download=true "

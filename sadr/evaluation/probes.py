@@ -46,7 +46,9 @@ def distract(case: EditCase, prompt: str) -> str:
 
 def _distract_neighborhood(case: EditCase) -> list[Probe]:
     r = case.request
-    return [Probe(distract(case, p), r.target_true, r.target_new) for p in case.neighborhood_prompts] if _compared(case) else []
+    if not _compared(case):
+        return []
+    return [Probe(distract(case, p), r.target_true, r.target_new) for p in case.neighborhood_prompts]
 
 
 def _relation(case: EditCase) -> list[Probe]:
