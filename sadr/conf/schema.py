@@ -146,7 +146,7 @@ class EvalConfig:
     # teacher-forced metrics (sadr/evaluation/probes.py); each applies only to cases that have its prompts
     metrics: List[str] = field(default_factory=lambda: list(METRICS))
     # fluency (and consistency) from sampled continuations of each case's generation_prompts
-    generation: bool = True
+    generation: bool = False
     generation_prompts_per_case: Optional[int] = 2  # the first N prompts of a case; null = all (ROME: all 10)
     new_tokens: int = 100  # sampled tokens per prompt (top-k 5)
     # folder with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json; unset: no consistency column
