@@ -134,6 +134,8 @@ def test_multirun_sweep_and_summarize(tiny_dir, tmp_path):
     assert sorted(edited["sadr.lambda"]) == [0.0, 0.01]
     assert {"ES", "PS", "NS", "ES ci95"} <= set(table.columns)
     assert (table.state == "unedited").sum() == 1
+    assert set(table.n_cases) == {2}  # records edited, while n_obs counts the prompts behind a prompt-level mean
+    assert (table.n_obs >= 2).all()
     assert "| sadr.lambda" in (sweep / "summary.md").read_text() or "sadr.lambda" in (sweep / "summary.md").read_text()
 
 

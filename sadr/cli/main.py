@@ -38,5 +38,24 @@ def summarize(
     typer.echo(f"\nwrote {target / 'summary.csv'} and {target / 'summary.md'}")
 
 
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
+    other: Path = typer.Argument(..., help="run directory of the variant, on the same records (e.g. with SADR)"),
+    out: Path = typer.Option(None, help="also write the table to this CSV file"),
+) -> None:
+    """Prompt-by-prompt comparison of two runs: paired difference ± 95 % CI, prompts up/down, sign test."""
+    from sadr.evaluation.paired import compare_runs
+
+    try:
+        table = compare_runs(base, other)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    if out:
+        table.to_csv(out, index=False)
+    typer.echo(table.to_markdown(index=False, floatfmt=".3g"))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,67 @@
+"""Two runs on the same records, prompt by prompt (e.g. an editor without and with SADR).
+
+Independent 95 % CIs of two means overlap long before a difference is due to chance, because both runs
+score the same prompts. Pairing the prompts gives the CI of the difference itself, how many prompts went
+up or down, and an exact two-sided sign test on those counts.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sadr.evaluation.aggregate import LABELS, mean_ci
+from sadr.results import ROWS_FILE, RunDirectory
+
+
+def sign_test(up: int, down: int) -> float:
+    """Exact two-sided binomial test of up vs down changes (ties dropped) against a fair coin."""
+    changed = up + down
+    if changed == 0:
+        return 1.0
+    tail = sum(math.comb(changed, i) for i in range(min(up, down) + 1))
+    return min(1.0, 2 * tail / 2**changed)
+
+
+def _rows(run: Path) -> dict[str, dict]:
+    rows = RunDirectory(run).rows() if (Path(run) / ROWS_FILE).is_file() else []
+    if not rows:
+        raise FileNotFoundError(f"{run} holds no {ROWS_FILE}; pass the directory of a finished or resumed run")
+    return {str(row["case_id"]): row for row in rows}
+
+
+def _values(row: dict, metric: str) -> list[float]:
+    entry = row["edited"].get(metric)
+    return list(entry.get("value", [])) if isinstance(entry, dict) else []
+
+
+def compare_runs(base: str | Path, other: str | Path) -> pd.DataFrame:
+    """One row per metric: both means, their paired difference ± 95 % CI, prompts up/down, sign-test p (×100)."""
+    a, b = _rows(Path(base)), _rows(Path(other))
+    if a.keys() != b.keys():
+        only = sorted(a.keys() ^ b.keys(), key=str)
+        raise ValueError(f"the runs edited different records (case ids in one only: {only[:10]}); "
+                         "compare runs of the same dataset selection")
+    records = []
+    for metric, label in LABELS.items():
+        x, y = [], []
+        for case_id in a:
+            xs, ys = _values(a[case_id], metric), _values(b[case_id], metric)
+            if len(xs) != len(ys):
+                raise ValueError(f"case {case_id}: {metric} has {len(xs)} prompts in {base} but {len(ys)} in {other}")
+            x += xs
+            y += ys
+        if not x:
+            continue
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        diff = y - x
+        mean, ci, n = mean_ci((100 * diff).tolist())
+        up, down = int((diff > 0).sum()), int((diff < 0).sum())
+        records.append({"metric": label, "n": n, "base": 100 * x.mean(), "other": 100 * y.mean(),
+                        "difference": mean, "difference ci95": ci, "up": up, "down": down,
+                        "sign-test p": sign_test(up, down)})
+    if not records:
+        raise ValueError(f"no per-prompt metric values in common between {base} and {other}")
+    return pd.DataFrame.from_records(records)

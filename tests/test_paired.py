@@ -1,0 +1,63 @@
+"""`sadr compare`: paired differences, up/down counts and the sign test, on hand-made run directories."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sadr.evaluation.paired import compare_runs, sign_test
+
+
+def _run(path, values: dict[int, dict[str, list[float]]]):
+    path.mkdir(parents=True)
+    rows = [{"case_id": cid, "edited": {m: {"value": v} for m, v in metrics.items()}} for cid, metrics in values.items()]
+    (path / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sign_test_matches_hand_computed_binomial_tails():
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(6, 0) == pytest.approx(2 / 64)  # 2 · 0.5^6
+    assert sign_test(2, 1) == 1.0  # 2 · (1 + 3) / 8, capped
+    assert sign_test(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+
+
+def test_paired_difference_counts_and_ci_on_a_hand_computed_example(tmp_path):
+    base = _run(tmp_path / "a", {0: {"distract_neighborhood": [1, 0], "efficacy": [1]},
+                                 1: {"distract_neighborhood": [0, 1], "efficacy": [0]}})
+    other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1], "efficacy": [1]},
+                                  1: {"distract_neighborhood": [1, 0], "efficacy": [0]}})
+    table = compare_runs(base, other).set_index("metric")
+    dns = table.loc["DNS"]
+    # differences per prompt: 0, +1, +1, -1 -> mean 0.25, sample sd sqrt(2.75 / 3)
+    assert (dns.n, dns.up, dns.down) == (4, 2, 1)
+    assert (dns.base, dns.other) == pytest.approx((50.0, 75.0))
+    assert dns.difference == pytest.approx(25.0)
+    assert dns["difference ci95"] == pytest.approx(100 * 1.96 * (2.75 / 3) ** 0.5 / 2)
+    assert dns["sign-test p"] == 1.0
+    assert table.loc["ES"].difference == 0 and table.loc["ES"].up == 0
+    assert "NS" not in table.index  # absent from both runs
+
+
+def test_runs_on_different_records_or_prompts_are_refused(tmp_path):
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
+    with pytest.raises(ValueError, match=r"different records .*\['1'\]"):
+        compare_runs(base, _run(tmp_path / "b", {0: {"efficacy": [1]}}))
+    with pytest.raises(ValueError, match=r"case 1: efficacy has 1 prompts .* but 2"):
+        compare_runs(base, _run(tmp_path / "c", {0: {"efficacy": [1]}, 1: {"efficacy": [1, 0]}}))
+    with pytest.raises(FileNotFoundError, match="holds no cases.jsonl"):
+        compare_runs(base, tmp_path / "missing")
+
+
+def test_cli_prints_the_table_and_writes_csv(tmp_path):
+    base = _run(tmp_path / "a", {0: {"distract_neighborhood": [0, 0, 0]}})
+    other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1, 0]}})
+    done = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(other), "--out",
+                           str(tmp_path / "c.csv")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| DNS" in done.stdout and (tmp_path / "c.csv").read_text().startswith("metric,n,base,other")
+    bad = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "holds no cases.jsonl" in bad.stderr
