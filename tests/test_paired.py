@@ -61,3 +61,25 @@ def test_cli_prints_the_table_and_writes_csv(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no cases.jsonl" in bad.stderr
+
+
+def test_sweeps_pair_each_sadr_run_with_the_gamma_zero_run_of_the_same_setting(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.summary import paired_with_baselines
+
+    def run(name, editor, gamma, steps, dns):
+        path = _run(tmp_path / name, {0: {"distract_neighborhood": dns}})
+        OmegaConf.save({"editor": {"name": editor, "v_num_grad_steps": steps}, "sadr": {"lambda": gamma}},
+                       path / "config.yaml")
+        (path / "metrics.csv").write_text("state,metric\n")
+
+    run("0", "rome", 0.0, 20, [0, 0])
+    run("1", "rome", 0.1, 20, [1, 0])
+    run("2", "rome", 0.1, 80, [1, 1])  # the paper's SADR runs also changed the δ-step count
+    run("3", "memit", 0.1, 20, [1, 1])  # no MEMIT baseline: not paired with ROME's
+    table = paired_with_baselines(tmp_path)
+    dns = table[table.metric == "DNS"].set_index("run")
+    assert sorted(dns.index) == ["1", "2"] and set(dns.base_run) == {"0"}
+    assert dns.loc["1", "difference"] == pytest.approx(50.0) and dns.loc["2", "up"] == 2
+    assert paired_with_baselines(tmp_path / "3").empty

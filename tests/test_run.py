@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from sadr.conf.registry import ConfigError
 from sadr.editors.rome import RomeEditor
+from sadr.evaluation.paired import compare_runs
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
@@ -137,6 +138,12 @@ def test_multirun_sweep_and_summarize(tiny_dir, tmp_path):
     assert set(table.n_cases) == {2}  # records edited, while n_obs counts the prompts behind a prompt-level mean
     assert (table.n_obs >= 2).all()
     assert "| sadr.lambda" in (sweep / "summary.md").read_text() or "sadr.lambda" in (sweep / "summary.md").read_text()
+    # the γ = 0.01 run paired with its γ = 0 run, exactly as `sadr compare` pairs them
+    paired = pd.read_csv(sweep / "paired.csv", dtype={"base_run": str, "run": str})
+    assert set(paired["sadr.lambda"]) == {0.01} and set(paired.base_run) == {"0"} and set(paired.run) == {"1"}
+    direct = compare_runs(sweep / "0", sweep / "1")
+    pd.testing.assert_frame_equal(paired[direct.columns].reset_index(drop=True), direct, check_dtype=False)
+    assert "prompt by prompt" in summary.stdout and (sweep / "paired.md").is_file()
 
 
 def test_summarize_reports_a_directory_without_runs(tmp_path):

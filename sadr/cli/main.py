@@ -17,25 +17,22 @@ def _root() -> None:
 def summarize(
     root: Path = typer.Argument(..., help="a run directory, or a multirun directory holding many runs"),
     protocol: str = typer.Option("prompt", help="prompt (SADR Table 3) or case (ROME/MEMIT papers)"),
-    out: Path = typer.Option(None, help="where to write summary.csv and summary.md (default: ROOT)"),
+    out: Path = typer.Option(None, help="where to write summary.* and paired.* (default: ROOT)"),
 ) -> None:
-    """One comparison table (CSV and Markdown) of every run under ROOT, swept keys as columns."""
-    from sadr.evaluation.summary import summarize as build
+    """One comparison table (CSV and Markdown) of every run under ROOT, swept keys as columns.
+
+    Where a run with γ > 0 has a γ = 0 run that differs only in SADR settings and δ steps, paired.csv and
+    paired.md also compare the two prompt by prompt (as `sadr compare`).
+    """
+    from sadr.evaluation.summary import write_summary
 
     if protocol not in ("prompt", "case"):
         raise typer.BadParameter(f"--protocol must be 'prompt' or 'case', not {protocol!r}")
     try:
-        table = build(root, protocol)
-    except FileNotFoundError as err:
+        typer.echo(write_summary(root, protocol, out))
+    except (FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
-    target = out or root
-    target.mkdir(parents=True, exist_ok=True)
-    table.to_csv(target / "summary.csv", index=False)
-    markdown = table.to_markdown(index=False)
-    (target / "summary.md").write_text(markdown + "\n")
-    typer.echo(markdown)
-    typer.echo(f"\nwrote {target / 'summary.csv'} and {target / 'summary.md'}")
 
 
 @app.command()

@@ -8,10 +8,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from sadr.evaluation.aggregate import LABELS
+from sadr.evaluation.paired import compare_runs
 from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory
 
 # SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
 ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", "editor.v_num_grad_steps")
+# Keys in which a run may differ from the γ = 0 run it is paired with (the paper's SADR runs changed δ steps too).
+MAY_DIFFER_FROM_BASELINE = ("sadr.", "editor.v_num_grad_steps")
 # Columns placed right after another metric's, so related numbers read side by side.
 NEXT_TO = {LABELS["distract_neighborhood"]: (LABELS["drift_max"], LABELS["drift_mean"])}
 
@@ -37,6 +40,10 @@ def find_runs(root: str | Path) -> list[Path]:
     return runs
 
 
+def _settings(runs: list[Path]) -> dict[Path, dict]:
+    return {run: _flatten(OmegaConf.to_container(OmegaConf.load(run / CONFIG_FILE), resolve=False)) for run in runs}
+
+
 def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     """Rows: runs (edited) plus the unedited model once per distinct setting; columns: swept keys, metrics.
 
@@ -44,7 +51,7 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     protocol, records under the case protocol).
     """
     runs = find_runs(root)
-    settings = {run: _flatten(OmegaConf.to_container(OmegaConf.load(run / CONFIG_FILE), resolve=False)) for run in runs}
+    settings = _settings(runs)
     keys = sorted({k for s in settings.values() for k in s})
     swept = [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1 and k != "seed" or k in ALWAYS]
     swept = [k for k in ALWAYS if k in keys] + [k for k in swept if k not in ALWAYS]
@@ -83,13 +90,53 @@ def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[columns]
 
 
-def write_summary(table: pd.DataFrame, target: Path) -> str:
-    """summary.csv and summary.md in `target`; returns the Markdown."""
+def paired_with_baselines(root: str | Path) -> pd.DataFrame:
+    """Every run with γ > 0 against the γ = 0 run that differs from it only in SADR settings and δ steps.
+
+    One row per (run, metric), as `sadr compare`; empty when no run has such a baseline under `root`.
+    """
+    runs = find_runs(root)
+    settings = _settings(runs)
+    groups: dict[tuple, list[Path]] = {}
+    for run in runs:
+        fixed = tuple(sorted((k, repr(v)) for k, v in settings[run].items() if not k.startswith(MAY_DIFFER_FROM_BASELINE)))
+        groups.setdefault(fixed, []).append(run)
+    tables = []
+    for group in groups.values():
+        baselines = [run for run in group if settings[run]["sadr.lambda"] == 0]
+        for run in group:
+            if baselines and run not in baselines:
+                table = compare_runs(baselines[0], run)
+                tables.append(table.assign(**{key: settings[run].get(key) for key in ("editor.name", "sadr.lambda", "editor.v_num_grad_steps")},
+                                           base_run=str(baselines[0].relative_to(root)), run=str(run.relative_to(root))))
+    if not tables:
+        return pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    leading = ["editor.name", "sadr.lambda", "editor.v_num_grad_steps", "base_run", "run"]
+    return table[leading + [c for c in table.columns if c not in leading]]
+
+
+def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
+    """summary.csv/.md and, where runs pair with a γ = 0 baseline, paired.csv/.md in `target` (default: root).
+
+    Returns the text to print: both tables and where they were written.
+    """
+    target = Path(target or root)
     target.mkdir(parents=True, exist_ok=True)
+    table = summarize(root, protocol)
     table.to_csv(target / "summary.csv", index=False)
     markdown = table.to_markdown(index=False)
     (target / "summary.md").write_text(markdown + "\n")
-    return markdown
+    text = f"{protocol}-level results ×100 of every run in {root}:\n{markdown}\n"
+    written = [target / "summary.csv", target / "summary.md"]
+    paired = paired_with_baselines(root)
+    if not paired.empty:
+        paired.to_csv(target / "paired.csv", index=False)
+        paired_markdown = paired.to_markdown(index=False, floatfmt=".3g")
+        (target / "paired.md").write_text(paired_markdown + "\n")
+        text += f"\neach γ > 0 run against its γ = 0 run, prompt by prompt (as `sadr compare`):\n{paired_markdown}\n"
+        written += [target / "paired.csv", target / "paired.md"]
+    return text + f"\nwrote {', '.join(str(p) for p in written)}"
 
 
 class SummarizeSweep(Callback):
@@ -103,7 +150,4 @@ class SummarizeSweep(Callback):
         self.protocol = protocol
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        root = Path(config.hydra.sweep.dir)
-        markdown = write_summary(summarize(root, self.protocol), root)
-        print(f"\n{self.protocol}-level results ×100 of every run in {root}:\n{markdown}\n\n"
-              f"wrote {root / 'summary.csv'} and {root / 'summary.md'}")
+        print("\n" + write_summary(Path(config.hydra.sweep.dir), self.protocol))
