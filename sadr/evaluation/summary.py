@@ -103,7 +103,7 @@ def paired_with_baselines(root: str | Path) -> pd.DataFrame:
         groups.setdefault(fixed, []).append(run)
     tables = []
     for group in groups.values():
-        baselines = [run for run in group if settings[run]["sadr.lambda"] == 0]
+        baselines = [run for run in group if settings[run].get("sadr.lambda") == 0]
         for run in group:
             if baselines and run not in baselines:
                 table = compare_runs(baselines[0], run)
