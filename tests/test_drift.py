@@ -1,6 +1,8 @@
 """The attention-drift evaluator: its per-head attention, its drift entries, and SADR's effect on an edit."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from sadr.evaluation.drift import ATTENTION, AttentionDrift, decode_entry, drift
 from sadr.evaluation.probes import distract
 from sadr.models.adapters import adapter_for
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer, build_regularizers
+from sadr.regularizers.base import DeltaRegularizer
 from tests.editing import TEMPLATES, editor_config, statistics
 from tests.test_attention_rows import build_model
 from tests.tiny_models import make_model
@@ -132,3 +135,43 @@ def test_positive_lambda_changes_the_edit(tokenizer, tmp_path):
     with_sadr = rome_update("gpt2", tokenizer, tmp_path, [regularizer])
     assert regularizer.selected and not torch.equal(with_sadr, plain)
     assert (with_sadr - plain).norm() > 1e-4 * plain.norm()
+
+
+class ConstantTerm(DeltaRegularizer):
+    """A loss term without gradient: it can change the edit only through the stop rule."""
+
+    def __init__(self, in_stop_rule: bool):
+        self.weight, self.in_stop_rule = 1.0, in_stop_rule
+
+    def attach(self, model, adapter, batch):
+        pass
+
+    def loss(self, step):
+        return torch.tensor(100.0)
+
+    def detach(self):
+        pass
+
+
+def test_a_term_left_out_of_the_stop_rule_cannot_keep_the_optimisation_running(tokenizer, tmp_path):
+    def edit(regularizers, should_stop):
+        model = make_model("llama")
+        editor = RomeEditor(model, adapter_for(model), tokenizer, editor_config(), context_templates=TEMPLATES,
+                            statistics=statistics(model, tokenizer, tmp_path), regularizers=regularizers)
+        editor.objective = dataclasses.replace(editor.objective, should_stop=should_stop)
+        return editor.apply([CASE.request])
+
+    losses = []
+    edit([], lambda state: losses.append(state.loss) or False)
+    # a loss threshold the plain edit crosses a few steps in (tiny random models never reach 5e-2)
+    stop = lambda state: state.loss < losses[5] + 1e-6  # noqa: E731
+    plain, outside, inside = edit([], stop), edit([ConstantTerm(False)], stop), edit([ConstantTerm(True)], stop)
+    assert plain.diagnostics["delta_steps"] <= 6 < len(losses)
+    assert outside.diagnostics["delta_steps"] == plain.diagnostics["delta_steps"]
+    assert torch.equal(outside.updates[1], plain.updates[1])
+    assert inside.diagnostics["delta_steps"] == len(losses)  # the constant keeps the loss above the threshold
+    assert (_sadr_config(in_stop_rule=False)[0].in_stop_rule, _sadr_config()[0].in_stop_rule) == (False, True)
+
+
+def _sadr_config(**values):
+    return build_regularizers(OmegaConf.merge(OmegaConf.structured(SadrConfig), {"lambda": 0.1, **values}))

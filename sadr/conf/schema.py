@@ -126,6 +126,7 @@ def _sadr_config_class():
             "layers": Optional[List[int]],
             "divergence": Divergence,
             "epsilon": float,
+            "in_stop_rule": bool,
         },
         "__doc__": "Selective Attention Drift Restriction: `lambda` is γ (0 = the plain editor, bit for bit).",
         "lambda": 0.0,
@@ -133,6 +134,7 @@ def _sadr_config_class():
         "layers": None,
         "divergence": Divergence.kl,
         "epsilon": 1e-8,
+        "in_stop_rule": True,
     }
     return dataclasses.dataclass(init=False, repr=False, eq=False)(type("SadrConfig", (), namespace))
 

@@ -35,7 +35,7 @@ class StepState:
     """What a schedule or stop rule may look at after a forward."""
 
     step: int
-    loss: float  # the total loss, NLL weight and regularizers included
+    loss: float  # the total loss (NLL weight included), less regularizer terms with in_stop_rule False
     nll: float  # mean NLL of the target over the rewrite prompts, unweighted
     kl: float  # kl_factor · KL of the essence prompts' distribution
     target_is_argmax: bool  # every target token is the argmax after every rewrite prompt
@@ -143,10 +143,14 @@ def optimize_delta(model, adapter: ModelAdapter, tokenizer, request: EditRequest
             kl = objective.kl_factor * _kl_edited_from_initial(essence_lp, log_p_initial)
             decay = sum(objective.weight_decay * deltas[s].norm() / initial[s].norm() ** 2 for s in objective.sites)
             loss = objective.nll_weight(state) * nll + kl + decay
+            seen_by_stop = loss.detach()
             for reg in regularizers:
-                loss = loss + reg.weight * reg.loss(step)
+                term = reg.weight * reg.loss(step)
+                loss = loss + term
+                if reg.in_stop_rule:
+                    seen_by_stop = seen_by_stop + term.detach()
             argmax_ok = bool((log_probs[:n_target_tokens].argmax(-1) == prompts.target_ids).all())
-            state = StepState(step, loss.item(), nll.item(), kl.item(), argmax_ok)
+            state = StepState(step, seen_by_stop.item(), nll.item(), kl.item(), argmax_ok)
             history.append(state)
             log.debug("δ step %d: loss %.4f nll %.4f kl %.4f", step, state.loss, state.nll, state.kl)
             if objective.should_stop(state) or step == objective.steps - 1:

@@ -54,8 +54,10 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         heads: SadrHeads | str = SadrHeads.selective,
         layers: Optional[Sequence[int]] = None,
         epsilon: float = 1e-8,
+        in_stop_rule: bool = True,
     ) -> None:
         self.weight = float(weight)
+        self.in_stop_rule = bool(in_stop_rule)
         self.selective = SadrHeads(heads) is SadrHeads.selective
         self.layers = None if layers is None else sorted(set(layers))
         self.epsilon = float(epsilon)
@@ -154,9 +156,13 @@ def build_regularizers(sadr_cfg: Any) -> list[DeltaRegularizer]:
         layers = list(layers)
         if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
             raise ValueError(f"sadr.layers must be null or a non-empty list of layer indices >= 0, got {layers!r}")
+    in_stop_rule = _get(sadr_cfg, "in_stop_rule")
+    if not isinstance(in_stop_rule, bool):
+        raise ValueError(f"sadr.in_stop_rule must be true or false, got {in_stop_rule!r}")
     if gamma == 0:
         return []
-    return [SelectiveAttentionDriftRegularizer(weight=gamma, heads=heads, layers=layers, epsilon=epsilon)]
+    return [SelectiveAttentionDriftRegularizer(weight=gamma, heads=heads, layers=layers, epsilon=epsilon,
+                                               in_stop_rule=in_stop_rule)]
 
 
 def _enum(enum: type, value: Any, key: str):

@@ -38,6 +38,9 @@ class DeltaRegularizer(ABC):
     """An extra loss term γ·L(δ) for the δ-optimisation of any editor."""
 
     weight: float
+    #: Whether the editor's stop rule sees this term (StepState.loss includes it). When False the term
+    #: shapes the gradient but cannot delay a loss-based early stop.
+    in_stop_rule: bool = True
 
     @abstractmethod
     def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
