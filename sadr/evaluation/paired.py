@@ -38,7 +38,7 @@ def _values(row: dict, metric: str) -> list[float]:
 
 
 def compare_runs(base: str | Path, other: str | Path) -> pd.DataFrame:
-    """One row per metric: both means, their paired difference ± 95 % CI, prompts up/down, sign-test p (×100)."""
+    """One row per metric: both means and their paired difference ± 95 % CI (×100), prompts up/down, sign-test p."""
     a, b = _rows(Path(base)), _rows(Path(other))
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys(), key=str)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from sadr.evaluation.aggregate import LABELS
 from sadr.evaluation.paired import compare_runs
-from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory
+from sadr.results import CONFIG_FILE, METRICS_FILE
 
 # SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
 ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", "editor.v_num_grad_steps")
@@ -55,14 +55,15 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     keys = sorted({k for s in settings.values() for k in s})
     swept = [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1 and k != "seed" or k in ALWAYS]
     swept = [k for k in ALWAYS if k in keys] + [k for k in swept if k not in ALWAYS]
-    n_cases = {run: len(RunDirectory(run).rows()) for run in runs}
     records = []
     for run in runs:
         table = pd.read_csv(run / METRICS_FILE)
+        # every record has at least one metric, so the case protocol's largest n is the number of records
+        n_cases = int(table[(table.protocol == "case") & (table.quantity == "value")].n.max())
         table = table[(table.protocol == protocol) & (table.quantity != "magnitude")]
         for state, part in table.groupby("state", sort=False):
             record = {k: settings[run].get(k) for k in swept}
-            record.update(state=state, n_cases=n_cases[run], n_obs=int(part[part.quantity == "value"].n.max()) if (part.quantity == "value").any() else 0,
+            record.update(state=state, n_cases=n_cases, n_obs=int(part[part.quantity == "value"].n.max()) if (part.quantity == "value").any() else 0,
                           run=str(run.relative_to(root)) if run != Path(root) else ".")
             for _, row in part.iterrows():
                 record[row.label] = round(row["mean"], 2)
