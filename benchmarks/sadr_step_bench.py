@@ -57,7 +57,6 @@ class EagerMapsSadr(DeltaRegularizer):
         self._handles = []
 
     def attach(self, model, adapter, batch: DeltaBatch) -> None:
-        self._implementation = model.config._attn_implementation
         model.set_attn_implementation("eager")
         rows = batch.rewrite_rows
         self._rows, self._last = rows, batch.last_prompt_positions[rows]
@@ -96,7 +95,7 @@ class EagerMapsSadr(DeltaRegularizer):
             handle.remove()
         self._handles = []
         if hasattr(self, "_model"):
-            self._model.set_attn_implementation(self._implementation)
+            self._model.set_attn_implementation("sdpa")  # what the other modes start from
 
 
 def load(args):

@@ -30,6 +30,7 @@ from sadr.models.fingerprint import cache_key, model_fingerprint
 from sadr.models.loading import LoadedModel, load_model
 from sadr.regularizers.attention_drift import build_regularizers
 from sadr.results import RunDirectory
+from sadr.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Experiment:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        untested_versions = warn_if_untested()
         self.out = RunDirectory(cfg.output_dir)
         self.out.claim(cfg)
         self.out.drop_partial_line()
@@ -93,7 +95,7 @@ class Experiment:
             "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
             "dataset_source": self.dataset.source, "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
-            "stats_corpus": self.statistics.description(),
+            "stats_corpus": self.statistics.description(), "untested_versions": untested_versions,
         })
 
     def _editor(self) -> Editor:

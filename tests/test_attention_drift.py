@@ -16,7 +16,7 @@ from sadr.regularizers.attention_drift import (
     select_heads,
 )
 from sadr.regularizers.base import DeltaBatch
-from tests.test_attention_rows import add_delta, build_model, encode
+from tests.test_attention_rows import add_delta, assert_no_recorders, build_model, encode
 
 # Two rewrite prompts, then one essence prompt ("{subject} is a"), right-padded as the δ-optimiser does.
 PROMPTS = ["Because I said Toyota is based in", "The Toyota is", "Toyota is a"]
@@ -201,7 +201,7 @@ def test_layers_option_and_detach(tokenizer):
     reg.loss(0)
     assert sorted(reg.selected) == [3]
     reg.detach()
-    assert not any(m._forward_hooks for m in model.modules())
+    assert_no_recorders(model)
 
     with pytest.raises(ValueError, match="sadr.layers"):
         SelectiveAttentionDriftRegularizer(weight=1.0, layers=[4]).attach(model, adapter_for(model), batch)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
-from sadr.models.adapters import UnsupportedModelError, adapter_for
-from sadr.regularizers.attention_rows import AttentionRows
+from sadr.models.adapters import adapter_for
+from sadr.regularizers import attention_rows, legacy_attention
+from sadr.regularizers.attention_rows import AttentionRows, use_row_kernel
 from tests import tiny_models
 from tests.tiny_models import FAMILIES
 
@@ -65,6 +68,9 @@ def fast_rows(model, batch, positions, batch_rows=None):
 
 @pytest.mark.parametrize("family,overrides", VARIANTS, ids=[f"{f}-{'-'.join(o) or 'default'}" for f, o in VARIANTS])
 def test_rows_equal_eager_attention_weights(tokenizer, family, overrides):
+    if family == "gpt2" and overrides and Version(transformers.__version__) < Version("5.4"):
+        pytest.skip("before transformers 5.4, GPT-2's sdpa path ignores scale_attn_weights and "
+                    "scale_attn_by_inverse_layer_idx, so its eager weights are not what the model computes")
     batch = encode(tokenizer)
     positions = torch.tensor([6, 2, 1])  # not always the last token; row 0 reaches past a sliding window of 3
     reference = build_model(family, overrides, attn_implementation="eager")
@@ -119,7 +125,32 @@ def test_hooks_are_removed(tokenizer):
     batch = encode(tokenizer)
     with AttentionRows(model, adapter, [1], torch.tensor([6, 2, 1]), batch["attention_mask"]):
         pass
+    assert_no_recorders(model)
+
+
+def assert_no_recorders(model):
     assert not any(m._forward_hooks for m in model.modules())
+    assert not any(m in attention_rows._listeners for m in model.modules())
+
+
+def test_row_kernel_keeps_the_models_outputs_bitwise(tokenizer, family):
+    batch = encode(tokenizer)
+    model = build_model(family)
+    before = model(**batch).logits
+    use_row_kernel(model)
+    adapter = adapter_for(model)
+    with AttentionRows(model, adapter, [1, 2], torch.tensor([6, 2, 1]), batch["attention_mask"]) as hooks:
+        during = model(**batch).logits
+        assert sorted(hooks.collect()) == [1, 2]
+    assert torch.equal(before, during)
+    assert torch.equal(before, model(**batch).logits)
+
+
+def test_only_gptj_before_5_24_bypasses_the_attention_interface():
+    source = legacy_attention.queries_keys_source
+    assert source("gptj", "4.56.0") is not None and source("gptj", "5.23.0") is not None
+    assert source("gptj", "5.24.0") is None
+    assert all(source(family, version) is None for family in FAMILIES if family != "gptj" for version in ("4.56.0", "5.24.0"))
 
 
 def test_rejects_padding_query_and_other_batches(tokenizer):
@@ -133,9 +164,11 @@ def test_rejects_padding_query_and_other_batches(tokenizer):
             model(**encode(tokenizer, PROMPTS[:2]))
 
 
-def test_unsupported_family_is_named():
+def test_attention_that_bypasses_the_kernel_is_an_error(tokenizer):
     model = build_model("llama")
-    adapter = adapter_for(model)
-    other = type(adapter)(**{**adapter.__dict__, "family": "falcon"})
-    with pytest.raises(UnsupportedModelError, match="falcon"):
-        AttentionRows(model, other, [0], torch.tensor([0]), torch.ones(1, 1))
+    batch = encode(tokenizer)
+    with AttentionRows(model, adapter_for(model), [1, 2], torch.tensor([6, 2, 1]), batch["attention_mask"]) as hooks:
+        model.set_attn_implementation("eager")
+        model(**batch)
+        with pytest.raises(RuntimeError, match=r"no attention rows were recorded for layers \[1, 2\]"):
+            hooks.collect()

@@ -40,9 +40,12 @@ def _trained_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
+    """`pad=False`: no pad token, as GPT-2's, GPT-J's and Llama's own tokenizers."""
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()))
-    tok.eos_token = tok.pad_token = "<|endoftext|>"
+    tok.eos_token = "<|endoftext|>"
+    if pad:
+        tok.pad_token = tok.eos_token
     return tok
 
 

@@ -3,8 +3,8 @@
 On every Distract Neighborhood prompt of a case ("{edit prompt with subject} {new object}. {neighborhood
 prompt}", the same text DNS scores), every query head of every layer is read at the last prompt position
 (the one predicting the answer); its post-softmax attention on the last token of the edited subject in the
-prepended edit sentence is what SADR's analysis tracks. The rows come from `AttentionRows` hooks, so the
-model keeps its own attention kernel (no eager switch, no T×T maps).
+prepended edit sentence is what SADR's analysis tracks. The rows come from `AttentionRows`, so the
+model keeps an sdpa kernel (no eager switch, no T×T maps).
 
 Entries per case (one observation per DNS prompt, the same unit as DNS itself, so the prompt protocol's
 95 % CI is over prompts and the case protocol averages within a case first):
@@ -76,9 +76,10 @@ def subject_attention(model, adapter, prompts: list[DriftPrompt], pad_id: int, b
         subject = torch.tensor([p.subject_position for p in chunk], device=device)
         with AttentionRows(model, adapter, layers, last, batch.attention_mask) as hooks:
             model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            recorded = hooks.collect()
             rows = torch.arange(len(chunk), device=device)
-            # rows[layer]: (B, H, T) -> (B, H) at the subject's key position
-            parts.append(torch.stack([hooks.rows[layer][rows, :, subject] for layer in layers], dim=1).float().cpu())
+            # recorded[layer]: (B, H, T) -> (B, H) at the subject's key position
+            parts.append(torch.stack([recorded[layer][rows, :, subject] for layer in layers], dim=1).float().cpu())
     return torch.cat(parts) if parts else torch.zeros(0, len(layers), 0)
 
 

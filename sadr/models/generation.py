@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from sadr.models.tokenization import pad_batch, pad_id_of
+
 
 @torch.no_grad()
 def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, top_k: int = 5,
@@ -14,22 +16,15 @@ def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, s
     """
     device = next(model.parameters()).device
     texts: list[str] = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            side = tokenizer.padding_side
-            tokenizer.padding_side = "left"
-            try:
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, pad_to_multiple_of=None) if pad_id is not None else None
-            finally:
-                tokenizer.padding_side = side
-            if enc is None:
-                raise ValueError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
+            batch = pad_batch([tokenizer(prompt)["input_ids"] for prompt in chunk], pad_id, left=True).to(device)
             out = model.generate(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=enc["attention_mask"].to(device),
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
                 do_sample=True,
                 top_k=top_k,
                 top_p=1.0,

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sadr.models.adapters import ModelAdapter, adapter_for
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
+from sadr.models.tokenization import pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
             f"could not load {location!r} from the Hugging Face hub ({err}). Without network access, download the "
             "model elsewhere and set model.source=/path/to/model_dir (or a .gguf file)."
         ) from err
+    pad_id_of(tokenizer)  # sets a pad token on tokenizers that have none
     model = model.to(resolve_device(device)).eval().requires_grad_(False)
     adapter = adapter_for(model)
     if family is not None and adapter.family != family:

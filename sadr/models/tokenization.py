@@ -90,20 +90,32 @@ class PaddedBatch:
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> PaddedBatch:
+    return pad_batch(sequences, pad_id, left=False)
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, left: bool) -> PaddedBatch:
+    """Pad to the longest sequence on the right (scoring, statistics, δ prompts) or the left (`generate`)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
     return PaddedBatch(ids, mask)
 
 
 def pad_id_of(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    """The pad id of every batch this project builds, and of `generate`.
+
+    A tokenizer without a pad token (GGUF tokenizers under some transformers versions, GPT-2, GPT-J, Llama) gets
+    one here, its EOS token (else UNK, else token 0), so transformers' own padding agrees with ours. Padded positions
+    are masked everywhere, so the choice never changes a result.
+    """
+    if tokenizer.pad_token_id is None:
+        fallback = next((token for token in (tokenizer.eos_token, tokenizer.unk_token) if token is not None), None)
+        tokenizer.pad_token = fallback if fallback is not None else tokenizer.convert_ids_to_tokens(0)
+    return int(tokenizer.pad_token_id)
 
 
 @dataclass

@@ -96,13 +96,11 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
     def loss(self, step: int) -> Tensor:
         if self._recorder is None:
             raise RuntimeError("SelectiveAttentionDriftRegularizer.loss() called before attach()")
-        current = self._recorder.rows
-        if not current:
-            raise RuntimeError("no attention rows recorded: run the model's forward before loss()")
+        if step != 0 and self._reference is None:
+            raise RuntimeError("the step-0 (δ = 0) forward must come first: it records the reference rows")
+        current = self._recorder.collect()
         if step == 0:
             return self._record_reference(current)
-        if self._reference is None:
-            raise RuntimeError("the step-0 (δ = 0) forward must come first: it records the reference rows")
         total = 0.0
         for layer, rows in current.items():
             reference = self._reference[layer]

@@ -1,0 +1,70 @@
+"""The one place that reads transformers' attention internals: families that bypass `AttentionInterface`.
+
+In the tested transformers range (see `sadr/constraints/`), only GPT-J does, before transformers 5.24: its attention
+module computes eager attention in its own method, so `ROW_KERNEL` never sees its queries and keys. For those versions
+the queries and keys are rebuilt here from the projections' outputs, the module's rotary table (`embed_positions`),
+`rotary_dim` and `scale_attn`, as modeling_gptj computes them in transformers 4.56 to 5.23. The test suite checks the
+rebuilt rows against GPT-J's own eager attention weights at both ends of the tested range (the oldest set runs this
+path, the locked set the kernel path). A family listed here with a version past which it uses `AttentionInterface`
+needs nothing else; a new exception gets an entry in `LEGACY_UNTIL` and a rebuild function.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import Tensor, nn
+
+Listener = Callable[[Tensor, Tensor, Optional[float], Optional[Tensor]], None]
+Attach = Callable[[nn.Module, Listener], Callable[[], None]]
+
+
+def _gptj_queries_keys(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """Interleaved rotary on the first `rotary_dim` features (all when None), sin/cos cast to the key dtype."""
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+
+    query, key = (x.unflatten(-1, (module.num_attention_heads, module.head_dim)) for x in (query, key))
+    position_ids = kwargs["position_ids"]
+    sincos = module.embed_positions.to(position_ids.device)[position_ids].to(key.dtype)
+    sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+    rot = module.rotary_dim or module.head_dim
+    query, key = (torch.cat([apply_rotary_pos_emb(x[..., :rot], sin, cos), x[..., rot:]], dim=-1) for x in (query, key))
+    return query.transpose(1, 2), key.transpose(1, 2)
+
+
+def _attach_gptj(attention: nn.Module, listener: Listener) -> Callable[[], None]:
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for name in ("q_proj", "k_proj"):
+        def keep(module, args, output, name=name):
+            captured[name] = output
+
+        handles.append(attention.get_submodule(name).register_forward_hook(keep))
+
+    def record(module, args, kwargs, output):
+        if len(captured) != 2:
+            raise RuntimeError("GPT-J attention ran without its q_proj and k_proj projections")
+        query, key = _gptj_queries_keys(module, captured.pop("q_proj"), captured.pop("k_proj"), kwargs)
+        listener(query, key, 1.0 / float(module.scale_attn), None)
+
+    handles.append(attention.register_forward_hook(record, with_kwargs=True))
+
+    def stop() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return stop
+
+
+# family -> (first transformers version whose attention goes through AttentionInterface, how to hook older ones)
+LEGACY_UNTIL: dict[str, tuple[Version, Attach]] = {"gptj": (Version("5.24.0"), _attach_gptj)}
+
+
+def queries_keys_source(family: str, version: str = transformers.__version__) -> Optional[Attach]:
+    """How to hook this family's attention under the installed transformers, or None: it uses `AttentionInterface`."""
+    entry = LEGACY_UNTIL.get(family)
+    if entry is None or Version(version) >= entry[0]:
+        return None
+    return entry[1]

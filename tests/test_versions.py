@@ -1,0 +1,41 @@
+"""The declared ranges, the two tested sets and the run-start warning agree with each other."""
+from __future__ import annotations
+
+import logging
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from sadr.versions import LOCKED, OLDEST, pinned_versions, untested, warn_if_untested
+
+PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+
+
+def declared() -> list[Requirement]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    return [Requirement(spec) for spec in project["dependencies"] + project["optional-dependencies"]["test"]]
+
+
+def test_oldest_set_is_every_lower_bound_and_locked_set_is_inside_every_range():
+    oldest, locked = pinned_versions(OLDEST), pinned_versions(LOCKED)
+    for requirement in declared():
+        name = requirement.name.lower()
+        (low,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        assert oldest[name] == Version(low), name
+        assert requirement.specifier.contains(locked[name]), (name, locked[name])
+        assert locked[name] >= oldest[name], name
+
+
+def test_outside_the_tested_range_warns_once_per_package(caplog):
+    inside = {"torch": "2.13.0+cpu", "transformers": "5.24.0"}
+    assert untested(inside) == []
+    assert untested({**inside, "transformers": "4.56.0"}) == []
+    (message,) = untested({**inside, "transformers": "5.25.0"})
+    assert message.startswith("transformers 5.25.0 is outside the tested range 4.56.0–5.24.0")
+    assert "sadr/constraints/locked.txt" in message
+    assert len(untested({"torch": "2.11.0+cu130", "transformers": "5.17.0"})) == 1  # the GPU machine of docs/gpu.md
+    with caplog.at_level(logging.WARNING, logger="sadr.versions"):
+        assert warn_if_untested() == untested()  # the installed versions: CI runs inside the range
+    assert len(caplog.records) == len(untested())
