@@ -63,3 +63,17 @@ def test_rome_npz_statistics_are_loaded_as_mean(tmp_path):
     torch.testing.assert_close(load_rome_npz(path), torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
     with pytest.raises(FileNotFoundError, match="model.stats.npz_dir"):
         load_rome_npz(tmp_path / "missing.npz")
+
+
+def test_hub_corpus_streams_through_datasets_from_a_local_folder(tmp_path):
+    """The `hub` corpus goes through `datasets.load_dataset(..., streaming=True)`; a local folder takes the same path
+    offline, so both ends of the tested `datasets` range are exercised. Empty texts are skipped."""
+    import json
+
+    from sadr.data.corpus import hub_corpus
+
+    rows = [{"text": "first document"}, {"text": "  "}, {"text": "second document"}, {"text": "third"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    corpus = hub_corpus(str(tmp_path), None, "train", n_samples=2)
+    assert list(corpus.texts()) == ["first document", "second document"]
+    assert corpus.description["kind"] == "hub"

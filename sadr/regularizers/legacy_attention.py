@@ -3,7 +3,7 @@
 In the tested transformers range (see `sadr/constraints/`), only GPT-J does, before transformers 5.24: its attention
 module computes eager attention in its own method, so `ROW_KERNEL` never sees its queries and keys. For those versions
 the queries and keys are rebuilt here from the projections' outputs, the module's rotary table (`embed_positions`),
-`rotary_dim` and `scale_attn`, as modeling_gptj computes them in transformers 4.56 to 5.23. The test suite checks the
+`rotary_dim` and `scale_attn`, as modeling_gptj computes them in transformers 5.17 to 5.23. The test suite checks the
 rebuilt rows against GPT-J's own eager attention weights at both ends of the tested range (the oldest set runs this
 path, the locked set the kernel path). A family listed here with a version past which it uses `AttentionInterface`
 needs nothing else; a new exception gets an entry in `LEGACY_UNTIL` and a rebuild function.
