@@ -88,3 +88,16 @@ def test_published_defaults_compose():
     for model in ("gpt2-xl", "llama3-8b", "llama2-7b", "tinyllama", "smollm2-135m"):
         cfg = composed_editor("memit", model)
         assert cfg.source and cfg.layers and cfg.v_loss_layer > max(cfg.layers), model
+
+
+def test_loss_read_at_the_layer_where_delta_is_added_still_sees_delta(tokenizer, tmp_path, monkeypatch):
+    """MEMIT adds δ to the output of its last layer; with `v_loss_layer` equal to that layer the loss must be read
+    after δ is added (as the reference code does), or δ would never move."""
+    model = make_model("llama")
+    results = record_deltas(monkeypatch)
+    editor = MemitEditor(model, adapter_for(model), tokenizer, spread_config("memit", v_loss_layer=2),
+                         statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    editor.apply(batch_requests(1))
+    (result,) = results
+    assert result.deltas["block_out"].norm() > 0
+    assert result.history[-1].nll < result.history[0].nll

@@ -1,5 +1,9 @@
+import contextlib
+
+import pytest
 import torch
 
+import sadr.editors.rome as rome_module
 from sadr.data.records import EditRequest
 from sadr.editors.base import WeightSnapshot
 from sadr.editors.keys import mean_keys
@@ -7,6 +11,7 @@ from sadr.editors.rome import RomeEditor
 from sadr.evaluation.scorer import score_pairs_detailed
 from sadr.models.adapters import adapter_for
 from tests.editing import TEMPLATES, editor_config, statistics
+from tests.tiny_models import make_model
 
 # In random tiny models attention is nearly uniform, so only a subject that ends the prompt can move the
 # next-token prediction far enough for an argmax test.
@@ -50,39 +55,55 @@ def test_weights_restored_bitwise(tiny_model, tokenizer, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_rome_update_writes_exactly_k_star_to_v_star(tokenizer, tmp_path):
-    """After the update, the edited layer maps the mean key k* to v* = v₀ + δ (bias included)."""
-    from sadr.editors import delta as delta_module
-    from tests.tiny_models import make_model
-
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_rome_update_writes_v_star_exactly_at_its_key(tokenizer, tmp_path, variant):
+    """After the update the edited layer maps to v* = v₀ + δ (bias included) the bare prompt's key k₀ (ROME's
+    code, the default) or the template-mean key k̄ (the paper's equation), and not the other one."""
     model = make_model("gpt2")  # a family whose down-projection has a bias and a transposed weight
     adapter = adapter_for(model)
+    editor = RomeEditor(model, adapter, tokenizer, editor_config(v_num_grad_steps=5, rome_update=variant),
+                        statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    with spy_on_delta() as captured:
+        editor.apply([REQUEST])
+    # keys are read below the edited weight, so the edit does not change them
+    k_bar = mean_keys(model, adapter, tokenizer, [1], [REQUEST], TEMPLATES)[1]
+    k0 = mean_keys(model, adapter, tokenizer, [1], [REQUEST], ["{}"])[1]
+    down = adapter.mlp_down_module(model, 1)
+    with torch.no_grad():
+        exact, other = (down(k0)[0], down(k_bar)[0]) if variant == "reference" else (down(k_bar)[0], down(k0)[0])
+    v_star = captured["result"].target("mlp_out")
+    torch.testing.assert_close(exact, v_star, rtol=1e-4, atol=1e-4)
+    assert (other - v_star).norm() > 1e-2 * v_star.norm()
+
+
+@contextlib.contextmanager
+def spy_on_delta():
     captured = {}
-    original = delta_module.optimize_delta
+    original = rome_module.optimize_delta
 
     def spy(*args, **kwargs):
         captured["result"] = original(*args, **kwargs)
         return captured["result"]
 
-    editor = RomeEditor(model, adapter, tokenizer, editor_config(v_num_grad_steps=5),
-                        statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
-    import sadr.editors.rome as rome_module
-
-    rome_module.optimize_delta, saved = spy, rome_module.optimize_delta
+    rome_module.optimize_delta = spy
     try:
-        editor.apply([REQUEST])
+        yield captured
     finally:
-        rome_module.optimize_delta = saved
-    key = mean_keys(model, adapter, tokenizer, [1], [REQUEST], TEMPLATES)  # keys are below the edited weight
-    down = adapter.mlp_down_module(model, 1)
-    with torch.no_grad():
-        got = down(key[1])[0]
-    torch.testing.assert_close(got, captured["result"].target("mlp_out"), rtol=1e-4, atol=1e-4)
+        rome_module.optimize_delta = original
+
+
+def test_one_template_and_no_second_moment_make_both_variants_the_same(tokenizer, tmp_path):
+    updates = {}
+    for variant in ("reference", "paper"):
+        model = make_model("llama")
+        editor = RomeEditor(model, adapter_for(model), tokenizer,
+                            editor_config(v_num_grad_steps=3, mom2_adjustment=False, rome_update=variant),
+                            statistics=statistics(model, tokenizer, tmp_path), context_templates=["{}"])
+        updates[variant] = editor.apply([REQUEST]).updates[1]
+    torch.testing.assert_close(updates["reference"], updates["paper"], rtol=1e-12, atol=0)
 
 
 def test_mom2_adjustment_off_gives_a_different_update(tokenizer, tmp_path):
-    from tests.tiny_models import make_model
-
     results = []
     for adjust in (True, False):
         model = make_model("llama")
@@ -93,8 +114,6 @@ def test_mom2_adjustment_off_gives_a_different_update(tokenizer, tmp_path):
 
 
 def test_same_inputs_give_identical_updates(tokenizer, tmp_path):
-    from tests.tiny_models import make_model
-
     updates = []
     for _ in range(2):
         model = make_model("llama")

@@ -149,3 +149,13 @@ def test_multirun_sweep_and_summarize(tiny_dir, tmp_path):
 def test_summarize_reports_a_directory_without_runs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sadr.cli.main", "summarize", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "no finished runs" in done.stderr
+
+
+def test_a_loss_layer_below_the_edited_layer_is_rejected():
+    with pytest.raises(ConfigError, match=r"editor.v_loss_layer=3 is below the edited layer 5"):
+        composed(["model=gpt-j", "editor.v_loss_layer=3"])
+
+
+def test_only_the_subject_last_fact_token_exists(tmp_path):
+    done = _sadr_run("editor.fact_token=last", cwd=tmp_path)
+    assert done.returncode != 0 and "expected one of [subject_last]" in done.stderr + done.stdout

@@ -49,8 +49,8 @@ def test_paper_setting_yields_to_the_command_line():
 
 
 def test_paper_setting_for_a_pair_without_one_names_the_pairs_that_have_one():
-    with pytest.raises(MissingConfigException, match=r"sadr_hparams/paper/rome_llama3-8b[\s\S]*rome_gpt-j"):
-        composed(["model=llama3-8b", "sadr=paper"])
+    with pytest.raises(MissingConfigException, match=r"sadr_hparams/paper/rome_llama2-7b[\s\S]*rome_gpt-j"):
+        composed(["model=llama2-7b", "sadr=paper"])
 
 
 def test_every_setting_names_its_source():

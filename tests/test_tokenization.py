@@ -48,3 +48,11 @@ def test_missing_subject_is_an_error_naming_both():
 def test_template_must_have_one_placeholder():
     with pytest.raises(ValueError, match="exactly once"):
         fill_subject("no placeholder", "x")
+
+
+def test_a_target_that_starts_with_a_space_gets_no_second_one(tokenizer):
+    plain = encode_prompt_target(tokenizer, "The capital of France is", "Paris")
+    spaced = encode_prompt_target(tokenizer, "The capital of France is", " Paris")
+    assert (spaced.prompt_ids, spaced.target_ids) == (plain.prompt_ids, plain.target_ids)
+    with pytest.raises(ValueError, match="empty target"):
+        encode_prompt_target(tokenizer, "The capital of France is", " ")

@@ -54,3 +54,22 @@ def test_least_squares_update_satisfies_the_normal_equations_and_matches_lstsq()
     B = torch.cat([R, torch.zeros(d_in, d_out, dtype=torch.float64)])
     expected = torch.linalg.lstsq(A, B).solution.T
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_reference_rank_one_update_is_exact_at_k0_along_the_direction_C_inv_k_bar():
+    """ROME's code: ΔW k₀ = r at the bare prompt's key k₀, every row of ΔW along C⁻¹ k̄ (checked with numpy)."""
+    import numpy as np
+
+    d_out, d_in = 4, 6
+    g = torch.Generator().manual_seed(5)
+    C = _spd(d_in, 6)
+    k_bar, k0 = (torch.randn(d_in, generator=g, dtype=torch.float64) for _ in range(2))
+    r = torch.randn(d_out, generator=g, dtype=torch.float64)
+    got = rank_one_update(k_bar, r, C, exact_key=k0)
+    torch.testing.assert_close(got @ k0, r)
+    direction = np.linalg.inv(C.numpy()) @ k_bar.numpy()
+    _, singular, vh = np.linalg.svd(got.numpy())
+    assert singular[1] < 1e-12 * singular[0]  # rank one
+    assert abs(abs(vh[0] @ direction) / np.linalg.norm(direction) - 1) < 1e-12
+    assert not torch.allclose(got @ k_bar, r)  # exact at k₀, not at k̄
+    torch.testing.assert_close(rank_one_update(k_bar, r, C, exact_key=k_bar), rank_one_update(k_bar, r, C))

@@ -31,6 +31,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if not editor.layers:
         raise ConfigError("editor.layers is empty; give the layer(s) to edit, e.g. editor.layers=[5]")
+    if editor.v_loss_layer < max(editor.layers):
+        raise ConfigError(
+            f"editor.v_loss_layer={editor.v_loss_layer} is below the edited layer {max(editor.layers)}: δ could not "
+            "reach the loss. Read it at the last layer (editor.v_loss_layer=<number of layers - 1>)"
+        )
     if editor.v_num_grad_steps < 1:
         raise ConfigError(f"editor.v_num_grad_steps={editor.v_num_grad_steps}: must be >= 1")
     if editor.batch_size < 1:

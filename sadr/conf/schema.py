@@ -17,6 +17,15 @@ class EditorName(Enum):
     pmet = "pmet"
 
 
+class FactToken(Enum):
+    subject_last = "subject_last"  # the subject's last token: the only strategy the published runs use
+
+
+class RomeUpdate(Enum):
+    reference = "reference"  # ΔW k₀ = v* − (W k₀ + b) at the bare prompt's key k₀, direction C⁻¹ k̄ (ROME's code)
+    paper = "paper"  # ΔW k̄ = v* − (W k̄ + b) at the template-mean key k̄ (the ROME paper's equation)
+
+
 class EditProtocol(Enum):
     single = "single"  # edit one request, evaluate, restore
     batch = "batch"  # edit editor.batch_size requests at once, evaluate each, restore
@@ -86,7 +95,7 @@ class EditorConfig:
     name: EditorName = MISSING
     source: str = ""  # where these hyperparameters were published, or how they were chosen
     layers: List[int] = MISSING
-    fact_token: str = "subject_last"
+    fact_token: FactToken = FactToken.subject_last  # where keys are read, δ is added and SADR selects heads
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
     v_loss_layer: int = MISSING
@@ -95,6 +104,7 @@ class EditorConfig:
     kl_factor: float = 0.0625
     mom2_adjustment: bool = True
     mom2_update_weight: float = 15000.0
+    rome_update: RomeUpdate = RomeUpdate.reference  # ROME only: which key the edit is exact for (docs/fidelity.md)
     nll_loss_factor: float = 1.0
     # (max tokens, number of prefixes); ROME: 10 of <=5 and 10 of <=10 tokens, MEMIT/PMET: 5 of <=10
     context_templates: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])

@@ -119,11 +119,12 @@ def optimize_delta(model, adapter: ModelAdapter, tokenizer, request: EditRequest
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         stack.enter_context(frozen_blocks(frozen))
-        site_out = stack.enter_context(capture_outputs(site_modules))
-        loss_out = stack.enter_context(capture_outputs(loss_block))
         for site, module in site_modules.items():
             stack.enter_context(add_at_positions(module, rows, prompts.subject_positions,
                                                  lambda d=deltas[site]: d.expand(n_rows, -1)))
+        # registered after δ's hooks, so a capture on the same module sees its output with δ added (δ = 0 at step 0)
+        site_out = stack.enter_context(capture_outputs(site_modules))
+        loss_out = stack.enter_context(capture_outputs(loss_block))
         for reg in regularizers:
             stack.callback(reg.detach)
             reg.attach(model, adapter, delta_batch)

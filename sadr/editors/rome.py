@@ -1,10 +1,13 @@
 """ROME (Meng et al., 2022): a rank-one update of one MLP down-projection per request (method.md §2).
 
-k* is the key averaged over the context templates; v* is the MLP output at the bare prompt's subject
-token plus the optimised δ; the update makes the layer map k* to v* exactly.
+k̄ is the key averaged over the context templates; v* is the MLP output at the bare prompt's subject token plus
+the optimised δ. By default (`rome_update: reference`, as ROME's code computes it) the update is exact at the bare
+prompt's key k₀ along the direction C⁻¹ k̄; `rome_update: paper` makes the layer map k̄ itself to v* (the paper's
+equation). docs/fidelity.md compares the two.
 """
 from __future__ import annotations
 
+from sadr.conf.schema import RomeUpdate
 from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.covariance import SecondMomentStatistics
@@ -12,6 +15,8 @@ from sadr.editors.delta import DeltaObjective, optimize_delta
 from sadr.editors.keys import mean_keys
 from sadr.editors.update import rank_one_update
 from sadr.models.adapters import ModelAdapter
+
+BARE_PROMPT = "{}"  # the context template of the prompt alone
 
 
 class RomeEditor(Editor):
@@ -32,17 +37,22 @@ class RomeEditor(Editor):
             with timed(outcome.seconds, "covariance"):
                 second_moment = self.statistics.get([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
             with timed(outcome.seconds, "k_star"):
-                key = mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], [request], self.context_templates)[self.layer][0]
+                key = self._key(request, self.context_templates)
+                exact_key = self._key(request, [BARE_PROMPT]) if self.hparams.rome_update is RomeUpdate.reference else key
             with timed(outcome.seconds, "v_star"):
                 delta = optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
                                        self.objective, self.regularizers)
             with timed(outcome.seconds, "update"):
-                # v* − (W k* + b): the module's own output at k*, bias included for families that have one
+                # v* − (W k₀ + b): the module's own output at the key the edit is exact for, bias included
                 down = self.adapter.mlp_down_module(self.model, self.layer)
-                current = down(key[None].to(down.weight.dtype))[0].float()
-                update = rank_one_update(key, delta.target("mlp_out") - current, second_moment)
+                current = down(exact_key[None].to(down.weight.dtype))[0].float()
+                update = rank_one_update(key, delta.target("mlp_out") - current, second_moment, exact_key)
                 self.adapter.add_to_down_weight(self.model, self.layer, update)
             outcome.updates[self.layer] = outcome.updates.get(self.layer, 0) + update
             outcome.diagnostics.update({"delta_steps": delta.steps_run, "delta_final_loss": delta.history[-1].loss,
                                         **delta.diagnostics})
         return outcome
+
+    def _key(self, request: EditRequest, context_templates: list[str]):
+        keys = mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], [request], context_templates)
+        return keys[self.layer][0]

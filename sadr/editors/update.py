@@ -4,14 +4,18 @@ from __future__ import annotations
 import torch
 
 
-def rank_one_update(key: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor | None) -> torch.Tensor:
-    """ROME: ΔW = r uᵀ / (uᵀ k*), u = C⁻¹ k* (C = I without mom2 adjustment), r = v* − (current output at k*).
+def rank_one_update(key: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor | None,
+                    exact_key: torch.Tensor | None = None) -> torch.Tensor:
+    """ROME: ΔW = r uᵀ / (uᵀ k₀), u = C⁻¹ k (C = I without mom2 adjustment), so that ΔW k₀ = r exactly.
 
-    The change of least C-weighted norm tr(ΔW C ΔWᵀ) with ΔW k* = r. Returns float64, (out, in).
+    k₀ = `exact_key`, or `key` itself when None: then ΔW is the change of least C-weighted norm tr(ΔW C ΔWᵀ) with
+    ΔW k = r. ROME's code takes the direction from the template-mean key k and the constraint at the bare prompt's
+    key k₀ (docs/fidelity.md). Returns float64, (out, in).
     """
     k, r = key.double(), residual.double()
+    k0 = k if exact_key is None else exact_key.double()
     u = k if second_moment is None else torch.linalg.solve(second_moment.to(k), k)
-    return torch.outer(r, u) / (u @ k)
+    return torch.outer(r, u) / (u @ k0)
 
 
 def least_squares_update(keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor,

@@ -29,21 +29,23 @@ class EncodedPair:
 
 
 def encode_prompt_target(tokenizer, prompt: str, target: str) -> EncodedPair:
-    """Token ids of `prompt` and of `target` read as its continuation with a leading space.
+    """Token ids of `prompt` and of `target` read as its continuation, after one space (added unless the target
+    already starts with one, as the reference code does).
 
     The pair is tokenised as one text "prompt target" and split at the prompt's last character, so the
     target's ids are those the model sees after the prompt. If the tokenizer merges a token across that
     boundary, prompt and " target" are tokenised separately and concatenated instead.
     """
-    if not target:
+    if not target.strip():
         raise ValueError(f"empty target for prompt {prompt!r}")
-    ids, offsets = encode_with_offsets(tokenizer, f"{prompt} {target}")
+    continuation = target if target.startswith(" ") else " " + target
+    ids, offsets = encode_with_offsets(tokenizer, prompt + continuation)
     boundary = len(prompt)
     split = next((i for i, (start, end) in enumerate(offsets) if end > start and start >= boundary), None)
     straddles = any(start < boundary < end for start, end in offsets)
     if split is None or straddles or split == 0:
         prompt_ids, prompt_offsets = encode_with_offsets(tokenizer, prompt)
-        target_ids = list(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
+        target_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
         return EncodedPair(prompt_ids, target_ids, prompt_offsets)
     return EncodedPair(ids[:split], ids[split:], offsets[:split])
 
