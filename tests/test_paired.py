@@ -41,6 +41,13 @@ def test_paired_difference_counts_and_ci_on_a_hand_computed_example(tmp_path):
     assert "NS" not in table.index  # absent from both runs
 
 
+def test_a_metric_one_run_did_not_evaluate_is_left_out(tmp_path):
+    base = _run(tmp_path / "a", {0: {"efficacy": [1], "fluency": [6.2, 6.3]}, 1: {"efficacy": [0], "fluency": [6.0]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
+    table = compare_runs(base, other).set_index("metric")
+    assert list(table.index) == ["ES"] and (table.loc["ES"].up, table.loc["ES"].down) == (1, 0)
+
+
 def test_runs_on_different_records_or_prompts_are_refused(tmp_path):
     base = _run(tmp_path / "a", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
     with pytest.raises(ValueError, match=r"different records .*\['1'\]"):

@@ -46,6 +46,8 @@ def compare_runs(base: str | Path, other: str | Path) -> pd.DataFrame:
                          "compare runs of the same dataset selection")
     records = []
     for metric, label in LABELS.items():
+        if not all(any(_values(row, metric) for row in run.values()) for run in (a, b)):
+            continue  # one run did not evaluate this metric (e.g. fluency off): nothing to pair
         x, y = [], []
         for case_id in a:
             xs, ys = _values(a[case_id], metric), _values(b[case_id], metric)
