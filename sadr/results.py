@@ -15,18 +15,24 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from sadr.errors import UsageError
+
 CONFIG_FILE, ENV_FILE, ROWS_FILE, METRICS_FILE = "config.yaml", "environment.json", "cases.jsonl", "metrics.csv"
 PACKAGES = ("sadr", "torch", "transformers", "hydra-core", "omegaconf", "datasets", "pandas", "numpy", "gguf", "accelerate")
 
 
-class RunConflictError(RuntimeError):
+class RunConflictError(UsageError):
     pass
 
 
+NOT_IDENTITY = ("output_dir", "progress", "save_edited")  # where and how results are written, not what they are
+
+
 def _identity(cfg: DictConfig) -> dict:
-    """The settings that determine results: everything but where they are written."""
+    """The settings that determine results."""
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)
-    plain.pop("output_dir", None)
+    for key in NOT_IDENTITY:
+        plain.pop(key, None)
     return plain
 
 
@@ -49,7 +55,8 @@ class RunDirectory:
         identity = _identity(cfg)
         if target.is_file():
             existing = OmegaConf.to_container(OmegaConf.load(target), resolve=False)
-            existing.pop("output_dir", None)
+            for key in NOT_IDENTITY:
+                existing.pop(key, None)
             if existing != identity:
                 changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
                 raise RunConflictError(

@@ -5,6 +5,8 @@ Protocols (recorded in every row):
 - sequential: edit the batches one after another without restoring, evaluate every case at the end.
   After each batch the edited weights are checkpointed in the run directory, so an interrupted
   sequential run resumes from the last finished batch.
+
+With `save_edited=true` the edited model is also written as a loadable folder (sadr/models/saving.py).
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ from sadr.editors.base import Editor, EditOutcome, WeightSnapshot
 from sadr.editors.context_templates import context_templates
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.registry import EDITORS
-from sadr.evaluation.aggregate import compact_table, metric_table
+from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
 from sadr.models.fingerprint import cache_key, model_fingerprint
 from sadr.models.loading import LoadedModel, load_model
+from sadr.models.saving import save_edited_model
+from sadr.progress import CaseProgress
 from sadr.regularizers.attention_drift import build_regularizers
 from sadr.results import RunDirectory
 from sadr.versions import warn_if_untested
@@ -35,6 +39,7 @@ from sadr.versions import warn_if_untested
 log = logging.getLogger(__name__)
 
 SEQUENTIAL_STATE = "sequential_state.pt"
+EDITED_MODEL, EDITED_MODELS = "edited_model", "edited_models"  # sequential: one folder; single/batch: one per group
 
 
 def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> SecondMomentStatistics:
@@ -69,6 +74,13 @@ def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: lis
     return results
 
 
+def case_line(row: dict) -> str:
+    """One line per finished case: its scores ×100 and its total seconds."""
+    scores = " ".join(f"{LABELS[name]} {100 * sum(entry['value']) / len(entry['value']):.0f}"
+                      for name, entry in row["edited"].items() if name in LABELS and entry.get("value"))
+    return f"case {row['case_id']} ({row['subject']}): {scores}; {sum(row['seconds'].values()):.1f} s"
+
+
 def case_groups(cases: list[EditCase], batch_size: int) -> list[list[EditCase]]:
     return [cases[i : i + batch_size] for i in range(0, len(cases), batch_size)]
 
@@ -83,9 +95,9 @@ class Experiment:
         self.out.claim(cfg)
         self.out.drop_partial_line()
         torch.manual_seed(cfg.seed)
+        self.dataset = load_cases(cfg.dataset, cfg.cache_dir)  # before the model: a bad dataset fails in seconds
         self.loaded = load_model(cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision,
                                  family=cfg.model.family, device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
-        self.dataset = load_cases(cfg.dataset, cfg.cache_dir)
         self.fingerprint = model_fingerprint(self.loaded.model)
         self.statistics = build_statistics(cfg, self.loaded, self.fingerprint)
         self.evaluators = build_evaluators(cfg)
@@ -124,6 +136,18 @@ class Experiment:
             "seconds": {**outcome.seconds, "eval_per_case": eval_seconds}, "diagnostics": outcome.diagnostics,
         }
 
+    def _write_row(self, row: dict) -> None:
+        self.out.append(row)
+        (log.info if self.cfg.progress.case_lines else log.debug)("%s", case_line(row))
+
+    def _save_edited(self, cases: list[EditCase], folder: Path) -> None:
+        cfg = self.cfg
+        note = {"model_fingerprint_before": self.fingerprint, "editor": cfg.editor.name.name,
+                "protocol": cfg.editor.protocol.name,
+                "editor_config": OmegaConf.to_container(cfg.editor, resolve=True, enum_to_str=True),
+                "sadr": OmegaConf.to_container(cfg.sadr, resolve=True, enum_to_str=True), "run": str(self.out.path)}
+        log.info("edited model saved to %s", save_edited_model(self.loaded, folder, cases, note))
+
     def run(self) -> Path:
         cases = self.dataset.cases
         started = time.perf_counter()
@@ -141,16 +165,19 @@ class Experiment:
 
     def _restoring(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
         """single / batch: edit a group, evaluate it, restore the weights bitwise, write its rows."""
-        for group in case_groups(todo, self.cfg.editor.batch_size):
-            snapshot = WeightSnapshot(self.loaded.model, self.loaded.adapter, editor.layers)
-            try:
-                outcome = editor.apply([case.request for case in group])
-                edited, eval_seconds = self._evaluate(group)
-            finally:
-                snapshot.restore()
-            for case, result in zip(group, edited):
-                self.out.append(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group)))
-            log.info("case(s) %s done: %s", [c.case_id for c in group], {k: round(v, 2) for k, v in outcome.seconds.items()})
+        with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
+            for group in case_groups(todo, self.cfg.editor.batch_size):
+                snapshot = WeightSnapshot(self.loaded.model, self.loaded.adapter, editor.layers)
+                try:
+                    outcome = editor.apply([case.request for case in group])
+                    edited, eval_seconds = self._evaluate(group)
+                    if self.cfg.save_edited:
+                        self._save_edited(group, self.out.path / EDITED_MODELS / "_".join(str(c.case_id) for c in group))
+                finally:
+                    snapshot.restore()
+                for case, result in zip(group, edited):
+                    self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group)))
+                progress.advance(len(group))
 
     def _sequential(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
         """Edit every batch without restoring (checkpointing the edited weights), then evaluate all cases."""
@@ -164,21 +191,26 @@ class Experiment:
                 for layer, weight in state["weights"].items():
                     adapter.down_weight(model, layer).copy_(weight)
             pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
-            for group in case_groups(pending, self.cfg.editor.batch_size):
-                outcome = editor.apply([case.request for case in group])
-                for name, seconds in outcome.seconds.items():
-                    total.seconds[name] = total.seconds.get(name, 0.0) + seconds
-                state["edited"] += [str(c.case_id) for c in group]
-                state["weights"] = {layer: adapter.down_weight(model, layer).detach().clone() for layer in editor.layers}
-                torch.save(state, state_file.with_suffix(".tmp"))
-                state_file.with_suffix(".tmp").replace(state_file)
-                log.info("sequential: %d/%d requests edited into the model", len(state["edited"]), len(todo))
+            with CaseProgress(len(pending), self.cfg.progress.bar) as progress:
+                for group in case_groups(pending, self.cfg.editor.batch_size):
+                    outcome = editor.apply([case.request for case in group])
+                    for name, seconds in outcome.seconds.items():
+                        total.seconds[name] = total.seconds.get(name, 0.0) + seconds
+                    state["edited"] += [str(c.case_id) for c in group]
+                    state["weights"] = {layer: adapter.down_weight(model, layer).detach().clone() for layer in editor.layers}
+                    torch.save(state, state_file.with_suffix(".tmp"))
+                    state_file.with_suffix(".tmp").replace(state_file)
+                    progress.advance(len(group))
+            log.info("sequential: %d requests edited into the model; evaluating every case", len(state["edited"]))
+            if self.cfg.save_edited:
+                in_model = set(state["edited"])
+                self._save_edited([c for c in self.dataset.cases if str(c.case_id) in in_model], self.out.path / EDITED_MODEL)
             edited, eval_seconds = self._evaluate(todo)
         finally:
             snapshot.restore()
         total.diagnostics["n_edits_in_model"] = len(state["edited"])
         for case, result in zip(todo, edited):
-            self.out.append(self._row(case, result, unedited[str(case.case_id)], total, eval_seconds, self.cfg.editor.batch_size))
+            self._write_row(self._row(case, result, unedited[str(case.case_id)], total, eval_seconds, self.cfg.editor.batch_size))
 
     def _finish(self) -> Path:
         cfg = self.cfg

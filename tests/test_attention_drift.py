@@ -96,6 +96,7 @@ def expected_loss(family, tokenizer, delta, selective):
         handle.remove()
         maps.append([a[rows, :, batch.last_prompt_positions[rows]] for a in out.attentions])
     total, n_selected = 0.0, 0
+    counts = [[0] * maps[0][0].shape[1] for _ in maps[0]]  # layers × heads, 0 up to the injection layer
     for layer in range(INJECTION + 1, len(maps[0])):
         w, w_star = maps[0][layer], maps[1][layer]
         for j, s in enumerate(batch.subject_positions[rows]):
@@ -105,7 +106,8 @@ def expected_loss(family, tokenizer, delta, selective):
                     p, q = w[j, h, valid] + 1e-8, w_star[j, h, valid] + 1e-8
                     total += float((p * (p / q).log()).sum())
                     n_selected += 1
-    return total / len(rows), n_selected
+                    counts[layer][h] += 1
+    return total / len(rows), n_selected, counts
 
 
 @pytest.mark.parametrize("heads", ["selective", "all"])
@@ -125,9 +127,10 @@ def test_loss_matches_eager_attention_reference(tokenizer, family, heads):
         loss = edit.loss(1)
     finally:
         edit.close()
-    want, n_selected = expected_loss(family, tokenizer, edit.delta.detach(), heads == "selective")
+    want, n_selected, counts = expected_loss(family, tokenizer, edit.delta.detach(), heads == "selective")
     assert n_selected > 0 and want > 0
-    assert reg.diagnostics() == {"selected_heads": n_selected, "loss": pytest.approx(want, rel=1e-4, abs=1e-6)}
+    assert reg.diagnostics() == {"selected_heads": n_selected, "loss": pytest.approx(want, rel=1e-4, abs=1e-6),
+                                 "selected_head_counts": counts}
     assert loss.item() == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert sorted(reg.selected) == list(range(INJECTION + 1, adapter_for(model).num_layers(model)))
 

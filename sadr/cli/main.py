@@ -54,5 +54,21 @@ def compare(
     typer.echo(table.to_markdown(index=False, floatfmt=".3g"))
 
 
+@app.command()
+def report(
+    root: Path = typer.Argument(..., help="a run directory, or a multirun directory holding many runs"),
+    out: Path = typer.Option(None, help="where to write report.html and the plots (default: ROOT/report)"),
+) -> None:
+    """One self-contained HTML page of every run under ROOT (γ trade-off, attention-drift heatmaps, every metric,
+    settings, versions, times), and each plot as PNG and SVG beside the CSV it was drawn from."""
+    from sadr.report.build import write_report
+
+    try:
+        typer.echo(write_report(root, out))
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
 if __name__ == "__main__":
     app()

@@ -1,26 +1,59 @@
-"""`sadr-run`: compose the Hydra config and run one experiment (or a sweep with -m)."""
+"""`sadr-run`: compose the Hydra config and run one experiment (or a sweep with -m).
+
+A user's mistake (a bad key or value, a missing file, an unknown model family, a malformed record, no
+network for a hub model) ends the command with its message on stderr and exit status 2, without a
+traceback; `HYDRA_FULL_ERROR=1` shows the traceback. Anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from sadr.conf.registry import register_configs, validate
+from sadr.errors import UsageError
 from sadr.runner import run_experiment
 
 log = logging.getLogger("sadr")
 
 
+class _Progress:
+    """Whether Hydra got as far as calling the task: an exit before that is a config that does not compose."""
+
+    task_started = False
+
+
+def _full_error_requested() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    validate(cfg)
-    run_experiment(cfg)
+    _Progress.task_started = True
+    try:
+        validate(cfg)
+        run_experiment(cfg)
+    except UsageError as err:
+        if _full_error_requested():
+            raise
+        log.debug("stopped by a usage error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main() -> None:
     register_configs()
-    _main()
+    try:
+        _main()
+    except SystemExit as stop:
+        # Hydra prints a config that does not compose (unknown key, bad value, missing config file) without a
+        # traceback and exits with 1; that is a usage error like the ones the task reports.
+        if stop.code == 1 and not _Progress.task_started:
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sadr.conf.schema import RunConfig
+from sadr.errors import InvalidSettingError
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidSettingError):
     pass
 
 

@@ -168,6 +168,14 @@ class EvalConfig:
 
 
 @dataclass
+class ProgressConfig:
+    """What a run prints while it works (not part of a run's identity: changing it never blocks a resume)."""
+
+    bar: bool = True  # a progress bar over cases with rate and ETA, on stderr (never in the run's log file)
+    case_lines: bool = False  # one INFO line per finished case (its metrics and phase times)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     editor: EditorConfig = MISSING
@@ -177,5 +185,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: DType = DType.float32
     seed: int = 0
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
+    # write the edited model as a folder from_pretrained loads: a sequential run's final model, or every
+    # group's model in single/batch runs (one full copy each: select the cases with dataset.case_ids)
+    save_edited: bool = False
     cache_dir: str = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"
     output_dir: str = "${hydra:runtime.output_dir}"

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sadr.errors import MissingInputError, UnavailableError
 from sadr.models.generation import sample_texts
 
 GENERATION_SEEDS = ("The", "In", "A", "It", "When", "This", "There", "One", "After", "His", "Her", "According to")
 
 
-class CorpusUnavailableError(RuntimeError):
+class CorpusUnavailableError(UnavailableError):
     pass
 
 
@@ -46,7 +47,7 @@ def file_corpus(path: str | None, n_samples: int) -> Corpus:
         raise CorpusUnavailableError("model.stats.corpus=file needs model.stats.text_file=PATH")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"statistics text file {file} does not exist (model.stats.text_file)")
+        raise MissingInputError(f"statistics text file {file} does not exist (model.stats.text_file)")
     stat = file.stat()
 
     def texts() -> Iterator[str]:

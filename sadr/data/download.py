@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+from sadr.errors import UnavailableError
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
 
 
-class DownloadError(OSError):
+class DownloadError(UnavailableError):
     """A file could not be fetched; the message says from where, and how to supply it by hand."""
 
 

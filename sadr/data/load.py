@@ -14,9 +14,10 @@ from sadr.data.registry import FORMATS
 from sadr.data.selection import Selection
 from sadr.data.sources import resolve_source
 from sadr.data.validation import parse_records
+from sadr.errors import InvalidSettingError
 
 
-class MalformedDatasetError(ValueError):
+class MalformedDatasetError(InvalidSettingError):
     """The file is not a JSON list of records."""
 
 
@@ -31,7 +32,7 @@ class LoadedDataset:
 def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDataset:
     fmt = FORMATS.get(cfg.name)
     if fmt is None:
-        raise ValueError(f"unknown dataset.name={cfg.name!r}; expected one of: {', '.join(sorted(FORMATS))}.")
+        raise InvalidSettingError(f"unknown dataset.name={cfg.name!r}; expected one of: {', '.join(sorted(FORMATS))}.")
     selection = Selection.from_config(cfg)
     path = resolve_source(fmt, cfg, cache_dir)
     parse = functools.partial(fmt.parse, cfg=cfg)

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from sadr.conf.schema import DatasetConfig
 from sadr.data.records import EditCase
+from sadr.errors import InvalidSettingError
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
@@ -23,7 +24,7 @@ class Selection:
         """Validate the selection keys up front, before any file is read or downloaded."""
         limit = cfg.limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"dataset.limit={limit!r} is not valid: expected a non-negative integer or null.")
+            raise InvalidSettingError(f"dataset.limit={limit!r} is not valid: expected a non-negative integer or null.")
         case_ids = tuple(cfg.case_ids) if cfg.case_ids is not None else None
         return cls(case_ids, parse_shard(cfg.shard) if cfg.shard is not None else None, limit)
 
@@ -53,7 +54,7 @@ def parse_shard(value: str) -> tuple[int, int]:
     match = _SHARD.fullmatch(str(value))
     i, n = (int(match[1]), int(match[2])) if match else (0, 0)
     if not 1 <= i <= n:
-        raise ValueError(
+        raise InvalidSettingError(
             f"dataset.shard={value!r} is not valid: expected 'i/n' with 1 <= i <= n, e.g. dataset.shard=1/8."
         )
     return i, n
@@ -66,7 +67,7 @@ def _by_ids(cases: list[EditCase], wanted: tuple[Any, ...]) -> list[EditCase]:
     missing = wanted_keys - {str(case.case_id) for case in selected}
     if missing:
         shown = ", ".join(sorted(missing, key=lambda k: (len(k), k)))
-        raise ValueError(
+        raise InvalidSettingError(
             f"dataset.case_ids: no case with id {shown} among the {len(cases)} loaded cases. "
             "Check the ids (zsRE, KnowEdit and SADR-merged records are numbered by position from 0), "
             "or invalid records skipped by dataset.on_invalid=skip."

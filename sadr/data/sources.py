@@ -10,13 +10,14 @@ from pathlib import Path
 from sadr.conf.schema import DatasetConfig
 from sadr.data.download import RemoteFile, download
 from sadr.data.registry import DatasetFormat
+from sadr.errors import MissingInputError
 
 
 def resolve_source(fmt: DatasetFormat, cfg: DatasetConfig, cache_dir: str | os.PathLike) -> Path:
     if cfg.path:
         path = Path(cfg.path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"dataset file not found: {path} (dataset.path). Set dataset.path=<path to a {cfg.name} JSON file>, "
                 "or set dataset.path=null to use the canonical copy."
             )
@@ -43,7 +44,7 @@ def _packaged(relative: str, name: str) -> Path:
     # sadr is installed as plain files, so this is the file's own path and stays valid after the `with`.
     with importlib.resources.as_file(resource) as path:
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"the packaged {name} dataset is missing: {path}. Reinstall sadr, "
                 f"or set dataset.path=<path to a {name} JSON file>."
             )

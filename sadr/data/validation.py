@@ -12,6 +12,7 @@ import logging
 from typing import Any, Callable, NoReturn, TypeVar
 
 from sadr.conf.schema import InvalidRecordPolicy
+from sadr.errors import InvalidSettingError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ _ABSENT = object()
 _LOGGED_SKIPS = 10  # individual warnings before only the final count is logged
 
 
-class InvalidRecordError(ValueError):
+class InvalidRecordError(InvalidSettingError):
     """One record does not match its format's schema."""
 
     def __init__(self, source: str, index: int, field: str, expected: str, got: Any = _ABSENT):

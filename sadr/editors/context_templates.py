@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_texts
 
@@ -31,7 +32,7 @@ def context_templates(model, tokenizer, length_params: list[list[int]], *, seed:
     templates = ["{}"]
     for index, (max_tokens, count) in enumerate(length_params):
         if count % len(SEED_WORDS):
-            raise ValueError(f"context template count {count} must be a multiple of {len(SEED_WORDS)} (editor.context_templates)")
+            raise InvalidSettingError(f"context template count {count} must be a multiple of {len(SEED_WORDS)} (editor.context_templates)")
         prompts = [w for w in SEED_WORDS for _ in range(count // len(SEED_WORDS))]
         new_tokens = max(1, max_tokens - 1)
         templates += [_as_template(t) for t in sample_texts(model, tokenizer, prompts, max_new_tokens=new_tokens, seed=seed + index)]

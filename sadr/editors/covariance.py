@@ -15,6 +15,7 @@ import torch
 
 from sadr.data.corpus import Corpus
 from sadr.editors.capture import capture_inputs
+from sadr.errors import InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
 from sadr.models.fingerprint import cache_key
 from sadr.models.tokenization import pad_id_of, pad_right
@@ -26,14 +27,14 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
     """C from a ROME statistics file: mom2.mom2 / mom2.count, as float64."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"ROME statistics file {path} does not exist; expected <module>_float32_mom2_<n>.npz in "
             "model.stats.npz_dir (or unset model.stats.npz_dir to compute the statistics)"
         )
     with np.load(path) as data:
         missing = {"mom2.mom2", "mom2.count"} - set(data.files)
         if missing:
-            raise ValueError(f"{path} lacks key(s) {sorted(missing)}; found {data.files}")
+            raise InvalidSettingError(f"{path} lacks key(s) {sorted(missing)}; found {data.files}")
         return torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64)) / float(data["mom2.count"])
 
 
@@ -72,7 +73,7 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     if pending:
         flush(pending)
     if count == 0:
-        raise ValueError("the statistics corpus produced no tokens")
+        raise InvalidSettingError("the statistics corpus produced no tokens; check model.stats (corpus, text_file, n_samples)")
     return {layer: (sums[layer].cpu(), count) for layer in layers}
 
 

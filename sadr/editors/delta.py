@@ -75,7 +75,7 @@ class DeltaResult:
     initial: dict[str, torch.Tensor]  # site -> the site's output at the bare prompt's subject token, δ = 0
     steps_run: int
     history: list[StepState] = field(default_factory=list)
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # the regularizers': numbers, or small nested lists
 
     def target(self, site: str) -> torch.Tensor:
         return self.initial[site] + self.deltas[site]

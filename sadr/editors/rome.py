@@ -14,6 +14,7 @@ from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.delta import DeltaObjective, optimize_delta
 from sadr.editors.keys import mean_keys
 from sadr.editors.update import rank_one_update
+from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
 
 BARE_PROMPT = "{}"  # the context template of the prompt alone
@@ -23,7 +24,7 @@ class RomeEditor(Editor):
     def __init__(self, model, adapter: ModelAdapter, tokenizer, hparams, *, statistics: SecondMomentStatistics,
                  context_templates: list[str], regularizers=()):
         if len(hparams.layers) != 1:
-            raise ValueError(f"ROME edits exactly one layer; editor.layers={list(hparams.layers)}")
+            raise InvalidSettingError(f"ROME edits exactly one layer; editor.layers={list(hparams.layers)}")
         self.model, self.adapter, self.tokenizer, self.hparams = model, adapter, tokenizer, hparams
         self.layer = int(hparams.layers[0])
         self.layers = [self.layer]

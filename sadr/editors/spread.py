@@ -32,6 +32,7 @@ from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delt
 from sadr.editors.keys import mean_keys
 from sadr.editors.prompts import encode_subject_prompts
 from sadr.editors.update import least_squares_update
+from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
 
 
@@ -39,8 +40,8 @@ def template_groups(context_templates: list[str], length_params) -> list[list[st
     """Split the flat template list into the bare prompt and one group per [max_tokens, count] entry."""
     sizes = [1] + [int(count) for _max_tokens, count in length_params]
     if sum(sizes) != len(context_templates):
-        raise ValueError(f"{len(context_templates)} context templates do not match editor.context_templates="
-                         f"{[list(p) for p in length_params]} (1 bare prompt + {sum(sizes) - 1} prefixes)")
+        raise InvalidSettingError(f"{len(context_templates)} context templates do not match editor.context_templates="
+                                  f"{[list(p) for p in length_params]} (1 bare prompt + {sum(sizes) - 1} prefixes)")
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return [context_templates[start : start + size] for start, size in zip(starts, sizes) if size]
 
@@ -85,11 +86,12 @@ class SpreadOutcome(EditOutcome):
     solves: list[LayerSolve] = field(default_factory=list)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _mean(values: list):
+    """The mean of numbers, or the elementwise mean of equally shaped nested lists (SADR's head counts)."""
+    return torch.tensor(values, dtype=torch.float64).mean(dim=0).tolist()
 
 
-def _delta_diagnostics(results: list[DeltaResult]) -> dict[str, float]:
+def _delta_diagnostics(results: list[DeltaResult]) -> dict:
     """Per-request numbers, averaged over the batch."""
     names = {name for r in results for name in r.diagnostics}
     return {
@@ -111,10 +113,10 @@ class SpreadEditor(Editor):
                  context_templates: list[str], regularizers=()):
         layers = [int(layer) for layer in hparams.layers]
         if layers != sorted(set(layers)):
-            raise ValueError(f"editor.layers={layers}: give distinct layers in increasing order")
+            raise InvalidSettingError(f"editor.layers={layers}: give distinct layers in increasing order")
         if not hparams.mom2_adjustment:
-            raise ValueError(f"{type(self).__name__} always weighs its update by the key second moment C "
-                             "(editor.mom2_update_weight); editor.mom2_adjustment=false applies to ROME only")
+            raise InvalidSettingError(f"{type(self).__name__} always weighs its update by the key second moment C "
+                                      "(editor.mom2_update_weight); editor.mom2_adjustment=false applies to ROME only")
         self.model, self.adapter, self.tokenizer, self.hparams = model, adapter, tokenizer, hparams
         self.layers = layers
         self.statistics, self.context_templates, self.regularizers = statistics, context_templates, list(regularizers)

@@ -20,6 +20,7 @@ import functools
 import logging
 
 from sadr.data.records import EditCase
+from sadr.errors import InvalidSettingError
 from sadr.evaluation.consistency import ConsistencyData, ConsistencyUnavailable, load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
 from sadr.evaluation.suite import Evaluator
@@ -42,9 +43,9 @@ class GenerationMetrics(Evaluator):
     def __init__(self, seed: int, prompts_per_case: int | None = 2, new_tokens: int = 100,
                  consistency_dir: str | None = None, consistency_download: bool = False):
         if prompts_per_case is not None and prompts_per_case < 1:
-            raise ValueError(f"eval.generation_prompts_per_case={prompts_per_case}: must be >= 1, or null for all")
+            raise InvalidSettingError(f"eval.generation_prompts_per_case={prompts_per_case}: must be >= 1, or null for all")
         if new_tokens < 1:
-            raise ValueError(f"eval.new_tokens={new_tokens}: must be >= 1")
+            raise InvalidSettingError(f"eval.new_tokens={new_tokens}: must be >= 1")
         self.seed, self.prompts_per_case, self.new_tokens = seed, prompts_per_case, new_tokens
         self.consistency_dir, self.consistency_download = consistency_dir, consistency_download
 

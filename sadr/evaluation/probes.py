@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sadr.data.records import EditCase
+from sadr.errors import InvalidSettingError
 
 
 @dataclass(frozen=True)
@@ -94,5 +95,5 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 def resolve_metrics(names: list[str]) -> list[Metric]:
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
+        raise InvalidSettingError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
     return [METRICS[n] for n in names]

@@ -40,8 +40,24 @@ def find_runs(root: str | Path) -> list[Path]:
     return runs
 
 
-def _settings(runs: list[Path]) -> dict[Path, dict]:
+def run_settings(runs: list[Path]) -> dict[Path, dict]:
+    """Each run's config.yaml, flattened to dotted keys ("editor.name")."""
     return {run: _flatten(OmegaConf.to_container(OmegaConf.load(run / CONFIG_FILE), resolve=False)) for run in runs}
+
+
+def differing_keys(settings: dict[Path, dict]) -> list[str]:
+    """The dotted keys whose value is not the same in every run, sorted."""
+    keys = sorted({k for s in settings.values() for k in s})
+    return [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1]
+
+
+def baseline_groups(settings: dict[Path, dict]) -> list[list[Path]]:
+    """Runs grouped by every setting but those a run may change against its γ = 0 baseline (SADR's, δ steps)."""
+    groups: dict[tuple, list[Path]] = {}
+    for run, values in settings.items():
+        fixed = tuple(sorted((k, repr(v)) for k, v in values.items() if not k.startswith(MAY_DIFFER_FROM_BASELINE)))
+        groups.setdefault(fixed, []).append(run)
+    return list(groups.values())
 
 
 def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
@@ -51,10 +67,9 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     protocol, records under the case protocol).
     """
     runs = find_runs(root)
-    settings = _settings(runs)
-    keys = sorted({k for s in settings.values() for k in s})
-    swept = [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1 and k != "seed" or k in ALWAYS]
-    swept = [k for k in ALWAYS if k in keys] + [k for k in swept if k not in ALWAYS]
+    settings = run_settings(runs)
+    keys = {k for s in settings.values() for k in s}
+    swept = [k for k in ALWAYS if k in keys] + [k for k in differing_keys(settings) if k not in ALWAYS and k != "seed"]
     records = []
     for run in runs:
         table = pd.read_csv(run / METRICS_FILE)
@@ -96,14 +111,9 @@ def paired_with_baselines(root: str | Path) -> pd.DataFrame:
 
     One row per (run, metric), as `sadr compare`; empty when no run has such a baseline under `root`.
     """
-    runs = find_runs(root)
-    settings = _settings(runs)
-    groups: dict[tuple, list[Path]] = {}
-    for run in runs:
-        fixed = tuple(sorted((k, repr(v)) for k, v in settings[run].items() if not k.startswith(MAY_DIFFER_FROM_BASELINE)))
-        groups.setdefault(fixed, []).append(run)
+    settings = run_settings(find_runs(root))
     tables = []
-    for group in groups.values():
+    for group in baseline_groups(settings):
         baselines = [run for run in group if settings[run].get("sadr.lambda") == 0]
         for run in group:
             if baselines and run not in baselines:

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sadr.errors import InvalidSettingError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(InvalidSettingError):
     """The model's family (config.model_type) has no adapter."""
 
 

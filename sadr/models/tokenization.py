@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sadr.errors import InvalidSettingError
 
-class SubjectNotFoundError(ValueError):
+
+class SubjectNotFoundError(InvalidSettingError):
     """The subject string does not occur in the prompt it is supposed to be in."""
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from sadr.conf.schema import Divergence, SadrHeads
+from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
 from sadr.regularizers.attention_rows import AttentionRows
 from sadr.regularizers.base import DeltaBatch, DeltaRegularizer
@@ -45,7 +46,9 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
     The reference rows W come from the step-0 forward (δ = 0) and stay frozen; the selection H is
     recomputed every step. `layers=None` means every layer after the injection layer; given layers at
     or before it are dropped (δ cannot change them). After each `loss()`, `selected[layer]` holds the
-    (N, H) selection that was used (kept after `detach()` for logging).
+    (N, H) selection that was used (kept after `detach()` for logging), and the diagnostics hold
+    `selected_head_counts`: per layer and head (every layer, zeros where SADR does not act), the number
+    of rewrite prompts whose selection held the head, so after the last step the map is the final δ's.
     """
 
     def __init__(
@@ -64,12 +67,14 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self.selected: dict[int, Tensor] = {}
         self._recorder: Optional[AttentionRows] = None
         self._reference: Optional[dict[int, Tensor]] = None
-        self._diagnostics: dict[str, float] = {}
+        self._diagnostics: dict = {}
+        self._n_layers = 0
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
         self.detach()
         self.selected, self._diagnostics = {}, {}
-        layers = self._active_layers(adapter.num_layers(model), batch.injection_layer)
+        self._n_layers = adapter.num_layers(model)
+        layers = self._active_layers(self._n_layers, batch.injection_layer)
         device = next(model.parameters()).device
         rows = batch.rewrite_rows.cpu()
         self._subjects = batch.subject_positions.cpu()[rows].to(device)
@@ -84,10 +89,10 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         else:
             out_of_range = [layer for layer in self.layers if not 0 <= layer < n_layers]
             if out_of_range:
-                raise ValueError(f"sadr.layers {out_of_range} out of range: the model has layers 0..{n_layers - 1}")
+                raise InvalidSettingError(f"sadr.layers {out_of_range} out of range: the model has layers 0..{n_layers - 1}")
             layers = [layer for layer in self.layers if layer > injection_layer]
         if not layers:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"sadr.layers selects no layer after the injection layer {injection_layer} "
                 f"(the model has layers 0..{n_layers - 1}); δ cannot change attention at or before it"
             )
@@ -115,14 +120,21 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self._diagnostics = {
             "selected_heads": float(sum(int(s.sum()) for s in self.selected.values())),
             "loss": float(loss.detach()),
+            "selected_head_counts": self._selected_head_counts(),
         }
         return loss
+
+    def _selected_head_counts(self) -> list[list[int]]:
+        """layers × heads: how many rewrite prompts selected each head (0 in layers SADR does not act on)."""
+        n_heads = next(iter(self.selected.values())).shape[1]
+        return [self.selected[layer].sum(dim=0).tolist() if layer in self.selected else [0] * n_heads
+                for layer in range(self._n_layers)]
 
     def _record_reference(self, current: dict[int, Tensor]) -> Tensor:
         """δ = 0: these rows are the unedited reference W; W* = W, so the loss is exactly 0 (no head selected)."""
         self._reference = {layer: rows.detach() for layer, rows in current.items()}
         self.selected = {layer: torch.zeros_like(rows[:, :, 0], dtype=torch.bool) for layer, rows in current.items()}
-        self._diagnostics = {"selected_heads": 0.0, "loss": 0.0}
+        self._diagnostics = {"selected_heads": 0.0, "loss": 0.0, "selected_head_counts": self._selected_head_counts()}
         return sum(rows.sum() for rows in current.values()) * 0.0  # in the graph, so backward() still works
 
     def detach(self) -> None:
@@ -131,7 +143,7 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self._recorder = None
         self._reference = None
 
-    def diagnostics(self) -> dict[str, float]:
+    def diagnostics(self) -> dict:
         return dict(self._diagnostics)
 
 
@@ -143,20 +155,20 @@ def build_regularizers(sadr_cfg: Any) -> list[DeltaRegularizer]:
     """The regularizers a `sadr` config asks for: none when γ = 0, so the plain editor runs bit for bit."""
     gamma = _get(sadr_cfg, "lambda")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"sadr.lambda must be a finite number >= 0 (γ; 0 disables SADR), got {gamma!r}")
+        raise InvalidSettingError(f"sadr.lambda must be a finite number >= 0 (γ; 0 disables SADR), got {gamma!r}")
     epsilon = _get(sadr_cfg, "epsilon")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise ValueError(f"sadr.epsilon must be a finite number > 0 (added to both distributions), got {epsilon!r}")
+        raise InvalidSettingError(f"sadr.epsilon must be a finite number > 0 (added to both distributions), got {epsilon!r}")
     heads = _enum(SadrHeads, _get(sadr_cfg, "heads"), "sadr.heads")
     _enum(Divergence, _get(sadr_cfg, "divergence"), "sadr.divergence")
     layers = _get(sadr_cfg, "layers")
     if layers is not None:
         layers = list(layers)
         if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
-            raise ValueError(f"sadr.layers must be null or a non-empty list of layer indices >= 0, got {layers!r}")
+            raise InvalidSettingError(f"sadr.layers must be null or a non-empty list of layer indices >= 0, got {layers!r}")
     in_stop_rule = _get(sadr_cfg, "in_stop_rule")
     if not isinstance(in_stop_rule, bool):
-        raise ValueError(f"sadr.in_stop_rule must be true or false, got {in_stop_rule!r}")
+        raise InvalidSettingError(f"sadr.in_stop_rule must be true or false, got {in_stop_rule!r}")
     if gamma == 0:
         return []
     return [SelectiveAttentionDriftRegularizer(weight=gamma, heads=heads, layers=layers, epsilon=epsilon,
@@ -167,4 +179,4 @@ def _enum(enum: type, value: Any, key: str):
     try:
         return enum(value)
     except ValueError:
-        raise ValueError(f"{key} must be one of {[m.value for m in enum]}, got {value!r}") from None
+        raise InvalidSettingError(f"{key} must be one of {[m.value for m in enum]}, got {value!r}") from None

@@ -54,6 +54,9 @@ class DeltaRegularizer(ABC):
     def detach(self) -> None:
         """Remove every hook; called even when the optimisation fails."""
 
-    def diagnostics(self) -> dict[str, float]:
-        """Numbers worth logging about the last step (e.g. how many heads were selected)."""
+    def diagnostics(self) -> dict:
+        """Numbers (or small nested lists of them) worth logging about the last step, e.g. which heads were selected.
+
+        JSON-able, since they go into every case's row; an editor averages them over a batch (elementwise for lists).
+        """
         return {}

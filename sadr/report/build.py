@@ -1,0 +1,136 @@
+"""`sadr report`: one self-contained HTML page of a run or a sweep, and every plot as PNG and SVG beside
+the CSV it was drawn from (so the plotted numbers can be checked, or re-plotted elsewhere)."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from sadr.evaluation.summary import ALWAYS, paired_with_baselines
+from sadr.report import page
+from sadr.report.data import (
+    TRADEOFF_METRICS,
+    Run,
+    Series,
+    bars_table,
+    config_diff,
+    drift_map,
+    environments,
+    load_runs,
+    matrix_frame,
+    phase_seconds,
+    selected_head_map,
+    series_of,
+    tradeoff_table,
+)
+from sadr.report.plots import bars_figure, drift_figure, save, tradeoff_figure
+
+REPORT_FILE = "report.html"
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> str:
+    """Write the report of every run under `root` into `out` (default: ROOT/report); returns what to print."""
+    root = Path(root)
+    runs = load_runs(root)
+    target = Path(out) if out else root / "report"
+    target.mkdir(parents=True, exist_ok=True)
+    series = series_of(runs)
+    sections = [
+        ("tradeoff", "γ trade-off", _tradeoff(series, target)),
+        ("drift", "Attention drift by layer and head", _drift(series, target)),
+        ("metrics", "Every metric, edited vs unedited", _metrics(series, root, target)),
+        ("runs", "Runs, settings, versions, times", _metadata(runs, target)),
+    ]
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    subtitle = f"{len(runs)} run(s) under {root.resolve()}; prompt-level means ×100 with 95 % CIs; made {generated}"
+    (target / REPORT_FILE).write_text(page.page(f"sadr report: {root.resolve().name}", subtitle, sections), encoding="utf-8")
+    plots = len(list(target.glob("*.png")))
+    return f"wrote {target / REPORT_FILE} and {plots} plots (PNG and SVG, each beside the CSV it was drawn from) in {target}"
+
+
+def _tradeoff(series: list[Series], target: Path) -> list[str]:
+    table = tradeoff_table(series)
+    if table.empty:
+        return [page.paragraph("No run has any of the trade-off metrics (DNS, RS, NS, ES, PS, Drift) in its metrics.csv.")]
+    table.to_csv(target / "tradeoff.csv", index=False)
+    png = save(tradeoff_figure(table, TRADEOFF_METRICS), target, "tradeoff")
+    caption = ("Edited model, prompt level, mean ± 95 % CI against the SADR weight γ (equally spaced categories), "
+               "one line per editor.")
+    return [page.figure_html(png, "tradeoff", caption, ["tradeoff.csv"])]
+
+
+def _matrices(line: Series, target: Path, kind: str, compute, label) -> tuple[list, list[str]]:
+    """(label, layers × heads matrix) of every run of `line` that has one, each also written as `<kind>_*.csv`."""
+    matrices, files = [], []
+    for run in line.runs:
+        matrix = compute(run)
+        if matrix is not None:
+            name = f"{kind}_{line.slug}_{line.tag(run)}.csv"
+            matrix_frame(matrix).to_csv(target / name)
+            matrices.append((label(run), matrix))
+            files.append(name)
+    return matrices, files
+
+
+def _drift(series: list[Series], target: Path) -> list[str]:
+    figures = []
+    intro = page.paragraph(
+        "Per layer and head: attention from the last prompt token to the edited subject's last token on every "
+        "Distract Neighborhood prompt, edited − unedited, mean over prompts, in percentage points (red: the edit "
+        "pulls attention onto the subject). Green: in how many rewrite prompts SADR's last δ step restricted the head.")
+    for line in series:
+        drift, drift_files = _matrices(line, target, "drift", drift_map,
+                                       lambda run: f"γ={line.tag(run)} ({'SADR' if run.gamma > 0 else 'no SADR'})")
+        selected, selected_files = _matrices(line, target, "selected_heads", selected_head_map,
+                                             lambda run: f"heads SADR selected, γ={line.tag(run)}")
+        files = drift_files + selected_files
+        if not drift and not selected:
+            continue
+        figure = drift_figure(f"{line.label}: attention drift to the edited subject (DNS prompts)", drift, selected)
+        png = save(figure, target, f"drift_{line.slug}")
+        figures.append(page.figure_html(png, f"drift_{line.slug}", line.label, files))
+    if not figures:
+        return [page.paragraph("No run recorded subject_attention; runs made with eval.drift=true (the default) do.")]
+    return [intro, page.side_by_side(figures)]
+
+
+def _metrics(series: list[Series], root: Path, target: Path) -> list[str]:
+    parts = []
+    for line in series:
+        table = bars_table(line)
+        table.to_csv(target / f"bars_{line.slug}.csv", index=False)
+        png = save(bars_figure(table, line.label), target, f"bars_{line.slug}")
+        caption = f"{line.label}: every metric of the unedited model and of each run, prompt level, mean ± 95 % CI."
+        parts.append(page.figure_html(png, f"bars_{line.slug}", caption, [f"bars_{line.slug}.csv"]))
+    paired = paired_with_baselines(root)
+    if paired.empty:
+        parts.append(page.paragraph("No run with γ > 0 has a γ = 0 run that differs from it only in SADR settings and "
+                                    "δ steps, so there is no prompt-by-prompt comparison."))
+    else:
+        paired.to_csv(target / "paired.csv", index=False)
+        parts.append(page.subsection("Each γ > 0 run against its γ = 0 run, prompt by prompt (as sadr compare)", [
+            page.paragraph("difference: other − base, ×100, with its paired 95 % CI; up/down: prompts that changed; "
+                           "sign-test p: exact two-sided."),
+            page.table_html(paired)]))
+    return parts
+
+
+def _metadata(runs: list[Run], target: Path) -> list[str]:
+    overview = pd.DataFrame([{"run": run.name, **{k: run.settings.get(k) for k in ALWAYS}, "cases": len(run.rows)}
+                             for run in runs]).set_index("run")
+    diff = config_diff(runs)
+    envs = environments(runs)
+    seconds = phase_seconds(runs)
+    for name, table in (("runs", overview), ("config_diff", diff), ("environment", envs), ("seconds", seconds)):
+        table.to_csv(target / f"{name}.csv", index=name != "environment")
+    parts = [page.table_html(overview)]
+    if diff.columns.empty:
+        parts.append(page.subsection("Config differences", [page.paragraph(
+            "Every run has the same config; see its config.yaml.")]))
+    else:
+        parts.append(page.subsection("Config differences (only the keys that differ)", [page.table_html(diff)]))
+    parts.append(page.subsection("Machine and versions (environment.json; one column per distinct environment)",
+                                 [page.table_html(envs.set_index("runs").T.rename_axis(index="run(s)", columns=None))]))
+    parts.append(page.subsection("Seconds per phase, summed over cases", [page.table_html(seconds)]))
+    return parts

@@ -1,0 +1,193 @@
+"""The numbers behind every part of `sadr report`, as tables (each plot's table is also written as its CSV).
+
+Means and 95 % CIs come from each run's metrics.csv (sadr/evaluation/aggregate.py); runs are found and
+grouped as `sadr summarize` finds and pairs them (sadr/evaluation/summary.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sadr.evaluation.drift import ATTENTION, decode_entry
+from sadr.evaluation.summary import (
+    ALWAYS,
+    MAY_DIFFER_FROM_BASELINE,
+    baseline_groups,
+    differing_keys,
+    find_runs,
+    run_settings,
+)
+from sadr.results import ENV_FILE, METRICS_FILE, RunDirectory
+
+# The γ trade-off's panels, in order: what SADR protects first, then what the edit must still achieve, then drift.
+TRADEOFF_METRICS = ("distract_neighborhood", "relation", "neighborhood", "efficacy", "paraphrase", "drift_max")
+PROTOCOL = "prompt"  # every prompt one observation, as SADR's Table 3
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    name: str  # the run's folder relative to the report's root ("." when the root is the run)
+    settings: dict  # config.yaml, flattened to dotted keys
+    metrics: pd.DataFrame  # metrics.csv
+    rows: list[dict]  # cases.jsonl
+    environment: dict  # environment.json ({} when missing)
+
+    @property
+    def editor(self) -> str:
+        return str(self.settings.get("editor.name"))
+
+    @property
+    def gamma(self) -> float:
+        return float(self.settings.get("sadr.lambda", 0.0))
+
+
+@dataclass(frozen=True)
+class Series:
+    """Runs that differ only in SADR settings and δ steps: one line of the trade-off, one row of heatmaps."""
+
+    label: str
+    runs: list[Run]  # by increasing γ
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.=-]+", "_", self.label).strip("_")
+
+    def tag(self, run: Run) -> str:
+        """The run's name within the series: its γ, and its folder where another run has the same γ."""
+        same = [r for r in self.runs if r.gamma == run.gamma]
+        return f"{run.gamma:g}" if len(same) == 1 else f"{run.gamma:g}_run{run.name.replace('/', '_')}"
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    root = Path(root)
+    paths = find_runs(root)
+    settings = run_settings(paths)
+    runs = []
+    for path in paths:
+        env_file = path / ENV_FILE
+        runs.append(Run(path, str(path.relative_to(root)) if path != root else ".", settings[path],
+                        pd.read_csv(path / METRICS_FILE), RunDirectory(path).rows(),
+                        json.loads(env_file.read_text()) if env_file.is_file() else {}))
+    return runs
+
+
+def series_of(runs: list[Run]) -> list[Series]:
+    """The runs grouped as `sadr summarize` pairs them, each group labelled by its editor.
+
+    Where one editor has several groups, the label adds the keys that tell them apart: the model and data set
+    when those differ, else every key that does.
+    """
+    by_path = {run.path: run for run in runs}
+    groups = [[by_path[path] for path in group] for group in baseline_groups({run.path: run.settings for run in runs})]
+    out = []
+    for group in groups:
+        rivals = [g for g in groups if g[0].editor == group[0].editor]
+        label = group[0].editor
+        if len(rivals) > 1:
+            keys = [k for k in differing_keys({g[0].path: g[0].settings for g in rivals})
+                    if not k.startswith(MAY_DIFFER_FROM_BASELINE)]
+            keys = [k for k in keys if k in ALWAYS] or keys
+            label += " (" + ", ".join(f"{k}={group[0].settings.get(k)}" for k in keys) + ")"
+        out.append(Series(label, sorted(group, key=lambda run: run.gamma)))
+    return out
+
+
+def _prompt_rows(run: Run, state: str) -> pd.DataFrame:
+    table = run.metrics
+    return table[(table.state == state) & (table.protocol == PROTOCOL) & (table.quantity != "magnitude")]
+
+
+def tradeoff_table(series: list[Series]) -> pd.DataFrame:
+    """One row per (series, run, metric) of TRADEOFF_METRICS: the edited model's mean and 95 % CI ×100."""
+    records = []
+    for line in series:
+        for run in line.runs:
+            part = _prompt_rows(run, "edited")
+            for metric in TRADEOFF_METRICS:
+                for _, row in part[(part.metric == metric) & (part.quantity == "value")].iterrows():
+                    records.append({"series": line.label, "editor": run.editor, "lambda": run.gamma, "run": run.name,
+                                    "metric": metric, "label": row.label, "mean": row["mean"], "ci95": row.ci95, "n": row.n})
+    return pd.DataFrame.from_records(records, columns=["series", "editor", "lambda", "run", "metric", "label", "mean", "ci95", "n"])
+
+
+def bars_table(line: Series) -> pd.DataFrame:
+    """Every metric of a series, prompt level: the unedited model once, then each run edited (×100, 95 % CI)."""
+    records = []
+    bars = [("unedited", "unedited", line.runs[0], np.nan)] + [("edited", f"γ={line.tag(run)}", run, run.gamma) for run in line.runs]
+    for state, bar, run, gamma in bars:
+        for _, row in _prompt_rows(run, state).iterrows():
+            records.append({"bar": bar, "state": state, "lambda": gamma, "run": run.name, "metric": row.metric,
+                            "label": row.label, "quantity": row.quantity, "mean": row["mean"], "ci95": row.ci95, "n": row.n})
+    return pd.DataFrame.from_records(records, columns=["bar", "state", "lambda", "run", "metric", "label", "quantity", "mean", "ci95", "n"])
+
+
+def drift_map(run: Run) -> np.ndarray | None:
+    """layers × heads: the mean over every DNS prompt of edited − unedited attention to the edited subject,
+    ×100 (percentage points, as the tables' Drift).
+
+    None when the run recorded no `subject_attention` (eval.drift=false).
+    """
+    diffs = [decode_entry(row["edited"][ATTENTION]) - decode_entry(row["unedited"][ATTENTION])
+             for row in run.rows if ATTENTION in row.get("edited", {}) and ATTENTION in row.get("unedited", {})]
+    diffs = [d for d in diffs if len(d)]
+    return 100 * np.concatenate(diffs).astype(np.float64).mean(axis=0) if diffs else None
+
+
+def selected_head_map(run: Run) -> np.ndarray | None:
+    """layers × heads: how many rewrite prompts SADR's last δ step selected each head in, mean over cases.
+
+    None for runs without SADR, or made before the regularizer recorded `selected_head_counts`.
+    """
+    counts = [row["diagnostics"]["selected_head_counts"] for row in run.rows
+              if "selected_head_counts" in row.get("diagnostics", {})]
+    return np.asarray(counts, dtype=np.float64).mean(axis=0) if counts else None
+
+
+def matrix_frame(matrix: np.ndarray) -> pd.DataFrame:
+    """A layers × heads map as a table: one row per layer, one column per head."""
+    return pd.DataFrame(matrix, index=pd.RangeIndex(matrix.shape[0], name="layer"), columns=[str(h) for h in range(matrix.shape[1])])
+
+
+def config_diff(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, one column per config key whose value is not the same in every run."""
+    keys = differing_keys({run.path: run.settings for run in runs})
+    return pd.DataFrame([[run.settings.get(k) for k in keys] for run in runs],
+                        index=pd.Index([run.name for run in runs], name="run"), columns=keys)
+
+
+def environments(runs: list[Run]) -> pd.DataFrame:
+    """One row per distinct environment (machine, Python, commit, package versions) and the runs made in it."""
+    grouped: dict[str, dict] = {}
+    for run in runs:
+        env = run.environment
+        record = {"python": env.get("python"), "platform": env.get("platform"), "device": env.get("device_name"),
+                  "git_commit": env.get("git_commit"), **(env.get("packages") or {})}
+        entry = grouped.setdefault(json.dumps(record, sort_keys=True, default=str), {"runs": [], **record})
+        entry["runs"].append(run.name)
+    return pd.DataFrame([{**entry, "runs": ", ".join(entry["runs"])} for entry in grouped.values()])
+
+
+def phase_seconds(runs: list[Run]) -> pd.DataFrame:
+    """Seconds each phase took in each run, summed over its cases.
+
+    A row carries the phase times of the edit it was part of (a batch's under `batch`, the whole run's
+    under `sequential`), so those are split among the rows that share them; `eval_per_case` is the
+    row's own share already.
+    """
+    records = []
+    for run in runs:
+        totals: dict[str, float] = {}
+        for row in run.rows:
+            sharing = len(run.rows) if row.get("protocol") == "sequential" else row.get("batch_size", 1)
+            for phase, seconds in row.get("seconds", {}).items():
+                name = "evaluation" if phase == "eval_per_case" else phase
+                totals[name] = totals.get(name, 0.0) + seconds / (1 if phase == "eval_per_case" else sharing)
+        records.append({"run": run.name, "cases": len(run.rows), **totals, "total": sum(totals.values())})
+    table = pd.DataFrame.from_records(records).set_index("run")
+    return table[[c for c in table.columns if c != "total"] + ["total"]]

@@ -1,0 +1,93 @@
+"""Every user mistake ends `sadr-run` with its message and exit status 2, and no traceback.
+
+All cases run as real `python -m sadr.cli.run` processes, started at once (each spends most of its time
+importing torch and transformers), and are checked one by one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, OPTConfig
+
+from tests.runs import FIXTURE, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
+from tests.tiny_models import make_tokenizer
+
+BAD_OVERRIDES = {
+    "unknown editor": (["editor=rmoe"], r"Could not find 'editor/rmoe'[\s\S]*Available options in 'editor'[\s\S]*rome"),
+    "value of the wrong type": (["sadr.lambda=abc"], r"Value 'abc' of type 'str' could not be converted to Float[\s\S]*full_key: sadr.lambda"),
+    "value outside an enum": (["sadr.heads=some"], r"Invalid value 'some', expected one of \[selective, all\][\s\S]*full_key: sadr.heads"),
+    "misspelt key": (["editor.v_lrr=0.1"], r"Key 'v_lrr' not in 'EditorConfig'"),
+    "unknown protocol": (["editor.protocol=serial"], r"expected one of \[single, batch, sequential\]"),
+    "unknown fact token": (["editor.fact_token=last"], r"expected one of \[subject_last\]"),
+    "negative lambda": (["sadr.lambda=-1"], r"^error: sadr\.lambda=-1\.0: γ must be >= 0"),
+}
+
+
+def _without_subject(path):
+    records = json.loads(FIXTURE.read_text())
+    broken = copy.deepcopy(records[:2])
+    del broken[1]["requested_rewrite"]["subject"]
+    path.write_text(json.dumps(broken))
+    return path
+
+
+def _unsupported_family(path):
+    config = OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+                       max_position_embeddings=64, word_embed_proj_dim=16)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, tmp_path_factory):  # noqa: F811
+    """{case name: (completed process, expected stderr pattern)} for every mistake, run concurrently."""
+    work = tmp_path_factory.mktemp("cli_errors")
+    run_dir = work / "runs"
+
+    def tiny(name, *extra):
+        return tiny_overrides(tiny_dir, run_dir / name.replace(" ", "_"), *extra)
+
+    cases = dict(BAD_OVERRIDES)
+    cases.update({
+        "missing dataset file": (tiny("dataset", f"dataset.path={work / 'nope.json'}"), r"^error: dataset file not found: .*nope\.json \(dataset\.path\)"),
+        "missing model folder": ([*tiny("folder"), f"model.source={work / 'no_model'}"], r"^error: model directory .*no_model does not exist \(model\.source\)"),
+        "unknown model family": ([*tiny("family"), f"model.source={_unsupported_family(work / 'opt')}", "model.family=null"],
+                                 r"^error: unsupported model family 'opt' \(config\.model_type\); supported families: .*gpt2"),
+        "record without its subject": (tiny("record", f"dataset.path={_without_subject(work / 'no_subject.json')}"),
+                                       r"^error: .*no_subject\.json.*record 1.*subject"),
+        "hub model without network": ([*tiny("hub"), "model.source=some-org/some-model"],
+                                      r"^error: could not load 'some-org/some-model' from the Hugging Face hub"),
+    })
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    started = {name: subprocess.Popen([sys.executable, "-m", "sadr.cli.run", *args], cwd=work, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name, (args, _) in cases.items()}
+    results = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=600)
+        results[name] = (process.returncode, stdout, stderr, cases[name][1])
+    return results
+
+
+@pytest.mark.parametrize("name", [*BAD_OVERRIDES, "missing dataset file", "missing model folder", "unknown model family",
+                                  "record without its subject", "hub model without network"])
+def test_a_mistake_is_one_message_and_exit_status_2(finished, name):
+    returncode, stdout, stderr, expected = finished[name]
+    assert returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr + stdout
+    assert re.search(expected, stderr, re.MULTILINE), stderr[-3000:]
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run([sys.executable, "-m", "sadr.cli.run", "sadr.lambda=-1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ConfigError" in done.stderr

@@ -1,0 +1,210 @@
+"""`sadr report` on a real sweep of the tiny model: the files it writes, and that every plotted number is the
+number the run recorded (recomputed here from cases.jsonl by hand, and read back from the matplotlib artists)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from typer.testing import CliRunner
+
+from sadr.cli.main import app
+from sadr.report.build import write_report
+from sadr.report.data import TRADEOFF_METRICS, Run, environments, phase_seconds
+from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
+from sadr.runner import run_experiment
+from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+
+# folder -> (editor, γ): ROME without and with SADR (a pair), MEMIT with SADR only (a single point)
+SWEEP = {"0": ("rome", 0.0), "1": ("rome", 0.01), "2": ("memit", 0.01)}
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for folder, (editor, gamma) in SWEEP.items():
+        extra = [f"editor={editor}", f"sadr.lambda={gamma}"] + (["editor.layers=[1,2]"] if editor == "memit" else [])
+        run_experiment(composed(tiny_overrides(tiny_dir, root / folder, *extra)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(sweep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    write_report(sweep, out)
+    return out
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+
+
+def attention(entry: dict) -> np.ndarray:
+    """A subject_attention entry decoded by hand: base64 little-endian float16, one [layers, heads] block per prompt."""
+    layers, heads = entry["shape"]
+    return np.stack([np.frombuffer(base64.b64decode(blob), dtype="<f2").reshape(layers, heads).astype(np.float64)
+                     for blob in entry["attention"]])
+
+
+def matrix(path: Path) -> np.ndarray:
+    return pd.read_csv(path, index_col="layer").to_numpy()
+
+
+def test_every_file_is_written(report):
+    expected = ["report.html", "tradeoff.csv", "paired.csv", "config_diff.csv", "environment.csv", "seconds.csv",
+                "drift_rome_0.csv", "drift_rome_0.01.csv", "drift_memit_0.01.csv",
+                "selected_heads_rome_0.01.csv", "selected_heads_memit_0.01.csv", "bars_rome.csv", "bars_memit.csv"]
+    for plot in ("tradeoff", "drift_rome", "drift_memit", "bars_rome", "bars_memit"):
+        assert (report / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
+        assert "<svg" in (report / f"{plot}.svg").read_text()[:2000]
+    for name in expected:
+        assert (report / name).is_file(), name
+    assert not (report / "selected_heads_rome_0.csv").exists()  # no SADR, no selection
+
+
+def test_tradeoff_numbers_are_the_rows_mean_and_ci(sweep, report):
+    table = pd.read_csv(report / "tradeoff.csv", dtype={"run": str})
+    assert set(table.run) == set(SWEEP) and set(table.metric) == set(TRADEOFF_METRICS)
+    for _, point in table.iterrows():
+        editor, gamma = SWEEP[point.run]
+        assert (point.editor, point["lambda"]) == (editor, gamma)
+        values = np.array([v for row in rows(sweep / point.run) for v in row["edited"].get(point.metric, {}).get("value", [])])
+        assert point.n == len(values)
+        assert point["mean"] == pytest.approx(100 * values.mean(), abs=1e-9)
+        assert point.ci95 == pytest.approx(100 * 1.96 * values.std(ddof=1) / math.sqrt(len(values)), abs=1e-9)
+
+
+def test_tradeoff_plot_draws_those_numbers(report):
+    table = pd.read_csv(report / "tradeoff.csv", dtype={"run": str})
+    figure = tradeoff_figure(table, TRADEOFF_METRICS)
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert len(panels) == len(TRADEOFF_METRICS)
+    for ax, metric in zip(panels, TRADEOFF_METRICS):
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == ["0", "0.01"]
+        lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+        assert set(lines) == {"rome", "memit"}
+        for series, line in lines.items():
+            points = table[(table.metric == metric) & (table.series == series)].sort_values("lambda")
+            np.testing.assert_allclose(line.get_ydata(), points["mean"])
+            assert [ticks[round(x)] for x in line.get_xdata()] == [f"{g:g}" for g in points["lambda"]]
+        for series, container in zip(lines, ax.containers):  # one errorbar per series, in the lines' order
+            points = table[(table.metric == metric) & (table.series == series)].sort_values("lambda")
+            segments = container.lines[2][0].get_segments()
+            for (low, high), mean, ci in zip(segments, points["mean"], points["ci95"]):
+                assert (low[1], high[1]) == pytest.approx((mean - ci, mean + ci))
+        assert len(lines["memit"].get_xdata()) == 1  # a single γ still shows as a point
+
+
+def test_drift_maps_are_the_mean_increase_of_attention_on_dns_prompts(sweep, report):
+    for folder, name in (("0", "drift_rome_0.csv"), ("1", "drift_rome_0.01.csv"), ("2", "drift_memit_0.01.csv")):
+        increase = np.concatenate([attention(row["edited"]["subject_attention"]) - attention(row["unedited"]["subject_attention"])
+                                   for row in rows(sweep / folder)])
+        assert np.abs(increase).max() > 0  # the edit moved some head's attention, so the check is not 0 = 0
+        np.testing.assert_allclose(matrix(report / name), 100 * increase.mean(axis=0), atol=1e-9)
+    # one (layer, head) spelled out: the last layer's head 0, over every DNS prompt of the γ = 0 run
+    by_hand = []
+    for row in rows(sweep / "0"):
+        after, before = attention(row["edited"]["subject_attention"]), attention(row["unedited"]["subject_attention"])
+        by_hand += [100 * (after[p, -1, 0] - before[p, -1, 0]) for p in range(len(after))]
+    assert matrix(report / "drift_rome_0.csv")[-1, 0] == pytest.approx(sum(by_hand) / len(by_hand))
+
+
+def test_drift_figure_draws_those_maps_on_one_scale(report):
+    drift = [("γ=0", matrix(report / "drift_rome_0.csv")), ("γ=0.01", matrix(report / "drift_rome_0.01.csv"))]
+    selected = [("selected", matrix(report / "selected_heads_rome_0.01.csv"))]
+    figure = drift_figure("rome", drift, selected)
+    images = [ax.images[0] for ax in figure.axes if ax.images]
+    assert len(images) == 3
+    for image, (_, values) in zip(images, drift + selected):
+        np.testing.assert_array_equal(image.get_array(), values)
+    limit = max(np.abs(m).max() for _, m in drift)
+    assert all((image.norm.vmin, image.norm.vmax) == pytest.approx((-limit, limit)) for image in images[:2])
+
+
+def test_selected_heads_are_the_regularizers_counts_per_edit(sweep, report):
+    for folder, name in (("1", "selected_heads_rome_0.01.csv"), ("2", "selected_heads_memit_0.01.csv")):
+        recorded = rows(sweep / folder)
+        counts = np.array([row["diagnostics"]["selected_head_counts"] for row in recorded], dtype=np.float64)
+        # the map and the regularizer's own total agree, and heads up to the edited layer are never selected
+        assert counts.sum(axis=(1, 2)).tolist() == [row["diagnostics"]["selected_heads"] for row in recorded]
+        edited_layer = max(OmegaConf.load(sweep / folder / "config.yaml").editor.layers)
+        assert counts[:, edited_layer + 1 :].any() and not counts[:, : edited_layer + 1].any()
+        np.testing.assert_allclose(matrix(report / name), counts.mean(axis=0))
+
+
+def test_bars_are_each_runs_metrics_table(sweep, report):
+    table = pd.read_csv(report / "bars_rome.csv", dtype={"run": str})
+    assert list(dict.fromkeys(table.bar)) == ["unedited", "γ=0", "γ=0.01"]
+    for _, bar in table.iterrows():
+        metrics = pd.read_csv(sweep / bar.run / "metrics.csv")
+        want = metrics[(metrics.state == bar.state) & (metrics.protocol == "prompt") & (metrics.metric == bar.metric)
+                       & (metrics.quantity == bar.quantity)]
+        assert bar["mean"] == pytest.approx(want["mean"].item())
+    dns = table[table.metric == "distract_neighborhood"].set_index("bar")
+    values = [v for row in rows(sweep / "0") for v in row["unedited"]["distract_neighborhood"]["value"]]
+    assert dns.loc["unedited", "mean"] == pytest.approx(100 * np.mean(values))
+
+    figure = bars_figure(table, "rome")
+    names = list(dict.fromkeys(table.bar))
+    for ax, metric in zip(figure.axes, dict.fromkeys(table.metric)):
+        heights = {names[round(p.get_x() + p.get_width() / 2)]: p.get_height() for p in ax.patches}
+        want = table[table.metric == metric].set_index("bar")["mean"].to_dict()
+        assert heights == pytest.approx(want)
+
+
+def test_page_is_self_contained_and_holds_every_table(sweep, report):
+    html = (report / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == len(list(report.glob("*.png")))
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    paired = pd.read_csv(report / "paired.csv", dtype={"run": str, "base_run": str})
+    assert set(paired.run) == {"1"} and set(paired.base_run) == {"0"}  # MEMIT has no γ = 0 run to pair with
+    assert all(f"<td>{metric}</td>" in html for metric in paired.metric)
+    diff = pd.read_csv(report / "config_diff.csv", index_col="run")
+    assert {"editor.name", "sadr.lambda", "editor.layers"} <= set(diff.columns)
+    assert "seed" not in diff.columns and "model.name" not in diff.columns  # the same in every run
+    env = json.loads((sweep / "0" / "environment.json").read_text())
+    assert env["python"] in html and env["packages"]["torch"] in html and "Seconds per phase" in html
+
+
+def test_phase_seconds_split_shared_edit_times_among_cases():
+    def run(protocol, batch_size, seconds):
+        return Run(Path("x"), protocol, {}, pd.DataFrame(), [
+            {"protocol": protocol, "batch_size": batch_size, "seconds": {**s, "eval_per_case": 1.0}} for s in seconds
+        ], {})
+    single = run("single", 1, [{"update": 2.0}, {"update": 3.0}])
+    batch = run("batch", 2, [{"update": 4.0}, {"update": 4.0}])  # one edit of both cases
+    sequential = run("sequential", 1, [{"update": 6.0}] * 3)  # every row holds the whole run's edit time
+    table = phase_seconds([single, batch, sequential])
+    assert table["update"].tolist() == [5.0, 4.0, 6.0]
+    assert table["evaluation"].tolist() == [2.0, 2.0, 3.0] and table["cases"].tolist() == [2, 2, 3]
+    assert table["total"].tolist() == [7.0, 6.0, 9.0]
+
+
+def test_runs_of_one_environment_share_a_row():
+    env = {"python": "3.11", "platform": "linux", "device_name": "cpu", "git_commit": "abc", "packages": {"torch": "2.13"}}
+    runs = [Run(Path(n), n, {}, pd.DataFrame(), [], e) for n, e in (("0", env), ("1", env), ("2", {**env, "git_commit": "def"}))]
+    table = environments(runs)
+    assert table.runs.tolist() == ["0, 1", "2"] and table.torch.tolist() == ["2.13", "2.13"]
+
+
+def test_cli_reports_a_single_run(sweep, tmp_path):
+    done = CliRunner().invoke(app, ["report", str(sweep / "0"), "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "report.html").is_file() and str(tmp_path / "report.html") in done.output
+    table = pd.read_csv(tmp_path / "tradeoff.csv")
+    assert set(table["lambda"]) == {0.0} and len(table) == len(TRADEOFF_METRICS)
+    assert not (tmp_path / "paired.csv").exists()
+    assert "Every run has the same config" in (tmp_path / "report.html").read_text()
+
+
+def test_cli_reports_a_directory_without_runs(tmp_path):
+    done = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert done.exit_code == 2
+    assert done.output.strip().count("\n") == 0 and "no finished runs" in done.output
+    assert not (tmp_path / "report").exists()

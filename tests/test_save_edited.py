@@ -1,0 +1,70 @@
+"""`save_edited=true`: the edited model as a folder that loads anywhere, and that `sadr-run` runs on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sadr.data.load import load_cases
+from sadr.models.loading import load_model
+from sadr.models.saving import EDITS_FILE, save_edited_model
+from sadr.runner import EDITED_MODEL, EDITED_MODELS, SEQUENTIAL_STATE, run_experiment
+from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_a_saved_model_reloads_with_the_same_logits(tiny_dir, tmp_path):
+    loaded = load_model(str(tiny_dir / "model"), family="llama", device="cpu")
+    with torch.no_grad():
+        loaded.adapter.down_weight(loaded.model, 1).add_(0.05 * torch.randn_like(loaded.adapter.down_weight(loaded.model, 1)))
+    cases = load_cases(composed(tiny_overrides(tiny_dir, tmp_path / "run")).dataset, str(tmp_path)).cases
+    folder = save_edited_model(loaded, tmp_path / "edited", cases, {"editor": "manual"})
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    assert torch.equal(_logits(reloaded, ids), _logits(loaded.model, ids))
+    note = json.loads((folder / EDITS_FILE).read_text())
+    assert note["editor"] == "manual" and note["n_edits"] == 2
+    assert [e["subject"] for e in note["edits"]] == [c.request.subject for c in cases]
+    assert not (tmp_path / "edited.partial").exists()
+
+
+def test_a_sequential_run_saves_its_edited_model_and_a_run_on_it_starts_from_the_edits(tiny_dir, tmp_path):
+    first = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "first", "editor.protocol=sequential",
+                                                   "save_edited=true")))
+    folder = first / EDITED_MODEL
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+    # independently: the original weights with the checkpointed edited down-projections written into them
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    state = torch.load(first / SEQUENTIAL_STATE)
+    with torch.no_grad():
+        for layer, weight in state["weights"].items():
+            original.model.layers[layer].mlp.down_proj.weight.copy_(weight)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(folder), ids), _logits(original, ids))
+
+    # a run on the saved model: its unedited scores are the first run's edited ones, prompt by prompt
+    second = run_experiment(composed([*tiny_overrides(tiny_dir, tmp_path / "second"), f"model.source={folder}"]))
+    assert "edited_model" in (second / "config.yaml").read_text()
+    rows = lambda run: {r["case_id"]: r for r in map(json.loads, (run / "cases.jsonl").read_text().splitlines())}  # noqa: E731
+    for case_id, row in rows(first).items():
+        for metric in ("efficacy", "paraphrase", "neighborhood"):
+            edited, reloaded = row["edited"][metric], rows(second)[case_id]["unedited"][metric]
+            assert reloaded["p_good"] == pytest.approx(edited["p_good"], rel=1e-4, abs=1e-7)
+            assert reloaded["value"] == edited["value"]
+    changed = [row["edited"]["efficacy"]["p_good"] != row["unedited"]["efficacy"]["p_good"] for row in rows(first).values()]
+    assert all(changed)  # the comparison above is not between two unedited models
+
+
+def test_single_edits_are_saved_one_folder_per_case_only_when_asked(tiny_dir, tmp_path):
+    plain = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "plain", "dataset.limit=1")))
+    assert not (plain / EDITED_MODELS).exists()
+    saved = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "saved", "dataset.limit=1", "save_edited=true")))
+    note = json.loads((saved / EDITED_MODELS / "0" / EDITS_FILE).read_text())
+    assert note["protocol"] == "single" and [e["case_id"] for e in note["edits"]] == [0]
