@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from sadr.conf.registry import register_configs  # noqa: E402
 from sadr.data.load import load_cases  # noqa: E402
-from sadr.editors.base import WeightSnapshot  # noqa: E402
 from sadr.editors.context_templates import context_templates  # noqa: E402
+from sadr.editors.plugin import EditorServices  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.evaluation.probes import resolve_metrics  # noqa: E402
 from sadr.evaluation.prompt_metrics import evaluate_cases  # noqa: E402
@@ -64,7 +64,7 @@ def efficacy(results: list[dict]) -> float:
 def row(editor, edits_per_apply: int, covariance_first: float, covariance_cached: float,
         outcomes: list[dict[str, float]], n_edits: int, eval_per_case: float, results: list[dict]) -> dict:
     return {
-        "editor": f"{editor.hparams.name.name} (layers {list(editor.layers)})", "edits per apply": edits_per_apply,
+        "editor": f"{editor.hparams.name} (layers {list(editor.layers)})", "edits per apply": edits_per_apply,
         "covariance, first (s)": covariance_first, "covariance, cached (s/edit)": covariance_cached,
         **{f"{phase} (s/edit)": v for phase, v in phase_seconds(outcomes, n_edits).items()},
         "eval (s/case)": eval_per_case, "ES": efficacy(results),
@@ -75,12 +75,12 @@ def one_by_one(editor, loaded, cases, metrics, eval_batch: int) -> dict:
     """The single protocol: edit a case, evaluate it, restore."""
     seconds, eval_seconds, results = [], [], []
     for case in cases:
-        snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
+        snapshot = editor.state_dict()
         seconds.append(editor.apply([case.request]).seconds)
         start = time.perf_counter()
         results += evaluate_cases(loaded.model, loaded.tokenizer, [case], metrics, eval_batch)
         eval_seconds.append(time.perf_counter() - start)
-        snapshot.restore()
+        editor.load_state_dict(snapshot)
     cached = statistics.fmean(s.get("covariance", 0.0) for s in seconds[1:]) if len(seconds) > 1 else float("nan")
     return row(editor, 1, seconds[0].get("covariance", 0.0), cached, seconds, len(cases),
                statistics.fmean(eval_seconds), results)
@@ -88,12 +88,12 @@ def one_by_one(editor, loaded, cases, metrics, eval_batch: int) -> dict:
 
 def all_at_once(editor, loaded, cases, metrics, eval_batch: int) -> dict:
     """Every case in one `apply`, then all evaluated, then restored."""
-    snapshot = WeightSnapshot(loaded.model, loaded.adapter, editor.layers)
+    snapshot = editor.state_dict()
     seconds = editor.apply([case.request for case in cases]).seconds
     start = time.perf_counter()
     results = evaluate_cases(loaded.model, loaded.tokenizer, cases, metrics, eval_batch)
     eval_per_case = (time.perf_counter() - start) / len(cases)
-    snapshot.restore()
+    editor.load_state_dict(snapshot)
     return row(editor, len(cases), float("nan"), seconds.get("covariance", 0.0) / len(cases), [seconds], len(cases),
                eval_per_case, results)
 
@@ -105,8 +105,8 @@ def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, case
         stats = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
         templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
                                       seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir)
-        editor = EDITORS[name](loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, statistics=stats,
-                               context_templates=templates)
+        editor = EDITORS[name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor,
+                                     EditorServices(stats, templates))
         rows = [one_by_one(editor, loaded, cases, metrics, eval_batch)]
         if batch:
             rows.append(all_at_once(editor, loaded, cases, metrics, eval_batch))
@@ -123,7 +123,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--editors", nargs="+", default=["rome", "memit", "pmet"], choices=sorted(EDITORS))
+    parser.add_argument("--editors", nargs="+", default=sorted(EDITORS), choices=sorted(EDITORS))
     parser.add_argument("--cases", type=int, default=8, help="cases of the dataset (dataset.limit)")
     parser.add_argument("--dataset", help="a CounterFact-schema file instead of the embedded offline dataset")
     parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))

@@ -3,8 +3,8 @@
 Protocols (recorded in every row):
 - single / batch: edit `editor.batch_size` requests at once, evaluate them, restore the weights bitwise;
 - sequential: edit the batches one after another without restoring, evaluate every case at the end.
-  After each batch the edited weights are checkpointed in the run directory, so an interrupted
-  sequential run resumes from the last finished batch.
+  After each batch the editor's state (its edited weights and anything else it carries) is checkpointed in
+  the run directory, so an interrupted sequential run resumes from the last finished batch.
 
 With `save_edited=true` the edited model is also written as a loadable folder (sadr/models/saving.py).
 """
@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
-from sadr.editors.base import Editor, EditOutcome, WeightSnapshot
+from sadr.editors.base import Editor, EditOutcome
 from sadr.editors.context_templates import context_templates
 from sadr.editors.covariance import SecondMomentStatistics
+from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
@@ -114,10 +115,8 @@ class Experiment:
         cfg, loaded = self.cfg, self.loaded
         templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
                                       seed=cfg.seed, fingerprint=self.fingerprint, cache_dir=cfg.cache_dir)
-        return EDITORS[cfg.editor.name.name](
-            loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, statistics=self.statistics,
-            context_templates=templates, regularizers=build_regularizers(cfg.sadr),
-        )
+        services = EditorServices(self.statistics, templates, build_regularizers(cfg.sadr))
+        return EDITORS[cfg.editor.name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, services)
 
     def _evaluate(self, cases: list[EditCase]) -> tuple[list[dict], float]:
         start = time.perf_counter()
@@ -128,7 +127,7 @@ class Experiment:
         cfg = self.cfg
         edited = {**edited, **compare_all(self.evaluators, edited, unedited)}
         return {
-            "case_id": case.case_id, "editor": cfg.editor.name.name, "protocol": cfg.editor.protocol.name,
+            "case_id": case.case_id, "editor": cfg.editor.name, "protocol": cfg.editor.protocol.name,
             "batch_size": group_size, "sadr_lambda": cfg.sadr["lambda"],
             "sadr": OmegaConf.to_container(cfg.sadr, enum_to_str=True), "model": cfg.model.name,
             "dataset": cfg.dataset.name, "subject": case.request.subject,
@@ -142,7 +141,7 @@ class Experiment:
 
     def _save_edited(self, cases: list[EditCase], folder: Path) -> None:
         cfg = self.cfg
-        note = {"model_fingerprint_before": self.fingerprint, "editor": cfg.editor.name.name,
+        note = {"model_fingerprint_before": self.fingerprint, "editor": cfg.editor.name,
                 "protocol": cfg.editor.protocol.name,
                 "editor_config": OmegaConf.to_container(cfg.editor, resolve=True, enum_to_str=True),
                 "sadr": OmegaConf.to_container(cfg.sadr, resolve=True, enum_to_str=True), "run": str(self.out.path)}
@@ -164,32 +163,29 @@ class Experiment:
         return self._finish()
 
     def _restoring(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
-        """single / batch: edit a group, evaluate it, restore the weights bitwise, write its rows."""
+        """single / batch: edit a group, evaluate it, restore the editor's state bitwise, write its rows."""
+        unedited_state = editor.state_dict()
         with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
             for group in case_groups(todo, self.cfg.editor.batch_size):
-                snapshot = WeightSnapshot(self.loaded.model, self.loaded.adapter, editor.layers)
                 try:
                     outcome = editor.apply([case.request for case in group])
                     edited, eval_seconds = self._evaluate(group)
                     if self.cfg.save_edited:
                         self._save_edited(group, self.out.path / EDITED_MODELS / "_".join(str(c.case_id) for c in group))
                 finally:
-                    snapshot.restore()
+                    editor.load_state_dict(unedited_state)
                 for case, result in zip(group, edited):
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group)))
                 progress.advance(len(group))
 
     def _sequential(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
-        """Edit every batch without restoring (checkpointing the edited weights), then evaluate all cases."""
-        model, adapter = self.loaded.model, self.loaded.adapter
+        """Edit every batch without restoring (checkpointing the editor's state), then evaluate all cases."""
         state_file = self.out.path / SEQUENTIAL_STATE
-        snapshot = WeightSnapshot(model, adapter, editor.layers)
+        unedited_state = editor.state_dict()
         total = EditOutcome()
         try:
-            state = torch.load(state_file) if state_file.is_file() else {"edited": [], "weights": {}}
-            with torch.no_grad():
-                for layer, weight in state["weights"].items():
-                    adapter.down_weight(model, layer).copy_(weight)
+            state = torch.load(state_file) if state_file.is_file() else {"edited": [], "editor": unedited_state}
+            editor.load_state_dict(state["editor"])
             pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
             with CaseProgress(len(pending), self.cfg.progress.bar) as progress:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
@@ -197,7 +193,7 @@ class Experiment:
                     for name, seconds in outcome.seconds.items():
                         total.seconds[name] = total.seconds.get(name, 0.0) + seconds
                     state["edited"] += [str(c.case_id) for c in group]
-                    state["weights"] = {layer: adapter.down_weight(model, layer).detach().clone() for layer in editor.layers}
+                    state["editor"] = editor.state_dict()
                     torch.save(state, state_file.with_suffix(".tmp"))
                     state_file.with_suffix(".tmp").replace(state_file)
                     progress.advance(len(group))
@@ -207,7 +203,7 @@ class Experiment:
                 self._save_edited([c for c in self.dataset.cases if str(c.case_id) in in_model], self.out.path / EDITED_MODEL)
             edited, eval_seconds = self._evaluate(todo)
         finally:
-            snapshot.restore()
+            editor.load_state_dict(unedited_state)
         total.diagnostics["n_edits_in_model"] = len(state["edited"])
         for case, result in zip(todo, edited):
             self._write_row(self._row(case, result, unedited[str(case.case_id)], total, eval_seconds, self.cfg.editor.batch_size))
@@ -216,7 +212,7 @@ class Experiment:
         cfg = self.cfg
         table = metric_table(self.out.rows())
         self.out.write_metrics(table)
-        print(f"\n{cfg.editor.name.name} on {cfg.model.name} / {cfg.dataset.name} ({len(self.out.rows())} cases, "
+        print(f"\n{cfg.editor.name} on {cfg.model.name} / {cfg.dataset.name} ({len(self.out.rows())} cases, "
               f"protocol={cfg.editor.protocol.name}, sadr.lambda={cfg.sadr['lambda']}), prompt-level success ×100 ± 95% CI:")
         print(compact_table(table).to_string())
         print(f"\nresults: {self.out.path}")

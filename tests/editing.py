@@ -9,11 +9,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sadr.conf.registry import register_configs, validate
-from sadr.conf.schema import EditorConfig
 from sadr.data.corpus import Corpus
 from sadr.data.records import EditRequest
 from sadr.editors import spread
 from sadr.editors.covariance import SecondMomentStatistics
+from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.models.adapters import adapter_for
 from tests.tiny_models import CORPUS, make_model
@@ -26,7 +26,7 @@ def editor_config(name: str = "rome", **overrides):
     base = dict(name=name, layers=[1], v_loss_layer=3, v_num_grad_steps=30, v_lr=0.05, clamp_norm_factor=100.0,
                 v_weight_decay=0.0)
     base.update(overrides)
-    return OmegaConf.structured(EditorConfig(**base))
+    return OmegaConf.structured(EDITORS[name].config(**base))
 
 
 def random_texts(n: int = 96, words: int = 24, seed: int = 0) -> list[str]:
@@ -77,7 +77,7 @@ def batch_edit(name: str, family: str, tokenizer, cache_dir, **overrides) -> Bat
     model = make_model(family)
     stats = statistics(model, tokenizer, cache_dir)
     hparams = spread_config(name, **overrides)
-    editor = EDITORS[name](model, adapter_for(model), tokenizer, hparams, statistics=stats, context_templates=TEMPLATES)
+    editor = EDITORS[name].build(model, adapter_for(model), tokenizer, hparams, EditorServices(stats, TEMPLATES))
     before = {key: value.clone() for key, value in model.state_dict().items()}
     requests = batch_requests()
     outcome = editor.apply(requests)

@@ -22,10 +22,11 @@ BAD_OVERRIDES = {
     "unknown editor": (["editor=rmoe"], r"Could not find 'editor/rmoe'[\s\S]*Available options in 'editor'[\s\S]*rome"),
     "value of the wrong type": (["sadr.lambda=abc"], r"Value 'abc' of type 'str' could not be converted to Float[\s\S]*full_key: sadr.lambda"),
     "value outside an enum": (["sadr.heads=some"], r"Invalid value 'some', expected one of \[selective, all\][\s\S]*full_key: sadr.heads"),
-    "misspelt key": (["editor.v_lrr=0.1"], r"Key 'v_lrr' not in 'EditorConfig'"),
+    "misspelt key": (["editor.v_lrr=0.1"], r"Key 'v_lrr' not in 'RomeConfig'"),
     "unknown protocol": (["editor.protocol=serial"], r"expected one of \[single, batch, sequential\]"),
     "unknown fact token": (["editor.fact_token=last"], r"expected one of \[subject_last\]"),
     "negative lambda": (["sadr.lambda=-1"], r"^error: sadr\.lambda=-1\.0: γ must be >= 0"),
+    "two modes at once": (["-m", "--cfg", "job"], r"^error: Only one of --run, --multirun, --cfg"),
 }
 
 

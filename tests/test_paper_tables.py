@@ -41,7 +41,7 @@ def test_gpu_tables_compose_with_the_papers_settings(experiment, model, editors)
     swept = jobs(experiment)
     assert {editor for editor, _ in swept} == editors and {sadr for _, sadr in swept} == {"default", "paper"}
     for (editor, sadr), cfg in swept.items():
-        assert cfg.model.name == model and cfg.editor.name.name == editor
+        assert cfg.model.name == model and cfg.editor.name == editor
         assert cfg.dataset.name == "sadr_merged" and cfg.dataset.url.endswith("/data/merged_counterfact.json")
         assert TABLE3_COLUMNS <= set(cfg.eval.metrics) and cfg.eval.generation and cfg.eval.drift
         assert cfg.eval.generation_prompts_per_case is None  # fluency over every generation prompt, as the paper

@@ -76,7 +76,7 @@ def test_sequential_stacks_every_edit_evaluates_once_at_the_end_and_checkpoints(
     assert evaluated == first + second and not _changed(at_eval, after_second)  # all cases see all edits
     checkpoint = torch.load(out / SEQUENTIAL_STATE)
     assert checkpoint["edited"] == ["0", "1"]
-    assert torch.equal(checkpoint["weights"][1], after_second["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(checkpoint["editor"]["weights"][1], after_second["model.layers.1.mlp.down_proj.weight"])
     assert not _changed(_state(experiment.loaded.model), original)  # the process's model is handed back unedited
     rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in rows] == [0, 1]

@@ -5,7 +5,6 @@ import torch
 
 import sadr.editors.rome as rome_module
 from sadr.data.records import EditRequest
-from sadr.editors.base import WeightSnapshot
 from sadr.editors.keys import mean_keys
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.scorer import score_pairs_detailed
@@ -31,14 +30,14 @@ def test_rome_makes_the_new_object_the_argmax_and_maps_k_to_v(tiny_model, tokeni
     assert _top1(tiny_model, tokenizer, REQUEST.text) != new_id[0]
     editor = RomeEditor(tiny_model, adapter, tokenizer, editor_config(), statistics=statistics(tiny_model, tokenizer, tmp_path),
                         context_templates=TEMPLATES)
-    snapshot = WeightSnapshot(tiny_model, adapter, editor.layers)
+    snapshot = editor.state_dict()
     outcome = editor.apply([REQUEST])
     assert _top1(tiny_model, tokenizer, REQUEST.text) == new_id[0]
     scores = score_pairs_detailed(tiny_model, tokenizer, [REQUEST.text] * 2, ["Japan", "Paris"])
     assert scores.nll[0] < scores.nll[1]
     assert set(outcome.seconds) == {"covariance", "k_star", "v_star", "update"}
     assert outcome.updates[1].shape == adapter.down_weight(tiny_model, 1).shape
-    snapshot.restore()
+    editor.load_state_dict(snapshot)
 
 
 def test_weights_restored_bitwise(tiny_model, tokenizer, tmp_path):
@@ -46,11 +45,11 @@ def test_weights_restored_bitwise(tiny_model, tokenizer, tmp_path):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     editor = RomeEditor(tiny_model, adapter, tokenizer, editor_config(v_num_grad_steps=3),
                         statistics=statistics(tiny_model, tokenizer, tmp_path), context_templates=TEMPLATES)
-    snapshot = WeightSnapshot(tiny_model, adapter, editor.layers)
+    snapshot = editor.state_dict()
     editor.apply([REQUEST])
     assert not torch.equal(adapter.down_weight(tiny_model, 1), before[adapter.mlp_down.format(1) + ".weight"]
                            if not adapter.down_weight_is_transposed else before[adapter.mlp_down.format(1) + ".weight"].T)
-    snapshot.restore()
+    editor.load_state_dict(snapshot)
     after = tiny_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

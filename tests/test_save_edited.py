@@ -44,7 +44,7 @@ def test_a_sequential_run_saves_its_edited_model_and_a_run_on_it_starts_from_the
     original = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
     state = torch.load(first / SEQUENTIAL_STATE)
     with torch.no_grad():
-        for layer, weight in state["weights"].items():
+        for layer, weight in state["editor"]["weights"].items():
             original.model.layers[layer].mlp.down_proj.weight.copy_(weight)
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(folder), ids), _logits(original, ids))

@@ -54,6 +54,12 @@ def main() -> None:
         if stop.code == 1 and not _Progress.task_started:
             raise SystemExit(2) from None
         raise
+    except ValueError as err:
+        # Hydra's own check of the command line (e.g. "Only one of --run, --multirun, --cfg ... can be specified")
+        if _Progress.task_started or _full_error_requested():
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ from sadr.errors import InvalidSettingError
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="base_config", node=RunConfig)
+    """The run's schema, and one typed node per editor in the `editor` group, from the editors' declarations."""
+    from sadr.editors.registry import EDITORS
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=RunConfig)
+    for name, plugin in EDITORS.items():
+        store.store(group="editor", name=name, node=plugin.config)
 
 
 class ConfigError(InvalidSettingError):
@@ -22,11 +28,17 @@ def validate(cfg: DictConfig) -> None:
     if lam < 0:
         raise ConfigError(f"sadr.lambda={lam}: γ must be >= 0 (0 turns SADR off)")
     editor = cfg.editor
+    from sadr.editors.registry import EDITORS
+
+    plugin = EDITORS.get(editor.name)
+    if plugin is None or OmegaConf.get_type(editor) is not plugin.config:
+        raise ConfigError(f"editor.name={editor.name} does not match the editor config; choose the editor with "
+                          f"editor=<name> (one of {', '.join(EDITORS)}) and leave editor.name alone")
     missing = [key for key in ("layers", "v_loss_layer") if OmegaConf.is_missing(editor, key)]
     if missing:
         raise ConfigError(
-            f"no published defaults for editor={editor.name.name} with model={cfg.model.name} "
-            f"(sadr/conf/hparams/{editor.name.name}_{cfg.model.name}.yaml does not exist): set "
+            f"no published defaults for editor={editor.name} with model={cfg.model.name} "
+            f"(sadr/conf/hparams/{editor.name}_{cfg.model.name}.yaml does not exist): set "
             + " and ".join(f"editor.{key}=..." for key in missing)
             + ", e.g. editor.layers=[5] editor.v_loss_layer=<last layer index>"
         )

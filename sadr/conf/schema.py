@@ -11,19 +11,8 @@ from omegaconf import MISSING
 from sadr.evaluation.probes import METRICS
 
 
-class EditorName(Enum):
-    rome = "rome"
-    memit = "memit"
-    pmet = "pmet"
-
-
 class FactToken(Enum):
     subject_last = "subject_last"  # the subject's last token: the only strategy the published runs use
-
-
-class RomeUpdate(Enum):
-    reference = "reference"  # ΔW k₀ = v* − (W k₀ + b) at the bare prompt's key k₀, direction C⁻¹ k̄ (ROME's code)
-    paper = "paper"  # ΔW k̄ = v* − (W k̄ + b) at the template-mean key k̄ (the ROME paper's equation)
 
 
 class EditProtocol(Enum):
@@ -92,7 +81,10 @@ class ModelConfig:
 
 @dataclass
 class EditorConfig:
-    name: EditorName = MISSING
+    """What every editor is configured with. Each editor's module derives its own config from this one, with its
+    defaults and its own keys (sadr/editors/plugin.py); `editor=<name>` selects that typed node."""
+
+    name: str = MISSING
     source: str = ""  # where these hyperparameters were published, or how they were chosen
     layers: List[int] = MISSING
     fact_token: FactToken = FactToken.subject_last  # where keys are read, δ is added and SADR selects heads
@@ -102,12 +94,8 @@ class EditorConfig:
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
-    mom2_adjustment: bool = True
-    mom2_update_weight: float = 15000.0
-    rome_update: RomeUpdate = RomeUpdate.reference  # ROME only: which key the edit is exact for (docs/fidelity.md)
-    nll_loss_factor: float = 1.0
-    # (max tokens, number of prefixes); ROME: 10 of <=5 and 10 of <=10 tokens, MEMIT/PMET: 5 of <=10
-    context_templates: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    # (max tokens, number of prefixes) of the generated context templates, besides the bare prompt
+    context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])
     protocol: EditProtocol = EditProtocol.single
     batch_size: int = 1
 

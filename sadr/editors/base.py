@@ -1,4 +1,4 @@
-"""What every editor provides, and the snapshot that restores edited weights bit for bit."""
+"""What every editor provides: `apply`, and its state, which restores edited weights bit for bit."""
 from __future__ import annotations
 
 import time
@@ -31,8 +31,15 @@ def timed(seconds: dict[str, float], name: str):
 
 
 class Editor(ABC):
-    """Computes and writes weight updates for a batch of requests."""
+    """Computes and writes weight updates for a batch of requests.
 
+    Its state is everything an edit changes: the MLP down-projection weights of `layers`, and whatever else a
+    subclass carries from one edit to the next (it extends `state_dict` / `load_state_dict`). Loading a state
+    taken earlier restores the model and the editor bit for bit.
+    """
+
+    model: torch.nn.Module
+    adapter: ModelAdapter
     #: Layers whose MLP down-projection weights this editor may change.
     layers: list[int]
 
@@ -40,15 +47,11 @@ class Editor(ABC):
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         """Edit the model in place and report what was written."""
 
-
-class WeightSnapshot:
-    """Copies of the down-projection weights an editor may touch, to restore them exactly."""
-
-    def __init__(self, model, adapter: ModelAdapter, layers: list[int]):
-        self._saved = {layer: adapter.down_weight(model, layer).detach().clone() for layer in layers}
-        self._model, self._adapter = model, adapter
+    def state_dict(self) -> dict:
+        """Copies of everything an edit changes."""
+        return {"weights": {layer: self.adapter.down_weight(self.model, layer).detach().clone() for layer in self.layers}}
 
     @torch.no_grad()
-    def restore(self) -> None:
-        for layer, saved in self._saved.items():
-            self._adapter.down_weight(self._model, layer).copy_(saved)
+    def load_state_dict(self, state: dict) -> None:
+        for layer, weight in state["weights"].items():
+            self.adapter.down_weight(self.model, layer).copy_(weight)

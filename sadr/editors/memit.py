@@ -8,7 +8,23 @@ weight is 1 throughout (`nll_loss_factor` is PMET's) and the δ-optimisation sto
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import List
+
+from sadr.conf.schema import EditorConfig
+from sadr.editors.plugin import EditorPlugin
 from sadr.editors.spread import SpreadEditor
+
+
+@dataclass
+class MemitConfig(EditorConfig):
+    """MEMIT's defaults; per-model values come from hparams/memit_<model>.yaml."""
+
+    name: str = "memit"
+    # bare prompt + 5 prefixes of <=10 tokens; keys weigh the bare prompt 1/2
+    context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 15000.0  # λ of λC + K Kᵀ: how strongly the update keeps the keys C describes
 
 
 class MemitEditor(SpreadEditor):
@@ -18,3 +34,6 @@ class MemitEditor(SpreadEditor):
     @staticmethod
     def divisor(remaining_layers: int) -> float:
         return float(remaining_layers)
+
+
+EDITOR = EditorPlugin("memit", MemitConfig, MemitEditor, "MEMIT (Meng et al., 2023): a batch of facts spread over several MLP layers")

@@ -17,12 +17,24 @@ step after one where the new object was the argmax after every rewrite prompt; i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from sadr.editors.delta import StepState, loss_is_small
+from sadr.editors.memit import MemitConfig
+from sadr.editors.plugin import EditorPlugin
 from sadr.editors.spread import SpreadEditor
 
 ARGMAX_NLL_SCALE = 0.1
 KL_STOP = 0.01
+
+
+@dataclass
+class PmetConfig(MemitConfig):
+    """PMET's defaults; per-model values come from hparams/pmet_<model>.yaml."""
+
+    name: str = "pmet"
+    clamp_norm_factor: float = 4.0
+    nll_loss_factor: float = 1.0  # NLL weight; a tenth of it once the new object is the argmax
 
 
 def pmet_rules(nll_loss_factor: float) -> dict:
@@ -46,3 +58,6 @@ class PmetEditor(SpreadEditor):
 
     def delta_rules(self, hparams) -> dict:
         return pmet_rules(hparams.nll_loss_factor)
+
+
+EDITOR = EditorPlugin("pmet", PmetConfig, PmetEditor, "PMET (Li et al., 2024): MEMIT with attention and MLP contributions told apart")

@@ -7,17 +7,38 @@ equation). docs/fidelity.md compares the two.
 """
 from __future__ import annotations
 
-from sadr.conf.schema import RomeUpdate
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List
+
+from sadr.conf.schema import EditorConfig
 from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.delta import DeltaObjective, optimize_delta
 from sadr.editors.keys import mean_keys
+from sadr.editors.plugin import EditorPlugin
 from sadr.editors.update import rank_one_update
 from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
 
 BARE_PROMPT = "{}"  # the context template of the prompt alone
+
+
+class RomeUpdate(Enum):
+    reference = "reference"  # ΔW k₀ = v* − (W k₀ + b) at the bare prompt's key k₀, direction C⁻¹ k̄ (ROME's code)
+    paper = "paper"  # ΔW k̄ = v* − (W k̄ + b) at the template-mean key k̄ (the ROME paper's equation)
+
+
+@dataclass
+class RomeConfig(EditorConfig):
+    """ROME's defaults; per-model values come from hparams/rome_<model>.yaml."""
+
+    name: str = "rome"
+    # bare prompt + 10 prefixes of <=5 tokens + 10 of <=10 tokens
+    context_templates: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    mom2_adjustment: bool = True  # u = C⁻¹ k̄; false: u = k̄
+    rome_update: RomeUpdate = RomeUpdate.reference  # which key the edit is exact for (docs/fidelity.md)
 
 
 class RomeEditor(Editor):
@@ -57,3 +78,6 @@ class RomeEditor(Editor):
     def _key(self, request: EditRequest, context_templates: list[str]):
         keys = mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], [request], context_templates)
         return keys[self.layer][0]
+
+
+EDITOR = EditorPlugin("rome", RomeConfig, RomeEditor, "ROME (Meng et al., 2022): a rank-one update of one MLP layer")

@@ -114,9 +114,6 @@ class SpreadEditor(Editor):
         layers = [int(layer) for layer in hparams.layers]
         if layers != sorted(set(layers)):
             raise InvalidSettingError(f"editor.layers={layers}: give distinct layers in increasing order")
-        if not hparams.mom2_adjustment:
-            raise InvalidSettingError(f"{type(self).__name__} always weighs its update by the key second moment C "
-                                      "(editor.mom2_update_weight); editor.mom2_adjustment=false applies to ROME only")
         self.model, self.adapter, self.tokenizer, self.hparams = model, adapter, tokenizer, hparams
         self.layers = layers
         self.statistics, self.context_templates, self.regularizers = statistics, context_templates, list(regularizers)
@@ -132,6 +129,10 @@ class SpreadEditor(Editor):
     def delta_rules(self, hparams) -> dict:
         """`nll_weight` / `should_stop` overrides of the δ-objective (none: DeltaObjective's defaults)."""
         return {}
+
+    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+        """ΔW of one layer (float64, (d_out, d_in)) from this batch's keys and residuals as rows: MEMIT's ridge solve."""
+        return least_squares_update(keys, residuals, second_moment, self.hparams.mom2_update_weight)
 
     def apply(self, requests: list[EditRequest]) -> SpreadOutcome:
         """Edit the whole batch: independent δs (on the unedited model), then one joint solve per layer."""
@@ -149,7 +150,7 @@ class SpreadEditor(Editor):
                 current = bare_prompt_outputs(self.model, self.adapter, self.tokenizer, self.target_site,
                                               self.layers[-1], requests)
                 residuals = (targets - current) / self.divisor(len(self.layers) - i)
-                update = least_squares_update(keys, residuals, second_moments[layer], self.hparams.mom2_update_weight)
+                update = self.solve(layer, keys, residuals, second_moments[layer])
                 self.adapter.add_to_down_weight(self.model, layer, update)
             outcome.solves.append(LayerSolve(layer, keys, residuals, update))
             outcome.updates[layer] = update

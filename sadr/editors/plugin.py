@@ -1,0 +1,40 @@
+"""How an editor declares itself: its name, its typed config, and how it is built.
+
+An editor is a module of the `sadr.editors` package (or of any installed distribution, through the
+`sadr.editors` entry-point group) that defines `EDITOR = EditorPlugin(...)`. The registry collects
+them, and everything else reads the registry: the `editor` config group (one typed node per editor, so a
+key that editor lacks fails at composition), the runner, the sweeps (`editor: glob(*)`), the benchmarks
+and the tests. Nothing else lists editor names.
+
+What an editor carries between edits is its state (`Editor.state_dict` / `load_state_dict`): the weights
+it writes and anything else it accumulates. The runner restores and checkpoints through it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sadr.editors.base import Editor
+from sadr.editors.covariance import SecondMomentStatistics
+from sadr.models.adapters import ModelAdapter
+
+
+@dataclass(frozen=True)
+class EditorServices:
+    """What the run shares with every editor: key statistics, context templates and δ-loss regularizers."""
+
+    statistics: SecondMomentStatistics
+    context_templates: list[str]
+    regularizers: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EditorPlugin:
+    name: str  # `editor=<name>`; also the config node's `name`
+    config: type  # a dataclass deriving from sadr.conf.schema.EditorConfig, holding this editor's defaults
+    editor: Callable[..., Editor]  # editor(model, adapter, tokenizer, hparams, *, statistics, context_templates, regularizers)
+    summary: str  # one line: the method and its paper
+
+    def build(self, model, adapter: ModelAdapter, tokenizer, hparams, services: EditorServices) -> Editor:
+        return self.editor(model, adapter, tokenizer, hparams, statistics=services.statistics,
+                           context_templates=services.context_templates, regularizers=services.regularizers)
