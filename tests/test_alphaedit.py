@@ -1,0 +1,109 @@
+"""AlphaEdit: the update lies in the null space of the preserved keys, solves its normal equations, and the
+keys of earlier edits are carried (and checkpointed) across a sequential run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sadr.editors.alphaedit import nullspace_projection
+from sadr.editors.plugin import EditorServices
+from sadr.editors.registry import EDITORS
+from sadr.models.adapters import adapter_for
+from sadr.runner import SEQUENTIAL_STATE, run_experiment
+from tests.editing import TEMPLATES, batch_requests, editor_config, statistics
+from tests.runs import FIXTURES, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.tiny_models import make_model
+
+LAYERS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def edited(tokenizer, tmp_path_factory):
+    """AlphaEdit on a tiny llama, two batches one after the other, with a threshold that keeps half of C's
+    eigenvectors (the tiny model's C has no published scale) and a ridge small against its keys."""
+    model = make_model("llama")
+    stats = statistics(model, tokenizer, tmp_path_factory.mktemp("stats"))
+    moments = stats.get(LAYERS)
+    threshold = min(torch.linalg.eigvalsh(moments[layer]).median().item() for layer in LAYERS)
+    hparams = editor_config("alphaedit", layers=LAYERS, context_templates=[[10, 3]], v_num_grad_steps=8,
+                            nullspace_threshold=threshold, L2=1e-3)
+    editor = EDITORS["alphaedit"].build(model, adapter_for(model), tokenizer, hparams, EditorServices(stats, TEMPLATES))
+    requests = batch_requests(6)
+    first, second = editor.apply(requests[:3]), editor.apply(requests[3:])
+    return editor, moments, threshold, first, second
+
+
+def test_the_projection_keeps_the_eigenvectors_below_the_threshold():
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    values = np.array([5.0, 2.0, 0.5, 0.01, 0.001, 0.0001])
+    c = torch.tensor(basis @ np.diag(values) @ basis.T)
+    p = nullspace_projection(c, 0.02).numpy()
+    expected = basis[:, 3:] @ basis[:, 3:].T
+    np.testing.assert_allclose(p, expected, atol=1e-12)
+
+
+def test_every_update_lies_in_the_null_space_and_leaves_preserved_keys_alone(edited):
+    editor, moments, threshold, first, second = edited
+    for outcome in (first, second):
+        for solve in outcome.solves:
+            update, p = solve.update, editor.projection(solve.layer, moments[solve.layer])
+            assert update.norm() > 0
+            torch.testing.assert_close(update @ p, update, rtol=0, atol=1e-10 * update.norm().item())
+            values, vectors = torch.linalg.eigh(moments[solve.layer])
+            preserved = vectors[:, values >= threshold]  # C's dominant directions: what the model already uses
+            assert (update @ preserved).norm() <= 1e-9 * update.norm()
+
+
+def test_updates_solve_their_normal_equations_with_the_earlier_keys(edited):
+    """ΔW = Rᵀ K P ((KᵀK + Cₚ) P + L2 I)⁻¹ (the paper's right-multiplied form), solved here in numpy, with Cₚ the
+    first batch's KᵀK for the second batch."""
+    editor, moments, _, first, second = edited
+    earlier = {solve.layer: np.zeros((solve.keys.shape[1],) * 2) for solve in first.solves}
+    for outcome in (first, second):
+        for solve in outcome.solves:
+            k, r = solve.keys.double().numpy(), solve.residuals.double().numpy()
+            p = editor.projection(solve.layer, moments[solve.layer]).numpy()
+            system = (k.T @ k + earlier[solve.layer]) @ p + editor.hparams.L2 * np.eye(k.shape[1])
+            expected = np.linalg.solve(system.T, (r.T @ k @ p).T).T
+            np.testing.assert_allclose(solve.update.numpy(), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+            earlier[solve.layer] = earlier[solve.layer] + k.T @ k
+    for layer, accumulated in earlier.items():
+        np.testing.assert_allclose(editor.earlier_keys[layer].numpy(), accumulated, rtol=1e-12)
+
+
+def test_a_killed_sequential_run_resumes_with_the_accumulated_keys(tiny_dir, tmp_path, monkeypatch):
+    """Four batches of one edit; killed after the second, resumed: the final state (weights and accumulated
+    keys) and every row equal those of the run that was never interrupted."""
+    overrides = ["editor=alphaedit", "editor.protocol=sequential", "editor.nullspace_threshold=1e9", "editor.L2=1e-3",
+                 "dataset=sadr_merged", f"dataset.path={FIXTURES / 'sadr_merged.json'}", "dataset.limit=4"]
+    whole = run_experiment(composed([*tiny_overrides(tiny_dir, tmp_path / "whole"), *overrides]))
+    editor_class = EDITORS["alphaedit"].editor
+    original, calls = editor_class.apply, []
+
+    def killed_at_the_third(self, requests):
+        calls.append(requests)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, requests)
+
+    cfg = composed([*tiny_overrides(tiny_dir, tmp_path / "resumed"), *overrides])
+    monkeypatch.setattr(editor_class, "apply", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    interrupted = torch.load(tmp_path / "resumed" / SEQUENTIAL_STATE)
+    assert len(interrupted["edited"]) == 2 and all(m.norm() > 0 for m in interrupted["editor"]["earlier_keys"].values())
+    monkeypatch.setattr(editor_class, "apply", original)
+    resumed = run_experiment(cfg)
+
+    a, b = torch.load(whole / SEQUENTIAL_STATE), torch.load(resumed / SEQUENTIAL_STATE)
+    assert a["edited"] == b["edited"] and len(a["edited"]) == 4
+    for part in ("weights", "earlier_keys"):
+        for layer in a["editor"][part]:
+            assert torch.equal(a["editor"][part][layer], b["editor"][part][layer]), (part, layer)
+    rows = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "diagnostics")}  # noqa: E731
+                        for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert rows(whole) == rows(resumed)
