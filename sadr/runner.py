@@ -77,7 +77,7 @@ def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: lis
 
 def case_line(row: dict) -> str:
     """One line per finished case: its scores ×100 and its total seconds."""
-    scores = " ".join(f"{LABELS[name]} {100 * sum(entry['value']) / len(entry['value']):.0f}"
+    scores = " ".join(f"{LABELS[name]} {round(100 * sum(entry['value']) / len(entry['value']))}"
                       for name, entry in row["edited"].items() if name in LABELS and entry.get("value"))
     return f"case {row['case_id']} ({row['subject']}): {scores}; {sum(row['seconds'].values()):.1f} s"
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 from sadr.editors.alphaedit import nullspace_projection
 from sadr.editors.plugin import EditorServices
@@ -107,3 +108,22 @@ def test_a_killed_sequential_run_resumes_with_the_accumulated_keys(tiny_dir, tmp
     rows = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "diagnostics")}  # noqa: E731
                         for line in (run / "cases.jsonl").read_text().splitlines()]
     assert rows(whole) == rows(resumed)
+
+
+def test_published_settings_compose_and_keys_alphaedit_never_reads_do_not_exist():
+    gptj = composed(["editor=alphaedit", "model=gpt-j"]).editor
+    assert list(gptj.layers) == [3, 4, 5, 6, 7, 8] and (gptj.nullspace_threshold, gptj.L2) == (0.02, 10.0)
+    assert "AlphaEdit repo" in gptj.source and gptj.v_num_grad_steps == 25 and gptj.clamp_norm_factor == 0.75
+    llama = composed(["editor=alphaedit", "model=llama3-8b"]).editor
+    assert list(llama.layers) == [4, 5, 6, 7, 8] and llama.v_lr == 0.1 and llama.v_loss_layer == 31
+    for unread in ("mom2_update_weight=15000", "mom2_adjustment=true"):
+        with pytest.raises(ConfigCompositionException):
+            composed(["editor=alphaedit", f"editor.{unread}"])
+
+
+def test_sadr_regularizes_alphaedit_through_the_shared_delta_optimisation(tiny_dir, tmp_path):
+    out = run_experiment(composed([*tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1"), "editor=alphaedit",
+                                   "editor.L2=1e-3", "sadr.lambda=0.5", "sadr.heads=all"]))
+    row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
+    assert row["editor"] == "alphaedit" and row["sadr_lambda"] == 0.5
+    assert row["diagnostics"]["selected_heads"] > 0 and row["diagnostics"]["loss"] > 0

@@ -1,0 +1,83 @@
+"""Files computed once and shared by every run and every concurrent job: templates, statistics, scores, projections.
+
+Three guarantees, whatever the number of jobs started at once on an empty cache:
+- **computed once**: the first job to need an entry computes it while holding a file lock (`filelock`, an OS
+  lock, so the lock of a job that crashed is released with its process); the others wait, then load it;
+- **never half-read**: an entry is written to a temporary file in the same folder and renamed into place;
+- **damage is repaired**: an entry that cannot be read (a copy cut short, a full disk) is named in a warning,
+  removed and computed again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EntryFormat:
+    """How one kind of entry is written and read back."""
+
+    save: Callable[[Any, Path], None]
+    load: Callable[[Path], Any]
+
+
+def _save_json(value, path: Path) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+
+
+JSON = EntryFormat(_save_json, lambda path: json.loads(path.read_text(encoding="utf-8")))
+TORCH = EntryFormat(lambda value, path: torch.save(value, path), lambda path: torch.load(path, weights_only=True))
+
+
+def lock_for(path: Path) -> FileLock:
+    """The lock guarding `path` (or a group of entries computed together, named by `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+def write_atomically(value, path: Path, fmt: EntryFormat) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(handle)
+    try:
+        fmt.save(value, Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_entry(path: Path, fmt: EntryFormat):
+    """The entry at `path`, or None when there is none or it is damaged (then it is removed, with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return fmt.load(path)
+    except Exception as err:  # a damaged file raises whatever its reader raises
+        log.warning("cache entry %s is damaged (%s: %s); removing it and computing it again", path,
+                    type(err).__name__, err)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def cached(path: Path, compute: Callable[[], Any], fmt: EntryFormat = JSON):
+    """The entry at `path`: read, or computed once across processes and written atomically."""
+    value = read_entry(path, fmt)
+    if value is not None:
+        return value
+    with lock_for(path):
+        value = read_entry(path, fmt)  # another job may have written it while this one waited
+        if value is None:
+            value = compute()
+            write_atomically(value, path, fmt)
+    return value
