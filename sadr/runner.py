@@ -10,7 +10,6 @@ With `save_edited=true` the edited model is also written as a loadable folder (s
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sadr.cache import cached
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
@@ -65,14 +65,8 @@ def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: lis
     """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk."""
     key = cache_key(kind="unedited", model=fingerprint, cases=[repr(c) for c in cases],
                     evaluators=[e.identity() for e in evaluators])
-    path = Path(cache_dir) / "unedited" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    results = evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(results))
-    path.with_suffix(".tmp").replace(path)
-    return results
+    return cached(Path(cache_dir) / "unedited" / f"{key}.json",
+                  lambda: evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases))
 
 
 def case_line(row: dict) -> str:

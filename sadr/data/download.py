@@ -7,8 +7,6 @@ so a file at `dest` is always complete and verified, and later runs use it witho
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import http.client
 import logging
@@ -18,9 +16,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
+from sadr.cache import lock_for
 from sadr.errors import UnavailableError
 
 log = logging.getLogger(__name__)
@@ -59,7 +57,7 @@ def download(remote: RemoteFile, directory: str | os.PathLike, hint: str = "") -
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(dest.with_name(dest.name + ".lock")):
+    with lock_for(dest):  # one download per file across processes (e.g. the parallel shards of a sweep)
         if not dest.is_file():  # another process may have completed it while this one waited
             _download_to(remote, dest, hint)
     return dest
@@ -75,17 +73,6 @@ def _download_to(remote: RemoteFile, dest: Path, hint: str) -> None:
     _verify(remote, part, hint)
     os.replace(part, dest)
     log.info("downloaded %s to %s", remote.url, dest)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise downloads of one file across processes (e.g. the parallel shards of a sweep)."""
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _fetch(remote: RemoteFile, part: Path) -> None:

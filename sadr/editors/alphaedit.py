@@ -20,6 +20,7 @@ from typing import List
 
 import torch
 
+from sadr.cache import TORCH, cached
 from sadr.conf.schema import EditorConfig
 from sadr.editors.memit import MemitEditor
 from sadr.editors.plugin import EditorPlugin
@@ -68,16 +69,10 @@ class AlphaEditEditor(MemitEditor):
             digest = hashlib.sha256(second_moment.double().contiguous().cpu().numpy().tobytes()).hexdigest()
             key = cache_key(kind="nullspace", second_moment=digest, threshold=self.hparams.nullspace_threshold)
             path = self.statistics.cache_dir / "nullspace" / f"{key}.pt"
-            if path.is_file():
-                self._projections[layer] = torch.load(path)
-            else:
-                projection = nullspace_projection(second_moment, self.hparams.nullspace_threshold)
-                log.info("layer %d: null space of dimension %d of %d (nullspace_threshold=%g)", layer,
-                         round(torch.trace(projection).item()), projection.shape[0], self.hparams.nullspace_threshold)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(projection, path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
-                self._projections[layer] = projection
+            projection = cached(path, lambda: nullspace_projection(second_moment, self.hparams.nullspace_threshold), TORCH)
+            log.info("layer %d: null space of dimension %d of %d (nullspace_threshold=%g)", layer,
+                     round(torch.trace(projection).item()), projection.shape[0], self.hparams.nullspace_threshold)
+            self._projections[layer] = projection
         return self._projections[layer]
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:

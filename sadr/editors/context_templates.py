@@ -7,9 +7,9 @@ deterministic and a second run does not sample again.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from sadr.cache import cached
 from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_texts
@@ -26,18 +26,16 @@ def context_templates(model, tokenizer, length_params: list[list[int]], *, seed:
     """["{}", "<prefix>. {}", ...] for `length_params` = [[max_tokens, count], ...]."""
     key = cache_key(kind="context_templates", model=fingerprint, params=length_params, seed=seed,
                     words=SEED_WORDS, top_k=5, device=str(next(model.parameters()).device.type))
-    path = Path(cache_dir) / "context_templates" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    templates = ["{}"]
-    for index, (max_tokens, count) in enumerate(length_params):
+    for _max_tokens, count in length_params:
         if count % len(SEED_WORDS):
             raise InvalidSettingError(f"context template count {count} must be a multiple of {len(SEED_WORDS)} (editor.context_templates)")
-        prompts = [w for w in SEED_WORDS for _ in range(count // len(SEED_WORDS))]
-        new_tokens = max(1, max_tokens - 1)
-        templates += [_as_template(t) for t in sample_texts(model, tokenizer, prompts, max_new_tokens=new_tokens, seed=seed + index)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(templates, indent=1, ensure_ascii=False))
-    tmp.replace(path)
-    return templates
+
+    def generate() -> list[str]:
+        templates = ["{}"]
+        for index, (max_tokens, count) in enumerate(length_params):
+            prompts = [w for w in SEED_WORDS for _ in range(count // len(SEED_WORDS))]
+            new_tokens = max(1, max_tokens - 1)
+            templates += [_as_template(t) for t in sample_texts(model, tokenizer, prompts, max_new_tokens=new_tokens, seed=seed + index)]
+        return templates
+
+    return cached(Path(cache_dir) / "context_templates" / f"{key}.json", generate)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sadr.cache import TORCH, lock_for, read_entry, write_atomically
 from sadr.data.corpus import Corpus
 from sadr.editors.capture import capture_inputs
 from sadr.errors import InvalidSettingError, MissingInputError
@@ -100,6 +101,14 @@ class SecondMomentStatistics:
         key = cache_key(kind="mom2", model=self.fingerprint, layer=layer, module=module, corpus=self.description())
         return self.cache_dir / f"{module}.{key}.pt"
 
+    def _pass_lock(self) -> Path:
+        """One lock per (model, corpus): a corpus pass computes every missing layer at once."""
+        return self.cache_dir / f"pass.{cache_key(kind='mom2-pass', model=self.fingerprint, corpus=self.description())}"
+
+    def _cached(self, layer: int) -> torch.Tensor | None:
+        entry = read_entry(self._cache_file(layer), TORCH)
+        return None if entry is None else entry["mom2"]
+
     def get(self, layers: list[int]) -> dict[int, torch.Tensor]:
         """layer -> C (float64, on CPU), computing every missing layer in a single corpus pass."""
         missing = [layer for layer in layers if layer not in self._memory]
@@ -108,19 +117,25 @@ class SecondMomentStatistics:
             if self.npz_dir:
                 module = self.adapter.mlp_down.format(layer)
                 self._memory[layer] = load_rome_npz(Path(self.npz_dir) / f"{module}_float32_mom2_{self.npz_samples}.npz")
-            elif self._cache_file(layer).is_file():
-                self._memory[layer] = torch.load(self._cache_file(layer))["mom2"]
+            elif (moment := self._cached(layer)) is not None:
+                self._memory[layer] = moment
             else:
                 to_compute.append(layer)
         if to_compute:
-            log.info("computing key statistics for layers %s over %s", to_compute, self.description())
-            results = accumulate_second_moments(self.model, self.adapter, self.tokenizer, to_compute,
-                                                self.corpus.texts(), self.sample_length, self.batch_tokens)
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            for layer, (total, count) in results.items():
-                moment = total / count
-                tmp = self._cache_file(layer).with_suffix(".tmp")
-                torch.save({"mom2": moment, "count": count, "corpus": self.description()}, tmp)
-                tmp.replace(self._cache_file(layer))
-                self._memory[layer] = moment
+            with lock_for(self._pass_lock()):  # concurrent jobs: the first computes, the others wait and read
+                for layer in list(to_compute):
+                    if (moment := self._cached(layer)) is not None:
+                        self._memory[layer] = moment
+                        to_compute.remove(layer)
+                if to_compute:
+                    self._compute(to_compute)
         return {layer: self._memory[layer] for layer in layers}
+
+    def _compute(self, layers: list[int]) -> None:
+        log.info("computing key statistics for layers %s over %s", layers, self.description())
+        results = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers,
+                                            self.corpus.texts(), self.sample_length, self.batch_tokens)
+        for layer, (total, count) in results.items():
+            moment = total / count
+            write_atomically({"mom2": moment, "count": count, "corpus": self.description()}, self._cache_file(layer), TORCH)
+            self._memory[layer] = moment

@@ -25,10 +25,12 @@ def sign_test(up: int, down: int) -> float:
     return min(1.0, 2 * tail / 2**changed)
 
 
-def _rows(run: Path) -> dict[str, dict]:
-    rows = RunDirectory(run).rows() if (Path(run) / ROWS_FILE).is_file() else []
+def _rows(runs: str | Path | list[Path]) -> dict[str, dict]:
+    """case id -> row, over one run directory or the shard directories of one configuration."""
+    runs = [Path(run) for run in runs] if isinstance(runs, list) else [Path(runs)]
+    rows = [row for run in runs for row in (RunDirectory(run).rows() if (run / ROWS_FILE).is_file() else [])]
     if not rows:
-        raise FileNotFoundError(f"{run} holds no {ROWS_FILE}; pass the directory of a finished or resumed run")
+        raise FileNotFoundError(f"{', '.join(map(str, runs))} holds no {ROWS_FILE}; pass the directory of a finished or resumed run")
     return {str(row["case_id"]): row for row in rows}
 
 
@@ -37,9 +39,12 @@ def _values(row: dict, metric: str) -> list[float]:
     return list(entry.get("value", [])) if isinstance(entry, dict) else []
 
 
-def compare_runs(base: str | Path, other: str | Path) -> pd.DataFrame:
-    """One row per metric: both means and their paired difference ± 95 % CI (×100), prompts up/down, sign-test p."""
-    a, b = _rows(Path(base)), _rows(Path(other))
+def compare_runs(base: str | Path | list[Path], other: str | Path | list[Path]) -> pd.DataFrame:
+    """One row per metric: both means and their paired difference ± 95 % CI (×100), prompts up/down, sign-test p.
+
+    `base` and `other` are run directories, or lists of the shard directories of one configuration each.
+    """
+    a, b = _rows(base), _rows(other)
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys(), key=str)
         raise ValueError(f"the runs edited different records (case ids in one only: {only[:10]}); "

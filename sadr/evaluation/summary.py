@@ -1,15 +1,17 @@
 """Many run directories -> one comparison table, with the keys that differ between runs as columns."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from sadr.evaluation.aggregate import LABELS
+from sadr.data.selection import parse_shard
+from sadr.evaluation.aggregate import LABELS, metric_table
 from sadr.evaluation.paired import compare_runs
-from sadr.results import CONFIG_FILE, METRICS_FILE
+from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory
 
 # SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
 ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", "editor.v_num_grad_steps")
@@ -17,6 +19,8 @@ ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", "editor.v_
 MAY_DIFFER_FROM_BASELINE = ("sadr.", "editor.v_num_grad_steps")
 # Columns placed right after another metric's, so related numbers read side by side.
 NEXT_TO = {LABELS["distract_neighborhood"]: (LABELS["drift_max"], LABELS["drift_mean"])}
+# The runs of one configuration that differ only in this key are shards of it (`dataset.shard=i/n`).
+SHARD_KEY = "dataset.shard"
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -40,6 +44,12 @@ def find_runs(root: str | Path) -> list[Path]:
     return runs
 
 
+def unfinished_runs(root: str | Path) -> list[Path]:
+    """Run directories under `root` that hold a config but no metrics: still running, killed, or failed."""
+    return sorted(p.parent for p in Path(root).rglob(CONFIG_FILE)
+                  if ".hydra" not in p.parts and not (p.parent / METRICS_FILE).is_file())
+
+
 def run_settings(runs: list[Path]) -> dict[Path, dict]:
     """Each run's config.yaml, flattened to dotted keys ("editor.name")."""
     return {run: _flatten(OmegaConf.to_container(OmegaConf.load(run / CONFIG_FILE), resolve=False)) for run in runs}
@@ -60,26 +70,93 @@ def baseline_groups(settings: dict[Path, dict]) -> list[list[Path]]:
     return list(groups.values())
 
 
-def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
-    """Rows: runs (edited) plus the unedited model once per distinct setting; columns: swept keys, metrics.
+@dataclass
+class Configuration:
+    """One configuration's results: a single run, or the shards (`dataset.shard=i/n`) of one merged."""
 
-    `n_cases` counts the records edited; `n_obs` is the largest n behind a mean (prompts under the prompt
-    protocol, records under the case protocol).
-    """
+    runs: list[Path]
+    settings: dict  # the runs' common settings, `dataset.shard` left out when sharded
+    shard_indexes: tuple[int, ...] = ()  # i of each run's i/n, in the order of `runs`
+    n_shards: int = 0  # n of i/n; 0 when not sharded
+    unfinished: tuple[int, ...] = ()  # shard indexes whose run has not written its metrics
+
+    @property
+    def missing(self) -> list[int]:
+        present = set(self.shard_indexes) | set(self.unfinished)
+        return [i for i in range(1, self.n_shards + 1) if i not in present]
+
+    def shards_label(self) -> str:
+        """"4/4", or "3/4; missing 2; unfinished 4" (unfinished shards are listed, not counted)."""
+        label = f"{len(self.runs)}/{self.n_shards}"
+        if self.missing:
+            label += f"; missing {', '.join(map(str, self.missing))}"
+        if self.unfinished:
+            label += f"; unfinished {', '.join(map(str, self.unfinished))}"
+        return label
+
+    def metrics(self) -> pd.DataFrame:
+        """The runner's metrics.csv; for shards, the same table over every shard's cases (CIs over all prompts)."""
+        if not self.n_shards:
+            return pd.read_csv(self.runs[0] / METRICS_FILE)
+        return metric_table([row for run in self.runs for row in RunDirectory(run).rows()])
+
+
+def configurations(root: str | Path) -> list[Configuration]:
+    """Every finished run under `root`, with the shards of one configuration merged into one Configuration."""
     runs = find_runs(root)
     settings = run_settings(runs)
+    unfinished = unfinished_runs(root)
+    unfinished_settings = run_settings(unfinished)
+    groups: dict[tuple, list[Path]] = {}
+    for run in runs:
+        common = tuple(sorted((k, repr(v)) for k, v in settings[run].items() if k != SHARD_KEY))
+        groups.setdefault(common if settings[run].get(SHARD_KEY) is not None else (run,), []).append(run)
+    out = []
+    for group in groups.values():
+        if settings[group[0]].get(SHARD_KEY) is None:
+            out.append(Configuration(group, settings[group[0]]))
+            continue
+        shards = [parse_shard(settings[run][SHARD_KEY]) for run in group]
+        if len({n for _, n in shards}) > 1 or len({i for i, _ in shards}) < len(shards):
+            listed = ", ".join(f"{run} ({settings[run][SHARD_KEY]})" for run in group)
+            raise ValueError(f"the shards of one configuration must be i/n with one n and each i once; found {listed}")
+        n = shards[0][1]
+        common = {k: v for k, v in settings[group[0]].items() if k != SHARD_KEY}
+        pending = tuple(sorted(parse_shard(values[SHARD_KEY])[0] for run, values in unfinished_settings.items()
+                               if values.get(SHARD_KEY) is not None
+                               and {k: v for k, v in values.items() if k != SHARD_KEY} == common))
+        order = sorted(range(len(group)), key=lambda j: shards[j][0])
+        out.append(Configuration([group[j] for j in order], common, tuple(shards[j][0] for j in order), n, pending))
+    return out
+
+
+def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
+    """Rows: configurations (edited) plus the unedited model once per distinct setting; columns: swept keys, metrics.
+
+    The shards of one configuration (runs that differ only in `dataset.shard`) make one row: their cases
+    together, CIs over all prompts, and a `shards` column ("3/4; missing 2"). `n_cases` counts the records
+    edited; `n_obs` is the largest n behind a mean (prompts under the prompt protocol, records under the case
+    protocol).
+    """
+    root = Path(root)
+    found = configurations(root)
+    settings = {id(c): c.settings for c in found}
     keys = {k for s in settings.values() for k in s}
     swept = [k for k in ALWAYS if k in keys] + [k for k in differing_keys(settings) if k not in ALWAYS and k != "seed"]
+    sharded = any(c.n_shards for c in found)
     records = []
-    for run in runs:
-        table = pd.read_csv(run / METRICS_FILE)
+    for configuration in found:
+        table = configuration.metrics()
         # every record has at least one metric, so the case protocol's largest n is the number of records
         n_cases = int(table[(table.protocol == "case") & (table.quantity == "value")].n.max())
         table = table[(table.protocol == protocol) & (table.quantity != "magnitude")]
+        runs = ",".join(str(run.relative_to(root)) if run != root else "." for run in configuration.runs)
         for state, part in table.groupby("state", sort=False):
-            record = {k: settings[run].get(k) for k in swept}
+            record = {k: configuration.settings.get(k) for k in swept}
+            if sharded:
+                record["shards"] = configuration.shards_label() if configuration.n_shards else ""
             record.update(state=state, n_cases=n_cases, n_obs=int(part[part.quantity == "value"].n.max()) if (part.quantity == "value").any() else 0,
-                          run=str(run.relative_to(root)) if run != Path(root) else ".")
+                          run=runs)
             for _, row in part.iterrows():
                 record[row.label] = round(row["mean"], 2)
                 if row.quantity == "value":
@@ -87,7 +164,7 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
             records.append(record)
     frame = pd.DataFrame.from_records(records)
     edited = frame[frame.state == "edited"]
-    unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state")] + ["model.name", "dataset.name"])
+    unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state", "shards")] + ["model.name", "dataset.name"])
     if "editor.name" in unedited:
         unedited = unedited.assign(**{"editor.name": "none"})
     return _order_columns(pd.concat([unedited, edited], ignore_index=True))
@@ -107,19 +184,22 @@ def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_with_baselines(root: str | Path) -> pd.DataFrame:
-    """Every run with γ > 0 against the γ = 0 run that differs from it only in SADR settings and δ steps.
+    """Every configuration with γ > 0 against the γ = 0 one that differs from it only in SADR settings and δ steps.
 
-    One row per (run, metric), as `sadr compare`; empty when no run has such a baseline under `root`.
+    One row per (configuration, metric), as `sadr compare`, shards merged; empty when none has such a baseline.
     """
-    settings = run_settings(find_runs(root))
+    root = Path(root)
+    found = {tuple(c.runs): c for c in configurations(root)}
+    settings = {runs: c.settings for runs, c in found.items()}
+    name = lambda runs: ",".join(str(run.relative_to(root)) for run in runs)  # noqa: E731
     tables = []
     for group in baseline_groups(settings):
-        baselines = [run for run in group if settings[run].get("sadr.lambda") == 0]
-        for run in group:
-            if baselines and run not in baselines:
-                table = compare_runs(baselines[0], run)
-                tables.append(table.assign(**{key: settings[run].get(key) for key in ("editor.name", "sadr.lambda", "editor.v_num_grad_steps")},
-                                           base_run=str(baselines[0].relative_to(root)), run=str(run.relative_to(root))))
+        baselines = [runs for runs in group if settings[runs].get("sadr.lambda") == 0]
+        for runs in group:
+            if baselines and runs not in baselines:
+                table = compare_runs(list(baselines[0]), list(runs))
+                tables.append(table.assign(**{key: settings[runs].get(key) for key in ("editor.name", "sadr.lambda", "editor.v_num_grad_steps")},
+                                           base_run=name(baselines[0]), run=name(runs)))
     if not tables:
         return pd.DataFrame()
     table = pd.concat(tables, ignore_index=True)
@@ -147,7 +227,16 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
         (target / "paired.md").write_text(paired_markdown + "\n")
         text += f"\neach γ > 0 run against its γ = 0 run, prompt by prompt (as `sadr compare`):\n{paired_markdown}\n"
         written += [target / "paired.csv", target / "paired.md"]
+    unfinished = unfinished_runs(root)
+    if unfinished:
+        text += ("\nnot in the tables: runs without metrics (still running, killed or failed; re-running the same "
+                 "command resumes them):\n" + "\n".join(f"  {run}  log: {_log_of(run)}" for run in unfinished) + "\n")
     return text + f"\nwrote {', '.join(str(p) for p in written)}"
+
+
+def _log_of(run: Path) -> str:
+    logs = sorted(run.glob("*.log"))
+    return ", ".join(map(str, logs)) if logs else "none"
 
 
 class SummarizeSweep(Callback):

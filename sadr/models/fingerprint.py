@@ -6,11 +6,17 @@ import json
 
 import torch
 
+# Where the model was loaded from and which transformers wrote its config: the same weights loaded from another
+# folder (a moved cache, a copy) must find the same cache entries.
+NOT_CONTENT = ("_name_or_path", "transformers_version")
+
 
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the config and, per parameter, its name, shape, dtype and float64 sum and sum of squares."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """sha256 over the config (less NOT_CONTENT) and, per parameter, its name, shape, dtype and float64 sum and
+    sum of squares."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in NOT_CONTENT}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, param in model.named_parameters():
         p = param.detach().double()
         h.update(f"{name}{tuple(p.shape)}{param.dtype}{p.sum().item():.10e}{p.square().sum().item():.10e}".encode())

@@ -1,0 +1,113 @@
+"""Shared caches: computed once across concurrent jobs, never read half-written, damaged entries repaired,
+keyed by content rather than by where a model was loaded from."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sadr.cache import JSON, TORCH, cached, lock_for, write_atomically
+from sadr.models.fingerprint import model_fingerprint
+from sadr.models.loading import load_model
+from tests.runs import tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.tiny_models import make_model, make_tokenizer
+
+
+def _slow_compute_once(path, counter, start):
+    def compute():
+        with open(counter, "a") as f:
+            f.write("computed\n")
+        time.sleep(1.0)
+        return {"value": 42}
+
+    while time.time() < start:
+        time.sleep(0.005)
+    assert cached(path, compute) == {"value": 42}
+
+
+def test_jobs_started_together_compute_an_entry_once(tmp_path):
+    path, counter, start = tmp_path / "entry.json", tmp_path / "counter", time.time() + 1.0
+    context = multiprocessing.get_context("fork")
+    jobs = [context.Process(target=_slow_compute_once, args=(path, counter, start)) for _ in range(4)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+    assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
+    assert counter.read_text() == "computed\n"
+
+
+def _hold_the_lock_forever(path, ready):
+    with lock_for(path):
+        ready.set()
+        time.sleep(600)
+
+
+def test_the_lock_of_a_job_that_crashed_is_released(tmp_path):
+    path = tmp_path / "entry.json"
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    holder = context.Process(target=_hold_the_lock_forever, args=(path, ready))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    started = time.monotonic()
+    assert cached(path, lambda: [1, 2]) == [1, 2]
+    assert time.monotonic() - started < 10
+
+
+def test_a_damaged_entry_is_named_removed_and_computed_again(tmp_path, caplog):
+    path = tmp_path / "stats.pt"
+    torch.save({"mom2": torch.eye(3)}, path)
+    path.write_bytes(path.read_bytes()[:50])  # a copy cut short
+    with caplog.at_level(logging.WARNING, logger="sadr.cache"):
+        value = cached(path, lambda: {"mom2": torch.ones(2)}, TORCH)
+    assert torch.equal(value["mom2"], torch.ones(2))
+    assert str(path) in caplog.text and "damaged" in caplog.text
+    assert torch.equal(torch.load(path)["mom2"], torch.ones(2))
+
+
+def test_an_entry_is_never_left_half_written(tmp_path):
+    path = tmp_path / "entry.json"
+
+    def save_then_fail(value, target):
+        target.write_text('{"half": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically({"half": 1}, path, type(JSON)(save_then_fail, JSON.load))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_same_weights_from_two_folders_have_one_fingerprint(tmp_path):
+    model = make_model("llama")
+    for folder in ("a", "b/c"):
+        model.save_pretrained(tmp_path / folder)
+        make_tokenizer().save_pretrained(tmp_path / folder)
+    a = load_model(str(tmp_path / "a"), device="cpu")
+    b = load_model(str(tmp_path / "b" / "c"), device="cpu")
+    assert a.model.config._name_or_path != b.model.config._name_or_path
+    assert model_fingerprint(a.model) == model_fingerprint(b.model)
+    with torch.no_grad():
+        b.adapter.down_weight(b.model, 0)[0, 0] += 1e-3
+    assert model_fingerprint(a.model) != model_fingerprint(b.model)
+
+
+def test_two_runs_started_together_on_an_empty_cache_compute_the_statistics_once(tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-m", "sadr.cli.run", *tiny_overrides(tiny_dir, tmp_path / f"run{i}"),
+                              f"cache_dir={cache}", "dataset.limit=1"], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert sum(log.count("computing key statistics") for log in logs) == 1
+    assert all((tmp_path / f"run{i}" / "metrics.csv").is_file() for i in range(2))

@@ -1,0 +1,72 @@
+"""The shards of one configuration (`dataset.shard=i/n`) summarize as one row, equal to the unsharded run."""
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from sadr.evaluation.paired import compare_runs
+from sadr.evaluation.summary import summarize, write_summary
+from sadr.runner import run_experiment
+from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+
+GAMMAS = ("0", "0.5")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):  # noqa: F811
+    """Both cases unsharded and as shards 1/2 and 2/2, each without and with SADR."""
+    root = tmp_path_factory.mktemp("shards")
+    for gamma in GAMMAS:
+        extra = [f"sadr.lambda={gamma}", "sadr.heads=all"]
+        run_experiment(composed(tiny_overrides(tiny_dir, root / "whole" / gamma, *extra)))
+        for shard in (1, 2):
+            run_experiment(composed(tiny_overrides(tiny_dir, root / "sharded" / f"{gamma}_{shard}", *extra,
+                                                   f"dataset.shard={shard}/2")))
+    return root
+
+
+def _metrics(table: pd.DataFrame) -> pd.DataFrame:
+    columns = [c for c in table.columns if c in ("state", "sadr.lambda", "n_cases", "n_obs")
+               or c.split(" ")[0] in ("ES", "PS", "NS", "DNS")]
+    table = table[columns].copy()
+    table.loc[table.state == "unedited", "sadr.lambda"] = None  # the unedited model has no γ
+    return table.sort_values(["state", "sadr.lambda"]).reset_index(drop=True)
+
+
+def test_shards_merge_into_the_row_of_the_unsharded_run(runs):
+    whole, sharded = summarize(runs / "whole"), summarize(runs / "sharded")
+    assert list(sharded["shards"]) == ["2/2", "2/2", "2/2"]  # unedited once, then one row per γ
+    assert set(sharded["run"][sharded.state == "edited"]) == {"0_1,0_2", "0.5_1,0.5_2"}
+    pd.testing.assert_frame_equal(_metrics(sharded), _metrics(whole))
+
+
+def test_paired_table_pairs_merged_shards_like_the_unsharded_runs(runs):
+    write_summary(runs / "sharded", "prompt")
+    paired = pd.read_csv(runs / "sharded" / "paired.csv")
+    expected = compare_runs(runs / "whole" / "0", runs / "whole" / "0.5")
+    assert list(paired["base_run"].unique()) == ["0_1,0_2"] and list(paired["run"].unique()) == ["0.5_1,0.5_2"]
+    pd.testing.assert_frame_equal(paired[expected.columns].reset_index(drop=True), expected, check_dtype=False)
+
+
+def test_missing_and_unfinished_shards_are_named(runs, tmp_path):
+    root = tmp_path / "partial"
+    shutil.copytree(runs / "sharded" / "0_1", root / "0_1")
+    shutil.copytree(runs / "sharded" / "0.5_1", root / "0.5_1")
+    shutil.copytree(runs / "sharded" / "0.5_2", root / "0.5_2")
+    (root / "0.5_2" / "metrics.csv").unlink()  # as if killed before the end
+    (root / "0.5_2" / "run.log").write_text("killed\n")
+    table = summarize(root)
+    edited = table[table.state == "edited"].set_index("sadr.lambda")["shards"]
+    assert (edited[0.0], edited[0.5]) == ("1/2; missing 2", "1/2; unfinished 2")
+    text = write_summary(root, "prompt")
+    assert f"{root / '0.5_2'}  log: {root / '0.5_2' / 'run.log'}" in text
+
+
+def test_a_shard_run_twice_is_an_error(runs, tmp_path):
+    root = tmp_path / "twice"
+    shutil.copytree(runs / "sharded" / "0_1", root / "a")
+    shutil.copytree(runs / "sharded" / "0_1", root / "b")
+    with pytest.raises(ValueError, match=r"each i once"):
+        summarize(root)
