@@ -5,7 +5,8 @@ import pytest
 
 from sadr.models import embedded
 from sadr.models.embedded import EmbeddedModelUnavailable, embedded_gguf
-from sadr.models.loading import load_model, resolve_device
+from sadr.models.devices import resolve_device
+from sadr.models.loading import load_model
 
 
 def test_embedded_model_uses_an_installed_wheel_without_importing_it(tmp_path, monkeypatch):
@@ -54,11 +55,11 @@ def test_missing_local_model_paths_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "no-such-dir"))
 
 
-def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch):
+def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA is not available.*device=cpu"):
-        resolve_device("cuda")
-    assert resolve_device("auto").type == "cpu"
+        resolve_device("cuda", tmp_path)
+    assert resolve_device("auto", tmp_path).type == "cpu"
 
 
 def test_family_mismatch_is_reported(tmp_path):

@@ -25,8 +25,10 @@ import sys, tomllib
 from packaging.requirements import Requirement
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 pins = []
-for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+for spec in project["dependencies"] + [spec for extra in project["optional-dependencies"].values() for spec in extra]:
     requirement = Requirement(spec)
+    if requirement.name == project["name"]:  # an extra naming the project's other extras
+        continue
     (low,) = [s.version for s in requirement.specifier if s.operator == ">="]
     pins.append(f"{requirement.name}=={low}")
 open(sys.argv[1], "w").write("\n".join(pins) + "\n")

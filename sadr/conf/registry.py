@@ -1,6 +1,7 @@
 """Registers the typed schema with Hydra and checks what types alone cannot."""
 from __future__ import annotations
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,6 +13,8 @@ def register_configs() -> None:
     """The run's schema, and one typed node per editor in the `editor` group, from the editors' declarations."""
     from sadr.editors.registry import EDITORS
 
+    if not OmegaConf.has_resolver("sadr.cuda_count"):  # hydra/launcher=gpus: one worker per visible GPU
+        OmegaConf.register_new_resolver("sadr.cuda_count", lambda: max(1, torch.cuda.device_count()))
     store = ConfigStore.instance()
     store.store(name="base_config", node=RunConfig)
     for name, plugin in EDITORS.items():

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sadr.errors import InvalidSettingError, MissingInputError, UnavailableError
 from sadr.models.adapters import ModelAdapter, adapter_for
+from sadr.models.devices import resolve_device
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
 from sadr.models.tokenization import pad_id_of
 
@@ -28,15 +29,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidSettingError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
-    return device
 
 
 def _from_pretrained_args(source: str, gguf_file: str | None, cache_dir: str) -> tuple[str, dict]:
@@ -73,7 +65,7 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
             "model elsewhere and set model.source=/path/to/model_dir (or a .gguf file)."
         ) from err
     pad_id_of(tokenizer)  # sets a pad token on tokenizers that have none
-    model = model.to(resolve_device(device)).eval().requires_grad_(False)
+    model = model.to(resolve_device(device, Path(cache_dir) / "gpus")).eval().requires_grad_(False)
     adapter = adapter_for(model)
     if family is not None and adapter.family != family:
         raise InvalidSettingError(

@@ -1,0 +1,53 @@
+"""Which device a run uses. With several GPUs visible, `device=auto` takes one that no other sadr job on this
+machine holds: a lock per GPU under `<cache_dir>/gpus`, held until the process exits (an OS lock, so a job that
+crashes releases its GPU). Parallel jobs of a sweep (`hydra/launcher=gpus`) therefore never share a card.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from sadr.errors import InvalidSettingError
+
+log = logging.getLogger(__name__)
+
+_HELD: dict[Path, tuple[int, FileLock]] = {}  # lock folder -> the GPU this process holds there, and its lock
+
+
+def claim_free_gpu(lock_dir: Path, count: int, poll_seconds: float = 5.0) -> int:
+    """The index of a GPU among `count` that no other process holds, waiting until one is free."""
+    lock_dir = Path(lock_dir)
+    if lock_dir in _HELD:
+        return _HELD[lock_dir][0]
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waiting_logged = False
+    while True:
+        for index in range(count):
+            lock = FileLock(str(lock_dir / f"cuda{index}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            _HELD[lock_dir] = (index, lock)
+            log.info("using cuda:%d (the first of %d GPUs that no other sadr job holds)", index, count)
+            return index
+        if not waiting_logged:
+            log.info("all %d GPUs are held by other sadr jobs; waiting for one", count)
+            waiting_logged = True
+        time.sleep(poll_seconds)
+
+
+def resolve_device(name: str, lock_dir: Path) -> torch.device:
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", claim_free_gpu(lock_dir, count)) if count > 1 else torch.device("cuda")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidSettingError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return device

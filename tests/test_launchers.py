@@ -1,0 +1,81 @@
+"""Sweeps beyond one process: the submitit launcher (the code path of SLURM) and one GPU per parallel job."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from sadr.evaluation.summary import summarize
+from sadr.models import devices
+from tests.runs import tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+
+
+def _claim_and_hold(lock_dir, count, report):
+    report.write_text(str(devices.claim_free_gpu(lock_dir, count, poll_seconds=0.05)))
+    time.sleep(600)  # holds the GPU until killed
+
+
+def _reported(path, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def test_parallel_jobs_each_claim_a_gpu_of_their_own_and_wait_when_all_are_taken(tmp_path):
+    context = multiprocessing.get_context("fork")
+    jobs = [context.Process(target=_claim_and_hold, args=(tmp_path / "gpus", 2, tmp_path / f"job{i}")) for i in range(3)]
+    try:
+        jobs[0].start()
+        jobs[1].start()
+        assert sorted(_reported(tmp_path / f"job{i}") for i in range(2)) == [0, 1]
+        jobs[2].start()
+        time.sleep(1.0)
+        assert not (tmp_path / "job2").exists()  # both GPUs are held: the third job waits
+        first = _reported(tmp_path / "job0")
+        jobs[0].kill()  # a job that dies releases its GPU
+        assert _reported(tmp_path / "job2") == first
+    finally:
+        for job in jobs:
+            if job.pid is not None:
+                job.kill()
+                job.join(30)
+
+
+def test_auto_takes_a_free_gpu_when_several_are_visible(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(devices, "_HELD", {})
+    assert devices.resolve_device("auto", tmp_path) == torch.device("cuda", 0)
+    assert devices.resolve_device("auto", tmp_path) == torch.device("cuda", 0)  # one GPU per process, kept
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.resolve_device("auto", tmp_path / "single") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("launcher", ["local", "gpus"])
+def test_a_sharded_sweep_through_a_launcher_merges_into_the_unsharded_table(tiny_dir, tmp_path, launcher):  # noqa: F811
+    """2 configurations × 2 shards as 4 parallel jobs (submitit's local executor, or joblib workers), merged by
+    `sadr summarize`, equal the same 2 configurations run unsharded in this process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [*tiny_overrides(tiny_dir, tmp_path / "unused"), f"cache_dir={tmp_path / 'cache'}"]
+    common = [o for o in common if not o.startswith("output_dir=")]
+    sweep = subprocess.run([sys.executable, "-m", "sadr.cli.run", "-m", f"hydra/launcher={launcher}", *common,
+                            "sadr.lambda=0,0.5", "dataset.shard=1/2,2/2", f"hydra.sweep.dir={tmp_path / 'sharded'}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    whole = subprocess.run([sys.executable, "-m", "sadr.cli.run", "-m", *common, "sadr.lambda=0,0.5",
+                            f"hydra.sweep.dir={tmp_path / 'whole'}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    sharded, unsharded = summarize(tmp_path / "sharded"), summarize(tmp_path / "whole")
+    assert set(sharded.loc[sharded.state == "edited", "shards"]) == {"2/2"}
+    metrics = [c for c in unsharded.columns if c.split(" ")[0] in ("ES", "PS", "NS", "DNS")]
+    key = lambda t: t[t.state == "edited"].sort_values("sadr.lambda")[["sadr.lambda", "n_cases", *metrics]].reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(key(sharded), key(unsharded))
