@@ -20,7 +20,7 @@ from sadr.runner import run_experiment
 log = logging.getLogger("sadr")
 
 
-class _Progress:
+class _Stage:
     """Whether Hydra got as far as calling the task: an exit before that is a config that does not compose."""
 
     task_started = False
@@ -32,7 +32,7 @@ def _full_error_requested() -> bool:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    _Progress.task_started = True
+    _Stage.task_started = True
     try:
         validate(cfg)
         run_experiment(cfg)
@@ -51,12 +51,12 @@ def main() -> None:
     except SystemExit as stop:
         # Hydra prints a config that does not compose (unknown key, bad value, missing config file) without a
         # traceback and exits with 1; that is a usage error like the ones the task reports.
-        if stop.code == 1 and not _Progress.task_started:
+        if stop.code == 1 and not _Stage.task_started:
             raise SystemExit(2) from None
         raise
     except ValueError as err:
         # Hydra's own check of the command line (e.g. "Only one of --run, --multirun, --cfg ... can be specified")
-        if _Progress.task_started or _full_error_requested():
+        if _Stage.task_started or _full_error_requested():
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
