@@ -110,7 +110,8 @@ class SecondMomentStatistics:
         return None if entry is None else entry["mom2"]
 
     def get(self, layers: list[int]) -> dict[int, torch.Tensor]:
-        """layer -> C (float64, on CPU), computing every missing layer in a single corpus pass."""
+        """layer -> C (float64, on the model's device, where the solves run), computing every missing layer in a
+        single corpus pass. Disk entries hold CPU tensors."""
         missing = [layer for layer in layers if layer not in self._memory]
         to_compute = []
         for layer in missing:
@@ -129,6 +130,9 @@ class SecondMomentStatistics:
                         to_compute.remove(layer)
                 if to_compute:
                     self._compute(to_compute)
+        device = next(self.model.parameters()).device
+        for layer in layers:
+            self._memory[layer] = self._memory[layer].to(device)
         return {layer: self._memory[layer] for layer in layers}
 
     def _compute(self, layers: list[int]) -> None:

@@ -48,11 +48,16 @@ class ModelAdapter:
 
     @torch.no_grad()
     def add_to_down_weight(self, model: nn.Module, layer: int, delta: torch.Tensor) -> None:
-        """W += delta, with delta given as (out_features, in_features), cast to the weight's dtype."""
+        """W += delta, with delta given as (out_features, in_features).
+
+        W + delta is formed in at least float32 and rounded once to the weight's dtype, so a bfloat16 or float16
+        weight gets the nearest representable sum, not the sum of two rounded numbers (float32 weights: as `add_`).
+        """
         weight = self.down_weight(model, layer)
         if delta.shape != weight.shape:
             raise ValueError(f"update of shape {tuple(delta.shape)} for a weight of shape {tuple(weight.shape)}")
-        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        weight.copy_((weight.to(wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype))
 
     def _check(self, model: nn.Module, layer: int) -> int:
         n = len(self.blocks(model))
