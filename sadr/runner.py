@@ -29,8 +29,10 @@ from sadr.editors.registry import EDITORS
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
-from sadr.models.fingerprint import cache_key, model_fingerprint
-from sadr.models.loading import LoadedModel, load_model
+from sadr.models.fingerprint import cache_key
+from sadr.models.devices import reset_peak_memory, take_peak_memory
+from sadr.models.kept import load_model_kept
+from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
 from sadr.progress import CaseProgress
 from sadr.regularizers.attention_drift import build_regularizers
@@ -91,9 +93,10 @@ class Experiment:
         self.out.drop_partial_line()
         torch.manual_seed(cfg.seed)
         self.dataset = load_cases(cfg.dataset, cfg.cache_dir)  # before the model: a bad dataset fails in seconds
-        self.loaded = load_model(cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision,
-                                 family=cfg.model.family, device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
-        self.fingerprint = model_fingerprint(self.loaded.model)
+        self.loaded, self.fingerprint = load_model_kept(
+            cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
+            device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
+        reset_peak_memory(self.loaded.device)
         self.statistics = build_statistics(cfg, self.loaded, self.fingerprint)
         self.evaluators = build_evaluators(cfg)
         self.out.write_environment({
@@ -117,7 +120,10 @@ class Experiment:
         results = evaluate_all(self.evaluators, self.loaded.model, self.loaded.tokenizer, self.loaded.adapter, cases)
         return results, (time.perf_counter() - start) / max(1, len(cases))
 
-    def _row(self, case: EditCase, edited: dict, unedited: dict, outcome: EditOutcome, eval_seconds: float, group_size: int) -> dict:
+    def _row(self, case: EditCase, edited: dict, unedited: dict, outcome: EditOutcome, eval_seconds: float, group_size: int,
+             memory: dict) -> dict:
+        """`memory`: the GPU peak while editing and evaluating the case's group (empty off CUDA). A statistics pass
+        records its own peak in its cache entries and its log line."""
         cfg = self.cfg
         edited = {**edited, **compare_all(self.evaluators, edited, unedited)}
         return {
@@ -127,6 +133,7 @@ class Experiment:
             "dataset": cfg.dataset.name, "subject": case.request.subject,
             "edited": edited, "unedited": unedited,
             "seconds": {**outcome.seconds, "eval_per_case": eval_seconds}, "diagnostics": outcome.diagnostics,
+            **memory,
         }
 
     def _write_row(self, row: dict) -> None:
@@ -164,12 +171,13 @@ class Experiment:
                 try:
                     outcome = editor.apply([case.request for case in group])
                     edited, eval_seconds = self._evaluate(group)
+                    memory = take_peak_memory(self.loaded.device)
                     if self.cfg.save_edited:
                         self._save_edited(group, self.out.path / EDITED_MODELS / "_".join(str(c.case_id) for c in group))
                 finally:
                     editor.load_state_dict(unedited_state)
                 for case, result in zip(group, edited):
-                    self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group)))
+                    self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group), memory))
                 progress.advance(len(group))
 
     def _sequential(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
@@ -196,11 +204,12 @@ class Experiment:
                 in_model = set(state["edited"])
                 self._save_edited([c for c in self.dataset.cases if str(c.case_id) in in_model], self.out.path / EDITED_MODEL)
             edited, eval_seconds = self._evaluate(todo)
+            memory = take_peak_memory(self.loaded.device)
         finally:
             editor.load_state_dict(unedited_state)
         total.diagnostics["n_edits_in_model"] = len(state["edited"])
         for case, result in zip(todo, edited):
-            self._write_row(self._row(case, result, unedited[str(case.case_id)], total, eval_seconds, self.cfg.editor.batch_size))
+            self._write_row(self._row(case, result, unedited[str(case.case_id)], total, eval_seconds, self.cfg.editor.batch_size, memory))
 
     def _finish(self) -> Path:
         cfg = self.cfg

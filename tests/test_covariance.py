@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sadr.data.corpus import Corpus
+from sadr.editors import covariance
 from sadr.editors.covariance import SecondMomentStatistics, accumulate_second_moments, load_rome_npz
 from sadr.models.adapters import adapter_for
 from tests.tiny_models import make_model
@@ -25,15 +26,32 @@ def _direct(model, tokenizer, layer):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_covariance_matches_direct_computation(family, tokenizer):
+@pytest.mark.parametrize(("batch_tokens", "chunk_bytes"), [(24, 2**28), (4096, 8 * 256 * 3), (24, 8 * 256)])
+def test_covariance_matches_direct_computation(family, batch_tokens, chunk_bytes, tokenizer, monkeypatch):
+    """Whatever the batching (24 tokens: several padded batches) and the float64 chunking (3 or 1 token(s) of the
+    256-wide keys at a time), the streamed sums equal the direct computation."""
+    monkeypatch.setattr(covariance, "CHUNK_BYTES", chunk_bytes)
     model = make_model(family)
     adapter = adapter_for(model)
-    # a small token budget forces several padded batches
-    sums = accumulate_second_moments(model, adapter, tokenizer, [1, 2], TEXTS, sample_length=64, batch_tokens=24)
+    result = accumulate_second_moments(model, adapter, tokenizer, [1, 2], TEXTS, sample_length=64, batch_tokens=batch_tokens)
+    assert result.count == sum(len(tokenizer(text)["input_ids"]) for text in TEXTS)
     for layer in (1, 2):
-        total, count = sums[layer]
-        assert total.dtype == torch.float64
-        torch.testing.assert_close(total / count, _direct(model, tokenizer, layer), rtol=1e-5, atol=1e-7)
+        assert result.sums[layer].dtype == torch.float64
+        torch.testing.assert_close(result.sums[layer] / result.count, _direct(model, tokenizer, layer), rtol=1e-5, atol=1e-7)
+    assert set(result.seconds) == {"forward", "accumulate", "corpus"}
+
+
+def test_statistics_pass_stops_after_the_highest_requested_layer(tokenizer):
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    ran = []
+    handles = [adapter.block(model, layer).register_forward_hook(lambda *_, layer=layer: ran.append(layer))
+               for layer in range(4)]
+    head = model.lm_head.register_forward_hook(lambda *_: ran.append("head"))
+    accumulate_second_moments(model, adapter, tokenizer, [1, 0], TEXTS[:1], sample_length=64, batch_tokens=4096)
+    for handle in (*handles, head):
+        handle.remove()
+    assert ran == [0]  # block 1 stops inside its MLP, before its output; blocks 2, 3 and the head never run
 
 
 def test_statistics_are_cached_on_disk_and_keyed_by_corpus(tmp_path, tokenizer):

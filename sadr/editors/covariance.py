@@ -8,6 +8,8 @@ loaded instead (keys `mom2.mom2`, the sum of k kᵀ, and `mom2.count`).
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,9 @@ import torch
 
 from sadr.cache import TORCH, lock_for, read_entry, write_atomically
 from sadr.data.corpus import Corpus
-from sadr.editors.capture import capture_inputs
 from sadr.errors import InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
+from sadr.models.devices import take_peak_memory
 from sadr.models.fingerprint import cache_key
 from sadr.models.tokenization import pad_id_of, pad_right
 
@@ -39,29 +41,86 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64)) / float(data["mom2.count"])
 
 
+# Keys are converted to float64 at most this many bytes at a time.
+CHUNK_BYTES = 2**28
+
+
+class _LayersDone(Exception):
+    """Raised by the highest requested layer's hook: the blocks above it are not needed."""
+
+
+@dataclass
+class SecondMomentSums:
+    """Σ k kᵀ per layer (float64, on the model's device) over `count` tokens, and where the pass spent its time."""
+
+    sums: dict[int, torch.Tensor]
+    count: int
+    seconds: dict[str, float]  # forward, accumulate, corpus (reading or sampling texts, tokenising)
+
+    def timing(self) -> dict:
+        total = sum(self.seconds.values())
+        return {"tokens": self.count, "tokens_per_second": self.count / total if total else None,
+                **{f"{name}_seconds": round(value, 3) for name, value in self.seconds.items()}}
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: list[int], texts,
-                              sample_length: int, batch_tokens: int) -> dict[int, tuple[torch.Tensor, int]]:
-    """layer -> (Σ k kᵀ in float64, number of tokens), over every non-padding token of every text."""
+                              sample_length: int, batch_tokens: int) -> SecondMomentSums:
+    """Σ k kᵀ over every non-padding token of every text, streamed.
+
+    Texts are packed into padded batches of at most `batch_tokens` tokens (one text longer than that is a batch on
+    its own). Each layer's keys are added to its sum inside the forward, as soon as the layer has produced them,
+    `CHUNK_BYTES` of float64 at a time, and the forward stops after the highest requested layer. So besides the
+    model, memory holds the float64 sums (layers × d_ff² × 8 bytes), one batch's activations, and one chunk.
+    """
     device = next(model.parameters()).device
-    modules = {layer: adapter.mlp_down_module(model, layer) for layer in layers}
-    sums: dict[int, torch.Tensor] = {}
+    sums = {layer: None for layer in layers}
+    seconds = {"forward": 0.0, "accumulate": 0.0, "corpus": 0.0}
     count = 0
     pad = pad_id_of(tokenizer)
+    highest = max(layers)
+    token_mask: torch.Tensor | None = None
+
+    def accumulate(layer: int):
+        def hook(_module, args):
+            started = _clock(device)
+            keys = args[0][token_mask]
+            if sums[layer] is None:
+                sums[layer] = torch.zeros(keys.shape[-1], keys.shape[-1], dtype=torch.float64, device=device)
+            for chunk in keys.split(max(1, CHUNK_BYTES // (8 * keys.shape[-1]))):
+                chunk = chunk.double()
+                sums[layer].addmm_(chunk.T, chunk)
+            seconds["accumulate"] += _clock(device) - started
+            if layer == highest:
+                raise _LayersDone
+        return hook
 
     def flush(sequences: list[list[int]]) -> None:
-        nonlocal count
+        nonlocal count, token_mask
+        started = _clock(device)
         batch = pad_right(sequences, pad).to(device)
-        with capture_inputs(modules) as captured:
-            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        mask = batch.attention_mask.bool()
-        for layer in layers:
-            keys = captured[layer][mask].double()
-            moment = keys.T @ keys
-            sums[layer] = moment if layer not in sums else sums[layer] + moment
-        count += int(mask.sum())
+        token_mask = batch.attention_mask.bool()
+        accumulated = seconds["accumulate"]
+        # hooked only around this forward: a generated corpus samples its texts with the same model in between
+        handles = [adapter.mlp_down_module(model, layer).register_forward_pre_hook(accumulate(layer)) for layer in layers]
+        try:
+            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        except _LayersDone:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        count += int(token_mask.sum())
+        seconds["forward"] += _clock(device) - started - (seconds["accumulate"] - accumulated)
 
     pending: list[list[int]] = []
+    started = time.perf_counter()
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:sample_length]
         if not ids:
@@ -73,9 +132,10 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
         pending.append(ids)
     if pending:
         flush(pending)
+    seconds["corpus"] = time.perf_counter() - started - seconds["forward"] - seconds["accumulate"]
     if count == 0:
         raise InvalidSettingError("the statistics corpus produced no tokens; check model.stats (corpus, text_file, n_samples)")
-    return {layer: (sums[layer].cpu(), count) for layer in layers}
+    return SecondMomentSums(sums, count, seconds)
 
 
 class SecondMomentStatistics:
@@ -137,9 +197,15 @@ class SecondMomentStatistics:
 
     def _compute(self, layers: list[int]) -> None:
         log.info("computing key statistics for layers %s over %s", layers, self.description())
-        results = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers,
-                                            self.corpus.texts(), self.sample_length, self.batch_tokens)
-        for layer, (total, count) in results.items():
-            moment = total / count
-            write_atomically({"mom2": moment, "count": count, "corpus": self.description()}, self._cache_file(layer), TORCH)
+        result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers,
+                                           self.corpus.texts(), self.sample_length, self.batch_tokens)
+        timing = {**result.timing(), "layers": layers, **take_peak_memory(next(self.model.parameters()).device)}
+        peak = f", GPU peak {timing['cuda_peak_bytes'] / 1e9:.1f} GB" if "cuda_peak_bytes" in timing else ""
+        log.info("key statistics: %d tokens at %.0f tokens/s (forward %.1f s, accumulation %.1f s, corpus %.1f s%s)",
+                 result.count, timing["tokens_per_second"] or 0.0, result.seconds["forward"],
+                 result.seconds["accumulate"], result.seconds["corpus"], peak)
+        for layer in layers:
+            moment = result.sums.pop(layer).div_(result.count)
+            write_atomically({"mom2": moment.cpu(), "count": result.count, "corpus": self.description(), "pass": timing},
+                             self._cache_file(layer), TORCH)
             self._memory[layer] = moment

@@ -51,3 +51,18 @@ def resolve_device(name: str, lock_dir: Path) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidSettingError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
     return device
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def take_peak_memory(device: torch.device) -> dict:
+    """{"cuda_peak_bytes": the most GPU memory torch allocated since the last call (or reset)}, then a reset;
+    {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"cuda_peak_bytes": peak}

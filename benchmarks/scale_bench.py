@@ -1,0 +1,272 @@
+"""Paper-scale timings and memory on one device, without downloading a model.
+
+Builds a random-weight model of a published shape (GPT-J-6B, Llama-3-8B, GPT-NeoX-20B, or SmolLM2-135M) on the
+device, saves it as a local model folder with a tokenizer, and runs the real experiment (`run_experiment`, what
+each job of `sadr-run -m` runs) on a few offline CounterFact records for each editor that has published
+hyperparameters for that model, without and with SADR (`sadr=paper`: the published γ). The jobs run one after
+another in this process, as a basic-launcher sweep does, so the model is loaded once. Key statistics come from
+text the model samples itself (`model.stats.corpus=generated`).
+
+It prints, per run: seconds per case of each phase (keys, δ-optimisation, update, evaluation), δ steps and seconds
+per δ step, the GPU memory peak of the run (`torch.cuda.max_memory_allocated`; the statistics pass is reported
+on its own line), and for each statistics pass its tokens per second split into the forward, the float64
+accumulation and the corpus (sampling the texts). Times and memory are real; the metrics of a random model mean
+nothing.
+
+Weights are saved in bfloat16 (half the disk traffic) and loaded in `--dtype`. The tokenizer is `--tokenizer DIR`
+(any saved tokenizer, e.g. SmolLM2's: `python benchmarks/scale_bench.py --save-tokenizer DIR` writes it from the
+offline default model), or else a byte-level BPE trained here on the offline records.
+
+Usage:
+    python benchmarks/scale_bench.py --tiny                                   # CPU, seconds: the same code, tiny widths
+    python benchmarks/scale_bench.py --arch gpt-j --device cuda --tokenizer tok/ --out gptj.md
+    python benchmarks/scale_bench.py --arch llama3-8b --device cuda --dtype bfloat16 --editors memit
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from hydra import compose, initialize_config_module
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPTJConfig, GPTNeoXConfig, LlamaConfig,
+                          PreTrainedTokenizerFast)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sadr.cache import TORCH, read_entry  # noqa: E402
+from sadr.conf.registry import register_configs, validate  # noqa: E402
+from sadr.models.kept import release_kept_model  # noqa: E402
+from sadr.results import RunDirectory  # noqa: E402
+from sadr.runner import run_experiment  # noqa: E402
+
+# Published shapes. vocab_size is the model's; a smaller tokenizer only leaves some embedding rows unused.
+SHAPES = {
+    "gpt-j": lambda: GPTJConfig(vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16,
+                                rotary_dim=64, tie_word_embeddings=False),
+    "llama3-8b": lambda: LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                     max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
+    "gpt-neox-20b": lambda: GPTNeoXConfig(vocab_size=50432, hidden_size=6144, num_hidden_layers=44,
+                                          num_attention_heads=64, intermediate_size=24576, rotary_pct=0.25,
+                                          max_position_embeddings=2048, use_parallel_residual=True,
+                                          tie_word_embeddings=False),
+    "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                        max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+}
+# --tiny: the same architecture and depth (the published layer indices stay valid), tiny widths.
+TINY_WIDTHS = {
+    "gpt-j": dict(n_embd=64, n_head=4, rotary_dim=8, vocab_size=1024),
+    "llama3-8b": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+    "gpt-neox-20b": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=1024),
+    "smollm2-135m": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+}
+EDITORS = ("rome", "memit", "pmet")
+HPARAMS = REPO / "sadr" / "conf" / "hparams"
+PAPER_SADR = REPO / "sadr" / "conf" / "sadr_hparams" / "paper"
+OFFLINE_RECORDS = REPO / "sadr" / "data" / "offline" / "counterfact_offline.json"
+
+
+def model_config(arch: str, tiny: bool):
+    config = SHAPES[arch]()
+    for key, value in (TINY_WIDTHS[arch] if tiny else {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def trained_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the offline records' prompts and targets (milliseconds, no download)."""
+    records = json.loads(OFFLINE_RECORDS.read_text())
+    texts = [json.dumps(record, ensure_ascii=False) for record in records]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.pad_token = fast.eos_token
+    return fast
+
+
+def build_model_folder(arch: str, tiny: bool, device: str, tokenizer, folder: Path) -> float:
+    """Random weights of the shape, initialised on the device and saved in bfloat16; returns the seconds taken."""
+    started = time.perf_counter()
+    config = model_config(arch, tiny)
+    config.vocab_size = max(config.vocab_size, len(tokenizer))
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    release_kept_model()
+    return time.perf_counter() - started
+
+
+@dataclass
+class Settings:
+    arch: str
+    folder: Path
+    device: str
+    dtype: str
+    records: int
+    stats_samples: int
+    stats_length: int
+    delta_steps: int | None
+    workdir: Path
+    extra: list[str] = field(default_factory=list)
+
+
+def overrides(settings: Settings, editor: str, with_sadr: bool) -> list[str]:
+    s = settings
+    name = f"{editor}_sadr" if with_sadr else editor
+    chosen = [
+        f"model={s.arch}", f"model.source={s.folder}", "model.gguf_file=null", "model.stats.corpus=generated",
+        f"model.stats.n_samples={s.stats_samples}", f"model.stats.sample_length={s.stats_length}",
+        "dataset=offline_counterfact", f"dataset.limit={s.records}", f"editor={editor}",
+        f"device={s.device}", f"dtype={s.dtype}", "progress.bar=false",
+        f"output_dir={s.workdir / 'runs' / name}",
+        f"cache_dir={s.workdir / 'cache'}",
+    ]
+    if with_sadr:
+        chosen.append("sadr=paper")
+    if s.delta_steps is not None:
+        chosen.append(f"editor.v_num_grad_steps={s.delta_steps}")
+    return chosen + s.extra
+
+
+def run(settings: Settings, editor: str, with_sadr: bool) -> Path:
+    register_configs()
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides(settings, editor, with_sadr))
+    validate(cfg)
+    return run_experiment(cfg)
+
+
+def run_summary(path: Path) -> dict:
+    """Per-case means of each phase's seconds (the first case's statistics pass left out), δ steps, GPU peak."""
+    rows = RunDirectory(path).rows()
+    seconds = [row["seconds"] for row in rows]
+    phase = lambda *names: sum(s.get(n, 0.0) for s in seconds for n in names) / len(rows)  # noqa: E731
+    steps = sum(row["diagnostics"].get("delta_steps", 0) for row in rows) / len(rows)
+    delta = phase("delta", "v_star")
+    peaks = [row["cuda_peak_bytes"] for row in rows if "cuda_peak_bytes" in row]
+    return {"cases": len(rows), "sadr_lambda": rows[0]["sadr_lambda"], "keys": phase("keys", "k_star"),
+            "delta": delta, "delta_steps": steps, "step": delta / steps if steps else None, "update": phase("update"),
+            "eval": phase("eval_per_case"), "peak_gb": max(peaks) / 1e9 if peaks else None}
+
+
+def statistics_passes(cache_dir: Path) -> list[dict]:
+    """One entry per statistics pass (its layers share the pass's timing)."""
+    passes: dict[str, dict] = {}
+    for file in sorted((cache_dir / "stats").glob("*.pt")):
+        entry = read_entry(file, TORCH)
+        timing = entry.get("pass") if entry else None
+        if timing:
+            key = json.dumps(timing, sort_keys=True)
+            passes.setdefault(key, {**timing, "modules": []})["modules"].append(file.name.split(".")[-3])
+    return list(passes.values())
+
+
+def table(results: list[tuple[str, dict]]) -> str:
+    lines = ["| run | cases | δ s/case (steps) | s/step | keys s | update s | eval s/case | peak GPU GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results:
+        step = f"{r['step']:.3f}" if r["step"] else "–"
+        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "–"
+        lines.append(f"| {name} | {r['cases']} | {r['delta']:.2f} ({r['delta_steps']:.0f}) | {step} | {r['keys']:.2f} | "
+                     f"{r['update']:.2f} | {r['eval']:.2f} | {peak} |")
+    return "\n".join(lines)
+
+
+def stats_table(passes: list[dict]) -> str:
+    lines = ["| statistics pass | tokens | tokens/s | forward s | accumulation s | corpus s | peak GPU GB |",
+             "|---|---|---|---|---|---|---|"]
+    for p in passes:
+        peak = f"{p['cuda_peak_bytes'] / 1e9:.1f}" if p.get("cuda_peak_bytes") else "–"
+        lines.append(f"| layers {p['layers']} | {p['tokens']} | {p['tokens_per_second']:.0f} | {p['forward_seconds']:.1f} | "
+                     f"{p['accumulate_seconds']:.1f} | {p['corpus_seconds']:.1f} | {peak} |")
+    return "\n".join(lines)
+
+
+def environment(args, device: str) -> str:
+    card = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"
+    return (f"{args.arch}{' (tiny widths)' if args.tiny else ''}, {args.dtype}, {device} ({card}), torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, {args.records} offline records, statistics from "
+            f"{args.stats_samples} × {args.stats_length} sampled tokens, δ steps {args.delta_steps or 'as configured'}")
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(SHAPES), default="gpt-j")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the same code in seconds")
+    parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--editors", nargs="+", default=list(EDITORS))
+    parser.add_argument("--no-sadr", action="store_true", help="only the plain editors")
+    parser.add_argument("--records", type=int, default=None, help="offline records per run (4; 2 with --tiny)")
+    parser.add_argument("--stats-samples", type=int, default=None, help="sampled texts for the statistics (128; 8 tiny)")
+    parser.add_argument("--stats-length", type=int, default=None, help="tokens per sampled text (256; 16 tiny)")
+    parser.add_argument("--delta-steps", type=int, default=None, help="δ steps of every run (default: the configs')")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a saved tokenizer folder")
+    parser.add_argument("--save-tokenizer", type=Path, default=None, help="write the offline default's tokenizer here and exit")
+    parser.add_argument("--workdir", type=Path, default=None, help="model folder, caches and runs (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables (Markdown) and results (JSON beside)")
+    args = parser.parse_args(argv)
+    if args.save_tokenizer:
+        from sadr.models.loading import load_model
+
+        load_model("embedded:smollm2", device="cpu").tokenizer.save_pretrained(args.save_tokenizer)
+        return str(args.save_tokenizer)
+    device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    args.records = args.records or (2 if args.tiny else 4)
+    args.stats_samples = args.stats_samples or (8 if args.tiny else 128)
+    args.stats_length = args.stats_length or (16 if args.tiny else 256)
+    if args.tiny and args.delta_steps is None:
+        args.delta_steps = 3
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sadr-scale-"))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else trained_tokenizer(1024 if args.tiny else 8192)
+    folder = workdir / f"{args.arch}-random"
+    build_seconds = build_model_folder(args.arch, args.tiny, device, tokenizer, folder)
+    print(f"built and saved a random {args.arch} in {build_seconds:.1f} s: {folder}", flush=True)
+
+    settings = Settings(args.arch, folder, device, args.dtype, args.records, args.stats_samples, args.stats_length,
+                        args.delta_steps, workdir)
+    results = []
+    for editor in args.editors:
+        if not (HPARAMS / f"{editor}_{args.arch}.yaml").is_file():
+            print(f"skipped {editor}: no published hyperparameters for {args.arch}", flush=True)
+            continue
+        for with_sadr in (False, True):
+            if with_sadr and (args.no_sadr or not (PAPER_SADR / f"{editor}_{args.arch}.yaml").is_file()):
+                continue
+            started = time.perf_counter()
+            summary = run_summary(run(settings, editor, with_sadr))
+            summary["wall"] = time.perf_counter() - started
+            name = f"{editor} + SADR (γ={summary['sadr_lambda']})" if with_sadr else editor
+            results.append((name, summary))
+            print(f"{name}: {json.dumps(summary)}", flush=True)
+    release_kept_model()
+    report = "\n\n".join([environment(args, device), table(results), stats_table(statistics_passes(workdir / "cache"))])
+    print("\n" + report)
+    if args.out:
+        args.out.write_text(report + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps({"environment": environment(args, device),
+                                                             "runs": dict(results)}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""benchmarks/scale_bench.py: the published shapes, and its --tiny mode running the real pipeline end to end."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sadr.results import RunDirectory
+
+SPEC = importlib.util.spec_from_file_location("scale_bench", Path(__file__).parents[1] / "benchmarks" / "scale_bench.py")
+scale_bench = sys.modules.setdefault("scale_bench", importlib.util.module_from_spec(SPEC))
+SPEC.loader.exec_module(scale_bench)
+
+# Parameter counts published with each model (model cards; GPT-J's includes its 50400-row lm_head bias).
+PUBLISHED_PARAMETERS = {"gpt-j": 6_053_381_344, "llama3-8b": 8_030_261_248, "gpt-neox-20b": 20_554_567_680,
+                        "smollm2-135m": 134_515_008}
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED_PARAMETERS))
+def test_shapes_have_the_published_parameter_counts(arch):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(scale_bench.model_config(arch, tiny=False))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(PUBLISHED_PARAMETERS[arch], rel=1e-3)
+
+
+def test_tiny_gptj_runs_every_editor_with_and_without_sadr(tmp_path):
+    out = tmp_path / "table.md"
+    scale_bench.main(["--tiny", "--arch", "gpt-j", "--workdir", str(tmp_path), "--out", str(out)])
+    config = AutoConfig.from_pretrained(tmp_path / "gpt-j-random")
+    assert (config.model_type, config.n_layer) == ("gptj", 28)  # the published depth: the published layers exist
+    results = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert list(results) == ["rome", "rome + SADR (γ=0.01)", "memit", "memit + SADR (γ=0.005)",
+                             "pmet", "pmet + SADR (γ=0.08)"]
+    for folder in ("rome", "rome_sadr", "memit", "memit_sadr", "pmet", "pmet_sadr"):
+        rows = RunDirectory(tmp_path / "runs" / folder).rows()
+        assert len(rows) == 2 and all(row["diagnostics"]["delta_steps"] == 3 for row in rows)
+        summary = results[{"rome": "rome", "rome_sadr": "rome + SADR (γ=0.01)", "memit": "memit",
+                           "memit_sadr": "memit + SADR (γ=0.005)", "pmet": "pmet", "pmet_sadr": "pmet + SADR (γ=0.08)"}[folder]]
+        expected_delta = sum(r["seconds"].get("delta", r["seconds"].get("v_star", 0.0)) for r in rows) / 2
+        assert summary["delta"] == pytest.approx(expected_delta) and summary["step"] == pytest.approx(expected_delta / 3)
+    passes = scale_bench.statistics_passes(tmp_path / "cache")
+    assert sorted(p["layers"] for p in passes) == [[3, 4, 6, 7, 8], [5]]  # ROME's layer 5 first, MEMIT's others
+    for p in passes:
+        assert p["tokens"] > 0 and p["forward_seconds"] >= 0 and p["accumulate_seconds"] >= 0
+    table = out.read_text()
+    assert "| memit + SADR (γ=0.005) | 2 |" in table and "| layers [5] |" in table
+
+
+@pytest.mark.parametrize("arch", ["llama3-8b", "gpt-neox-20b"])
+def test_tiny_other_shapes_run_rome(arch, tmp_path):
+    report = scale_bench.main(["--tiny", "--arch", arch, "--editors", "rome", "--no-sadr", "--records", "1",
+                               "--workdir", str(tmp_path)])
+    assert "| rome | 1 |" in report
+    assert len(RunDirectory(tmp_path / "runs" / "rome").rows()) == 1
