@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import tempfile
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--workdir", type=Path, default=None, help="model folder, caches and runs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables (Markdown) and results (JSON beside)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     if args.save_tokenizer:
         from sadr.models.loading import load_model
 

@@ -6,6 +6,7 @@ from sadr.data.corpus import Corpus
 from sadr.editors import covariance
 from sadr.editors.covariance import SecondMomentStatistics, accumulate_second_moments, load_rome_npz
 from sadr.models.adapters import adapter_for
+from tests.editing import random_texts
 from tests.tiny_models import make_model
 
 TEXTS = ["The capital of France is Paris.", "Toyota is a company based in Japan, and Honda too.",
@@ -95,3 +96,18 @@ def test_hub_corpus_streams_through_datasets_from_a_local_folder(tmp_path):
     corpus = hub_corpus(str(tmp_path), None, "train", n_samples=2)
     assert list(corpus.texts()) == ["first document", "second document"]
     assert corpus.description["kind"] == "hub"
+
+
+def test_factorized_statistics_solve_with_C_and_release_it(tmp_path, tokenizer):
+    model = make_model("llama")
+    corpus = Corpus({"kind": "test"}, lambda: iter(random_texts()))
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
+                                   sample_length=64, batch_tokens=256, cache_dir=tmp_path)
+    moment = stats.get([1])[1].clone()
+    factors = stats.factorized([1])[1]
+    assert 1 not in stats._memory  # one d × d matrix per layer stays: the factors
+    rhs = torch.randn(moment.shape[0], 3, dtype=torch.float64)
+    torch.testing.assert_close(moment @ factors.solve(rhs), rhs)
+    torch.testing.assert_close(factors.solve(rhs[:, 0]), factors.solve(rhs)[:, 0])
+    assert stats.factorized([1])[1] is factors
+    torch.testing.assert_close(stats.get([1])[1], moment)  # read again from the disk cache

@@ -1,7 +1,8 @@
 """Closed-form updates against independent computations."""
+import pytest
 import torch
 
-from sadr.editors.update import least_squares_update, rank_one_update
+from sadr.editors.update import FactorizedMoment, least_squares_update, rank_one_update
 
 
 def _spd(n, seed):
@@ -25,7 +26,7 @@ def test_rank_one_update_is_the_least_C_norm_solution_of_the_constraint():
     system = torch.kron(torch.eye(d_out, dtype=torch.float64), a[None, :])  # vec(M) row-major
     m = torch.linalg.lstsq(system, r[:, None], driver="gelsd").solution.reshape(d_out, d_in)
     expected = m @ c_half_inv
-    got = rank_one_update(k, r, C)
+    got = rank_one_update(k, r, FactorizedMoment.of(C))
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(got @ k, r)
     assert torch.allclose(expected @ c_half @ c_half.T, expected @ C)
@@ -37,14 +38,15 @@ def test_rank_one_update_without_mom2_adjustment_uses_identity():
     torch.testing.assert_close(rank_one_update(k, r, None), torch.outer(r, k) / 9.0)
 
 
-def test_least_squares_update_satisfies_the_normal_equations_and_matches_lstsq():
+@pytest.mark.parametrize("n", [1, 5, 12])  # one request, a batch, more keys than dimensions
+def test_least_squares_update_satisfies_the_normal_equations_and_matches_lstsq(n):
     """ΔW minimises Σ‖ΔW kᵢ − rᵢ‖² + λ tr(ΔW C ΔWᵀ): compare with lstsq on the stacked ridge system."""
-    n, d_in, d_out, lam = 5, 7, 3, 2.5
+    d_in, d_out, lam = 7, 3, 2.5
     g = torch.Generator().manual_seed(3)
     K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
     R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
     C = _spd(d_in, 4)
-    got = least_squares_update(K, R, C, lam)
+    got = least_squares_update(K, R, FactorizedMoment.of(C), lam)
     # normal equations: ΔW (λC + KᵀK) = Rᵀ K
     torch.testing.assert_close(got @ (lam * C + K.T @ K), R.T @ K)
     # independent: ‖[K; √λ C^½] ΔWᵀ − [R; 0]‖² by least squares
@@ -65,11 +67,11 @@ def test_reference_rank_one_update_is_exact_at_k0_along_the_direction_C_inv_k_ba
     C = _spd(d_in, 6)
     k_bar, k0 = (torch.randn(d_in, generator=g, dtype=torch.float64) for _ in range(2))
     r = torch.randn(d_out, generator=g, dtype=torch.float64)
-    got = rank_one_update(k_bar, r, C, exact_key=k0)
+    got = rank_one_update(k_bar, r, FactorizedMoment.of(C), exact_key=k0)
     torch.testing.assert_close(got @ k0, r)
     direction = np.linalg.inv(C.numpy()) @ k_bar.numpy()
     _, singular, vh = np.linalg.svd(got.numpy())
     assert singular[1] < 1e-12 * singular[0]  # rank one
     assert abs(abs(vh[0] @ direction) / np.linalg.norm(direction) - 1) < 1e-12
     assert not torch.allclose(got @ k_bar, r)  # exact at k₀, not at k̄
-    torch.testing.assert_close(rank_one_update(k_bar, r, C, exact_key=k_bar), rank_one_update(k_bar, r, C))
+    torch.testing.assert_close(rank_one_update(k_bar, r, FactorizedMoment.of(C), exact_key=k_bar), rank_one_update(k_bar, r, FactorizedMoment.of(C)))

@@ -75,6 +75,10 @@ class AlphaEditEditor(MemitEditor):
             self._projections[layer] = projection
         return self._projections[layer]
 
+    def second_moments(self) -> dict:
+        """C itself: AlphaEdit projects onto its null space rather than solving with it."""
+        return self.statistics.get(self.layers)
+
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
         earlier = self.earlier_keys.get(layer, torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64))
         update = nullspace_update(keys, residuals, self.projection(layer, second_moment), earlier, self.hparams.L2)

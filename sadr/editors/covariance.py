@@ -17,6 +17,7 @@ import torch
 
 from sadr.cache import TORCH, lock_for, read_entry, write_atomically
 from sadr.data.corpus import Corpus
+from sadr.editors.update import FactorizedMoment
 from sadr.errors import InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
 from sadr.models.devices import take_peak_memory
@@ -150,6 +151,7 @@ class SecondMomentStatistics:
         self.cache_dir = Path(cache_dir) / "stats"
         self.npz_dir, self.npz_samples = npz_dir, npz_samples
         self._memory: dict[int, torch.Tensor] = {}
+        self._factors: dict[int, FactorizedMoment] = {}
 
     def description(self) -> dict:
         if self.npz_dir:
@@ -194,6 +196,15 @@ class SecondMomentStatistics:
         for layer in layers:
             self._memory[layer] = self._memory[layer].to(device)
         return {layer: self._memory[layer] for layer in layers}
+
+    def factorized(self, layers: list[int]) -> dict[int, FactorizedMoment]:
+        """layer -> C's LU factors on the model's device, factored once. A layer's C is released once factored (one
+        d × d matrix per layer stays on the device); `get` reads it again from the cache if asked."""
+        for layer in layers:
+            if layer not in self._factors:
+                self._factors[layer] = FactorizedMoment.of(self.get([layer])[layer])
+                del self._memory[layer]
+        return {layer: self._factors[layer] for layer in layers}
 
     def _compute(self, layers: list[int]) -> None:
         log.info("computing key statistics for layers %s over %s", layers, self.description())

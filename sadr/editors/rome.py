@@ -57,7 +57,7 @@ class RomeEditor(Editor):
         outcome = EditOutcome()
         for request in requests:
             with timed(outcome.seconds, "covariance"):
-                second_moment = self.statistics.get([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
+                second_moment = self.statistics.factorized([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
             with timed(outcome.seconds, "k_star"):
                 key = self._key(request, self.context_templates)
                 exact_key = self._key(request, [BARE_PROMPT]) if self.hparams.rome_update is RomeUpdate.reference else key

@@ -130,7 +130,11 @@ class SpreadEditor(Editor):
         """`nll_weight` / `should_stop` overrides of the δ-objective (none: DeltaObjective's defaults)."""
         return {}
 
-    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    def second_moments(self) -> dict:
+        """What `solve` is given per layer: C's factors (MEMIT, PMET)."""
+        return self.statistics.factorized(self.layers)
+
+    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment) -> torch.Tensor:
         """ΔW of one layer (float64, (d_out, d_in)) from this batch's keys and residuals as rows: MEMIT's ridge solve."""
         return least_squares_update(keys, residuals, second_moment, self.hparams.mom2_update_weight)
 
@@ -138,7 +142,7 @@ class SpreadEditor(Editor):
         """Edit the whole batch: independent δs (on the unedited model), then one joint solve per layer."""
         outcome = SpreadOutcome()
         with timed(outcome.seconds, "covariance"):
-            second_moments = self.statistics.get(self.layers)
+            second_moments = self.second_moments()
         with timed(outcome.seconds, "delta"):
             results = [optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
                                       self.objective, self.regularizers) for request in requests]
