@@ -54,9 +54,13 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
     if revision:
         extra["revision"] = revision
     log.info("loading model %s %s", location, extra)
+    target = torch.device(resolve_device(device, Path(cache_dir) / "gpus"))
+    placement = {}
+    if target.type == "cuda":  # straight onto the GPU: a 20B model never passes through host memory whole
+        placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **extra)
     except OSError as err:
         if Path(location).exists():
             raise
@@ -65,7 +69,7 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
             "model elsewhere and set model.source=/path/to/model_dir (or a .gguf file)."
         ) from err
     pad_id_of(tokenizer)  # sets a pad token on tokenizers that have none
-    model = model.to(resolve_device(device, Path(cache_dir) / "gpus")).eval().requires_grad_(False)
+    model = model.to(target).eval().requires_grad_(False)
     adapter = adapter_for(model)
     if family is not None and adapter.family != family:
         raise InvalidSettingError(
