@@ -6,6 +6,9 @@ rank-one evaluation is compared with evaluating each case's update written into 
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,11 +18,15 @@ from sadr.data.records import EditCase, EditRequest, LabeledPrompt
 from sadr.editors.low_rank import PerRowUpdates, rank_one_factors
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
+from sadr.editors.rome import RomeEditor
 from sadr.evaluation.drift import ATTENTION, AttentionDrift, decode_entry
 from sadr.evaluation.probes import METRICS, resolve_metrics
 from sadr.evaluation.suite import PromptMetrics, evaluate_all
 from sadr.models.adapters import adapter_for
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer
+from sadr.runner import Experiment
+from sadr.conf.registry import ConfigError
+from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.editing import BATCH_SUBJECTS, BATCH_TARGETS, TEMPLATES, editor_config, spread_config, statistics
 from tests.tiny_models import FAMILIES, make_model
 
@@ -95,6 +102,9 @@ def assert_same_decisions(expected: list[dict], got: list[dict], prob_rtol: floa
                 torch.testing.assert_close(torch.from_numpy(decode_entry(have[name])),
                                            torch.from_numpy(decode_entry(entry)), rtol=0, atol=1e-3)
                 continue
+            if "p_good" not in entry:  # attention drift, derived from the attention rows
+                torch.testing.assert_close(have[name]["value"], entry["value"], rtol=0, atol=2e-3)
+                continue
             torch.testing.assert_close(have[name]["p_good"], entry["p_good"], rtol=prob_rtol, atol=1e-9)
             for i, (good, bad) in enumerate(zip(entry["p_good"], entry.get("p_bad", []))):
                 tie = abs(good - bad) <= TIE_RTOL * max(good, bad)
@@ -112,8 +122,10 @@ def test_parallel_cases_give_the_steps_deltas_and_decisions_of_one_at_a_time(nam
     model = make_model(family)
     editor = build_editor(name, model, tokenizer, tmp_path, sadr)
     cases = tiny_cases()
+    unedited = evaluate_all(EVALUATORS, model, tokenizer, editor.adapter, cases)
     deltas = record(monkeypatch, name)
     alone = one_at_a_time(editor, cases)
+    assert [r["efficacy"]["value"] for r in alone] != [r["efficacy"]["value"] for r in unedited]  # the edits do something
     outcomes, together = side_by_side(editor, cases)
     single, parallel = deltas[:N_CASES], deltas[N_CASES:]
 
@@ -169,3 +181,65 @@ def test_a_forward_without_row_cases_is_an_error(tokenizer):
         with pytest.raises(RuntimeError, match="row cases for a batch"):
             with updates.rows([0, 0]):
                 model(input_ids=ids)
+
+
+OFFLINE_RECORDS = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
+
+
+def run_config(tiny_dir, out, *extra):
+    """The tiny llama run of tests/runs.py on the first four offline records."""
+    overrides = [o for o in tiny_overrides(tiny_dir, out) if not o.startswith(("dataset.path=", "dataset.limit="))]
+    return composed([*overrides, f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=4", *extra])
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+
+
+def test_a_parallel_run_writes_the_rows_of_a_one_at_a_time_run(tiny_dir, tmp_path):
+    edit = ("editor.v_lr=0.5", "editor.v_num_grad_steps=10", "sadr.lambda=1.0")  # edits that change decisions
+    alone = rows(Experiment(run_config(tiny_dir, tmp_path / "alone", *edit)).run())
+    together = rows(Experiment(run_config(tiny_dir, tmp_path / "together", *edit, "editor.parallel_cases=3")).run())
+    assert any(r["edited"]["neighborhood"]["value"] != r["unedited"]["neighborhood"]["value"] for r in alone)
+    assert [r["case_id"] for r in together] == [r["case_id"] for r in alone] == [0, 1, 2, 3]
+    for a, b in zip(alone, together):
+        assert (b["protocol"], b["batch_size"]) == (a["protocol"], a["batch_size"]) == ("single", 1)
+        assert b["diagnostics"]["delta_steps"] == a["diagnostics"]["delta_steps"]
+        assert b["diagnostics"]["selected_head_counts"] == a["diagnostics"]["selected_head_counts"]
+        assert b["seconds"].keys() == a["seconds"].keys()
+        assert b["unedited"] == a["unedited"]
+    assert_same_decisions([r["edited"] for r in alone], [r["edited"] for r in together], prob_rtol=1e-3)
+
+
+def test_a_killed_parallel_run_resumes_with_its_unfinished_cases_only(tiny_dir, tmp_path, monkeypatch):
+    cfg = run_config(tiny_dir, tmp_path / "run", "editor.parallel_cases=2")
+    original, edited = RomeEditor.apply_each, []
+
+    def apply_each(editor, requests):
+        edited.append([r.subject for r in requests])
+        if len(edited) == 2:
+            raise KeyboardInterrupt  # killed while editing the second group
+        return original(editor, requests)
+
+    monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(cfg).run()
+    first = rows(Path(cfg.output_dir))
+    assert [r["case_id"] for r in first] == [0, 1]  # the first group's rows, one per case
+
+    edited.clear()
+    monkeypatch.setattr(RomeEditor, "apply_each", lambda editor, requests: edited.append(requests) or original(editor, requests))
+    out = Experiment(cfg).run()
+    assert [[r.subject for r in group] for group in edited] == [[r["subject"] for r in rows(out)[2:]]]
+    assert [r["case_id"] for r in rows(out)] == [0, 1, 2, 3] and rows(out)[:2] == first
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["editor.parallel_cases=0"], "must be >= 1"),
+    (["editor.parallel_cases=2", "editor.protocol=batch", "editor.batch_size=2"], "only in the single protocol"),
+    (["editor.parallel_cases=2", "save_edited=true"], "no edited model to save"),
+])
+def test_parallel_cases_settings_that_cannot_work_name_the_fix(extra, message, tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match=message) as error:
+        run_config(tiny_dir, tmp_path / "run", *extra)
+    assert "editor.parallel_cases" in str(error.value)
