@@ -20,6 +20,7 @@ from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.drift import ATTENTION, AttentionDrift, decode_entry
+from sadr.evaluation.generation_metrics import GenerationMetrics
 from sadr.evaluation.probes import METRICS, resolve_metrics
 from sadr.evaluation.suite import PromptMetrics, evaluate_all
 from sadr.models.adapters import adapter_for
@@ -46,6 +47,7 @@ def tiny_cases(n: int = N_CASES) -> list[EditCase]:
             paraphrase_prompts=(f"Because I said. The capital city of {subject}",),
             neighborhood_prompts=("The capital city of Japan", f"The city of {BATCH_SUBJECTS[9 - i]} is in"),
             relation_prompts=(LabeledPrompt(f"{subject} is based in", "Japan"),),
+            generation_prompts=(f"{subject} is", f"The city of {subject}"),
         ))
     return cases
 
@@ -114,13 +116,16 @@ def assert_same_decisions(expected: list[dict], got: list[dict], prob_rtol: floa
 SETTINGS = [("rome", family, family in ("gpt2", "llama", "qwen2")) for family in FAMILIES] + [
     ("memit", "gpt2", True), ("memit", "gpt_neox", False), ("pmet", "llama", True), ("pmet", "gptj", False),
 ]
+# PMET's stop rule (the new object is the argmax and the KL small) ends these requests at different steps, so a
+# stopped request's δ must stay frozen while the others go on
+PMET_STAGGERED = {"v_lr": 0.005}
 
 
 @pytest.mark.parametrize("name, family, sadr", SETTINGS, ids=[f"{n}-{f}{'-sadr' if s else ''}" for n, f, s in SETTINGS])
 def test_parallel_cases_give_the_steps_deltas_and_decisions_of_one_at_a_time(name, family, sadr, tokenizer, tmp_path,
                                                                             monkeypatch):
     model = make_model(family)
-    editor = build_editor(name, model, tokenizer, tmp_path, sadr)
+    editor = build_editor(name, model, tokenizer, tmp_path, sadr, **(PMET_STAGGERED if name == "pmet" else {}))
     cases = tiny_cases()
     unedited = evaluate_all(EVALUATORS, model, tokenizer, editor.adapter, cases)
     deltas = record(monkeypatch, name)
@@ -130,12 +135,14 @@ def test_parallel_cases_give_the_steps_deltas_and_decisions_of_one_at_a_time(nam
     single, parallel = deltas[:N_CASES], deltas[N_CASES:]
 
     assert [d.steps_run for d in parallel] == [d.steps_run for d in single]
+    if name == "pmet":
+        assert len({d.steps_run for d in single}) > 1
     for a, b in zip(single, parallel):
         for site in a.deltas:
             assert a.deltas[site].norm() > 0
             torch.testing.assert_close(b.deltas[site], a.deltas[site], rtol=DELTA_RTOL, atol=DELTA_RTOL * a.deltas[site].norm())
     if sadr:
-        assert all(d.diagnostics["selected_heads"] > 0 for d in single)  # SADR acts, so its per-case terms are compared
+        assert any(d.diagnostics["selected_heads"] > 0 for d in single)  # SADR acts, so its per-case terms are compared
         for a, b in zip(single, parallel):
             assert b.diagnostics["selected_head_counts"] == a.diagnostics["selected_head_counts"]
             assert b.diagnostics["loss"] == pytest.approx(a.diagnostics["loss"], rel=1e-3, abs=1e-7)
@@ -159,6 +166,24 @@ def test_per_row_updates_evaluate_as_the_written_weights(name, family, tokenizer
         written += evaluate_all(EVALUATORS, model, editor.tokenizer, editor.adapter, [case])
         editor.load_state_dict(state)
     assert_same_decisions(written, together, prob_rtol=1e-4)
+
+
+def test_texts_sampled_through_per_row_updates_are_those_of_the_written_weights(tokenizer, tmp_path):
+    model = make_model("llama")
+    editor = build_editor("rome", model, tokenizer, tmp_path, sadr=False, v_num_grad_steps=4)
+    cases = tiny_cases(2)
+    generation = [GenerationMetrics(seed=0, new_tokens=6)]
+    outcomes = editor.apply_each([case.request for case in cases])
+    with PerRowUpdates(model, editor.adapter, [o.factors for o in outcomes]) as updates:
+        together = evaluate_all(generation, model, tokenizer, editor.adapter, cases, updates.rows)
+    state, written = editor.state_dict(), []
+    for case, outcome in zip(cases, outcomes):
+        editor.adapter.add_to_down_weight(model, 1, outcome.factors[1].dense())
+        written += evaluate_all(generation, model, tokenizer, editor.adapter, [case])
+        editor.load_state_dict(state)
+    unedited = evaluate_all(generation, model, tokenizer, editor.adapter, cases)
+    assert [r["fluency"]["text"] for r in together] == [r["fluency"]["text"] for r in written]
+    assert [r["fluency"]["text"] for r in together] != [r["fluency"]["text"] for r in unedited]
 
 
 def test_rank_one_factors_reproduce_the_update_and_refuse_higher_rank():

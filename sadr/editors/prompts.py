@@ -119,11 +119,6 @@ class StackedDeltaPrompts:
     cases: list[DeltaPrompts]
     starts: list[int]
 
-    @property
-    def case_of_row(self) -> torch.Tensor:
-        sizes = torch.tensor([case.batch.input_ids.shape[0] for case in self.cases])
-        return torch.repeat_interleave(torch.arange(len(self.cases)), sizes)
-
     def global_rows(self, case: int, local_rows: torch.Tensor) -> torch.Tensor:
         return local_rows + self.starts[case]
 

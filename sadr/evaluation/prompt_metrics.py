@@ -20,7 +20,8 @@ def evaluate_cases(model, tokenizer, cases: list[EditCase], metrics: list[Metric
     prompts = [probe.prompt for _, _, probe in plan] + [probe.prompt for _, _, probe in plan if probe.bad is not None]
     targets = [probe.good for _, _, probe in plan] + [probe.bad for _, _, probe in plan if probe.bad is not None]
     pair_cases = [index for index, _, _ in plan] + [index for index, _, probe in plan if probe.bad is not None]
-    scores = score_pairs_detailed(model, tokenizer, prompts, targets, batch_size, pair_cases=pair_cases, case_rows=case_rows)
+    scores = score_pairs_detailed(model, tokenizer, prompts, targets, batch_size, pair_cases=pair_cases,
+                                  case_rows=case_rows)
     good_prob, good_acc = scores.prob.tolist(), scores.token_accuracy.tolist()
     results: list[dict] = [{} for _ in cases]
     bad_index = len(plan)
