@@ -2,6 +2,8 @@
 
 Protocols (recorded in every row):
 - single / batch: edit `editor.batch_size` requests at once, evaluate them, restore the weights bitwise;
+  single with `editor.parallel_cases` N > 1 runs N single edits side by side, each on the unedited model, without
+  writing weights (`_parallel_single`);
 - sequential: edit the batches one after another without restoring, evaluate every case at the end.
   After each batch the editor's state (its edited weights and anything else it carries) is checkpointed in
   the run directory, so an interrupted sequential run resumes from the last finished batch.

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import List
 
+import torch
+
 from sadr.conf.schema import EditorConfig
 from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
@@ -56,7 +58,7 @@ class RomeEditor(Editor):
         """Requests are applied one after another, each seeing the previous ones' updates (as ROME does)."""
         outcome = EditOutcome()
         for request in requests:
-            second_moment, key, exact_key = self._keys(request, outcome.seconds)
+            ((second_moment, key, exact_key),) = self._keys([request], outcome.seconds)
             with timed(outcome.seconds, "v_star"):
                 delta = optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
                                        self.objective, self.regularizers)
@@ -64,22 +66,23 @@ class RomeEditor(Editor):
         return outcome
 
     def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
-        """Every request's δ optimised in shared forwards on the model as it is; then each update on its own."""
+        """Every request's keys and δ computed in shared forwards on the model as it is; then each update on its own."""
         shared: dict[str, float] = {}
-        keys = [self._keys(request, shared) for request in requests]
+        keys = self._keys(requests, shared)
         with timed(shared, "v_star"):
             deltas = optimize_deltas(self.model, self.adapter, self.tokenizer, requests, self.context_templates,
                                      self.objective, self.regularizers)
         return self._each_alone(requests, lambda i, _request: self._write(*keys[i], deltas[i], EditOutcome()), shared)
 
-    def _keys(self, request: EditRequest, seconds: dict[str, float]):
-        """C (or None), the template-mean key k̄ and the key the update is exact for."""
+    def _keys(self, requests: list[EditRequest], seconds: dict[str, float]) -> list[tuple]:
+        """Per request: C (or None), the template-mean key k̄ and the key the update is exact for."""
         with timed(seconds, "covariance"):
             second_moment = self.statistics.get([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
         with timed(seconds, "k_star"):
-            key = self._key(request, self.context_templates)
-            exact_key = self._key(request, [BARE_PROMPT]) if self.hparams.rome_update is RomeUpdate.reference else key
-        return second_moment, key, exact_key
+            keys = self._mean_keys(requests, self.context_templates)
+            reference = self.hparams.rome_update is RomeUpdate.reference
+            exact_keys = self._mean_keys(requests, [BARE_PROMPT]) if reference else keys
+        return [(second_moment, key, exact_key) for key, exact_key in zip(keys, exact_keys)]
 
     def _write(self, second_moment, key, exact_key, delta: DeltaResult, outcome: EditOutcome) -> EditOutcome:
         """Write the update that maps the exact key to v* = v₀ + δ; add it, its time and δ's diagnostics to `outcome`."""
@@ -94,9 +97,8 @@ class RomeEditor(Editor):
                                     **delta.diagnostics})
         return outcome
 
-    def _key(self, request: EditRequest, context_templates: list[str]):
-        keys = mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], [request], context_templates)
-        return keys[self.layer][0]
+    def _mean_keys(self, requests: list[EditRequest], context_templates: list[str]) -> torch.Tensor:
+        return mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], requests, context_templates)[self.layer]
 
 
 EDITOR = EditorPlugin("rome", RomeConfig, RomeEditor, "ROME (Meng et al., 2022): a rank-one update of one MLP layer")
