@@ -100,7 +100,7 @@ class EditorConfig:
     batch_size: int = 1
     # single protocol: edit and evaluate this many cases side by side, each on the unedited model (their δs share
     # forwards; the edited models are evaluated in one pass, without writing weights). Same results as 1, up to
-    # float rounding; faster where a forward has room for more rows (a GPU)
+    # float rounding; meant for a GPU, where a forward has room for many more rows (README, "Single edits side by side")
     parallel_cases: int = 1
 
 
