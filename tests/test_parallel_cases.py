@@ -2,7 +2,8 @@
 
 Each case is compared with the same case edited alone (`apply([request])`, evaluated on the written weights,
 restored): the same δ steps, δs equal to float tolerance, the same per-prompt decisions. Separately, the per-row
-rank-one evaluation is compared with evaluating each case's update written into the weights.
+rank-one evaluation is compared with evaluating each case's update written into the weights. Through the runner: the
+rows of a parallel run against those of a one-at-a-time run, resuming a killed run, and the settings it refuses.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 import sadr.editors.rome as rome_module
 import sadr.editors.spread as spread_module
+from sadr.conf.registry import ConfigError
 from sadr.data.records import EditCase, EditRequest, LabeledPrompt
 from sadr.editors.low_rank import PerRowUpdates, rank_one_factors
 from sadr.editors.plugin import EditorServices
@@ -26,9 +28,8 @@ from sadr.evaluation.suite import PromptMetrics, evaluate_all
 from sadr.models.adapters import adapter_for
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer
 from sadr.runner import Experiment
-from sadr.conf.registry import ConfigError
-from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.editing import BATCH_SUBJECTS, BATCH_TARGETS, TEMPLATES, editor_config, spread_config, statistics
+from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.tiny_models import FAMILIES, make_model
 
 N_CASES = 4
