@@ -2,6 +2,8 @@
 
 Protocols (recorded in every row):
 - single / batch: edit `editor.batch_size` requests at once, evaluate them, restore the weights bitwise;
+  single with `editor.parallel_cases` N > 1 runs N single edits side by side, each on the unedited model, without
+  writing weights (`_parallel_single`);
 - sequential: edit the batches one after another without restoring, evaluate every case at the end.
   After each batch the editor's state (its edited weights and anything else it carries) is checkpointed in
   the run directory, so an interrupted sequential run resumes from the last finished batch.
@@ -24,6 +26,7 @@ from sadr.data.records import EditCase
 from sadr.editors.base import Editor, EditOutcome
 from sadr.editors.context_templates import context_templates
 from sadr.editors.covariance import SecondMomentStatistics
+from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
@@ -165,6 +168,9 @@ class Experiment:
 
     def _restoring(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
         """single / batch: edit a group, evaluate it, restore the editor's state bitwise, write its rows."""
+        if self.cfg.editor.parallel_cases > 1:
+            self._parallel_single(editor, todo, unedited)
+            return
         unedited_state = editor.state_dict()
         with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
             for group in case_groups(todo, self.cfg.editor.batch_size):
@@ -179,6 +185,32 @@ class Experiment:
                 for case, result in zip(group, edited):
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group), memory))
                 progress.advance(len(group))
+
+    def _parallel_single(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
+        """The single protocol, `editor.parallel_cases` cases at a time: each is edited alone into the unedited model,
+        their δs optimised in shared forwards (`Editor.apply_each`), and the edited models evaluated together, each
+        row through its own case's rank-one updates (`PerRowUpdates`), no weight written.
+
+        Rows are written per case once its group is evaluated, so a resumed run redoes only the cases without a row.
+        A row's seconds are its own work plus an even share of the work its group did together (the δ-optimisation,
+        the evaluation): the rows' seconds add up to the group's.
+        """
+        with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
+            for group in case_groups(todo, self.cfg.editor.parallel_cases):
+                outcomes = editor.apply_each([case.request for case in group])
+                edited, eval_seconds = self._evaluate_each(group, outcomes)
+                memory = take_peak_memory(self.loaded.device)
+                for case, result, outcome in zip(group, edited, outcomes):
+                    self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, 1, memory))
+                progress.advance(len(group))
+
+    def _evaluate_each(self, cases: list[EditCase], outcomes: list[EditOutcome]) -> tuple[list[dict], float]:
+        """Every case on its own edited model, all in shared forwards; seconds per case."""
+        loaded = self.loaded
+        start = time.perf_counter()
+        with PerRowUpdates(loaded.model, loaded.adapter, [outcome.factors for outcome in outcomes]) as updates:
+            results = evaluate_all(self.evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases, updates.rows)
+        return results, (time.perf_counter() - start) / len(cases)
 
     def _sequential(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
         """Edit every batch without restoring (checkpointing the editor's state), then evaluate all cases."""

@@ -122,7 +122,7 @@ def test_token_accuracy_path_from_probes_to_the_table(monkeypatch):
         ("Toyota is in", "Japan"): (0.3, 1.0),
     }
 
-    def fake_scores(model, tokenizer, prompts, targets, batch_size):
+    def fake_scores(model, tokenizer, prompts, targets, batch_size, **_routing):
         p, acc = zip(*(scores[pair] for pair in zip(prompts, targets)))
         return PairScores(-torch.log(torch.tensor(p)), torch.tensor(acc))
 

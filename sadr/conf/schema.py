@@ -98,6 +98,10 @@ class EditorConfig:
     context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])
     protocol: EditProtocol = EditProtocol.single
     batch_size: int = 1
+    # single protocol: edit and evaluate this many cases side by side, each on the unedited model (their δs share
+    # forwards; the edited models are evaluated in one pass, without writing weights). Same results as 1, up to
+    # float rounding; meant for a GPU, where a forward has room for many more rows (README, "Single edits side by side")
+    parallel_cases: int = 1
 
 
 @dataclass

@@ -5,20 +5,26 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from sadr.data.records import EditRequest
+from sadr.editors.low_rank import RankOneUpdate, rank_one_factors
 from sadr.models.adapters import ModelAdapter
 
 
 @dataclass
 class EditOutcome:
-    """Weight changes written into the model (layer -> ΔW, float64, (out, in)), timings and diagnostics."""
+    """Weight changes written into the model (layer -> ΔW, float64, (out, in)), timings and diagnostics.
+
+    From `Editor.apply_each`, nothing is written: each layer's ΔW is in `factors` (rank one), `updates` is empty.
+    """
 
     updates: dict[int, torch.Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, float] = field(default_factory=dict)
+    factors: dict[int, RankOneUpdate] = field(default_factory=dict)
 
 
 @contextmanager
@@ -46,6 +52,33 @@ class Editor(ABC):
     @abstractmethod
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         """Edit the model in place and report what was written."""
+
+    def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
+        """Edit each request alone into the model as it is, as `apply([request])` would, and leave the model as it was.
+
+        For the single protocol's parallel cases: each outcome holds its update as rank-one `factors`. This default
+        runs `apply` request by request; editors whose δ-optimisations can share forwards override it.
+        """
+        return self._each_alone(requests, lambda _index, request: self.apply([request]), {})
+
+    def _each_alone(self, requests: list[EditRequest], edit_one: Callable[[int, EditRequest], EditOutcome],
+                    shared_seconds: dict[str, float]) -> list[EditOutcome]:
+        """`edit_one(index, request)` writes one request's update; it runs from the current state for every request,
+        which is restored after each. `shared_seconds` (work done for all requests at once) is split evenly among them.
+        """
+        state = self.state_dict()
+        outcomes = []
+        for index, request in enumerate(requests):
+            try:
+                written = edit_one(index, request)
+            finally:
+                self.load_state_dict(state)
+            seconds = dict(written.seconds)
+            for name, value in shared_seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + value / len(requests)
+            factors = {layer: rank_one_factors(update) for layer, update in written.updates.items()}
+            outcomes.append(EditOutcome(seconds=seconds, diagnostics=written.diagnostics, factors=factors))
+        return outcomes
 
     def state_dict(self) -> dict:
         """Copies of everything an edit changes."""

@@ -16,8 +16,10 @@ import torch
 
 from sadr.data.records import EditRequest
 from sadr.editors.capture import add_at_positions, capture_outputs, frozen_blocks
-from sadr.editors.prompts import DeltaPrompts, encode_delta_prompts
+from sadr.editors.prompts import DeltaPrompts, StackedDeltaPrompts, encode_delta_prompts, stack_delta_prompts
+from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
+from sadr.models.tokenization import pad_id_of
 from sadr.regularizers.base import DeltaBatch, DeltaRegularizer
 
 log = logging.getLogger(__name__)
@@ -88,40 +90,107 @@ def _kl_edited_from_initial(log_p_edited: torch.Tensor, log_p_initial: torch.Ten
 
 def optimize_delta(model, adapter: ModelAdapter, tokenizer, request: EditRequest, context_templates: list[str],
                    objective: DeltaObjective, regularizers: list[DeltaRegularizer] = ()) -> DeltaResult:
+    """The δ of one request (`optimize_deltas` of a batch of one)."""
+    return optimize_deltas(model, adapter, tokenizer, [request], context_templates, objective, regularizers)[0]
+
+
+@dataclass
+class _Case:
+    """One request of a shared δ-optimisation: where its rows are, its δs and its own optimisation state."""
+
+    prompts: DeltaPrompts  # with row indices local to its block
+    start: int  # its first row in the batch
+    head: slice  # its rows of the LM-head output: its target tokens, then its essence prompts
+    deltas: dict[str, torch.Tensor]
+    tokens_per_row: torch.Tensor
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    log_p_initial: torch.Tensor | None = None
+    history: list[StepState] = field(default_factory=list)
+    diagnostics: dict = field(default_factory=dict)
+    done: bool = False
+
+    @property
+    def n_rows(self) -> int:
+        return self.prompts.batch.input_ids.shape[0]
+
+    @property
+    def previous(self) -> StepState | None:
+        return self.history[-1] if self.history else None
+
+
+def _cases(stacked: StackedDeltaPrompts, sites: tuple[str, ...], hidden_size: int, device) -> list[_Case]:
+    cases, head_start = [], 0
+    for prompts, start in zip(stacked.cases, stacked.starts):
+        n_head = prompts.target_ids.numel() + len(prompts.essence_rows)
+        cases.append(_Case(
+            prompts=prompts, start=start, head=slice(head_start, head_start + n_head),
+            deltas={s: torch.zeros(hidden_size, device=device, dtype=torch.float32, requires_grad=True) for s in sites},
+            tokens_per_row=torch.bincount(prompts.target_rows, minlength=prompts.n_rewrite).clamp(min=1),
+        ))
+        head_start += n_head
+    return cases
+
+
+def _case_loss(case: _Case, log_probs: torch.Tensor, objective: DeltaObjective):
+    """The request's editor loss (NLL weight included), its NLL, its weighted KL, and whether every target is the argmax."""
+    prompts = case.prompts
+    n_target_tokens = prompts.target_ids.numel()
+    target_lp = log_probs[:n_target_tokens].gather(1, prompts.target_ids[:, None])[:, 0]
+    nll_per_row = -torch.zeros(prompts.n_rewrite, device=log_probs.device).index_add(0, prompts.target_rows, target_lp)
+    nll = (nll_per_row / case.tokens_per_row).mean()
+    essence_lp = log_probs[n_target_tokens:]
+    if case.log_p_initial is None:
+        case.log_p_initial = essence_lp.detach()
+    kl = objective.kl_factor * _kl_edited_from_initial(essence_lp, case.log_p_initial)
+    decay = sum(objective.weight_decay * case.deltas[s].norm() / case.initial[s].norm() ** 2 for s in objective.sites)
+    loss = objective.nll_weight(case.previous) * nll + kl + decay
+    argmax_ok = (log_probs[:n_target_tokens].argmax(-1) == prompts.target_ids).all()
+    return loss, nll, kl, argmax_ok
+
+
+def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[EditRequest], context_templates: list[str],
+                    objective: DeltaObjective, regularizers: list[DeltaRegularizer] = ()) -> list[DeltaResult]:
+    """Each request's own δ on the model as it is, the requests' prompts sharing every forward.
+
+    The requests are independent: rows of one batch do not interact, the loss backpropagated is the sum of the
+    requests' losses (so each δ gets its own request's gradient) and Adam is element-wise, so each δ takes the
+    steps it would take alone, up to float rounding of the wider batch. Each request has its own NLL schedule,
+    clamp and stop rule; once it stops, its δ is frozen while the others go on. A single request runs exactly
+    as it always did.
+    """
     device = next(model.parameters()).device
-    prompts: DeltaPrompts = encode_delta_prompts(tokenizer, request, context_templates).to(device)
-    batch = prompts.batch
-    n_rows = batch.input_ids.shape[0]
-    rows = torch.arange(n_rows, device=device)
-    hidden_size = model.config.hidden_size
-    deltas = {site: torch.zeros(hidden_size, device=device, dtype=torch.float32, requires_grad=True) for site in objective.sites}
-    optimizer = torch.optim.Adam(list(deltas.values()), lr=objective.lr)
+    stacked = stack_delta_prompts([encode_delta_prompts(tokenizer, r, context_templates) for r in requests],
+                                  pad_id_of(tokenizer)).to(device)
+    batch = stacked.batch
+    rows = torch.arange(batch.input_ids.shape[0], device=device)
+    cases = _cases(stacked, objective.sites, model.config.hidden_size, device)
+    optimizer = torch.optim.Adam([d for case in cases for d in case.deltas.values()], lr=objective.lr)
 
     # Logits are needed only where target tokens are predicted and at the essence prompts' subject token.
-    essence = prompts.essence_rows.to(device)
-    head_rows = torch.cat([prompts.target_rows, essence])
-    head_positions = torch.cat([prompts.target_positions, prompts.subject_positions[essence]])
-    n_target_tokens = prompts.target_ids.numel()
-    tokens_per_row = torch.bincount(prompts.target_rows, minlength=prompts.n_rewrite).clamp(min=1)
+    head_rows = torch.cat([stacked.global_rows(i, torch.cat([c.prompts.target_rows, c.prompts.essence_rows.to(device)]))
+                           for i, c in enumerate(cases)])
+    head_positions = torch.cat([torch.cat([c.prompts.target_positions, c.prompts.subject_positions[c.prompts.essence_rows]])
+                                for c in cases])
     final_norm = model.get_submodule(adapter.final_norm)
     lm_head = model.get_output_embeddings()
 
     site_modules = {site: SITES[site](adapter, model, objective.layer) for site in objective.sites}
     loss_block = {objective.loss_layer: adapter.block(model, objective.loss_layer)}
-    delta_batch = DeltaBatch(batch.input_ids, batch.attention_mask, torch.arange(prompts.n_rewrite, device=device),
-                             prompts.subject_positions, prompts.last_prompt_positions, objective.layer)
+    delta_batch = DeltaBatch(
+        batch.input_ids, batch.attention_mask,
+        torch.cat([stacked.global_rows(i, torch.arange(c.prompts.n_rewrite, device=device)) for i, c in enumerate(cases)]),
+        torch.cat([c.prompts.subject_positions for c in cases]), torch.cat([c.prompts.last_prompt_positions for c in cases]),
+        objective.layer, rewrite_rows_per_case=tuple(c.prompts.n_rewrite for c in cases),
+    )
+    subject_positions = delta_batch.subject_positions
     frozen = [adapter.block(model, i) for i in range(objective.layer)]
 
-    initial: dict[str, torch.Tensor] = {}
-    history: list[StepState] = []
-    log_p_initial = None
-    state = None
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         stack.enter_context(frozen_blocks(frozen))
         for site, module in site_modules.items():
-            stack.enter_context(add_at_positions(module, rows, prompts.subject_positions,
-                                                 lambda d=deltas[site]: d.expand(n_rows, -1)))
+            stack.enter_context(add_at_positions(module, rows, subject_positions, lambda site=site: torch.cat(
+                [c.deltas[site].expand(c.n_rows, -1) for c in cases])))
         # registered after δ's hooks, so a capture on the same module sees its output with δ added (δ = 0 at step 0)
         site_out = stack.enter_context(capture_outputs(site_modules))
         loss_out = stack.enter_context(capture_outputs(loss_block))
@@ -132,36 +201,56 @@ def optimize_delta(model, adapter: ModelAdapter, tokenizer, request: EditRequest
             optimizer.zero_grad()
             model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             if step == 0:
-                initial = {s: site_out[s][0, prompts.subject_positions[0]].detach().float() for s in objective.sites}
+                for c in cases:
+                    c.initial = {s: site_out[s][c.start, c.prompts.subject_positions[0]].detach().float()
+                                 for s in objective.sites}
             hidden = loss_out[objective.loss_layer][head_rows, head_positions]
             log_probs = lm_head(final_norm(hidden)).float().log_softmax(-1)
-            target_lp = log_probs[:n_target_tokens].gather(1, prompts.target_ids[:, None])[:, 0]
-            nll_per_row = -torch.zeros(prompts.n_rewrite, device=device).index_add(0, prompts.target_rows, target_lp)
-            nll = (nll_per_row / tokens_per_row).mean()
-            essence_lp = log_probs[n_target_tokens:]
-            if log_p_initial is None:
-                log_p_initial = essence_lp.detach()
-            kl = objective.kl_factor * _kl_edited_from_initial(essence_lp, log_p_initial)
-            decay = sum(objective.weight_decay * deltas[s].norm() / initial[s].norm() ** 2 for s in objective.sites)
-            loss = objective.nll_weight(state) * nll + kl + decay
-            seen_by_stop = loss.detach()
-            for reg in regularizers:
-                term = reg.weight * reg.loss(step)
-                loss = loss + term
-                if reg.in_stop_rule:
-                    seen_by_stop = seen_by_stop + term.detach()
-            argmax_ok = bool((log_probs[:n_target_tokens].argmax(-1) == prompts.target_ids).all())
-            state = StepState(step, seen_by_stop.item(), nll.item(), kl.item(), argmax_ok)
-            history.append(state)
-            log.debug("δ step %d: loss %.4f nll %.4f kl %.4f", step, state.loss, state.nll, state.kl)
-            if objective.should_stop(state) or step == objective.steps - 1:
+            terms = [_regularizer_terms(reg, step, len(cases)) for reg in regularizers]
+            active = [i for i, c in enumerate(cases) if not c.done]
+            losses, summaries = [], []
+            for i in active:
+                loss, nll, kl, argmax_ok = _case_loss(cases[i], log_probs[cases[i].head], objective)
+                seen_by_stop = loss.detach()
+                for reg, reg_terms in zip(regularizers, terms):
+                    term = reg.weight * reg_terms[i]
+                    loss = loss + term
+                    if reg.in_stop_rule:
+                        seen_by_stop = seen_by_stop + term.detach()
+                losses.append(loss)
+                summaries.append(torch.stack([seen_by_stop, nll, kl, argmax_ok.float()]))
+            still = []  # indices into `active` of the requests that go on
+            for k, (i, (seen, nll, kl, argmax_ok)) in enumerate(zip(active, torch.stack(summaries).tolist())):
+                case = cases[i]
+                state = StepState(step, seen, nll, kl, argmax_ok == 1.0)
+                case.history.append(state)
+                log.debug("δ %d step %d: loss %.4f nll %.4f kl %.4f", i, step, state.loss, state.nll, state.kl)
+                if objective.should_stop(state) or step == objective.steps - 1:
+                    case.done = True
+                    case.diagnostics = {name: value for reg in regularizers for name, value in reg.case_diagnostics()[i].items()}
+                else:
+                    still.append(k)
+            if not still:
                 break
-            loss.backward()
+            torch.stack([losses[k] for k in still]).sum().backward()
+            for case in cases:
+                if case.done:  # frozen: a zero gradient would still move it through Adam's momentum
+                    for d in case.deltas.values():
+                        d.grad = None
             optimizer.step()
             with torch.no_grad():
-                for s in objective.sites:
-                    max_norm = objective.clamp_norm_factor * initial[s].norm()
-                    if deltas[s].norm() > max_norm:
-                        deltas[s].mul_(max_norm / deltas[s].norm())
-    diagnostics = {k: v for reg in regularizers for k, v in reg.diagnostics().items()}
-    return DeltaResult({s: d.detach() for s, d in deltas.items()}, initial, len(history), history, diagnostics)
+                for case in (cases[active[k]] for k in still):
+                    for s in objective.sites:
+                        max_norm = objective.clamp_norm_factor * case.initial[s].norm()
+                        if case.deltas[s].norm() > max_norm:
+                            case.deltas[s].mul_(max_norm / case.deltas[s].norm())
+    return [DeltaResult({s: d.detach() for s, d in c.deltas.items()}, c.initial, len(c.history), c.history, c.diagnostics)
+            for c in cases]
+
+
+def _regularizer_terms(reg: DeltaRegularizer, step: int, n_requests: int) -> list[torch.Tensor]:
+    terms = reg.case_losses(step)
+    if len(terms) != n_requests:
+        raise InvalidSettingError(f"{type(reg).__name__} gives {len(terms)} loss terms for {n_requests} requests "
+                                  "optimised together: it cannot share a δ-optimisation (set editor.parallel_cases=1)")
+    return terms

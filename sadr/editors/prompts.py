@@ -104,3 +104,35 @@ def encode_delta_prompts(tokenizer, request: EditRequest, context_templates: lis
         target_positions=as_long(t_pos),
         target_ids=as_long(t_ids),
     )
+
+
+@dataclass
+class StackedDeltaPrompts:
+    """Several requests' δ prompts in one right-padded batch, request after request.
+
+    Request i owns the rows [starts[i], starts[i] + its row count); `cases[i]` keeps its own prompts with row
+    indices local to that block. Right padding to a common width leaves every row's tokens and positions as
+    they were, so a row's result does not depend on the other requests (up to float rounding of wider kernels).
+    """
+
+    batch: PaddedBatch
+    cases: list[DeltaPrompts]
+    starts: list[int]
+
+    def global_rows(self, case: int, local_rows: torch.Tensor) -> torch.Tensor:
+        return local_rows + self.starts[case]
+
+    def to(self, device) -> "StackedDeltaPrompts":
+        return StackedDeltaPrompts(self.batch.to(device), [case.to(device) for case in self.cases], self.starts)
+
+
+def stack_delta_prompts(cases: list[DeltaPrompts], pad_id: int) -> StackedDeltaPrompts:
+    """One batch of every request's δ prompts; a single request's batch is its own, unchanged."""
+    width = max(case.batch.input_ids.shape[1] for case in cases)
+    ids, masks, starts = [], [], []
+    for case in cases:
+        missing = width - case.batch.input_ids.shape[1]
+        starts.append(sum(len(block) for block in ids))
+        ids.append(torch.nn.functional.pad(case.batch.input_ids, (0, missing), value=pad_id))
+        masks.append(torch.nn.functional.pad(case.batch.attention_mask, (0, missing), value=0))
+    return StackedDeltaPrompts(PaddedBatch(torch.cat(ids), torch.cat(masks)), cases, starts)

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import List
 
+import torch
+
 from sadr.conf.schema import EditorConfig
 from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.covariance import SecondMomentStatistics
-from sadr.editors.delta import DeltaObjective, optimize_delta
+from sadr.editors.delta import DeltaObjective, DeltaResult, optimize_delta, optimize_deltas
 from sadr.editors.keys import mean_keys
 from sadr.editors.plugin import EditorPlugin
 from sadr.editors.update import rank_one_update
@@ -56,28 +58,47 @@ class RomeEditor(Editor):
         """Requests are applied one after another, each seeing the previous ones' updates (as ROME does)."""
         outcome = EditOutcome()
         for request in requests:
-            with timed(outcome.seconds, "covariance"):
-                second_moment = self.statistics.factorized([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
-            with timed(outcome.seconds, "k_star"):
-                key = self._key(request, self.context_templates)
-                exact_key = self._key(request, [BARE_PROMPT]) if self.hparams.rome_update is RomeUpdate.reference else key
+            ((second_moment, key, exact_key),) = self._keys([request], outcome.seconds)
             with timed(outcome.seconds, "v_star"):
                 delta = optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
                                        self.objective, self.regularizers)
-            with timed(outcome.seconds, "update"):
-                # v* − (W k₀ + b): the module's own output at the key the edit is exact for, bias included
-                down = self.adapter.mlp_down_module(self.model, self.layer)
-                current = down(exact_key[None].to(down.weight.dtype))[0].float()
-                update = rank_one_update(key, delta.target("mlp_out") - current, second_moment, exact_key)
-                self.adapter.add_to_down_weight(self.model, self.layer, update)
-            outcome.updates[self.layer] = outcome.updates.get(self.layer, 0) + update
-            outcome.diagnostics.update({"delta_steps": delta.steps_run, "delta_final_loss": delta.history[-1].loss,
-                                        **delta.diagnostics})
+            self._write(second_moment, key, exact_key, delta, outcome)
         return outcome
 
-    def _key(self, request: EditRequest, context_templates: list[str]):
-        keys = mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], [request], context_templates)
-        return keys[self.layer][0]
+    def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
+        """Every request's keys and δ computed in shared forwards on the model as it is; then each update on its own."""
+        shared: dict[str, float] = {}
+        keys = self._keys(requests, shared)
+        with timed(shared, "v_star"):
+            deltas = optimize_deltas(self.model, self.adapter, self.tokenizer, requests, self.context_templates,
+                                     self.objective, self.regularizers)
+        return self._each_alone(requests, lambda i, _request: self._write(*keys[i], deltas[i], EditOutcome()), shared)
+
+    def _keys(self, requests: list[EditRequest], seconds: dict[str, float]) -> list[tuple]:
+        """Per request: C (or None), the template-mean key k̄ and the key the update is exact for."""
+        with timed(seconds, "covariance"):
+            second_moment = self.statistics.factorized([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
+        with timed(seconds, "k_star"):
+            keys = self._mean_keys(requests, self.context_templates)
+            reference = self.hparams.rome_update is RomeUpdate.reference
+            exact_keys = self._mean_keys(requests, [BARE_PROMPT]) if reference else keys
+        return [(second_moment, key, exact_key) for key, exact_key in zip(keys, exact_keys)]
+
+    def _write(self, second_moment, key, exact_key, delta: DeltaResult, outcome: EditOutcome) -> EditOutcome:
+        """Write the update that maps the exact key to v* = v₀ + δ; add it, its time and δ's diagnostics to `outcome`."""
+        with timed(outcome.seconds, "update"):
+            # v* − (W k₀ + b): the module's own output at the key the edit is exact for, bias included
+            down = self.adapter.mlp_down_module(self.model, self.layer)
+            current = down(exact_key[None].to(down.weight.dtype))[0].float()
+            update = rank_one_update(key, delta.target("mlp_out") - current, second_moment, exact_key)
+            self.adapter.add_to_down_weight(self.model, self.layer, update)
+        outcome.updates[self.layer] = outcome.updates.get(self.layer, 0) + update
+        outcome.diagnostics.update({"delta_steps": delta.steps_run, "delta_final_loss": delta.history[-1].loss,
+                                    **delta.diagnostics})
+        return outcome
+
+    def _mean_keys(self, requests: list[EditRequest], context_templates: list[str]) -> torch.Tensor:
+        return mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], requests, context_templates)[self.layer]
 
 
 EDITOR = EditorPlugin("rome", RomeConfig, RomeEditor, "ROME (Meng et al., 2022): a rank-one update of one MLP layer")

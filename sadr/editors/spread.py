@@ -28,7 +28,7 @@ from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.capture import capture_outputs
 from sadr.editors.covariance import SecondMomentStatistics
-from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delta
+from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delta, optimize_deltas
 from sadr.editors.keys import mean_keys
 from sadr.editors.prompts import encode_subject_prompts
 from sadr.editors.update import least_squares_update
@@ -146,6 +146,23 @@ class SpreadEditor(Editor):
         with timed(outcome.seconds, "delta"):
             results = [optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
                                       self.objective, self.regularizers) for request in requests]
+        return self._spread(requests, results, second_moments, outcome)
+
+    def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
+        """Every request's δ optimised in shared forwards on the model as it is; then each request spread on its own
+        (a layer's keys depend on the layers below it being written, so the solves cannot share)."""
+        shared: dict[str, float] = {}
+        with timed(shared, "covariance"):
+            second_moments = self.second_moments()
+        with timed(shared, "delta"):
+            results = optimize_deltas(self.model, self.adapter, self.tokenizer, requests, self.context_templates,
+                                      self.objective, self.regularizers)
+        return self._each_alone(
+            requests, lambda i, request: self._spread([request], [results[i]], second_moments, SpreadOutcome()), shared)
+
+    def _spread(self, requests: list[EditRequest], results: list[DeltaResult], second_moments: dict,
+                outcome: SpreadOutcome) -> SpreadOutcome:
+        """Write the targets z = z₀ + δ into the edited layers, one ridge solve per layer in order."""
         targets = torch.stack([r.target(self.target_site) for r in results])
         for i, layer in enumerate(self.layers):
             with timed(outcome.seconds, "keys"):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sadr.data.records import EditCase
+from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.evaluation.probes import METRICS
 from sadr.evaluation.suite import Evaluator
 from sadr.models.tokenization import encode_prompt_target, fill_subject, last_token_of_span, pad_id_of, pad_right
@@ -64,7 +65,8 @@ def drift_prompts(tokenizer, cases: list[EditCase]) -> list[DriftPrompt]:
 
 
 @torch.no_grad()
-def subject_attention(model, adapter, prompts: list[DriftPrompt], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+def subject_attention(model, adapter, prompts: list[DriftPrompt], pad_id: int, batch_size: int = 64,
+                      case_rows: CaseRows = one_model) -> torch.Tensor:
     """(n_prompts, layers, heads) float32: attention from each prompt's last position to its subject token."""
     device = next(model.parameters()).device
     layers = list(range(adapter.num_layers(model)))
@@ -75,7 +77,8 @@ def subject_attention(model, adapter, prompts: list[DriftPrompt], pad_id: int, b
         last = torch.tensor([p.last_position for p in chunk])
         subject = torch.tensor([p.subject_position for p in chunk], device=device)
         with AttentionRows(model, adapter, layers, last, batch.attention_mask) as hooks:
-            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            with case_rows([p.case_index for p in chunk]):
+                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             recorded = hooks.collect()
             rows = torch.arange(len(chunk), device=device)
             # recorded[layer]: (B, H, T) -> (B, H) at the subject's key position
@@ -126,9 +129,9 @@ class AttentionDrift(Evaluator):
     batch_size: int = 64
     name: str = "attention_drift"
 
-    def evaluate(self, model, tokenizer, adapter, cases):
+    def evaluate(self, model, tokenizer, adapter, cases, case_rows=one_model):
         prompts = drift_prompts(tokenizer, cases)
-        values = subject_attention(model, adapter, prompts, pad_id_of(tokenizer), self.batch_size)
+        values = subject_attention(model, adapter, prompts, pad_id_of(tokenizer), self.batch_size, case_rows)
         results: list[dict] = [{} for _ in cases]
         shape = [adapter.num_layers(model), int(values.shape[-1])]
         for prompt, matrix in zip(prompts, values):

@@ -21,6 +21,7 @@ import logging
 
 from sadr.data.records import EditCase
 from sadr.errors import InvalidSettingError
+from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.evaluation.consistency import ConsistencyData, ConsistencyUnavailable, load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
 from sadr.evaluation.suite import Evaluator
@@ -73,8 +74,12 @@ class GenerationMetrics(Evaluator):
         return {"name": self.name, "seed": self.seed, "prompts_per_case": self.prompts_per_case,
                 "new_tokens": self.new_tokens, "top_k": TOP_K, "consistency": self.consistency is not None}
 
-    def evaluate(self, model, tokenizer, adapter, cases: list[EditCase]) -> list[dict]:
-        return [self._evaluate_case(model, tokenizer, case) for case in cases]
+    def evaluate(self, model, tokenizer, adapter, cases: list[EditCase], case_rows: CaseRows = one_model) -> list[dict]:
+        results = []
+        for index, case in enumerate(cases):
+            with case_rows(index):
+                results.append(self._evaluate_case(model, tokenizer, case))
+        return results
 
     def _evaluate_case(self, model, tokenizer, case: EditCase) -> dict:
         prompts = list(case.generation_prompts[: self.prompts_per_case])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.models.tokenization import encode_prompt_target_batch
 
 
@@ -31,13 +32,16 @@ def target_token_logits(model, hidden: torch.Tensor, rows: torch.Tensor, positio
 
 
 @torch.no_grad()
-def score_pairs_detailed(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64) -> PairScores:
+def score_pairs_detailed(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64,
+                         pair_cases: list[int] | None = None, case_rows: CaseRows = one_model) -> PairScores:
+    """`pair_cases[i]`: the case of pair i, declared to `case_rows` around each forward (all 0 when None)."""
     nll, acc = [], []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompt_target_batch(tokenizer, prompts[start : start + batch_size], targets[start : start + batch_size])
         batch = enc.batch.to(device)
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        with case_rows(0 if pair_cases is None else pair_cases[start : start + batch_size]):
+            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         logprobs = target_token_logits(model, hidden, enc.rows, enc.positions)
         target_ids = enc.target_ids.to(device)
         token_lp = logprobs.gather(1, target_ids[:, None])[:, 0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sadr.data.records import EditCase
+from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.evaluation.probes import Metric, resolve_metrics
 from sadr.evaluation.prompt_metrics import evaluate_cases
 
@@ -17,7 +18,8 @@ from sadr.evaluation.prompt_metrics import evaluate_cases
 class Evaluator:
     name: str
 
-    def evaluate(self, model, tokenizer, adapter, cases: list[EditCase]) -> list[dict]:
+    def evaluate(self, model, tokenizer, adapter, cases: list[EditCase], case_rows: CaseRows = one_model) -> list[dict]:
+        """Per case, its entries; every forward declares its rows' cases to `case_rows` (sadr/evaluation/case_rows.py)."""
         raise NotImplementedError
 
     def compare(self, edited: dict, unedited: dict) -> dict:
@@ -37,8 +39,8 @@ class PromptMetrics(Evaluator):
     batch_size: int = 64
     name: str = "prompt_metrics"
 
-    def evaluate(self, model, tokenizer, adapter, cases):
-        return evaluate_cases(model, tokenizer, cases, self.metrics, self.batch_size)
+    def evaluate(self, model, tokenizer, adapter, cases, case_rows=one_model):
+        return evaluate_cases(model, tokenizer, cases, self.metrics, self.batch_size, case_rows)
 
     def identity(self):
         return {"name": self.name, "metrics": [m.name for m in self.metrics]}
@@ -57,10 +59,11 @@ def build_evaluators(cfg) -> list[Evaluator]:
     return evaluators
 
 
-def evaluate_all(evaluators: list[Evaluator], model, tokenizer, adapter, cases: list[EditCase]) -> list[dict]:
+def evaluate_all(evaluators: list[Evaluator], model, tokenizer, adapter, cases: list[EditCase],
+                 case_rows: CaseRows = one_model) -> list[dict]:
     results: list[dict] = [{} for _ in cases]
     for evaluator in evaluators:
-        for merged, part in zip(results, evaluator.evaluate(model, tokenizer, adapter, cases)):
+        for merged, part in zip(results, evaluator.evaluate(model, tokenizer, adapter, cases, case_rows)):
             merged.update(part)
     return results
 

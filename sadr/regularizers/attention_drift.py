@@ -67,12 +67,13 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self.selected: dict[int, Tensor] = {}
         self._recorder: Optional[AttentionRows] = None
         self._reference: Optional[dict[int, Tensor]] = None
-        self._diagnostics: dict = {}
+        self._diagnostics: list[dict] = []  # per request
         self._n_layers = 0
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
         self.detach()
-        self.selected, self._diagnostics = {}, {}
+        self.selected, self._diagnostics = {}, []
+        self._cases = batch.case_slices()
         self._n_layers = adapter.num_layers(model)
         layers = self._active_layers(self._n_layers, batch.injection_layer)
         device = next(model.parameters()).device
@@ -99,6 +100,12 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         return layers
 
     def loss(self, step: int) -> Tensor:
+        (term,) = self.case_losses(step)
+        return term
+
+    def case_losses(self, step: int) -> list[Tensor]:
+        """L_SADR of each request, over its own rewrite prompts (rows never mix, so one request's term is the same
+        whether it is optimised alone or with others)."""
         if self._recorder is None:
             raise RuntimeError("SelectiveAttentionDriftRegularizer.loss() called before attach()")
         if step != 0 and self._reference is None:
@@ -106,36 +113,38 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         current = self._recorder.collect()
         if step == 0:
             return self._record_reference(current)
-        total = 0.0
+        totals = [0.0] * len(self._cases)
         for layer, rows in current.items():
             reference = self._reference[layer]
             if self.selective:
                 selected = select_heads(reference, rows, self._subjects)
             else:
                 selected = torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device)
-            kl = head_kl(reference, rows, self._key_mask, self.epsilon)
-            total = total + torch.where(selected, kl, 0.0).sum()
+            kl = torch.where(selected, head_kl(reference, rows, self._key_mask, self.epsilon), 0.0)
+            totals = [total + kl[case].sum() for total, case in zip(totals, self._cases)]
             self.selected[layer] = selected
-        loss = total / len(self._subjects)
-        self._diagnostics = {
-            "selected_heads": float(sum(int(s.sum()) for s in self.selected.values())),
+        losses = [total / (case.stop - case.start) for total, case in zip(totals, self._cases)]
+        self._diagnostics = [{
+            "selected_heads": float(sum(int(s[case].sum()) for s in self.selected.values())),
             "loss": float(loss.detach()),
-            "selected_head_counts": self._selected_head_counts(),
-        }
-        return loss
+            "selected_head_counts": self._selected_head_counts(case),
+        } for loss, case in zip(losses, self._cases)]
+        return losses
 
-    def _selected_head_counts(self) -> list[list[int]]:
-        """layers × heads: how many rewrite prompts selected each head (0 in layers SADR does not act on)."""
+    def _selected_head_counts(self, case: slice) -> list[list[int]]:
+        """layers × heads: how many of the request's rewrite prompts selected each head (0 in layers SADR does not act on)."""
         n_heads = next(iter(self.selected.values())).shape[1]
-        return [self.selected[layer].sum(dim=0).tolist() if layer in self.selected else [0] * n_heads
+        return [self.selected[layer][case].sum(dim=0).tolist() if layer in self.selected else [0] * n_heads
                 for layer in range(self._n_layers)]
 
-    def _record_reference(self, current: dict[int, Tensor]) -> Tensor:
+    def _record_reference(self, current: dict[int, Tensor]) -> list[Tensor]:
         """δ = 0: these rows are the unedited reference W; W* = W, so the loss is exactly 0 (no head selected)."""
         self._reference = {layer: rows.detach() for layer, rows in current.items()}
         self.selected = {layer: torch.zeros_like(rows[:, :, 0], dtype=torch.bool) for layer, rows in current.items()}
-        self._diagnostics = {"selected_heads": 0.0, "loss": 0.0, "selected_head_counts": self._selected_head_counts()}
-        return sum(rows.sum() for rows in current.values()) * 0.0  # in the graph, so backward() still works
+        self._diagnostics = [{"selected_heads": 0.0, "loss": 0.0, "selected_head_counts": self._selected_head_counts(case)}
+                             for case in self._cases]
+        zero = sum(rows.sum() for rows in current.values()) * 0.0  # in the graph, so backward() still works
+        return [zero] * len(self._cases)
 
     def detach(self) -> None:
         if self._recorder is not None:
@@ -144,7 +153,12 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self._reference = None
 
     def diagnostics(self) -> dict:
-        return dict(self._diagnostics)
+        if len(self._diagnostics) > 1:
+            raise ValueError(f"{len(self._diagnostics)} requests share this optimisation: read case_diagnostics()")
+        return dict(self._diagnostics[0]) if self._diagnostics else {}
+
+    def case_diagnostics(self) -> list[dict]:
+        return [dict(d) for d in self._diagnostics]
 
 
 def _get(cfg: Any, key: str) -> Any:

@@ -23,7 +23,8 @@ class DeltaBatch:
     `rewrite_rows` are the batch rows of the templated rewrite prompts (never the essence prompts);
     `subject_positions[r]` is the subject's last token and `last_prompt_positions[r]` the last prompt
     token (the one predicting the target's first token) of row r. Layers `> injection_layer` are the
-    ones whose computation δ can change.
+    ones whose computation δ can change. When several requests are optimised together (each with its own δ),
+    `rewrite_rows_per_case` counts each one's rewrite rows, which follow each other in `rewrite_rows`.
     """
 
     input_ids: torch.Tensor
@@ -32,6 +33,13 @@ class DeltaBatch:
     subject_positions: torch.Tensor
     last_prompt_positions: torch.Tensor
     injection_layer: int
+    rewrite_rows_per_case: tuple[int, ...] | None = None  # None: one request
+
+    def case_slices(self) -> list[slice]:
+        """Each request's part of `rewrite_rows`."""
+        counts = self.rewrite_rows_per_case or (len(self.rewrite_rows),)
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [slice(start, start + count) for start, count in zip(starts, counts)]
 
 
 class DeltaRegularizer(ABC):
@@ -48,7 +56,13 @@ class DeltaRegularizer(ABC):
 
     @abstractmethod
     def loss(self, step: int) -> torch.Tensor:
-        """The unweighted term for the forward just run (step 0 is the δ = 0 forward)."""
+        """The unweighted term for the forward just run (step 0 is the δ = 0 forward), for a batch of one request."""
+
+    def case_losses(self, step: int) -> list[torch.Tensor]:
+        """One unweighted term per request of the batch (`DeltaBatch.case_slices`), each what `loss` gives for that
+        request alone. This default serves a batch of one request; a regularizer that can share a δ-optimisation
+        between requests overrides it."""
+        return [self.loss(step)]
 
     @abstractmethod
     def detach(self) -> None:
@@ -60,3 +74,7 @@ class DeltaRegularizer(ABC):
         JSON-able, since they go into every case's row; an editor averages them over a batch (elementwise for lists).
         """
         return {}
+
+    def case_diagnostics(self) -> list[dict]:
+        """`diagnostics` per request of the batch (default: a batch of one request)."""
+        return [self.diagnostics()]

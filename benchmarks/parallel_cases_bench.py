@@ -1,0 +1,208 @@
+"""Cases per second of the single protocol against `editor.parallel_cases`, per phase.
+
+For each N the same cases run through the real runner (`Experiment.run`, single protocol) with
+`editor.parallel_cases=N`: N = 1 edits a case, evaluates it on the written weights and restores; N > 1 edits N cases
+side by side (their δs sharing forwards) and evaluates the N edited models in one pass. The model is loaded once and
+shared by the runs; a warm-up run on one case fills the caches (context templates, key statistics, unedited scores)
+first, so every timed run reads them alike.
+
+Reported per N, from the run's rows: seconds per case of each phase (keys, δ-optimisation, update, evaluation; a
+group's shared seconds are split evenly among its cases, so they add up), the wall time of the protocol loop as cases
+per second, its speed-up over N = 1 measured in the same invocation, the mean δ steps, and how many per-prompt
+decisions differ from N = 1, with how many of those are ties (|p(good) − p(bad)| ≤ 1e-5 relative).
+
+Usage:
+    python benchmarks/parallel_cases_bench.py --n 1 4 --cases 4 --threads 2            # SmolLM2-135M (offline default)
+    python benchmarks/parallel_cases_bench.py --device cuda --n 1 8 32 --cases 32
+    python benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --model-source /models/random-gptj \\
+        --stats-samples 64 --n 1 8 32 --cases 32                                         # any local folder of that shape
+    python benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --random-shape --stats-samples 64 --n 1 16
+
+`--random-shape` builds random weights of the model config's published shape on the device instead of loading
+anything (no download, no folder), with a byte-level BPE trained here on the offline records as its tokenizer
+(the shape's vocabulary size is kept, so the LM head costs what it costs). Timings of a shape do not depend on
+its weights, except through the δ stop rule; the metrics of random weights mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPTJConfig, LlamaConfig, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import sadr.runner as runner  # noqa: E402
+from sadr.conf.registry import register_configs, validate  # noqa: E402
+from sadr.editors.registry import EDITORS  # noqa: E402
+from sadr.models.adapters import adapter_for  # noqa: E402
+from sadr.models.loading import DTYPES, LoadedModel  # noqa: E402
+from sadr.results import RunDirectory  # noqa: E402
+
+# Phase -> the names editors time it under (ROME calls its key and δ phases k_star and v_star).
+PHASES = {"keys": ("keys", "k_star"), "δ": ("delta", "v_star"), "update": ("update",), "eval": ("eval_per_case",)}
+TIE_RTOL = 1e-5
+# Published shapes, by model config name.
+SHAPES = {
+    "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                        rope_theta=100000.0, tie_word_embeddings=True),
+    "gpt-j": lambda: GPTJConfig(vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                                tie_word_embeddings=False),
+}
+OFFLINE_RECORDS = REPO / "sadr" / "data" / "offline" / "counterfact_offline.json"
+
+
+def trained_tokenizer(vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the offline records (milliseconds, no download)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([OFFLINE_RECORDS.read_text()], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.pad_token = fast.eos_token
+    return fast
+
+
+def random_model(shape: str, device: str, dtype: str) -> LoadedModel:
+    """Random weights of a published shape, initialised on the device."""
+    tokenizer = trained_tokenizer()
+    config = SHAPES[shape]()
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model = model.eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, adapter_for(model), f"random {shape} weights")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedExperiment(runner.Experiment):
+    """The runner's experiment, with the wall time of its edit-and-evaluate loop."""
+
+    protocol_seconds = 0.0
+
+    def _restoring(self, editor, todo, unedited):
+        synchronize(self.loaded.device)
+        start = time.perf_counter()
+        super()._restoring(editor, todo, unedited)
+        synchronize(self.loaded.device)
+        self.protocol_seconds = time.perf_counter() - start
+
+
+def run(overrides: list[str]) -> tuple[list[dict], float]:
+    register_configs()
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)
+    experiment = TimedExperiment(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # each run's own table
+        out = experiment.run()
+    return RunDirectory(out).rows(), experiment.protocol_seconds
+
+
+def decisions(rows: list[dict]) -> list[tuple[float, float, float]]:
+    """(decision, p_good, p_bad) of every compared prompt of every case, in order."""
+    return [(value, good, bad) for row in rows for entry in row["edited"].values() if "p_bad" in entry
+            for value, good, bad in zip(entry["value"], entry["p_good"], entry["p_bad"])]
+
+
+def summary(n: int, rows: list[dict], wall: float, reference: dict | None) -> dict:
+    per_case = {phase: statistics.fmean(sum(r["seconds"].get(name, 0.0) for name in names) for r in rows)
+                for phase, names in PHASES.items()}
+    result = {"N": n, "cases": len(rows), **{f"{phase} s/case": v for phase, v in per_case.items()},
+              "cases/s": len(rows) / wall,
+              "δ steps": statistics.fmean(r["diagnostics"]["delta_steps"] for r in rows)}
+    if reference is not None:
+        result["speed-up"] = result["cases/s"] / reference["cases/s"]
+        for phase in PHASES:
+            result[f"{phase} ×"] = reference[f"{phase} s/case"] / per_case[phase] if per_case[phase] else float("nan")
+        differ = [(a, b) for a, b in zip(decisions(reference["rows"]), decisions(rows)) if a[0] != b[0]]
+        ties = sum(abs(a[1] - a[2]) <= TIE_RTOL * max(a[1], a[2]) for a, _ in differ)
+        result["decisions differing (ties)"] = f"{len(differ)}/{len(decisions(rows))} ({ties})"
+    return {**result, "rows": rows}
+
+
+def markdown(results: list[dict]) -> str:
+    columns = [c for c in results[-1] if c != "rows"]
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="editor.parallel_cases values (1 first)")
+    parser.add_argument("--editors", nargs="+", default=["rome"], choices=sorted(EDITORS))
+    parser.add_argument("--cases", type=int, default=4, help="cases of the dataset (dataset.limit)")
+    parser.add_argument("--model", default="smollm2-135m", help="model config (its published editor settings apply)")
+    parser.add_argument("--model-source", help="a local folder or GGUF file instead of the config's source")
+    parser.add_argument("--random-shape", action="store_true", help=f"random weights of the model's shape {sorted(SHAPES)}")
+    parser.add_argument("--stats-samples", type=int, help="model.stats.n_samples (generated text when --model-source)")
+    parser.add_argument("--stats-length", type=int, default=128, help="model.stats.sample_length with --model-source")
+    parser.add_argument("--sadr-lambda", type=float, default=0.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
+    parser.add_argument("--set", nargs="*", default=[], help="further config overrides, e.g. editor.v_num_grad_steps=10")
+    args = parser.parse_args()
+    if args.n[0] != 1:
+        parser.error("--n must start with 1: the speed-ups and decisions are relative to it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.random_shape and args.model not in SHAPES:
+        parser.error(f"--random-shape knows the shapes of {sorted(SHAPES)}")
+    # every run shares one loaded model, as the jobs of a basic-launcher sweep could
+    if args.random_shape:
+        model = random_model(args.model, args.device, args.dtype)
+        runner.load_model = lambda *_args, **_kwargs: model
+    else:
+        runner.load_model = functools.lru_cache(maxsize=1)(runner.load_model)
+
+    base = [f"model={args.model}", f"device={args.device}", f"dtype={args.dtype}", f"cache_dir={args.cache_dir}",
+            f"sadr.lambda={args.sadr_lambda}", "progress.bar=false", *args.set]
+    if args.model_source:
+        base += [f"model.source={args.model_source}", "model.gguf_file=null"]
+    if args.model_source or args.random_shape:
+        base += ["model.stats.corpus=generated", f"model.stats.sample_length={args.stats_length}"]
+    if args.stats_samples:
+        base.append(f"model.stats.n_samples={args.stats_samples}")
+    with tempfile.TemporaryDirectory() as work:
+        for editor in args.editors:
+            common = [*base, f"editor={editor}"]
+            run([*common, "dataset.limit=1", f"output_dir={work}/{editor}_warmup"])
+            results = []
+            for n in args.n:
+                rows, wall = run([*common, f"dataset.limit={args.cases}", f"editor.parallel_cases={n}",
+                                  f"output_dir={work}/{editor}_{n}"])
+                results.append(summary(n, rows, wall, results[0] if results else None))
+            load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+            device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
+            source = args.model_source or ("random weights" if args.random_shape else "")
+            print(f"\n{editor} on {args.model}{f' ({source})' if source else ''}, {args.dtype}, "
+                  f"sadr.lambda={args.sadr_lambda}, {device}, load average {load}:")
+            print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""editor.parallel_cases: single edits side by side give what one at a time gives.
+
+Each case is compared with the same case edited alone (`apply([request])`, evaluated on the written weights,
+restored): the same δ steps, δs equal to float tolerance, the same per-prompt decisions. Separately, the per-row
+rank-one evaluation is compared with evaluating each case's update written into the weights. Through the runner: the
+rows of a parallel run against those of a one-at-a-time run, resuming a killed run, and the settings it refuses.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import sadr.editors.rome as rome_module
+import sadr.editors.spread as spread_module
+from sadr.conf.registry import ConfigError
+from sadr.data.records import EditCase, EditRequest, LabeledPrompt
+from sadr.editors.low_rank import PerRowUpdates, rank_one_factors
+from sadr.editors.plugin import EditorServices
+from sadr.editors.registry import EDITORS
+from sadr.editors.rome import RomeEditor
+from sadr.evaluation.drift import ATTENTION, AttentionDrift, decode_entry
+from sadr.evaluation.generation_metrics import GenerationMetrics
+from sadr.evaluation.probes import METRICS, resolve_metrics
+from sadr.evaluation.suite import PromptMetrics, evaluate_all
+from sadr.models.adapters import adapter_for
+from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer
+from sadr.runner import Experiment
+from tests.editing import BATCH_SUBJECTS, BATCH_TARGETS, TEMPLATES, editor_config, spread_config, statistics
+from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.tiny_models import FAMILIES, make_model
+
+N_CASES = 4
+DELTA_RTOL = 1e-5  # float32: the wider batch only changes the order of float sums
+# Two probabilities closer than this (relative) are a tie that float noise may break either way.
+TIE_RTOL = 1e-5
+
+
+def tiny_cases(n: int = N_CASES) -> list[EditCase]:
+    cases = []
+    for i, (subject, new) in enumerate(zip(BATCH_SUBJECTS[:n], BATCH_TARGETS[:n])):
+        request = EditRequest(prompt="The capital city of {}", subject=subject, target_new=new,
+                              target_true=BATCH_TARGETS[(i + 5) % len(BATCH_TARGETS)])
+        cases.append(EditCase(
+            i, request,
+            paraphrase_prompts=(f"Because I said. The capital city of {subject}",),
+            neighborhood_prompts=("The capital city of Japan", f"The city of {BATCH_SUBJECTS[9 - i]} is in"),
+            relation_prompts=(LabeledPrompt(f"{subject} is based in", "Japan"),),
+            generation_prompts=(f"{subject} is", f"The city of {subject}"),
+        ))
+    return cases
+
+
+def build_editor(name: str, model, tokenizer, cache_dir, sadr: bool, **overrides):
+    settings = {"v_num_grad_steps": 10, **overrides}
+    hparams = editor_config(name, **settings) if name == "rome" else spread_config(name, clamp_norm_factor=4.0, **settings)
+    regularizers = [SelectiveAttentionDriftRegularizer(10.0)] if sadr else []
+    services = EditorServices(statistics(model, tokenizer, cache_dir), TEMPLATES, regularizers)
+    return EDITORS[name].build(model, adapter_for(model), tokenizer, hparams, services)
+
+
+EVALUATORS = [PromptMetrics(resolve_metrics(list(METRICS))), AttentionDrift()]
+
+
+def record(monkeypatch, name: str) -> list:
+    """Every DeltaResult the editor's module computes, alone or together, in order."""
+    module = rome_module if name == "rome" else spread_module
+    results = []
+    for function in ("optimize_delta", "optimize_deltas"):
+        original = getattr(module, function)
+
+        def recording(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            results.extend(out if isinstance(out, list) else [out])
+            return out
+
+        monkeypatch.setattr(module, function, recording)
+    return results
+
+
+def one_at_a_time(editor, cases):
+    """The single protocol with parallel_cases=1: edit, evaluate on the written weights, restore."""
+    state, results = editor.state_dict(), []
+    for case in cases:
+        editor.apply([case.request])
+        results += evaluate_all(EVALUATORS, editor.model, editor.tokenizer, editor.adapter, [case])
+        editor.load_state_dict(state)
+    return results
+
+
+def side_by_side(editor, cases):
+    outcomes = editor.apply_each([case.request for case in cases])
+    with PerRowUpdates(editor.model, editor.adapter, [o.factors for o in outcomes]) as updates:
+        return outcomes, evaluate_all(EVALUATORS, editor.model, editor.tokenizer, editor.adapter, cases, updates.rows)
+
+
+def assert_same_decisions(expected: list[dict], got: list[dict], prob_rtol: float) -> None:
+    """Every prompt's decision is the same unless its two probabilities tie; probabilities and attention agree."""
+    for want, have in zip(expected, got):
+        assert want.keys() == have.keys()
+        for name, entry in want.items():
+            if name == ATTENTION:
+                torch.testing.assert_close(torch.from_numpy(decode_entry(have[name])),
+                                           torch.from_numpy(decode_entry(entry)), rtol=0, atol=1e-3)
+                continue
+            if "p_good" not in entry:  # attention drift, derived from the attention rows
+                torch.testing.assert_close(have[name]["value"], entry["value"], rtol=0, atol=2e-3)
+                continue
+            torch.testing.assert_close(have[name]["p_good"], entry["p_good"], rtol=prob_rtol, atol=1e-9)
+            for i, (good, bad) in enumerate(zip(entry["p_good"], entry.get("p_bad", []))):
+                tie = abs(good - bad) <= TIE_RTOL * max(good, bad)
+                assert tie or have[name]["value"][i] == entry["value"][i], (name, i, good, bad)
+
+
+SETTINGS = [("rome", family, family in ("gpt2", "llama", "qwen2")) for family in FAMILIES] + [
+    ("memit", "gpt2", True), ("memit", "gpt_neox", False), ("pmet", "llama", True), ("pmet", "gptj", False),
+]
+# PMET's stop rule (the new object is the argmax and the KL small) ends these requests at different steps, so a
+# stopped request's δ must stay frozen while the others go on
+PMET_STAGGERED = {"v_lr": 0.005}
+
+
+@pytest.mark.parametrize("name, family, sadr", SETTINGS, ids=[f"{n}-{f}{'-sadr' if s else ''}" for n, f, s in SETTINGS])
+def test_parallel_cases_give_the_steps_deltas_and_decisions_of_one_at_a_time(name, family, sadr, tokenizer, tmp_path,
+                                                                            monkeypatch):
+    model = make_model(family)
+    editor = build_editor(name, model, tokenizer, tmp_path, sadr, **(PMET_STAGGERED if name == "pmet" else {}))
+    cases = tiny_cases()
+    unedited = evaluate_all(EVALUATORS, model, tokenizer, editor.adapter, cases)
+    deltas = record(monkeypatch, name)
+    alone = one_at_a_time(editor, cases)
+    assert [r["efficacy"]["value"] for r in alone] != [r["efficacy"]["value"] for r in unedited]  # the edits do something
+    outcomes, together = side_by_side(editor, cases)
+    single, parallel = deltas[:N_CASES], deltas[N_CASES:]
+
+    assert [d.steps_run for d in parallel] == [d.steps_run for d in single]
+    if name == "pmet":
+        assert len({d.steps_run for d in single}) > 1
+    for a, b in zip(single, parallel):
+        for site in a.deltas:
+            assert a.deltas[site].norm() > 0
+            torch.testing.assert_close(b.deltas[site], a.deltas[site], rtol=DELTA_RTOL, atol=DELTA_RTOL * a.deltas[site].norm())
+    if sadr:
+        assert any(d.diagnostics["selected_heads"] > 0 for d in single)  # SADR acts, so its per-case terms are compared
+        for a, b in zip(single, parallel):
+            assert b.diagnostics["selected_head_counts"] == a.diagnostics["selected_head_counts"]
+            assert b.diagnostics["loss"] == pytest.approx(a.diagnostics["loss"], rel=1e-3, abs=1e-7)
+    assert [o.diagnostics["delta_steps"] for o in outcomes] == [d.steps_run for d in single]
+    assert_same_decisions(alone, together, prob_rtol=1e-3)
+
+
+@pytest.mark.parametrize("name, family", [("rome", family) for family in FAMILIES] + [("memit", "llama")])
+def test_per_row_updates_evaluate_as_the_written_weights(name, family, tokenizer, tmp_path):
+    model = make_model(family)
+    editor = build_editor(name, model, tokenizer, tmp_path, sadr=False, v_num_grad_steps=4)
+    cases = tiny_cases()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    outcomes, together = side_by_side(editor, cases)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())  # nothing written
+
+    state, written = editor.state_dict(), []
+    for case, outcome in zip(cases, outcomes):
+        for layer, factors in outcome.factors.items():
+            editor.adapter.add_to_down_weight(model, layer, factors.dense())
+        written += evaluate_all(EVALUATORS, model, editor.tokenizer, editor.adapter, [case])
+        editor.load_state_dict(state)
+    assert_same_decisions(written, together, prob_rtol=1e-4)
+
+
+def test_texts_sampled_through_per_row_updates_are_those_of_the_written_weights(tokenizer, tmp_path):
+    model = make_model("llama")
+    editor = build_editor("rome", model, tokenizer, tmp_path, sadr=False, v_num_grad_steps=4)
+    cases = tiny_cases(2)
+    generation = [GenerationMetrics(seed=0, new_tokens=6)]
+    outcomes = editor.apply_each([case.request for case in cases])
+    with PerRowUpdates(model, editor.adapter, [o.factors for o in outcomes]) as updates:
+        together = evaluate_all(generation, model, tokenizer, editor.adapter, cases, updates.rows)
+    state, written = editor.state_dict(), []
+    for case, outcome in zip(cases, outcomes):
+        editor.adapter.add_to_down_weight(model, 1, outcome.factors[1].dense())
+        written += evaluate_all(generation, model, tokenizer, editor.adapter, [case])
+        editor.load_state_dict(state)
+    unedited = evaluate_all(generation, model, tokenizer, editor.adapter, cases)
+    assert [r["fluency"]["text"] for r in together] == [r["fluency"]["text"] for r in written]
+    assert [r["fluency"]["text"] for r in together] != [r["fluency"]["text"] for r in unedited]
+
+
+def test_rank_one_factors_reproduce_the_update_and_refuse_higher_rank():
+    torch.manual_seed(0)
+    update = torch.outer(torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64))
+    torch.testing.assert_close(rank_one_factors(update).dense(), update, rtol=1e-12, atol=0)
+    assert rank_one_factors(torch.zeros(5, 7)).dense().abs().max() == 0
+    with pytest.raises(ValueError, match="rank above one"):
+        rank_one_factors(update + torch.outer(torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64)))
+
+
+def test_a_forward_without_row_cases_is_an_error(tokenizer):
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    update = rank_one_factors(torch.ones(adapter.down_weight(model, 1).shape))
+    ids = torch.tensor([tokenizer("The capital city of France")["input_ids"]])
+    with PerRowUpdates(model, adapter, [{1: update}]) as updates:
+        with pytest.raises(RuntimeError, match="which case each row"):
+            model(input_ids=ids)
+        with pytest.raises(RuntimeError, match="row cases for a batch"):
+            with updates.rows([0, 0]):
+                model(input_ids=ids)
+
+
+OFFLINE_RECORDS = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
+
+
+def run_config(tiny_dir, out, *extra):
+    """The tiny llama run of tests/runs.py on the first four offline records."""
+    overrides = [o for o in tiny_overrides(tiny_dir, out) if not o.startswith(("dataset.path=", "dataset.limit="))]
+    return composed([*overrides, f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=4", *extra])
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+
+
+def test_a_parallel_run_writes_the_rows_of_a_one_at_a_time_run(tiny_dir, tmp_path):
+    edit = ("editor.v_lr=0.5", "editor.v_num_grad_steps=10", "sadr.lambda=1.0")  # edits that change decisions
+    alone = rows(Experiment(run_config(tiny_dir, tmp_path / "alone", *edit)).run())
+    together = rows(Experiment(run_config(tiny_dir, tmp_path / "together", *edit, "editor.parallel_cases=3")).run())
+    assert any(r["edited"]["neighborhood"]["value"] != r["unedited"]["neighborhood"]["value"] for r in alone)
+    assert [r["case_id"] for r in together] == [r["case_id"] for r in alone] == [0, 1, 2, 3]
+    for a, b in zip(alone, together):
+        assert (b["protocol"], b["batch_size"]) == (a["protocol"], a["batch_size"]) == ("single", 1)
+        assert b["diagnostics"]["delta_steps"] == a["diagnostics"]["delta_steps"]
+        assert b["diagnostics"]["selected_head_counts"] == a["diagnostics"]["selected_head_counts"]
+        assert b["seconds"].keys() == a["seconds"].keys()
+        assert b["unedited"] == a["unedited"]
+    assert_same_decisions([r["edited"] for r in alone], [r["edited"] for r in together], prob_rtol=1e-3)
+
+
+def test_a_killed_parallel_run_resumes_with_its_unfinished_cases_only(tiny_dir, tmp_path, monkeypatch):
+    cfg = run_config(tiny_dir, tmp_path / "run", "editor.parallel_cases=2")
+    original, edited = RomeEditor.apply_each, []
+
+    def apply_each(editor, requests):
+        edited.append([r.subject for r in requests])
+        if len(edited) == 2:
+            raise KeyboardInterrupt  # killed while editing the second group
+        return original(editor, requests)
+
+    monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(cfg).run()
+    first = rows(Path(cfg.output_dir))
+    assert [r["case_id"] for r in first] == [0, 1]  # the first group's rows, one per case
+
+    edited.clear()
+    monkeypatch.setattr(RomeEditor, "apply_each", lambda editor, requests: edited.append(requests) or original(editor, requests))
+    out = Experiment(cfg).run()
+    assert [[r.subject for r in group] for group in edited] == [[r["subject"] for r in rows(out)[2:]]]
+    assert [r["case_id"] for r in rows(out)] == [0, 1, 2, 3] and rows(out)[:2] == first
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["editor.parallel_cases=0"], "must be >= 1"),
+    (["editor.parallel_cases=2", "editor.protocol=batch", "editor.batch_size=2"], "only in the single protocol"),
+    (["editor.parallel_cases=2", "save_edited=true"], "no edited model to save"),
+])
+def test_parallel_cases_settings_that_cannot_work_name_the_fix(extra, message, tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match=message) as error:
+        run_config(tiny_dir, tmp_path / "run", *extra)
+    assert "editor.parallel_cases" in str(error.value)
