@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import os
 import statistics
@@ -38,50 +37,29 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, GPTJConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from shapes import SHAPES, model_config, trained_tokenizer  # noqa: E402
 
 import sadr.runner as runner  # noqa: E402
 from sadr.conf.registry import register_configs, validate  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.models.adapters import adapter_for  # noqa: E402
+from sadr.models.fingerprint import model_fingerprint  # noqa: E402
 from sadr.models.loading import DTYPES, LoadedModel  # noqa: E402
 from sadr.results import RunDirectory  # noqa: E402
 
 # Phase -> the names editors time it under (ROME calls its key and δ phases k_star and v_star).
 PHASES = {"keys": ("keys", "k_star"), "δ": ("delta", "v_star"), "update": ("update",), "eval": ("eval_per_case",)}
 TIE_RTOL = 1e-5
-# Published shapes, by model config name.
-SHAPES = {
-    "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                                        rope_theta=100000.0, tie_word_embeddings=True),
-    "gpt-j": lambda: GPTJConfig(vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
-                                tie_word_embeddings=False),
-}
-OFFLINE_RECORDS = REPO / "sadr" / "data" / "offline" / "counterfact_offline.json"
-
-
-def trained_tokenizer(vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the offline records (milliseconds, no download)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([OFFLINE_RECORDS.read_text()], trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    fast.pad_token = fast.eos_token
-    return fast
-
-
 def random_model(shape: str, device: str, dtype: str) -> LoadedModel:
     """Random weights of a published shape, initialised on the device."""
-    tokenizer = trained_tokenizer()
-    config = SHAPES[shape]()
+    tokenizer = trained_tokenizer(4096)
+    config = model_config(shape)
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
     with torch.device(device):
@@ -172,12 +150,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.random_shape and args.model not in SHAPES:
         parser.error(f"--random-shape knows the shapes of {sorted(SHAPES)}")
-    # every run shares one loaded model, as the jobs of a basic-launcher sweep could
+    # every run shares one loaded model, as the jobs of a basic-launcher sweep do (sadr/models/kept.py)
     if args.random_shape:
         model = random_model(args.model, args.device, args.dtype)
-        runner.load_model = lambda *_args, **_kwargs: model
-    else:
-        runner.load_model = functools.lru_cache(maxsize=1)(runner.load_model)
+        fingerprint = model_fingerprint(model.model)
+        runner.load_model_kept = lambda *_args, **_kwargs: (model, fingerprint)
 
     base = [f"model={args.model}", f"device={args.device}", f"dtype={args.dtype}", f"cache_dir={args.cache_dir}",
             f"sadr.lambda={args.sadr_lambda}", "progress.bar=false", *args.set]

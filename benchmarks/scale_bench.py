@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 import transformers
 from hydra import compose, initialize_config_module
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPTJConfig, GPTNeoXConfig, LlamaConfig,
-                          PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from shapes import SHAPES, model_config, trained_tokenizer  # noqa: E402
 
 from sadr.cache import TORCH, read_entry  # noqa: E402
 from sadr.conf.registry import register_configs, validate  # noqa: E402
@@ -50,54 +51,9 @@ from sadr.models.kept import release_kept_model  # noqa: E402
 from sadr.results import RunDirectory  # noqa: E402
 from sadr.runner import run_experiment  # noqa: E402
 
-# Published shapes. vocab_size is the model's; a smaller tokenizer only leaves some embedding rows unused.
-SHAPES = {
-    "gpt-j": lambda: GPTJConfig(vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16,
-                                rotary_dim=64, tie_word_embeddings=False),
-    "llama3-8b": lambda: LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                     max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
-    "gpt-neox-20b": lambda: GPTNeoXConfig(vocab_size=50432, hidden_size=6144, num_hidden_layers=44,
-                                          num_attention_heads=64, intermediate_size=24576, rotary_pct=0.25,
-                                          max_position_embeddings=2048, use_parallel_residual=True,
-                                          tie_word_embeddings=False),
-    "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                        max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
-}
-# --tiny: the same architecture and depth (the published layer indices stay valid), tiny widths.
-TINY_WIDTHS = {
-    "gpt-j": dict(n_embd=64, n_head=4, rotary_dim=8, vocab_size=1024),
-    "llama3-8b": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
-    "gpt-neox-20b": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=1024),
-    "smollm2-135m": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
-}
 EDITORS = ("rome", "memit", "pmet")
 HPARAMS = REPO / "sadr" / "conf" / "hparams"
 PAPER_SADR = REPO / "sadr" / "conf" / "sadr_hparams" / "paper"
-OFFLINE_RECORDS = REPO / "sadr" / "data" / "offline" / "counterfact_offline.json"
-
-
-def model_config(arch: str, tiny: bool):
-    config = SHAPES[arch]()
-    for key, value in (TINY_WIDTHS[arch] if tiny else {}).items():
-        setattr(config, key, value)
-    return config
-
-
-def trained_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the offline records' prompts and targets (milliseconds, no download)."""
-    records = json.loads(OFFLINE_RECORDS.read_text())
-    texts = [json.dumps(record, ensure_ascii=False) for record in records]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    fast.pad_token = fast.eos_token
-    return fast
 
 
 def build_model_folder(arch: str, tiny: bool, device: str, tokenizer, folder: Path) -> float:

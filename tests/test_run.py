@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
 
 from sadr.conf.registry import ConfigError
 from sadr.editors.rome import RomeEditor

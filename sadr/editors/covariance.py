@@ -200,10 +200,11 @@ class SecondMomentStatistics:
     def factorized(self, layers: list[int]) -> dict[int, FactorizedMoment]:
         """layer -> C's LU factors on the model's device, factored once. A layer's C is released once factored (one
         d × d matrix per layer stays on the device); `get` reads it again from the cache if asked."""
-        for layer in layers:
-            if layer not in self._factors:
-                self._factors[layer] = FactorizedMoment.of(self.get([layer])[layer])
-                del self._memory[layer]
+        missing = [layer for layer in layers if layer not in self._factors]
+        if missing:
+            self.get(missing)  # one corpus pass for every layer not cached yet
+        for layer in missing:
+            self._factors[layer] = FactorizedMoment.of(self._memory.pop(layer))
         return {layer: self._factors[layer] for layer in layers}
 
     def _compute(self, layers: list[int]) -> None:
