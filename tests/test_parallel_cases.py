@@ -55,7 +55,13 @@ def tiny_cases(n: int = N_CASES) -> list[EditCase]:
 
 def build_editor(name: str, model, tokenizer, cache_dir, sadr: bool, **overrides):
     settings = {"v_num_grad_steps": 10, **overrides}
-    hparams = editor_config(name, **settings) if name == "rome" else spread_config(name, clamp_norm_factor=4.0, **settings)
+    if name == "rome":
+        hparams = editor_config(name, **settings)
+    elif name == "alphaedit":  # a large threshold keeps the whole space, so the edits act on tiny keys
+        hparams = editor_config(name, layers=[1, 2], context_templates=[[10, 3]], clamp_norm_factor=4.0,
+                                nullspace_threshold=1e9, L2=1e-3, **settings)
+    else:
+        hparams = spread_config(name, clamp_norm_factor=4.0, **settings)
     regularizers = [SelectiveAttentionDriftRegularizer(10.0)] if sadr else []
     services = EditorServices(statistics(model, tokenizer, cache_dir), TEMPLATES, regularizers)
     return EDITORS[name].build(model, adapter_for(model), tokenizer, hparams, services)
@@ -116,6 +122,7 @@ def assert_same_decisions(expected: list[dict], got: list[dict], prob_rtol: floa
 
 SETTINGS = [("rome", family, family in ("gpt2", "llama", "qwen2")) for family in FAMILIES] + [
     ("memit", "gpt2", True), ("memit", "gpt_neox", False), ("pmet", "llama", True), ("pmet", "gptj", False),
+    ("alphaedit", "qwen2", False),
 ]
 # PMET's stop rule (the new object is the argmax and the KL small) ends these requests at different steps, so a
 # stopped request's δ must stay frozen while the others go on

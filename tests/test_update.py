@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sadr.editors.update import FactorizedMoment, least_squares_update, rank_one_update
+from sadr.editors.update import FactorizedMoment, independent_rank_one_updates, least_squares_update, rank_one_update
 
 
 def _spd(n, seed):
@@ -75,3 +75,14 @@ def test_reference_rank_one_update_is_exact_at_k0_along_the_direction_C_inv_k_ba
     assert abs(abs(vh[0] @ direction) / np.linalg.norm(direction) - 1) < 1e-12
     assert not torch.allclose(got @ k_bar, r)  # exact at k₀, not at k̄
     torch.testing.assert_close(rank_one_update(k_bar, r, FactorizedMoment.of(C), exact_key=k_bar), rank_one_update(k_bar, r, FactorizedMoment.of(C)))
+
+
+def test_independent_rank_one_updates_are_each_rows_own_least_squares_update():
+    n, d_in, d_out, lam = 4, 7, 3, 2.5
+    g = torch.Generator().manual_seed(5)
+    K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    C = FactorizedMoment.of(_spd(d_in, 6))
+    lefts, rights = independent_rank_one_updates(K, R, C, lam)
+    for i in range(n):
+        torch.testing.assert_close(torch.outer(lefts[i], rights[i]), least_squares_update(K[i : i + 1], R[i : i + 1], C, lam))

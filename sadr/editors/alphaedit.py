@@ -22,6 +22,7 @@ import torch
 
 from sadr.cache import TORCH, cached
 from sadr.conf.schema import EditorConfig
+from sadr.editors.low_rank import RankOneUpdate, rank_one_factors
 from sadr.editors.memit import MemitEditor
 from sadr.editors.plugin import EditorPlugin
 from sadr.models.fingerprint import cache_key
@@ -86,6 +87,18 @@ class AlphaEditEditor(MemitEditor):
         k = keys.double().cpu()
         self.earlier_keys[layer] = earlier + k.T @ k
         return update
+
+    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> list[RankOneUpdate]:
+        """Each row's request solved alone: every solve sees the keys preserved so far, not the other rows'."""
+        earlier = self.earlier_keys.get(layer)
+        updates = []
+        for row in range(len(keys)):
+            updates.append(rank_one_factors(self.solve(layer, keys[row : row + 1], residuals[row : row + 1], second_moment)))
+            if earlier is None:
+                self.earlier_keys.pop(layer)
+            else:
+                self.earlier_keys[layer] = earlier
+        return updates
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "earlier_keys": {layer: m.clone() for layer, m in self.earlier_keys.items()}}

@@ -30,9 +30,11 @@ from sadr.editors.capture import capture_outputs
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delta, optimize_deltas
 from sadr.editors.keys import mean_keys
+from sadr.editors.low_rank import PerRowUpdates, RankOneUpdate
 from sadr.editors.prompts import encode_subject_prompts
-from sadr.editors.update import least_squares_update
+from sadr.editors.update import independent_rank_one_updates, least_squares_update
 from sadr.errors import InvalidSettingError
+from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.models.adapters import ModelAdapter
 
 
@@ -47,16 +49,18 @@ def template_groups(context_templates: list[str], length_params) -> list[list[st
 
 
 def grouped_mean_keys(model, adapter: ModelAdapter, tokenizer, layer: int, requests: list[EditRequest],
-                      groups: list[list[str]]) -> torch.Tensor:
+                      groups: list[list[str]], case_rows: CaseRows = one_model) -> torch.Tensor:
     """(n_requests, d_in) float32: the mean over template groups of each group's mean key."""
-    per_group = [mean_keys(model, adapter, tokenizer, [layer], requests, group)[layer] for group in groups]
+    per_group = [mean_keys(model, adapter, tokenizer, [layer], requests, group, case_rows=case_rows)[layer]
+                 for group in groups]
     return torch.stack(per_group).mean(0)
 
 
 @torch.no_grad()
 def bare_prompt_outputs(model, adapter: ModelAdapter, tokenizer, site: str, layer: int, requests: list[EditRequest],
-                        batch_size: int = 64) -> torch.Tensor:
-    """(n_requests, hidden) float32: the output of `site` of block `layer` at each bare prompt's subject token."""
+                        batch_size: int = 64, case_rows: CaseRows = one_model) -> torch.Tensor:
+    """(n_requests, hidden) float32: the output of `site` of block `layer` at each bare prompt's subject token
+    (`case_rows` as in `mean_keys`)."""
     device = next(model.parameters()).device
     module = {layer: SITES[site](adapter, model, layer)}
     chunks = []
@@ -64,7 +68,7 @@ def bare_prompt_outputs(model, adapter: ModelAdapter, tokenizer, site: str, laye
         chunk = requests[start : start + batch_size]
         enc = encode_subject_prompts(tokenizer, [r.prompt for r in chunk], [r.subject for r in chunk])
         batch = enc.batch.to(device)
-        with capture_outputs(module) as captured:
+        with capture_outputs(module) as captured, case_rows(list(range(start, start + len(chunk)))):
             model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         rows = torch.arange(len(chunk), device=device)
         chunks.append(captured[layer][rows, enc.subject_positions.to(device)].float())
@@ -148,17 +152,45 @@ class SpreadEditor(Editor):
                                       self.objective, self.regularizers) for request in requests]
         return self._spread(requests, results, second_moments, outcome)
 
+    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment) -> list[RankOneUpdate]:
+        """What `solve` gives for each row's request alone (n = 1), as rank-one factors: MEMIT's ridge solve for all
+        rows at once. An editor that overrides `solve` overrides this too."""
+        lefts, rights = independent_rank_one_updates(keys, residuals, second_moment, self.hparams.mom2_update_weight)
+        return [RankOneUpdate(left, right) for left, right in zip(lefts, rights)]
+
     def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
-        """Every request's δ optimised in shared forwards on the model as it is; then each request spread on its own
-        (a layer's keys depend on the layers below it being written, so the solves cannot share)."""
+        """Each request edited alone, as `apply([request])` would, side by side and without writing a weight.
+
+        The δs are optimised in shared forwards. Then, layer by layer, every request's keys and current outputs are
+        read in shared forwards in which each row sees its own request's updates of the layers below
+        (`PerRowUpdates`), and each request is solved alone (`solve_each`). All seconds are shared and split evenly.
+        """
         shared: dict[str, float] = {}
         with timed(shared, "covariance"):
             second_moments = self.second_moments()
         with timed(shared, "delta"):
             results = optimize_deltas(self.model, self.adapter, self.tokenizer, requests, self.context_templates,
                                       self.objective, self.regularizers)
-        return self._each_alone(
-            requests, lambda i, request: self._spread([request], [results[i]], second_moments, SpreadOutcome()), shared)
+        targets = torch.stack([r.target(self.target_site) for r in results])
+        factors: list[dict[int, RankOneUpdate]] = [{} for _ in requests]
+        diagnostics = [_delta_diagnostics([result]) for result in results]
+        for i, layer in enumerate(self.layers):
+            with PerRowUpdates(self.model, self.adapter, factors) as written:
+                with timed(shared, "keys"):
+                    keys = grouped_mean_keys(self.model, self.adapter, self.tokenizer, layer, requests, self.groups,
+                                             case_rows=written.rows)
+                with timed(shared, "update"):
+                    current = bare_prompt_outputs(self.model, self.adapter, self.tokenizer, self.target_site,
+                                                  self.layers[-1], requests, case_rows=written.rows)
+            with timed(shared, "update"):
+                residuals = (targets - current) / self.divisor(len(self.layers) - i)
+                for case, update in zip(factors, self.solve_each(layer, keys, residuals, second_moments[layer])):
+                    case[layer] = update
+            for case, norm in zip(diagnostics, (targets - current).norm(dim=-1).tolist()):
+                case[f"residual_norm_layer{layer}"] = norm
+        seconds = {name: value / len(requests) for name, value in shared.items()}
+        return [EditOutcome(seconds=dict(seconds), diagnostics=case_diagnostics, factors=case_factors)
+                for case_diagnostics, case_factors in zip(diagnostics, factors)]
 
     def _spread(self, requests: list[EditRequest], results: list[DeltaResult], second_moments: dict,
                 outcome: SpreadOutcome) -> SpreadOutcome:

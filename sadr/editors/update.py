@@ -53,3 +53,15 @@ def least_squares_update(keys: torch.Tensor, residuals: torch.Tensor, second_mom
     scaled = second_moment.solve(k.T) / mom2_weight  # (λC)⁻¹ Kᵀ: (d_in, n)
     small = torch.eye(k.shape[0], dtype=k.dtype, device=k.device) + k @ scaled
     return (scaled @ torch.linalg.solve(small, r)).T
+
+
+def independent_rank_one_updates(keys: torch.Tensor, residuals: torch.Tensor, second_moment: FactorizedMoment,
+                                 mom2_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's request solved on its own: `least_squares_update(keys[i:i+1], residuals[i:i+1], ...)` for every i.
+
+    With one key, the ridge solution is rank one, ΔWᵢ = rᵢ uᵢᵀ with uᵢ = (λC)⁻¹kᵢ / (1 + kᵢᵀ(λC)⁻¹kᵢ); every uᵢ comes
+    from one solve with C's factors. Returns (lefts (n, d_out), rights (n, d_in)), float64: ΔWᵢ = outer(lefts[i], rights[i]).
+    """
+    k = keys.to(second_moment.lu)
+    scaled = second_moment.solve(k.T).T / mom2_weight  # rows (λC)⁻¹kᵢ
+    return residuals.to(k), scaled / (1.0 + (k * scaled).sum(dim=-1, keepdim=True))

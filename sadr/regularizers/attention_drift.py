@@ -66,22 +66,25 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self.epsilon = float(epsilon)
         self.selected: dict[int, Tensor] = {}
         self._recorder: Optional[AttentionRows] = None
-        self._reference: Optional[dict[int, Tensor]] = None
-        self._diagnostics: list[dict] = []  # per request
+        self._reference: Optional[Tensor] = None  # (active layers, rows, heads, keys): the δ = 0 rows
+        self._selection: Optional[Tensor] = None  # (active layers, rows, heads) bool: the last step's selection
+        self._losses: Optional[Tensor] = None  # (requests,): the last step's terms
         self._n_layers = 0
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
         self.detach()
-        self.selected, self._diagnostics = {}, []
-        self._cases = batch.case_slices()
+        self.selected, self._selection, self._losses = {}, None, None
         self._n_layers = adapter.num_layers(model)
-        layers = self._active_layers(self._n_layers, batch.injection_layer)
+        self._active = self._active_layers(self._n_layers, batch.injection_layer)
         device = next(model.parameters()).device
         rows = batch.rewrite_rows.cpu()
         self._subjects = batch.subject_positions.cpu()[rows].to(device)
         self._key_mask = batch.attention_mask.cpu()[rows].to(device)
+        cases = batch.case_slices()
+        self._row_case = torch.cat([torch.full((case.stop - case.start,), index) for index, case in enumerate(cases)]).to(device)
+        self._rows_per_case = torch.tensor([case.stop - case.start for case in cases], dtype=torch.float32, device=device)
         self._recorder = AttentionRows(
-            model, adapter, layers, batch.last_prompt_positions.cpu()[rows], batch.attention_mask, batch_rows=rows
+            model, adapter, self._active, batch.last_prompt_positions.cpu()[rows], batch.attention_mask, batch_rows=rows
         )
 
     def _active_layers(self, n_layers: int, injection_layer: int) -> list[int]:
@@ -105,46 +108,44 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
 
     def case_losses(self, step: int) -> list[Tensor]:
         """L_SADR of each request, over its own rewrite prompts (rows never mix, so one request's term is the same
-        whether it is optimised alone or with others)."""
+        whether it is optimised alone or with others).
+
+        Every active layer is computed at once (their rows stacked), and nothing is read back to the host: the
+        diagnostics are made from the kept selection when asked for, so a step costs a few kernels on a GPU.
+        """
         if self._recorder is None:
             raise RuntimeError("SelectiveAttentionDriftRegularizer.loss() called before attach()")
         if step != 0 and self._reference is None:
             raise RuntimeError("the step-0 (δ = 0) forward must come first: it records the reference rows")
-        current = self._recorder.collect()
+        recorded = self._recorder.collect()
+        current = torch.stack([recorded[layer] for layer in self._active])  # (layers, rows, heads, keys)
         if step == 0:
             return self._record_reference(current)
-        totals = [0.0] * len(self._cases)
-        for layer, rows in current.items():
-            reference = self._reference[layer]
-            if self.selective:
-                selected = select_heads(reference, rows, self._subjects)
-            else:
-                selected = torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device)
-            kl = torch.where(selected, head_kl(reference, rows, self._key_mask, self.epsilon), 0.0)
-            totals = [total + kl[case].sum() for total, case in zip(totals, self._cases)]
-            self.selected[layer] = selected
-        losses = [total / (case.stop - case.start) for total, case in zip(totals, self._cases)]
-        self._diagnostics = [{
-            "selected_heads": float(sum(int(s[case].sum()) for s in self.selected.values())),
-            "loss": float(loss.detach()),
-            "selected_head_counts": self._selected_head_counts(case),
-        } for loss, case in zip(losses, self._cases)]
-        return losses
+        n_layers, n_rows, n_heads = current.shape[:3]
+        reference, rows = self._reference.flatten(0, 1), current.flatten(0, 1)
+        subjects, key_mask = self._subjects.repeat(n_layers), self._key_mask.repeat(n_layers, 1)
+        if self.selective:
+            selected = select_heads(reference, rows, subjects)
+        else:
+            selected = torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device)
+        kl = torch.where(selected, head_kl(reference, rows, key_mask, self.epsilon), 0.0)
+        per_row = kl.view(n_layers, n_rows, n_heads).sum(dim=(0, 2))
+        totals = torch.zeros(len(self._rows_per_case), dtype=per_row.dtype, device=per_row.device).index_add(0, self._row_case, per_row)
+        losses = totals / self._rows_per_case
+        self._keep(selected.view(n_layers, n_rows, n_heads), losses.detach())
+        return list(losses.unbind())
 
-    def _selected_head_counts(self, case: slice) -> list[list[int]]:
-        """layers × heads: how many of the request's rewrite prompts selected each head (0 in layers SADR does not act on)."""
-        n_heads = next(iter(self.selected.values())).shape[1]
-        return [self.selected[layer][case].sum(dim=0).tolist() if layer in self.selected else [0] * n_heads
-                for layer in range(self._n_layers)]
+    def _keep(self, selection: Tensor, losses: Tensor) -> None:
+        self._selection, self._losses = selection, losses
+        self.selected = {layer: selection[i] for i, layer in enumerate(self._active)}
 
-    def _record_reference(self, current: dict[int, Tensor]) -> list[Tensor]:
+    def _record_reference(self, current: Tensor) -> list[Tensor]:
         """δ = 0: these rows are the unedited reference W; W* = W, so the loss is exactly 0 (no head selected)."""
-        self._reference = {layer: rows.detach() for layer, rows in current.items()}
-        self.selected = {layer: torch.zeros_like(rows[:, :, 0], dtype=torch.bool) for layer, rows in current.items()}
-        self._diagnostics = [{"selected_heads": 0.0, "loss": 0.0, "selected_head_counts": self._selected_head_counts(case)}
-                             for case in self._cases]
-        zero = sum(rows.sum() for rows in current.values()) * 0.0  # in the graph, so backward() still works
-        return [zero] * len(self._cases)
+        self._reference = current.detach()
+        self._keep(torch.zeros(current.shape[:3], dtype=torch.bool, device=current.device),
+                   torch.zeros(len(self._rows_per_case), device=current.device))
+        zero = current.sum() * 0.0  # in the graph, so backward() still works
+        return [zero] * len(self._rows_per_case)
 
     def detach(self) -> None:
         if self._recorder is not None:
@@ -153,12 +154,25 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self._reference = None
 
     def diagnostics(self) -> dict:
-        if len(self._diagnostics) > 1:
-            raise ValueError(f"{len(self._diagnostics)} requests share this optimisation: read case_diagnostics()")
-        return dict(self._diagnostics[0]) if self._diagnostics else {}
+        diagnostics = self.case_diagnostics()
+        if len(diagnostics) > 1:
+            raise ValueError(f"{len(diagnostics)} requests share this optimisation: read case_diagnostics()")
+        return diagnostics[0] if diagnostics else {}
 
     def case_diagnostics(self) -> list[dict]:
-        return [dict(d) for d in self._diagnostics]
+        """Per request, after the last step: its term (`loss`), how many (row, layer, head) triples were selected
+        (`selected_heads`), and `selected_head_counts`, layers × heads (every layer; 0 where SADR does not act), how
+        many of its rewrite prompts selected each head."""
+        if self._selection is None:
+            return []
+        n_layers, _, n_heads = self._selection.shape
+        per_case = torch.zeros(n_layers, len(self._rows_per_case), n_heads, device=self._selection.device)
+        per_case.index_add_(1, self._row_case, self._selection.float())
+        counts = torch.zeros(self._n_layers, len(self._rows_per_case), n_heads, device=per_case.device)
+        counts[self._active] = per_case
+        counts = counts.transpose(0, 1).round().long().tolist()
+        return [{"selected_heads": float(sum(map(sum, case))), "loss": loss, "selected_head_counts": case}
+                for case, loss in zip(counts, self._losses.tolist())]
 
 
 def _get(cfg: Any, key: str) -> Any:
