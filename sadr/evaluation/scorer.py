@@ -1,16 +1,20 @@
 """Batched teacher-forced scoring of (prompt, target) pairs.
 
-One padded forward per chunk of pairs; the LM head is applied only at the positions that predict
-target tokens, and one `log_softmax(...).gather(...)` scores every target token of the chunk.
+Pairs are scored from as few rows as possible: one row, a prompt and a target, serves every pair of the same case
+whose prompt and target less its last token begin that row (the new and the true object after one prompt, when one
+of them is a single token, need one row, not two). Rows are batched by length, so little is padded. A causal
+model's logits at a position depend only on the tokens up to it, so this changes nothing but float rounding. The LM
+head is applied only at the positions that predict target tokens.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from sadr.evaluation.case_rows import CaseRows, one_model
-from sadr.models.tokenization import encode_prompt_target_batch
+from sadr.models.tokenization import EncodedPair, encode_prompt_target, pad_id_of, pad_right
 
 
 @dataclass
@@ -31,29 +35,67 @@ def target_token_logits(model, hidden: torch.Tensor, rows: torch.Tensor, positio
     return model.get_output_embeddings()(picked).float().log_softmax(-1)
 
 
+def shared_rows(pairs: list[EncodedPair], cases: list[int]) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """The rows to run, as (case, token ids), and the row each pair is read from.
+
+    A pair is read from the longest row of its case and prompt that begins with its prompt and its target less the
+    last token; its own prompt + target always qualifies.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, (pair, case) in enumerate(zip(pairs, cases)):
+        groups[case, tuple(pair.prompt_ids)].append(index)
+    rows: list[tuple[int, list[int]]] = []
+    row_of = [0] * len(pairs)
+    for (case, _prompt), members in groups.items():
+        candidates = sorted({tuple(pairs[i].prompt_ids + pairs[i].target_ids) for i in members}, key=len, reverse=True)
+        chosen: dict[tuple, int] = {}
+        for i in members:
+            context = tuple(pairs[i].prompt_ids + pairs[i].target_ids[:-1])
+            sequence = next(c for c in candidates if c[: len(context)] == context)
+            if sequence not in chosen:
+                chosen[sequence] = len(rows)
+                rows.append((case, list(sequence)))
+            row_of[i] = chosen[sequence]
+    return rows, row_of
+
+
 @torch.no_grad()
 def score_pairs_detailed(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64,
                          pair_cases: list[int] | None = None, case_rows: CaseRows = one_model) -> PairScores:
-    """`pair_cases[i]`: the case of pair i, declared to `case_rows` around each forward (all 0 when None)."""
-    nll, acc = [], []
+    """`pair_cases[i]`: the case of pair i, declared to `case_rows` around each forward (all 0 when None). Only pairs
+    of the same case share a row."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    pairs = [encode_prompt_target(tokenizer, prompt, target) for prompt, target in zip(prompts, targets)]
+    cases = list(pair_cases) if pair_cases is not None else [0] * len(pairs)
+    rows, row_of = shared_rows(pairs, cases)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for index, row in enumerate(row_of):
+        readers[row].append(index)
     device = next(model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        enc = encode_prompt_target_batch(tokenizer, prompts[start : start + batch_size], targets[start : start + batch_size])
-        batch = enc.batch.to(device)
-        with case_rows(0 if pair_cases is None else pair_cases[start : start + batch_size]):
+    log_prob_sums = torch.zeros(len(pairs), dtype=torch.float64)
+    correct = torch.zeros(len(pairs), dtype=torch.float64)
+    counts = torch.tensor([len(pair.target_ids) for pair in pairs], dtype=torch.float64)
+    order = sorted(range(len(rows)), key=lambda row: len(rows[row][1]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = pad_right([rows[row][1] for row in chunk], pad_id_of(tokenizer)).to(device)
+        with case_rows([rows[row][0] for row in chunk]):
             hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        logprobs = target_token_logits(model, hidden, enc.rows, enc.positions)
-        target_ids = enc.target_ids.to(device)
-        token_lp = logprobs.gather(1, target_ids[:, None])[:, 0]
-        correct = (logprobs.argmax(-1) == target_ids).float()
-        rows = enc.rows.to(device)
-        n_pairs = len(enc.prompt_lengths)
-        counts = torch.zeros(n_pairs, device=device).index_add_(0, rows, torch.ones_like(token_lp))
-        nll.append((-torch.zeros(n_pairs, device=device).index_add_(0, rows, token_lp) / counts).cpu())
-        acc.append((torch.zeros(n_pairs, device=device).index_add_(0, rows, correct) / counts).cpu())
-    if not nll:
-        return PairScores(torch.zeros(0), torch.zeros(0))
-    return PairScores(torch.cat(nll), torch.cat(acc))
+        batch_rows, positions, target_ids, owners = [], [], [], []
+        for batch_row, row in enumerate(chunk):
+            for index in readers[row]:
+                prompt_length, target = len(pairs[index].prompt_ids), pairs[index].target_ids
+                batch_rows += [batch_row] * len(target)
+                positions += range(prompt_length - 1, prompt_length + len(target) - 1)
+                target_ids += target
+                owners += [index] * len(target)
+        logprobs = target_token_logits(model, hidden, torch.tensor(batch_rows), torch.tensor(positions))
+        ids = torch.tensor(target_ids, device=logprobs.device)
+        owners_t = torch.tensor(owners)
+        log_prob_sums.index_add_(0, owners_t, logprobs.gather(1, ids[:, None])[:, 0].double().cpu())
+        correct.index_add_(0, owners_t, (logprobs.argmax(-1) == ids).double().cpu())
+    return PairScores((-log_prob_sums / counts).float(), (correct / counts).float())
 
 
 def score_pairs(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64) -> torch.Tensor:

@@ -120,36 +120,3 @@ def pad_id_of(tokenizer) -> int:
         fallback = next((token for token in (tokenizer.eos_token, tokenizer.unk_token) if token is not None), None)
         tokenizer.pad_token = fallback if fallback is not None else tokenizer.convert_ids_to_tokens(0)
     return int(tokenizer.pad_token_id)
-
-
-@dataclass
-class PromptTargetBatch:
-    """Teacher-forced prompt+target sequences: where each target token is predicted, and which id it is."""
-
-    batch: PaddedBatch
-    rows: torch.Tensor  # (n_target_tokens,) batch row (= pair index) of each target token
-    positions: torch.Tensor  # (n_target_tokens,) position whose logits predict that token
-    target_ids: torch.Tensor  # (n_target_tokens,)
-    prompt_lengths: list[int]
-
-
-def encode_prompt_target_batch(tokenizer, prompts: list[str], targets: list[str]) -> PromptTargetBatch:
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    sequences, rows, positions, target_ids, prompt_lengths = [], [], [], [], []
-    for row, (prompt, target) in enumerate(zip(prompts, targets)):
-        pair = encode_prompt_target(tokenizer, prompt, target)
-        p_ids, t_ids = pair.prompt_ids, pair.target_ids
-        sequences.append(p_ids + t_ids)
-        prompt_lengths.append(len(p_ids))
-        rows += [row] * len(t_ids)
-        positions += list(range(len(p_ids) - 1, len(p_ids) + len(t_ids) - 1))
-        target_ids += t_ids
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return PromptTargetBatch(
-        batch=pad_right(sequences, pad_id_of(tokenizer)),
-        rows=as_long(rows),
-        positions=as_long(positions),
-        target_ids=as_long(target_ids),
-        prompt_lengths=prompt_lengths,
-    )
