@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.save_tokenizer:
         from sadr.models.loading import load_model
 
-        load_model("embedded:smollm2", device="cpu").tokenizer.save_pretrained(args.save_tokenizer)
+        cache_dir = os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr"))  # where sadr-run keeps it
+        load_model("embedded:smollm2", device="cpu", cache_dir=cache_dir).tokenizer.save_pretrained(args.save_tokenizer)
         return str(args.save_tokenizer)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     args.records = args.records or (2 if args.tiny else 4)
