@@ -102,6 +102,18 @@ def side_by_side(editor, cases):
         return outcomes, evaluate_all(EVALUATORS, editor.model, editor.tokenizer, editor.adapter, cases, updates.rows)
 
 
+def both_ways(editor, name: str, monkeypatch):
+    """The tiny cases edited one at a time and side by side: (δ results alone, δ results side by side, the
+    side-by-side outcomes, results alone, results side by side), after checking that the edits change efficacy."""
+    cases = tiny_cases()
+    unedited = evaluate_all(EVALUATORS, editor.model, editor.tokenizer, editor.adapter, cases)
+    deltas = record(monkeypatch, name)
+    alone = one_at_a_time(editor, cases)
+    assert [r["efficacy"]["value"] for r in alone] != [r["efficacy"]["value"] for r in unedited]  # the edits do something
+    outcomes, together = side_by_side(editor, cases)
+    return deltas[:N_CASES], deltas[N_CASES:], outcomes, alone, together
+
+
 def assert_same_decisions(expected: list[dict], got: list[dict], prob_rtol: float) -> None:
     """Every prompt's decision is the same unless its two probabilities tie; probabilities and attention agree."""
     for want, have in zip(expected, got):
@@ -132,15 +144,8 @@ PMET_STAGGERED = {"v_lr": 0.005}
 @pytest.mark.parametrize("name, family, sadr", SETTINGS, ids=[f"{n}-{f}{'-sadr' if s else ''}" for n, f, s in SETTINGS])
 def test_parallel_cases_give_the_steps_deltas_and_decisions_of_one_at_a_time(name, family, sadr, tokenizer, tmp_path,
                                                                             monkeypatch):
-    model = make_model(family)
-    editor = build_editor(name, model, tokenizer, tmp_path, sadr, **(PMET_STAGGERED if name == "pmet" else {}))
-    cases = tiny_cases()
-    unedited = evaluate_all(EVALUATORS, model, tokenizer, editor.adapter, cases)
-    deltas = record(monkeypatch, name)
-    alone = one_at_a_time(editor, cases)
-    assert [r["efficacy"]["value"] for r in alone] != [r["efficacy"]["value"] for r in unedited]  # the edits do something
-    outcomes, together = side_by_side(editor, cases)
-    single, parallel = deltas[:N_CASES], deltas[N_CASES:]
+    editor = build_editor(name, make_model(family), tokenizer, tmp_path, sadr, **(PMET_STAGGERED if name == "pmet" else {}))
+    single, parallel, outcomes, alone, together = both_ways(editor, name, monkeypatch)
 
     assert [d.steps_run for d in parallel] == [d.steps_run for d in single]
     if name == "pmet":
@@ -282,15 +287,8 @@ def test_parallel_cases_settings_that_cannot_work_name_the_fix(extra, message, t
 def test_parallel_cases_in_bfloat16_give_the_decisions_of_one_at_a_time(name, tokenizer, tmp_path, monkeypatch):
     """In bf16 the wider batch rounds differently, so δs agree only to bf16 precision; the steps and the decisions
     (ties within 1e-2 relative aside) must still be the same."""
-    model = make_model("llama", dtype=torch.bfloat16)
-    editor = build_editor(name, model, tokenizer, tmp_path, sadr=False)
-    cases = tiny_cases()
-    unedited = evaluate_all(EVALUATORS, model, tokenizer, editor.adapter, cases)
-    deltas = record(monkeypatch, name)
-    alone = one_at_a_time(editor, cases)
-    assert [r["efficacy"]["value"] for r in alone] != [r["efficacy"]["value"] for r in unedited]  # the edits do something
-    _, together = side_by_side(editor, cases)
-    single, parallel = deltas[:N_CASES], deltas[N_CASES:]
+    editor = build_editor(name, make_model("llama", dtype=torch.bfloat16), tokenizer, tmp_path, sadr=False)
+    single, parallel, _, alone, together = both_ways(editor, name, monkeypatch)
     assert [d.steps_run for d in parallel] == [d.steps_run for d in single]
     for a, b in zip(single, parallel):
         for site in a.deltas:
