@@ -56,7 +56,8 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
     log.info("loading model %s %s", location, extra)
     target = torch.device(resolve_device(device, Path(cache_dir) / "gpus"))
     placement = {}
-    if target.type == "cuda":  # straight onto the GPU: a 20B model never passes through host memory whole
+    if target.type == "cuda" and "gguf_file" not in extra:  # straight onto the GPU: a 20B model never passes
+        # through host memory whole (a GGUF file is dequantised on the CPU first anyway)
         placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
