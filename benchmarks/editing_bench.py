@@ -12,6 +12,8 @@ Usage:
     python benchmarks/editing_bench.py                       # 8 cases of the offline dataset
     python benchmarks/editing_bench.py --cases 4 --editors memit pmet --threads 2
     python benchmarks/editing_bench.py --dataset tests/fixtures/data/offline_counterfact.json
+    python benchmarks/editing_bench.py --editors rome --cases 4 --rounds 3 \
+        --variants editor.prefix_cache=false editor.prefix_cache=true   # two settings, interleaved, same run
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from sadr.evaluation.probes import resolve_metrics  # noqa: E402
 from sadr.evaluation.prompt_metrics import evaluate_cases  # noqa: E402
 from sadr.models.fingerprint import model_fingerprint  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
+from sadr.regularizers.attention_drift import build_regularizers  # noqa: E402
 from sadr.runner import build_statistics  # noqa: E402
 
 # Phase -> the names editors time it under (ROME calls its key and δ phases k_star and v_star).
@@ -71,8 +74,9 @@ def row(editor, edits_per_apply: int, covariance_first: float, covariance_cached
     }
 
 
-def one_by_one(editor, loaded, cases, metrics, eval_batch: int) -> dict:
-    """The single protocol: edit a case, evaluate it, restore."""
+def single_protocol(editor, loaded, cases, metrics, eval_batch: int) -> tuple[list[dict], list[float], list[dict]]:
+    """Edit a case, evaluate it, restore, case after case: each edit's phase seconds, each evaluation's seconds and
+    the results."""
     seconds, eval_seconds, results = [], [], []
     for case in cases:
         snapshot = editor.state_dict()
@@ -81,6 +85,11 @@ def one_by_one(editor, loaded, cases, metrics, eval_batch: int) -> dict:
         results += evaluate_cases(loaded.model, loaded.tokenizer, [case], metrics, eval_batch)
         eval_seconds.append(time.perf_counter() - start)
         editor.load_state_dict(snapshot)
+    return seconds, eval_seconds, results
+
+
+def one_by_one(editor, loaded, cases, metrics, eval_batch: int) -> dict:
+    seconds, eval_seconds, results = single_protocol(editor, loaded, cases, metrics, eval_batch)
     cached = statistics.fmean(s.get("covariance", 0.0) for s in seconds[1:]) if len(seconds) > 1 else float("nan")
     return row(editor, 1, seconds[0].get("covariance", 0.0), cached, seconds, len(cases),
                statistics.fmean(eval_seconds), results)
@@ -98,18 +107,59 @@ def all_at_once(editor, loaded, cases, metrics, eval_batch: int) -> dict:
                eval_per_case, results)
 
 
+def build_editor(name: str, cfg, loaded, fingerprint: str, stats_dir: str):
+    """The editor a composed config describes (SADR included when `sadr.lambda` > 0), its key statistics cached under
+    `stats_dir`."""
+    stats = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
+    templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
+                                  seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir)
+    return EDITORS[name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor,
+                               EditorServices(stats, templates, build_regularizers(cfg.sadr)))
+
+
 def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, cases, metrics, eval_batch: int,
                  batch: bool, cold_stats: bool) -> list[dict]:
     cfg = composed(name, overrides)
     with tempfile.TemporaryDirectory() if cold_stats else nullcontext(cfg.cache_dir) as stats_dir:
-        stats = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
-        templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                      seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir)
-        editor = EDITORS[name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor,
-                                     EditorServices(stats, templates))
+        editor = build_editor(name, cfg, loaded, fingerprint, stats_dir)
         rows = [one_by_one(editor, loaded, cases, metrics, eval_batch)]
         if batch:
             rows.append(all_at_once(editor, loaded, cases, metrics, eval_batch))
+    return rows
+
+
+def decisions(results: list[dict]) -> list[float]:
+    """Every per-prompt value (success or token accuracy) of every metric, in a fixed order."""
+    return [v for result in results for metric in sorted(result) for v in result[metric]["value"]]
+
+
+def compare_variants(name: str, variants: list[str], rounds: int, overrides: list[str], loaded, fingerprint: str,
+                     cases, metrics, eval_batch: int) -> list[dict]:
+    """The single protocol under each variant's overrides, the variants interleaved over `rounds`; per variant the
+    median of each timing, its speed against the first variant, and how many per-prompt values differ from it."""
+    configs = [composed(name, [*overrides, *filter(None, variant.split(","))]) for variant in variants]
+    editors = [build_editor(name, cfg, loaded, fingerprint, cfg.cache_dir) for cfg in configs]
+    timings: list[list[dict]] = [[] for _ in variants]
+    values: list[list[float]] = []
+    for _ in range(rounds):
+        for index, editor in enumerate(editors):
+            seconds, eval_seconds, results = single_protocol(editor, loaded, cases, metrics, eval_batch)
+            phases = phase_seconds(seconds, len(cases))
+            timings[index].append({**phases, "edit": sum(phases.values()), "eval": statistics.fmean(eval_seconds)})
+            if len(values) <= index:
+                values.append(decisions(results))
+    rows = []
+    for variant, runs, variant_values in zip(variants, timings, values):
+        median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        first = {key: statistics.median(run[key] for run in timings[0]) for key in runs[0]}
+        rows.append({
+            "editor": name, "variant": variant or "(as configured)",
+            **{f"{key} (s/edit)": value for key, value in median.items() if key != "eval"},
+            "eval (s/case)": median["eval"],
+            "edit speed vs first": first["edit"] / median["edit"],
+            "δ speed vs first": first["δ-optimisation"] / median["δ-optimisation"],
+            "values differing from first": f"{sum(a != b for a, b in zip(values[0], variant_values))} of {len(variant_values)}",
+        })
     return rows
 
 
@@ -130,6 +180,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-batch", action="store_true", help="skip the one-apply batch edit")
     parser.add_argument("--cold-stats", action="store_true", help="time the key statistics from an empty cache")
+    parser.add_argument("--variants", nargs="+", metavar="OVERRIDES",
+                        help="compare settings in one run, each a comma-separated list of config overrides (\"\" for "
+                             "the configured one), e.g. editor.prefix_cache=true editor.prefix_cache=false")
+    parser.add_argument("--rounds", type=int, default=1, help="with --variants: interleaved rounds, medians reported")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,8 +201,12 @@ def main() -> None:
     fingerprint = model_fingerprint(loaded.model)
     rows = []
     for name in args.editors:
-        rows += bench_editor(name, overrides, loaded, fingerprint, cases, metrics, cfg.eval.batch_size,
-                             batch=not args.no_batch, cold_stats=args.cold_stats)
+        if args.variants:
+            rows += compare_variants(name, args.variants, args.rounds, overrides, loaded, fingerprint, cases, metrics,
+                                     cfg.eval.batch_size)
+        else:
+            rows += bench_editor(name, overrides, loaded, fingerprint, cases, metrics, cfg.eval.batch_size,
+                                 batch=not args.no_batch, cold_stats=args.cold_stats)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"model {cfg.model.name} ({loaded.resolved_source}, loaded in {load_seconds:.1f} s) on {loaded.device}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average {load}; "

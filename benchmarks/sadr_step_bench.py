@@ -60,7 +60,7 @@ class EagerMapsSadr(DeltaRegularizer):
         model.set_attn_implementation("eager")
         rows = batch.rewrite_rows
         self._rows, self._last = rows, batch.last_prompt_positions[rows]
-        self._subjects, self._mask = batch.subject_positions[rows], batch.attention_mask[rows]
+        self._subjects, self._mask = batch.subject_keys[rows], batch.attention_mask[rows]
         self._n_layers = adapter.num_layers(model)
         self._layers = list(range(batch.injection_layer + 1, self._n_layers))
         self._reference, self._maps = None, None

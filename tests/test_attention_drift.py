@@ -30,7 +30,7 @@ def delta_batch(tokenizer) -> DeltaBatch:
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
         rewrite_rows=torch.tensor([0, 1]),
-        subject_positions=SUBJECTS,
+        subject_keys=SUBJECTS,
         last_prompt_positions=enc["attention_mask"].sum(1) - 1,
         injection_layer=INJECTION,
     )
@@ -43,7 +43,7 @@ class Edit:
         self.model, self.batch, self.reg = model, batch, reg
         self.delta = torch.zeros(model.config.hidden_size, dtype=model.dtype, requires_grad=True)
         rows = torch.arange(len(batch.input_ids))
-        self.handle = add_delta(model, INJECTION, rows, batch.subject_positions, self.delta)
+        self.handle = add_delta(model, INJECTION, rows, batch.subject_keys, self.delta)
         reg.attach(model, adapter_for(model), batch)
 
     def loss(self, step):
@@ -91,7 +91,7 @@ def expected_loss(family, tokenizer, delta, selective):
     rows = batch.rewrite_rows
     maps = []
     for value in (torch.zeros_like(delta), delta):
-        handle = add_delta(model, INJECTION, torch.arange(len(PROMPTS)), batch.subject_positions, value)
+        handle = add_delta(model, INJECTION, torch.arange(len(PROMPTS)), batch.subject_keys, value)
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True)
         handle.remove()
         maps.append([a[rows, :, batch.last_prompt_positions[rows]] for a in out.attentions])
@@ -99,7 +99,7 @@ def expected_loss(family, tokenizer, delta, selective):
     counts = [[0] * maps[0][0].shape[1] for _ in maps[0]]  # layers × heads, 0 up to the injection layer
     for layer in range(INJECTION + 1, len(maps[0])):
         w, w_star = maps[0][layer], maps[1][layer]
-        for j, s in enumerate(batch.subject_positions[rows]):
+        for j, s in enumerate(batch.subject_keys[rows]):
             valid = batch.attention_mask[rows[j]].bool()
             for h in range(w.shape[1]):
                 if not selective or w_star[j, h, s] > w[j, :, s].max():

@@ -16,6 +16,7 @@ import torch
 
 from sadr.data.records import EditRequest
 from sadr.editors.capture import add_at_positions, capture_outputs, frozen_blocks
+from sadr.editors.prefix_cache import PrefixCache, split_rows
 from sadr.editors.prompts import DeltaPrompts, StackedDeltaPrompts, encode_delta_prompts, stack_delta_prompts
 from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
@@ -58,6 +59,8 @@ class DeltaObjective:
     clamp_norm_factor: float
     kl_factor: float
     loss_layer: int
+    # feed each step only the tokens from δ's position to the last one read, the earlier ones cached (prefix_cache.py)
+    prefix_cache: bool = True
     # NLL weight for the current step, given the previous step's state (None at step 0).
     nll_weight: Callable[[StepState | None], float] = lambda _previous: 1.0
     # Stop before taking a gradient step.
@@ -68,7 +71,8 @@ class DeltaObjective:
         """The objective an `EditorConfig` describes, for δs at `sites` of block `layer`."""
         return cls(sites=sites, layer=layer, steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
                    weight_decay=hparams.v_weight_decay, clamp_norm_factor=hparams.clamp_norm_factor,
-                   kl_factor=hparams.kl_factor, loss_layer=hparams.v_loss_layer, **rules)
+                   kl_factor=hparams.kl_factor, loss_layer=hparams.v_loss_layer, prefix_cache=hparams.prefix_cache,
+                   **rules)
 
 
 @dataclass
@@ -165,31 +169,41 @@ def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[Edit
     rows = torch.arange(batch.input_ids.shape[0], device=device)
     cases = _cases(stacked, objective.sites, model.config.hidden_size, device)
     optimizer = torch.optim.Adam([d for case in cases for d in case.deltas.values()], lr=objective.lr)
-
+    subject_positions = torch.cat([c.prompts.subject_positions for c in cases])
+    last_prompt_positions = torch.cat([c.prompts.last_prompt_positions for c in cases])
     # Logits are needed only where target tokens are predicted and at the essence prompts' subject token.
     head_rows = torch.cat([stacked.global_rows(i, torch.cat([c.prompts.target_rows, c.prompts.essence_rows.to(device)]))
                            for i, c in enumerate(cases)])
-    head_positions = torch.cat([torch.cat([c.prompts.target_positions, c.prompts.subject_positions[c.prompts.essence_rows]])
-                                for c in cases])
+    head_positions = torch.cat(
+        [torch.cat([c.prompts.target_positions, c.prompts.subject_positions[c.prompts.essence_rows]]) for c in cases])
+    if _reuse_prefix(model, adapter, objective, regularizers, batch):
+        # from δ's position to the last one read: a logit, or the last prompt token (SADR's query)
+        last_read = torch.maximum(subject_positions, last_prompt_positions).scatter_reduce(0, head_rows, head_positions, "amax")
+        split = split_rows(batch.input_ids, batch.attention_mask, subject_positions, pad_id_of(tokenizer), last_read + 1)
+    else:
+        split = split_rows(batch.input_ids, batch.attention_mask, torch.zeros_like(rows), pad_id_of(tokenizer))
+    prefix = PrefixCache(model, split)  # before any hook: the prefix forward is not a step
+    head_positions = split.in_suffix(head_rows, head_positions)
     final_norm = model.get_submodule(adapter.final_norm)
     lm_head = model.get_output_embeddings()
 
     site_modules = {site: SITES[site](adapter, model, objective.layer) for site in objective.sites}
     loss_block = {objective.loss_layer: adapter.block(model, objective.loss_layer)}
     delta_batch = DeltaBatch(
-        batch.input_ids, batch.attention_mask,
+        split.suffix_ids, split.key_mask,
         torch.cat([stacked.global_rows(i, torch.arange(c.prompts.n_rewrite, device=device)) for i, c in enumerate(cases)]),
-        torch.cat([c.prompts.subject_positions for c in cases]), torch.cat([c.prompts.last_prompt_positions for c in cases]),
-        objective.layer, rewrite_rows_per_case=tuple(c.prompts.n_rewrite for c in cases),
+        split.key_index(rows, subject_positions),
+        split.in_suffix(rows, last_prompt_positions),
+        objective.layer, rewrite_rows_per_case=tuple(c.prompts.n_rewrite for c in cases), cached_keys=split.width,
     )
-    subject_positions = delta_batch.subject_positions
+    delta_positions = split.in_suffix(rows, subject_positions)
     frozen = [adapter.block(model, i) for i in range(objective.layer)]
 
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         stack.enter_context(frozen_blocks(frozen))
         for site, module in site_modules.items():
-            stack.enter_context(add_at_positions(module, rows, subject_positions, lambda site=site: torch.cat(
+            stack.enter_context(add_at_positions(module, rows, delta_positions, lambda site=site: torch.cat(
                 [c.deltas[site].expand(c.n_rows, -1) for c in cases])))
         # registered after δ's hooks, so a capture on the same module sees its output with δ added (δ = 0 at step 0)
         site_out = stack.enter_context(capture_outputs(site_modules))
@@ -199,10 +213,10 @@ def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[Edit
             reg.attach(model, adapter, delta_batch)
         for step in range(objective.steps):
             optimizer.zero_grad()
-            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            model.base_model(**prefix.forward_inputs())
             if step == 0:
                 for c in cases:
-                    c.initial = {s: site_out[s][c.start, c.prompts.subject_positions[0]].detach().float()
+                    c.initial = {s: site_out[s][c.start, delta_positions[c.start]].detach().float()
                                  for s in objective.sites}
             hidden = loss_out[objective.loss_layer][head_rows, head_positions]
             log_probs = lm_head(final_norm(hidden)).float().log_softmax(-1)
@@ -246,6 +260,15 @@ def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[Edit
                             case.deltas[s].mul_(max_norm / case.deltas[s].norm())
     return [DeltaResult({s: d.detach() for s, d in c.deltas.items()}, c.initial, len(c.history), c.history, c.diagnostics)
             for c in cases]
+
+
+def _reuse_prefix(model, adapter: ModelAdapter, objective: DeltaObjective, regularizers, batch) -> bool:
+    """Whether each step may be fed only the tokens from δ's position to the last one read, the earlier ones cached:
+    asked for, understood by every regularizer, and not cut short by a sliding attention window shorter than the
+    prompts (a sliding cache would drop early keys)."""
+    window = getattr(model.config, "sliding_window", None)
+    too_long = window is not None and batch.input_ids.shape[1] > window
+    return objective.prefix_cache and not too_long and all(reg.reads_cached_prefix(adapter) for reg in regularizers)
 
 
 def _regularizer_terms(reg: DeltaRegularizer, step: int, n_requests: int) -> list[torch.Tensor]:

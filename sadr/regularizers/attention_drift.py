@@ -16,19 +16,20 @@ from torch import Tensor, nn
 from sadr.conf.schema import Divergence, SadrHeads
 from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
+from sadr.regularizers import legacy_attention
 from sadr.regularizers.attention_rows import AttentionRows
 from sadr.regularizers.base import DeltaBatch, DeltaRegularizer
 
 
-def select_heads(reference: Tensor, current: Tensor, subject_positions: Tensor) -> Tensor:
+def select_heads(reference: Tensor, current: Tensor, subject_keys: Tensor) -> Tensor:
     """H = {h : W*[h, s] > max_h' W[h', s]} per row: (N, H) bool, outside autograd.
 
-    reference and current are (N, H, T) attention rows, subject_positions (N,).
+    reference and current are (N, H, K) attention rows, subject_keys (N,) the subject's key index in each row.
     """
     with torch.no_grad():
         rows = torch.arange(reference.shape[0], device=reference.device)
-        before = reference[rows, :, subject_positions].amax(dim=-1)  # (N,)
-        return current[rows, :, subject_positions] > before[:, None]
+        before = reference[rows, :, subject_keys].amax(dim=-1)  # (N,)
+        return current[rows, :, subject_keys] > before[:, None]
 
 
 def head_kl(reference: Tensor, current: Tensor, key_mask: Tensor, epsilon: float) -> Tensor:
@@ -78,14 +79,20 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self._active = self._active_layers(self._n_layers, batch.injection_layer)
         device = next(model.parameters()).device
         rows = batch.rewrite_rows.cpu()
-        self._subjects = batch.subject_positions.cpu()[rows].to(device)
+        self._subjects = batch.subject_keys.cpu()[rows].to(device)
         self._key_mask = batch.attention_mask.cpu()[rows].to(device)
         cases = batch.case_slices()
         self._row_case = torch.cat([torch.full((case.stop - case.start,), index) for index, case in enumerate(cases)]).to(device)
         self._rows_per_case = torch.tensor([case.stop - case.start for case in cases], dtype=torch.float32, device=device)
         self._recorder = AttentionRows(
-            model, adapter, self._active, batch.last_prompt_positions.cpu()[rows], batch.attention_mask, batch_rows=rows
+            model, adapter, self._active, batch.last_prompt_positions.cpu()[rows], batch.attention_mask, batch_rows=rows,
+            cached_keys=batch.cached_keys,
         )
+
+    def reads_cached_prefix(self, adapter: ModelAdapter) -> bool:
+        """Yes where the attention kernel is handed every key (cached ones included); not for the families whose
+        queries and keys are rebuilt from the projections (`legacy_attention`), which see only the fed tokens."""
+        return legacy_attention.queries_keys_source(adapter.family) is None
 
     def _active_layers(self, n_layers: int, injection_layer: int) -> list[int]:
         if self.layers is None:

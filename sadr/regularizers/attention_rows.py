@@ -80,18 +80,21 @@ def attention_row(query: Tensor, key: Tensor, scaling: float, query_positions: T
     return torch.softmax(scores, dim=-1)
 
 
-def allowed_keys(padding: Tensor, query_positions: Tensor, kernel_mask: Optional[Tensor], batch_rows: Tensor) -> Tensor:
-    """Keys query t may attend to (B, T) bool: causal, not padding, and allowed by the kernel's mask if it got one.
+def allowed_keys(padding: Tensor, query_positions: Tensor, kernel_mask: Optional[Tensor], batch_rows: Tensor,
+                 cached_keys: int = 0) -> Tensor:
+    """Keys each query may attend to (B, K) bool: causal, not padding, and allowed by the kernel's mask if it got one.
 
-    `kernel_mask` is what the attention kernel received for the whole batch: None (plain causal attention) or a
-    (B, 1 or H, T, T) mask, boolean (True = attend) or additive (0 = attend); it carries sliding windows.
+    `padding` (B, K) marks the real keys; the query at input position t is key `cached_keys + t` (keys before that
+    came from a cache). `kernel_mask` is what the attention kernel received for the whole batch: None (plain causal
+    attention) or a (B, 1 or H, T, K) mask, boolean (True = attend) or additive (0 = attend); it carries sliding
+    windows.
     """
     keys = torch.arange(padding.shape[1], device=padding.device)
-    allowed = padding.bool() & (keys <= query_positions[:, None])
+    allowed = padding.bool() & (keys <= cached_keys + query_positions[:, None])
     if kernel_mask is None:
         return allowed
     if kernel_mask.dim() != 4:
-        raise RuntimeError(f"the attention kernel got a mask of shape {tuple(kernel_mask.shape)}; expected (B, H, T, T)")
+        raise RuntimeError(f"the attention kernel got a mask of shape {tuple(kernel_mask.shape)}; expected (B, H, T, K)")
     mask = kernel_mask[batch_rows, 0, query_positions, : padding.shape[1]]
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2
@@ -101,9 +104,11 @@ def allowed_keys(padding: Tensor, query_positions: Tensor, kernel_mask: Optional
 class AttentionRows:
     """Records, at every forward, the attention rows of one query position per selected batch row.
 
-    After a forward, `collect()` returns {layer: (len(batch_rows), H_q, T)} in at least float32, in the autograd graph
-    of that forward. The recorder expects the batch it was built for: `attention_mask` (B, T) is its padding mask,
-    `batch_rows` the rows wanted (all by default) and `query_positions[i]` the query position of `batch_rows[i]`.
+    After a forward, `collect()` returns {layer: (len(batch_rows), H_q, K)} in at least float32, in the autograd graph
+    of that forward. The recorder expects the batch it was built for: `attention_mask` (B, K) marks its real keys,
+    `batch_rows` the rows wanted (all by default) and `query_positions[i]` the input position of `batch_rows[i]`'s
+    query. With `cached_keys` > 0 the forward is fed only the tokens after a cached prefix: key k < cached_keys came
+    from the cache and input position t is key cached_keys + t (the δ-optimiser's layout, `DeltaBatch`).
     Use as a context manager or `remove()`.
     """
 
@@ -115,6 +120,7 @@ class AttentionRows:
         query_positions: Tensor,
         attention_mask: Tensor,
         batch_rows: Optional[Tensor] = None,
+        cached_keys: int = 0,
     ) -> None:
         device = next(model.parameters()).device
         batch, seq_len = attention_mask.shape
@@ -122,9 +128,11 @@ class AttentionRows:
         positions = torch.as_tensor(query_positions).reshape(-1).cpu()
         if positions.shape != rows.shape:
             raise ValueError(f"{positions.numel()} query positions for {rows.numel()} batch rows")
-        if ((positions < 0) | (positions >= seq_len)).any() or not attention_mask.cpu()[rows, positions].bool().all():
+        keys = positions + cached_keys
+        if ((positions < 0) | (keys >= seq_len)).any() or not attention_mask.cpu()[rows, keys].bool().all():
             raise ValueError(f"query positions {positions.tolist()} must be non-padding tokens of their rows")
         self.layers = list(layers)
+        self._cached_keys = cached_keys
         self._batch_shape = (batch, seq_len)
         self._rows = rows.to(device)
         self._positions = positions.to(device)
@@ -151,7 +159,7 @@ class AttentionRows:
                     f"the model ran one with batch {query.shape[0]} and {key.shape[2]} key positions"
                 )
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling  # None: the kernel's default
-            allowed = allowed_keys(self._padding, self._positions, kernel_mask, self._rows)
+            allowed = allowed_keys(self._padding, self._positions, kernel_mask, self._rows, self._cached_keys)
             self.rows[layer] = attention_row(query[self._rows], key[self._rows], scale, self._positions, allowed)
 
         return record

@@ -18,22 +18,28 @@ from sadr.models.adapters import ModelAdapter
 
 @dataclass(frozen=True)
 class DeltaBatch:
-    """What a regularizer may know about the δ-optimisation batch.
+    """What a regularizer may know about the forward the δ-optimiser runs at every step.
 
-    `rewrite_rows` are the batch rows of the templated rewrite prompts (never the essence prompts);
-    `subject_positions[r]` is the subject's last token and `last_prompt_positions[r]` the last prompt
-    token (the one predicting the target's first token) of row r. Layers `> injection_layer` are the
-    ones whose computation δ can change. When several requests are optimised together (each with its own δ),
-    `rewrite_rows_per_case` counts each one's rewrite rows, which follow each other in `rewrite_rows`.
+    Row r's tokens before its δ position never change, so by default (`editor.prefix_cache`) they run once and
+    each step's forward is fed only the rest (`input_ids`), after `cached_keys` key positions taken from a cache:
+    key index k < cached_keys is a cached token, key index cached_keys + j is input token j. `attention_mask`
+    (B, cached_keys + input length) marks the real tokens among the keys. `subject_keys[r]` is the key index of
+    row r's subject's last token (where δ is added) and `last_prompt_positions[r]` the input position of its last
+    prompt token (the one predicting the target's first token). Without a cache, cached_keys is 0 and every index
+    is a plain position in the prompt. `rewrite_rows` are the batch rows of the templated rewrite prompts (never
+    the essence prompts). Layers `> injection_layer` are the ones whose computation δ can change. When several
+    requests are optimised together (each with its own δ), `rewrite_rows_per_case` counts each one's rewrite rows,
+    which follow each other in `rewrite_rows`.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     rewrite_rows: torch.Tensor
-    subject_positions: torch.Tensor
+    subject_keys: torch.Tensor
     last_prompt_positions: torch.Tensor
     injection_layer: int
     rewrite_rows_per_case: tuple[int, ...] | None = None  # None: one request
+    cached_keys: int = 0
 
     def case_slices(self) -> list[slice]:
         """Each request's part of `rewrite_rows`."""
@@ -49,6 +55,13 @@ class DeltaRegularizer(ABC):
     #: Whether the editor's stop rule sees this term (StepState.loss includes it). When False the term
     #: shapes the gradient but cannot delay a loss-based early stop.
     in_stop_rule: bool = True
+
+    def reads_cached_prefix(self, adapter: ModelAdapter) -> bool:
+        """Whether this term can be computed from a forward fed only the tokens from each row's δ position on, the
+        earlier ones' keys and values coming from a cache (`DeltaBatch.cached_keys`). A regularizer that hooks the
+        forward's inputs or projections would see only part of each row, so the default is no: the δ-optimiser then
+        feeds whole prompts at every step."""
+        return False
 
     @abstractmethod
     def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
