@@ -54,7 +54,8 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
     if corpus_kind == "auto":
         corpus_kind = "generated" if cfg.model.source in EMBEDDED_SOURCES else "hub"
     corpus = {
-        "hub": lambda: hub_corpus(stats.hub_dataset, stats.hub_config, stats.hub_split, stats.n_samples),
+        "hub": lambda: hub_corpus(stats.hub_dataset, stats.hub_config, stats.hub_split, stats.n_samples,
+                                  stats.hub_sample.name, stats.sample_seed),
         "file": lambda: file_corpus(stats.text_file, stats.n_samples),
         "generated": lambda: generated_corpus(loaded.model, loaded.tokenizer, stats.n_samples, stats.sample_length, cfg.seed),
     }[corpus_kind]()

@@ -85,17 +85,36 @@ def test_rome_npz_statistics_are_loaded_as_mean(tmp_path):
 
 
 def test_hub_corpus_streams_through_datasets_from_a_local_folder(tmp_path):
-    """The `hub` corpus goes through `datasets.load_dataset(..., streaming=True)`; a local folder takes the same path
-    offline, so both ends of the tested `datasets` range are exercised. Empty texts are skipped."""
+    """The `hub` corpus goes through `datasets.load_dataset`; a local folder takes the same path offline, so both ends
+    of the tested `datasets` range are exercised. `first` streams the first documents; empty texts are skipped (they
+    hold no tokens)."""
     import json
 
     from sadr.data.corpus import hub_corpus
 
     rows = [{"text": "first document"}, {"text": "  "}, {"text": "second document"}, {"text": "third"}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    corpus = hub_corpus(str(tmp_path), None, "train", n_samples=2)
+    corpus = hub_corpus(str(tmp_path), None, "train", n_samples=3, sample="first")
     assert list(corpus.texts()) == ["first document", "second document"]
-    assert corpus.description["kind"] == "hub"
+    assert corpus.description == {"kind": "hub", "dataset": str(tmp_path), "config": None, "split": "train", "n": 3,
+                                  "sample": "first"}
+
+
+def test_hub_corpus_draws_the_documents_rome_code_draws(tmp_path):
+    """ROME's `tally(..., random_sample=1)` shuffles the indices 0..n-1 with `random.Random(1)` and takes the first
+    `sample_size`. For 10 documents and seed 1 that permutation starts 6, 8, 9, 7, 5, 3 (written out here from
+    Python 3's random.Random(1).shuffle once, outside the code under test)."""
+    import json
+
+    from sadr.data.corpus import hub_corpus, reference_sample
+
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": f"document {i}"}) for i in range(10)))
+    assert reference_sample(10, 6, seed=1) == [6, 8, 9, 7, 5, 3]
+    corpus = hub_corpus(str(tmp_path), None, "train", n_samples=4, sample="random", seed=1)
+    assert list(corpus.texts()) == ["document 6", "document 8", "document 9", "document 7"]
+    assert corpus.description["sample"] == "random" and corpus.description["seed"] == 1
+    other = hub_corpus(str(tmp_path), None, "train", n_samples=4, sample="random", seed=2)
+    assert list(other.texts()) != list(corpus.texts()) and other.description != corpus.description
 
 
 def test_factorized_statistics_solve_with_C_and_release_it(tmp_path, tokenizer):
@@ -111,3 +130,20 @@ def test_factorized_statistics_solve_with_C_and_release_it(tmp_path, tokenizer):
     torch.testing.assert_close(factors.solve(rhs[:, 0]), factors.solve(rhs)[:, 0])
     assert stats.factorized([1])[1] is factors
     torch.testing.assert_close(stats.get([1])[1], moment)  # read again from the disk cache
+
+
+# Context lengths as published in each model's config (n_positions or max_position_embeddings).
+CONTEXT = {"gpt2-xl": 1024, "gpt-j": 2048, "gpt-neox-20b": 2048, "tinyllama": 2048, "llama2-7b": 4096,
+           "llama2-13b": 4096, "llama3-8b": 8192}
+
+
+@pytest.mark.parametrize("model", sorted(CONTEXT))
+def test_published_models_sample_their_statistics_as_the_reference_code(model):
+    """100k Wikipedia articles drawn with seed 1, each cut at the model's context but at most 3072 tokens: the SADR
+    repo's `layer_stats` caps the cut at its batch budget of 3 × 1024 tokens, which only Llama-2/3 exceed."""
+    from tests.runs import composed
+
+    stats = composed([f"model={model}"]).model.stats
+    assert (stats.corpus.name, stats.hub_dataset, stats.hub_sample.name, stats.sample_seed, stats.n_samples) == (
+        "hub", "wikimedia/wikipedia", "random", 1, 100000)
+    assert stats.sample_length == min(CONTEXT[model], 3072)

@@ -30,9 +30,14 @@ class DType(Enum):
 
 class StatsCorpus(Enum):
     auto = "auto"  # `generated` for the embedded offline model, `hub` otherwise
-    hub = "hub"  # a Hugging Face text dataset (stats.hub_dataset / hub_config / hub_split), streamed
+    hub = "hub"  # a Hugging Face text dataset (stats.hub_dataset / hub_config / hub_split), sampled by stats.hub_sample
     generated = "generated"  # text the model itself samples from a fixed seed
     file = "file"  # a user's UTF-8 text file (stats.text_file), one document per blank-line-separated block
+
+
+class HubSample(Enum):
+    random = "random"  # n_samples documents drawn at random (seed stats.sample_seed), as ROME's code draws them
+    first = "first"  # the first n_samples documents, streamed (no full download)
 
 
 class InvalidRecordPolicy(Enum):
@@ -62,6 +67,8 @@ class StatsConfig:
     hub_dataset: str = "wikitext"
     hub_config: Optional[str] = "wikitext-103-raw-v1"
     hub_split: str = "train"
+    hub_sample: HubSample = HubSample.random
+    sample_seed: int = 1  # ROME's `random_sample=1`
     text_file: Optional[str] = None
     n_samples: int = 100000  # documents (or generated texts)
     sample_length: int = 1024  # tokens kept per document

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,22 +25,43 @@ class Corpus:
     texts: Callable[[], Iterator[str]]
 
 
-def hub_corpus(dataset: str, config: str | None, split: str, n_samples: int) -> Corpus:
+def reference_sample(n_documents: int, n_samples: int, seed: int) -> list[int]:
+    """The documents ROME's code takes (`random_sample=seed`): indices 0..n-1 shuffled by Python's `random.Random(seed)`,
+    then the first `n_samples`. The same permutation algorithm, so on the same dataset it is the same subset."""
+    order = list(range(n_documents))
+    random.Random(seed).shuffle(order)
+    return order[:n_samples]
+
+
+def hub_corpus(dataset: str, config: str | None, split: str, n_samples: int, sample: str = "random",
+               seed: int = 1) -> Corpus:
+    """A Hugging Face text dataset: `n_samples` documents drawn at random as ROME's code draws them (the whole split is
+    downloaded once, into the datasets cache), or with `sample="first"` the first ones, streamed. Empty texts are
+    skipped (they hold no tokens, so C is the same)."""
+    if sample not in ("random", "first"):
+        raise ValueError(f"hub corpus sample must be 'random' or 'first', got {sample!r}")
+
     def texts() -> Iterator[str]:
         try:
             from datasets import load_dataset
 
-            stream = load_dataset(dataset, config, split=split, streaming=True)
+            rows = load_dataset(dataset, config, split=split, streaming=sample == "first")
         except Exception as err:  # datasets raises many types for "offline" / "not found"
             raise CorpusUnavailableError(
                 f"could not open the Hugging Face dataset {dataset!r} ({config}) for key statistics: {err}. "
                 "Offline, use model.stats.corpus=generated, or model.stats.corpus=file model.stats.text_file=PATH, "
                 "or ROME .npz files with model.stats.npz_dir=DIR."
             ) from err
-        nonempty = (row["text"] for row in stream if row.get("text", "").strip())
-        yield from itertools.islice(nonempty, n_samples)
+        if sample == "first":
+            chosen = itertools.islice(rows, n_samples)
+        else:
+            chosen = rows.select(reference_sample(len(rows), n_samples, seed))
+        yield from (row["text"] for row in chosen if row.get("text", "").strip())
 
-    return Corpus({"kind": "hub", "dataset": dataset, "config": config, "split": split, "n": n_samples}, texts)
+    description = {"kind": "hub", "dataset": dataset, "config": config, "split": split, "n": n_samples, "sample": sample}
+    if sample == "random":
+        description["seed"] = seed
+    return Corpus(description, texts)
 
 
 def file_corpus(path: str | None, n_samples: int) -> Corpus:
