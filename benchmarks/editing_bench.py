@@ -112,7 +112,8 @@ def build_editor(name: str, cfg, loaded, fingerprint: str, stats_dir: str):
     `stats_dir`."""
     stats = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
     templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                  seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir)
+                                  seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir,
+                                  style=cfg.editor.context_template_style.name)
     return EDITORS[name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor,
                                EditorServices(stats, templates, build_regularizers(cfg.sadr)))
 

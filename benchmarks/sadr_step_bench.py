@@ -107,7 +107,8 @@ def load(args):
         try:
             loaded = load_model(cfg.model.source, family=cfg.model.family, device="cpu", cache_dir=args.cache_dir)
             templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                          seed=0, fingerprint=model_fingerprint(loaded.model), cache_dir=args.cache_dir)
+                                          seed=0, fingerprint=model_fingerprint(loaded.model), cache_dir=args.cache_dir,
+                                          style=cfg.editor.context_template_style.name)
             return loaded.model, loaded.tokenizer, loaded.adapter, cfg.editor, templates, cfg.model.name
         except EmbeddedModelUnavailable as err:
             print(f"offline default model unavailable ({err}); using a random tiny llama", file=sys.stderr)

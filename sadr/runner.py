@@ -115,7 +115,8 @@ class Experiment:
     def _editor(self) -> Editor:
         cfg, loaded = self.cfg, self.loaded
         templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                      seed=cfg.seed, fingerprint=self.fingerprint, cache_dir=cfg.cache_dir)
+                                      seed=cfg.seed, fingerprint=self.fingerprint, cache_dir=cfg.cache_dir,
+                                      style=cfg.editor.context_template_style.name)
         services = EditorServices(self.statistics, templates, build_regularizers(cfg.sadr))
         return EDITORS[cfg.editor.name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, services)
 

@@ -15,6 +15,14 @@ class FactToken(Enum):
     subject_last = "subject_last"  # the subject's last token: the only strategy the published runs use
 
 
+class ContextTemplateStyle(Enum):
+    # max_tokens - 1 new tokens after the seed word, EOS never drawn, the text as decoded (this project's default so far)
+    fixed = "fixed"
+    # ROME's generate_fast: max_tokens counts the seed word's tokens (BOS included), EOS may be drawn and sampling goes
+    # on after it, NFKD and "\n\n" -> " " (docs/fidelity.md, row 7)
+    reference = "reference"
+
+
 class EditProtocol(Enum):
     single = "single"  # edit one request, evaluate, restore
     batch = "batch"  # edit editor.batch_size requests at once, evaluate each, restore
@@ -103,6 +111,7 @@ class EditorConfig:
     kl_factor: float = 0.0625
     # (max tokens, number of prefixes) of the generated context templates, besides the bare prompt
     context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])
+    context_template_style: ContextTemplateStyle = ContextTemplateStyle.fixed
     protocol: EditProtocol = EditProtocol.single
     batch_size: int = 1
     # single protocol: edit and evaluate this many cases side by side, each on the unedited model (their δs share

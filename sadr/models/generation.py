@@ -1,5 +1,9 @@
-"""Seeded top-k sampling with the KV cache, batched (context templates, the generated corpus, fluency)."""
+"""Seeded top-k sampling: batched with the KV cache (context templates, the generated corpus, fluency), and ROME's own
+loop for reference-style context templates."""
 from __future__ import annotations
+
+import itertools
+import unicodedata
 
 import torch
 
@@ -34,4 +38,29 @@ def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, s
                 pad_token_id=pad_id,
             )
             texts += tokenizer.batch_decode(out, skip_special_tokens=True)
+    return texts
+
+
+@torch.no_grad()
+def sample_to_length_like_rome(model, tokenizer, prompts: list[str], *, total_tokens: int, seed: int,
+                               top_k: int = 5) -> list[str]:
+    """Continuations as ROME's `generate_fast` samples them, each returned with its prompt.
+
+    Each text grows to `total_tokens` tokens counting its prompt (a BOS token included); top-k sampling from the
+    renormalised top-k probabilities; EOS may be drawn, and sampling goes on after it. The decoded text (special
+    tokens dropped) is NFKD-normalised and every "\\n\\n" becomes a space. Draws come from a CPU generator seeded
+    with `seed`, so the texts do not depend on the global RNG, and on another device only through the logits.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    texts: list[str] = []
+    for prompt, group in itertools.groupby(prompts):  # rows of one prompt have one length: no padding needed
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]] * len(list(group)), device=device)
+        while ids.shape[1] < total_tokens:
+            probs = model(input_ids=ids).logits[:, -1].float().softmax(dim=-1)
+            top = probs.topk(top_k, dim=-1)
+            pick = torch.multinomial((top.values / top.values.sum(-1, keepdim=True)).cpu(), 1, generator=generator)
+            ids = torch.cat([ids, top.indices.gather(1, pick.to(device))], dim=1)
+        texts += [unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+                  for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return texts

@@ -1,0 +1,86 @@
+"""Context templates: this project's fixed-length sampling and ROME's own (`editor.context_template_style`).
+
+ROME's style is checked on a scripted model whose next token is known at every step (so the draw is certain
+with top-k 1), and against transformers' greedy decoding on a tiny random model.
+"""
+from __future__ import annotations
+
+import unicodedata
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import sadr.editors.context_templates as templates_module
+from sadr.editors.context_templates import SEED_WORDS, context_templates
+from sadr.errors import InvalidSettingError
+from sadr.models.fingerprint import cache_key
+from sadr.models.generation import sample_to_length_like_rome
+from tests.tiny_models import make_model
+
+
+class ScriptedModel(torch.nn.Module):
+    """A causal LM stand-in whose next token after a prompt of `prompt_length` tokens is script[generated so far]."""
+
+    def __init__(self, script: list[int], prompt_length: int, vocab: int):
+        super().__init__()
+        self.script, self.prompt_length, self.vocab = script, prompt_length, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        step = input_ids.shape[1] - self.prompt_length
+        assert 0 <= step < len(self.script), f"asked for token {step} of a script of {len(self.script)}"
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        logits[:, -1, self.script[step]] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_rome_style_draws_eos_goes_on_after_it_and_cleans_the_text(tokenizer):
+    prompt = tokenizer("Because")["input_ids"]
+    script = [tokenizer.eos_token_id, *tokenizer("\n\nso")["input_ids"], *tokenizer(" \ufb01ne")["input_ids"]]
+    model = ScriptedModel(script, len(prompt), len(tokenizer))
+    total = len(prompt) + len(script)  # the length counts the prompt's tokens
+    texts = sample_to_length_like_rome(model, tokenizer, ["Because", "Because"], total_tokens=total, seed=0, top_k=1)
+    # EOS was drawn first and dropped from the text; sampling went on; "\n\n" became " "; NFKD split the ligature
+    assert texts == ["Because so fine", "Because so fine"]
+    assert unicodedata.normalize("NFKD", "\ufb01") == "fi"
+
+
+def test_rome_style_with_top_1_is_greedy_decoding_to_the_total_length(tokenizer):
+    """Against transformers' own greedy decoding (EOS forbidden, which a tiny random model never prefers here)."""
+    model = make_model("llama")
+    prompts = ["The", "Therefore", "You"]
+    texts = sample_to_length_like_rome(model, tokenizer, prompts, total_tokens=7, seed=0, top_k=1)
+    for prompt, text in zip(prompts, texts):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=7 - ids.shape[1], min_new_tokens=7 - ids.shape[1],
+                             pad_token_id=tokenizer.pad_token_id)
+        assert out.shape[1] == 7
+        assert text == tokenizer.decode(out[0], skip_special_tokens=True).replace("\n\n", " ")
+
+
+def test_styles_are_seeded_cached_apart_and_keep_the_fixed_cache_keys(tokenizer, tmp_path, monkeypatch):
+    model = make_model("llama")
+    params = [[5, 5], [10, 5]]
+    kwargs = dict(seed=3, fingerprint="tiny", cache_dir=tmp_path)
+    fixed = context_templates(model, tokenizer, params, **kwargs)
+    reference = context_templates(model, tokenizer, params, style="reference", **kwargs)
+    for made in (fixed, reference):
+        assert len(made) == 11 and made[0] == "{}"
+        assert all(t.endswith(". {}") and t.startswith(SEED_WORDS) for t in made[1:])
+    assert fixed != reference
+    files = {path.stem for path in (tmp_path / "context_templates").glob("*.json")}
+    fixed_key = cache_key(kind="context_templates", model="tiny", params=params, seed=3, words=SEED_WORDS, top_k=5,
+                          device="cpu")
+    assert len(files) == 2 and fixed_key in files  # templates cached before the styles existed are still found
+
+    def no_sampling(*_args, **_kwargs):
+        raise AssertionError("sampled again instead of reading the cache")
+
+    monkeypatch.setattr(templates_module, "sample_texts", no_sampling)
+    monkeypatch.setattr(templates_module, "sample_to_length_like_rome", no_sampling)
+    assert context_templates(model, tokenizer, params, **kwargs) == fixed
+    assert context_templates(model, tokenizer, params, style="reference", **kwargs) == reference
+    with pytest.raises(InvalidSettingError, match="context_template_style"):
+        context_templates(model, tokenizer, params, style="rome", **kwargs)
