@@ -1,4 +1,4 @@
-"""Hooks that read module inputs/outputs at chosen token positions and add perturbations there."""
+"""Hooks that read module inputs/outputs at chosen token positions, add perturbations there, or end a forward early."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -81,3 +81,25 @@ def frozen_blocks(blocks: list[nn.Module]):
                 del block.forward
             else:
                 block.forward = original
+
+
+class _ForwardStopped(Exception):
+    """Raised by `stop_after`'s hook: nothing above the module is needed."""
+
+
+@contextmanager
+def stop_after(module: nn.Module, *, before: bool = False):
+    """End the forward run inside the block once `module` has run (`before=True`: as soon as its input is there), so
+    the blocks above it and the LM head are never computed. The forward must be the block's last statement, and
+    the hooks that read `module` must be registered first (hooks run in registration order)."""
+
+    def stop(*_args):
+        raise _ForwardStopped
+
+    handle = module.register_forward_pre_hook(stop) if before else module.register_forward_hook(stop)
+    try:
+        yield
+    except _ForwardStopped:
+        pass
+    finally:
+        handle.remove()

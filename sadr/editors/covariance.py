@@ -17,6 +17,7 @@ import torch
 
 from sadr.cache import TORCH, lock_for, read_entry, write_atomically
 from sadr.data.corpus import Corpus
+from sadr.editors.capture import stop_after
 from sadr.editors.update import FactorizedMoment
 from sadr.errors import InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
@@ -44,10 +45,6 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
 
 # Keys are converted to float64 at most this many bytes at a time.
 CHUNK_BYTES = 2**28
-
-
-class _LayersDone(Exception):
-    """Raised by the highest requested layer's hook: the blocks above it are not needed."""
 
 
 @dataclass
@@ -98,8 +95,6 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
                 chunk = chunk.double()
                 sums[layer].addmm_(chunk.T, chunk)
             seconds["accumulate"] += _clock(device) - started
-            if layer == highest:
-                raise _LayersDone
         return hook
 
     def flush(sequences: list[list[int]]) -> None:
@@ -111,9 +106,8 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
         # hooked only around this forward: a generated corpus samples its texts with the same model in between
         handles = [adapter.mlp_down_module(model, layer).register_forward_pre_hook(accumulate(layer)) for layer in layers]
         try:
-            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        except _LayersDone:
-            pass
+            with stop_after(adapter.mlp_down_module(model, highest), before=True):  # the blocks above are not needed
+                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()

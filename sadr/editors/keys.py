@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from sadr.data.records import EditRequest
-from sadr.editors.capture import capture_inputs
+from sadr.editors.capture import capture_inputs, stop_after
 from sadr.editors.prompts import encode_subject_prompts, templated_prompts
 from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.models.adapters import ModelAdapter
@@ -31,7 +31,8 @@ def mean_keys(model, adapter: ModelAdapter, tokenizer, layers: list[int], reques
         enc = encode_subject_prompts(tokenizer, templates[start : start + batch_size], subjects[start : start + batch_size])
         batch = enc.batch.to(device)
         chunk_owner = owner_t[start : start + batch_size]
-        with capture_inputs(modules) as captured, case_rows(owner[start : start + batch_size]):
+        with capture_inputs(modules) as captured, case_rows(owner[start : start + batch_size]), \
+                stop_after(modules[max(layers)], before=True):
             model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         rows = torch.arange(len(enc.subject_positions), device=device)
         for layer in layers:

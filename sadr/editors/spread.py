@@ -26,7 +26,7 @@ import torch
 
 from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
-from sadr.editors.capture import capture_outputs
+from sadr.editors.capture import capture_outputs, stop_after
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delta, optimize_deltas
 from sadr.editors.keys import mean_keys
@@ -68,7 +68,8 @@ def bare_prompt_outputs(model, adapter: ModelAdapter, tokenizer, site: str, laye
         chunk = requests[start : start + batch_size]
         enc = encode_subject_prompts(tokenizer, [r.prompt for r in chunk], [r.subject for r in chunk])
         batch = enc.batch.to(device)
-        with capture_outputs(module) as captured, case_rows(list(range(start, start + len(chunk)))):
+        with capture_outputs(module) as captured, case_rows(list(range(start, start + len(chunk)))), \
+                stop_after(module[layer]):
             model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         rows = torch.arange(len(chunk), device=device)
         chunks.append(captured[layer][rows, enc.subject_positions.to(device)].float())
