@@ -4,6 +4,7 @@ Perturbations δ (one per injection site) are added at the subject's last token 
 optimised with Adam so the target is likely after every templated rewrite prompt, while the essence
 prompt's next-token distribution stays put. Editors differ only in the sites, the NLL weight schedule
 and the stop rule, which are parameters here; regularizers (SADR) add terms through `DeltaRegularizer`.
+Each prompt's tokens before δ's position run once; every step feeds only the rest (`prefix_cache.py`).
 """
 from __future__ import annotations
 
