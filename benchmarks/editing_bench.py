@@ -149,10 +149,10 @@ def compare_variants(name: str, variants: list[str], rounds: int, overrides: lis
             timings[index].append({**phases, "edit": sum(phases.values()), "eval": statistics.fmean(eval_seconds)})
             if len(values) <= index:
                 values.append(decisions(results))
+    medians = [{key: statistics.median(run[key] for run in runs) for key in runs[0]} for runs in timings]
+    first = medians[0]
     rows = []
-    for variant, runs, variant_values in zip(variants, timings, values):
-        median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        first = {key: statistics.median(run[key] for run in timings[0]) for key in runs[0]}
+    for variant, median, variant_values in zip(variants, medians, values):
         rows.append({
             "editor": name, "variant": variant or "(as configured)",
             **{f"{key} (s/edit)": value for key, value in median.items() if key != "eval"},

@@ -85,22 +85,24 @@ class PrefixCache:
     """The keys and values of a split's prefixes in every layer, and the inputs of a step's forward that reuses them."""
 
     def __init__(self, model, split: PrefixSplit):
-        self.split, self.model = split, model
+        self._config = model.config
         self._argument = _cache_argument(model)
         self._key_values: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if split.width:
-            cache = DynamicCache(config=model.config)
-            with torch.no_grad():
-                model.base_model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, use_cache=True,
-                                 **{self._argument: cache})
-            self._key_values = [(layer.keys, layer.values) for layer in cache.layers]
+        if not split.width:
+            self._inputs = {"input_ids": split.suffix_ids, "attention_mask": split.suffix_mask}
+            return
+        # the same at every step, so built once
+        self._inputs = {"input_ids": split.suffix_ids, "attention_mask": split.key_mask,
+                        "position_ids": split.position_ids, "use_cache": True}
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model.base_model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, use_cache=True,
+                             **{self._argument: cache})
+        self._key_values = [(layer.keys, layer.values) for layer in cache.layers]
 
     def forward_inputs(self) -> dict:
         """Keyword arguments of `model.base_model` for one step: the suffixes, at their positions, after the cached
         prefixes (a fresh cache each time, since a forward appends to the one it is given)."""
-        split = self.split
-        if not split.width:
-            return {"input_ids": split.suffix_ids, "attention_mask": split.suffix_mask}
-        return {"input_ids": split.suffix_ids, "attention_mask": split.key_mask, "position_ids": split.position_ids,
-                "use_cache": True,
-                self._argument: DynamicCache(ddp_cache_data=self._key_values, config=self.model.config)}
+        if not self._key_values:
+            return self._inputs
+        return {**self._inputs, self._argument: DynamicCache(ddp_cache_data=self._key_values, config=self._config)}
