@@ -21,6 +21,8 @@ Usage:
     python benchmarks/scale_bench.py --tiny                                   # CPU, seconds: the same code, tiny widths
     python benchmarks/scale_bench.py --arch gpt-j --device cuda --tokenizer tok/ --out gptj.md
     python benchmarks/scale_bench.py --arch llama3-8b --device cuda --dtype bfloat16 --editors memit
+    python benchmarks/scale_bench.py --arch gpt-j --device cuda --variants editor.prefix_cache=false ""
+                                            # each run once per variant (comma-separated overrides; "" as configured)
 """
 from __future__ import annotations
 
@@ -87,9 +89,10 @@ class Settings:
     extra: list[str] = field(default_factory=list)
 
 
-def overrides(settings: Settings, editor: str, with_sadr: bool) -> list[str]:
+def overrides(settings: Settings, editor: str, with_sadr: bool, variant: int = 0) -> list[str]:
+    """The run's config overrides; variant i > 0 of `--variants` writes to a folder of its own."""
     s = settings
-    name = f"{editor}_sadr" if with_sadr else editor
+    name = (f"{editor}_sadr" if with_sadr else editor) + (f"_v{variant}" if variant else "")
     chosen = [
         f"model={s.arch}", f"model.source={s.folder}", "model.gguf_file=null", "model.stats.corpus=generated",
         f"model.stats.n_samples={s.stats_samples}", f"model.stats.sample_length={s.stats_length}",
@@ -105,10 +108,10 @@ def overrides(settings: Settings, editor: str, with_sadr: bool) -> list[str]:
     return chosen + s.extra
 
 
-def run(settings: Settings, editor: str, with_sadr: bool) -> Path:
+def run(settings: Settings, editor: str, with_sadr: bool, variant: int = 0) -> Path:
     register_configs()
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides(settings, editor, with_sadr))
+        cfg = compose("config", overrides=overrides(settings, editor, with_sadr, variant))
     validate(cfg)
     return run_experiment(cfg)
 
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--save-tokenizer", type=Path, default=None, help="write the offline default's tokenizer here and exit")
     parser.add_argument("--workdir", type=Path, default=None, help="model folder, caches and runs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables (Markdown) and results (JSON beside)")
+    parser.add_argument("--variants", nargs="+", default=[""], metavar="OVERRIDES",
+                        help="run everything once per variant, each a comma-separated list of config overrides "
+                             "(\"\" for the configured settings), in one process, e.g. editor.prefix_cache=false \"\"")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     if args.save_tokenizer:
@@ -212,12 +218,15 @@ def main(argv: list[str] | None = None) -> str:
         for with_sadr in (False, True):
             if with_sadr and (args.no_sadr or not (PAPER_SADR / f"{editor}_{args.arch}.yaml").is_file()):
                 continue
-            started = time.perf_counter()
-            summary = run_summary(run(settings, editor, with_sadr))
-            summary["wall"] = time.perf_counter() - started
-            name = f"{editor} + SADR (γ={summary['sadr_lambda']})" if with_sadr else editor
-            results.append((name, summary))
-            print(f"{name}: {json.dumps(summary)}", flush=True)
+            for index, variant in enumerate(args.variants):
+                settings.extra = [o for o in variant.split(",") if o]
+                started = time.perf_counter()
+                summary = run_summary(run(settings, editor, with_sadr, index))
+                summary["wall"] = time.perf_counter() - started
+                name = f"{editor} + SADR (γ={summary['sadr_lambda']})" if with_sadr else editor
+                name += f" [{variant}]" if variant else ""
+                results.append((name, summary))
+                print(f"{name}: {json.dumps(summary)}", flush=True)
     release_kept_model()
     report = "\n\n".join([environment(args, device), table(results), stats_table(statistics_passes(workdir / "cache"))])
     print("\n" + report)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sadr.results import RunDirectory
@@ -55,3 +56,12 @@ def test_tiny_other_shapes_run_rome(arch, tmp_path):
                                "--workdir", str(tmp_path)])
     assert "| rome | 1 |" in report
     assert len(RunDirectory(tmp_path / "runs" / "rome").rows()) == 1
+
+
+def test_variants_run_each_job_once_per_setting_in_folders_of_their_own(tmp_path):
+    report = scale_bench.main(["--tiny", "--arch", "llama3-8b", "--editors", "rome", "--no-sadr", "--records", "1",
+                               "--workdir", str(tmp_path), "--variants", "editor.prefix_cache=false", ""])
+    assert "| rome [editor.prefix_cache=false] | 1 |" in report and "| rome | 1 |" in report
+    for folder, prefix_cache in (("rome", False), ("rome_v1", True)):
+        assert len(RunDirectory(tmp_path / "runs" / folder).rows()) == 1
+        assert OmegaConf.load(tmp_path / "runs" / folder / "config.yaml").editor.prefix_cache is prefix_cache
