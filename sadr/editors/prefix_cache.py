@@ -4,8 +4,9 @@
 the same thing at every step. Each row is cut there: the prefix (the tokens before the cut) runs through the model
 once, and its keys and values are handed to every later forward as a cache; the suffix (the cut token onwards) is
 what each step computes, at its true positions. The suffix also ends after the last position the loss reads (tokens
-after it cannot change anything read, by causality again), e.g. a target's last token, which predicts nothing. Results equal the whole-prompt forward up to float rounding
-(tests/test_prefix_cache.py checks them per row and position, on every family).
+after it cannot change anything read, by causality again), e.g. a target's last token, which predicts nothing.
+Results equal the whole-prompt forward up to float rounding (tests/test_prefix_cache.py checks them per row and
+position, on every family).
 
 Layout: both parts are right-padded, so a row's keys are its prefix (key indices 0..cut-1), the prefix padding, then
 its suffix from key index `width`; the attention mask handed to the model covers both, so padding is never attended.
@@ -21,11 +22,11 @@ from transformers import DynamicCache
 
 @dataclass
 class PrefixSplit:
-    """A right-padded batch cut at `cuts[r]` in each row r (0 <= cut < the row's length)."""
+    """A right-padded batch cut at `cuts[r]` in each row r, and ended at the row's end (0 <= cut < end <= length)."""
 
     prefix_ids: torch.Tensor  # (B, width): tokens [0, cut) of each row, right-padded
     prefix_mask: torch.Tensor
-    suffix_ids: torch.Tensor  # (B, S): tokens [cut, length) of each row, right-padded
+    suffix_ids: torch.Tensor  # (B, S): tokens [cut, end) of each row, right-padded
     suffix_mask: torch.Tensor
     cuts: torch.Tensor  # (B,)
 
