@@ -4,9 +4,10 @@ Each editor is built from the real composed config (`sadr-run editor=<name>`, de
 so the numbers are those of the chosen SmolLM2 defaults. The first edit of each editor asks for the key
 second moments of its layers: from the disk cache if they are there, or, with --cold-stats, from an empty
 cache (one corpus pass for all of its layers; for the offline model that includes sampling the corpus);
-later edits read them from memory. Edits follow the single protocol (edit one case, evaluate it with
-`evaluate_cases`, restore the weights); then all cases are edited in one `apply` (ROME applies them one
-after another, MEMIT and PMET solve for them jointly).
+later edits read them from memory. Edits follow the single protocol (edit one case, evaluate it with the
+evaluators `sadr-run` builds from the config, drift diagnostics included unless `eval.drift=false`, restore the
+weights); then all cases are edited in one `apply` (ROME applies them one after another, MEMIT and PMET solve for
+them jointly).
 
 Usage:
     python benchmarks/editing_bench.py                       # 8 cases of the offline dataset
@@ -14,6 +15,7 @@ Usage:
     python benchmarks/editing_bench.py --dataset tests/fixtures/data/offline_counterfact.json
     python benchmarks/editing_bench.py --editors rome --cases 4 --rounds 3 \
         --variants editor.prefix_cache=false editor.prefix_cache=true   # two settings, interleaved, same run
+    python benchmarks/editing_bench.py --editors memit --cases 8 --variants eval.drift=false ""   # what drift costs
 """
 from __future__ import annotations
 
@@ -38,8 +40,7 @@ from sadr.data.load import load_cases  # noqa: E402
 from sadr.editors.context_templates import context_templates  # noqa: E402
 from sadr.editors.plugin import EditorServices  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
-from sadr.evaluation.probes import resolve_metrics  # noqa: E402
-from sadr.evaluation.prompt_metrics import evaluate_cases  # noqa: E402
+from sadr.evaluation.suite import build_evaluators, evaluate_all  # noqa: E402
 from sadr.models.fingerprint import model_fingerprint  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
 from sadr.regularizers.attention_drift import build_regularizers  # noqa: E402
@@ -74,7 +75,7 @@ def row(editor, edits_per_apply: int, covariance_first: float, covariance_cached
     }
 
 
-def single_protocol(editor, loaded, cases, metrics, eval_batch: int) -> tuple[list[dict], list[float], list[dict]]:
+def single_protocol(editor, loaded, cases, evaluators) -> tuple[list[dict], list[float], list[dict]]:
     """Edit a case, evaluate it, restore, case after case: each edit's phase seconds, each evaluation's seconds and
     the results."""
     seconds, eval_seconds, results = [], [], []
@@ -82,25 +83,25 @@ def single_protocol(editor, loaded, cases, metrics, eval_batch: int) -> tuple[li
         snapshot = editor.state_dict()
         seconds.append(editor.apply([case.request]).seconds)
         start = time.perf_counter()
-        results += evaluate_cases(loaded.model, loaded.tokenizer, [case], metrics, eval_batch)
+        results += evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, [case])
         eval_seconds.append(time.perf_counter() - start)
         editor.load_state_dict(snapshot)
     return seconds, eval_seconds, results
 
 
-def one_by_one(editor, loaded, cases, metrics, eval_batch: int) -> dict:
-    seconds, eval_seconds, results = single_protocol(editor, loaded, cases, metrics, eval_batch)
+def one_by_one(editor, loaded, cases, evaluators) -> dict:
+    seconds, eval_seconds, results = single_protocol(editor, loaded, cases, evaluators)
     cached = statistics.fmean(s.get("covariance", 0.0) for s in seconds[1:]) if len(seconds) > 1 else float("nan")
     return row(editor, 1, seconds[0].get("covariance", 0.0), cached, seconds, len(cases),
                statistics.fmean(eval_seconds), results)
 
 
-def all_at_once(editor, loaded, cases, metrics, eval_batch: int) -> dict:
+def all_at_once(editor, loaded, cases, evaluators) -> dict:
     """Every case in one `apply`, then all evaluated, then restored."""
     snapshot = editor.state_dict()
     seconds = editor.apply([case.request for case in cases]).seconds
     start = time.perf_counter()
-    results = evaluate_cases(loaded.model, loaded.tokenizer, cases, metrics, eval_batch)
+    results = evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases)
     eval_per_case = (time.perf_counter() - start) / len(cases)
     editor.load_state_dict(snapshot)
     return row(editor, len(cases), float("nan"), seconds.get("covariance", 0.0) / len(cases), [seconds], len(cases),
@@ -118,14 +119,15 @@ def build_editor(name: str, cfg, loaded, fingerprint: str, stats_dir: str):
                                EditorServices(stats, templates, build_regularizers(cfg.sadr)))
 
 
-def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, cases, metrics, eval_batch: int,
-                 batch: bool, cold_stats: bool) -> list[dict]:
+def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, cases, batch: bool,
+                 cold_stats: bool) -> list[dict]:
     cfg = composed(name, overrides)
+    evaluators = build_evaluators(cfg)
     with tempfile.TemporaryDirectory() if cold_stats else nullcontext(cfg.cache_dir) as stats_dir:
         editor = build_editor(name, cfg, loaded, fingerprint, stats_dir)
-        rows = [one_by_one(editor, loaded, cases, metrics, eval_batch)]
+        rows = [one_by_one(editor, loaded, cases, evaluators)]
         if batch:
-            rows.append(all_at_once(editor, loaded, cases, metrics, eval_batch))
+            rows.append(all_at_once(editor, loaded, cases, evaluators))
     return rows
 
 
@@ -135,16 +137,17 @@ def decisions(results: list[dict]) -> list[float]:
 
 
 def compare_variants(name: str, variants: list[str], rounds: int, overrides: list[str], loaded, fingerprint: str,
-                     cases, metrics, eval_batch: int) -> list[dict]:
+                     cases) -> list[dict]:
     """The single protocol under each variant's overrides, the variants interleaved over `rounds`; per variant the
     median of each timing, its speed against the first variant, and how many per-prompt values differ from it."""
     configs = [composed(name, [*overrides, *filter(None, variant.split(","))]) for variant in variants]
     editors = [build_editor(name, cfg, loaded, fingerprint, cfg.cache_dir) for cfg in configs]
+    evaluators = [build_evaluators(cfg) for cfg in configs]
     timings: list[list[dict]] = [[] for _ in variants]
     values: list[list[float]] = []
     for _ in range(rounds):
         for index, editor in enumerate(editors):
-            seconds, eval_seconds, results = single_protocol(editor, loaded, cases, metrics, eval_batch)
+            seconds, eval_seconds, results = single_protocol(editor, loaded, cases, evaluators[index])
             phases = phase_seconds(seconds, len(cases))
             timings[index].append({**phases, "edit": sum(phases.values()), "eval": statistics.fmean(eval_seconds)})
             if len(values) <= index:
@@ -198,20 +201,18 @@ def main() -> None:
                         dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
     load_seconds = time.perf_counter() - start
     cases = load_cases(cfg.dataset, cfg.cache_dir).cases
-    metrics = resolve_metrics(list(cfg.eval.metrics))
     fingerprint = model_fingerprint(loaded.model)
     rows = []
     for name in args.editors:
         if args.variants:
-            rows += compare_variants(name, args.variants, args.rounds, overrides, loaded, fingerprint, cases, metrics,
-                                     cfg.eval.batch_size)
+            rows += compare_variants(name, args.variants, args.rounds, overrides, loaded, fingerprint, cases)
         else:
-            rows += bench_editor(name, overrides, loaded, fingerprint, cases, metrics, cfg.eval.batch_size,
-                                 batch=not args.no_batch, cold_stats=args.cold_stats)
+            rows += bench_editor(name, overrides, loaded, fingerprint, cases, batch=not args.no_batch,
+                                 cold_stats=args.cold_stats)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"model {cfg.model.name} ({loaded.resolved_source}, loaded in {load_seconds:.1f} s) on {loaded.device}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average {load}; "
-          f"{len(cases)} cases; eval metrics {[m.name for m in metrics]}; key statistics "
+          f"{len(cases)} cases; eval metrics {list(cfg.eval.metrics)}, drift {cfg.eval.drift}; key statistics "
           f"{'from an empty cache' if args.cold_stats else f'from the cache in {args.cache_dir}'}")
     print(markdown(rows))
 

@@ -1,4 +1,4 @@
-"""The attention-drift evaluator: its per-head attention, its drift entries, and SADR's effect on an edit."""
+"""The attention-drift diagnostics: their per-head attention, their drift entries, and SADR's effect on an edit."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +12,11 @@ from sadr.conf.schema import SadrConfig
 from sadr.data.records import EditCase, EditRequest
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.aggregate import LABELS, metric_table
-from sadr.evaluation.drift import ATTENTION, AttentionDrift, decode_entry, drift_prompts, encode_matrix
-from sadr.evaluation.probes import distract
+from sadr.evaluation.drift import ATTENTION, compare_attention, decode_entry, encode_matrix, subject_position
+from sadr.evaluation.probes import METRICS, distract, resolve_metrics
+from sadr.evaluation.suite import PromptMetrics
 from sadr.models.adapters import adapter_for
+from sadr.models.tokenization import encode_prompt_target
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer, build_regularizers
 from sadr.regularizers.base import DeltaRegularizer
 from tests.editing import TEMPLATES, editor_config, statistics
@@ -29,32 +31,49 @@ CASE = EditCase(
 )
 
 
-def eager_attention_to_subject(model, prompt) -> torch.Tensor:
-    """(layers, heads) from the model's own eager attention weights at (last position, subject position)."""
-    out = model(input_ids=torch.tensor([prompt.ids]), output_attentions=True)
-    return torch.stack([a[0, :, prompt.last_position, prompt.subject_position] for a in out.attentions])
+DNS_ONLY = resolve_metrics(["distract_neighborhood"])
 
 
-def test_dns_prompts_are_tokenised_with_the_subject_of_the_edit_sentence(tokenizer):
-    prompts = drift_prompts(tokenizer, [CASE])
-    assert len(prompts) == len(CASE.neighborhood_prompts)
-    for prompt, neighbor in zip(prompts, CASE.neighborhood_prompts):
+def drift_evaluator(**settings) -> PromptMetrics:
+    """The prompt scorer with the drift diagnostics, as `eval.drift=true` builds it, scoring nothing else."""
+    return PromptMetrics([], drift=True, **settings)
+
+
+def dns_prompt_ids(tokenizer, case) -> list[list[int]]:
+    return [encode_prompt_target(tokenizer, p.prompt, p.good).prompt_ids for p in METRICS["distract_neighborhood"].probes(case)]
+
+
+def eager_attention_to_subject(model, ids, subject) -> torch.Tensor:
+    """(layers, heads) from the model's own eager attention weights over the prompt alone, at (last, subject)."""
+    out = model(input_ids=torch.tensor([ids]), output_attentions=True)
+    return torch.stack([a[0, :, len(ids) - 1, subject] for a in out.attentions])
+
+
+def test_dns_prompts_are_read_at_their_last_token_and_the_subject_of_the_edit_sentence(tokenizer):
+    probes = METRICS["distract_neighborhood"].probes(CASE)
+    assert len(probes) == len(CASE.neighborhood_prompts)
+    for probe, neighbor in zip(probes, CASE.neighborhood_prompts):
         text = distract(CASE, neighbor)
-        assert text.startswith("Toyota is based in America. ")
-        assert prompt.ids == tokenizer(text)["input_ids"]  # the whole DNS prompt; the last token predicts the answer
-        assert tokenizer.decode(prompt.ids[: prompt.subject_position + 1]) == "Toyota"
-        assert tokenizer.decode(prompt.ids[prompt.subject_position + 1 :]).startswith(" is based in America.")
+        assert probe.prompt == text and text.startswith("Toyota is based in America. ")
+        ids = tokenizer(text)["input_ids"]
+        last, subject = subject_position(tokenizer, CASE, probe)
+        assert last == len(ids) - 1  # the whole DNS prompt; its last token predicts the answer
+        assert tokenizer.decode(ids[: subject + 1]) == "Toyota"
+        assert tokenizer.decode(ids[subject + 1 :]).startswith(" is based in America.")
 
 
 def test_subject_attention_equals_the_models_eager_attention_weights(tokenizer, family):
     model = build_model(family)  # the family's default kernel (sdpa where it has one), peaked attention
-    entry = AttentionDrift().evaluate(model, tokenizer, adapter_for(model), [CASE])[0][ATTENTION]
+    entry = drift_evaluator().evaluate(model, tokenizer, adapter_for(model), [CASE])[0][ATTENTION]
     got = decode_entry(entry)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     assert entry["value"] == [] and entry["shape"] == [n_layers, n_heads]
     assert got.shape == (len(CASE.neighborhood_prompts), n_layers, n_heads)
     eager = build_model(family, attn_implementation="eager")
-    want = np.stack([eager_attention_to_subject(eager, p).numpy() for p in drift_prompts(tokenizer, [CASE])])
+    positions = [subject_position(tokenizer, CASE, p)[1] for p in METRICS["distract_neighborhood"].probes(CASE)]
+    # read from the scorer's rows (prompt and target, right-padded), against each prompt alone
+    want = np.stack([eager_attention_to_subject(eager, ids, subject).numpy()
+                     for ids, subject in zip(dns_prompt_ids(tokenizer, CASE), positions)])
     assert want.max() > 0.02  # attention on the subject, not all ~0, so the comparison means something
     np.testing.assert_allclose(got, want, atol=2.5e-4, rtol=0)  # float16 storage: within 2^-12
 
@@ -62,17 +81,36 @@ def test_subject_attention_equals_the_models_eager_attention_weights(tokenizer, 
 def test_batching_and_padding_do_not_change_the_values(tokenizer):
     model = build_model("llama")
     adapter = adapter_for(model)
-    one = AttentionDrift(batch_size=1).evaluate(model, tokenizer, adapter, [CASE, CASE])
-    many = AttentionDrift(batch_size=64).evaluate(model, tokenizer, adapter, [CASE, CASE])
+    one = drift_evaluator(batch_size=1).evaluate(model, tokenizer, adapter, [CASE, CASE])
+    many = drift_evaluator(batch_size=64).evaluate(model, tokenizer, adapter, [CASE, CASE])
     for a, b in zip(one, many):
         np.testing.assert_allclose(decode_entry(a[ATTENTION]), decode_entry(b[ATTENTION]), atol=2.5e-4, rtol=0)
+
+
+def test_the_drift_rows_cost_no_forward_and_leave_the_scores_unchanged(tokenizer, monkeypatch):
+    model = build_model("llama")
+    adapter = adapter_for(model)
+    forwards = []
+    original = type(model.base_model).forward
+    monkeypatch.setattr(type(model.base_model), "forward", lambda self, *a, **k: forwards.append(1) or original(self, *a, **k))
+    metrics = resolve_metrics(["efficacy", "neighborhood", "distract_neighborhood"])
+    plain = PromptMetrics(metrics).evaluate(model, tokenizer, adapter, [CASE])[0]
+    plain_forwards, forwards[:] = len(forwards), []
+    with_drift = PromptMetrics(metrics, drift=True).evaluate(model, tokenizer, adapter, [CASE])[0]
+    assert len(forwards) == plain_forwards
+    assert set(with_drift) == set(plain) | {ATTENTION}
+    for name in plain:
+        assert with_drift[name] == plain[name]
+    # DNS left out of the metrics: its prompts are still run for the drift rows, and not reported
+    alone = drift_evaluator().evaluate(model, tokenizer, adapter, [CASE])[0]
+    assert set(alone) == {ATTENTION} and alone[ATTENTION] == with_drift[ATTENTION]
 
 
 def test_a_case_without_dns_prompts_gets_no_entries(tokenizer):
     model = make_model("llama")
     zsre_like = EditCase(0, EditRequest(prompt="{} is based in", subject="Toyota", target_new="America"),
                          neighborhood_prompts=("Honda is based in",))  # no target_true: no DNS probes
-    evaluator = AttentionDrift()
+    evaluator = PromptMetrics(DNS_ONLY, drift=True)
     results = evaluator.evaluate(model, tokenizer, adapter_for(model), [zsre_like, CASE])
     assert results[0] == {} and ATTENTION in results[1]
     assert evaluator.compare(results[0], results[0]) == {}
@@ -90,7 +128,7 @@ def test_compare_picks_the_largest_increase_its_layer_and_head():
               [[0.50, 0.25], [0.125, 0.0], [0.75, 0.0625]]]
     after = [[[0.25, 0.25], [0.125, 0.5], [0.875, 0.0625]],  # largest increase +0.5 at layer 1, head 1
              [[0.50, 0.25], [0.125, 0.0], [0.50, 0.1875]]]  # +0.125 at layer 2, head 1 (the drop at head 0 is not it)
-    derived = AttentionDrift().compare({ATTENTION: entry(after)}, {ATTENTION: entry(before)})
+    derived = compare_attention({ATTENTION: entry(after)}, {ATTENTION: entry(before)})
     assert derived["drift_max"]["value"] == [0.5, 0.125]
     assert derived["drift_mean"]["value"] == pytest.approx([(-0.25 + 0.5 + 0.125) / 6, (-0.25 + 0.125) / 6])
     location = derived["drift_argmax"]
@@ -102,7 +140,7 @@ def test_compare_picks_the_largest_increase_its_layer_and_head():
 def test_drift_entries_make_table_rows_and_the_raw_attention_does_not():
     unedited = {ATTENTION: entry([[[0.5, 0.25]], [[0.5, 0.25]]])}  # 2 prompts, 1 layer, 2 heads
     edited = {ATTENTION: entry([[[0.75, 0.25]], [[0.5, 0.5]]])}
-    rows = [{"edited": {**edited, **AttentionDrift().compare(edited, unedited)}, "unedited": unedited}]
+    rows = [{"edited": {**edited, **compare_attention(edited, unedited)}, "unedited": unedited}]
     table = metric_table(rows)
     shown = table[(table.protocol == "prompt") & (table.quantity == "value")]
     assert set(shown.metric) == {"drift_max", "drift_mean"}

@@ -21,7 +21,7 @@ from sadr.editors.low_rank import PerRowUpdates, rank_one_factors
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.editors.rome import RomeEditor
-from sadr.evaluation.drift import ATTENTION, AttentionDrift, decode_entry
+from sadr.evaluation.drift import ATTENTION, decode_entry
 from sadr.evaluation.generation_metrics import GenerationMetrics
 from sadr.evaluation.probes import METRICS, resolve_metrics
 from sadr.evaluation.suite import PromptMetrics, evaluate_all
@@ -67,7 +67,7 @@ def build_editor(name: str, model, tokenizer, cache_dir, sadr: bool, **overrides
     return EDITORS[name].build(model, adapter_for(model), tokenizer, hparams, services)
 
 
-EVALUATORS = [PromptMetrics(resolve_metrics(list(METRICS))), AttentionDrift()]
+EVALUATORS = [PromptMetrics(resolve_metrics(list(METRICS)), drift=True)]
 
 
 def record(monkeypatch, name: str) -> list:

@@ -4,7 +4,8 @@ On every Distract Neighborhood prompt of a case ("{edit prompt with subject} {ne
 prompt}", the same text DNS scores), every query head of every layer is read at the last prompt position
 (the one predicting the answer); its post-softmax attention on the last token of the edited subject in the
 prepended edit sentence is what SADR's analysis tracks. The rows come from `AttentionRows`, so the
-model keeps an sdpa kernel (no eager switch, no T×T maps).
+model keeps an sdpa kernel (no eager switch, no T×T maps), and they are read in the forwards that score the DNS
+pairs (`SubjectAttentionReader`, a scorer observer), so the prompts are not run a second time.
 
 Entries per case (one observation per DNS prompt, the same unit as DNS itself, so the prompt protocol's
 95 % CI is over prompts and the case protocol averages within a case first):
@@ -12,7 +13,7 @@ Entries per case (one observation per DNS prompt, the same unit as DNS itself, s
 - `subject_attention` (both states, not aggregated: its `value` list is empty): the (layers × heads)
   attention of each prompt, as base64 float16 (little-endian, row-major), `shape` = [layers, heads].
   float16 keeps an attention weight (≤ 1) to within 2⁻¹² ≈ 2.4e-4.
-- from `compare(edited, unedited)`, with d = after − before per (layer, head):
+- from `compare_attention(edited, unedited)`, with d = after − before per (layer, head):
   - `drift_max`: per prompt, max over every layer and head of d (the largest increase; 0 when no head
     gained attention, since layers up to the edited one cannot change);
   - `drift_mean`: per prompt, the mean of d over every layer and head;
@@ -23,67 +24,65 @@ Tables show `drift_max` / `drift_mean` ×100, i.e. in percentage points of atten
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from sadr.data.records import EditCase
-from sadr.evaluation.case_rows import CaseRows, one_model
-from sadr.evaluation.probes import METRICS
-from sadr.evaluation.suite import Evaluator
-from sadr.models.tokenization import encode_prompt_target, fill_subject, last_token_of_span, pad_id_of, pad_right
+from sadr.evaluation.probes import Probe
+from sadr.models.tokenization import PaddedBatch, encode_prompt_target, fill_subject, last_token_of_span
 from sadr.regularizers.attention_rows import AttentionRows
 
 ATTENTION = "subject_attention"
 ENCODING = "float16-base64"
 
 
-@dataclass(frozen=True)
-class DriftPrompt:
-    case_index: int
-    ids: list[int]
-    subject_position: int  # last token of the edited subject in the prepended edit sentence
-
-    @property
-    def last_position(self) -> int:
-        return len(self.ids) - 1
+def subject_position(tokenizer, case: EditCase, probe: Probe) -> tuple[int, int]:
+    """(last prompt position, position of the edited subject's last token) of a DNS probe, tokenised as DNS scores it."""
+    edit_text, span = fill_subject(case.request.prompt, case.request.subject)
+    if not probe.prompt.startswith(edit_text):
+        raise ValueError(f"DNS prompt {probe.prompt!r} does not start with the edit sentence {edit_text!r}")
+    pair = encode_prompt_target(tokenizer, probe.prompt, probe.good)
+    return len(pair.prompt_ids) - 1, last_token_of_span(pair.prompt_offsets, span)
 
 
-def drift_prompts(tokenizer, cases: list[EditCase]) -> list[DriftPrompt]:
-    """The DNS prompts of every case, tokenised exactly as DNS scores them (the prompt part of "prompt target")."""
-    out = []
-    for index, case in enumerate(cases):
-        request = case.request
-        edit_text, span = fill_subject(request.prompt, request.subject)
-        for probe in METRICS["distract_neighborhood"].probes(case):
-            if not probe.prompt.startswith(edit_text):
-                raise ValueError(f"DNS prompt {probe.prompt!r} does not start with the edit sentence {edit_text!r}")
-            pair = encode_prompt_target(tokenizer, probe.prompt, probe.good)
-            out.append(DriftPrompt(index, pair.prompt_ids, last_token_of_span(pair.prompt_offsets, span)))
-    return out
+class SubjectAttentionReader:
+    """A scorer observer (`ForwardObserver`): the attention from the last prompt position of each DNS pair to its
+    subject token, every head of every layer, read in the forwards that score the pairs.
 
+    `reads` maps a scored pair's index to (last prompt position, subject position). Positions up to the last prompt
+    token see only the prompt, so a row that also holds the target gives the rows the prompt alone would.
+    """
 
-@torch.no_grad()
-def subject_attention(model, adapter, prompts: list[DriftPrompt], pad_id: int, batch_size: int = 64,
-                      case_rows: CaseRows = one_model) -> torch.Tensor:
-    """(n_prompts, layers, heads) float32: attention from each prompt's last position to its subject token."""
-    device = next(model.parameters()).device
-    layers = list(range(adapter.num_layers(model)))
-    parts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        batch = pad_right([p.ids for p in chunk], pad_id).to(device)
-        last = torch.tensor([p.last_position for p in chunk])
-        subject = torch.tensor([p.subject_position for p in chunk], device=device)
-        with AttentionRows(model, adapter, layers, last, batch.attention_mask) as hooks:
-            with case_rows([p.case_index for p in chunk]):
-                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    def __init__(self, model, adapter, reads: dict[int, tuple[int, int]]):
+        self.model, self.adapter, self.reads = model, adapter, reads
+        self.layers = list(range(adapter.num_layers(model)))
+        self.values: dict[int, torch.Tensor] = {}  # pair index -> (layers, heads) float32 on the CPU
+
+    @contextmanager
+    def __call__(self, batch: PaddedBatch, row_pairs: list[list[int]]):
+        wanted = [(row, pair) for row, pairs in enumerate(row_pairs) for pair in pairs if pair in self.reads]
+        if not wanted:
+            yield
+            return
+        rows = torch.tensor([row for row, _ in wanted])
+        queries = torch.tensor([self.reads[pair][0] for _, pair in wanted])
+        with AttentionRows(self.model, self.adapter, self.layers, queries, batch.attention_mask, batch_rows=rows) as hooks:
+            yield
             recorded = hooks.collect()
-            rows = torch.arange(len(chunk), device=device)
-            # recorded[layer]: (B, H, T) -> (B, H) at the subject's key position
-            parts.append(torch.stack([recorded[layer][rows, :, subject] for layer in layers], dim=1).float().cpu())
-    return torch.cat(parts) if parts else torch.zeros(0, len(layers), 0)
+        device = recorded[self.layers[0]].device
+        subjects = torch.tensor([self.reads[pair][1] for _, pair in wanted], device=device)
+        picked = torch.arange(len(wanted), device=device)
+        # recorded[layer]: (wanted, heads, keys) -> (wanted, layers, heads) at each row's subject key
+        values = torch.stack([recorded[layer][picked, :, subjects] for layer in self.layers], dim=1).float().cpu()
+        self.values.update({pair: matrix for (_, pair), matrix in zip(wanted, values)})
+
+    def entry(self, pairs: list[int]) -> dict:
+        """The `subject_attention` entry of one case from its DNS pairs, in probe order."""
+        matrices = [self.values[pair] for pair in pairs]
+        return {"value": [], "encoding": ENCODING, "shape": [len(self.layers), int(matrices[0].shape[-1])],
+                "attention": [encode_matrix(matrix) for matrix in matrices]}
 
 
 def encode_matrix(values: torch.Tensor) -> str:
@@ -122,28 +121,8 @@ def drift_entries(before: np.ndarray, after: np.ndarray) -> dict:
     }
 
 
-@dataclass
-class AttentionDrift(Evaluator):
-    """Per-head attention to the edited subject on the DNS prompts, and its drift (see module docstring)."""
-
-    batch_size: int = 64
-    name: str = "attention_drift"
-
-    def evaluate(self, model, tokenizer, adapter, cases, case_rows=one_model):
-        prompts = drift_prompts(tokenizer, cases)
-        values = subject_attention(model, adapter, prompts, pad_id_of(tokenizer), self.batch_size, case_rows)
-        results: list[dict] = [{} for _ in cases]
-        shape = [adapter.num_layers(model), int(values.shape[-1])]
-        for prompt, matrix in zip(prompts, values):
-            entry = results[prompt.case_index].setdefault(
-                ATTENTION, {"value": [], "encoding": ENCODING, "shape": shape, "attention": []})
-            entry["attention"].append(encode_matrix(matrix))
-        return results
-
-    def compare(self, edited, unedited):
-        if ATTENTION not in edited or ATTENTION not in unedited:
-            return {}
-        return drift_entries(decode_entry(unedited[ATTENTION]), decode_entry(edited[ATTENTION]))
-
-    def identity(self):
-        return {"name": self.name, "prompts": "distract_neighborhood", "encoding": ENCODING}
+def compare_attention(edited: dict, unedited: dict) -> dict:
+    """The drift entries of one case from its edited and unedited `subject_attention` (none if either lacks it)."""
+    if ATTENTION not in edited or ATTENTION not in unedited:
+        return {}
+    return drift_entries(decode_entry(unedited[ATTENTION]), decode_entry(edited[ATTENTION]))

@@ -3,36 +3,62 @@ from __future__ import annotations
 
 from sadr.data.records import EditCase
 from sadr.evaluation.case_rows import CaseRows, one_model
-from sadr.evaluation.probes import Metric
+from sadr.evaluation.drift import ATTENTION, SubjectAttentionReader, subject_position
+from sadr.evaluation.probes import METRICS, Metric
 from sadr.evaluation.scorer import score_pairs_detailed
+
+DNS = METRICS["distract_neighborhood"]
 
 
 def evaluate_cases(model, tokenizer, cases: list[EditCase], metrics: list[Metric], batch_size: int = 64,
-                   case_rows: CaseRows = one_model) -> list[dict]:
+                   case_rows: CaseRows = one_model, drift_adapter=None) -> list[dict]:
     """Per case: {metric: {"value": [...], "p_good": [...], "p_bad": [...]}} (p_bad only for comparisons).
 
-    `value` is 1/0 success for comparisons and the token accuracy for the others.
+    `value` is 1/0 success for comparisons and the token accuracy for the others. With `drift_adapter` (the model's
+    adapter), each case with DNS prompts also gets the drift diagnostics' `subject_attention` entry
+    (sadr/evaluation/drift.py), read in the forwards that score its DNS prompts; they are scored for it even when DNS
+    is not among `metrics`.
     """
+    scored = list(metrics)
+    if drift_adapter is not None and DNS.name not in {m.name for m in metrics}:
+        scored.append(DNS)
     plan = []  # (case index, metric name, probe)
     for index, case in enumerate(cases):
-        for metric in metrics:
+        for metric in scored:
             plan += [(index, metric.name, probe) for probe in metric.probes(case)]
     prompts = [probe.prompt for _, _, probe in plan] + [probe.prompt for _, _, probe in plan if probe.bad is not None]
     targets = [probe.good for _, _, probe in plan] + [probe.bad for _, _, probe in plan if probe.bad is not None]
     pair_cases = [index for index, _, _ in plan] + [index for index, _, probe in plan if probe.bad is not None]
+    reader = None
+    if drift_adapter is not None:
+        reads = {i: subject_position(tokenizer, cases[index], probe)
+                 for i, (index, name, probe) in enumerate(plan) if name == DNS.name}
+        reader = SubjectAttentionReader(model, drift_adapter, reads)
     scores = score_pairs_detailed(model, tokenizer, prompts, targets, batch_size, pair_cases=pair_cases,
-                                  case_rows=case_rows)
+                                  case_rows=case_rows, observer=reader)
     good_prob, good_acc = scores.prob.tolist(), scores.token_accuracy.tolist()
+    reported = {m.name for m in metrics}
     results: list[dict] = [{} for _ in cases]
+    dns_pairs: list[list[int]] = [[] for _ in cases]
     bad_index = len(plan)
     for i, (index, name, probe) in enumerate(plan):
-        entry = results[index].setdefault(name, {"value": [], "p_good": []})
-        entry["p_good"].append(good_prob[i])
-        if probe.bad is None:
-            entry["value"].append(good_acc[i])
-        else:
+        p_bad = None
+        if probe.bad is not None:
             p_bad = good_prob[bad_index]
             bad_index += 1
+        if name == DNS.name:
+            dns_pairs[index].append(i)
+        if name not in reported:
+            continue
+        entry = results[index].setdefault(name, {"value": [], "p_good": []})
+        entry["p_good"].append(good_prob[i])
+        if p_bad is None:
+            entry["value"].append(good_acc[i])
+        else:
             entry.setdefault("p_bad", []).append(p_bad)
             entry["value"].append(float(good_prob[i] > p_bad))
+    if reader is not None:
+        for result, pairs in zip(results, dns_pairs):
+            if pairs:
+                result[ATTENTION] = reader.entry(pairs)
     return results

@@ -5,16 +5,25 @@ whose prompt and target less its last token begin that row (the new and the true
 of them is a single token, need one row, not two). Rows are batched by length, so little is padded. A causal
 model's logits at a position depend only on the tokens up to it, so this changes nothing but float rounding. The LM
 head is applied only at the positions that predict target tokens.
+
+A caller that needs more from the same forwards passes an observer (`ForwardObserver`): the attention drift
+diagnostics read their attention rows from the rows of the DNS pairs this way, instead of running them again.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from sadr.evaluation.case_rows import CaseRows, one_model
-from sadr.models.tokenization import EncodedPair, encode_prompt_target, pad_id_of, pad_right
+from sadr.models.tokenization import EncodedPair, PaddedBatch, encode_prompt_target, pad_id_of, pad_right
+
+
+# observer(batch, pairs read from each batch row) -> a context the batch's forward runs in
+ForwardObserver = Callable[[PaddedBatch, list[list[int]]], AbstractContextManager]
 
 
 @dataclass
@@ -61,9 +70,11 @@ def shared_rows(pairs: list[EncodedPair], cases: list[int]) -> tuple[list[tuple[
 
 @torch.no_grad()
 def score_pairs_detailed(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64,
-                         pair_cases: list[int] | None = None, case_rows: CaseRows = one_model) -> PairScores:
+                         pair_cases: list[int] | None = None, case_rows: CaseRows = one_model,
+                         observer: ForwardObserver | None = None) -> PairScores:
     """`pair_cases[i]`: the case of pair i, declared to `case_rows` around each forward (all 0 when None). Only pairs
-    of the same case share a row."""
+    of the same case share a row. `observer`, if given, is entered around each forward with the batch and, per batch
+    row, the indices of the pairs read from it."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pairs = [encode_prompt_target(tokenizer, prompt, target) for prompt, target in zip(prompts, targets)]
@@ -80,7 +91,8 @@ def score_pairs_detailed(model, tokenizer, prompts: list[str], targets: list[str
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = pad_right([rows[row][1] for row in chunk], pad_id_of(tokenizer)).to(device)
-        with case_rows([rows[row][0] for row in chunk]):
+        observed = observer(batch, [readers[row] for row in chunk]) if observer else nullcontext()
+        with case_rows([rows[row][0] for row in chunk]), observed:
             hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         batch_rows, positions, target_ids, owners = [], [], [], []
         for batch_row, row in enumerate(chunk):

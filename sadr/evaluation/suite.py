@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sadr.data.records import EditCase
 from sadr.evaluation.case_rows import CaseRows, one_model
+from sadr.evaluation.drift import ENCODING, compare_attention
 from sadr.evaluation.probes import Metric, resolve_metrics
 from sadr.evaluation.prompt_metrics import evaluate_cases
 
@@ -33,27 +34,34 @@ class Evaluator:
 
 @dataclass
 class PromptMetrics(Evaluator):
-    """ES, PS, NS, DNS, RS, portability, zsRE token accuracy...: teacher-forced probes in shared batches."""
+    """ES, PS, NS, DNS, RS, portability, zsRE token accuracy...: teacher-forced probes in shared batches.
+
+    With `drift`, also the attention drift diagnostics (sadr/evaluation/drift.py), read in the same forwards.
+    """
 
     metrics: list[Metric]
     batch_size: int = 64
+    drift: bool = False
     name: str = "prompt_metrics"
 
     def evaluate(self, model, tokenizer, adapter, cases, case_rows=one_model):
-        return evaluate_cases(model, tokenizer, cases, self.metrics, self.batch_size, case_rows)
+        return evaluate_cases(model, tokenizer, cases, self.metrics, self.batch_size, case_rows,
+                              drift_adapter=adapter if self.drift else None)
+
+    def compare(self, edited, unedited):
+        return compare_attention(edited, unedited) if self.drift else {}
 
     def identity(self):
-        return {"name": self.name, "metrics": [m.name for m in self.metrics]}
+        return {"name": self.name, "metrics": [m.name for m in self.metrics],
+                **({"drift": ENCODING} if self.drift else {})}
 
 
 def build_evaluators(cfg) -> list[Evaluator]:
     """The evaluators a run config asks for (`cfg` is the whole run config)."""
-    from sadr.evaluation.drift import AttentionDrift  # drift.py subclasses Evaluator from this module
-    from sadr.evaluation.generation_metrics import GenerationMetrics  # likewise
+    from sadr.evaluation.generation_metrics import GenerationMetrics  # it subclasses Evaluator from this module
 
-    evaluators: list[Evaluator] = [PromptMetrics(resolve_metrics(list(cfg.eval.metrics)), cfg.eval.batch_size)]
-    if cfg.eval.drift:
-        evaluators.append(AttentionDrift(cfg.eval.batch_size))
+    evaluators: list[Evaluator] = [PromptMetrics(resolve_metrics(list(cfg.eval.metrics)), cfg.eval.batch_size,
+                                                 drift=cfg.eval.drift)]
     if cfg.eval.generation:
         evaluators.append(GenerationMetrics.from_config(cfg))
     return evaluators
