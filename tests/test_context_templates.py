@@ -1,4 +1,5 @@
-"""Context templates: this project's fixed-length sampling and ROME's own (`editor.context_template_style`).
+"""Context templates: ROME's own sampling (the default) and this project's earlier fixed-length one
+(`editor.context_template_style`).
 
 ROME's style is checked on a scripted model whose next token is known at every step (so the draw is certain
 with top-k 1), and against transformers' greedy decoding on a tiny random model.
@@ -15,6 +16,7 @@ from sadr.editors.context_templates import SEED_WORDS, context_templates
 from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_to_length_like_rome
+from tests.editing import composed_editor
 from tests.tiny_models import make_model
 
 
@@ -62,7 +64,7 @@ def test_styles_are_seeded_cached_apart_and_keep_the_fixed_cache_keys(tokenizer,
     model = make_model("llama")
     params = [[5, 5], [10, 5]]
     kwargs = dict(seed=3, fingerprint="tiny", cache_dir=tmp_path)
-    fixed = context_templates(model, tokenizer, params, **kwargs)
+    fixed = context_templates(model, tokenizer, params, style="fixed", **kwargs)
     reference = context_templates(model, tokenizer, params, style="reference", **kwargs)
     for made in (fixed, reference):
         assert len(made) == 11 and made[0] == "{}"
@@ -78,7 +80,12 @@ def test_styles_are_seeded_cached_apart_and_keep_the_fixed_cache_keys(tokenizer,
 
     monkeypatch.setattr(templates_module, "sample_texts", no_sampling)
     monkeypatch.setattr(templates_module, "sample_to_length_like_rome", no_sampling)
-    assert context_templates(model, tokenizer, params, **kwargs) == fixed
+    assert context_templates(model, tokenizer, params, style="fixed", **kwargs) == fixed
     assert context_templates(model, tokenizer, params, style="reference", **kwargs) == reference
     with pytest.raises(InvalidSettingError, match="context_template_style"):
         context_templates(model, tokenizer, params, style="rome", **kwargs)
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit", "pmet", "alphaedit"])
+def test_every_editor_samples_its_templates_as_the_reference_code_by_default(editor):
+    assert composed_editor(editor, "smollm2-135m").context_template_style.name == "reference"

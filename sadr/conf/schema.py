@@ -16,10 +16,10 @@ class FactToken(Enum):
 
 
 class ContextTemplateStyle(Enum):
-    # max_tokens - 1 new tokens after the seed word, EOS never drawn, the text as decoded (this project's default so far)
+    # max_tokens - 1 new tokens after the seed word, EOS never drawn, the text as decoded (the default until 2026-11-27)
     fixed = "fixed"
-    # ROME's generate_fast: max_tokens counts the seed word's tokens (BOS included), EOS may be drawn and sampling goes
-    # on after it, NFKD and "\n\n" -> " " (docs/fidelity.md, row 7)
+    # the default. ROME's generate_fast: max_tokens counts the seed word's tokens (BOS included), EOS may be drawn and
+    # sampling goes on after it, NFKD and "\n\n" -> " " (docs/fidelity.md, row 7)
     reference = "reference"
 
 
@@ -111,7 +111,7 @@ class EditorConfig:
     kl_factor: float = 0.0625
     # (max tokens, number of prefixes) of the generated context templates, besides the bare prompt
     context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])
-    context_template_style: ContextTemplateStyle = ContextTemplateStyle.fixed
+    context_template_style: ContextTemplateStyle = ContextTemplateStyle.reference
     protocol: EditProtocol = EditProtocol.single
     batch_size: int = 1
     # single protocol: edit and evaluate this many cases side by side, each on the unedited model (their δs share

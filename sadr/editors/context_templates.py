@@ -3,8 +3,9 @@
 ROME: the bare prompt plus 10 prefixes of <= 5 tokens and 10 of <= 10 tokens; MEMIT/PMET: plus 5 of
 <= 10 tokens; each length class sampled evenly from the seed words. Generated from a fixed seed and
 cached on disk under a hash of the model's weights and every generation setting, so edits are
-deterministic and a second run does not sample again. Two styles (`editor.context_template_style`): `fixed`
-samples max_tokens - 1 new tokens with EOS forbidden; `reference` samples as ROME's code does (docs/fidelity.md, row 7).
+deterministic and a second run does not sample again. Two styles (`editor.context_template_style`): `reference`
+(the default) samples as ROME's code does (docs/fidelity.md, row 7); `fixed`, this project's earlier default, samples
+max_tokens - 1 new tokens with EOS forbidden.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _as_template(text: str) -> str:
 
 
 def context_templates(model, tokenizer, length_params: list[list[int]], *, seed: int, fingerprint: str,
-                      cache_dir: str | Path, style: str = "fixed") -> list[str]:
+                      cache_dir: str | Path, style: str) -> list[str]:
     """["{}", "<prefix>. {}", ...] for `length_params` = [[max_tokens, count], ...]."""
     if style not in ("fixed", "reference"):
         raise InvalidSettingError(f"editor.context_template_style must be fixed or reference, got {style!r}")
