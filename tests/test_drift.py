@@ -12,7 +12,7 @@ from sadr.conf.schema import SadrConfig
 from sadr.data.records import EditCase, EditRequest
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.aggregate import LABELS, metric_table
-from sadr.evaluation.drift import ATTENTION, compare_attention, decode_entry, encode_matrix, subject_position
+from sadr.evaluation.drift import ATTENTION, compare_attention, decode_entry, drift_read_positions, encode_matrix
 from sadr.evaluation.probes import METRICS, distract, resolve_metrics
 from sadr.evaluation.suite import PromptMetrics
 from sadr.models.adapters import adapter_for
@@ -56,7 +56,7 @@ def test_dns_prompts_are_read_at_their_last_token_and_the_subject_of_the_edit_se
         text = distract(CASE, neighbor)
         assert probe.prompt == text and text.startswith("Toyota is based in America. ")
         ids = tokenizer(text)["input_ids"]
-        last, subject = subject_position(tokenizer, CASE, probe)
+        last, subject = drift_read_positions(tokenizer, CASE, probe)
         assert last == len(ids) - 1  # the whole DNS prompt; its last token predicts the answer
         assert tokenizer.decode(ids[: subject + 1]) == "Toyota"
         assert tokenizer.decode(ids[subject + 1 :]).startswith(" is based in America.")
@@ -70,7 +70,7 @@ def test_subject_attention_equals_the_models_eager_attention_weights(tokenizer, 
     assert entry["value"] == [] and entry["shape"] == [n_layers, n_heads]
     assert got.shape == (len(CASE.neighborhood_prompts), n_layers, n_heads)
     eager = build_model(family, attn_implementation="eager")
-    positions = [subject_position(tokenizer, CASE, p)[1] for p in METRICS["distract_neighborhood"].probes(CASE)]
+    positions = [drift_read_positions(tokenizer, CASE, p)[1] for p in METRICS["distract_neighborhood"].probes(CASE)]
     # read from the scorer's rows (prompt and target, right-padded), against each prompt alone
     want = np.stack([eager_attention_to_subject(eager, ids, subject).numpy()
                      for ids, subject in zip(dns_prompt_ids(tokenizer, CASE), positions)])

@@ -38,7 +38,7 @@ ATTENTION = "subject_attention"
 ENCODING = "float16-base64"
 
 
-def subject_position(tokenizer, case: EditCase, probe: Probe) -> tuple[int, int]:
+def drift_read_positions(tokenizer, case: EditCase, probe: Probe) -> tuple[int, int]:
     """(last prompt position, position of the edited subject's last token) of a DNS probe, tokenised as DNS scores it."""
     edit_text, span = fill_subject(case.request.prompt, case.request.subject)
     if not probe.prompt.startswith(edit_text):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sadr.data.records import EditCase
 from sadr.evaluation.case_rows import CaseRows, one_model
-from sadr.evaluation.drift import ATTENTION, SubjectAttentionReader, subject_position
+from sadr.evaluation.drift import ATTENTION, SubjectAttentionReader, drift_read_positions
 from sadr.evaluation.probes import METRICS, Metric
 from sadr.evaluation.scorer import score_pairs_detailed
 
@@ -31,7 +31,7 @@ def evaluate_cases(model, tokenizer, cases: list[EditCase], metrics: list[Metric
     pair_cases = [index for index, _, _ in plan] + [index for index, _, probe in plan if probe.bad is not None]
     reader = None
     if drift_adapter is not None:
-        reads = {i: subject_position(tokenizer, cases[index], probe)
+        reads = {i: drift_read_positions(tokenizer, cases[index], probe)
                  for i, (index, name, probe) in enumerate(plan) if name == DNS.name}
         reader = SubjectAttentionReader(model, drift_adapter, reads)
     scores = score_pairs_detailed(model, tokenizer, prompts, targets, batch_size, pair_cases=pair_cases,
