@@ -163,6 +163,43 @@ def test_parallel_cases_give_the_steps_deltas_and_decisions_of_one_at_a_time(nam
     assert_same_decisions(alone, together, prob_rtol=1e-3)
 
 
+def test_a_stopped_request_leaves_the_batch(tokenizer, tmp_path, monkeypatch):
+    """PMET's staggered stops, with SADR: after each step at which a request stops, the next forwards are fed only the
+    rows of those that go on, and their δs, steps and SADR terms stay those of each request optimised alone."""
+    editor = build_editor("pmet", make_model("llama"), tokenizer, tmp_path, sadr=True, v_lr=0.003)  # stops at 5, 6 and 7 steps
+    fed, results = [], []
+    original = spread_module.optimize_deltas
+
+    def watched(model, *args, **kwargs):
+        hook = model.base_model.register_forward_pre_hook(
+            lambda _module, _args, inputs: fed.append(inputs["input_ids"].shape[0]), with_kwargs=True)
+        try:
+            results.extend(original(model, *args, **kwargs))
+        finally:
+            hook.remove()
+        return results
+
+    monkeypatch.setattr(spread_module, "optimize_deltas", watched)
+    requests = [case.request for case in tiny_cases()]
+    for request in requests:
+        editor.apply_each([request])
+    alone = list(results)
+    fed.clear()
+    results.clear()
+    editor.apply_each(requests)
+    steps = [r.steps_run for r in results]
+    assert len(set(steps)) > 2, steps  # stops at three or more different steps
+    rows_per_request = fed[0] // N_CASES  # the prefix forward, every request's rows
+    assert fed[1:] == [rows_per_request * sum(n > step for n in steps) for step in range(max(steps))]
+    assert steps == [r.steps_run for r in alone]
+    for a, b in zip(alone, results):
+        for site in a.deltas:
+            torch.testing.assert_close(b.deltas[site], a.deltas[site], rtol=DELTA_RTOL, atol=DELTA_RTOL * a.deltas[site].norm())
+        assert b.diagnostics["selected_head_counts"] == a.diagnostics["selected_head_counts"]
+        assert b.diagnostics["loss"] == pytest.approx(a.diagnostics["loss"], rel=1e-3, abs=1e-7)
+    assert any(r.diagnostics["selected_heads"] > 0 for r in alone)
+
+
 @pytest.mark.parametrize("name, family", [("rome", family) for family in FAMILIES] + [("memit", "llama")])
 def test_per_row_updates_evaluate_as_the_written_weights(name, family, tokenizer, tmp_path):
     model = make_model(family)

@@ -53,6 +53,40 @@ def test_split_layout_on_a_hand_made_batch():
     assert torch.equal(whole.suffix_ids, ids[:, :4]) and torch.equal(whole.suffix_mask, mask[:, :4])
 
 
+def test_selected_rows_keep_their_key_indices_and_lose_the_columns_no_row_uses():
+    ids = torch.tensor([[1, 2, 3, 4, 9], [5, 6, 7, 9, 9], [8, 9, 9, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    split = split_rows(ids, mask, torch.tensor([2, 0, 0]), pad_id=9)  # suffixes of 2, 3 and 1 tokens
+    kept = split.select(torch.tensor([2, 0]))
+    assert kept.width == split.width == 2  # the prefix keeps its width: key indices do not move
+    assert kept.prefix_ids.tolist() == [[9, 9], [1, 2]] and kept.cuts.tolist() == [0, 2]
+    assert kept.suffix_ids.tolist() == [[8, 9], [3, 4]] and kept.suffix_mask.tolist() == [[1, 0], [1, 1]]
+    assert kept.key_mask.tolist() == [[0, 0, 1, 0], [1, 1, 1, 1]]
+    assert kept.key_index(torch.tensor([1, 1]), torch.tensor([1, 3])).tolist() == \
+        split.key_index(torch.tensor([0, 0]), torch.tensor([1, 3])).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_selected_cache_feeds_what_a_cache_built_for_those_rows_feeds(tokenizer, family):
+    """`PrefixCache.select` takes the rows' keys and values from the cache it was built from, without a forward."""
+    model = make_model(family)
+    ids, mask, subjects = _delta_rows(tokenizer)
+    split = split_rows(ids, mask, subjects, pad_id_of(tokenizer))
+    rows = torch.tensor([len(ids) - 1, 0, 2])
+    taken = PrefixCache(model, split).select(rows)
+    built = PrefixCache(model, split.select(rows))
+    forwards = []
+    hook = model.base_model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        fed = model.base_model(**taken.forward_inputs()).last_hidden_state
+    finally:
+        hook.remove()
+    assert len(forwards) == 1  # the step itself: selecting ran no prefix forward
+    torch.testing.assert_close(fed, model.base_model(**built.forward_inputs()).last_hidden_state, rtol=1e-5, atol=1e-6)
+    whole = model.base_model(**PrefixCache(model, split).forward_inputs()).last_hidden_state
+    torch.testing.assert_close(fed, whole[rows, : fed.shape[1]], rtol=1e-5, atol=1e-5)
+
+
 def _delta_rows(tokenizer, requests=(REQUEST, LONG_SUBJECT)):
     """Both requests' δ prompts in one right-padded batch, with their subject positions."""
     prompts = [encode_delta_prompts(tokenizer, request, TEMPLATES) for request in requests]

@@ -101,11 +101,10 @@ def optimize_delta(model, adapter: ModelAdapter, tokenizer, request: EditRequest
 
 @dataclass
 class _Case:
-    """One request of a shared δ-optimisation: where its rows are, its δs and its own optimisation state."""
+    """One request of a shared δ-optimisation: its prompts, its δs and its own optimisation state."""
 
+    number: int  # its place among the requests
     prompts: DeltaPrompts  # with row indices local to its block
-    start: int  # its first row in the batch
-    head: slice  # its rows of the LM-head output: its target tokens, then its essence prompts
     deltas: dict[str, torch.Tensor]
     tokens_per_row: torch.Tensor
     initial: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -119,21 +118,35 @@ class _Case:
         return self.prompts.batch.input_ids.shape[0]
 
     @property
+    def n_head(self) -> int:
+        """Its rows of the LM-head output: one per target token, then one per essence prompt."""
+        return self.prompts.target_ids.numel() + len(self.prompts.essence_rows)
+
+    @property
     def previous(self) -> StepState | None:
         return self.history[-1] if self.history else None
 
 
 def _cases(stacked: StackedDeltaPrompts, sites: tuple[str, ...], hidden_size: int, device) -> list[_Case]:
-    cases, head_start = [], 0
-    for prompts, start in zip(stacked.cases, stacked.starts):
-        n_head = prompts.target_ids.numel() + len(prompts.essence_rows)
-        cases.append(_Case(
-            prompts=prompts, start=start, head=slice(head_start, head_start + n_head),
-            deltas={s: torch.zeros(hidden_size, device=device, dtype=torch.float32, requires_grad=True) for s in sites},
-            tokens_per_row=torch.bincount(prompts.target_rows, minlength=prompts.n_rewrite).clamp(min=1),
-        ))
-        head_start += n_head
-    return cases
+    return [_Case(number=i, prompts=prompts,
+                  deltas={s: torch.zeros(hidden_size, device=device, dtype=torch.float32, requires_grad=True) for s in sites},
+                  tokens_per_row=torch.bincount(prompts.target_rows, minlength=prompts.n_rewrite).clamp(min=1))
+            for i, prompts in enumerate(stacked.cases)]
+
+
+def _row_starts(cases: list[_Case]) -> list[int]:
+    """Each request's first row when their blocks follow each other."""
+    return [sum(c.n_rows for c in cases[:i]) for i in range(len(cases))]
+
+
+def _head_reads(cases: list[_Case], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and whole-row positions whose logits the loss reads: where target tokens are predicted, and the essence
+    prompts' subject token; request after request."""
+    rows = torch.cat([start + torch.cat([c.prompts.target_rows, c.prompts.essence_rows.to(c.prompts.target_rows.device)])
+                      for c, start in zip(cases, starts)])
+    positions = torch.cat([torch.cat([c.prompts.target_positions, c.prompts.subject_positions[c.prompts.essence_rows]])
+                           for c in cases])
+    return rows, positions
 
 
 def _case_loss(case: _Case, log_probs: torch.Tensor, objective: DeltaObjective):
@@ -153,6 +166,45 @@ def _case_loss(case: _Case, log_probs: torch.Tensor, objective: DeltaObjective):
     return loss, nll, kl, argmax_ok
 
 
+class _LiveRows:
+    """The batch of the requests still being optimised, and where a step writes δ and reads the loss in it.
+
+    It starts with every request; when some stop, `keep` makes the batch of the others out of this one (their rows,
+    their cached prefix keys and values), so a stopped request's rows cost nothing more.
+    """
+
+    def __init__(self, cases: list[_Case], prefix: PrefixCache, subject_positions: torch.Tensor,
+                 last_prompt_positions: torch.Tensor, injection_layer: int):
+        self.cases, self.prefix = cases, prefix
+        self._subject_positions, self._last_prompt_positions = subject_positions, last_prompt_positions
+        self._injection_layer = injection_layer
+        split = prefix.split
+        device = subject_positions.device
+        self.starts = _row_starts(cases)
+        self.rows = torch.arange(split.suffix_ids.shape[0], device=device)
+        head_starts = [sum(c.n_head for c in cases[:i]) for i in range(len(cases))]
+        self.heads = [slice(start, start + c.n_head) for c, start in zip(cases, head_starts)]
+        head_rows, head_positions = _head_reads(cases, self.starts)
+        self.head_rows, self.head_positions = head_rows, split.in_suffix(head_rows, head_positions)
+        self.delta_positions = split.in_suffix(self.rows, subject_positions)
+        self.delta_batch = DeltaBatch(
+            split.suffix_ids, split.key_mask,
+            torch.cat([start + torch.arange(c.prompts.n_rewrite, device=device) for c, start in zip(cases, self.starts)]),
+            split.key_index(self.rows, subject_positions),
+            split.in_suffix(self.rows, last_prompt_positions),
+            injection_layer, rewrite_rows_per_case=tuple(c.prompts.n_rewrite for c in cases), cached_keys=split.width,
+        )
+
+    def deltas(self, site: str) -> torch.Tensor:
+        """(rows, d): each row's request's δ at `site`."""
+        return torch.cat([c.deltas[site].expand(c.n_rows, -1) for c in self.cases])
+
+    def keep(self, kept: list[int]) -> "_LiveRows":
+        rows = torch.cat([torch.arange(self.starts[k], self.starts[k] + self.cases[k].n_rows) for k in kept]).to(self.rows.device)
+        return _LiveRows([self.cases[k] for k in kept], self.prefix.select(rows), self._subject_positions[rows],
+                         self._last_prompt_positions[rows], self._injection_layer)
+
+
 def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[EditRequest], context_templates: list[str],
                     objective: DeltaObjective, regularizers: list[DeltaRegularizer] = ()) -> list[DeltaResult]:
     """Each request's own δ on the model as it is, the requests' prompts sharing every forward.
@@ -160,107 +212,114 @@ def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[Edit
     The requests are independent: rows of one batch do not interact, the loss backpropagated is the sum of the
     requests' losses (so each δ gets its own request's gradient) and Adam is element-wise, so each δ takes the
     steps it would take alone, up to float rounding of the wider batch. Each request has its own NLL schedule,
-    clamp and stop rule; once it stops, its δ is frozen while the others go on. A single request runs exactly
-    as it always did.
+    clamp and stop rule; once it stops, its δ is frozen and its rows leave the batch while the others go on. A
+    single request runs exactly as it always did.
     """
     device = next(model.parameters()).device
     stacked = stack_delta_prompts([encode_delta_prompts(tokenizer, r, context_templates) for r in requests],
                                   pad_id_of(tokenizer)).to(device)
     batch = stacked.batch
-    rows = torch.arange(batch.input_ids.shape[0], device=device)
     cases = _cases(stacked, objective.sites, model.config.hidden_size, device)
     optimizer = torch.optim.Adam([d for case in cases for d in case.deltas.values()], lr=objective.lr)
     subject_positions = torch.cat([c.prompts.subject_positions for c in cases])
     last_prompt_positions = torch.cat([c.prompts.last_prompt_positions for c in cases])
-    # Logits are needed only where target tokens are predicted and at the essence prompts' subject token.
-    head_rows = torch.cat([stacked.global_rows(i, torch.cat([c.prompts.target_rows, c.prompts.essence_rows.to(device)]))
-                           for i, c in enumerate(cases)])
-    head_positions = torch.cat(
-        [torch.cat([c.prompts.target_positions, c.prompts.subject_positions[c.prompts.essence_rows]]) for c in cases])
     if _reuse_prefix(model, adapter, objective, regularizers, batch):
         # from δ's position to the last one read: a logit, or the last prompt token (SADR's query)
+        head_rows, head_positions = _head_reads(cases, stacked.starts)
         last_read = torch.maximum(subject_positions, last_prompt_positions).scatter_reduce(0, head_rows, head_positions, "amax")
         split = split_rows(batch.input_ids, batch.attention_mask, subject_positions, pad_id_of(tokenizer), last_read + 1)
     else:
-        split = split_rows(batch.input_ids, batch.attention_mask, torch.zeros_like(rows), pad_id_of(tokenizer))
-    prefix = PrefixCache(model, split)  # before any hook: the prefix forward is not a step
-    head_positions = split.in_suffix(head_rows, head_positions)
+        split = split_rows(batch.input_ids, batch.attention_mask, torch.zeros_like(subject_positions), pad_id_of(tokenizer))
+    # the prefix forward comes before any hook: it is not a step
+    live = _LiveRows(cases, PrefixCache(model, split), subject_positions, last_prompt_positions, objective.layer)
     final_norm = model.get_submodule(adapter.final_norm)
     lm_head = model.get_output_embeddings()
-
     site_modules = {site: SITES[site](adapter, model, objective.layer) for site in objective.sites}
     loss_block = {objective.loss_layer: adapter.block(model, objective.loss_layer)}
-    delta_batch = DeltaBatch(
-        split.suffix_ids, split.key_mask,
-        torch.cat([stacked.global_rows(i, torch.arange(c.prompts.n_rewrite, device=device)) for i, c in enumerate(cases)]),
-        split.key_index(rows, subject_positions),
-        split.in_suffix(rows, last_prompt_positions),
-        objective.layer, rewrite_rows_per_case=tuple(c.prompts.n_rewrite for c in cases), cached_keys=split.width,
-    )
-    delta_positions = split.in_suffix(rows, subject_positions)
     frozen = [adapter.block(model, i) for i in range(objective.layer)]
 
-    with ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(frozen_blocks(frozen))
-        for site, module in site_modules.items():
-            stack.enter_context(add_at_positions(module, rows, delta_positions, lambda site=site: torch.cat(
-                [c.deltas[site].expand(c.n_rows, -1) for c in cases])))
-        # registered after δ's hooks, so a capture on the same module sees its output with δ added (δ = 0 at step 0)
-        site_out = stack.enter_context(capture_outputs(site_modules))
-        loss_out = stack.enter_context(capture_outputs(loss_block))
+    step, kept = 0, None  # kept: which of the previous batch's requests go on in this one (None: the first batch)
+    with ExitStack() as run:
+        run.enter_context(torch.enable_grad())
         for reg in regularizers:
-            stack.callback(reg.detach)
-            reg.attach(model, adapter, delta_batch)
-        for step in range(objective.steps):
-            optimizer.zero_grad()
-            model.base_model(**prefix.forward_inputs())
-            if step == 0:
-                for c in cases:
-                    c.initial = {s: site_out[s][c.start, delta_positions[c.start]].detach().float()
-                                 for s in objective.sites}
-            hidden = loss_out[objective.loss_layer][head_rows, head_positions]
-            log_probs = lm_head(final_norm(hidden)).float().log_softmax(-1)
-            terms = [_regularizer_terms(reg, step, len(cases)) for reg in regularizers]
-            active = [i for i, c in enumerate(cases) if not c.done]
-            losses, summaries = [], []
-            for i in active:
-                loss, nll, kl, argmax_ok = _case_loss(cases[i], log_probs[cases[i].head], objective)
-                seen_by_stop = loss.detach()
-                for reg, reg_terms in zip(regularizers, terms):
-                    term = reg.weight * reg_terms[i]
-                    loss = loss + term
-                    if reg.in_stop_rule:
-                        seen_by_stop = seen_by_stop + term.detach()
-                losses.append(loss)
-                summaries.append(torch.stack([seen_by_stop, nll, kl, argmax_ok.float()]))
-            still = []  # indices into `active` of the requests that go on
-            for k, (i, (seen, nll, kl, argmax_ok)) in enumerate(zip(active, torch.stack(summaries).tolist())):
-                case = cases[i]
-                state = StepState(step, seen, nll, kl, argmax_ok == 1.0)
-                case.history.append(state)
-                log.debug("δ %d step %d: loss %.4f nll %.4f kl %.4f", i, step, state.loss, state.nll, state.kl)
-                if objective.should_stop(state) or step == objective.steps - 1:
-                    case.done = True
-                    case.diagnostics = {name: value for reg in regularizers for name, value in reg.case_diagnostics()[i].items()}
-                else:
-                    still.append(k)
-            if not still:
+            run.callback(reg.detach)
+        while True:
+            with ExitStack() as stack:  # hooks for this batch's rows
+                stack.enter_context(frozen_blocks(frozen))
+                for site, module in site_modules.items():
+                    stack.enter_context(add_at_positions(module, live.rows, live.delta_positions,
+                                                         lambda site=site, live=live: live.deltas(site)))
+                # registered after δ's hooks, so a capture on the same module sees its output with δ added
+                site_out = stack.enter_context(capture_outputs(site_modules))
+                loss_out = stack.enter_context(capture_outputs(loss_block))
+                for reg in regularizers:
+                    if kept is None:
+                        reg.attach(model, adapter, live.delta_batch)
+                    else:
+                        reg.keep_cases(kept, live.delta_batch)
+                kept = _steps(model, live, optimizer, objective, regularizers, site_out, loss_out,
+                              lambda hidden: lm_head(final_norm(hidden)), step)
+            if not kept:
                 break
-            torch.stack([losses[k] for k in still]).sum().backward()
-            for case in cases:
-                if case.done:  # frozen: a zero gradient would still move it through Adam's momentum
-                    for d in case.deltas.values():
-                        d.grad = None
-            optimizer.step()
-            with torch.no_grad():
-                for case in (cases[active[k]] for k in still):
-                    for s in objective.sites:
-                        max_norm = objective.clamp_norm_factor * case.initial[s].norm()
-                        if case.deltas[s].norm() > max_norm:
-                            case.deltas[s].mul_(max_norm / case.deltas[s].norm())
+            step = len(live.cases[kept[0]].history)
+            live = live.keep(kept)
     return [DeltaResult({s: d.detach() for s, d in c.deltas.items()}, c.initial, len(c.history), c.history, c.diagnostics)
             for c in cases]
+
+
+def _steps(model, live: _LiveRows, optimizer, objective: DeltaObjective, regularizers, site_out, loss_out, head,
+           first_step: int) -> list[int]:
+    """Steps from `first_step` on with the batch `live`, until a request stops or the steps run out; the positions in
+    `live.cases` of the requests that go on (none at the end)."""
+    cases = live.cases
+    for step in range(first_step, objective.steps):
+        optimizer.zero_grad()
+        model.base_model(**live.prefix.forward_inputs())
+        if step == 0:
+            for c, start in zip(cases, live.starts):
+                c.initial = {s: site_out[s][start, live.delta_positions[start]].detach().float() for s in objective.sites}
+        hidden = loss_out[objective.loss_layer][live.head_rows, live.head_positions]
+        log_probs = head(hidden).float().log_softmax(-1)
+        terms = [_regularizer_terms(reg, step, len(cases)) for reg in regularizers]
+        losses, summaries = [], []
+        for k, case in enumerate(cases):
+            loss, nll, kl, argmax_ok = _case_loss(case, log_probs[live.heads[k]], objective)
+            seen_by_stop = loss.detach()
+            for reg, reg_terms in zip(regularizers, terms):
+                term = reg.weight * reg_terms[k]
+                loss = loss + term
+                if reg.in_stop_rule:
+                    seen_by_stop = seen_by_stop + term.detach()
+            losses.append(loss)
+            summaries.append(torch.stack([seen_by_stop, nll, kl, argmax_ok.float()]))
+        still = []  # positions in `cases` of the requests that go on
+        for k, (seen, nll, kl, argmax_ok) in enumerate(torch.stack(summaries).tolist()):
+            case = cases[k]
+            state = StepState(step, seen, nll, kl, argmax_ok == 1.0)
+            case.history.append(state)
+            log.debug("δ %d step %d: loss %.4f nll %.4f kl %.4f", case.number, step, state.loss, state.nll, state.kl)
+            if objective.should_stop(state) or step == objective.steps - 1:
+                case.done = True
+                case.diagnostics = {name: value for reg in regularizers for name, value in reg.case_diagnostics()[k].items()}
+            else:
+                still.append(k)
+        if not still:
+            return []
+        torch.stack([losses[k] for k in still]).sum().backward()
+        for case in cases:
+            if case.done:  # frozen: a zero gradient would still move it through Adam's momentum
+                for d in case.deltas.values():
+                    d.grad = None
+        optimizer.step()
+        with torch.no_grad():
+            for case in (cases[k] for k in still):
+                for s in objective.sites:
+                    max_norm = objective.clamp_norm_factor * case.initial[s].norm()
+                    if case.deltas[s].norm() > max_norm:
+                        case.deltas[s].mul_(max_norm / case.deltas[s].norm())
+        if len(still) < len(cases):
+            return still
+    return []
 
 
 def _reuse_prefix(model, adapter: ModelAdapter, objective: DeltaObjective, regularizers, batch) -> bool:

@@ -13,6 +13,7 @@ its suffix from key index `width`; the attention mask handed to the model covers
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -57,6 +58,14 @@ class PrefixSplit:
         cuts = self.cuts[rows]
         return torch.where(positions < cuts, positions, self.width + positions - cuts)
 
+    def select(self, rows: torch.Tensor) -> "PrefixSplit":
+        """Rows `rows` of this split, in that order, less the suffix columns that are padding in every one of them.
+        The prefix keeps its width, so each kept key keeps its index; only trailing key positions go."""
+        suffix_mask = self.suffix_mask[rows]
+        used = int(suffix_mask.any(dim=0).sum())  # right-padded: the used columns come first
+        return PrefixSplit(self.prefix_ids[rows], self.prefix_mask[rows], self.suffix_ids[rows, :used],
+                           suffix_mask[:, :used], self.cuts[rows])
+
 
 def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, cuts: torch.Tensor, pad_id: int,
                ends: torch.Tensor | None = None) -> PrefixSplit:
@@ -82,24 +91,38 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
+def _step_inputs(split: PrefixSplit) -> dict:
+    """The inputs of every step's forward but the cache (the same at every step, so built once)."""
+    if not split.width:
+        return {"input_ids": split.suffix_ids, "attention_mask": split.suffix_mask}
+    return {"input_ids": split.suffix_ids, "attention_mask": split.key_mask, "position_ids": split.position_ids,
+            "use_cache": True}
+
+
 class PrefixCache:
     """The keys and values of a split's prefixes in every layer, and the inputs of a step's forward that reuses them."""
 
     def __init__(self, model, split: PrefixSplit):
+        self.split = split
         self._config = model.config
         self._argument = _cache_argument(model)
         self._key_values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._inputs = _step_inputs(split)
         if not split.width:
-            self._inputs = {"input_ids": split.suffix_ids, "attention_mask": split.suffix_mask}
             return
-        # the same at every step, so built once
-        self._inputs = {"input_ids": split.suffix_ids, "attention_mask": split.key_mask,
-                        "position_ids": split.position_ids, "use_cache": True}
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model.base_model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, use_cache=True,
                              **{self._argument: cache})
         self._key_values = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def select(self, rows: torch.Tensor) -> "PrefixCache":
+        """The cache of `split.select(rows)`: those rows' keys and values, taken from this one without a forward."""
+        chosen = copy.copy(self)
+        chosen.split = self.split.select(rows)
+        chosen._key_values = [(keys[rows], values[rows]) for keys, values in self._key_values]
+        chosen._inputs = _step_inputs(chosen.split)
+        return chosen
 
     def forward_inputs(self) -> dict:
         """Keyword arguments of `model.base_model` for one step: the suffixes, at their positions, after the cached

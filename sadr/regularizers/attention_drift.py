@@ -71,12 +71,35 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self._selection: Optional[Tensor] = None  # (active layers, rows, heads) bool: the last step's selection
         self._losses: Optional[Tensor] = None  # (requests,): the last step's terms
         self._n_layers = 0
+        self._model: Optional[nn.Module] = None
+        self._adapter: Optional[ModelAdapter] = None
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
         self.detach()
         self.selected, self._selection, self._losses = {}, None, None
+        self._model, self._adapter = model, adapter
         self._n_layers = adapter.num_layers(model)
         self._active = self._active_layers(self._n_layers, batch.injection_layer)
+        self._bind(batch)
+
+    def keep_cases(self, kept: Sequence[int], batch: DeltaBatch) -> None:
+        """The kept requests' reference rows and last selection, cut to the new batch's keys (those dropped at the end
+        are padding in every kept row, so their reference weight is 0), and the hooks rebuilt for it."""
+        if self._reference is None:
+            raise RuntimeError("keep_cases() before the step-0 forward: there are no reference rows to keep yet")
+        kept = torch.as_tensor(list(kept), device=self._row_case.device)
+        rows = torch.isin(self._row_case, kept)
+        reference = self._reference[:, rows, :, : batch.attention_mask.shape[1]]
+        selection, losses = self._selection[:, rows], self._losses[kept]
+        self._bind(batch)
+        self._reference = reference
+        self._keep(selection, losses)
+
+    def _bind(self, batch: DeltaBatch) -> None:
+        """Which rewrite row is whose, and the attention-row hooks, for `batch`."""
+        if self._recorder is not None:
+            self._recorder.remove()
+        model, adapter = self._model, self._adapter
         device = next(model.parameters()).device
         rows = batch.rewrite_rows.cpu()
         self._subjects = batch.subject_keys.cpu()[rows].to(device)
@@ -159,6 +182,7 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
             self._recorder.remove()
         self._recorder = None
         self._reference = None
+        self._model = self._adapter = None
 
     def diagnostics(self) -> dict:
         diagnostics = self.case_diagnostics()

@@ -8,6 +8,7 @@ the unedited model (SADR's reference attention rows) is recorded in that first f
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,14 @@ class DeltaRegularizer(ABC):
         request alone. This default serves a batch of one request; a regularizer that can share a δ-optimisation
         between requests overrides it."""
         return [self.loss(step)]
+
+    def keep_cases(self, kept: Sequence[int], batch: DeltaBatch) -> None:
+        """Go on with only the requests `kept` (ascending positions among the current batch's requests), the others
+        having stopped: from the next forward on, the batch is `batch`, which holds the kept requests' rows in their
+        order with the same key indices, less the key positions at the end that are padding in every kept row. Only
+        a regularizer that shares a δ-optimisation between requests (`case_losses`) is asked this."""
+        raise NotImplementedError(f"{type(self).__name__} gives case_losses for several requests, so it must say "
+                                  "how to keep some of them (keep_cases)")
 
     @abstractmethod
     def detach(self) -> None:
