@@ -69,3 +69,21 @@ def test_published_defaults_compose():
     for model in ("llama3-8b", "llama2-7b", "tinyllama", "smollm2-135m"):
         cfg = composed_editor("pmet", model)
         assert cfg.source and cfg.layers and cfg.v_loss_layer > max(cfg.layers), model
+
+
+def test_without_early_stop_every_delta_runs_all_its_steps(tokenizer, tmp_path, monkeypatch):
+    """`editor.early_stop=false` replaces PMET's stop rule: the δs that stopped early take every step instead, along
+    the same path up to where they stopped."""
+    deltas = record_deltas(monkeypatch)
+    runs = {}
+    for early_stop in (True, False):
+        model = make_model("llama")
+        hparams = spread_config("pmet", v_lr=0.005, v_num_grad_steps=10, early_stop=early_stop)
+        editor = PmetEditor(model, adapter_for(model), tokenizer, hparams, statistics=statistics(model, tokenizer, tmp_path),
+                            context_templates=TEMPLATES)
+        editor.apply(batch_requests(3))
+        runs[early_stop], deltas[:] = list(deltas), []
+    assert min(d.steps_run for d in runs[True]) < 10
+    assert [d.steps_run for d in runs[False]] == [10] * len(runs[True])
+    for stopped, full in zip(runs[True], runs[False]):
+        assert [s.loss for s in full.history[: stopped.steps_run]] == pytest.approx([s.loss for s in stopped.history])

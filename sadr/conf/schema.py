@@ -122,6 +122,9 @@ class EditorConfig:
     # step only the tokens from there to the last one the loss reads. Same results up to float rounding, 1.5-2x
     # faster edits on the offline default (README, Speed); false feeds whole prompts at every step, as the reference does
     prefix_cache: bool = True
+    # δ-optimisation: stop when the editor's stop rule says so (the reference code's behaviour); false runs every δ all
+    # v_num_grad_steps steps, e.g. to compare two settings at equal steps
+    early_stop: bool = True
 
 
 @dataclass

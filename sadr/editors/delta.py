@@ -50,6 +50,11 @@ def loss_is_small(state: StepState) -> bool:
     return state.loss < 5e-2
 
 
+def never_stop(_state: StepState) -> bool:
+    """`editor.early_stop=false`: every δ runs all its steps."""
+    return False
+
+
 @dataclass
 class DeltaObjective:
     sites: tuple[str, ...]
@@ -69,7 +74,10 @@ class DeltaObjective:
 
     @classmethod
     def from_hparams(cls, hparams, *, sites: tuple[str, ...], layer: int, **rules) -> "DeltaObjective":
-        """The objective an `EditorConfig` describes, for δs at `sites` of block `layer`."""
+        """The objective an `EditorConfig` describes, for δs at `sites` of block `layer` (with `early_stop` false, a
+        stop rule in `rules` is replaced by one that never stops)."""
+        if not hparams.early_stop:
+            rules = {**rules, "should_stop": never_stop}
         return cls(sites=sites, layer=layer, steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
                    weight_decay=hparams.v_weight_decay, clamp_norm_factor=hparams.clamp_norm_factor,
                    kl_factor=hparams.kl_factor, loss_layer=hparams.v_loss_layer, prefix_cache=hparams.prefix_cache,
