@@ -119,9 +119,6 @@ class StackedDeltaPrompts:
     cases: list[DeltaPrompts]
     starts: list[int]
 
-    def global_rows(self, case: int, local_rows: torch.Tensor) -> torch.Tensor:
-        return local_rows + self.starts[case]
-
     def to(self, device) -> "StackedDeltaPrompts":
         return StackedDeltaPrompts(self.batch.to(device), [case.to(device) for case in self.cases], self.starts)
 
