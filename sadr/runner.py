@@ -62,7 +62,7 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
     return SecondMomentStatistics(
         loaded.model, loaded.adapter, loaded.tokenizer, fingerprint=fingerprint, corpus=corpus,
         sample_length=stats.sample_length, batch_tokens=stats.batch_tokens, cache_dir=cfg.cache_dir,
-        npz_dir=stats.npz_dir, npz_samples=stats.n_samples,
+        npz_dir=stats.npz_dir, npz_samples=stats.n_samples, product_dtype=getattr(torch, stats.product_dtype.name),
     )
 
 
@@ -210,7 +210,7 @@ class Experiment:
         """Every case on its own edited model, all in shared forwards; seconds per case."""
         loaded = self.loaded
         start = time.perf_counter()
-        with PerRowUpdates(loaded.model, loaded.adapter, [outcome.factors for outcome in outcomes]) as updates:
+        with PerRowUpdates(loaded.model, loaded.adapter, [outcome.updates for outcome in outcomes]) as updates:
             results = evaluate_all(self.evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases, updates.rows)
         return results, (time.perf_counter() - start) / len(cases)
 

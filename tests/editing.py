@@ -92,7 +92,8 @@ def assert_ridge_solutions(edit: BatchEdit) -> None:
     for solve in edit.outcome.solves:
         keys, residuals = solve.keys.double(), solve.residuals.double()
         c = edit.second_moments[solve.layer].double()
-        lhs = solve.update @ (lam * c + keys.T @ keys)
+        update = solve.update.dense()
+        lhs = update @ (lam * c + keys.T @ keys)
         rhs = residuals.T @ keys
         assert (lhs - rhs).norm() <= 1e-8 * rhs.norm(), solve.layer
         evals, evecs = torch.linalg.eigh(c)
@@ -100,7 +101,7 @@ def assert_ridge_solutions(edit: BatchEdit) -> None:
         stacked = torch.cat([keys, lam ** 0.5 * c_half])
         wanted = torch.cat([residuals, torch.zeros(c.shape[0], residuals.shape[1], dtype=torch.float64)])
         expected = torch.linalg.lstsq(stacked, wanted, driver="gelsd").solution.T
-        assert (solve.update - expected).norm() <= 1e-6 * expected.norm(), solve.layer
+        assert (update - expected).norm() <= 1e-6 * expected.norm(), solve.layer
 
 
 def assert_every_new_object_is_the_argmax(edit: BatchEdit, tokenizer) -> None:
@@ -121,7 +122,7 @@ def assert_only_the_updates_were_written(edit: BatchEdit) -> None:
             continue
         change = after[name] - value
         change = change.T if adapter.down_weight_is_transposed else change
-        torch.testing.assert_close(change.double(), edit.outcome.updates[edited[name]], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(change.double(), edit.outcome.updates[edited[name]].dense(), rtol=1e-4, atol=1e-6)
 
 
 def top1(model, tokenizer, prompt: str) -> int:

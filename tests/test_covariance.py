@@ -37,9 +37,50 @@ def test_covariance_matches_direct_computation(family, batch_tokens, chunk_bytes
     result = accumulate_second_moments(model, adapter, tokenizer, [1, 2], TEXTS, sample_length=64, batch_tokens=batch_tokens)
     assert result.count == sum(len(tokenizer(text)["input_ids"]) for text in TEXTS)
     for layer in (1, 2):
-        assert result.sums[layer].dtype == torch.float64
-        torch.testing.assert_close(result.sums[layer] / result.count, _direct(model, tokenizer, layer), rtol=1e-5, atol=1e-7)
+        moment = result.take_moment(layer)
+        assert moment.dtype == torch.float64 and torch.equal(moment, moment.T)
+        torch.testing.assert_close(moment, _direct(model, tokenizer, layer), rtol=1e-5, atol=1e-7)
     assert set(result.seconds) == {"forward", "accumulate", "corpus"}
+
+
+@pytest.mark.parametrize(("width", "blocks"), [(256, 8), (37, 8), (5, 8), (12, 1)])
+def test_an_upper_triangular_sum_is_the_full_product_and_stores_about_half_of_it(width, blocks):
+    """Added in three chunks, the sum equals kᵀk computed at once (float64, independent), is exactly symmetric, and
+    its blocks hold (d² + d · block)/2 numbers at most."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, width, generator=g, dtype=torch.float64)
+    total = covariance.UpperTriangularSum(width, torch.device("cpu"), blocks)
+    stored = sum(rows.numel() for rows in total.rows)
+    step = -(-width // blocks)
+    assert stored <= (width * width + width * step) / 2
+    for chunk in keys.split(20):
+        total.add(chunk)
+    full = total.take_full()
+    assert torch.equal(full, full.T) and not total.rows
+    torch.testing.assert_close(full, keys.T @ keys, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_products_stay_within_float32_rounding_of_the_float64_statistics(tokenizer, tmp_path):
+    """`model.stats.product_dtype=float32`: each chunk's products in float32, the sums in float64. C agrees with the
+    float64 pass to float32 rounding, differs from it (the products really were float32), and is cached apart."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    moments = {}
+    for dtype in (torch.float64, torch.float32):
+        result = accumulate_second_moments(model, adapter, tokenizer, [1], TEXTS, sample_length=64, batch_tokens=4096,
+                                           product_dtype=dtype)
+        moments[dtype] = result.take_moment(1)
+    assert moments[torch.float32].dtype == torch.float64
+    torch.testing.assert_close(moments[torch.float32], moments[torch.float64], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(moments[torch.float32], moments[torch.float64])
+
+    def description(dtype):
+        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f", corpus=Corpus({"kind": "test"}, list),
+                                      sample_length=64, batch_tokens=256, cache_dir=tmp_path,
+                                      product_dtype=dtype).description()
+
+    assert description(torch.float64) == {"kind": "test", "sample_length": 64}  # existing caches keep their keys
+    assert description(torch.float32) == {"kind": "test", "sample_length": 64, "products": "float32"}
 
 
 def test_statistics_pass_stops_after_the_highest_requested_layer(tokenizer):
@@ -122,8 +163,10 @@ def test_factorized_statistics_solve_with_C_and_release_it(tmp_path, tokenizer):
     corpus = Corpus({"kind": "test"}, lambda: iter(random_texts()))
     stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
                                    sample_length=64, batch_tokens=256, cache_dir=tmp_path)
-    moment = stats.get([1])[1].clone()
+    handed_out = stats.get([1])[1]
+    moment = handed_out.clone()
     factors = stats.factorized([1])[1]
+    assert torch.equal(handed_out, moment)  # a C that `get` handed out is not overwritten by its factors
     assert 1 not in stats._memory  # one d × d matrix per layer stays: the factors
     rhs = torch.randn(moment.shape[0], 3, dtype=torch.float64)
     torch.testing.assert_close(moment @ factors.solve(rhs), rhs)

@@ -17,10 +17,11 @@ import sadr.editors.rome as rome_module
 import sadr.editors.spread as spread_module
 from sadr.conf.registry import ConfigError
 from sadr.data.records import EditCase, EditRequest, LabeledPrompt
-from sadr.editors.low_rank import PerRowUpdates, rank_one_factors
+from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.editors.rome import RomeEditor
+from sadr.editors.update import LowRankUpdate
 from sadr.evaluation.drift import ATTENTION, decode_entry
 from sadr.evaluation.generation_metrics import GenerationMetrics
 from sadr.evaluation.probes import METRICS, resolve_metrics
@@ -98,7 +99,7 @@ def one_at_a_time(editor, cases):
 
 def side_by_side(editor, cases):
     outcomes = editor.apply_each([case.request for case in cases])
-    with PerRowUpdates(editor.model, editor.adapter, [o.factors for o in outcomes]) as updates:
+    with PerRowUpdates(editor.model, editor.adapter, [o.updates for o in outcomes]) as updates:
         return outcomes, evaluate_all(EVALUATORS, editor.model, editor.tokenizer, editor.adapter, cases, updates.rows)
 
 
@@ -211,8 +212,8 @@ def test_per_row_updates_evaluate_as_the_written_weights(name, family, tokenizer
 
     state, written = editor.state_dict(), []
     for case, outcome in zip(cases, outcomes):
-        for layer, factors in outcome.factors.items():
-            editor.adapter.add_to_down_weight(model, layer, factors.dense())
+        for layer, update in outcome.updates.items():
+            editor.adapter.add_to_down_weight(model, layer, update.dense())
         written += evaluate_all(EVALUATORS, model, editor.tokenizer, editor.adapter, [case])
         editor.load_state_dict(state)
     assert_same_decisions(written, together, prob_rtol=1e-4)
@@ -224,11 +225,11 @@ def test_texts_sampled_through_per_row_updates_are_those_of_the_written_weights(
     cases = tiny_cases(2)
     generation = [GenerationMetrics(seed=0, new_tokens=6)]
     outcomes = editor.apply_each([case.request for case in cases])
-    with PerRowUpdates(model, editor.adapter, [o.factors for o in outcomes]) as updates:
+    with PerRowUpdates(model, editor.adapter, [o.updates for o in outcomes]) as updates:
         together = evaluate_all(generation, model, tokenizer, editor.adapter, cases, updates.rows)
     state, written = editor.state_dict(), []
     for case, outcome in zip(cases, outcomes):
-        editor.adapter.add_to_down_weight(model, 1, outcome.factors[1].dense())
+        editor.adapter.add_to_down_weight(model, 1, outcome.updates[1].dense())
         written += evaluate_all(generation, model, tokenizer, editor.adapter, [case])
         editor.load_state_dict(state)
     unedited = evaluate_all(generation, model, tokenizer, editor.adapter, cases)
@@ -236,19 +237,40 @@ def test_texts_sampled_through_per_row_updates_are_those_of_the_written_weights(
     assert [r["fluency"]["text"] for r in together] != [r["fluency"]["text"] for r in unedited]
 
 
-def test_rank_one_factors_reproduce_the_update_and_refuse_higher_rank():
-    torch.manual_seed(0)
-    update = torch.outer(torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64))
-    torch.testing.assert_close(rank_one_factors(update).dense(), update, rtol=1e-12, atol=0)
-    assert rank_one_factors(torch.zeros(5, 7)).dense().abs().max() == 0
-    with pytest.raises(ValueError, match="rank above one"):
-        rank_one_factors(update + torch.outer(torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64)))
+def test_per_row_updates_of_any_rank_give_each_row_its_written_model(tokenizer):
+    """Cases of rank 2, rank 1 on another layer, and no update, in one batch: each row's logits are those of the model
+    with that case's dense ΔW written (a sum of two rank-one updates is the sum of the written changes)."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    g = torch.Generator().manual_seed(0)
+
+    def random_update(layer: int, rank: int) -> LowRankUpdate:
+        out_features, in_features = adapter.down_weight(model, layer).shape
+        return LowRankUpdate(torch.randn(out_features, rank, generator=g, dtype=torch.float64),
+                             torch.randn(in_features, rank, generator=g, dtype=torch.float64) / in_features)
+
+    first, second = random_update(1, 1), random_update(1, 1)
+    cases = [{1: first + second}, {2: random_update(2, 1)}, {}]
+    assert cases[0][1].rank == 2
+    torch.testing.assert_close(cases[0][1].dense(), first.dense() + second.dense())
+    ids = torch.tensor([tokenizer("The capital city of France is")["input_ids"]] * len(cases))
+    with torch.no_grad(), PerRowUpdates(model, adapter, cases) as updates, updates.rows(list(range(len(cases)))):
+        together = model(input_ids=ids).logits
+    for row, case in enumerate(cases):
+        fresh = make_model("llama")
+        for layer, update in case.items():
+            adapter.add_to_down_weight(fresh, layer, update.dense())
+        with torch.no_grad():
+            alone = fresh(input_ids=ids[row : row + 1]).logits[0]
+        torch.testing.assert_close(together[row], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(together[0], together[2], atol=1e-3)
 
 
 def test_a_forward_without_row_cases_is_an_error(tokenizer):
     model = make_model("llama")
     adapter = adapter_for(model)
-    update = rank_one_factors(torch.ones(adapter.down_weight(model, 1).shape))
+    out_features, in_features = adapter.down_weight(model, 1).shape
+    update = LowRankUpdate(torch.ones(out_features, 1), torch.ones(in_features, 1))
     ids = torch.tensor([tokenizer("The capital city of France")["input_ids"]])
     with PerRowUpdates(model, adapter, [{1: update}]) as updates:
         with pytest.raises(RuntimeError, match="which case each row"):

@@ -44,6 +44,22 @@ def test_batch_size_needs_a_batch_protocol():
         composed(["editor.batch_size=4"])
 
 
+def test_float32_statistics_products_are_set_from_the_config(tiny_dir, tmp_path):
+    import torch
+
+    from sadr.models.loading import load_model
+    from sadr.runner import build_statistics
+
+    loaded = load_model(str(tiny_dir / "model"), device="cpu")
+    for setting, dtype in ((None, torch.float64), ("float32", torch.float32)):
+        cfg = composed(tiny_overrides(tiny_dir, tmp_path, *([f"model.stats.product_dtype={setting}"] if setting else [])))
+        statistics = build_statistics(cfg, loaded, "f")
+        assert statistics.product_dtype == dtype
+        assert ("products" in statistics.description()) == (setting is not None)
+    with pytest.raises(Exception, match="product_dtype"):
+        composed(tiny_overrides(tiny_dir, tmp_path, "model.stats.product_dtype=float16"))
+
+
 def _sadr_run(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "sadr.cli.run", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)

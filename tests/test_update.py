@@ -26,7 +26,7 @@ def test_rank_one_update_is_the_least_C_norm_solution_of_the_constraint():
     system = torch.kron(torch.eye(d_out, dtype=torch.float64), a[None, :])  # vec(M) row-major
     m = torch.linalg.lstsq(system, r[:, None], driver="gelsd").solution.reshape(d_out, d_in)
     expected = m @ c_half_inv
-    got = rank_one_update(k, r, FactorizedMoment.of(C))
+    got = rank_one_update(k, r, FactorizedMoment.of(C)).dense()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(got @ k, r)
     assert torch.allclose(expected @ c_half @ c_half.T, expected @ C)
@@ -35,7 +35,7 @@ def test_rank_one_update_is_the_least_C_norm_solution_of_the_constraint():
 def test_rank_one_update_without_mom2_adjustment_uses_identity():
     k = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
     r = torch.tensor([3.0, -1.0], dtype=torch.float64)
-    torch.testing.assert_close(rank_one_update(k, r, None), torch.outer(r, k) / 9.0)
+    torch.testing.assert_close(rank_one_update(k, r, None).dense(), torch.outer(r, k) / 9.0)
 
 
 @pytest.mark.parametrize("n", [1, 5, 12])  # one request, a batch, more keys than dimensions
@@ -47,6 +47,8 @@ def test_least_squares_update_satisfies_the_normal_equations_and_matches_lstsq(n
     R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
     C = _spd(d_in, 4)
     got = least_squares_update(K, R, FactorizedMoment.of(C), lam)
+    assert got.rank == n
+    got = got.dense()
     # normal equations: ΔW (λC + KᵀK) = Rᵀ K
     torch.testing.assert_close(got @ (lam * C + K.T @ K), R.T @ K)
     # independent: ‖[K; √λ C^½] ΔWᵀ − [R; 0]‖² by least squares
@@ -67,14 +69,15 @@ def test_reference_rank_one_update_is_exact_at_k0_along_the_direction_C_inv_k_ba
     C = _spd(d_in, 6)
     k_bar, k0 = (torch.randn(d_in, generator=g, dtype=torch.float64) for _ in range(2))
     r = torch.randn(d_out, generator=g, dtype=torch.float64)
-    got = rank_one_update(k_bar, r, FactorizedMoment.of(C), exact_key=k0)
+    got = rank_one_update(k_bar, r, FactorizedMoment.of(C), exact_key=k0).dense()
     torch.testing.assert_close(got @ k0, r)
     direction = np.linalg.inv(C.numpy()) @ k_bar.numpy()
     _, singular, vh = np.linalg.svd(got.numpy())
     assert singular[1] < 1e-12 * singular[0]  # rank one
     assert abs(abs(vh[0] @ direction) / np.linalg.norm(direction) - 1) < 1e-12
     assert not torch.allclose(got @ k_bar, r)  # exact at k₀, not at k̄
-    torch.testing.assert_close(rank_one_update(k_bar, r, FactorizedMoment.of(C), exact_key=k_bar), rank_one_update(k_bar, r, FactorizedMoment.of(C)))
+    torch.testing.assert_close(rank_one_update(k_bar, r, FactorizedMoment.of(C), exact_key=k_bar).dense(),
+                               rank_one_update(k_bar, r, FactorizedMoment.of(C)).dense())
 
 
 def test_independent_rank_one_updates_are_each_rows_own_least_squares_update():
@@ -83,6 +86,19 @@ def test_independent_rank_one_updates_are_each_rows_own_least_squares_update():
     K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
     R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
     C = FactorizedMoment.of(_spd(d_in, 6))
-    lefts, rights = independent_rank_one_updates(K, R, C, lam)
+    updates = independent_rank_one_updates(K, R, C, lam)
     for i in range(n):
-        torch.testing.assert_close(torch.outer(lefts[i], rights[i]), least_squares_update(K[i : i + 1], R[i : i + 1], C, lam))
+        assert updates[i].rank == 1
+        torch.testing.assert_close(updates[i].dense(), least_squares_update(K[i : i + 1], R[i : i + 1], C, lam).dense())
+
+
+def test_factoring_in_place_gives_the_factors_of_a_copy_without_a_second_matrix():
+    C = _spd(9, 7)
+    kept = FactorizedMoment.of(C)
+    original = C.clone()
+    assert torch.equal(C, original)  # by default C is left as it was
+    in_place = FactorizedMoment.of(C, overwrite=True)
+    assert in_place.lu.data_ptr() == C.data_ptr()
+    assert torch.equal(in_place.lu, kept.lu) and torch.equal(in_place.pivots, kept.pivots)
+    rhs = torch.randn(9, 2, dtype=torch.float64)
+    torch.testing.assert_close(original @ in_place.solve(rhs), rhs)

@@ -36,6 +36,11 @@ class DType(Enum):
     float64 = "float64"
 
 
+class ProductDType(Enum):
+    float64 = "float64"  # every product and sum in float64
+    float32 = "float32"  # each chunk's Σ k kᵀ in float32, added to float64 sums: for cards whose float64 is slow
+
+
 class StatsCorpus(Enum):
     auto = "auto"  # `generated` for the embedded offline model, `hub` otherwise
     hub = "hub"  # a Hugging Face text dataset (stats.hub_dataset / hub_config / hub_split), sampled by stats.hub_sample
@@ -81,6 +86,7 @@ class StatsConfig:
     n_samples: int = 100000  # documents (or generated texts)
     sample_length: int = 1024  # tokens kept per document
     batch_tokens: int = 8192  # token budget of one forward batch
+    product_dtype: ProductDType = ProductDType.float64  # precision of each chunk's Σ k kᵀ (the sums stay float64)
     npz_dir: Optional[str] = None  # folder of ROME-format <module>_float32_mom2_<n>.npz files to load instead
 
 

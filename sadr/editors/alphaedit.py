@@ -22,8 +22,8 @@ import torch
 
 from sadr.cache import TORCH, cached
 from sadr.conf.schema import EditorConfig
-from sadr.editors.low_rank import RankOneUpdate, rank_one_factors
 from sadr.editors.memit import MemitEditor
+from sadr.editors.update import LowRankUpdate
 from sadr.editors.plugin import EditorPlugin
 from sadr.models.fingerprint import cache_key
 
@@ -49,12 +49,15 @@ def nullspace_projection(second_moment: torch.Tensor, threshold: float) -> torch
 
 
 def nullspace_update(keys: torch.Tensor, residuals: torch.Tensor, projection: torch.Tensor,
-                     earlier_keys: torch.Tensor, l2: float) -> torch.Tensor:
-    """ΔW (float64, (d_out, d_in)) = Xᵀ, X solving (P (KᵀK + Cₚ) + L2 I) X = P Kᵀ R with K, R as rows."""
+                     earlier_keys: torch.Tensor, l2: float) -> LowRankUpdate:
+    """ΔW ((d_out, d_in)) = Xᵀ, X solving (P (KᵀK + Cₚ) + L2 I) X = P Kᵀ R with K, R as rows.
+
+    X = Y R with Y solving the same system for P Kᵀ (n columns instead of d_out), so ΔW = Rᵀ Yᵀ.
+    """
     k, r = keys.double(), residuals.double()
     p = projection.to(k)
     system = p @ (k.T @ k + earlier_keys.to(k)) + l2 * torch.eye(k.shape[1], dtype=k.dtype, device=k.device)
-    return torch.linalg.solve(system, p @ k.T @ r).T
+    return LowRankUpdate(r.T, torch.linalg.solve(system, p @ k.T))
 
 
 class AlphaEditEditor(MemitEditor):
@@ -80,7 +83,7 @@ class AlphaEditEditor(MemitEditor):
         """C itself: AlphaEdit projects onto its null space rather than solving with it."""
         return self.statistics.get(self.layers)
 
-    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> LowRankUpdate:
         earlier = self.earlier_keys.get(layer, torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64))
         update = nullspace_update(keys, residuals, self.projection(layer, second_moment), earlier, self.hparams.L2)
         # a layer's keys depend only on the layers below it, so these are the keys of the edited model
@@ -88,12 +91,12 @@ class AlphaEditEditor(MemitEditor):
         self.earlier_keys[layer] = earlier + k.T @ k
         return update
 
-    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> list[RankOneUpdate]:
+    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> list[LowRankUpdate]:
         """Each row's request solved alone: every solve sees the keys preserved so far, not the other rows'."""
         earlier = self.earlier_keys.get(layer)
         updates = []
         for row in range(len(keys)):
-            updates.append(rank_one_factors(self.solve(layer, keys[row : row + 1], residuals[row : row + 1], second_moment)))
+            updates.append(self.solve(layer, keys[row : row + 1], residuals[row : row + 1], second_moment))
             if earlier is None:
                 self.earlier_keys.pop(layer)
             else:

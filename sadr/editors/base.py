@@ -10,21 +10,20 @@ from typing import Callable
 import torch
 
 from sadr.data.records import EditRequest
-from sadr.editors.low_rank import RankOneUpdate, rank_one_factors
+from sadr.editors.update import LowRankUpdate
 from sadr.models.adapters import ModelAdapter
 
 
 @dataclass
 class EditOutcome:
-    """Weight changes written into the model (layer -> ΔW, float64, (out, in)), timings and diagnostics.
+    """Weight changes (layer -> ΔW as low-rank factors, float64, (out, in)), timings and diagnostics.
 
-    From `Editor.apply_each`, nothing is written: each layer's ΔW is in `factors` (rank one), `updates` is empty.
+    From `Editor.apply`, the updates have been written into the model; from `Editor.apply_each`, nothing is written.
     """
 
-    updates: dict[int, torch.Tensor] = field(default_factory=dict)
+    updates: dict[int, LowRankUpdate] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, float] = field(default_factory=dict)
-    factors: dict[int, RankOneUpdate] = field(default_factory=dict)
 
 
 @contextmanager
@@ -56,7 +55,7 @@ class Editor(ABC):
     def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
         """Edit each request alone into the model as it is, as `apply([request])` would, and leave the model as it was.
 
-        For the single protocol's parallel cases: each outcome holds its update as rank-one `factors`. This default
+        For the single protocol's parallel cases: each outcome holds its updates, unwritten. This default
         runs `apply` request by request; editors whose δ-optimisations can share forwards override it.
         """
         return self._each_alone(requests, lambda _index, request: self.apply([request]), {})
@@ -76,8 +75,7 @@ class Editor(ABC):
             seconds = dict(written.seconds)
             for name, value in shared_seconds.items():
                 seconds[name] = seconds.get(name, 0.0) + value / len(requests)
-            factors = {layer: rank_one_factors(update) for layer, update in written.updates.items()}
-            outcomes.append(EditOutcome(seconds=seconds, diagnostics=written.diagnostics, factors=factors))
+            outcomes.append(EditOutcome(updates=written.updates, seconds=seconds, diagnostics=written.diagnostics))
         return outcomes
 
     def state_dict(self) -> dict:

@@ -1,66 +1,45 @@
-"""Rank-one weight updates as factors, and several cases' updates applied per batch row without writing a weight.
+"""Several cases' weight updates applied per batch row, without writing a weight.
 
 In the single protocol every layer's update is rank one: one request gives ROME's ΔW = r uᵀ / (uᵀ k₀), and MEMIT's,
 PMET's and AlphaEdit's ΔW = R Kᵀ (…)⁻¹ with a single column in R. So N independently edited models differ from the
-unedited one by N rank-one terms per edited layer, and all N can run in one forward: the row of case i adds
-(x · bᵢ) aᵢ to the output of each edited down-projection, x being its input, which is what W + aᵢ bᵢᵀ computes.
+unedited one by N low-rank terms per edited layer, and all N can run in one forward: the row of case i adds
+Aᵢ (Bᵢᵀ x) to the output of each edited down-projection, x being its input, which is what W + Aᵢ Bᵢᵀ computes.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from sadr.errors import InvalidSettingError
+from sadr.editors.update import LowRankUpdate
 from sadr.models.adapters import ModelAdapter
-
-
-@dataclass
-class RankOneUpdate:
-    """ΔW = left rightᵀ (float64), ΔW being (out_features, in_features)."""
-
-    left: torch.Tensor  # (out_features,)
-    right: torch.Tensor  # (in_features,)
-
-    def dense(self) -> torch.Tensor:
-        return torch.outer(self.left, self.right)
-
-
-def rank_one_factors(update: torch.Tensor, rtol: float = 1e-6) -> RankOneUpdate:
-    """Factor a dense ΔW of rank one: right = its largest row, left = ΔW right / ‖right‖²; higher rank is an error."""
-    update = update.double()
-    right = update[update.norm(dim=1).argmax()]
-    scale = right @ right
-    if scale == 0:  # ΔW = 0
-        return RankOneUpdate(torch.zeros_like(update[:, 0]), right)
-    factors = RankOneUpdate(update @ right / scale, right)
-    error = (update - factors.dense()).norm()
-    if error > rtol * update.norm():
-        raise InvalidSettingError(f"a single edit's update has rank above one (relative residual {error / update.norm():.1e} "
-                                  "of its rank-one factors): editor.parallel_cases needs rank-one updates; set it to 1")
-    return factors
 
 
 class PerRowUpdates:
     """N independently edited versions of one model in one forward; no weight is written.
 
-    A hook on each edited layer's MLP down-projection adds, to the output of every batch row of case i, (x · bᵢ) aᵢ
-    for that case's update aᵢ bᵢᵀ (zero where the case leaves the layer alone). Which case each row belongs to is
+    A hook on each edited layer's MLP down-projection adds, to the output of every batch row of case i, Aᵢ (Bᵢᵀ x)
+    for that case's update Aᵢ Bᵢᵀ (zero where the case leaves the layer alone). Which case each row belongs to is
     declared around each forward with `rows`; a forward without it is an error, since it would silently mix the
     cases up. Use as a context manager.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, updates: list[dict[int, RankOneUpdate]]):
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, updates: list[dict[int, LowRankUpdate]]):
         device = next(model.parameters()).device
         layers = sorted({layer for case in updates for layer in case})
         self._modules = {layer: adapter.mlp_down_module(model, layer) for layer in layers}
 
         def stacked(layer: int, side: str, size: int) -> torch.Tensor:
-            return torch.stack([getattr(case[layer], side) if layer in case else torch.zeros(size, dtype=torch.float64)
-                                for case in updates]).to(device=device, dtype=torch.float32)
+            """(cases, size, rank) float32, each case's factor padded with zero columns to the layer's highest rank."""
+            rank = max(case[layer].rank for case in updates if layer in case)
+            factors = torch.zeros(len(updates), size, rank, dtype=torch.float32, device=device)
+            for index, case in enumerate(updates):
+                if layer in case:
+                    factor = getattr(case[layer], side)
+                    factors[index, :, : factor.shape[1]] = factor.to(device=device, dtype=torch.float32)
+            return factors
 
         shapes = {layer: adapter.down_weight(model, layer).shape for layer in layers}
         self._left = {layer: stacked(layer, "left", shapes[layer][0]) for layer in layers}
@@ -94,8 +73,8 @@ class PerRowUpdates:
                 raise RuntimeError(f"{len(self._cases)} row cases for a batch of {x.shape[0]} rows")
             else:
                 cases = self._cases
-            coefficient = torch.einsum("btd,bd->bt", x.float(), self._right[layer][cases])
-            return output + (coefficient[..., None] * self._left[layer][cases][:, None, :]).to(output.dtype)
+            coefficients = torch.einsum("btd,bdr->btr", x.float(), self._right[layer][cases])
+            return output + torch.einsum("btr,bor->bto", coefficients, self._left[layer][cases]).to(output.dtype)
 
         return add_updates
 

@@ -30,9 +30,9 @@ from sadr.editors.capture import capture_outputs, stop_after
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delta, optimize_deltas
 from sadr.editors.keys import mean_keys
-from sadr.editors.low_rank import PerRowUpdates, RankOneUpdate
+from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.prompts import encode_subject_prompts
-from sadr.editors.update import independent_rank_one_updates, least_squares_update
+from sadr.editors.update import LowRankUpdate, independent_rank_one_updates, least_squares_update
 from sadr.errors import InvalidSettingError
 from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.models.adapters import ModelAdapter
@@ -83,7 +83,7 @@ class LayerSolve:
     layer: int
     keys: torch.Tensor  # (n, d_in) float32
     residuals: torch.Tensor  # (n, d_out) float32, already divided
-    update: torch.Tensor  # (d_out, d_in) float64, written into the down-projection
+    update: LowRankUpdate  # ΔW, (d_out, d_in), written into the down-projection
 
 
 @dataclass
@@ -139,8 +139,8 @@ class SpreadEditor(Editor):
         """What `solve` is given per layer: C's factors (MEMIT, PMET)."""
         return self.statistics.factorized(self.layers)
 
-    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment) -> torch.Tensor:
-        """ΔW of one layer (float64, (d_out, d_in)) from this batch's keys and residuals as rows: MEMIT's ridge solve."""
+    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment) -> LowRankUpdate:
+        """ΔW of one layer ((d_out, d_in)) from this batch's keys and residuals as rows: MEMIT's ridge solve."""
         return least_squares_update(keys, residuals, second_moment, self.hparams.mom2_update_weight)
 
     def apply(self, requests: list[EditRequest]) -> SpreadOutcome:
@@ -153,11 +153,10 @@ class SpreadEditor(Editor):
                                       self.objective, self.regularizers) for request in requests]
         return self._spread(requests, results, second_moments, outcome)
 
-    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment) -> list[RankOneUpdate]:
-        """What `solve` gives for each row's request alone (n = 1), as rank-one factors: MEMIT's ridge solve for all
-        rows at once. An editor that overrides `solve` overrides this too."""
-        lefts, rights = independent_rank_one_updates(keys, residuals, second_moment, self.hparams.mom2_update_weight)
-        return [RankOneUpdate(left, right) for left, right in zip(lefts, rights)]
+    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment) -> list[LowRankUpdate]:
+        """What `solve` gives for each row's request alone (n = 1): MEMIT's ridge solve for all rows at once. An
+        editor that overrides `solve` overrides this too."""
+        return independent_rank_one_updates(keys, residuals, second_moment, self.hparams.mom2_update_weight)
 
     def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
         """Each request edited alone, as `apply([request])` would, side by side and without writing a weight.
@@ -173,10 +172,10 @@ class SpreadEditor(Editor):
             results = optimize_deltas(self.model, self.adapter, self.tokenizer, requests, self.context_templates,
                                       self.objective, self.regularizers)
         targets = torch.stack([r.target(self.target_site) for r in results])
-        factors: list[dict[int, RankOneUpdate]] = [{} for _ in requests]
+        per_case: list[dict[int, LowRankUpdate]] = [{} for _ in requests]
         diagnostics = [_delta_diagnostics([result]) for result in results]
         for i, layer in enumerate(self.layers):
-            with PerRowUpdates(self.model, self.adapter, factors) as written:
+            with PerRowUpdates(self.model, self.adapter, per_case) as written:
                 with timed(shared, "keys"):
                     keys = grouped_mean_keys(self.model, self.adapter, self.tokenizer, layer, requests, self.groups,
                                              case_rows=written.rows)
@@ -185,13 +184,13 @@ class SpreadEditor(Editor):
                                                   self.layers[-1], requests, case_rows=written.rows)
             with timed(shared, "update"):
                 residuals = (targets - current) / self.divisor(len(self.layers) - i)
-                for case, update in zip(factors, self.solve_each(layer, keys, residuals, second_moments[layer])):
+                for case, update in zip(per_case, self.solve_each(layer, keys, residuals, second_moments[layer])):
                     case[layer] = update
             for case, norm in zip(diagnostics, (targets - current).norm(dim=-1).tolist()):
                 case[f"residual_norm_layer{layer}"] = norm
         seconds = {name: value / len(requests) for name, value in shared.items()}
-        return [EditOutcome(seconds=dict(seconds), diagnostics=case_diagnostics, factors=case_factors)
-                for case_diagnostics, case_factors in zip(diagnostics, factors)]
+        return [EditOutcome(updates=case_updates, seconds=dict(seconds), diagnostics=case_diagnostics)
+                for case_diagnostics, case_updates in zip(diagnostics, per_case)]
 
     def _spread(self, requests: list[EditRequest], results: list[DeltaResult], second_moments: dict,
                 outcome: SpreadOutcome) -> SpreadOutcome:
@@ -205,7 +204,7 @@ class SpreadEditor(Editor):
                                               self.layers[-1], requests)
                 residuals = (targets - current) / self.divisor(len(self.layers) - i)
                 update = self.solve(layer, keys, residuals, second_moments[layer])
-                self.adapter.add_to_down_weight(self.model, layer, update)
+                self.adapter.add_to_down_weight(self.model, layer, update.dense())
             outcome.solves.append(LayerSolve(layer, keys, residuals, update))
             outcome.updates[layer] = update
             outcome.diagnostics[f"residual_norm_layer{layer}"] = (targets - current).norm(dim=-1).mean().item()
