@@ -15,8 +15,8 @@ Usage:
     python benchmarks/parallel_cases_bench.py --n 1 4 --cases 4 --threads 2            # SmolLM2-135M (offline default)
     python benchmarks/parallel_cases_bench.py --device cuda --n 1 8 32 --cases 32
     python benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --model-source /models/random-gptj \\
-        --stats-samples 64 --n 1 8 32 --cases 32                                         # any local folder of that shape
-    python benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --random-shape --stats-samples 64 --n 1 16
+        --stats-samples 160 --n 1 8 32 --cases 32                                        # any local folder of that shape
+    python benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --random-shape --stats-samples 160 --n 1 16
 
 `--random-shape` builds random weights of the model config's published shape on the device instead of loading
 anything (no download, no folder), with a byte-level BPE trained here on the offline records as its tokenizer

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--editors", nargs="+", default=list(EDITORS))
     parser.add_argument("--no-sadr", action="store_true", help="only the plain editors")
     parser.add_argument("--records", type=int, default=None, help="offline records per run (4; 2 with --tiny)")
-    parser.add_argument("--stats-samples", type=int, default=None, help="sampled texts for the statistics (128; 8 tiny)")
+    parser.add_argument("--stats-samples", type=int, default=None, help="sampled texts for the statistics (128; 32 tiny)")
     parser.add_argument("--stats-length", type=int, default=None, help="tokens per sampled text (256; 16 tiny)")
     parser.add_argument("--delta-steps", type=int, default=None, help="δ steps of every run (default: the configs')")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a saved tokenizer folder")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> str:
         return str(args.save_tokenizer)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     args.records = args.records or (2 if args.tiny else 4)
-    args.stats_samples = args.stats_samples or (8 if args.tiny else 128)
+    args.stats_samples = args.stats_samples or (32 if args.tiny else 128)
     args.stats_length = args.stats_length or (16 if args.tiny else 256)
     if args.tiny and args.delta_steps is None:
         args.delta_steps = 3

@@ -5,6 +5,7 @@ import torch
 from sadr.data.corpus import Corpus
 from sadr.editors import covariance
 from sadr.editors.covariance import SecondMomentStatistics, accumulate_second_moments, load_rome_npz
+from sadr.errors import InvalidSettingError
 from sadr.models.adapters import adapter_for
 from tests.editing import random_texts
 from tests.tiny_models import make_model
@@ -108,12 +109,24 @@ def test_statistics_are_cached_on_disk_and_keyed_by_corpus(tmp_path, tokenizer):
         return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f", corpus=c, sample_length=64,
                                       batch_tokens=256, cache_dir=tmp_path)
 
-    first = stats(corpus(TEXTS, "a")).get([1, 2])
-    again = stats(corpus(TEXTS, "a")).get([1, 2])
-    other = stats(corpus(TEXTS[:2], "b")).get([1])
+    texts = random_texts()
+    first = stats(corpus(texts, "a")).get([1, 2])
+    again = stats(corpus(texts, "a")).get([1, 2])
+    other = stats(corpus(texts[:48], "b")).get([1])
     assert calls == ["a", "b"]  # one pass for both layers; the second service read the cache
     torch.testing.assert_close(first[1], again[1])
     assert not torch.allclose(first[1], other[1])
+
+
+def test_a_corpus_with_fewer_tokens_than_key_dimensions_is_a_clear_error(tmp_path, tokenizer):
+    """C would be singular: the error says so and names the settings that add text; nothing is cached."""
+    model = make_model("llama")
+    corpus = Corpus({"kind": "test", "n": 2}, lambda: iter(TEXTS[:2]))
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
+                                   sample_length=64, batch_tokens=256, cache_dir=tmp_path)
+    with pytest.raises(InvalidSettingError, match=r"gave \d+ tokens, fewer than the \d+ dimensions.*model.stats.n_samples \(now 2\)"):
+        stats.get([1])
+    assert not list((tmp_path / "stats").glob("*.pt"))
 
 
 def test_rome_npz_statistics_are_loaded_as_mean(tmp_path):
@@ -173,6 +186,29 @@ def test_factorized_statistics_solve_with_C_and_release_it(tmp_path, tokenizer):
     torch.testing.assert_close(factors.solve(rhs[:, 0]), factors.solve(rhs)[:, 0])
     assert stats.factorized([1])[1] is factors
     torch.testing.assert_close(stats.get([1])[1], moment)  # read again from the disk cache
+
+
+def test_a_layer_nobody_was_handed_is_factored_in_its_own_storage(tmp_path, tokenizer, monkeypatch):
+    """Through `factorized` alone, C is loaded (here: computed) and factored in place; through `get` first, a copy."""
+    from sadr.editors.update import FactorizedMoment
+
+    model = make_model("llama")
+    corpus = Corpus({"kind": "test"}, lambda: iter(random_texts()))
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
+                                   sample_length=64, batch_tokens=256, cache_dir=tmp_path)
+    calls = []
+    factor = FactorizedMoment.of
+    monkeypatch.setattr(FactorizedMoment, "of", lambda moment, overwrite=False: calls.append((moment.data_ptr(), overwrite))
+                        or factor(moment, overwrite))
+    factors = stats.factorized([1, 2])
+    assert [overwrite for _, overwrite in calls] == [True, True]
+    assert [f.lu.data_ptr() for f in factors.values()] == [pointer for pointer, _ in calls]
+    assert all(f.lu.mT.is_contiguous() for f in factors.values())  # column-major: a solve copies nothing
+    fresh = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
+                                   sample_length=64, batch_tokens=256, cache_dir=tmp_path)
+    fresh.get([1])
+    fresh.factorized([1, 2])
+    assert [overwrite for _, overwrite in calls[2:]] == [False, True]
 
 
 # Context lengths as published in each model's config (n_positions or max_position_embeddings).

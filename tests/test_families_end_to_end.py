@@ -32,7 +32,7 @@ def test_sadr_run_with_sadr_and_drift(family, tokenizer_dir, tmp_path):
     out = tmp_path / "run"
     args = [
         "model=local", f"model.source={model_dir}", f"model.family={family}",
-        "model.stats.corpus=generated", "model.stats.n_samples=8", "model.stats.sample_length=24",
+        "model.stats.corpus=generated", "model.stats.n_samples=16", "model.stats.sample_length=24",
         "editor.layers=[1]", "editor.v_loss_layer=3", "editor.v_num_grad_steps=4", "editor.context_templates=[[2,5]]",
         "sadr.lambda=0.1", "sadr.heads=all", "eval.drift=true",
         f"dataset.path={FIXTURE}", "dataset.limit=1", f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}",

@@ -93,12 +93,30 @@ def test_independent_rank_one_updates_are_each_rows_own_least_squares_update():
 
 
 def test_factoring_in_place_gives_the_factors_of_a_copy_without_a_second_matrix():
+    """In place, C's own storage holds its factors, column-major as a fresh factorisation returns them (so a solve
+    copies nothing); a C that is symmetric only up to rounding is first mirrored from its upper triangle."""
     C = _spd(9, 7)
+    C = (C + C.T) / 2  # exactly symmetric
     kept = FactorizedMoment.of(C)
     original = C.clone()
     assert torch.equal(C, original)  # by default C is left as it was
     in_place = FactorizedMoment.of(C, overwrite=True)
-    assert in_place.lu.data_ptr() == C.data_ptr()
+    assert in_place.lu.data_ptr() == C.data_ptr() and in_place.lu.mT.is_contiguous() and kept.lu.mT.is_contiguous()
     assert torch.equal(in_place.lu, kept.lu) and torch.equal(in_place.pivots, kept.pivots)
     rhs = torch.randn(9, 2, dtype=torch.float64)
     torch.testing.assert_close(original @ in_place.solve(rhs), rhs)
+
+    skewed = original.clone()
+    skewed[5, 1] += 1e-9  # below the diagonal: the upper triangle wins
+    torch.testing.assert_close(FactorizedMoment.of(skewed, overwrite=True).solve(rhs), in_place.solve(rhs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [1, 7, 16, 37])
+def test_mirroring_the_upper_triangle_copies_it_below_the_diagonal_in_place(width):
+    from sadr.editors.update import mirror_upper_triangle_
+
+    matrix = torch.randn(width, width, dtype=torch.float64)
+    expected = matrix.triu() + matrix.triu(1).T
+    pointer = matrix.data_ptr()
+    assert mirror_upper_triangle_(matrix, blocks=3) is matrix and matrix.data_ptr() == pointer
+    assert torch.equal(matrix, expected)

@@ -18,7 +18,7 @@ import torch
 from sadr.cache import TORCH, lock_for, read_entry, write_atomically
 from sadr.data.corpus import Corpus
 from sadr.editors.capture import stop_after
-from sadr.editors.update import FactorizedMoment
+from sadr.editors.update import FactorizedMoment, mirror_upper_triangle_
 from sadr.errors import InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
 from sadr.models.devices import take_peak_memory
@@ -74,17 +74,13 @@ class UpperTriangularSum:
                 rows.add_(block @ keys[:, start:])
 
     def take_full(self) -> torch.Tensor:
-        """The whole symmetric sum, (width, width), its lower triangle copied from the upper. Each block is released as
-        soon as it is copied, so this can be called once."""
+        """The whole sum, (width, width), exactly symmetric: its lower triangle is copied from the upper. Each block is
+        released as soon as it is copied, so this can be called once."""
         full = torch.empty(self.width, self.width, dtype=torch.float64, device=self.device)
         for start in self.starts:
             rows = self.rows.pop(0)
-            height = rows.shape[0]
-            diagonal = rows[:, :height].triu()
-            full[start : start + height, start : start + height] = diagonal + diagonal.triu(1).T
-            full[start : start + height, start + height :] = rows[:, height:]
-            full[start + height :, start : start + height] = rows[:, height:].T
-        return full
+            full[start : start + rows.shape[0], start:] = rows
+        return mirror_upper_triangle_(full, len(self.starts))
 
 
 @dataclass
@@ -260,6 +256,13 @@ class SecondMomentStatistics:
         log.info("key statistics: %d tokens at %.0f tokens/s (forward %.1f s, accumulation %.1f s, corpus %.1f s%s)",
                  result.count, timing["tokens_per_second"] or 0.0, result.seconds["forward"],
                  result.seconds["accumulate"], result.seconds["corpus"], peak)
+        width = max(total.width for total in result.sums.values())
+        if result.count < width:
+            raise InvalidSettingError(
+                f"the key statistics' corpus gave {result.count} tokens, fewer than the {width} dimensions of the keys, "
+                f"so C = E[k kᵀ] is singular and the updates cannot be solved with it; give it more text: raise "
+                f"model.stats.n_samples (now {self.corpus.description.get('n')}) or model.stats.sample_length "
+                f"(now {self.sample_length})")
         for layer in layers:
             moment = result.take_moment(layer)
             write_atomically({"mom2": moment.cpu(), "count": result.count, "corpus": self.description(), "pass": timing},
