@@ -63,6 +63,7 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
         loaded.model, loaded.adapter, loaded.tokenizer, fingerprint=fingerprint, corpus=corpus,
         sample_length=stats.sample_length, batch_tokens=stats.batch_tokens, cache_dir=cfg.cache_dir,
         npz_dir=stats.npz_dir, npz_samples=stats.n_samples, product_dtype=getattr(torch, stats.product_dtype.name),
+        factor_dtype=getattr(torch, stats.factor_dtype.name),
     )
 
 

@@ -198,8 +198,8 @@ def test_a_layer_nobody_was_handed_is_factored_in_its_own_storage(tmp_path, toke
                                    sample_length=64, batch_tokens=256, cache_dir=tmp_path)
     calls = []
     factor = FactorizedMoment.of
-    monkeypatch.setattr(FactorizedMoment, "of", lambda moment, overwrite=False: calls.append((moment.data_ptr(), overwrite))
-                        or factor(moment, overwrite))
+    monkeypatch.setattr(FactorizedMoment, "of", lambda moment, overwrite=False, **kwargs: calls.append(
+        (moment.data_ptr(), overwrite)) or factor(moment, overwrite, **kwargs))
     factors = stats.factorized([1, 2])
     assert [overwrite for _, overwrite in calls] == [True, True]
     assert [f.lu.data_ptr() for f in factors.values()] == [pointer for pointer, _ in calls]

@@ -44,7 +44,7 @@ def test_batch_size_needs_a_batch_protocol():
         composed(["editor.batch_size=4"])
 
 
-def test_float32_statistics_products_are_set_from_the_config(tiny_dir, tmp_path):
+def test_float32_statistics_settings_reach_the_statistics(tiny_dir, tmp_path):
     import torch
 
     from sadr.models.loading import load_model
@@ -52,12 +52,13 @@ def test_float32_statistics_products_are_set_from_the_config(tiny_dir, tmp_path)
 
     loaded = load_model(str(tiny_dir / "model"), device="cpu")
     for setting, dtype in ((None, torch.float64), ("float32", torch.float32)):
-        cfg = composed(tiny_overrides(tiny_dir, tmp_path, *([f"model.stats.product_dtype={setting}"] if setting else [])))
-        statistics = build_statistics(cfg, loaded, "f")
-        assert statistics.product_dtype == dtype
+        chosen = [f"model.stats.product_dtype={setting}", f"model.stats.factor_dtype={setting}"] if setting else []
+        statistics = build_statistics(composed(tiny_overrides(tiny_dir, tmp_path, *chosen)), loaded, "f")
+        assert statistics.product_dtype == statistics.factor_dtype == dtype
         assert ("products" in statistics.description()) == (setting is not None)
-    with pytest.raises(Exception, match="product_dtype"):
-        composed(tiny_overrides(tiny_dir, tmp_path, "model.stats.product_dtype=float16"))
+    for key in ("product_dtype", "factor_dtype"):
+        with pytest.raises(Exception, match=key):
+            composed(tiny_overrides(tiny_dir, tmp_path, f"model.stats.{key}=float16"))
 
 
 def _sadr_run(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:

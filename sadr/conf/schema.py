@@ -36,9 +36,9 @@ class DType(Enum):
     float64 = "float64"
 
 
-class ProductDType(Enum):
-    float64 = "float64"  # every product and sum in float64
-    float32 = "float32"  # each chunk's Σ k kᵀ in float32, added to float64 sums: for cards whose float64 is slow
+class StatsDType(Enum):
+    float64 = "float64"
+    float32 = "float32"
 
 
 class StatsCorpus(Enum):
@@ -86,7 +86,10 @@ class StatsConfig:
     n_samples: int = 100000  # documents (or generated texts)
     sample_length: int = 1024  # tokens kept per document
     batch_tokens: int = 8192  # token budget of one forward batch
-    product_dtype: ProductDType = ProductDType.float64  # precision of each chunk's Σ k kᵀ (the sums stay float64)
+    # float32: each chunk's Σ k kᵀ in float32, added to float64 sums (for cards whose float64 is slow)
+    product_dtype: StatsDType = StatsDType.float64
+    # float32: C's LU factors in float32, half the memory, float32 accuracy (the reference inverts C in float32)
+    factor_dtype: StatsDType = StatsDType.float64
     npz_dir: Optional[str] = None  # folder of ROME-format <module>_float32_mom2_<n>.npz files to load instead
 
 

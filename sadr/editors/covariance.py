@@ -180,13 +180,14 @@ class SecondMomentStatistics:
 
     def __init__(self, model, adapter: ModelAdapter, tokenizer, *, fingerprint: str, corpus: Corpus | None,
                  sample_length: int, batch_tokens: int, cache_dir: str | Path, npz_dir: str | None = None,
-                 npz_samples: int | None = None, product_dtype: torch.dtype = torch.float64):
+                 npz_samples: int | None = None, product_dtype: torch.dtype = torch.float64,
+                 factor_dtype: torch.dtype = torch.float64):
         self.model, self.adapter, self.tokenizer = model, adapter, tokenizer
         self.fingerprint, self.corpus = fingerprint, corpus
         self.sample_length, self.batch_tokens = sample_length, batch_tokens
         self.cache_dir = Path(cache_dir) / "stats"
         self.npz_dir, self.npz_samples = npz_dir, npz_samples
-        self.product_dtype = product_dtype
+        self.product_dtype, self.factor_dtype = product_dtype, factor_dtype
         self._memory: dict[int, torch.Tensor] = {}
         self._factors: dict[int, FactorizedMoment] = {}
 
@@ -236,15 +237,16 @@ class SecondMomentStatistics:
         return {layer: self._memory[layer] for layer in layers}
 
     def factorized(self, layers: list[int]) -> dict[int, FactorizedMoment]:
-        """layer -> C's LU factors on the model's device, factored once. A layer's C becomes its factors (one d × d
-        matrix per layer on the device, at every moment), unless `get` handed it out before, in which case a copy is
-        factored; `get` reads C again from the cache if asked."""
+        """layer -> C's LU factors (in `factor_dtype`) on the model's device, factored once. A layer's C becomes its
+        factors (one d × d matrix per layer on the device, at every moment), unless `get` handed it out before, in which
+        case a copy is factored; `get` reads C again from the cache if asked."""
         missing = [layer for layer in layers if layer not in self._factors]
         handed_out = {layer for layer in missing if layer in self._memory}
         if missing:
             self.get(missing)  # one corpus pass for every layer not cached yet
         for layer in missing:
-            self._factors[layer] = FactorizedMoment.of(self._memory.pop(layer), overwrite=layer not in handed_out)
+            self._factors[layer] = FactorizedMoment.of(self._memory.pop(layer), overwrite=layer not in handed_out,
+                                                       dtype=self.factor_dtype)
         return {layer: self._factors[layer] for layer in layers}
 
     def _compute(self, layers: list[int]) -> None:
