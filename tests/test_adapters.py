@@ -38,6 +38,27 @@ def test_add_to_down_weight_changes_the_mapping(tiny_model):
     torch.testing.assert_close(adapter.down_weight(tiny_model, 2), before + delta.float())
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # gpt2: a transposed (Conv1D) weight
+@pytest.mark.parametrize("block_bytes", [2**26, 8 * 256 * 3])  # the whole weight at once, or 3 rows of 256 at a time
+def test_a_low_rank_update_is_written_block_by_block_as_its_dense_form(family, block_bytes, monkeypatch):
+    """Written from its factors a few rows at a time, a rank-2 update gives bit for bit the weight its dense ΔW gives."""
+    from sadr.editors.update import LowRankUpdate
+    from sadr.models import adapters
+
+    monkeypatch.setattr(adapters, "WRITE_BLOCK_BYTES", block_bytes)
+    by_factors, by_dense = make_model(family), make_model(family)
+    adapter = adapter_for(by_factors)
+    out_features, in_features = adapter.down_weight(by_factors, 1).shape
+    g = torch.Generator().manual_seed(0)
+    update = LowRankUpdate(torch.randn(out_features, 2, generator=g, dtype=torch.float64),
+                           torch.randn(in_features, 2, generator=g, dtype=torch.float64))
+    adapter.add_to_down_weight(by_factors, 1, update)
+    adapter.add_to_down_weight(by_dense, 1, update.dense())
+    assert torch.equal(adapter.down_weight(by_factors, 1), adapter.down_weight(by_dense, 1))
+    with pytest.raises(ValueError, match="update of shape"):
+        adapter.add_to_down_weight(by_factors, 1, LowRankUpdate(update.left[:-1], update.right))
+
+
 def test_unsupported_family_names_the_type_and_the_fix():
     model = make_model("gpt2")
     model.config.model_type = "bloom"

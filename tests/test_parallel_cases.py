@@ -213,7 +213,7 @@ def test_per_row_updates_evaluate_as_the_written_weights(name, family, tokenizer
     state, written = editor.state_dict(), []
     for case, outcome in zip(cases, outcomes):
         for layer, update in outcome.updates.items():
-            editor.adapter.add_to_down_weight(model, layer, update.dense())
+            editor.adapter.add_to_down_weight(model, layer, update)
         written += evaluate_all(EVALUATORS, model, editor.tokenizer, editor.adapter, [case])
         editor.load_state_dict(state)
     assert_same_decisions(written, together, prob_rtol=1e-4)
@@ -229,7 +229,7 @@ def test_texts_sampled_through_per_row_updates_are_those_of_the_written_weights(
         together = evaluate_all(generation, model, tokenizer, editor.adapter, cases, updates.rows)
     state, written = editor.state_dict(), []
     for case, outcome in zip(cases, outcomes):
-        editor.adapter.add_to_down_weight(model, 1, outcome.updates[1].dense())
+        editor.adapter.add_to_down_weight(model, 1, outcome.updates[1])
         written += evaluate_all(generation, model, tokenizer, editor.adapter, [case])
         editor.load_state_dict(state)
     unedited = evaluate_all(generation, model, tokenizer, editor.adapter, cases)
@@ -259,7 +259,7 @@ def test_per_row_updates_of_any_rank_give_each_row_its_written_model(tokenizer):
     for row, case in enumerate(cases):
         fresh = make_model("llama")
         for layer, update in case.items():
-            adapter.add_to_down_weight(fresh, layer, update.dense())
+            adapter.add_to_down_weight(fresh, layer, update)
         with torch.no_grad():
             alone = fresh(input_ids=ids[row : row + 1]).logits[0]
         torch.testing.assert_close(together[row], alone, rtol=1e-4, atol=1e-4)

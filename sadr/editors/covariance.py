@@ -1,9 +1,10 @@
 """Second-moment statistics C = E[k kᵀ] of MLP down-projection inputs, shared by every editor.
 
 All requested layers are accumulated in one pass over the corpus, in float64, with a bounded token
-budget per forward; only the upper triangle of each Σ k kᵀ is computed (C is symmetric). Each layer's result is cached on disk under a hash of everything that determines it
-(model weights, layer, module, corpus, sample count and length). ROME's published `.npz` files can be
-loaded instead (keys `mom2.mom2`, the sum of k kᵀ, and `mom2.count`).
+budget per forward; only the upper triangle of each Σ k kᵀ is computed (C is symmetric). Each layer's result
+is cached on disk under a hash of everything that determines it (model weights, layer, module, corpus,
+sample count and length). ROME's published `.npz` files can be loaded instead (keys `mom2.mom2`, the sum of
+k kᵀ, and `mom2.count`).
 """
 from __future__ import annotations
 

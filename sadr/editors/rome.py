@@ -91,7 +91,7 @@ class RomeEditor(Editor):
             down = self.adapter.mlp_down_module(self.model, self.layer)
             current = down(exact_key[None].to(down.weight.dtype))[0].float()
             update = rank_one_update(key, delta.target("mlp_out") - current, second_moment, exact_key)
-            self.adapter.add_to_down_weight(self.model, self.layer, update.dense())
+            self.adapter.add_to_down_weight(self.model, self.layer, update)
         earlier = outcome.updates.get(self.layer)
         outcome.updates[self.layer] = update if earlier is None else earlier + update
         outcome.diagnostics.update({"delta_steps": delta.steps_run, "delta_final_loss": delta.history[-1].loss,

@@ -204,7 +204,7 @@ class SpreadEditor(Editor):
                                               self.layers[-1], requests)
                 residuals = (targets - current) / self.divisor(len(self.layers) - i)
                 update = self.solve(layer, keys, residuals, second_moments[layer])
-                self.adapter.add_to_down_weight(self.model, layer, update.dense())
+                self.adapter.add_to_down_weight(self.model, layer, update)
             outcome.solves.append(LayerSolve(layer, keys, residuals, update))
             outcome.updates[layer] = update
             outcome.diagnostics[f"residual_norm_layer{layer}"] = (targets - current).norm(dim=-1).mean().item()

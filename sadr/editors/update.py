@@ -3,7 +3,7 @@
 An edit of n requests changes a layer by a ΔW of rank at most n (ROME: one rank-one term per request; MEMIT, PMET,
 AlphaEdit: R times an (n, d_in) matrix). The solves return ΔW as factors, so what an edit keeps is (d_out + d_in) · n
 numbers per layer instead of d_out · d_in: 160 KB instead of 537 MB for one request on a GPT-J layer in float64. The
-dense ΔW is formed only for the moment it is written.
+dense ΔW is never formed whole: it is written a block of rows at a time.
 """
 from __future__ import annotations
 
@@ -35,8 +35,16 @@ class LowRankUpdate:
     def rank(self) -> int:
         return self.left.shape[1]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[0]
+
     def dense(self) -> torch.Tensor:
         return self.left @ self.right.T
+
+    def dense_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows start..end of the dense ΔW, formed alone (what `ModelAdapter.add_to_down_weight` writes in blocks)."""
+        return self.left[start:end] @ self.right.T
 
     def __add__(self, other: "LowRankUpdate") -> "LowRankUpdate":
         """The sum of two updates of the same weight: their factors side by side."""

@@ -12,6 +12,10 @@ from torch import nn
 from sadr.errors import InvalidSettingError
 
 
+# An update is written into a weight at most this many bytes of float64 rows at a time.
+WRITE_BLOCK_BYTES = 2**26
+
+
 class UnsupportedModelError(InvalidSettingError):
     """The model's family (config.model_type) has no adapter."""
 
@@ -47,17 +51,24 @@ class ModelAdapter:
         return weight.T if self.down_weight_is_transposed else weight
 
     @torch.no_grad()
-    def add_to_down_weight(self, model: nn.Module, layer: int, delta: torch.Tensor) -> None:
-        """W += delta, with delta given as (out_features, in_features).
+    def add_to_down_weight(self, model: nn.Module, layer: int, delta) -> None:
+        """W += delta, with delta (out_features, in_features): a tensor, or an update that forms its rows on demand
+        (`delta.shape` and `delta.dense_rows(start, end)`, as `LowRankUpdate` does), which is then never formed whole.
 
         W + delta is formed in at least float32 and rounded once to the weight's dtype, so a bfloat16 or float16
         weight gets the nearest representable sum, not the sum of two rounded numbers (float32 weights: as `add_`).
+        It is written a block of rows at a time, so the temporaries are of that block's size, not of W's.
         """
         weight = self.down_weight(model, layer)
-        if delta.shape != weight.shape:
+        if tuple(delta.shape) != tuple(weight.shape):
             raise ValueError(f"update of shape {tuple(delta.shape)} for a weight of shape {tuple(weight.shape)}")
+        rows = delta.dense_rows if hasattr(delta, "dense_rows") else lambda start, end: delta[start:end]
         wide = torch.promote_types(weight.dtype, torch.float32)
-        weight.copy_((weight.to(wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype))
+        block = max(1, WRITE_BLOCK_BYTES // (8 * weight.shape[1]))
+        for start in range(0, weight.shape[0], block):
+            target = weight[start : start + block]
+            change = rows(start, start + block).to(device=weight.device, dtype=wide)
+            target.copy_((target.to(wide) + change).to(weight.dtype))
 
     def _check(self, model: nn.Module, layer: int) -> int:
         n = len(self.blocks(model))
