@@ -54,8 +54,8 @@ class LowRankUpdate:
 
 @dataclass(frozen=True)
 class FactorizedMoment:
-    """The LU factors of a key second moment C (float64, on C's device), computed once and reused by every edit:
-    a solve with C then costs O(d²) per right-hand side instead of a new O(d³) factorisation."""
+    """The LU factors of a key second moment C (float64 unless asked otherwise, on C's device), computed once and
+    reused by every edit: a solve with C then costs O(d²) per right-hand side instead of a new O(d³) factorisation."""
 
     lu: torch.Tensor
     pivots: torch.Tensor
