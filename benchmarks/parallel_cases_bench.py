@@ -8,7 +8,8 @@ first, so every timed run reads them alike.
 
 Reported per N, from the run's rows: seconds per case of each phase (keys, δ-optimisation, update, evaluation; a
 group's shared seconds are split evenly among its cases, so they add up), the wall time of the protocol loop as cases
-per second, its speed-up over N = 1 measured in the same invocation, the mean δ steps, and how many per-prompt
+per second, its speed-up over N = 1 measured in the same invocation, the mean δ steps, on a GPU the memory peak
+while editing and evaluating (`torch.cuda.max_memory_allocated`), and how many per-prompt
 decisions differ from N = 1, with how many of those are ties (|p(good) − p(bad)| ≤ 1e-5 relative).
 
 Usage:
@@ -109,6 +110,9 @@ def summary(n: int, rows: list[dict], wall: float, reference: dict | None) -> di
     result = {"N": n, "cases": len(rows), **{f"{phase} s/case": v for phase, v in per_case.items()},
               "cases/s": len(rows) / wall,
               "δ steps": statistics.fmean(r["diagnostics"]["delta_steps"] for r in rows)}
+    peaks = [r["cuda_peak_bytes"] for r in rows if "cuda_peak_bytes" in r]
+    if peaks:
+        result["peak GPU GB"] = max(peaks) / 1e9
     if reference is not None:
         result["speed-up"] = result["cases/s"] / reference["cases/s"]
         for phase in PHASES:
@@ -173,6 +177,8 @@ def main() -> None:
                 rows, wall = run([*common, f"dataset.limit={args.cases}", f"editor.parallel_cases={n}",
                                   f"output_dir={work}/{editor}_{n}"])
                 results.append(summary(n, rows, wall, results[0] if results else None))
+                print(f"{editor}, N = {n}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in results[-1].items() if k != "rows"), flush=True)
             load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
             device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
             source = args.model_source or ("random weights" if args.random_shape else "")
