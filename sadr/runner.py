@@ -33,7 +33,7 @@ from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
 from sadr.models.fingerprint import cache_key
-from sadr.models.devices import reset_peak_memory, take_peak_memory
+from sadr.models.devices import release_unused_memory, reset_peak_memory, take_peak_memory
 from sadr.models.kept import load_model_kept
 from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
@@ -57,7 +57,8 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
         "hub": lambda: hub_corpus(stats.hub_dataset, stats.hub_config, stats.hub_split, stats.n_samples,
                                   stats.hub_sample.name, stats.sample_seed),
         "file": lambda: file_corpus(stats.text_file, stats.n_samples),
-        "generated": lambda: generated_corpus(loaded.model, loaded.tokenizer, stats.n_samples, stats.sample_length, cfg.seed),
+        "generated": lambda: generated_corpus(loaded.model, loaded.tokenizer, stats.n_samples, stats.sample_length, cfg.seed,
+                                                stats.batch_tokens),
     }[corpus_kind]()
     return SecondMomentStatistics(
         loaded.model, loaded.adapter, loaded.tokenizer, fingerprint=fingerprint, corpus=corpus,
@@ -83,6 +84,21 @@ def case_line(row: dict) -> str:
     return f"case {row['case_id']} ({row['subject']}): {scores}; {sum(row['seconds'].values()):.1f} s"
 
 
+# editor.parallel_cases on a GPU when it is null. On an H100, GPT-J in float32 with 8 ROME cases side by side peaked
+# at 39.8 GB (within the 48 GB card of its published runs) and ran 1.4 times the cases per second of one at a time;
+# SmolLM2-135M ran 14 times as many at 32 (README, "Single edits side by side").
+GPU_PARALLEL_CASES = 8
+
+
+def parallel_cases(cfg: DictConfig, device: torch.device) -> int:
+    """How many single edits run side by side: `editor.parallel_cases`, or when it is null, GPU_PARALLEL_CASES on a
+    GPU where the single protocol runs without saving edited models, and 1 otherwise."""
+    if cfg.editor.parallel_cases is not None:
+        return cfg.editor.parallel_cases
+    side_by_side = device.type == "cuda" and cfg.editor.protocol.name == "single" and not cfg.save_edited
+    return GPU_PARALLEL_CASES if side_by_side else 1
+
+
 def case_groups(cases: list[EditCase], batch_size: int) -> list[list[EditCase]]:
     return [cases[i : i + batch_size] for i in range(0, len(cases), batch_size)]
 
@@ -102,6 +118,7 @@ class Experiment:
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
         reset_peak_memory(self.loaded.device)
+        self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.statistics = build_statistics(cfg, self.loaded, self.fingerprint)
         self.evaluators = build_evaluators(cfg)
         self.out.write_environment({
@@ -110,7 +127,8 @@ class Experiment:
             "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
             "dataset_source": self.dataset.source, "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
-            "stats_corpus": self.statistics.description(), "untested_versions": untested_versions,
+            "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases,
+            "untested_versions": untested_versions,
         })
 
     def _editor(self) -> Editor:
@@ -171,7 +189,7 @@ class Experiment:
 
     def _restoring(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
         """single / batch: edit a group, evaluate it, restore the editor's state bitwise, write its rows."""
-        if self.cfg.editor.parallel_cases > 1:
+        if self.parallel_cases > 1:
             self._parallel_single(editor, todo, unedited)
             return
         unedited_state = editor.state_dict()
@@ -196,16 +214,39 @@ class Experiment:
 
         Rows are written per case once its group is evaluated, so a resumed run redoes only the cases without a row.
         A row's seconds are its own work plus an even share of the work its group did together (the δ-optimisation,
-        the evaluation): the rows' seconds add up to the group's.
+        the evaluation): the rows' seconds add up to the group's. A group that runs out of GPU memory is redone in
+        halves, and the rest of the run goes on at the width that fit: the cases are independent, so their results
+        are those of any grouping.
         """
+        width, pending = self.parallel_cases, list(todo)
         with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
-            for group in case_groups(todo, self.cfg.editor.parallel_cases):
-                outcomes = editor.apply_each([case.request for case in group])
-                edited, eval_seconds = self._evaluate_each(group, outcomes)
+            while pending:
+                group = pending[:width]
+                done = self._side_by_side(editor, group)
+                if done is None:
+                    width = len(group) // 2
+                    log.warning("%d cases side by side ran out of GPU memory; going on with %d at a time "
+                                "(editor.parallel_cases=%d starts there)", len(group), width, width)
+                    release_unused_memory()
+                    take_peak_memory(self.loaded.device)  # the failed attempt's peak is not the group's
+                    continue
+                outcomes, edited, eval_seconds = done
                 memory = take_peak_memory(self.loaded.device)
                 for case, result, outcome in zip(group, edited, outcomes):
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, 1, memory))
                 progress.advance(len(group))
+                pending = pending[len(group):]
+
+    def _side_by_side(self, editor: Editor, group: list[EditCase]) -> tuple[list[EditOutcome], list[dict], float] | None:
+        """The group's outcomes, results and evaluation seconds per case; None if more than one case ran out of GPU
+        memory (editing writes no weight and removes its hooks, so the model is as it was)."""
+        try:
+            outcomes = editor.apply_each([case.request for case in group])
+            return (outcomes, *self._evaluate_each(group, outcomes))
+        except torch.cuda.OutOfMemoryError:
+            if len(group) == 1:
+                raise
+        return None  # outside the handler: the error's frames, and the tensors they hold, are released by now
 
     def _evaluate_each(self, cases: list[EditCase], outcomes: list[EditOutcome]) -> tuple[list[dict], float]:
         """Every case on its own edited model, all in shared forwards; seconds per case."""

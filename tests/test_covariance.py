@@ -211,6 +211,31 @@ def test_a_layer_nobody_was_handed_is_factored_in_its_own_storage(tmp_path, toke
     assert [overwrite for _, overwrite in calls[2:]] == [False, True]
 
 
+def test_float32_factors_are_made_from_a_converted_c_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """C is converted before it goes to the device and factored layer by layer: the factorisation never sees a float64
+    C, and a layer is factored before the next one leaves memory for the device."""
+    from sadr.editors.update import FactorizedMoment, mirror_upper_triangle_
+
+    model = make_model("llama")
+    corpus = Corpus({"kind": "test"}, lambda: iter(random_texts()))
+
+    def stats(factor_dtype):
+        return SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
+                                      sample_length=64, batch_tokens=256, cache_dir=tmp_path, factor_dtype=factor_dtype)
+
+    moments = {layer: c.clone() for layer, c in stats(torch.float64).get([1, 2]).items()}
+    single = stats(torch.float32)
+    seen = []
+    factor = FactorizedMoment.of
+    monkeypatch.setattr(FactorizedMoment, "of", lambda moment, overwrite=False, **kwargs: seen.append(
+        (moment.dtype, sorted(single._memory))) or factor(moment, overwrite, **kwargs))
+    factors = single.factorized([1, 2])
+    assert seen == [(torch.float32, [2]), (torch.float32, [])]
+    for layer, moment in moments.items():
+        expected, _ = torch.linalg.lu_factor(mirror_upper_triangle_(moment.float()))
+        assert factors[layer].lu.dtype == torch.float32 and torch.equal(factors[layer].lu, expected)
+
+
 # Context lengths as published in each model's config (n_positions or max_position_embeddings).
 CONTEXT = {"gpt2-xl": 1024, "gpt-j": 2048, "gpt-neox-20b": 2048, "tinyllama": 2048, "llama2-7b": 4096,
            "llama2-13b": 4096, "llama3-8b": 8192}
@@ -226,3 +251,19 @@ def test_published_models_sample_their_statistics_as_the_reference_code(model):
     assert (stats.corpus.name, stats.hub_dataset, stats.hub_sample.name, stats.sample_seed, stats.n_samples) == (
         "hub", "wikimedia/wikipedia", "random", 1, 100000)
     assert stats.sample_length == min(CONTEXT[model], 3072)
+
+
+def test_a_generated_corpus_samples_about_batch_tokens_tokens_at_a_time(tokenizer):
+    """The sampling's key-value cache is bounded like the pass's forwards; the batch, which changes the texts drawn,
+    is in the description (and so in the statistics' cache keys)."""
+    from sadr.data.corpus import generated_corpus
+
+    model = make_model("llama").eval()
+    rows = []
+    generate = model.generate
+    model.generate = lambda **kwargs: rows.append(kwargs["input_ids"].shape[0]) or generate(**kwargs)
+    corpus = generated_corpus(model, tokenizer, n_samples=10, length=8, seed=0, batch_tokens=32)
+    assert len(list(corpus.texts())) == 10 and rows == [4, 4, 2]
+    assert corpus.description["batch"] == 4
+    assert generated_corpus(model, tokenizer, 10, 8, 0, batch_tokens=64).description["batch"] == 8
+    assert generated_corpus(model, tokenizer, 10, 8, 0, batch_tokens=4).description["batch"] == 1

@@ -28,7 +28,7 @@ from sadr.evaluation.probes import METRICS, resolve_metrics
 from sadr.evaluation.suite import PromptMetrics, evaluate_all
 from sadr.models.adapters import adapter_for
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer
-from sadr.runner import Experiment
+from sadr.runner import GPU_PARALLEL_CASES, Experiment, parallel_cases
 from tests.editing import BATCH_SUBJECTS, BATCH_TARGETS, TEMPLATES, editor_config, spread_config, statistics
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.tiny_models import FAMILIES, make_model
@@ -329,6 +329,55 @@ def test_a_killed_parallel_run_resumes_with_its_unfinished_cases_only(tiny_dir, 
     out = Experiment(cfg).run()
     assert [[r.subject for r in group] for group in edited] == [[r["subject"] for r in rows(out)[2:]]]
     assert [r["case_id"] for r in rows(out)] == [0, 1, 2, 3] and rows(out)[:2] == first
+
+
+def test_a_group_that_runs_out_of_gpu_memory_is_redone_in_halves(tiny_dir, tmp_path, monkeypatch):
+    """The run goes on at the width that fit, and its rows are those of a run at that width from the start."""
+    at_two = rows(Experiment(run_config(tiny_dir, tmp_path / "two", "editor.parallel_cases=2")).run())
+    original, tried = RomeEditor.apply_each, []
+
+    def apply_each(editor, requests):
+        tried.append(len(requests))
+        if len(requests) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return original(editor, requests)
+
+    monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
+    out = Experiment(run_config(tiny_dir, tmp_path / "four", "editor.parallel_cases=4")).run()
+    assert tried == [4, 2, 2]
+    assert [(r["case_id"], r["edited"], r["diagnostics"]) for r in rows(out)] == \
+        [(r["case_id"], r["edited"], r["diagnostics"]) for r in at_two]
+
+
+def test_one_case_that_runs_out_of_gpu_memory_is_an_error(tiny_dir, tmp_path, monkeypatch):
+    tried = []
+
+    def apply_each(editor, requests):
+        tried.append(len(requests))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        Experiment(run_config(tiny_dir, tmp_path / "run", "editor.parallel_cases=4")).run()
+    assert tried == [4, 2, 1]
+
+
+@pytest.mark.parametrize("extra, device, expected", [
+    ([], "cuda", GPU_PARALLEL_CASES),
+    ([], "cpu", 1),
+    (["save_edited=true"], "cuda", 1),
+    (["editor.protocol=batch", "editor.batch_size=2"], "cuda", 1),
+    (["editor.parallel_cases=3"], "cpu", 3),
+    (["editor.parallel_cases=1"], "cuda", 1),
+])
+def test_parallel_cases_default_to_side_by_side_on_a_gpu_where_the_protocol_allows(extra, device, expected, tiny_dir,
+                                                                                   tmp_path):
+    assert parallel_cases(run_config(tiny_dir, tmp_path / "run", *extra), torch.device(device)) == expected
+
+
+def test_a_run_records_how_many_cases_it_ran_side_by_side(tiny_dir, tmp_path):
+    out = Experiment(run_config(tiny_dir, tmp_path / "run", "dataset.limit=1")).run()
+    assert json.loads((out / "environment.json").read_text())["parallel_cases"] == 1
 
 
 @pytest.mark.parametrize("extra, message", [

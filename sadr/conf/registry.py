@@ -61,14 +61,15 @@ def validate(cfg: DictConfig) -> None:
             f"editor.batch_size={editor.batch_size} with editor.protocol=single; use editor.protocol=batch "
             "(or sequential) to edit several requests at once"
         )
-    if editor.parallel_cases < 1:
-        raise ConfigError(f"editor.parallel_cases={editor.parallel_cases}: must be >= 1 (1: one case at a time)")
-    if editor.parallel_cases > 1 and editor.protocol.name != "single":
+    parallel = editor.parallel_cases
+    if parallel is not None and parallel < 1:
+        raise ConfigError(f"editor.parallel_cases={parallel}: must be >= 1 (1: one case at a time; null: by device)")
+    if parallel is not None and parallel > 1 and editor.protocol.name != "single":
         raise ConfigError(
-            f"editor.parallel_cases={editor.parallel_cases} with editor.protocol={editor.protocol.name}: cases run side by "
+            f"editor.parallel_cases={parallel} with editor.protocol={editor.protocol.name}: cases run side by "
             "side only in the single protocol, where each edits the unedited model; set editor.parallel_cases=1"
         )
-    if editor.parallel_cases > 1 and cfg.save_edited:
+    if parallel is not None and parallel > 1 and cfg.save_edited:
         raise ConfigError(
             f"save_edited=true with editor.parallel_cases={editor.parallel_cases}: parallel cases are evaluated without "
             "writing their weights, so there is no edited model to save; set editor.parallel_cases=1"

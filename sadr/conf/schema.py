@@ -125,8 +125,10 @@ class EditorConfig:
     batch_size: int = 1
     # single protocol: edit and evaluate this many cases side by side, each on the unedited model (their δs share
     # forwards; the edited models are evaluated in one pass, without writing weights). Same results as 1, up to
-    # float rounding; meant for a GPU, where a forward has room for many more rows (README, "Single edits side by side")
-    parallel_cases: int = 1
+    # float rounding; meant for a GPU, where a forward has room for many more rows (README, "Single edits side by side").
+    # null: 8 on a GPU where the single protocol runs without save_edited, else 1; a group that runs out of GPU memory
+    # is split in half and redone
+    parallel_cases: Optional[int] = None
     # δ-optimisation: run each prompt's tokens before its δ position once (their keys and values cached) and feed each
     # step only the tokens from there to the last one the loss reads. Same results up to float rounding, 1.5-2x
     # faster edits on the offline default (README, Speed); false feeds whole prompts at every step, as the reference does

@@ -213,7 +213,19 @@ class SecondMomentStatistics:
 
     def get(self, layers: list[int]) -> dict[int, torch.Tensor]:
         """layer -> C (float64, on the model's device, where the solves run), computing every missing layer in a
-        single corpus pass. Disk entries hold CPU tensors."""
+        single corpus pass."""
+        self._load(layers)
+        device = self._device()
+        for layer in layers:
+            self._memory[layer] = self._memory[layer].to(device)
+        return {layer: self._memory[layer] for layer in layers}
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _load(self, layers: list[int]) -> None:
+        """Every layer's C into memory, where it is (on the host when read from disk or computed here), computing
+        every missing layer in a single corpus pass."""
         missing = [layer for layer in layers if layer not in self._memory]
         to_compute = []
         for layer in missing:
@@ -232,21 +244,23 @@ class SecondMomentStatistics:
                         to_compute.remove(layer)
                 if to_compute:
                     self._compute(to_compute)
-        device = next(self.model.parameters()).device
-        for layer in layers:
-            self._memory[layer] = self._memory[layer].to(device)
-        return {layer: self._memory[layer] for layer in layers}
 
     def factorized(self, layers: list[int]) -> dict[int, FactorizedMoment]:
-        """layer -> C's LU factors (in `factor_dtype`) on the model's device, factored once. A layer's C becomes its
-        factors (one d × d matrix per layer on the device, at every moment), unless `get` handed it out before, in which
-        case a copy is factored; `get` reads C again from the cache if asked."""
+        """layer -> C's LU factors (in `factor_dtype`) on the model's device, factored once, a layer at a time.
+
+        Each C comes to the device only when its layer is factored, converted to `factor_dtype` on the host first,
+        so the device holds the factors so far and one C: with float32 factors, no float64 C is ever on it. A C
+        becomes its own factors, unless `get` handed it out before, in which case a copy is factored; `get` reads C
+        again from the cache if asked."""
         missing = [layer for layer in layers if layer not in self._factors]
         handed_out = {layer for layer in missing if layer in self._memory}
-        if missing:
-            self.get(missing)  # one corpus pass for every layer not cached yet
+        self._load(missing)  # one corpus pass for every layer not cached yet
+        device = self._device()
         for layer in missing:
-            self._factors[layer] = FactorizedMoment.of(self._memory.pop(layer), overwrite=layer not in handed_out,
+            moment = self._memory.pop(layer)
+            on_device = moment.to(self.factor_dtype).to(device)
+            fresh = on_device.data_ptr() != moment.data_ptr()
+            self._factors[layer] = FactorizedMoment.of(on_device, overwrite=fresh or layer not in handed_out,
                                                        dtype=self.factor_dtype)
         return {layer: self._factors[layer] for layer in layers}
 
@@ -254,7 +268,7 @@ class SecondMomentStatistics:
         log.info("computing key statistics for layers %s over %s", layers, self.description())
         result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers,
                                            self.corpus.texts(), self.sample_length, self.batch_tokens, self.product_dtype)
-        timing = {**result.timing(), "layers": layers, **take_peak_memory(next(self.model.parameters()).device)}
+        timing = {**result.timing(), "layers": layers, **take_peak_memory(self._device())}
         peak = f", GPU peak {timing['cuda_peak_bytes'] / 1e9:.1f} GB" if "cuda_peak_bytes" in timing else ""
         log.info("key statistics: %d tokens at %.0f tokens/s (forward %.1f s, accumulation %.1f s, corpus %.1f s%s)",
                  result.count, timing["tokens_per_second"] or 0.0, result.seconds["forward"],
@@ -266,8 +280,8 @@ class SecondMomentStatistics:
                 f"so C = E[k kᵀ] is singular and the updates cannot be solved with it; give it more text: raise "
                 f"model.stats.n_samples (now {self.corpus.description.get('n')}) or model.stats.sample_length "
                 f"(now {self.sample_length})")
-        for layer in layers:
-            moment = result.take_moment(layer)
-            write_atomically({"mom2": moment.cpu(), "count": result.count, "corpus": self.description(), "pass": timing},
+        for layer in layers:  # each C leaves the device as soon as it is whole: `factorized` brings it back in turn
+            moment = result.take_moment(layer).cpu()
+            write_atomically({"mom2": moment, "count": result.count, "corpus": self.description(), "pass": timing},
                              self._cache_file(layer), TORCH)
             self._memory[layer] = moment

@@ -4,6 +4,7 @@ crashes releases its GPU). Parallel jobs of a sweep (`hydra/launcher=gpus`) ther
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -66,3 +67,10 @@ def take_peak_memory(device: torch.device) -> dict:
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     return {"cuda_peak_bytes": peak}
+
+
+def release_unused_memory() -> None:
+    """Collect what nothing references any more and hand the GPU memory torch keeps cached back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

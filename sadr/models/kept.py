@@ -7,13 +7,11 @@ kept one first, so two models never hold memory at once.
 """
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from sadr.models.devices import release_unused_memory
 from sadr.models.fingerprint import model_fingerprint
 from sadr.models.loading import LoadedModel, load_model
 
@@ -47,7 +45,7 @@ def load_model_kept(source: str, **options) -> tuple[LoadedModel, str]:
     if _kept is not None and _kept.request == request:
         if model_fingerprint(_kept.loaded.model) == _kept.fingerprint:
             log.info("using the model already loaded in this process (%s)", _kept.loaded.resolved_source)
-            _collect()  # what the previous job held (its statistics on the GPU, say), before this job takes more
+            release_unused_memory()  # what the previous job held (its statistics on the GPU, say), before this job takes more
             return _kept.loaded, _kept.fingerprint
         log.warning("the weights of the model kept in this process changed since it was loaded; loading it again")
     release_kept_model()
@@ -60,10 +58,5 @@ def release_kept_model() -> None:
     """Drop the kept model and return its memory (and anything else unreferenced) to the device."""
     global _kept
     _kept = None
-    _collect()
+    release_unused_memory()
 
-
-def _collect() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
