@@ -22,3 +22,7 @@ class InvalidSettingError(UsageError, ValueError):
 
 class UnavailableError(UsageError, OSError):
     """Something the run needs cannot be reached (no network, no package index, no cached copy)."""
+
+
+class DeviceMemoryError(UsageError, MemoryError):
+    """The device ran out of memory in a phase whose size a setting controls; the message names that setting."""

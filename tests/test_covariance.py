@@ -129,6 +129,23 @@ def test_a_corpus_with_fewer_tokens_than_key_dimensions_is_a_clear_error(tmp_pat
     assert not list((tmp_path / "stats").glob("*.pt"))
 
 
+def test_a_statistics_pass_out_of_gpu_memory_names_the_setting_that_bounds_it(tmp_path, tokenizer, monkeypatch):
+    from sadr.errors import DeviceMemoryError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(covariance, "accumulate_second_moments", out_of_memory)
+    model = make_model("llama")
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f",
+                                   corpus=Corpus({"kind": "test"}, lambda: iter(TEXTS)), sample_length=64,
+                                   batch_tokens=256, cache_dir=tmp_path)
+    with pytest.raises(DeviceMemoryError, match=r"layers \[1\] ran out of GPU memory \(CUDA out of memory. Tried to "
+                                                r"allocate 2.00 GiB\); lower model.stats.batch_tokens \(now 256\)"):
+        stats.factorized([1])
+    assert not list(tmp_path.rglob("*.pt"))
+
+
 def test_rome_npz_statistics_are_loaded_as_mean(tmp_path):
     total = np.array([[4.0, 2.0], [2.0, 6.0]], dtype=np.float32)
     path = tmp_path / "transformer.h.1.mlp.c_proj_float32_mom2_100.npz"

@@ -349,6 +349,23 @@ def test_a_group_that_runs_out_of_gpu_memory_is_redone_in_halves(tiny_dir, tmp_p
         [(r["case_id"], r["edited"], r["diagnostics"]) for r in at_two]
 
 
+def test_a_statistics_pass_out_of_gpu_memory_is_not_retried_with_fewer_cases(tiny_dir, tmp_path, monkeypatch):
+    """Its size does not depend on the cases side by side: the run stops at once, naming the setting that bounds it."""
+    import sadr.editors.covariance as covariance_module
+    from sadr.errors import DeviceMemoryError
+
+    passes = []
+
+    def out_of_memory(*args, **kwargs):
+        passes.append(1)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(covariance_module, "accumulate_second_moments", out_of_memory)
+    with pytest.raises(DeviceMemoryError, match="model.stats.batch_tokens"):
+        Experiment(run_config(tiny_dir, tmp_path / "run", "editor.parallel_cases=4", "cache_dir=" + str(tmp_path))).run()
+    assert passes == [1]
+
+
 def test_one_case_that_runs_out_of_gpu_memory_is_an_error(tiny_dir, tmp_path, monkeypatch):
     tried = []
 

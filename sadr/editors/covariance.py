@@ -20,7 +20,7 @@ from sadr.cache import TORCH, lock_for, read_entry, write_atomically
 from sadr.data.corpus import Corpus
 from sadr.editors.capture import stop_after
 from sadr.editors.update import FactorizedMoment, mirror_upper_triangle_
-from sadr.errors import InvalidSettingError, MissingInputError
+from sadr.errors import DeviceMemoryError, InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
 from sadr.models.devices import take_peak_memory
 from sadr.models.fingerprint import cache_key
@@ -266,8 +266,14 @@ class SecondMomentStatistics:
 
     def _compute(self, layers: list[int]) -> None:
         log.info("computing key statistics for layers %s over %s", layers, self.description())
-        result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers,
-                                           self.corpus.texts(), self.sample_length, self.batch_tokens, self.product_dtype)
+        try:
+            result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers, self.corpus.texts(),
+                                               self.sample_length, self.batch_tokens, self.product_dtype)
+        except torch.cuda.OutOfMemoryError as error:  # not retried with fewer parallel cases: it is not theirs
+            raise DeviceMemoryError(
+                f"the key statistics pass for layers {layers} ran out of GPU memory ({(str(error).splitlines() or ['no detail'])[0]}); "
+                f"lower model.stats.batch_tokens (now {self.batch_tokens}), the tokens per forward (and, for a "
+                f"generated corpus, per sampling batch)") from error
         timing = {**result.timing(), "layers": layers, **take_peak_memory(self._device())}
         peak = f", GPU peak {timing['cuda_peak_bytes'] / 1e9:.1f} GB" if "cuda_peak_bytes" in timing else ""
         log.info("key statistics: %d tokens at %.0f tokens/s (forward %.1f s, accumulation %.1f s, corpus %.1f s%s)",

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from sadr.conf.schema import Divergence, SadrHeads
 from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
-from sadr.regularizers import legacy_attention
 from sadr.regularizers.attention_rows import AttentionRows
 from sadr.regularizers.base import DeltaBatch, DeltaRegularizer
 
@@ -113,9 +112,9 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         )
 
     def reads_cached_prefix(self, adapter: ModelAdapter) -> bool:
-        """Yes where the attention kernel is handed every key (cached ones included); not for the families whose
-        queries and keys are rebuilt from the projections (`legacy_attention`), which see only the fed tokens."""
-        return legacy_attention.queries_keys_source(adapter.family) is None
+        """Yes: the attention kernel is handed every key, cached ones included, and where queries and keys are rebuilt
+        from the projections (`legacy_attention`), the keys are read from the cache the forward was handed."""
+        return True
 
     def _active_layers(self, n_layers: int, injection_layer: int) -> list[int]:
         if self.layers is None:

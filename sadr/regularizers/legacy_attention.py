@@ -3,7 +3,9 @@
 In the tested transformers range (see `sadr/constraints/`), only GPT-J does, before transformers 5.24: its attention
 module computes eager attention in its own method, so `ROW_KERNEL` never sees its queries and keys. For those versions
 the queries and keys are rebuilt here from the projections' outputs, the module's rotary table (`embed_positions`),
-`rotary_dim` and `scale_attn`, as modeling_gptj computes them in transformers 5.17 to 5.23. The test suite checks the
+`rotary_dim` and `scale_attn`, as modeling_gptj computes them in transformers 5.17 to 5.23. When the forward is handed a
+key/value cache (the δ-optimiser's cached prefixes), the keys are read from that cache after the module appended the
+fed tokens' keys to it, so the rows cover the cached keys too. The test suite checks the
 rebuilt rows against GPT-J's own eager attention weights at both ends of the tested range (the oldest set runs this
 path, the locked set the kernel path). A family listed here with a version past which it uses `AttentionInterface`
 needs nothing else; a new exception gets an entry in `LEGACY_UNTIL` and a rebuild function.
@@ -47,6 +49,9 @@ def _attach_gptj(attention: nn.Module, listener: Listener) -> Callable[[], None]
         if len(captured) != 2:
             raise RuntimeError("GPT-J attention ran without its q_proj and k_proj projections")
         query, key = _gptj_queries_keys(module, captured.pop("q_proj"), captured.pop("k_proj"), kwargs)
+        cache = kwargs.get("layer_past")
+        if cache is not None:  # every key the attention read: a cached prefix's, then the fed tokens' (now appended)
+            key = cache.layers[module.layer_idx].keys
         listener(query, key, 1.0 / float(module.scale_attn), None)
 
     handles.append(attention.register_forward_hook(record, with_kwargs=True))
