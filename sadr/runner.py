@@ -57,8 +57,8 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
         "hub": lambda: hub_corpus(stats.hub_dataset, stats.hub_config, stats.hub_split, stats.n_samples,
                                   stats.hub_sample.name, stats.sample_seed),
         "file": lambda: file_corpus(stats.text_file, stats.n_samples),
-        "generated": lambda: generated_corpus(loaded.model, loaded.tokenizer, stats.n_samples, stats.sample_length, cfg.seed,
-                                                stats.batch_tokens),
+        "generated": lambda: generated_corpus(loaded.model, loaded.tokenizer, stats.n_samples, stats.sample_length,
+                                              cfg.seed, stats.batch_tokens),
     }[corpus_kind]()
     return SecondMomentStatistics(
         loaded.model, loaded.adapter, loaded.tokenizer, fingerprint=fingerprint, corpus=corpus,

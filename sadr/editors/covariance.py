@@ -270,10 +270,11 @@ class SecondMomentStatistics:
             result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers, self.corpus.texts(),
                                                self.sample_length, self.batch_tokens, self.product_dtype)
         except torch.cuda.OutOfMemoryError as error:  # not retried with fewer parallel cases: it is not theirs
+            detail = (str(error).splitlines() or ["no detail"])[0]
             raise DeviceMemoryError(
-                f"the key statistics pass for layers {layers} ran out of GPU memory ({(str(error).splitlines() or ['no detail'])[0]}); "
-                f"lower model.stats.batch_tokens (now {self.batch_tokens}), the tokens per forward (and, for a "
-                f"generated corpus, per sampling batch)") from error
+                f"the key statistics pass for layers {layers} ran out of GPU memory ({detail}); lower "
+                f"model.stats.batch_tokens (now {self.batch_tokens}), the tokens per forward (and, for a generated "
+                "corpus, per sampling batch)") from error
         timing = {**result.timing(), "layers": layers, **take_peak_memory(self._device())}
         peak = f", GPU peak {timing['cuda_peak_bytes'] / 1e9:.1f} GB" if "cuda_peak_bytes" in timing else ""
         log.info("key statistics: %d tokens at %.0f tokens/s (forward %.1f s, accumulation %.1f s, corpus %.1f s%s)",

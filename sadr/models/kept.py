@@ -59,4 +59,3 @@ def release_kept_model() -> None:
     global _kept
     _kept = None
     release_unused_memory()
-
