@@ -37,6 +37,27 @@ def edited(tokenizer, tmp_path_factory):
     return editor, moments, threshold, first, second
 
 
+def test_each_layer_s_projection_is_made_once_and_its_c_released(tokenizer, tmp_path):
+    """AlphaEdit solves with P only: C leaves the statistics' memory once P is made, and a later editor reads P from
+    the disk cache, bit for bit."""
+    model = make_model("llama")
+    moments = statistics(model, tokenizer, tmp_path).get(LAYERS)  # computed once, then read from the disk cache
+    threshold = min(torch.linalg.eigvalsh(moments[layer]).median().item() for layer in LAYERS)
+
+    def alphaedit(stats):
+        hparams = editor_config("alphaedit", layers=LAYERS, context_templates=[[10, 3]], nullspace_threshold=threshold)
+        return EDITORS["alphaedit"].build(model, adapter_for(model), tokenizer, hparams, EditorServices(stats, TEMPLATES))
+
+    stats = statistics(model, tokenizer, tmp_path)
+    projections = alphaedit(stats).second_moments()
+    assert sorted(projections) == LAYERS and not stats._memory
+    for layer in LAYERS:
+        assert 0 < torch.trace(projections[layer]) < projections[layer].shape[0] - 0.5  # a proper subspace
+        torch.testing.assert_close(projections[layer], nullspace_projection(moments[layer], threshold), rtol=0, atol=0)
+    again = alphaedit(statistics(model, tokenizer, tmp_path)).second_moments()
+    assert all(torch.equal(again[layer], projections[layer]) for layer in LAYERS)
+
+
 def test_the_projection_keeps_the_eigenvectors_below_the_threshold():
     rng = np.random.default_rng(0)
     basis, _ = np.linalg.qr(rng.normal(size=(6, 6)))
@@ -51,7 +72,7 @@ def test_every_update_lies_in_the_null_space_and_leaves_preserved_keys_alone(edi
     editor, moments, threshold, first, second = edited
     for outcome in (first, second):
         for solve in outcome.solves:
-            update, p = solve.update.dense(), editor.projection(solve.layer, moments[solve.layer])
+            update, p = solve.update.dense(), editor.second_moments()[solve.layer]
             assert update.norm() > 0
             torch.testing.assert_close(update @ p, update, rtol=0, atol=1e-10 * update.norm().item())
             values, vectors = torch.linalg.eigh(moments[solve.layer])
@@ -67,7 +88,7 @@ def test_updates_solve_their_normal_equations_with_the_earlier_keys(edited):
     for outcome in (first, second):
         for solve in outcome.solves:
             k, r = solve.keys.double().numpy(), solve.residuals.double().numpy()
-            p = editor.projection(solve.layer, moments[solve.layer]).numpy()
+            p = editor.second_moments()[solve.layer].numpy()
             system = (k.T @ k + earlier[solve.layer]) @ p + editor.hparams.L2 * np.eye(k.shape[1])
             expected = np.linalg.solve(system.T, (r.T @ k @ p).T).T
             np.testing.assert_allclose(solve.update.dense().numpy(), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())

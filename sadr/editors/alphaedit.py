@@ -67,36 +67,41 @@ class AlphaEditEditor(MemitEditor):
         self._projections: dict[int, torch.Tensor] = {}
         self.earlier_keys: dict[int, torch.Tensor] = {}
 
-    def projection(self, layer: int, second_moment: torch.Tensor) -> torch.Tensor:
-        """P of this layer: in memory, else from the disk cache (keyed by C's content), else computed."""
-        if layer not in self._projections:
-            digest = hashlib.sha256(second_moment.double().contiguous().cpu().numpy().tobytes()).hexdigest()
-            key = cache_key(kind="nullspace", second_moment=digest, threshold=self.hparams.nullspace_threshold)
-            path = self.statistics.cache_dir / "nullspace" / f"{key}.pt"
-            projection = cached(path, lambda: nullspace_projection(second_moment, self.hparams.nullspace_threshold), TORCH)
-            log.info("layer %d: null space of dimension %d of %d (nullspace_threshold=%g)", layer,
-                     round(torch.trace(projection).item()), projection.shape[0], self.hparams.nullspace_threshold)
-            self._projections[layer] = projection
-        return self._projections[layer]
-
     def second_moments(self) -> dict:
-        """C itself: AlphaEdit projects onto its null space rather than solving with it."""
-        return self.statistics.get(self.layers)
+        """What `solve` is given per layer: P, the projection onto C's null space, on the model's device. AlphaEdit
+        solves with P, never with C, so each C is taken from the statistics and released once its P is made: the
+        device holds the Ps and at most one C (GPT-J: 12.9 GB less than keeping the six Cs next to their Ps)."""
+        missing = [layer for layer in self.layers if layer not in self._projections]
+        for layer, moment in self.statistics.take(missing).items():
+            self._projections[layer] = self._nullspace(layer, moment)
+        return {layer: self._projections[layer] for layer in self.layers}
 
-    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> LowRankUpdate:
+    def _nullspace(self, layer: int, second_moment: torch.Tensor) -> torch.Tensor:
+        """P from the disk cache (keyed by C's content), else computed on the model's device."""
+        device = next(self.model.parameters()).device
+        digest = hashlib.sha256(second_moment.double().contiguous().cpu().numpy().tobytes()).hexdigest()
+        key = cache_key(kind="nullspace", second_moment=digest, threshold=self.hparams.nullspace_threshold)
+        path = self.statistics.cache_dir / "nullspace" / f"{key}.pt"
+        projection = cached(path, lambda: nullspace_projection(second_moment.to(device), self.hparams.nullspace_threshold),
+                            TORCH).to(device)
+        log.info("layer %d: null space of dimension %d of %d (nullspace_threshold=%g)", layer,
+                 round(torch.trace(projection).item()), projection.shape[0], self.hparams.nullspace_threshold)
+        return projection
+
+    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, projection: torch.Tensor) -> LowRankUpdate:
         earlier = self.earlier_keys.get(layer, torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64))
-        update = nullspace_update(keys, residuals, self.projection(layer, second_moment), earlier, self.hparams.L2)
+        update = nullspace_update(keys, residuals, projection, earlier, self.hparams.L2)
         # a layer's keys depend only on the layers below it, so these are the keys of the edited model
         k = keys.double().cpu()
         self.earlier_keys[layer] = earlier + k.T @ k
         return update
 
-    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor) -> list[LowRankUpdate]:
+    def solve_each(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, projection: torch.Tensor) -> list[LowRankUpdate]:
         """Each row's request solved alone: every solve sees the keys preserved so far, not the other rows'."""
         earlier = self.earlier_keys.get(layer)
         updates = []
         for row in range(len(keys)):
-            updates.append(self.solve(layer, keys[row : row + 1], residuals[row : row + 1], second_moment))
+            updates.append(self.solve(layer, keys[row : row + 1], residuals[row : row + 1], projection))
             if earlier is None:
                 self.earlier_keys.pop(layer)
             else:

@@ -220,6 +220,13 @@ class SecondMomentStatistics:
             self._memory[layer] = self._memory[layer].to(device)
         return {layer: self._memory[layer] for layer in layers}
 
+    def take(self, layers: list[int]) -> dict[int, torch.Tensor]:
+        """layer -> C (float64, where it lies: on the host when read from disk or computed here), no longer kept: for a
+        caller that turns C into something else and releases it (AlphaEdit's projections). `get` reads it again from
+        the disk cache if asked. Every missing layer is computed in a single corpus pass."""
+        self._load(layers)
+        return {layer: self._memory.pop(layer) for layer in layers}
+
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
