@@ -73,7 +73,10 @@ def attention_row(query: Tensor, key: Tensor, scaling: float, query_positions: T
     dtype = torch.promote_types(query.dtype, torch.float32)
     batch, n_query_heads, _, head_dim = query.shape
     n_kv_heads = key.shape[1]
-    q_t = query[torch.arange(batch, device=query.device), :, query_positions]  # (B, H_q, D)
+    # gather, not advanced indexing: its backward is a scatter-add, where indexing's is an accumulating index_put
+    # (sorted indices on a GPU), and the δ-step runs it on every layer
+    at = query_positions.view(batch, 1, 1, 1).expand(batch, n_query_heads, 1, head_dim)
+    q_t = query.gather(2, at).squeeze(2)  # (B, H_q, D)
     q_t = q_t.to(dtype).reshape(batch, n_kv_heads, n_query_heads // n_kv_heads, head_dim)
     scores = torch.einsum("bgrd,bgkd->bgrk", q_t, key.to(dtype)).flatten(1, 2) * scaling
     scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
@@ -160,7 +163,9 @@ class AttentionRows:
                 )
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling  # None: the kernel's default
             allowed = allowed_keys(self._padding, self._positions, kernel_mask, self._rows, self._cached_keys)
-            self.rows[layer] = attention_row(query[self._rows], key[self._rows], scale, self._positions, allowed)
+            rows = self._rows  # index_select: its backward adds into the gradient, without sorting (see attention_row)
+            self.rows[layer] = attention_row(query.index_select(0, rows), key.index_select(0, rows), scale,
+                                             self._positions, allowed)
 
         return record
 
