@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sadr.editors.delta import StepState
+from sadr.editors.delta import StepState, clamp_norm_
 from sadr.editors.pmet import PmetEditor, pmet_rules
 from sadr.models.adapters import adapter_for
 from tests.editing import (
@@ -87,3 +87,19 @@ def test_without_early_stop_every_delta_runs_all_its_steps(tokenizer, tmp_path, 
     assert [d.steps_run for d in runs[False]] == [10] * len(runs[True])
     for stopped, full in zip(runs[True], runs[False]):
         assert [s.loss for s in full.history[: stopped.steps_run]] == pytest.approx([s.loss for s in stopped.history])
+
+
+def test_the_delta_clamp_scales_down_to_its_limit_and_leaves_the_rest_bit_for_bit():
+    torch.manual_seed(0)
+    delta = torch.randn(64)
+    inside = delta.clone()
+    clamp_norm_(inside, inside.norm() * 1.0001)
+    assert torch.equal(inside, delta)
+    outside = delta.clone()
+    limit = delta.norm() / 3
+    clamp_norm_(outside, limit)
+    torch.testing.assert_close(outside.norm(), limit)
+    torch.testing.assert_close(outside, delta * (limit / delta.norm()), rtol=0, atol=0)
+    zero = torch.zeros(8)
+    clamp_norm_(zero, torch.zeros(()))  # a zero initial output: no 0/0
+    assert torch.equal(zero, torch.zeros(8))

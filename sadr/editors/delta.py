@@ -322,12 +322,17 @@ def _steps(model, live: _LiveRows, optimizer, objective: DeltaObjective, regular
         with torch.no_grad():
             for case in (cases[k] for k in still):
                 for s in objective.sites:
-                    max_norm = objective.clamp_norm_factor * case.initial[s].norm()
-                    if case.deltas[s].norm() > max_norm:
-                        case.deltas[s].mul_(max_norm / case.deltas[s].norm())
+                    clamp_norm_(case.deltas[s], objective.clamp_norm_factor * case.initial[s].norm())
         if len(still) < len(cases):
             return still
     return []
+
+
+def clamp_norm_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale δ down to `max_norm` if its norm is above it; otherwise leave it bit for bit. Branchless, so it never
+    waits for the device (an `if norm > max_norm` would, for every case and site at every step)."""
+    norm = delta.norm()
+    delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
 
 
 def _reuse_prefix(model, adapter: ModelAdapter, objective: DeltaObjective, regularizers, batch) -> bool:
