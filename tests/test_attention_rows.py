@@ -63,7 +63,7 @@ def fast_rows(model, batch, positions, batch_rows=None):
     layers = range(adapter.num_layers(model))
     with AttentionRows(model, adapter, layers, positions, batch["attention_mask"], batch_rows=batch_rows) as hooks:
         model(**batch)
-    return hooks.rows
+        return hooks.collect()
 
 
 @pytest.mark.parametrize("family,overrides", VARIANTS, ids=[f"{f}-{'-'.join(o) or 'default'}" for f, o in VARIANTS])
@@ -111,12 +111,15 @@ def test_gradient_flows_from_later_layers_rows_to_delta(tokenizer, family):
     try:
         with AttentionRows(model, adapter, [0, 2, 3], torch.tensor([6, 2, 1]), batch["attention_mask"]) as hooks:
             model(**batch)
-        assert all(r.requires_grad for layer, r in hooks.rows.items() if layer > 1)
-        assert not hooks.rows[0].requires_grad  # before the injection: δ cannot reach it
-        (grad,) = torch.autograd.grad(sum(hooks.rows[layer][:, :, s].sum() for layer, s in [(2, 0), (3, 0)]), delta)
+            recorded = hooks.collect()
+        assert all(r.requires_grad for layer, r in recorded.items() if layer > 1)
+        (grad,) = torch.autograd.grad(sum(recorded[layer][:, :, s].sum() for layer, s in [(2, 0), (3, 0)]), delta,
+                                      retain_graph=True)
+        (before_injection,) = torch.autograd.grad(recorded[0].sum(), delta, allow_unused=True)
     finally:
         handle.remove()
     assert grad.abs().sum() > 0
+    assert before_injection is None or not before_injection.any()  # layer 0 is before the injection: δ cannot reach it
 
 
 def test_hooks_are_removed(tokenizer):

@@ -146,8 +146,7 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
             raise RuntimeError("SelectiveAttentionDriftRegularizer.loss() called before attach()")
         if step != 0 and self._reference is None:
             raise RuntimeError("the step-0 (δ = 0) forward must come first: it records the reference rows")
-        recorded = self._recorder.collect()
-        current = torch.stack([recorded[layer] for layer in self._active])  # (layers, rows, heads, keys)
+        current = self._recorder.collect_stacked()  # (layers, rows, heads, keys)
         if step == 0:
             return self._record_reference(current)
         n_layers, n_rows, n_heads = current.shape[:3]

@@ -63,23 +63,19 @@ def listen_to_kernel(attention: nn.Module, listener: Listener) -> Callable[[], N
     return stop
 
 
-def attention_row(query: Tensor, key: Tensor, scaling: float, query_positions: Tensor, allowed: Tensor) -> Tensor:
-    """softmax(q_t Kᵀ · scaling) over the allowed keys, for every query head.
+def softmax_rows(query_rows: Tensor, key: Tensor, scaling: float | Tensor, allowed: Tensor) -> Tensor:
+    """softmax(q Kᵀ · scaling) over the allowed keys, for every query head, batched over any leading dimensions.
 
-    query (B, H_q, T, D), key (B, H_kv, T, D) with H_q a multiple of H_kv (query head h reads key head
-    h // (H_q / H_kv), as `repeat_kv` does); query_positions (B,); allowed (B, T) bool.
-    Returns (B, H_q, T) in at least float32, zero on disallowed keys.
+    query_rows (..., R, H_q, D): one query per row; key (..., R, H_kv, K, D) with H_q a multiple of H_kv (query head h
+    reads key head h // (H_q / H_kv), as `repeat_kv` does); scaling a number or broadcastable to (..., R, H_q, K);
+    allowed (..., R, K) bool. Returns (..., R, H_q, K) in at least float32, zero on disallowed keys.
     """
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    batch, n_query_heads, _, head_dim = query.shape
-    n_kv_heads = key.shape[1]
-    # gather, not advanced indexing: its backward is a scatter-add, where indexing's is an accumulating index_put
-    # (sorted indices on a GPU), and the δ-step runs it on every layer
-    at = query_positions.view(batch, 1, 1, 1).expand(batch, n_query_heads, 1, head_dim)
-    q_t = query.gather(2, at).squeeze(2)  # (B, H_q, D)
-    q_t = q_t.to(dtype).reshape(batch, n_kv_heads, n_query_heads // n_kv_heads, head_dim)
-    scores = torch.einsum("bgrd,bgkd->bgrk", q_t, key.to(dtype)).flatten(1, 2) * scaling
-    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    dtype = torch.promote_types(query_rows.dtype, torch.float32)
+    *lead, n_query_heads, head_dim = query_rows.shape
+    n_kv_heads = key.shape[-3]
+    grouped = query_rows.to(dtype).reshape(*lead, n_kv_heads, n_query_heads // n_kv_heads, head_dim)
+    scores = torch.matmul(grouped, key.to(dtype).transpose(-1, -2)).flatten(-3, -2) * scaling
+    scores = scores.masked_fill(~allowed[..., None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -107,12 +103,16 @@ def allowed_keys(padding: Tensor, query_positions: Tensor, kernel_mask: Optional
 class AttentionRows:
     """Records, at every forward, the attention rows of one query position per selected batch row.
 
-    After a forward, `collect()` returns {layer: (len(batch_rows), H_q, K)} in at least float32, in the autograd graph
-    of that forward. The recorder expects the batch it was built for: `attention_mask` (B, K) marks its real keys,
-    `batch_rows` the rows wanted (all by default) and `query_positions[i]` the input position of `batch_rows[i]`'s
-    query. With `cached_keys` > 0 the forward is fed only the tokens after a cached prefix: key k < cached_keys came
-    from the cache and input position t is key cached_keys + t (the δ-optimiser's layout, `DeltaBatch`).
-    Use as a context manager or `remove()`.
+    After a forward, `collect()` returns {layer: (len(batch_rows), H_q, K)} in at least float32 (`collect_stacked()`
+    the same as one (layers, rows, H_q, K) tensor), in the autograd graph of that forward. The recorder expects the
+    batch it was built for: `attention_mask` (B, K) marks its real keys, `batch_rows` the rows wanted (all by default)
+    and `query_positions[i]` the input position of `batch_rows[i]`'s query. With `cached_keys` > 0 the forward is fed
+    only the tokens after a cached prefix: key k < cached_keys came from the cache and input position t is key
+    cached_keys + t (the δ-optimiser's layout, `DeltaBatch`). Use as a context manager or `remove()`.
+
+    During the forward each layer only keeps its rows' queries and keys (two index_selects); the rows of every layer
+    are computed together at `collect`, so the cost in kernel launches does not grow with the layers, which matters
+    on a GPU, where SADR's δ-step is launch-bound for models of SmolLM2's size.
     """
 
     def __init__(
@@ -140,7 +140,8 @@ class AttentionRows:
         self._rows = rows.to(device)
         self._positions = positions.to(device)
         self._padding = attention_mask.to(device)[self._rows]
-        self.rows: dict[int, Tensor] = {}
+        self._query_index: dict[int, Tensor] = {}  # fed length T -> the rows' queries in a (B·T, H, D) view
+        self._recorded: dict[int, tuple[Tensor, Tensor, float, Optional[Tensor]]] = {}  # layer -> q, K, scale, mask
         self._stops: list[Callable[[], None]] = []
         legacy = legacy_attention.queries_keys_source(adapter.family)
         if legacy is None:
@@ -162,24 +163,47 @@ class AttentionRows:
                     f"the model ran one with batch {query.shape[0]} and {key.shape[2]} key positions"
                 )
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling  # None: the kernel's default
-            allowed = allowed_keys(self._padding, self._positions, kernel_mask, self._rows, self._cached_keys)
-            rows = self._rows  # index_select: its backward adds into the gradient, without sorting (see attention_row)
-            self.rows[layer] = attention_row(query.index_select(0, rows), key.index_select(0, rows), scale,
-                                             self._positions, allowed)
+            fed = query.shape[2]
+            if fed not in self._query_index:
+                self._query_index[fed] = self._rows * fed + self._positions
+            # index_select, not advanced indexing: its backward adds into the gradient, where indexing's is an
+            # accumulating index_put (sorted indices on a GPU). (B, H, T, D) is the projection's (B, T, H, D) transposed,
+            # so the flattening is a view.
+            query_rows = query.transpose(1, 2).flatten(0, 1).index_select(0, self._query_index[fed])
+            self._recorded[layer] = (query_rows, key.index_select(0, self._rows), scale, kernel_mask)
 
         return record
 
-    def collect(self) -> dict[int, Tensor]:
-        """The rows of the last forward, every requested layer present; empties the record for the next forward."""
-        missing = [layer for layer in self.layers if layer not in self.rows]
+    def _allowed(self, masks: list[Optional[Tensor]]) -> Tensor:
+        """(1 or layers, rows, K): the allowed keys, computed once per distinct kernel mask."""
+        distinct: list[tuple[Optional[Tensor], Tensor]] = []
+        per_layer = []
+        for mask in masks:
+            found = next((allowed for seen, allowed in distinct if seen is mask), None)
+            if found is None:
+                found = allowed_keys(self._padding, self._positions, mask, self._rows, self._cached_keys)
+                distinct.append((mask, found))
+            per_layer.append(found)
+        return distinct[0][1][None] if len(distinct) == 1 else torch.stack(per_layer)
+
+    def collect_stacked(self) -> Tensor:
+        """The rows of the last forward as one (layers, rows, H_q, K) tensor, layers in `self.layers` order; empties
+        the record for the next forward."""
+        missing = [layer for layer in self.layers if layer not in self._recorded]
         if missing:
             raise RuntimeError(
                 f"no attention rows were recorded for layers {missing}: their attention did not run through "
                 f"{ROW_KERNEL!r} since the last collect() (was the forward run, or was the model's attention "
                 "implementation changed after the recorder was set up?)"
             )
-        rows, self.rows = self.rows, {}
-        return rows
+        recorded, self._recorded = [self._recorded[layer] for layer in self.layers], {}
+        queries, keys, scales, masks = zip(*recorded)
+        scaling = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self._rows.device).view(-1, 1, 1, 1)
+        return softmax_rows(torch.stack(queries), torch.stack(keys), scaling, self._allowed(list(masks)))
+
+    def collect(self) -> dict[int, Tensor]:
+        """The rows of the last forward, {layer: (rows, H_q, K)}, every requested layer present; empties the record."""
+        return dict(zip(self.layers, self.collect_stacked().unbind(0)))
 
     def remove(self) -> None:
         for stop in self._stops:
