@@ -32,8 +32,8 @@ from sadr.editors.registry import EDITORS
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
-from sadr.models.fingerprint import cache_key
-from sadr.models.devices import release_unused_memory, reset_peak_memory, take_peak_memory
+from sadr.models.devices import release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
+from sadr.models.fingerprint import cache_key, computation_fingerprint
 from sadr.models.kept import load_model_kept
 from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
@@ -118,8 +118,11 @@ class Experiment:
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
         reset_peak_memory(self.loaded.device)
+        self.tf32 = set_tf32(self.loaded.device, cfg.tf32)
+        # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')
+        self.computed_by = computation_fingerprint(self.fingerprint, self.tf32)
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
-        self.statistics = build_statistics(cfg, self.loaded, self.fingerprint)
+        self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
         self.evaluators = build_evaluators(cfg)
         self.out.write_environment({
             "device": str(self.loaded.device),
@@ -127,14 +130,14 @@ class Experiment:
             "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
             "dataset_source": self.dataset.source, "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
-            "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases,
+            "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases, "tf32": self.tf32,
             "untested_versions": untested_versions,
         })
 
     def _editor(self) -> Editor:
         cfg, loaded = self.cfg, self.loaded
         templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                      seed=cfg.seed, fingerprint=self.fingerprint, cache_dir=cfg.cache_dir,
+                                      seed=cfg.seed, fingerprint=self.computed_by, cache_dir=cfg.cache_dir,
                                       style=cfg.editor.context_template_style.name)
         services = EditorServices(self.statistics, templates, build_regularizers(cfg.sadr))
         return EDITORS[cfg.editor.name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, services)
@@ -176,7 +179,7 @@ class Experiment:
         cases = self.dataset.cases
         started = time.perf_counter()
         unedited = dict(zip((str(c.case_id) for c in cases),
-                            unedited_results(self.loaded, cases, self.evaluators, self.fingerprint, self.cfg.cache_dir)))
+                            unedited_results(self.loaded, cases, self.evaluators, self.computed_by, self.cfg.cache_dir)))
         log.info("unedited model scored on %d cases in %.1f s", len(cases), time.perf_counter() - started)
         done = self.out.finished()
         todo = [c for c in cases if str(c.case_id) not in done]

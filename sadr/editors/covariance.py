@@ -22,7 +22,7 @@ from sadr.editors.capture import stop_after
 from sadr.editors.update import FactorizedMoment, mirror_upper_triangle_
 from sadr.errors import DeviceMemoryError, InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
-from sadr.models.devices import take_peak_memory
+from sadr.models.devices import take_peak_memory, tf32_in_use
 from sadr.models.fingerprint import cache_key
 from sadr.models.tokenization import pad_id_of, pad_right
 
@@ -282,7 +282,8 @@ class SecondMomentStatistics:
                 f"the key statistics pass for layers {layers} ran out of GPU memory ({detail}); lower "
                 f"model.stats.batch_tokens (now {self.batch_tokens}), the tokens per forward (and, for a generated "
                 "corpus, per sampling batch)") from error
-        timing = {**result.timing(), "layers": layers, **take_peak_memory(self._device())}
+        timing = {**result.timing(), "layers": layers, "tf32": tf32_in_use(self._device()),
+                  **take_peak_memory(self._device())}
         peak = f", GPU peak {timing['cuda_peak_bytes'] / 1e9:.1f} GB" if "cuda_peak_bytes" in timing else ""
         log.info("key statistics: %d tokens at %.0f tokens/s (forward %.1f s, accumulation %.1f s, corpus %.1f s%s)",
                  result.count, timing["tokens_per_second"] or 0.0, result.seconds["forward"],

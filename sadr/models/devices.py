@@ -54,6 +54,23 @@ def resolve_device(name: str, lock_dir: Path) -> torch.device:
     return device
 
 
+def set_tf32(device: torch.device, enabled: bool) -> bool:
+    """Make float32 matrix products on `device` run in TensorFloat-32 (`enabled`) or in full float32, and return whether
+    they now use TF32. Process-wide, so every run sets it from its own config. CUDA only: elsewhere it changes nothing
+    and `enabled` is refused with a warning."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+        return enabled
+    if enabled:
+        log.warning("tf32=true has no effect on %s (TensorFloat-32 is a CUDA setting); products stay float32", device)
+    return False
+
+
+def tf32_in_use(device: torch.device) -> bool:
+    """Whether float32 matrix products on `device` run in TensorFloat-32 now."""
+    return device.type == "cuda" and torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,6 +23,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def computation_fingerprint(weights_fingerprint: str, tf32: bool) -> str:
+    """What the caches of a model's computations (statistics, context templates, unedited scores) are keyed by: its
+    weights and whether float32 products ran in TF32, which changes results in the fourth significant digit, well
+    beyond float rounding. Without TF32 it is the weights' fingerprint, so existing caches stay valid."""
+    return cache_key(model=weights_fingerprint, float32_products="tf32") if tf32 else weights_fingerprint
+
+
 def cache_key(**parts) -> str:
     """A short hash of everything that determines a cached artefact."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
