@@ -5,7 +5,8 @@ device, saves it as a local model folder with a tokenizer, and runs the real exp
 each job of `sadr-run -m` runs) on a few offline CounterFact records for each editor that has published
 hyperparameters for that model, without and with SADR (`sadr=paper`: the published γ). The jobs run one after
 another in this process, as a basic-launcher sweep does, so the model is loaded once. Key statistics come from
-text the model samples itself (`model.stats.corpus=generated`).
+text the model samples itself (`model.stats.corpus=generated`), or from `--stats-text-file` (sampling takes minutes on
+GPT-NeoX-20B's shape).
 
 It prints, per run: seconds per case of each phase (keys, δ-optimisation, update, evaluation), δ steps and seconds
 per δ step, the GPU memory peak of the run (`torch.cuda.max_memory_allocated`; the statistics pass is reported
@@ -23,6 +24,7 @@ Usage:
     python benchmarks/scale_bench.py --arch llama3-8b --device cuda --dtype bfloat16 --editors memit
     python benchmarks/scale_bench.py --arch gpt-j --device cuda --variants editor.prefix_cache=false ""
                                             # each run once per variant (comma-separated overrides; "" as configured)
+    python benchmarks/scale_bench.py --arch gpt-j --device cuda --variants "" tf32=true     # float32 against TF32
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -86,6 +89,8 @@ class Settings:
     stats_length: int
     delta_steps: int | None
     workdir: Path
+    text_file: Path | None = None
+    parallel_cases: int = 1
     extra: list[str] = field(default_factory=list)
 
 
@@ -94,10 +99,12 @@ def overrides(settings: Settings, editor: str, with_sadr: bool, variant: int = 0
     s = settings
     name = (f"{editor}_sadr" if with_sadr else editor) + (f"_v{variant}" if variant else "")
     chosen = [
-        f"model={s.arch}", f"model.source={s.folder}", "model.gguf_file=null", "model.stats.corpus=generated",
+        f"model={s.arch}", f"model.source={s.folder}", "model.gguf_file=null",
+        *(["model.stats.corpus=file", f"model.stats.text_file={s.text_file}"] if s.text_file else
+          ["model.stats.corpus=generated"]),
         f"model.stats.n_samples={s.stats_samples}", f"model.stats.sample_length={s.stats_length}",
         "dataset=offline_counterfact", f"dataset.limit={s.records}", f"editor={editor}",
-        f"device={s.device}", f"dtype={s.dtype}", "progress.bar=false",
+        f"device={s.device}", f"dtype={s.dtype}", "progress.bar=false", f"editor.parallel_cases={s.parallel_cases}",
         f"output_dir={s.workdir / 'runs' / name}",
         f"cache_dir={s.workdir / 'cache'}",
     ]
@@ -117,15 +124,19 @@ def run(settings: Settings, editor: str, with_sadr: bool, variant: int = 0) -> P
 
 
 def run_summary(path: Path) -> dict:
-    """Per-case means of each phase's seconds (the first case's statistics pass left out), δ steps, GPU peak."""
+    """Per-case means of each phase's seconds (the first case's statistics pass left out), δ steps, GPU peak, and
+    seconds per δ step, the median over cases: the first case of a run also pays one-time costs (kernel selection,
+    the allocator's first growth), which inflate a mean over a few cases."""
     rows = RunDirectory(path).rows()
     seconds = [row["seconds"] for row in rows]
     phase = lambda *names: sum(s.get(n, 0.0) for s in seconds for n in names) / len(rows)  # noqa: E731
     steps = sum(row["diagnostics"].get("delta_steps", 0) for row in rows) / len(rows)
     delta = phase("delta", "v_star")
+    per_step = [(s.get("delta", 0.0) + s.get("v_star", 0.0)) / row["diagnostics"]["delta_steps"]
+                for s, row in zip(seconds, rows) if row["diagnostics"].get("delta_steps")]
     peaks = [row["cuda_peak_bytes"] for row in rows if "cuda_peak_bytes" in row]
     return {"cases": len(rows), "sadr_lambda": rows[0]["sadr_lambda"], "keys": phase("keys", "k_star"),
-            "delta": delta, "delta_steps": steps, "step": delta / steps if steps else None, "update": phase("update"),
+            "delta": delta, "delta_steps": steps, "step": statistics.median(per_step) if per_step else None, "update": phase("update"),
             "eval": phase("eval_per_case"), "peak_gb": max(peaks) / 1e9 if peaks else None}
 
 
@@ -157,16 +168,19 @@ def stats_table(passes: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for p in passes:
         peak = f"{p['cuda_peak_bytes'] / 1e9:.1f}" if p.get("cuda_peak_bytes") else "–"
-        lines.append(f"| layers {p['layers']} | {p['tokens']} | {p['tokens_per_second']:.0f} | {p['forward_seconds']:.1f} | "
+        products = " (TF32)" if p.get("tf32") else ""
+        lines.append(f"| layers {p['layers']}{products} | {p['tokens']} | {p['tokens_per_second']:.0f} | {p['forward_seconds']:.1f} | "
                      f"{p['accumulate_seconds']:.1f} | {p['corpus_seconds']:.1f} | {peak} |")
     return "\n".join(lines)
 
 
 def environment(args, device: str) -> str:
+    corpus = f"{args.stats_text_file.name} text" if args.stats_text_file else "sampled"
     card = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"
     return (f"{args.arch}{' (tiny widths)' if args.tiny else ''}, {args.dtype}, {device} ({card}), torch {torch.__version__}, "
             f"transformers {transformers.__version__}, {args.records} offline records, statistics from "
-            f"{args.stats_samples} × {args.stats_length} sampled tokens, δ steps {args.delta_steps or 'as configured'}")
+            f"{args.stats_samples} × {args.stats_length} {corpus} tokens, δ steps {args.delta_steps or 'as configured'}, "
+            f"{args.parallel_cases} case(s) side by side")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -180,6 +194,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--records", type=int, default=None, help="offline records per run (4; 2 with --tiny)")
     parser.add_argument("--stats-samples", type=int, default=None, help="sampled texts for the statistics (128; 32 tiny)")
     parser.add_argument("--stats-length", type=int, default=None, help="tokens per sampled text (256; 16 tiny)")
+    parser.add_argument("--stats-text-file", type=Path, default=None,
+                        help="statistics from this text file (blank-line-separated texts) instead of text the random "
+                             "model samples, which takes minutes on the largest shapes")
+    parser.add_argument("--parallel-cases", type=int, default=1,
+                        help="editor.parallel_cases of every run (1: one case at a time, so s/step is one edit's step; "
+                             "a run's own default is 8 on a GPU)")
     parser.add_argument("--delta-steps", type=int, default=None, help="δ steps of every run (default: the configs')")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a saved tokenizer folder")
     parser.add_argument("--save-tokenizer", type=Path, default=None, help="write the offline default's tokenizer here and exit")
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> str:
     print(f"built and saved a random {args.arch} in {build_seconds:.1f} s: {folder}", flush=True)
 
     settings = Settings(args.arch, folder, device, args.dtype, args.records, args.stats_samples, args.stats_length,
-                        args.delta_steps, workdir)
+                        args.delta_steps, workdir, args.stats_text_file, args.parallel_cases)
     results = []
     for editor in args.editors:
         if not (HPARAMS / f"{editor}_{args.arch}.yaml").is_file():
