@@ -41,7 +41,10 @@ def test_tiny_gptj_runs_every_editor_with_and_without_sadr(tmp_path):
         summary = results[{"rome": "rome", "rome_sadr": "rome + SADR (γ=0.01)", "memit": "memit",
                            "memit_sadr": "memit + SADR (γ=0.005)", "pmet": "pmet", "pmet_sadr": "pmet + SADR (γ=0.08)"}[folder]]
         expected_delta = sum(r["seconds"].get("delta", r["seconds"].get("v_star", 0.0)) for r in rows) / 2
-        assert summary["delta"] == pytest.approx(expected_delta) and summary["step"] == pytest.approx(expected_delta / 3)
+        per_step = sorted(r["seconds"].get("delta", r["seconds"].get("v_star", 0.0)) / 3 for r in rows)
+        assert summary["delta"] == pytest.approx(expected_delta) and summary["step"] == pytest.approx(sum(per_step) / 2)
+        environment = json.loads((tmp_path / "runs" / folder / "environment.json").read_text())
+        assert environment["parallel_cases"] == 1  # --parallel-cases 1 by default: s/step is one edit's step
     passes = scale_bench.statistics_passes(tmp_path / "cache")
     assert sorted(p["layers"] for p in passes) == [[3, 4, 6, 7, 8], [5]]  # ROME's layer 5 first, MEMIT's others
     for p in passes:
