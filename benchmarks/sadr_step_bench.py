@@ -17,6 +17,7 @@ median is reported. Run it single-threaded beside other jobs (OMP_NUM_THREADS=1)
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/sadr_step_bench.py                  # offline default model
     OMP_NUM_THREADS=1 python benchmarks/sadr_step_bench.py --tiny           # a random tiny llama
+    OMP_NUM_THREADS=1 python benchmarks/sadr_step_bench.py --smollm2-depth  # tiny widths, SmolLM2's 30 layers
     python benchmarks/sadr_step_bench.py --steps 12 --rounds 3 --cache-dir /tmp/sadr-cache
 """
 from __future__ import annotations
@@ -103,7 +104,7 @@ def load(args):
     register_configs()
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
         cfg = compose("config", overrides=["editor=rome"])
-    if not args.tiny:
+    if not (args.tiny or args.smollm2_depth):
         try:
             loaded = load_model(cfg.model.source, family=cfg.model.family, device="cpu", cache_dir=args.cache_dir)
             templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
@@ -116,10 +117,25 @@ def load(args):
     from sadr.models.adapters import adapter_for
     from tests.tiny_models import make_model, make_tokenizer  # the test suite's tiny models
 
-    model, tokenizer = make_model("llama"), make_tokenizer()
-    hparams = OmegaConf.merge(cfg.editor, {"layers": [1], "v_loss_layer": 3, "v_lr": 0.05, "clamp_norm_factor": 100.0})
+    tokenizer = make_tokenizer()
+    if args.smollm2_depth:
+        from transformers import AutoModelForCausalLM
+
+        from shapes import model_config
+
+        torch.manual_seed(0)
+        config = model_config("smollm2-135m", tiny=True)
+        config.vocab_size = max(config.vocab_size, len(tokenizer))
+        model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+        hparams = OmegaConf.merge(cfg.editor, {"layers": [4], "v_loss_layer": config.num_hidden_layers - 1,
+                                               "clamp_norm_factor": 100.0})
+        name = "random SmolLM2-135M depth, tiny widths (benchmarks/shapes.py)"
+    else:
+        model = make_model("llama")
+        hparams = OmegaConf.merge(cfg.editor, {"layers": [1], "v_loss_layer": 3, "v_lr": 0.05, "clamp_norm_factor": 100.0})
+        name = "tiny random llama (tests/tiny_models.py)"
     templates = ["{}"] + [f"{w} said. {{}}" for w in ("The", "Therefore", "Because", "I", "You") for _ in range(4)]
-    return model, tokenizer, adapter_for(model), hparams, templates, "tiny random llama (tests/tiny_models.py)"
+    return model, tokenizer, adapter_for(model), hparams, templates, name
 
 
 def step_times(model, adapter, tokenizer, hparams, templates, steps, regularizers) -> tuple[list[float], torch.Tensor]:
@@ -139,6 +155,9 @@ def step_times(model, adapter, tokenizer, hparams, templates, steps, regularizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a random tiny llama instead of the offline default model")
+    parser.add_argument("--smollm2-depth", action="store_true",
+                        help="random weights, tiny widths at SmolLM2-135M's depth (30 layers, ROME at layer 4): a "
+                             "step costs per-operation overhead there, as on a GPU with a small model")
     parser.add_argument("--steps", type=int, default=8, help="δ steps per run (each run times steps - 2 iterations)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three modes")
     parser.add_argument("--gamma", type=float, default=0.01)

@@ -63,19 +63,23 @@ def listen_to_kernel(attention: nn.Module, listener: Listener) -> Callable[[], N
     return stop
 
 
-def softmax_rows(query_rows: Tensor, key: Tensor, scaling: float | Tensor, allowed: Tensor) -> Tensor:
-    """softmax(q Kᵀ · scaling) over the allowed keys, for every query head, batched over any leading dimensions.
+def key_scores(query_rows: Tensor, key: Tensor) -> Tensor:
+    """q Kᵀ (unscaled) for one query per row, every query head: (..., R, H_q, K) in at least float32.
 
-    query_rows (..., R, H_q, D): one query per row; key (..., R, H_kv, K, D) with H_q a multiple of H_kv (query head h
-    reads key head h // (H_q / H_kv), as `repeat_kv` does); scaling a number or broadcastable to (..., R, H_q, K);
-    allowed (..., R, K) bool. Returns (..., R, H_q, K) in at least float32, zero on disallowed keys.
+    query_rows (..., R, H_q, D); key (..., R, H_kv, K, D) with H_q a multiple of H_kv (query head h reads key head
+    h // (H_q / H_kv), as `repeat_kv` does).
     """
     dtype = torch.promote_types(query_rows.dtype, torch.float32)
     *lead, n_query_heads, head_dim = query_rows.shape
     n_kv_heads = key.shape[-3]
     grouped = query_rows.to(dtype).reshape(*lead, n_kv_heads, n_query_heads // n_kv_heads, head_dim)
-    scores = torch.matmul(grouped, key.to(dtype).transpose(-1, -2)).flatten(-3, -2) * scaling
-    scores = scores.masked_fill(~allowed[..., None, :], float("-inf"))
+    return torch.matmul(grouped, key.to(dtype).transpose(-1, -2)).flatten(-3, -2)
+
+
+def row_softmax(scores: Tensor, scaling: float | Tensor, allowed: Tensor) -> Tensor:
+    """softmax(scores · scaling) over the allowed keys: scores (..., R, H, K), scaling a number or broadcastable to
+    them, allowed (..., R, K) bool; zero on disallowed keys."""
+    scores = (scores * scaling).masked_fill(~allowed[..., None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -110,9 +114,10 @@ class AttentionRows:
     only the tokens after a cached prefix: key k < cached_keys came from the cache and input position t is key
     cached_keys + t (the δ-optimiser's layout, `DeltaBatch`). Use as a context manager or `remove()`.
 
-    During the forward each layer only keeps its rows' queries and keys (two index_selects); the rows of every layer
-    are computed together at `collect`, so the cost in kernel launches does not grow with the layers, which matters
-    on a GPU, where SADR's δ-step is launch-bound for models of SmolLM2's size.
+    During the forward each layer computes only its rows' scores q Kᵀ (two index_selects and one product: the memory
+    of its selected keys, kept for the backward, is what per-layer rows cost too); scaling, masking and the softmax
+    of every layer run together at `collect`. That keeps the kernel launches per layer few, which matters on a GPU,
+    where SADR's δ-step is launch-bound for models of SmolLM2's size.
     """
 
     def __init__(
@@ -141,7 +146,7 @@ class AttentionRows:
         self._positions = positions.to(device)
         self._padding = attention_mask.to(device)[self._rows]
         self._query_index: dict[int, Tensor] = {}  # fed length T -> the rows' queries in a (B·T, H, D) view
-        self._recorded: dict[int, tuple[Tensor, Tensor, float, Optional[Tensor]]] = {}  # layer -> q, K, scale, mask
+        self._recorded: dict[int, tuple[Tensor, float, Optional[Tensor]]] = {}  # layer -> q Kᵀ, scale, kernel mask
         self._stops: list[Callable[[], None]] = []
         legacy = legacy_attention.queries_keys_source(adapter.family)
         if legacy is None:
@@ -170,7 +175,7 @@ class AttentionRows:
             # accumulating index_put (sorted indices on a GPU). (B, H, T, D) is the projection's (B, T, H, D) transposed,
             # so the flattening is a view.
             query_rows = query.transpose(1, 2).flatten(0, 1).index_select(0, self._query_index[fed])
-            self._recorded[layer] = (query_rows, key.index_select(0, self._rows), scale, kernel_mask)
+            self._recorded[layer] = (key_scores(query_rows, key.index_select(0, self._rows)), scale, kernel_mask)
 
         return record
 
@@ -197,9 +202,9 @@ class AttentionRows:
                 "implementation changed after the recorder was set up?)"
             )
         recorded, self._recorded = [self._recorded[layer] for layer in self.layers], {}
-        queries, keys, scales, masks = zip(*recorded)
+        scores, scales, masks = zip(*recorded)
         scaling = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self._rows.device).view(-1, 1, 1, 1)
-        return softmax_rows(torch.stack(queries), torch.stack(keys), scaling, self._allowed(list(masks)))
+        return row_softmax(torch.stack(scores), scaling, self._allowed(list(masks)))
 
     def collect(self) -> dict[int, Tensor]:
         """The rows of the last forward, {layer: (rows, H_q, K)}, every requested layer present; empties the record."""
