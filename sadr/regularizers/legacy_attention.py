@@ -23,17 +23,16 @@ Listener = Callable[[Tensor, Tensor, Optional[float], Optional[Tensor]], None]
 Attach = Callable[[nn.Module, Listener], Callable[[], None]]
 
 
-def _gptj_queries_keys(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
-    """Interleaved rotary on the first `rotary_dim` features (all when None), sin/cos cast to the key dtype."""
+def _gptj_rotated(module: nn.Module, projected: Tensor, position_ids: Tensor) -> Tensor:
+    """A projection's output (B, T, H·D) as GPT-J's attention uses it, (B, H, T, D): interleaved rotary on the first
+    `rotary_dim` features (all when None), sin/cos cast to its dtype."""
     from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
 
-    query, key = (x.unflatten(-1, (module.num_attention_heads, module.head_dim)) for x in (query, key))
-    position_ids = kwargs["position_ids"]
-    sincos = module.embed_positions.to(position_ids.device)[position_ids].to(key.dtype)
+    x = projected.unflatten(-1, (module.num_attention_heads, module.head_dim))
+    sincos = module.embed_positions.to(position_ids.device)[position_ids].to(x.dtype)
     sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
     rot = module.rotary_dim or module.head_dim
-    query, key = (torch.cat([apply_rotary_pos_emb(x[..., :rot], sin, cos), x[..., rot:]], dim=-1) for x in (query, key))
-    return query.transpose(1, 2), key.transpose(1, 2)
+    return torch.cat([apply_rotary_pos_emb(x[..., :rot], sin, cos), x[..., rot:]], dim=-1).transpose(1, 2)
 
 
 def _attach_gptj(attention: nn.Module, listener: Listener) -> Callable[[], None]:
@@ -48,10 +47,13 @@ def _attach_gptj(attention: nn.Module, listener: Listener) -> Callable[[], None]
     def record(module, args, kwargs, output):
         if len(captured) != 2:
             raise RuntimeError("GPT-J attention ran without its q_proj and k_proj projections")
-        query, key = _gptj_queries_keys(module, captured.pop("q_proj"), captured.pop("k_proj"), kwargs)
+        position_ids, projected_keys = kwargs["position_ids"], captured.pop("k_proj")
+        query = _gptj_rotated(module, captured.pop("q_proj"), position_ids)
         cache = kwargs.get("layer_past")
         if cache is not None:  # every key the attention read: a cached prefix's, then the fed tokens' (now appended)
             key = cache.layers[module.layer_idx].keys
+        else:
+            key = _gptj_rotated(module, projected_keys, position_ids)
         listener(query, key, 1.0 / float(module.scale_attn), None)
 
     handles.append(attention.register_forward_hook(record, with_kwargs=True))
