@@ -52,11 +52,16 @@ def nullspace_update(keys: torch.Tensor, residuals: torch.Tensor, projection: to
                      earlier_keys: torch.Tensor, l2: float) -> LowRankUpdate:
     """ΔW ((d_out, d_in)) = Xᵀ, X solving (P (KᵀK + Cₚ) + L2 I) X = P Kᵀ R with K, R as rows.
 
-    X = Y R with Y solving the same system for P Kᵀ (n columns instead of d_out), so ΔW = Rᵀ Yᵀ.
+    X = Y R with Y solving the same system for P Kᵀ (n columns instead of d_out), so ΔW = Rᵀ Yᵀ. The system is
+    assembled in place, so besides P and the solve's own copy it takes two d × d matrices (GPT-J: 2.1 GB each in
+    float64), not five.
     """
     k, r = keys.double(), residuals.double()
     p = projection.to(k)
-    system = p @ (k.T @ k + earlier_keys.to(k)) + l2 * torch.eye(k.shape[1], dtype=k.dtype, device=k.device)
+    covered = earlier_keys.to(k, copy=True).addmm_(k.T, k)  # Cₚ + KᵀK
+    system = p @ covered
+    del covered
+    system.diagonal().add_(l2)
     return LowRankUpdate(r.T, torch.linalg.solve(system, p @ k.T))
 
 
