@@ -9,7 +9,7 @@ text the model samples itself (`model.stats.corpus=generated`), or from `--stats
 GPT-NeoX-20B's shape).
 
 It prints, per run: seconds per case of each phase (keys, δ-optimisation, update, evaluation), δ steps and seconds
-per δ step, the GPU memory peak of the run (`torch.cuda.max_memory_allocated`; the statistics pass is reported
+per δ step (the median over cases; cases run one at a time unless `--parallel-cases N`), the GPU memory peak of the run (`torch.cuda.max_memory_allocated`; the statistics pass is reported
 on its own line), and for each statistics pass its tokens per second split into the forward, the float64
 accumulation and the corpus (sampling the texts). Times and memory are real; the metrics of a random model mean
 nothing.
