@@ -118,6 +118,22 @@ def test_statistics_are_cached_on_disk_and_keyed_by_corpus(tmp_path, tokenizer):
     assert not torch.allclose(first[1], other[1])
 
 
+def test_the_pass_reads_its_memory_peak_after_every_c_left_the_device(tmp_path, tokenizer, monkeypatch):
+    """Making C whole from its upper triangle is part of the pass: the peak is read (and reset) after it, so the
+    first edits' peak does not hold the pass's leftovers."""
+    model = make_model("llama")
+    events = []
+    take_moment = covariance.SecondMomentSums.take_moment
+    monkeypatch.setattr(covariance.SecondMomentSums, "take_moment",
+                        lambda sums, layer: (events.append(f"C{layer}"), take_moment(sums, layer))[1])
+    monkeypatch.setattr(covariance, "take_peak_memory", lambda device: (events.append("peak"), {})[1])
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f",
+                                   corpus=Corpus({"kind": "test"}, lambda: iter(random_texts())), sample_length=64,
+                                   batch_tokens=256, cache_dir=tmp_path)
+    stats.get([1, 2])
+    assert events == ["C1", "C2", "peak"]
+
+
 def test_a_corpus_with_fewer_tokens_than_key_dimensions_is_a_clear_error(tmp_path, tokenizer):
     """C would be singular: the error says so and names the settings that add text; nothing is cached."""
     model = make_model("llama")

@@ -282,21 +282,23 @@ class SecondMomentStatistics:
                 f"the key statistics pass for layers {layers} ran out of GPU memory ({detail}); lower "
                 f"model.stats.batch_tokens (now {self.batch_tokens}), the tokens per forward (and, for a generated "
                 "corpus, per sampling batch)") from error
+        width = max(total.width for total in result.sums.values())
+        # each C leaves the device as soon as it is whole (`factorized` brings it back in turn); the peak is read after,
+        # so it holds making them whole, and what comes next (the first edits' peak) starts from the model alone
+        moments = {layer: result.take_moment(layer).cpu() for layer in layers} if result.count >= width else {}
         timing = {**result.timing(), "layers": layers, "tf32": tf32_in_use(self._device()),
                   **take_peak_memory(self._device())}
         peak = f", GPU peak {timing['cuda_peak_bytes'] / 1e9:.1f} GB" if "cuda_peak_bytes" in timing else ""
         log.info("key statistics: %d tokens at %.0f tokens/s (forward %.1f s, accumulation %.1f s, corpus %.1f s%s)",
                  result.count, timing["tokens_per_second"] or 0.0, result.seconds["forward"],
                  result.seconds["accumulate"], result.seconds["corpus"], peak)
-        width = max(total.width for total in result.sums.values())
         if result.count < width:
             raise InvalidSettingError(
                 f"the key statistics' corpus gave {result.count} tokens, fewer than the {width} dimensions of the keys, "
                 f"so C = E[k kᵀ] is singular and the updates cannot be solved with it; give it more text: raise "
                 f"model.stats.n_samples (now {self.corpus.description.get('n')}) or model.stats.sample_length "
                 f"(now {self.sample_length})")
-        for layer in layers:  # each C leaves the device as soon as it is whole: `factorized` brings it back in turn
-            moment = result.take_moment(layer).cpu()
+        for layer, moment in moments.items():
             write_atomically({"mom2": moment, "count": result.count, "corpus": self.description(), "pass": timing},
                              self._cache_file(layer), TORCH)
             self._memory[layer] = moment
