@@ -43,13 +43,13 @@ from pathlib import Path
 import torch
 import transformers
 from hydra import compose, initialize_config_module
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from shapes import SHAPES, model_config, trained_tokenizer  # noqa: E402
+from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
 from sadr.cache import TORCH, read_entry  # noqa: E402
 from sadr.conf.registry import register_configs, validate  # noqa: E402
@@ -65,12 +65,7 @@ PAPER_SADR = REPO / "sadr" / "conf" / "sadr_hparams" / "paper"
 def build_model_folder(arch: str, tiny: bool, device: str, tokenizer, folder: Path) -> float:
     """Random weights of the shape, initialised on the device and saved in bfloat16; returns the seconds taken."""
     started = time.perf_counter()
-    config = model_config(arch, tiny)
-    config.vocab_size = max(config.vocab_size, len(tokenizer))
-    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = random_model(arch, tiny, tokenizer, device, torch.bfloat16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model

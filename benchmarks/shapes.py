@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPTJConfig, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 
 OFFLINE_RECORDS = Path(__file__).resolve().parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
 
@@ -39,6 +40,17 @@ def model_config(arch: str, tiny: bool = False):
     for key, value in (TINY_WIDTHS[arch] if tiny else {}).items():
         setattr(config, key, value)
     return config
+
+
+def random_model(arch: str, tiny: bool, tokenizer, device, dtype: torch.dtype):
+    """Random weights of the shape (seeded), initialised on the device; the vocabulary is widened to the tokenizer's
+    if that is larger (the tiny widths' 1,024 rows are narrower than a real tokenizer)."""
+    config = model_config(arch, tiny)
+    config.vocab_size = max(config.vocab_size, len(tokenizer))
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def trained_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

@@ -13,7 +13,8 @@ from sadr.results import RunDirectory
 
 SPEC = importlib.util.spec_from_file_location("scale_bench", Path(__file__).parents[1] / "benchmarks" / "scale_bench.py")
 scale_bench = sys.modules.setdefault("scale_bench", importlib.util.module_from_spec(SPEC))
-SPEC.loader.exec_module(scale_bench)
+SPEC.loader.exec_module(scale_bench)  # puts benchmarks/ on the path
+import shapes  # noqa: E402
 
 # Parameter counts published with each model (model cards; GPT-J's includes its 50400-row lm_head bias).
 PUBLISHED_PARAMETERS = {"gpt-j": 6_053_381_344, "llama3-8b": 8_030_261_248, "gpt-neox-20b": 20_554_567_680,
@@ -23,7 +24,7 @@ PUBLISHED_PARAMETERS = {"gpt-j": 6_053_381_344, "llama3-8b": 8_030_261_248, "gpt
 @pytest.mark.parametrize("arch", sorted(PUBLISHED_PARAMETERS))
 def test_shapes_have_the_published_parameter_counts(arch):
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(scale_bench.model_config(arch, tiny=False))
+        model = AutoModelForCausalLM.from_config(shapes.model_config(arch, tiny=False))
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(PUBLISHED_PARAMETERS[arch], rel=1e-3)
 
 
