@@ -3,7 +3,7 @@
 # (../shared/docs/gpu.md). It has two halves:
 #
 #   bash benchmarks/gpu_checks.sh prepare     # here, where pip reaches PyPI, in the project's environment: fills .gpu/
-#   bash benchmarks/gpu_checks.sh run         # there, from the repository root, with .gpu/ (git-ignored, 4 MB) carried
+#   bash benchmarks/gpu_checks.sh run         # there, from the repository root, with .gpu/ carried (git-ignored; 4 MB, 29 MB with LOCKED=1)
 #
 # `prepare` downloads the wheels the GPU image lacks (hydra-core, omegaconf, gguf, and antlr4, built from its sdist),
 # saves the offline default's tokenizer (SmolLM2's, 49,152 tokens) for the random-weight models, and writes a text
@@ -25,7 +25,7 @@ GPU=.gpu
 
 prepare() {
   set -e
-  mkdir -p "$GPU/whl"
+  rm -rf "$GPU/whl" && mkdir -p "$GPU/whl"  # one version of each wheel, or the install there stops
   # the GPU image has transformers 5.17, the oldest tested set; LOCKED=1 brings the locked set's
   local lock=sadr/constraints/oldest.txt
   [ "${LOCKED:-0}" = 1 ] && lock=sadr/constraints/locked.txt
@@ -36,7 +36,7 @@ prepare() {
   pip wheel -q --no-deps -w "$GPU/whl" $(pins antlr4-python3-runtime)  # published as an sdist only
   if [ "${LOCKED:-0}" = 1 ]; then
     pip download -q --no-deps "${platform[@]}" -d "$GPU/whl" \
-      $(pins transformers huggingface_hub tokenizers safetensors hf-xet httpx2 httpcore2 truststore)
+      $(pins transformers huggingface_hub tokenizers safetensors hf-xet httpx2 httpcore2 truststore kernels tomlkit)
   fi
   python benchmarks/scale_bench.py --save-tokenizer "$GPU/tok"
   python - "$GPU/stats.txt" <<'EOF'
