@@ -9,8 +9,9 @@ text the model samples itself (`model.stats.corpus=generated`), or from `--stats
 GPT-NeoX-20B's shape).
 
 It prints, per run: seconds per case of each phase (keys, δ-optimisation, update, evaluation), δ steps and seconds
-per δ step (the median over cases; cases run one at a time unless `--parallel-cases N`), the GPU memory peak of the run (`torch.cuda.max_memory_allocated`; the statistics pass is reported
-on its own line), and for each statistics pass its tokens per second split into the forward, the float64
+per δ step (the median over cases; cases run one at a time unless `--parallel-cases N`), the GPU memory peaks of
+the run while editing and while evaluating (`torch.cuda.max_memory_allocated`; the statistics pass is reported on its
+own line), and for each statistics pass its tokens per second split into the forward, the float64
 accumulation and the corpus (sampling the texts). Times and memory are real; the metrics of a random model mean
 nothing.
 
@@ -129,10 +130,11 @@ def run_summary(path: Path) -> dict:
     delta = phase("delta", "v_star")
     per_step = [(s.get("delta", 0.0) + s.get("v_star", 0.0)) / row["diagnostics"]["delta_steps"]
                 for s, row in zip(seconds, rows) if row["diagnostics"].get("delta_steps")]
-    peaks = [row["cuda_peak_bytes"] for row in rows if "cuda_peak_bytes" in row]
+    peak = lambda phase: max((row["cuda_phase_peak_bytes"][phase] / 1e9 for row in rows  # noqa: E731
+                              if phase in row.get("cuda_phase_peak_bytes", {})), default=None)
     return {"cases": len(rows), "sadr_lambda": rows[0]["sadr_lambda"], "keys": phase("keys", "k_star"),
             "delta": delta, "delta_steps": steps, "step": statistics.median(per_step) if per_step else None, "update": phase("update"),
-            "eval": phase("eval_per_case"), "peak_gb": max(peaks) / 1e9 if peaks else None}
+            "eval": phase("eval_per_case"), "peak_edit_gb": peak("edit"), "peak_eval_gb": peak("evaluate")}
 
 
 def statistics_passes(cache_dir: Path) -> list[dict]:
@@ -148,11 +150,11 @@ def statistics_passes(cache_dir: Path) -> list[dict]:
 
 
 def table(results: list[tuple[str, dict]]) -> str:
-    lines = ["| run | cases | δ s/case (steps) | s/step | keys s | update s | eval s/case | peak GPU GB |",
+    lines = ["| run | cases | δ s/case (steps) | s/step | keys s | update s | eval s/case | peak GPU GB, editing / evaluating |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results:
         step = f"{r['step']:.3f}" if r["step"] else "–"
-        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "–"
+        peak = f"{r['peak_edit_gb']:.1f} / {r['peak_eval_gb']:.1f}" if r["peak_edit_gb"] is not None else "–"
         lines.append(f"| {name} | {r['cases']} | {r['delta']:.2f} ({r['delta_steps']:.0f}) | {step} | {r['keys']:.2f} | "
                      f"{r['update']:.2f} | {r['eval']:.2f} | {peak} |")
     return "\n".join(lines)

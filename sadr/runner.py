@@ -32,7 +32,7 @@ from sadr.editors.registry import EDITORS
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
-from sadr.models.devices import release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
+from sadr.models.devices import GroupPeaks, release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
 from sadr.models.fingerprint import cache_key, computation_fingerprint
 from sadr.models.kept import load_model_kept
 from sadr.models.loading import LoadedModel
@@ -149,8 +149,8 @@ class Experiment:
 
     def _row(self, case: EditCase, edited: dict, unedited: dict, outcome: EditOutcome, eval_seconds: float, group_size: int,
              memory: dict) -> dict:
-        """`memory`: the GPU peak while editing and evaluating the case's group (empty off CUDA). A statistics pass
-        records its own peak in its cache entries and its log line."""
+        """`memory`: the GPU peaks of the case's group, while editing and while evaluating (`GroupPeaks.fields`; empty
+        off CUDA). A statistics pass records its own peak in its cache entries and its log line."""
         cfg = self.cfg
         edited = {**edited, **compare_all(self.evaluators, edited, unedited)}
         return {
@@ -198,10 +198,13 @@ class Experiment:
         unedited_state = editor.state_dict()
         with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
             for group in case_groups(todo, self.cfg.editor.batch_size):
+                peaks = GroupPeaks(self.loaded.device)
                 try:
                     outcome = editor.apply([case.request for case in group])
+                    peaks.end("edit")
                     edited, eval_seconds = self._evaluate(group)
-                    memory = take_peak_memory(self.loaded.device)
+                    peaks.end("evaluate")
+                    memory = peaks.fields()
                     if self.cfg.save_edited:
                         self._save_edited(group, self.out.path / EDITED_MODELS / "_".join(str(c.case_id) for c in group))
                 finally:
@@ -225,7 +228,8 @@ class Experiment:
         with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
             while pending:
                 group = pending[:width]
-                done = self._side_by_side(editor, group)
+                peaks = GroupPeaks(self.loaded.device)
+                done = self._side_by_side(editor, group, peaks)
                 if done is None:
                     width = len(group) // 2
                     log.warning("%d cases side by side ran out of GPU memory; going on with %d at a time "
@@ -234,17 +238,20 @@ class Experiment:
                     take_peak_memory(self.loaded.device)  # the failed attempt's peak is not the group's
                     continue
                 outcomes, edited, eval_seconds = done
-                memory = take_peak_memory(self.loaded.device)
+                peaks.end("evaluate")
+                memory = peaks.fields()
                 for case, result, outcome in zip(group, edited, outcomes):
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, 1, memory))
                 progress.advance(len(group))
                 pending = pending[len(group):]
 
-    def _side_by_side(self, editor: Editor, group: list[EditCase]) -> tuple[list[EditOutcome], list[dict], float] | None:
+    def _side_by_side(self, editor: Editor, group: list[EditCase],
+                      peaks: GroupPeaks) -> tuple[list[EditOutcome], list[dict], float] | None:
         """The group's outcomes, results and evaluation seconds per case; None if more than one case ran out of GPU
         memory (editing writes no weight and removes its hooks, so the model is as it was)."""
         try:
             outcomes = editor.apply_each([case.request for case in group])
+            peaks.end("edit")
             return (outcomes, *self._evaluate_each(group, outcomes))
         except torch.cuda.OutOfMemoryError:
             if len(group) == 1:
@@ -264,6 +271,7 @@ class Experiment:
         state_file = self.out.path / SEQUENTIAL_STATE
         unedited_state = editor.state_dict()
         total = EditOutcome()
+        peaks = GroupPeaks(self.loaded.device)
         try:
             state = torch.load(state_file) if state_file.is_file() else {"edited": [], "editor": unedited_state}
             editor.load_state_dict(state["editor"])
@@ -278,12 +286,14 @@ class Experiment:
                     torch.save(state, state_file.with_suffix(".tmp"))
                     state_file.with_suffix(".tmp").replace(state_file)
                     progress.advance(len(group))
+            peaks.end("edit")
             log.info("sequential: %d requests edited into the model; evaluating every case", len(state["edited"]))
             if self.cfg.save_edited:
                 in_model = set(state["edited"])
                 self._save_edited([c for c in self.dataset.cases if str(c.case_id) in in_model], self.out.path / EDITED_MODEL)
             edited, eval_seconds = self._evaluate(todo)
-            memory = take_peak_memory(self.loaded.device)
+            peaks.end("evaluate")
+            memory = peaks.fields()
         finally:
             editor.load_state_dict(unedited_state)
         total.diagnostics["n_edits_in_model"] = len(state["edited"])

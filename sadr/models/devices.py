@@ -86,6 +86,26 @@ def take_peak_memory(device: torch.device) -> dict:
     return {"cuda_peak_bytes": peak}
 
 
+class GroupPeaks:
+    """The GPU memory peaks of one group's phases (editing, then evaluating), each read when the phase ends, so it
+    runs from the end of the phase before (or the last reset). Nothing off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, int] = {}
+
+    def end(self, phase: str) -> None:
+        peak = take_peak_memory(self.device).get("cuda_peak_bytes")
+        if peak is not None:
+            self.phases[phase] = peak
+
+    def fields(self) -> dict:
+        """What a case row records: `cuda_peak_bytes`, the group's peak, and `cuda_phase_peak_bytes`, each phase's."""
+        if not self.phases:
+            return {}
+        return {"cuda_peak_bytes": max(self.phases.values()), "cuda_phase_peak_bytes": dict(self.phases)}
+
+
 def release_unused_memory() -> None:
     """Collect what nothing references any more and hand the GPU memory torch keeps cached back to the device."""
     gc.collect()
