@@ -11,13 +11,14 @@
 # brings the locked transformers and what it needs, so `run` can use the locked set instead of the image's.
 #
 # `run` installs the wheels into /tmp/site, then runs each step with its own timeout (what is left of BUDGET seconds,
-# at most each step's own limit), writing every log and table into $OUT (default /tmp/gpu-checks). Steps (STEPS,
+# at most each step's own limit), writing each step's log (its tables at the end) and a summary into $OUT (default
+# /tmp/gpu-checks). Steps (STEPS,
 # space-separated; by default the first three, which fit one 10-minute call, and pbf16 is a second call's):
 #   smol    SmolLM2-135M shape, ROME and MEMIT, plain and SADR, one case at a time: SADR's s/step ratio (≤ 1.3×)
 #   gptj    GPT-J-6B shape, float32 and TF32, ROME and MEMIT, plain and SADR, one case at a time: SADR's ratio
 #           (≤ 1.15×), the TF32 MEMIT peak, statistics tokens/s (≥ 20,000)
 #   neox    GPT-NeoX-20B shape in bfloat16, ROME with float32 factors of C, one case at a time: peak (≤ 48 GB)
-#   pbf16   GPT-J-6B shape in bfloat16, ROME and MEMIT, N = 1 and 8 side by side: cases/s and decisions
+#   pbf16   GPT-J-6B shape in bfloat16, ROME and MEMIT, 16 cases, N = 1 and 8 side by side: cases/s (≥ 3×), decisions
 # Rehearse on the CPU first, with tiny widths and the same code: TINY=1 OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_checks.sh run
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,39 +72,41 @@ step() {  # $1: name, $2: its own limit in seconds, then the command
   echo "=== $name (limit $limit s) at $(date -u +%T)"
   timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  rm -rf "$WORK" "$SADR_CACHE_DIR"  # a model folder and its statistics: GPT-J's and NeoX's together overflow a 64 GB disk
   echo "=== $name: exit $rc after $SECONDS s" | tee -a "$OUT/summary.md"
   tail -n 40 "$OUT/$name.log"
 }
 
 run_checks() {
   OUT=${OUT:-/tmp/gpu-checks}
+  WORK=/tmp/gpu-checks-work
   BUDGET=${BUDGET:-540}
   mkdir -p "$OUT"
   if [ -d "$GPU/whl" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$GPU"/whl/*.whl || exit
     export PYTHONPATH=/tmp/site:$PWD
   fi
-  export PYTHONUNBUFFERED=1 SADR_CACHE_DIR=$OUT/cache
+  # caches (GBs of statistics) stay outside $OUT, whose files come back (8 at most): one log per step and a summary
+  export PYTHONUNBUFFERED=1 SADR_CACHE_DIR=/tmp/gpu-checks-cache
   python3 -c "import torch, transformers; print('torch', torch.__version__, '/ transformers', transformers.__version__, '/',
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/summary.md"
   git log -1 --format='code %h %s' 2>/dev/null | tee -a "$OUT/summary.md"
-  local scale=(python3 benchmarks/scale_bench.py --tokenizer "$GPU/tok" --delta-steps 20)
+  local scale=(python3 benchmarks/scale_bench.py --workdir "$WORK" --tokenizer "$GPU/tok" --delta-steps 20)
   local pcases=(python3 benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --random-shape)
   SLOWER=1
   if [ "${TINY:-0}" = 1 ]; then  # 3 δ steps, and 2-core CPUs take longer than the GPU
-    scale=(python3 benchmarks/scale_bench.py --tiny)
+    scale=(python3 benchmarks/scale_bench.py --workdir "$WORK" --tiny)
     pcases=(python3 benchmarks/parallel_cases_bench.py --device cpu --model gpt-j --random-shape --tiny)
     SLOWER=3
   fi
   for name in ${STEPS:-smol gptj neox}; do
     case $name in
-      smol) step smol 120 "${scale[@]}" --arch smollm2-135m --editors rome memit --out "$OUT/smol.md" ;;
+      smol) step smol 120 "${scale[@]}" --arch smollm2-135m --editors rome memit ;;
       gptj) step gptj 300 "${scale[@]}" --arch gpt-j --dtype float32 --editors rome memit \
-              --variants "" tf32=true --out "$OUT/gptj.md" ;;
+              --variants "" tf32=true ;;
       neox) step neox 240 "${scale[@]}" --arch gpt-neox-20b --dtype bfloat16 --editors rome --records 2 \
-              --stats-samples 200 --stats-text-file "$PWD/$GPU/stats.txt" --variants model.stats.factor_dtype=float32 \
-              --out "$OUT/neox.md" ;;
-      pbf16) step pbf16 240 "${pcases[@]}" --dtype bfloat16 --editors rome memit --n 1 8 --cases 8 \
+              --stats-samples 200 --stats-text-file "$PWD/$GPU/stats.txt" --variants model.stats.factor_dtype=float32 ;;
+      pbf16) step pbf16 240 "${pcases[@]}" --dtype bfloat16 --editors rome memit --n 1 8 --cases 16 \
                --stats-samples 128 --set editor.v_num_grad_steps=10 ;;
       *) echo "unknown step $name (smol gptj neox pbf16)"; exit 2 ;;
     esac
