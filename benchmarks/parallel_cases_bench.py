@@ -10,8 +10,8 @@ Reported per N, from the run's rows: seconds per case of each phase (C, loading 
 once per run; keys, δ-optimisation, update, evaluation; a group's shared seconds are split evenly among its cases, so
 they add up), the wall time of the protocol loop as cases per second, with and without C (a run of a few cases is
 dominated by C on a large model: about 10 s for GPT-J's six MEMIT layers), its speed-up over N = 1 measured in the same
-invocation, the mean δ steps, on a GPU the memory peak
-while editing and evaluating (`torch.cuda.max_memory_allocated`), and how many per-prompt
+invocation, the mean δ steps, on a GPU the memory peaks
+while editing and while evaluating (`torch.cuda.max_memory_allocated`), and how many per-prompt
 decisions differ from N = 1, with how many of those are ties (|p(good) − p(bad)| ≤ 1e-5 relative in float32, 1e-2 in
 bfloat16 and float16, as in tests/test_parallel_cases.py: other batch shapes round differently) and the largest
 relative gap |p(good) − p(bad)| / max of a differing decision.
@@ -113,9 +113,10 @@ def summary(n: int, rows: list[dict], wall: float, reference: dict | None, tie_r
     result = {"N": n, "cases": len(rows), **{f"{phase} s/case": v for phase, v in per_case.items()},
               "cases/s": len(rows) / wall, "cases/s without C": len(rows) / (wall - per_case["C"] * len(rows)),
               "δ steps": statistics.fmean(r["diagnostics"]["delta_steps"] for r in rows)}
-    peaks = [r["cuda_peak_bytes"] for r in rows if "cuda_peak_bytes" in r]
-    if peaks:
-        result["peak GPU GB"] = max(peaks) / 1e9
+    phase_peaks = [r["cuda_phase_peak_bytes"] for r in rows if "cuda_phase_peak_bytes" in r]
+    if phase_peaks:
+        edit, evaluate = (max(p.get(phase, 0) for p in phase_peaks) / 1e9 for phase in ("edit", "evaluate"))
+        result["peak GPU GB, editing / evaluating"] = f"{edit:.1f} / {evaluate:.1f}"
     if reference is not None:
         result["speed-up"] = result["cases/s"] / reference["cases/s"]
         result["speed-up without C"] = result["cases/s without C"] / reference["cases/s without C"]
