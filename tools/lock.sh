@@ -39,7 +39,7 @@ EOF
 
 venv "$work/newest"
 freeze "$work/newest" sadr/constraints/locked.txt "the locked set: newest versions within pyproject.toml's ranges"
-venv "$work/oldest"
-"$work/oldest/bin/pip" install -q -e ".[test]" -c "$work/oldest/lowest.txt"
+# installed at the lower bounds from the start: a downgrade of the newest set would leave its extra packages behind
+venv "$work/oldest" -c "$work/oldest/lowest.txt"
 freeze "$work/oldest" sadr/constraints/oldest.txt "the oldest set: pyproject.toml's lower bounds"
 echo "wrote sadr/constraints/locked.txt and sadr/constraints/oldest.txt"
