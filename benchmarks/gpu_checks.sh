@@ -16,7 +16,7 @@
 # space-separated; by default the first three, which fit one 10-minute call, and pbf16 is a second call's):
 #   smol    SmolLM2-135M shape, ROME and MEMIT, plain and SADR, one case at a time: SADR's s/step ratio (≤ 1.3×)
 #   gptj    GPT-J-6B shape, float32 and TF32, ROME and MEMIT, plain and SADR, one case at a time: SADR's ratio
-#           (≤ 1.15×), the TF32 MEMIT peak, statistics tokens/s (≥ 20,000)
+#           (≤ 1.15×), the TF32 MEMIT peak, statistics tokens/s (≥ 20,000), TF32's decisions against float32's per prompt
 #   neox    GPT-NeoX-20B shape in bfloat16, ROME with float32 factors of C, one case at a time: peak (≤ 48 GB)
 #   pbf16   GPT-J-6B shape in bfloat16, ROME and MEMIT, 16 cases, N = 1 and 8 side by side: cases/s (≥ 3×), decisions
 # Rehearse on the CPU first, with tiny widths and the same code: TINY=1 OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_checks.sh run

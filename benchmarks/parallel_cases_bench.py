@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from decisions import TIE_RTOL, differing  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
 import sadr.runner as runner  # noqa: E402
@@ -61,8 +62,6 @@ from sadr.results import RunDirectory  # noqa: E402
 # factoring the key statistics, once per run (the first group pays it), which a sweep of thousands of cases amortises.
 PHASES = {"C": ("covariance",), "keys": ("keys", "k_star"), "δ": ("delta", "v_star"), "update": ("update",),
           "eval": ("eval_per_case",)}
-# two probabilities closer than this (relative) are a tie that the rounding of another batch shape may break
-TIE_RTOL = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 
 def random_loaded_model(shape: str, device: str, dtype: str, tiny: bool = False) -> LoadedModel:
@@ -101,12 +100,6 @@ def run(overrides: list[str]) -> tuple[list[dict], float]:
     return RunDirectory(out).rows(), experiment.protocol_seconds
 
 
-def decisions(rows: list[dict]) -> list[tuple[float, float, float]]:
-    """(decision, p_good, p_bad) of every compared prompt of every case, in order."""
-    return [(value, good, bad) for row in rows for entry in row["edited"].values() if "p_bad" in entry
-            for value, good, bad in zip(entry["value"], entry["p_good"], entry["p_bad"])]
-
-
 def summary(n: int, rows: list[dict], wall: float, reference: dict | None, tie_rtol: float) -> dict:
     per_case = {phase: statistics.fmean(sum(r["seconds"].get(name, 0.0) for name in names) for r in rows)
                 for phase, names in PHASES.items()}
@@ -122,11 +115,7 @@ def summary(n: int, rows: list[dict], wall: float, reference: dict | None, tie_r
         result["speed-up without C"] = result["cases/s without C"] / reference["cases/s without C"]
         for phase in (p for p in PHASES if p != "C"):  # C is a cost per run, not per case: no speed-up to read
             result[f"{phase} ×"] = reference[f"{phase} s/case"] / per_case[phase] if per_case[phase] else float("nan")
-        differ = [(a, b) for a, b in zip(decisions(reference["rows"]), decisions(rows)) if a[0] != b[0]]
-        gaps = [abs(a[1] - a[2]) / max(a[1], a[2]) for a, _ in differ]
-        ties = sum(gap <= tie_rtol for gap in gaps)
-        largest = f"; largest gap {max(gaps):.1e}" if gaps else ""
-        result["decisions differing (ties)"] = f"{len(differ)}/{len(decisions(rows))} ({ties}{largest})"
+        result["decisions differing (ties)"] = differing(reference["rows"], rows, tie_rtol)
     return {**result, "rows": rows}
 
 
@@ -151,7 +140,7 @@ def main() -> None:
     parser.add_argument("--stats-length", type=int, default=128, help="model.stats.sample_length with --model-source")
     parser.add_argument("--sadr-lambda", type=float, default=0.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(TIE_RTOL))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
     parser.add_argument("--set", nargs="*", default=[], help="further config overrides, e.g. editor.v_num_grad_steps=10")

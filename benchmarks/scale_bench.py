@@ -13,7 +13,10 @@ per δ step (the median over cases; cases run one at a time unless `--parallel-c
 the run while editing and while evaluating (`torch.cuda.max_memory_allocated`; the statistics pass is reported on its
 own line), and for each statistics pass its tokens per second split into the forward, the float64
 accumulation and the corpus (sampling the texts). Times and memory are real; the metrics of a random model mean
-nothing.
+nothing. With `--variants`, each run after the first variant is also compared with that variant's run per prompt:
+how many compared decisions differ, how many of those are ties within the rounding of the two settings (1e-5 relative
+in float32; 1e-2 with TF32 or half precision, benchmarks/decisions.py) and the largest gap of one that differs, and in
+how many cases the δ steps are the same.
 
 Weights are saved in bfloat16 (half the disk traffic) and loaded in `--dtype`. The tokenizer is `--tokenizer DIR`
 (any saved tokenizer, e.g. SmolLM2's: `python benchmarks/scale_bench.py --save-tokenizer DIR` writes it from the
@@ -50,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from decisions import TIE_RTOL, differing  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
 from sadr.cache import TORCH, read_entry  # noqa: E402
@@ -119,11 +123,10 @@ def run(settings: Settings, editor: str, with_sadr: bool, variant: int = 0) -> P
     return run_experiment(cfg)
 
 
-def run_summary(path: Path) -> dict:
+def run_summary(rows: list[dict]) -> dict:
     """Per-case means of each phase's seconds (the first case's statistics pass left out), δ steps, GPU peak, and
     seconds per δ step, the median over cases: the first case of a run also pays one-time costs (kernel selection,
     the allocator's first growth), which inflate a mean over a few cases."""
-    rows = RunDirectory(path).rows()
     seconds = [row["seconds"] for row in rows]
     phase = lambda *names: sum(s.get(n, 0.0) for s in seconds for n in names) / len(rows)  # noqa: E731
     steps = sum(row["diagnostics"].get("delta_steps", 0) for row in rows) / len(rows)
@@ -149,14 +152,33 @@ def statistics_passes(cache_dir: Path) -> list[dict]:
     return list(passes.values())
 
 
+def compared(reference: list[dict], rows: list[dict], rtol: float) -> dict:
+    """Per prompt and per case, a variant's run against the first variant's run of the same job."""
+    same_steps = sum(a["diagnostics"].get("delta_steps") == b["diagnostics"].get("delta_steps") for a, b in zip(reference, rows))
+    return {"decisions_differing": differing(reference, rows, rtol), "same_delta_steps": f"{same_steps}/{len(rows)}"}
+
+
+def tie_rtol(dtype: str, variants: list[str]) -> float:
+    """The tie tolerance of comparing the variants: the coarsest rounding among them (TF32 products, half precision)."""
+    tf32 = any("tf32=true" in variant.split(",") for variant in variants)
+    return max(TIE_RTOL[dtype], TIE_RTOL["tf32"] if tf32 else 0.0)
+
+
 def table(results: list[tuple[str, dict]]) -> str:
     lines = ["| run | cases | δ s/case (steps) | s/step | keys s | update s | eval s/case | peak GPU GB, editing / evaluating |",
              "|---|---|---|---|---|---|---|---|"]
+    versus = any("decisions_differing" in r for _, r in results)
+    if versus:
+        lines = [lines[0] + " decisions differing from the first variant (ties; largest gap) | same δ steps |",
+                 lines[1] + "---|---|"]
     for name, r in results:
         step = f"{r['step']:.3f}" if r["step"] else "–"
         peak = f"{r['peak_edit_gb']:.1f} / {r['peak_eval_gb']:.1f}" if r["peak_edit_gb"] is not None else "–"
-        lines.append(f"| {name} | {r['cases']} | {r['delta']:.2f} ({r['delta_steps']:.0f}) | {step} | {r['keys']:.2f} | "
-                     f"{r['update']:.2f} | {r['eval']:.2f} | {peak} |")
+        line = (f"| {name} | {r['cases']} | {r['delta']:.2f} ({r['delta_steps']:.0f}) | {step} | {r['keys']:.2f} | "
+                f"{r['update']:.2f} | {r['eval']:.2f} | {peak} |")
+        if versus:
+            line += f" {r.get('decisions_differing', '–')} | {r.get('same_delta_steps', '–')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -238,8 +260,13 @@ def main(argv: list[str] | None = None) -> str:
             for index, variant in enumerate(args.variants):
                 settings.extra = [o for o in variant.split(",") if o]
                 started = time.perf_counter()
-                summary = run_summary(run(settings, editor, with_sadr, index))
+                rows = RunDirectory(run(settings, editor, with_sadr, index)).rows()
+                summary = run_summary(rows)
                 summary["wall"] = time.perf_counter() - started
+                if index == 0:
+                    first_rows = rows
+                else:
+                    summary.update(compared(first_rows, rows, tie_rtol(args.dtype, args.variants)))
                 name = f"{editor} + SADR (γ={summary['sadr_lambda']})" if with_sadr else editor
                 name += f" [{variant}]" if variant else ""
                 results.append((name, summary))

@@ -1,6 +1,7 @@
 """benchmarks/scale_bench.py: the published shapes, and its --tiny mode running the real pipeline end to end."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,6 +67,18 @@ def test_variants_run_each_job_once_per_setting_in_folders_of_their_own(tmp_path
     report = scale_bench.main(["--tiny", "--arch", "llama3-8b", "--editors", "rome", "--no-sadr", "--records", "1",
                                "--workdir", str(tmp_path), "--variants", "editor.prefix_cache=false", ""])
     assert "| rome [editor.prefix_cache=false] | 1 |" in report and "| rome | 1 |" in report
+    # the second variant is compared with the first per prompt: float rounding apart, the same edit
+    (compared,) = [line for line in report.splitlines() if line.startswith("| rome | 1 |")]
+    differing, same_steps = [cell.strip() for cell in compared.split("|")[-3:-1]]
+    assert same_steps == "1/1"
+    count, total, ties = (int(x) for x in re.fullmatch(r"(\d+)/(\d+) \((\d+)(?:; largest gap \S+)?\)", differing).groups())
+    assert total > 0 and count == ties
     for folder, prefix_cache in (("rome", False), ("rome_v1", True)):
         assert len(RunDirectory(tmp_path / "runs" / folder).rows()) == 1
         assert OmegaConf.load(tmp_path / "runs" / folder / "config.yaml").editor.prefix_cache is prefix_cache
+
+
+def test_the_tie_tolerance_of_variants_is_their_coarsest_rounding():
+    assert scale_bench.tie_rtol("float32", ["", "editor.prefix_cache=false"]) == 1e-5
+    assert scale_bench.tie_rtol("float32", ["", "tf32=true"]) == 1e-2
+    assert scale_bench.tie_rtol("bfloat16", [""]) == 1e-2
