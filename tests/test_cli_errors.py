@@ -61,6 +61,10 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
         "missing model folder": ([*tiny("folder"), f"model.source={work / 'no_model'}"], r"^error: model directory .*no_model does not exist \(model\.source\)"),
         "unknown model family": ([*tiny("family"), f"model.source={_unsupported_family(work / 'opt')}", "model.family=null"],
                                  r"^error: unsupported model family 'opt' \(config\.model_type\); supported families: .*gpt2"),
+        "unsupported model.family": ([*tiny("family_name"), "model.family=foo"],
+                                     r"^error: model\.family=foo: not a supported family .*supported: .*gpt2"),
+        "folder that is not a model": ([*tiny("not_a_model"), f"model.source={work}"],
+                                       r"^error: model directory .* has no config\.json, so it is not a saved model"),
         "record without its subject": (tiny("record", f"dataset.path={_without_subject(work / 'no_subject.json')}"),
                                        r"^error: .*no_subject\.json.*record 1.*subject"),
         "hub model without network": ([*tiny("hub"), "model.source=some-org/some-model"],
@@ -79,7 +83,8 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", [*BAD_OVERRIDES, "missing dataset file", "missing model folder", "unknown model family",
-                                  "record without its subject", "hub model without network"])
+                                  "unsupported model.family", "folder that is not a model", "record without its subject",
+                                  "hub model without network"])
 def test_a_mistake_is_one_message_and_exit_status_2(finished, name):
     returncode, stdout, stderr, expected = finished[name]
     assert returncode == 2, stderr[-3000:]

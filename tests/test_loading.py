@@ -55,6 +55,36 @@ def test_missing_local_model_paths_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "no-such-dir"))
 
 
+def test_a_folder_that_is_not_a_saved_model_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(FileNotFoundError, match=r"model directory .* has no config.json, so it is not a saved model"):
+        load_model(str(tmp_path))
+
+
+def test_a_model_folder_without_its_tokenizer_is_a_clear_error(tmp_path):
+    """transformers builds an empty tokenizer for it (every text becomes no tokens), which would fail much later."""
+    from tests.tiny_models import make_model
+
+    make_model("gpt2").save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"encodes text as no tokens .*tokenizer\.save_pretrained"):
+        load_model(str(tmp_path))
+
+
+def test_a_tokenizer_transformers_cannot_build_is_a_clear_error(tmp_path, monkeypatch):
+    from tests.tiny_models import make_model
+
+    make_model("gpt2").save_pretrained(tmp_path)
+
+    def unbuildable(*args, **kwargs):
+        raise ValueError("Couldn't instantiate the backend tokenizer from one of:\n(1) a `tokenizers` library "
+                         "serialization file,\nYou need to have sentencepiece or tiktoken installed")
+
+    monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", unbuildable)
+    with pytest.raises(FileNotFoundError, match=r"no usable tokenizer in .*: Couldn't instantiate .* serialization "
+                                                r"file, You need to have sentencepiece .* installed Save"):
+        load_model(str(tmp_path))
+
+
 def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA is not available.*device=cpu"):

@@ -77,3 +77,9 @@ def validate(cfg: DictConfig) -> None:
     for pair in editor.context_templates:
         if len(pair) != 2 or min(pair) < 0:
             raise ConfigError(f"editor.context_templates entry {list(pair)}: expected [max_tokens, count]")
+    from sadr.models.adapters import ADAPTERS
+
+    family = cfg.model.family
+    if family is not None and family not in ADAPTERS:
+        raise ConfigError(f"model.family={family}: not a supported family (config.model_type); supported: "
+                          f"{', '.join(sorted(ADAPTERS))}, or null to take the model's own")

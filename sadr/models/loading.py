@@ -44,7 +44,29 @@ def _from_pretrained_args(source: str, gguf_file: str | None, cache_dir: str) ->
         return str(path), {"gguf_file": gguf_file}
     if source.startswith((".", "/", "~")) and not path.exists():
         raise MissingInputError(f"model directory {path} does not exist (model.source)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise MissingInputError(
+            f"model directory {path} has no config.json, so it is not a saved model (model.source): give a folder "
+            "written by save_pretrained (config.json, weights and tokenizer files), a .gguf file, or a hub id")
     return str(path) if path.exists() else source, {}
+
+
+def _load_tokenizer(location: str, extra: dict):
+    """The tokenizer of a model folder (or hub id, or GGUF file), refused when it cannot encode text: transformers
+    builds an empty one (no tokens for any text) for a folder without tokenizer files, or fails on a ValueError."""
+    fix = "Save the model's tokenizer into that folder too (tokenizer.save_pretrained(folder))"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    except ValueError as err:
+        if "tokenizer" not in str(err):
+            raise
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise MissingInputError(f"no usable tokenizer in {location} (model.source): {message} {fix}, as a "
+                                "tokenizer.json, or install what the message names.") from err
+    if not tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]:
+        raise MissingInputError(f"the tokenizer loaded from {location} (model.source) encodes text as no tokens (its "
+                                f"vocabulary has {len(tokenizer)} entries): are its tokenizer files missing? {fix}.")
+    return tokenizer
 
 
 def load_model(source: str, *, gguf_file: str | None = None, revision: str | None = None,
@@ -60,7 +82,7 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
         # through host memory whole (a GGUF file is dequantised on the CPU first anyway)
         placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        tokenizer = _load_tokenizer(location, extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **extra)
     except OSError as err:
         if Path(location).exists():
