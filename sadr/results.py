@@ -50,20 +50,22 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def claim(self, cfg: DictConfig) -> None:
-        """Write config.yaml, or check that the one already there describes the same run."""
+        """Write config.yaml, or check that the one already there describes the same run. A run that stopped before
+        finishing any case (a mistake in its settings, say) holds nothing to protect: its config is replaced."""
         target = self.path / CONFIG_FILE
         identity = _identity(cfg)
         if target.is_file():
             existing = OmegaConf.to_container(OmegaConf.load(target), resolve=False)
             for key in NOT_IDENTITY:
                 existing.pop(key, None)
-            if existing != identity:
+            if existing == identity:
+                return
+            if self.rows():
                 changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
                 raise RunConflictError(
                     f"{self.path} already holds a run with a different config (differs in: {', '.join(changed)}); "
                     "resume only with identical settings, or choose a new directory with hydra.run.dir=..."
                 )
-            return
         tmp = target.with_suffix(".tmp")
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
         tmp.replace(target)

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sadr.cache import cached
+from sadr.conf.registry import validate_layers
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
@@ -117,6 +118,7 @@ class Experiment:
         self.loaded, self.fingerprint = load_model_kept(
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
+        validate_layers(cfg.editor, self.loaded.adapter.num_layers(self.loaded.model))
         reset_peak_memory(self.loaded.device)
         self.tf32 = set_tf32(self.loaded.device, cfg.tf32)
         # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')

@@ -65,6 +65,8 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
                                      r"^error: model\.family=foo: not a supported family .*supported: .*gpt2"),
         "folder that is not a model": ([*tiny("not_a_model"), f"model.source={work}"],
                                        r"^error: model directory .* has no config\.json, so it is not a saved model"),
+        "layer beyond the model": (tiny("layer", "editor.v_loss_layer=9"),
+                                   r"^error: editor\.v_loss_layer=9: the model has layers 0\.\.3"),
         "record without its subject": (tiny("record", f"dataset.path={_without_subject(work / 'no_subject.json')}"),
                                        r"^error: .*no_subject\.json.*record 1.*subject"),
         "hub model without network": ([*tiny("hub"), "model.source=some-org/some-model"],
@@ -83,8 +85,8 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", [*BAD_OVERRIDES, "missing dataset file", "missing model folder", "unknown model family",
-                                  "unsupported model.family", "folder that is not a model", "record without its subject",
-                                  "hub model without network"])
+                                  "unsupported model.family", "folder that is not a model", "layer beyond the model",
+                                  "record without its subject", "hub model without network"])
 def test_a_mistake_is_one_message_and_exit_status_2(finished, name):
     returncode, stdout, stderr, expected = finished[name]
     assert returncode == 2, stderr[-3000:]

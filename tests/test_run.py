@@ -119,6 +119,21 @@ def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=2")))
 
 
+def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
+    """Its mistake fixed, a run that stopped before any case can be started again in the same directory."""
+    from omegaconf import OmegaConf
+
+    from sadr.results import RunConflictError, RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.claim(OmegaConf.create({"editor": {"layers": [9]}}))
+    run.claim(OmegaConf.create({"editor": {"layers": [2]}}))
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").editor.layers == [2]
+    run.append({"case_id": 0})
+    with pytest.raises(RunConflictError, match=r"differs in: editor"):
+        run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+
+
 def test_missing_dataset_file_is_a_clear_error(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"dataset\.path"):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"dataset.path={tmp_path / 'nope.json'}")))

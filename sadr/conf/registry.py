@@ -25,6 +25,15 @@ class ConfigError(InvalidSettingError):
     pass
 
 
+def validate_layers(editor: DictConfig, n_layers: int) -> None:
+    """The editor's layers exist in the loaded model (checked once it is loaded, before anything is computed)."""
+    outside = [f"editor.{key}={value}" for key, value in (("layers", list(editor.layers)), ("v_loss_layer", editor.v_loss_layer))
+               if not all(0 <= layer < n_layers for layer in (value if isinstance(value, list) else [value]))]
+    if outside:
+        raise ConfigError(f"{' and '.join(outside)}: the model has layers 0..{n_layers - 1}; give layers in that "
+                          f"range (the published ones for a model are in sadr/conf/hparams/)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks, each naming the key and what it accepts."""
     lam = cfg.sadr["lambda"]
