@@ -27,8 +27,11 @@ class ConfigError(InvalidSettingError):
 
 def validate_layers(editor: DictConfig, n_layers: int) -> None:
     """The editor's layers exist in the loaded model (checked once it is loaded, before anything is computed)."""
-    outside = [f"editor.{key}={value}" for key, value in (("layers", list(editor.layers)), ("v_loss_layer", editor.v_loss_layer))
-               if not all(0 <= layer < n_layers for layer in (value if isinstance(value, list) else [value]))]
+    outside = []
+    if not all(0 <= layer < n_layers for layer in editor.layers):
+        outside.append(f"editor.layers={list(editor.layers)}")
+    if not 0 <= editor.v_loss_layer < n_layers:
+        outside.append(f"editor.v_loss_layer={editor.v_loss_layer}")
     if outside:
         raise ConfigError(f"{' and '.join(outside)}: the model has layers 0..{n_layers - 1}; give layers in that "
                           f"range (the published ones for a model are in sadr/conf/hparams/)")
