@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -132,6 +135,32 @@ def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
     run.append({"case_id": 0})
     with pytest.raises(RunConflictError, match=r"differs in: editor"):
         run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+
+
+def test_ctrl_c_keeps_the_finished_cases_says_so_and_the_same_command_resumes(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    offline = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
+    overrides = [o for o in tiny_overrides(tiny_dir, out) if not o.startswith(("dataset.path=", "dataset.limit="))]
+    args = [sys.executable, "-m", "sadr.cli.run", *overrides, f"dataset.path={offline}", "dataset.limit=4",
+            "editor.v_num_grad_steps=20", "editor.early_stop=false", "progress.bar=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = out / "cases.jsonl"
+    deadline = time.monotonic() + 300
+    while not (rows.is_file() and rows.read_text()) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    kept = len(rows.read_text().splitlines())
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert re.search(rf"^interrupted: {kept} finished case\(s\) are kept in (.*run); to resume \(finished cases are "
+                     rf"skipped\), run the same command with hydra\.run\.dir=\1$", stderr, re.MULTILINE), stderr[-3000:]
+    assert 1 <= kept < 4
+    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first_four = [record["case_id"] for record in json.loads(offline.read_text())[:4]]
+    assert [json.loads(line)["case_id"] for line in rows.read_text().splitlines()] == first_four
 
 
 def test_missing_dataset_file_is_a_clear_error(tiny_dir, tmp_path):

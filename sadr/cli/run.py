@@ -2,7 +2,8 @@
 
 A user's mistake (a bad key or value, a missing file, an unknown model family, a malformed record, no
 network for a hub model) ends the command with its message on stderr and exit status 2, without a
-traceback; `HYDRA_FULL_ERROR=1` shows the traceback. Anything else is a bug and keeps its traceback.
+traceback; `HYDRA_FULL_ERROR=1` shows the traceback. Ctrl-C ends it with one line saying how many finished cases
+are kept and how to resume, and exit status 130. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sadr.conf.registry import register_configs, validate
 from sadr.errors import UsageError
+from sadr.results import RunDirectory
 from sadr.runner import run_experiment
 
 log = logging.getLogger("sadr")
@@ -42,6 +46,21 @@ def _main(cfg: DictConfig) -> None:
         log.debug("stopped by a usage error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if _full_error_requested():
+            raise
+        kept = len(RunDirectory(cfg.output_dir).rows())
+        print(f"interrupted: {kept} finished case(s) are kept in {cfg.output_dir}; to resume (finished cases are "
+              f"skipped), run the same command with {_where_to_resume(cfg.output_dir)}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _where_to_resume(output_dir: str) -> str:
+    """The override that points a new invocation at this run's directory (a sweep's, in a multirun)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"hydra.sweep.dir={hydra_cfg.sweep.dir}"
+    return f"hydra.run.dir={output_dir}"
 
 
 def main() -> None:
