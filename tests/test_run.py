@@ -197,6 +197,20 @@ def test_summarize_reports_a_directory_without_runs(tmp_path):
     assert done.returncode == 2 and "no finished runs" in done.stderr
 
 
+def test_summarize_names_the_unfinished_runs_when_none_has_finished(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.summary import find_runs
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "killed")
+    run.claim(OmegaConf.create({"editor": {"name": "rome"}}))
+    run.append({"case_id": 0})
+    run.append({"case_id": 1})
+    with pytest.raises(FileNotFoundError, match=r"no finished runs .*unfinished runs.*killed \(2 finished cases\)"):
+        find_runs(tmp_path)
+
+
 def test_a_loss_layer_below_the_edited_layer_is_rejected():
     with pytest.raises(ConfigError, match=r"editor.v_loss_layer=3 is below the edited layer 5"):
         composed(["model=gpt-j", "editor.v_loss_layer=3"])

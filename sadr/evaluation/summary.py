@@ -40,7 +40,12 @@ def find_runs(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{root} does not exist; pass a run directory or a multirun directory")
     runs = sorted(p.parent for p in root.rglob(METRICS_FILE) if (p.parent / CONFIG_FILE).is_file())
     if not runs:
-        raise FileNotFoundError(f"no finished runs under {root} (looked for {METRICS_FILE} beside {CONFIG_FILE})")
+        unfinished = unfinished_runs(root)
+        listed = "; ".join(f"{run} ({len(RunDirectory(run).rows())} finished cases)" for run in unfinished[:3])
+        more = f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""
+        hint = (f"; unfinished runs, without metrics (still running, killed or failed; re-running the same command "
+                f"resumes them): {listed}{more}") if unfinished else ""
+        raise FileNotFoundError(f"no finished runs under {root} (looked for {METRICS_FILE} beside {CONFIG_FILE}){hint}")
     return runs
 
 
