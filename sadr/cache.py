@@ -20,7 +20,23 @@ from typing import Any, Callable
 import torch
 from filelock import FileLock
 
+from sadr.errors import InvalidSettingError
+
 log = logging.getLogger(__name__)
+
+
+def writable_dir(path: str | Path, setting: str, override: str | None = None) -> Path:
+    """`path` as a folder this process can write in, made if missing; else a one-line error naming `setting` and the
+    override that sets it (`setting` itself by default)."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InvalidSettingError(f"cannot write in {folder} ({setting}): {err.strerror or err}; set "
+                                  f"{override or setting}=<a folder this user can write in>") from err
+    return folder
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sadr.cache import cached
+from sadr.cache import cached, writable_dir
 from sadr.conf.registry import validate_layers
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.load import load_cases
@@ -110,7 +110,8 @@ class Experiment:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         untested_versions = warn_if_untested()
-        self.out = RunDirectory(cfg.output_dir)
+        writable_dir(cfg.cache_dir, "cache_dir")
+        self.out = RunDirectory(writable_dir(cfg.output_dir, "output_dir", "hydra.run.dir"))
         self.out.claim(cfg)
         self.out.drop_partial_line()
         torch.manual_seed(cfg.seed)

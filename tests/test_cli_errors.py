@@ -38,6 +38,12 @@ def _without_subject(path):
     return path
 
 
+def _a_file(path):
+    """A file where a folder is expected (as root, a folder without write permission would still be written)."""
+    path.write_text("")
+    return path
+
+
 def _unsupported_family(path):
     config = OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
                        max_position_embeddings=64, word_embed_proj_dim=16)
@@ -67,6 +73,10 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
                                        r"^error: model directory .* has no config\.json, so it is not a saved model"),
         "layer beyond the model": (tiny("layer", "editor.v_loss_layer=9"),
                                    r"^error: editor\.v_loss_layer=9: the model has layers 0\.\.3"),
+        "cache folder that cannot be written": ([*tiny("cache"), f"cache_dir={_a_file(work / 'file_cache')}/cache"],
+                                                r"^error: cannot write in .*file_cache/cache \(cache_dir\): .*; set cache_dir="),
+        "run folder that cannot be written": (tiny("out", f"output_dir={_a_file(work / 'file_out')}/run"),
+                                              r"^error: cannot write in .*file_out/run \(output_dir\): .*; set hydra\.run\.dir="),
         "record without its subject": (tiny("record", f"dataset.path={_without_subject(work / 'no_subject.json')}"),
                                        r"^error: .*no_subject\.json.*record 1.*subject"),
         "hub model without network": ([*tiny("hub"), "model.source=some-org/some-model"],
@@ -86,6 +96,7 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("name", [*BAD_OVERRIDES, "missing dataset file", "missing model folder", "unknown model family",
                                   "unsupported model.family", "folder that is not a model", "layer beyond the model",
+                                  "cache folder that cannot be written", "run folder that cannot be written",
                                   "record without its subject", "hub model without network"])
 def test_a_mistake_is_one_message_and_exit_status_2(finished, name):
     returncode, stdout, stderr, expected = finished[name]
