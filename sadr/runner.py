@@ -30,6 +30,7 @@ from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
+from sadr.errors import InvalidSettingError
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
@@ -116,6 +117,8 @@ class Experiment:
         self.out.drop_partial_line()
         torch.manual_seed(cfg.seed)
         self.dataset = load_cases(cfg.dataset, cfg.cache_dir)  # before the model: a bad dataset fails in seconds
+        if not self.dataset.cases:
+            raise InvalidSettingError(f"no case to run: {self.dataset.why_empty()}")
         self.loaded, self.fingerprint = load_model_kept(
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)

@@ -38,10 +38,14 @@ def _without_subject(path):
     return path
 
 
+def _written(path, text):
+    path.write_text(text)
+    return path
+
+
 def _a_file(path):
     """A file where a folder is expected (as root, a folder without write permission would still be written)."""
-    path.write_text("")
-    return path
+    return _written(path, "")
 
 
 def _unsupported_family(path):
@@ -77,6 +81,10 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
                                                 r"^error: cannot write in .*file_cache/cache \(cache_dir\): .*; set cache_dir="),
         "run folder that cannot be written": (tiny("out", f"output_dir={_a_file(work / 'file_out')}/run"),
                                               r"^error: cannot write in .*file_out/run \(output_dir\): .*; set hydra\.run\.dir="),
+        "dataset without records": (tiny("no_records", f"dataset.path={_written(work / 'empty.json', '[]')}"),
+                                    r"^error: no case to run: .*empty\.json holds no record"),
+        "selection that keeps no case": (tiny("no_case", "dataset.limit=0"),
+                                         r"^error: no case to run: the selection \(dataset\.limit=0\) keeps none of the 2"),
         "record without its subject": (tiny("record", f"dataset.path={_without_subject(work / 'no_subject.json')}"),
                                        r"^error: .*no_subject\.json.*record 1.*subject"),
         "hub model without network": ([*tiny("hub"), "model.source=some-org/some-model"],
@@ -97,7 +105,8 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("name", [*BAD_OVERRIDES, "missing dataset file", "missing model folder", "unknown model family",
                                   "unsupported model.family", "folder that is not a model", "layer beyond the model",
                                   "cache folder that cannot be written", "run folder that cannot be written",
-                                  "record without its subject", "hub model without network"])
+                                  "dataset without records", "selection that keeps no case", "record without its subject",
+                                  "hub model without network"])
 def test_a_mistake_is_one_message_and_exit_status_2(finished, name):
     returncode, stdout, stderr, expected = finished[name]
     assert returncode == 2, stderr[-3000:]

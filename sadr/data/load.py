@@ -28,6 +28,18 @@ class LoadedDataset:
     selection: dict  # what case_ids / shard / limit did, see `Selection.apply`
     source: str  # the file actually read
 
+    def why_empty(self) -> str:
+        """Why no case is selected, and what to change."""
+        n_loaded = self.selection["n_loaded"]
+        if n_loaded == 0 and self.n_invalid_skipped == 0:
+            return f"{self.source} holds no record"
+        if n_loaded == 0:
+            return (f"all {self.n_invalid_skipped} records of {self.source} are invalid and were skipped "
+                    "(dataset.on_invalid=skip); set dataset.on_invalid=error to see why")
+        chosen = ", ".join(f"dataset.{key}={self.selection[key]}" for key in ("case_ids", "shard", "limit")
+                           if self.selection[key] is not None)
+        return f"the selection ({chosen}) keeps none of the {n_loaded} cases of {self.source}; widen it"
+
 
 def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDataset:
     fmt = FORMATS.get(cfg.name)
