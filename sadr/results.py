@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from sadr.errors import UsageError
 
 CONFIG_FILE, ENV_FILE, ROWS_FILE, METRICS_FILE = "config.yaml", "environment.json", "cases.jsonl", "metrics.csv"
+SEQUENTIAL_STATE = "sequential_state.pt"  # the sequential protocol's checkpoint: the requests edited so far and the weights
 PACKAGES = ("sadr", "torch", "transformers", "hydra-core", "omegaconf", "datasets", "pandas", "numpy", "gguf", "accelerate")
 
 
@@ -51,7 +52,8 @@ class RunDirectory:
 
     def claim(self, cfg: DictConfig) -> None:
         """Write config.yaml, or check that the one already there describes the same run. A run that stopped before
-        finishing any case (a mistake in its settings, say) holds nothing to protect: its config is replaced."""
+        it finished a case or checkpointed an edit (a mistake in its settings, say) holds nothing to protect: its
+        config is replaced."""
         target = self.path / CONFIG_FILE
         identity = _identity(cfg)
         if target.is_file():
@@ -60,7 +62,7 @@ class RunDirectory:
                 existing.pop(key, None)
             if existing == identity:
                 return
-            if self.rows():
+            if self.rows() or self.checkpointed():
                 changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
                 raise RunConflictError(
                     f"{self.path} already holds a run with a different config (differs in: {', '.join(changed)}); "
@@ -92,6 +94,10 @@ class RunDirectory:
             except json.JSONDecodeError:
                 break  # a line cut short by a kill: everything before it is complete
         return rows
+
+    def checkpointed(self) -> bool:
+        """Whether a sequential run has checkpointed edits here (its rows come only at the end)."""
+        return (self.path / SEQUENTIAL_STATE).is_file()
 
     def finished(self) -> set[str]:
         return {str(row["case_id"]) for row in self.rows()}

@@ -41,12 +41,11 @@ from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
 from sadr.progress import CaseProgress
 from sadr.regularizers.attention_drift import build_regularizers
-from sadr.results import RunDirectory
+from sadr.results import SEQUENTIAL_STATE, RunDirectory
 from sadr.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
 
-SEQUENTIAL_STATE = "sequential_state.pt"
 EDITED_MODEL, EDITED_MODELS = "edited_model", "edited_models"  # sequential: one folder; single/batch: one per group
 
 

@@ -126,12 +126,17 @@ def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
     """Its mistake fixed, a run that stopped before any case can be started again in the same directory."""
     from omegaconf import OmegaConf
 
-    from sadr.results import RunConflictError, RunDirectory
+    from sadr.results import SEQUENTIAL_STATE, RunConflictError, RunDirectory
 
     run = RunDirectory(tmp_path / "run")
     run.claim(OmegaConf.create({"editor": {"layers": [9]}}))
     run.claim(OmegaConf.create({"editor": {"layers": [2]}}))
     assert OmegaConf.load(tmp_path / "run" / "config.yaml").editor.layers == [2]
+    # a sequential run's checkpointed edits (its rows come only at the end), or a finished case, are work to keep
+    (tmp_path / "run" / SEQUENTIAL_STATE).write_bytes(b"")
+    with pytest.raises(RunConflictError, match=r"differs in: editor"):
+        run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+    (tmp_path / "run" / SEQUENTIAL_STATE).unlink()
     run.append({"case_id": 0})
     with pytest.raises(RunConflictError, match=r"differs in: editor"):
         run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
@@ -154,7 +159,7 @@ def test_ctrl_c_keeps_the_finished_cases_says_so_and_the_same_command_resumes(ti
     _, stderr = process.communicate(timeout=300)
     kept = len(rows.read_text().splitlines())
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    assert re.search(rf"^interrupted: {kept} finished case\(s\) are kept in (.*run); to resume \(finished cases are "
+    assert re.search(rf"^interrupted: {kept} finished case\(s\) are kept in (.*run); to resume \(finished work is "
                      rf"skipped\), run the same command with hydra\.run\.dir=\1$", stderr, re.MULTILINE), stderr[-3000:]
     assert 1 <= kept < 4
     resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

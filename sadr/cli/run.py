@@ -49,9 +49,11 @@ def _main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         if _full_error_requested():
             raise
-        kept = len(RunDirectory(cfg.output_dir).rows())
-        print(f"interrupted: {kept} finished case(s) are kept in {cfg.output_dir}; to resume (finished cases are "
-              f"skipped), run the same command with {_where_to_resume(cfg.output_dir)}", file=sys.stderr)
+        run = RunDirectory(cfg.output_dir)
+        kept = f"{len(run.rows())} finished case(s)" + (" and the sequential edits checkpointed so far"
+                                                         if run.checkpointed() else "")
+        print(f"interrupted: {kept} are kept in {cfg.output_dir}; to resume (finished work is skipped), run the same "
+              f"command with {_where_to_resume(cfg.output_dir)}", file=sys.stderr)
         raise SystemExit(130) from None
 
 
