@@ -2,11 +2,14 @@ import subprocess
 import zipfile
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from sadr.models import embedded
+from sadr.models import embedded, gguf
 from sadr.models.embedded import EmbeddedModelUnavailable, embedded_gguf
 from sadr.models.devices import resolve_device
 from sadr.models.loading import load_model
+from tests.tiny_models import CORPUS, make_model, make_tokenizer, write_llama_gguf
 
 
 def test_embedded_model_uses_an_installed_wheel_without_importing_it(tmp_path, monkeypatch):
@@ -50,28 +53,26 @@ def test_embedded_model_without_network_says_how_to_install_it(tmp_path, monkeyp
 
 def test_missing_local_model_paths_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"GGUF file .*missing.gguf does not exist \(model.source\)"):
-        load_model(str(tmp_path / "missing.gguf"))
+        load_model(str(tmp_path / "missing.gguf"), cache_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"model directory .* does not exist \(model.source\)"):
-        load_model(str(tmp_path / "no-such-dir"))
+        load_model(str(tmp_path / "no-such-dir"), cache_dir=str(tmp_path))
 
 
 def test_a_folder_that_is_not_a_saved_model_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(FileNotFoundError, match=r"model directory .* has no config.json, so it is not a saved model"):
-        load_model(str(tmp_path))
+        load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
 
 
 def test_a_model_folder_without_its_tokenizer_is_a_clear_error(tmp_path):
     """transformers builds an empty tokenizer for it (every text becomes no tokens), which would fail much later."""
-    from tests.tiny_models import make_model
 
     make_model("gpt2").save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"encodes text as no tokens .*tokenizer\.save_pretrained"):
-        load_model(str(tmp_path))
+        load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
 
 
 def test_a_tokenizer_transformers_cannot_build_is_a_clear_error(tmp_path, monkeypatch):
-    from tests.tiny_models import make_model
 
     make_model("gpt2").save_pretrained(tmp_path)
 
@@ -82,7 +83,7 @@ def test_a_tokenizer_transformers_cannot_build_is_a_clear_error(tmp_path, monkey
     monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", unbuildable)
     with pytest.raises(FileNotFoundError, match=r"no usable tokenizer in .*: Couldn't instantiate .* serialization "
                                                 r"file, You need to have sentencepiece .* installed Save"):
-        load_model(str(tmp_path))
+        load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
@@ -93,18 +94,64 @@ def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_family_mismatch_is_reported(tmp_path):
-    from tests.tiny_models import make_model, make_tokenizer
 
     make_model("gpt2").save_pretrained(tmp_path)
     make_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model.family is 'llama' but .* is a 'gpt2' model"):
-        load_model(str(tmp_path), family="llama")
+        load_model(str(tmp_path), family="llama", cache_dir=str(tmp_path / "cache"))
 
 
-def test_unreachable_hub_model_names_the_local_alternative(monkeypatch):
+def test_unreachable_hub_model_names_the_local_alternative(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", offline)
     with pytest.raises(OSError, match=r"model.source=/path/to/model_dir"):
-        load_model("no-such-org/no-such-model-sadr-test")
+        load_model("no-such-org/no-such-model-sadr-test", cache_dir=str(tmp_path))
+
+
+def _gguf_source(tmp_path, seed=0):
+    source, tokenizer = make_model("llama", seed=seed), make_tokenizer(pad=False)
+    write_llama_gguf(source, tokenizer, tmp_path / "tiny.gguf")
+    return source, tokenizer
+
+
+def _same_weights(model, expected: dict) -> bool:
+    state = model.state_dict()
+    return state.keys() == expected.keys() and all(torch.equal(state[name], expected[name]) for name in state)
+
+
+def test_a_gguf_file_loads_as_a_plain_model_with_its_weights_and_tokenizer(tmp_path):
+    source, tokenizer = _gguf_source(tmp_path)
+    loaded = load_model(str(tmp_path / "tiny.gguf"), family="llama", device="cpu", cache_dir=str(tmp_path / "cache"))
+    assert loaded.resolved_source == str(tmp_path / "tiny.gguf")
+    assert _same_weights(loaded.model, source.state_dict())
+    # what transformers itself reads from the file, unpacked: the same tokens and the same logits
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
+                                                  quantization_config=GgufConfig(dequantize=True))
+    direct_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    for text in CORPUS:
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == direct_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            assert torch.equal(loaded.model(torch.tensor([ids])).logits, direct(torch.tensor([ids])).logits)
+    # a plain model, not one transformers holds as GGUF-quantized: it saves, and the saved folder loads the same
+    loaded.model.save_pretrained(tmp_path / "saved")
+    assert _same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), source.state_dict())
+
+
+def test_a_gguf_file_is_unpacked_once_per_content_and_dtype(tmp_path, monkeypatch):
+    source, _ = _gguf_source(tmp_path)
+    cache = str(tmp_path / "cache")
+    unpacks = []
+    real_unpack = gguf._unpack
+    monkeypatch.setattr(gguf, "_unpack", lambda *args: unpacks.append(args) or real_unpack(*args))
+    load = lambda dtype="float32": load_model(str(tmp_path / "tiny.gguf"), device="cpu", dtype=dtype, cache_dir=cache)  # noqa: E731
+    load()
+    assert _same_weights(load().model, source.state_dict()) and len(unpacks) == 1
+    half = load("bfloat16")
+    assert _same_weights(half.model, {name: w.bfloat16() for name, w in source.state_dict().items()})
+    assert len(unpacks) == 2
+    other, _ = _gguf_source(tmp_path, seed=1)  # the same path, other weights
+    assert _same_weights(load().model, other.state_dict()) and len(unpacks) == 3
+    assert len([f for f in (tmp_path / "cache" / "models" / "unpacked").iterdir() if f.is_dir()]) == 3

@@ -53,7 +53,7 @@ def test_float32_statistics_settings_reach_the_statistics(tiny_dir, tmp_path):
     from sadr.models.loading import load_model
     from sadr.runner import build_statistics
 
-    loaded = load_model(str(tiny_dir / "model"), device="cpu")
+    loaded = load_model(str(tiny_dir / "model"), device="cpu", cache_dir=str(tiny_dir / "cache"))
     for setting, dtype in ((None, torch.float64), ("float32", torch.float32)):
         chosen = [f"model.stats.product_dtype={setting}", f"model.stats.factor_dtype={setting}"] if setting else []
         statistics = build_statistics(composed(tiny_overrides(tiny_dir, tmp_path, *chosen)), loaded, "f")

@@ -8,10 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sadr.data.load import load_cases
+from sadr.evaluation.probes import METRICS
+from sadr.evaluation.prompt_metrics import evaluate_cases
 from sadr.models.loading import load_model
 from sadr.models.saving import EDITS_FILE, save_edited_model
 from sadr.runner import EDITED_MODEL, EDITED_MODELS, SEQUENTIAL_STATE, run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.tiny_models import make_model, make_tokenizer, write_llama_gguf
 
 
 def _logits(model, ids):
@@ -20,7 +23,7 @@ def _logits(model, ids):
 
 
 def test_a_saved_model_reloads_with_the_same_logits(tiny_dir, tmp_path):
-    loaded = load_model(str(tiny_dir / "model"), family="llama", device="cpu")
+    loaded = load_model(str(tiny_dir / "model"), family="llama", device="cpu", cache_dir=str(tmp_path))
     with torch.no_grad():
         loaded.adapter.down_weight(loaded.model, 1).add_(0.05 * torch.randn_like(loaded.adapter.down_weight(loaded.model, 1)))
     cases = load_cases(composed(tiny_overrides(tiny_dir, tmp_path / "run")).dataset, str(tmp_path)).cases
@@ -68,3 +71,18 @@ def test_single_edits_are_saved_one_folder_per_case_only_when_asked(tiny_dir, tm
     saved = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "saved", "dataset.limit=1", "save_edited=true")))
     note = json.loads((saved / EDITED_MODELS / "0" / EDITS_FILE).read_text())
     assert note["protocol"] == "single" and [e["case_id"] for e in note["edits"]] == [0]
+
+
+def test_an_edit_of_a_gguf_model_is_saved_as_a_folder_that_loads(tiny_dir, tmp_path):
+    """The offline default is a GGUF file: its edited weights save like any model's."""
+    write_llama_gguf(make_model("llama"), make_tokenizer(pad=False), tmp_path / "tiny.gguf")
+    overrides = [f"model.source={tmp_path / 'tiny.gguf'}" if o.startswith("model.source=") else o
+                 for o in tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1", "save_edited=true")]
+    run = run_experiment(composed(overrides))
+    folder = run / EDITED_MODELS / "0"
+    edited = load_model(str(folder), family="llama", device="cpu", cache_dir=str(tmp_path))
+    row = json.loads((run / "cases.jsonl").read_text().splitlines()[0])
+    case = load_cases(composed(overrides).dataset, str(tmp_path)).cases[0]
+    [scores] = evaluate_cases(edited.model, edited.tokenizer, [case], [METRICS["efficacy"]])
+    assert scores["efficacy"]["p_good"] == pytest.approx(row["edited"]["efficacy"]["p_good"], rel=1e-4)
+    assert scores["efficacy"]["p_good"] != pytest.approx(row["unedited"]["efficacy"]["p_good"], rel=1e-2)

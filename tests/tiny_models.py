@@ -77,3 +77,57 @@ def make_model(family: str, seed: int = 0, attn_implementation: str | None = Non
     config = _config(family)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def _llama_cpp_rotary_order(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's row order of a q or k projection (each head's two rotary halves interleaved), which transformers
+    undoes when it reads a GGUF file."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, weight.shape[1]).transpose(1, 2).reshape(weight.shape)
+
+
+def write_llama_gguf(model, tokenizer: PreTrainedTokenizerFast, path) -> None:
+    """`model` (a tiny llama) and its byte-level BPE `tokenizer` as a float32 GGUF file, named as llama.cpp names
+    them, so a test can load a GGUF source without downloading one."""
+    import json
+
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(spec["vocab"], key=spec["vocab"].get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if token == tokenizer.eos_token else gguf.TokenType.NORMAL
+                            for token in tokens])
+    writer.add_token_merges([merge if isinstance(merge, str) else " ".join(merge) for merge in spec["merges"]])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    weights = model.state_dict()
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    per_layer = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                 "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+    for layer in range(config.num_hidden_layers):
+        names.update({f"blk.{layer}.{short}": f"model.layers.{layer}.{long}" for short, long in per_layer.items()})
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    for short, long in names.items():
+        weight = weights[f"{long}.weight"]
+        if short.split(".")[-1] in heads:
+            weight = _llama_cpp_rotary_order(weight, heads[short.split(".")[-1]])
+        writer.add_tensor(f"{short}.weight", weight.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

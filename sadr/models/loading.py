@@ -12,6 +12,7 @@ from sadr.errors import InvalidSettingError, MissingInputError, UnavailableError
 from sadr.models.adapters import ModelAdapter, adapter_for
 from sadr.models.devices import resolve_device
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
+from sadr.models.gguf import dense_gguf_options, unpacked_gguf
 from sadr.models.tokenization import pad_id_of
 
 log = logging.getLogger(__name__)
@@ -31,24 +32,32 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def _from_pretrained_args(source: str, gguf_file: str | None, cache_dir: str) -> tuple[str, dict]:
+def _from_pretrained_args(source: str, gguf_file: str | None, dtype: str, cache_dir: str) -> tuple[str, dict, str]:
+    """(where `from_pretrained` loads from, its options, what results name as the source). A local GGUF file is
+    loaded from its unpacked folder (sadr/models/gguf.py); a hub repository's GGUF file is read directly."""
     if source in EMBEDDED_SOURCES:
-        path = embedded_gguf(source, cache_dir)
-        return str(path.parent), {"gguf_file": path.name}
+        return _unpacked(embedded_gguf(source, cache_dir), dtype, cache_dir)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise MissingInputError(f"GGUF file {path} does not exist (model.source)")
-        return str(path.parent), {"gguf_file": path.name}
+        return _unpacked(path, dtype, cache_dir)
     if gguf_file:
-        return str(path), {"gguf_file": gguf_file}
+        if (path / gguf_file).is_file():
+            return _unpacked(path / gguf_file, dtype, cache_dir)
+        return str(path), {"gguf_file": gguf_file}, f"{path}/{gguf_file}"
     if source.startswith((".", "/", "~")) and not path.exists():
         raise MissingInputError(f"model directory {path} does not exist (model.source)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise MissingInputError(
             f"model directory {path} has no config.json, so it is not a saved model (model.source): give a folder "
             "written by save_pretrained (config.json, weights and tokenizer files), a .gguf file, or a hub id")
-    return str(path) if path.exists() else source, {}
+    location = str(path) if path.exists() else source
+    return location, {}, location
+
+
+def _unpacked(gguf: Path, dtype: str, cache_dir: str) -> tuple[str, dict, str]:
+    return str(unpacked_gguf(gguf, DTYPES[dtype], cache_dir)), {}, str(gguf)
 
 
 def _load_tokenizer(location: str, extra: dict):
@@ -69,21 +78,22 @@ def _load_tokenizer(location: str, extra: dict):
     return tokenizer
 
 
-def load_model(source: str, *, gguf_file: str | None = None, revision: str | None = None,
-               family: str | None = None, device: str = "auto", dtype: str = "float32",
-               cache_dir: str = ".") -> LoadedModel:
-    location, extra = _from_pretrained_args(source, gguf_file, cache_dir)
+def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, revision: str | None = None,
+               family: str | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """`cache_dir`: where the embedded model's file is fetched, a GGUF file unpacked, and GPUs assigned to jobs."""
+    location, extra, resolved = _from_pretrained_args(source, gguf_file, dtype, cache_dir)
     if revision:
         extra["revision"] = revision
     log.info("loading model %s %s", location, extra)
     target = torch.device(resolve_device(device, Path(cache_dir) / "gpus"))
     placement = {}
     if target.type == "cuda" and "gguf_file" not in extra:  # straight onto the GPU: a 20B model never passes
-        # through host memory whole (a GGUF file is dequantised on the CPU first anyway)
+        # through host memory whole (a GGUF file read from the hub is unpacked on the CPU first anyway)
         placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
+    weights = {**extra, **dense_gguf_options(extra["gguf_file"])} if "gguf_file" in extra else extra
     try:
         tokenizer = _load_tokenizer(location, extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **weights)
     except OSError as err:
         if Path(location).exists():
             raise
@@ -99,4 +109,4 @@ def load_model(source: str, *, gguf_file: str | None = None, revision: str | Non
             f"model.family is {family!r} but {source} is a {adapter.family!r} model (config.model_type); "
             "fix model.family or model.source"
         )
-    return LoadedModel(model, tokenizer, adapter, f"{location}/{extra['gguf_file']}" if "gguf_file" in extra else location)
+    return LoadedModel(model, tokenizer, adapter, resolved)
