@@ -5,17 +5,17 @@ config, once for the weights and once for the tokenizer, and rebuilds its tensor
 takes about 15 s for the 135M-parameter offline default on 2 CPU cores, against 0.2 s for the same weights from a
 saved folder. The folder holds what loading the file gives (its weights unpacked, in the run's dtype, and its
 tokenizer), so a run on it computes what a run on the file does. It is keyed by the file's content, the dtype and
-the transformers version, which does the unpacking.
+the versions of the packages that unpack it: transformers, and gguf, whose code dequantises the tensors.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from sadr.cache import lock_for
@@ -31,6 +31,10 @@ def dense_gguf_options(gguf_name: str) -> dict:
     return {"gguf_file": gguf_name, "quantization_config": GgufConfig(dequantize=True)}
 
 
+def unpacking_versions() -> dict[str, str]:
+    return {package: version(package) for package in ("transformers", "gguf")}
+
+
 def _content_hash(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -42,8 +46,7 @@ def _content_hash(path: Path) -> str:
 def unpacked_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Path:
     """The model folder of the GGUF file at `path` loaded in `dtype`, written into `cache_dir` on first use (one job
     writes it while the others wait; it appears whole or not at all)."""
-    key = cache_key(kind="gguf-unpacked", file=_content_hash(path), dtype=str(dtype),
-                    transformers=transformers.__version__)
+    key = cache_key(kind="gguf-unpacked", file=_content_hash(path), dtype=str(dtype), **unpacking_versions())
     folder = Path(cache_dir) / "models" / "unpacked" / f"{path.stem}.{key}"
     with lock_for(folder):
         if not (folder / "config.json").is_file():
