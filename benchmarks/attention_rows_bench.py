@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sadr.cache import default_cache_dir  # noqa: E402
 from sadr.models.adapters import adapter_for  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
 from sadr.regularizers.attention_rows import AttentionRows  # noqa: E402
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model.source (embedded:smollm2, a model folder, a .gguf file); "
                                         "without it, a random llama-shaped model")
-    parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
+    parser.add_argument("--cache-dir", default=default_cache_dir())
     parser.add_argument("--batch", type=int, default=22, help="rows (ROME: 21 rewrite prompts + 1 essence)")
     parser.add_argument("--seq-len", type=int, default=24)
     parser.add_argument("--injection-layer", type=int, default=4, help="rows are taken on every later layer")

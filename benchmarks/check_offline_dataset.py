@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sadr.cache import default_cache_dir  # noqa: E402
 from sadr.evaluation.scorer import score_pairs  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2",
                     help="a model.source: the offline default (embedded:smollm2), a model folder, a .gguf file or a hub id")
-    ap.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
+    ap.add_argument("--cache-dir", default=default_cache_dir())
     ap.add_argument("--dataset", default=str(DEFAULT_DATASET))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")

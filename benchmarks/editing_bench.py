@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sadr.cache import default_cache_dir  # noqa: E402
 from sadr.conf.registry import register_configs  # noqa: E402
 from sadr.data.load import load_cases  # noqa: E402
 from sadr.editors.context_templates import context_templates  # noqa: E402
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--editors", nargs="+", default=sorted(EDITORS), choices=sorted(EDITORS))
     parser.add_argument("--cases", type=int, default=8, help="cases of the dataset (dataset.limit)")
     parser.add_argument("--dataset", help="a CounterFact-schema file instead of the embedded offline dataset")
-    parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
+    parser.add_argument("--cache-dir", default=default_cache_dir())
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-batch", action="store_true", help="skip the one-apply batch edit")
     parser.add_argument("--cold-stats", action="store_true", help="time the key statistics from an empty cache")

@@ -51,6 +51,7 @@ from decisions import TIE_RTOL, differing  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
 import sadr.runner as runner  # noqa: E402
+from sadr.cache import default_cache_dir  # noqa: E402
 from sadr.conf.registry import register_configs, validate  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.models.adapters import adapter_for  # noqa: E402
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
+    parser.add_argument("--cache-dir", default=default_cache_dir())
     parser.add_argument("--set", nargs="*", default=[], help="further config overrides, e.g. editor.v_num_grad_steps=10")
     args = parser.parse_args()
     if args.n[0] != 1:

@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sadr.cache import default_cache_dir  # noqa: E402
 from sadr.conf.registry import register_configs  # noqa: E402
 from sadr.data.records import EditRequest  # noqa: E402
 from sadr.editors.context_templates import context_templates  # noqa: E402
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="δ steps per run (each run times steps - 2 iterations)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three modes")
     parser.add_argument("--gamma", type=float, default=0.01)
-    parser.add_argument("--cache-dir", default=os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr")))
+    parser.add_argument("--cache-dir", default=default_cache_dir())
     args = parser.parse_args()
 
     model, tokenizer, adapter, hparams, templates, name = load(args)

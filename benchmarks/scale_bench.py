@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import statistics
 import sys
@@ -56,7 +55,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from decisions import TIE_RTOL, differing  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
-from sadr.cache import TORCH, read_entry  # noqa: E402
+from sadr.cache import TORCH, default_cache_dir, read_entry  # noqa: E402
 from sadr.conf.registry import register_configs, validate  # noqa: E402
 from sadr.models.kept import release_kept_model  # noqa: E402
 from sadr.results import RunDirectory  # noqa: E402
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.save_tokenizer:
         from sadr.models.loading import load_model
 
-        cache_dir = os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr"))  # where sadr-run keeps it
+        cache_dir = default_cache_dir()  # where sadr-run keeps it
         load_model("embedded:smollm2", device="cpu", cache_dir=cache_dir).tokenizer.save_pretrained(args.save_tokenizer)
         return str(args.save_tokenizer)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

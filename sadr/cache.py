@@ -9,6 +9,7 @@ Three guarantees, whatever the number of jobs started at once on an empty cache:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,20 @@ from filelock import FileLock
 from sadr.errors import InvalidSettingError
 
 log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> str:
+    """Where `sadr-run` keeps its caches when `cache_dir` is not set (the default in conf/schema.py)."""
+    return os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's content, read 8 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def writable_dir(path: str | Path, setting: str, override: str | None = None) -> Path:

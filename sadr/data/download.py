@@ -7,7 +7,6 @@ so a file at `dest` is always complete and verified, and later runs use it witho
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sadr.cache import lock_for
+from sadr.cache import file_sha256, lock_for
 from sadr.errors import UnavailableError
 
 log = logging.getLogger(__name__)
@@ -117,20 +116,12 @@ def _verify(remote: RemoteFile, part: Path, hint: str) -> None:
             _message(f"{remote.url} has {size} bytes, expected {remote.size}; the download was deleted.", hint)
         )
     if remote.sha256:
-        digest = _sha256_of(part)
+        digest = file_sha256(part)
         if digest != remote.sha256.lower():
             part.unlink()
             raise ChecksumError(
                 _message(f"{remote.url} has sha256 {digest}, expected {remote.sha256}; the download was deleted.", hint)
             )
-
-
-def _sha256_of(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _message(problem: str, hint: str) -> str:

@@ -9,7 +9,6 @@ the versions of the packages that unpack it: transformers, and gguf, whose code 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from importlib.metadata import version
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from sadr.cache import lock_for
+from sadr.cache import file_sha256, lock_for
 from sadr.models.fingerprint import cache_key
 
 log = logging.getLogger(__name__)
@@ -35,18 +34,10 @@ def unpacking_versions() -> dict[str, str]:
     return {package: version(package) for package in ("transformers", "gguf")}
 
 
-def _content_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def unpacked_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Path:
     """The model folder of the GGUF file at `path` loaded in `dtype`, written into `cache_dir` on first use (one job
     writes it while the others wait; it appears whole or not at all)."""
-    key = cache_key(kind="gguf-unpacked", file=_content_hash(path), dtype=str(dtype), **unpacking_versions())
+    key = cache_key(kind="gguf-unpacked", file=file_sha256(path), dtype=str(dtype), **unpacking_versions())
     folder = Path(cache_dir) / "models" / "unpacked" / f"{path.stem}.{key}"
     with lock_for(folder):
         if not (folder / "config.json").is_file():
