@@ -17,7 +17,8 @@
 #   smol    SmolLM2-135M shape, ROME and MEMIT, plain and SADR, one case at a time: SADR's s/step ratio (≤ 1.3×)
 #   gptj    GPT-J-6B shape, float32 and TF32, ROME and MEMIT, plain and SADR, one case at a time: SADR's ratio
 #           (≤ 1.15×), the TF32 MEMIT peak, statistics tokens/s (≥ 20,000), TF32's decisions against float32's per prompt
-#   neox    GPT-NeoX-20B shape in bfloat16, ROME with float32 factors of C, one case at a time: peak (≤ 48 GB)
+#   neox    GPT-NeoX-20B shape in bfloat16, ROME one case at a time, C's factors on the host (float64) and on the
+#           GPU in float32: peaks (≤ 48 GB), and the decisions of the two compared per prompt
 #   pbf16   GPT-J-6B shape in bfloat16, ROME and MEMIT, 16 cases, N = 1 and 8 side by side: cases/s (≥ 3×), decisions
 # Rehearse on the CPU first, with tiny widths and the same code: TINY=1 OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_checks.sh run
 set -uo pipefail
@@ -105,7 +106,8 @@ run_checks() {
       gptj) step gptj 300 "${scale[@]}" --arch gpt-j --dtype float32 --editors rome memit \
               --variants "" tf32=true ;;
       neox) step neox 240 "${scale[@]}" --arch gpt-neox-20b --dtype bfloat16 --editors rome --records 2 \
-              --stats-samples 200 --stats-text-file "$PWD/$GPU/stats.txt" --variants model.stats.factor_dtype=float32 ;;
+              --stats-samples 200 --stats-text-file "$PWD/$GPU/stats.txt" \
+              --variants model.stats.factor_device=cpu model.stats.factor_dtype=float32 ;;
       pbf16) step pbf16 240 "${pcases[@]}" --dtype bfloat16 --editors rome memit --n 1 8 --cases 16 \
                --stats-samples 128 --set editor.v_num_grad_steps=10 ;;
       *) echo "unknown step $name (smol gptj neox pbf16)"; exit 2 ;;

@@ -26,15 +26,27 @@ class RunConflictError(UsageError):
     pass
 
 
-NOT_IDENTITY = ("output_dir", "progress", "save_edited")  # where and how results are written, not what they are
+# Where and how results are written, and where the work runs, not what the results are: a run resumes with these
+# changed (after running out of GPU memory, say). Cases side by side give the results of one at a time up to float
+# rounding, and a run already narrows them itself when a group does not fit; C's factors are the same wherever they
+# are kept. environment.json records the values of each invocation.
+NOT_IDENTITY = ("output_dir", "progress", "save_edited", "editor.parallel_cases", "model.stats.factor_device")
+
+
+def _without_execution_settings(plain: dict) -> dict:
+    for dotted in NOT_IDENTITY:
+        *parents, key = dotted.split(".")
+        node = plain
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return plain
 
 
 def _identity(cfg: DictConfig) -> dict:
     """The settings that determine results."""
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)
-    for key in NOT_IDENTITY:
-        plain.pop(key, None)
-    return plain
+    return _without_execution_settings(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True))
 
 
 def git_commit() -> str | None:
@@ -57,9 +69,7 @@ class RunDirectory:
         target = self.path / CONFIG_FILE
         identity = _identity(cfg)
         if target.is_file():
-            existing = OmegaConf.to_container(OmegaConf.load(target), resolve=False)
-            for key in NOT_IDENTITY:
-                existing.pop(key, None)
+            existing = _without_execution_settings(OmegaConf.to_container(OmegaConf.load(target), resolve=False))
             if existing == identity:
                 return
             if self.rows() or self.checkpointed():

@@ -30,7 +30,7 @@ from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
-from sadr.errors import InvalidSettingError
+from sadr.errors import DeviceMemoryError, InvalidSettingError
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
@@ -65,7 +65,7 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
         loaded.model, loaded.adapter, loaded.tokenizer, fingerprint=fingerprint, corpus=corpus,
         sample_length=stats.sample_length, batch_tokens=stats.batch_tokens, cache_dir=cfg.cache_dir,
         npz_dir=stats.npz_dir, npz_samples=stats.n_samples, product_dtype=getattr(torch, stats.product_dtype.name),
-        factor_dtype=getattr(torch, stats.factor_dtype.name),
+        factor_dtype=getattr(torch, stats.factor_dtype.name), factors_on_host=stats.factor_device.name == "cpu",
     )
 
 
@@ -135,7 +135,8 @@ class Experiment:
             "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
             "dataset_source": self.dataset.source, "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
-            "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases, "tf32": self.tf32,
+            "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases,
+            "factor_device": cfg.model.stats.factor_device.name, "tf32": self.tf32,
             "untested_versions": untested_versions,
         })
 
@@ -192,7 +193,15 @@ class Experiment:
         if todo:
             editor = self._editor()
             protocol = self._sequential if self.cfg.editor.protocol.name == "sequential" else self._restoring
-            protocol(editor, todo, unedited)
+            try:
+                protocol(editor, todo, unedited)
+            except torch.cuda.OutOfMemoryError as error:
+                detail = (str(error).splitlines() or ["no detail"])[0]
+                raise DeviceMemoryError(
+                    f"editing ran out of GPU memory ({detail}). model.stats.factor_device=cpu keeps C's factors in "
+                    "host memory (d_ff² × 8 bytes per edited layer: 2.1 GB for GPT-J's), and a run resumes with it; "
+                    "model.stats.factor_dtype=float32 (half the factors' memory), a smaller editor.batch_size or "
+                    "dtype=bfloat16 change the results, so they need a new run directory") from error
         return self._finish()
 
     def _restoring(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:

@@ -244,6 +244,33 @@ def test_a_layer_nobody_was_handed_is_factored_in_its_own_storage(tmp_path, toke
     assert [overwrite for _, overwrite in calls[2:]] == [False, True]
 
 
+def test_factors_kept_on_the_host_are_made_on_the_model_device_and_moved_one_layer_at_a_time(tmp_path, tokenizer,
+                                                                                              monkeypatch):
+    """With factors_on_host (model.stats.factor_device=cpu) each layer is factored where the model is, as without it,
+    and its factors are moved to the host before the next layer's C is factored; they are the same factors."""
+    from sadr.editors.update import FactorizedMoment
+
+    model = make_model("llama")
+    corpus = Corpus({"kind": "test"}, lambda: iter(random_texts()))
+
+    def stats(on_host):
+        return SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
+                                      sample_length=64, batch_tokens=256, cache_dir=tmp_path, factors_on_host=on_host)
+
+    on_device = stats(False).factorized([1, 2])
+    events = []
+    factor, move = FactorizedMoment.of, FactorizedMoment.to
+    monkeypatch.setattr(FactorizedMoment, "of", lambda moment, overwrite=False, **kwargs: events.append(
+        ("factor", moment.device.type)) or factor(moment, overwrite, **kwargs))
+    monkeypatch.setattr(FactorizedMoment, "to", lambda self, device: events.append(("move", device.type)) or move(self, device))
+    on_host = stats(True).factorized([1, 2])
+    assert events == [("factor", "cpu"), ("move", "cpu")] * 2
+    for layer in (1, 2):
+        assert on_host[layer].lu.device.type == "cpu" and on_host[layer].lu.mT.is_contiguous()
+        assert torch.equal(on_host[layer].lu, on_device[layer].lu)
+        assert torch.equal(on_host[layer].pivots, on_device[layer].pivots)
+
+
 def test_float32_factors_are_made_from_a_converted_c_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
     """C is converted before it goes to the device and factored layer by layer: the factorisation never sees a float64
     C, and a layer is factored before the next one leaves memory for the device."""

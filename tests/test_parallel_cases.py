@@ -366,15 +366,19 @@ def test_a_statistics_pass_out_of_gpu_memory_is_not_retried_with_fewer_cases(tin
     assert passes == [1]
 
 
-def test_one_case_that_runs_out_of_gpu_memory_is_an_error(tiny_dir, tmp_path, monkeypatch):
+def test_one_case_that_runs_out_of_gpu_memory_is_an_error_naming_the_settings_that_fit_it(tiny_dir, tmp_path,
+                                                                                          monkeypatch):
+    from sadr.errors import DeviceMemoryError
+
     tried = []
 
     def apply_each(editor, requests):
         tried.append(len(requests))
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.50 GiB\nmore detail")
 
     monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(DeviceMemoryError, match=r"editing ran out of GPU memory \(CUDA out of memory. Tried to allocate "
+                                                r"4.50 GiB\)\. model\.stats\.factor_device=cpu .* a run resumes with it"):
         Experiment(run_config(tiny_dir, tmp_path / "run", "editor.parallel_cases=4")).run()
     assert tried == [4, 2, 1]
 

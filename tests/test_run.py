@@ -62,6 +62,11 @@ def test_float32_statistics_settings_reach_the_statistics(tiny_dir, tmp_path):
     for key in ("product_dtype", "factor_dtype"):
         with pytest.raises(Exception, match=key):
             composed(tiny_overrides(tiny_dir, tmp_path, f"model.stats.{key}=float16"))
+    for setting, on_host in ((None, False), ("model", False), ("cpu", True)):
+        chosen = [f"model.stats.factor_device={setting}"] if setting else []
+        assert build_statistics(composed(tiny_overrides(tiny_dir, tmp_path, *chosen)), loaded, "f").factors_on_host is on_host
+    with pytest.raises(Exception, match="factor_device"):
+        composed(tiny_overrides(tiny_dir, tmp_path, "model.stats.factor_device=cuda"))
 
 
 def _sadr_run(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -122,6 +127,21 @@ def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=2")))
 
 
+def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path):
+    """Where C's factors are kept and how many cases run side by side do not change what a run computes (beyond float
+    rounding), so a run stopped for lack of GPU memory resumes with them changed; the factors' precision does."""
+    from sadr.results import RunConflictError
+
+    run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
+    resumed = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1",
+                                                     "model.stats.factor_device=cpu", "editor.parallel_cases=2")))
+    assert json.loads((resumed / "environment.json").read_text())["factor_device"] == "cpu"
+    assert "factor_device" not in (resumed / "config.yaml").read_text()
+    with pytest.raises(RunConflictError, match=r"differs in: model"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1",
+                                               "model.stats.factor_dtype=float32")))
+
+
 def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
     """Its mistake fixed, a run that stopped before any case can be started again in the same directory."""
     from omegaconf import OmegaConf
@@ -166,6 +186,40 @@ def test_ctrl_c_keeps_the_finished_cases_says_so_and_the_same_command_resumes(ti
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     first_four = [record["case_id"] for record in json.loads(offline.read_text())[:4]]
     assert [json.loads(line)["case_id"] for line in rows.read_text().splitlines()] == first_four
+
+
+def test_running_out_of_gpu_memory_midway_says_what_is_kept_and_how_to_resume(tiny_dir, tmp_path):
+    """Through the command line: the error names the settings that fit and the finished case kept, without a
+    traceback, and the rerun with the named setting skips that case."""
+    out = tmp_path / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys, torch\n"
+        "from sadr.cli.run import main\n"
+        "from sadr.editors.rome import RomeEditor\n"
+        "original, edited = RomeEditor.apply, []\n"
+        "def apply(self, requests):\n"
+        "    edited.append(len(requests))\n"
+        "    if len(edited) > 1:\n"
+        "        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+        "    return original(self, requests)\n"
+        "RomeEditor.apply = apply\n"
+        "sys.argv[0] = 'sadr-run'\n"
+        "main()\n")
+    overrides = [*tiny_overrides(tiny_dir, out), "progress.bar=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    stopped = subprocess.run([sys.executable, str(driver), *overrides], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert re.search(r"^error: editing ran out of GPU memory \(CUDA out of memory. Tried to allocate 2.00 GiB\)\. "
+                     r"model\.stats\.factor_device=cpu .*; 1 finished case\(s\) are kept in (.*run): a rerun with "
+                     r"hydra\.run\.dir=\1 skips them$", stopped.stderr, re.MULTILINE), stopped.stderr[-3000:]
+    first = (out / "cases.jsonl").read_text().splitlines()
+    resumed = _sadr_run(*overrides, "model.stats.factor_device=cpu", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = (out / "cases.jsonl").read_text().splitlines()
+    assert len(first) == 1 and rows[0] == first[0] and len(rows) == 2
 
 
 def test_missing_dataset_file_is_a_clear_error(tiny_dir, tmp_path):

@@ -146,3 +146,17 @@ def test_float32_factors_take_half_the_memory_and_solve_to_float32_accuracy():
     assert update.left.dtype == update.right.dtype == torch.float64
     expected = least_squares_update(K, R, double, 2.5).dense()
     assert (update.dense() - expected).norm() <= condition * 1e-6 * expected.norm()
+
+
+def test_factors_moved_to_another_device_stay_column_major_and_solve_onto_the_right_hand_sides_device():
+    """`model.stats.factor_device=cpu` moves the factors made on the model's device to the host: the copy is the same
+    factors, still in the layout a solve reads without copying, and its solves return where the keys are (float64)."""
+    C = _spd(12, 9)
+    for dtype in (torch.float64, torch.float32):
+        factors = FactorizedMoment.of(C.clone(), overwrite=True, dtype=dtype)
+        moved = factors.to(torch.device("cpu"))
+        assert moved.lu.mT.is_contiguous() and torch.equal(moved.lu, factors.lu) and torch.equal(moved.pivots, factors.pivots)
+        rhs = torch.randn(12, 3, dtype=torch.float32)
+        solved = moved.solve(rhs)
+        assert solved.dtype == torch.float64 and solved.device == rhs.device
+        assert torch.equal(solved, factors.solve(rhs)) and torch.equal(moved.solve(rhs[:, 1]), factors.solve(rhs[:, 1]))

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sadr.conf.registry import register_configs, validate
-from sadr.errors import UsageError
+from sadr.errors import DeviceMemoryError, UsageError
 from sadr.results import RunDirectory
 from sadr.runner import run_experiment
 
@@ -44,17 +44,25 @@ def _main(cfg: DictConfig) -> None:
         if _full_error_requested():
             raise
         log.debug("stopped by a usage error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
+        kept = _kept(cfg.output_dir) if isinstance(err, DeviceMemoryError) else ""  # a run stopped midway
+        resume = f"; {kept} are kept in {cfg.output_dir}: a rerun with {_where_to_resume(cfg.output_dir)} skips them"
+        print(f"error: {err}{resume if kept else ''}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if _full_error_requested():
             raise
-        run = RunDirectory(cfg.output_dir)
-        kept = f"{len(run.rows())} finished case(s)" + (" and the sequential edits checkpointed so far"
-                                                         if run.checkpointed() else "")
-        print(f"interrupted: {kept} are kept in {cfg.output_dir}; to resume (finished work is skipped), run the same "
-              f"command with {_where_to_resume(cfg.output_dir)}", file=sys.stderr)
+        print(f"interrupted: {_kept(cfg.output_dir) or '0 finished case(s)'} are kept in {cfg.output_dir}; to resume "
+              f"(finished work is skipped), run the same command with {_where_to_resume(cfg.output_dir)}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _kept(output_dir: str) -> str:
+    """What a stopped run leaves in its directory for a rerun to skip ('' when nothing)."""
+    run = RunDirectory(output_dir)
+    rows, checkpointed = len(run.rows()), run.checkpointed()
+    if not (rows or checkpointed):
+        return ""
+    return f"{rows} finished case(s)" + (" and the sequential edits checkpointed so far" if checkpointed else "")
 
 
 def _where_to_resume(output_dir: str) -> str:

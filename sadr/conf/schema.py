@@ -41,6 +41,11 @@ class StatsDType(Enum):
     float32 = "float32"
 
 
+class FactorDevice(Enum):
+    model = "model"  # C's factors stay on the model's device, where the solves run
+    cpu = "cpu"  # factored on the model's device, then kept in host memory and solved there: the GPU holds none
+
+
 class StatsCorpus(Enum):
     auto = "auto"  # `generated` for the embedded offline model, `hub` otherwise
     hub = "hub"  # a Hugging Face text dataset (stats.hub_dataset / hub_config / hub_split), sampled by stats.hub_sample
@@ -90,6 +95,7 @@ class StatsConfig:
     product_dtype: StatsDType = StatsDType.float64
     # float32: C's LU factors in float32, half the memory, float32 accuracy (the reference inverts C in float32)
     factor_dtype: StatsDType = StatsDType.float64
+    factor_device: FactorDevice = FactorDevice.model
     npz_dir: Optional[str] = None  # folder of ROME-format <module>_float32_mom2_<n>.npz files to load instead
 
 

@@ -182,13 +182,13 @@ class SecondMomentStatistics:
     def __init__(self, model, adapter: ModelAdapter, tokenizer, *, fingerprint: str, corpus: Corpus | None,
                  sample_length: int, batch_tokens: int, cache_dir: str | Path, npz_dir: str | None = None,
                  npz_samples: int | None = None, product_dtype: torch.dtype = torch.float64,
-                 factor_dtype: torch.dtype = torch.float64):
+                 factor_dtype: torch.dtype = torch.float64, factors_on_host: bool = False):
         self.model, self.adapter, self.tokenizer = model, adapter, tokenizer
         self.fingerprint, self.corpus = fingerprint, corpus
         self.sample_length, self.batch_tokens = sample_length, batch_tokens
         self.cache_dir = Path(cache_dir) / "stats"
         self.npz_dir, self.npz_samples = npz_dir, npz_samples
-        self.product_dtype, self.factor_dtype = product_dtype, factor_dtype
+        self.product_dtype, self.factor_dtype, self.factors_on_host = product_dtype, factor_dtype, factors_on_host
         self._memory: dict[int, torch.Tensor] = {}
         self._factors: dict[int, FactorizedMoment] = {}
 
@@ -253,12 +253,13 @@ class SecondMomentStatistics:
                     self._compute(to_compute)
 
     def factorized(self, layers: list[int]) -> dict[int, FactorizedMoment]:
-        """layer -> C's LU factors (in `factor_dtype`) on the model's device, factored once, a layer at a time.
+        """layer -> C's LU factors (in `factor_dtype`), factored once on the model's device, a layer at a time, and kept
+        there, or in host memory with `factors_on_host` (the solves then run on the host).
 
         Each C comes to the device only when its layer is factored, converted to `factor_dtype` on the host first,
-        so the device holds the factors so far and one C: with float32 factors, no float64 C is ever on it. A C
-        becomes its own factors, unless `get` handed it out before, in which case a copy is factored; `get` reads C
-        again from the cache if asked."""
+        so the device holds the factors so far (none, with `factors_on_host`) and one C: with float32 factors, no
+        float64 C is ever on it. A C becomes its own factors, unless `get` handed it out before, in which case a copy
+        is factored; `get` reads C again from the cache if asked."""
         missing = [layer for layer in layers if layer not in self._factors]
         handed_out = {layer for layer in missing if layer in self._memory}
         self._load(missing)  # one corpus pass for every layer not cached yet
@@ -267,8 +268,9 @@ class SecondMomentStatistics:
             moment = self._memory.pop(layer)
             on_device = moment.to(self.factor_dtype).to(device)
             fresh = on_device.data_ptr() != moment.data_ptr()
-            self._factors[layer] = FactorizedMoment.of(on_device, overwrite=fresh or layer not in handed_out,
-                                                       dtype=self.factor_dtype)
+            factors = FactorizedMoment.of(on_device, overwrite=fresh or layer not in handed_out, dtype=self.factor_dtype)
+            self._factors[layer] = factors.to(torch.device("cpu")) if self.factors_on_host else factors
+            del on_device, factors  # with factors_on_host, the device copy is freed before the next layer's C comes
         return {layer: self._factors[layer] for layer in layers}
 
     def _compute(self, layers: list[int]) -> None:

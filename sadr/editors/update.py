@@ -54,15 +54,13 @@ class LowRankUpdate:
 
 @dataclass(frozen=True)
 class FactorizedMoment:
-    """The LU factors of a key second moment C (float64 unless asked otherwise, on C's device), computed once and
-    reused by every edit: a solve with C then costs O(d²) per right-hand side instead of a new O(d³) factorisation."""
+    """The LU factors of a key second moment C (float64 unless asked otherwise), computed once and reused by every
+    edit: a solve with C then costs O(d²) per right-hand side instead of a new O(d³) factorisation. The solves run
+    where the factors are (the model's device, or the host: `model.stats.factor_device`) and return on the
+    right-hand side's device."""
 
     lu: torch.Tensor
     pivots: torch.Tensor
-
-    @property
-    def device(self) -> torch.device:
-        return self.lu.device
 
     @classmethod
     def of(cls, moment: torch.Tensor, overwrite: bool = False, dtype: torch.dtype = torch.float64) -> "FactorizedMoment":
@@ -86,10 +84,15 @@ class FactorizedMoment:
         lu, pivots, _info = torch.linalg.lu_factor_ex(matrix, check_errors=True, out=(matrix, pivots, info))
         return cls(lu, pivots)
 
+    def to(self, device: torch.device) -> "FactorizedMoment":
+        """The factors on `device`, still column-major (their transpose is what is copied)."""
+        return FactorizedMoment(self.lu.mT.to(device).mT, self.pivots.to(device))
+
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """C⁻¹ rhs (float64), for a vector or a matrix of columns."""
+        """C⁻¹ rhs (float64, on rhs's device), for a vector or a matrix of columns."""
         columns = rhs.to(self.lu)
-        solved = torch.linalg.lu_solve(self.lu, self.pivots, columns[:, None] if columns.ndim == 1 else columns).double()
+        solved = torch.linalg.lu_solve(self.lu, self.pivots, columns[:, None] if columns.ndim == 1 else columns)
+        solved = solved.to(device=rhs.device, dtype=torch.float64)
         return solved[:, 0] if columns.ndim == 1 else solved
 
 
@@ -116,7 +119,7 @@ def least_squares_update(keys: torch.Tensor, residuals: torch.Tensor, second_mom
     (Woodbury), so C's factors are reused and only an n × n system is new to each edit: ΔW = Xᵀ Sᵀ with
     S = (λC)⁻¹ Kᵀ and X = (I + K S)⁻¹ R.
     """
-    k = keys.to(device=second_moment.device, dtype=torch.float64)
+    k = keys.double()
     r = residuals.to(k)
     scaled = second_moment.solve(k.T) / mom2_weight  # S = (λC)⁻¹ Kᵀ: (d_in, n)
     small = torch.eye(k.shape[0], dtype=k.dtype, device=k.device) + k @ scaled
@@ -130,7 +133,7 @@ def independent_rank_one_updates(keys: torch.Tensor, residuals: torch.Tensor, se
     With one key, the ridge solution is rank one, ΔWᵢ = rᵢ uᵢᵀ with uᵢ = (λC)⁻¹kᵢ / (1 + kᵢᵀ(λC)⁻¹kᵢ); every uᵢ comes
     from one solve with C's factors.
     """
-    k = keys.to(device=second_moment.device, dtype=torch.float64)
+    k = keys.double()
     scaled = second_moment.solve(k.T).T / mom2_weight  # rows (λC)⁻¹kᵢ
     rights = scaled / (1.0 + (k * scaled).sum(dim=-1, keepdim=True))
     return [LowRankUpdate(left[:, None], right[:, None]) for left, right in zip(residuals.to(k), rights)]
