@@ -1,4 +1,5 @@
-"""Progress over a run's cases: a tqdm bar on an interactive terminal, a log line a minute elsewhere.
+"""Progress over a run's cases (or a statistics pass's texts): a tqdm bar on an interactive terminal, a log line a
+minute elsewhere.
 
 On a terminal the bar stays at the bottom of stderr while console log lines print above it
 (`logging_redirect_tqdm`); the run's log file (Hydra's `run.log`) never sees the bar. Without a
@@ -18,18 +19,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 log = logging.getLogger(__name__)
 
 
-class CaseProgress(contextlib.AbstractContextManager):
-    def __init__(self, total: int, enabled: bool, *, interval: float = 60.0, interactive: bool | None = None):
+class Progress(contextlib.AbstractContextManager):
+    def __init__(self, total: int, enabled: bool, *, interval: float = 60.0, interactive: bool | None = None,
+                 unit: str = "case", label: str = "progress"):
         self.total, self.enabled, self.interval = total, enabled and total > 0, interval
+        self.unit, self.label = unit, label
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.done, self._started, self._last_line = 0, time.monotonic(), time.monotonic()
         self._stack = contextlib.ExitStack()
         self._bar = None
 
-    def __enter__(self) -> CaseProgress:
+    def __enter__(self) -> Progress:
         if self.enabled and self.interactive:
             self._stack.enter_context(logging_redirect_tqdm())
-            self._bar = self._stack.enter_context(tqdm(total=self.total, unit="case", file=sys.stderr, dynamic_ncols=True))
+            self._bar = self._stack.enter_context(tqdm(total=self.total, unit=self.unit, file=sys.stderr, dynamic_ncols=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -45,8 +48,8 @@ class CaseProgress(contextlib.AbstractContextManager):
         now = time.monotonic()
         if now - self._last_line >= self.interval or self.done >= self.total:
             self._last_line = now
-            log.info("progress: %s", self.line())
+            log.info("%s: %s", self.label, self.line())
 
     def line(self) -> str:
         """`12/40 [01:10<02:44, 0.17case/s]`: cases done, elapsed, ETA and rate."""
-        return tqdm.format_meter(self.done, self.total, time.monotonic() - self._started, unit="case", ncols=0)
+        return tqdm.format_meter(self.done, self.total, time.monotonic() - self._started, unit=self.unit, ncols=0)

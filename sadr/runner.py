@@ -39,7 +39,7 @@ from sadr.models.fingerprint import cache_key, computation_fingerprint
 from sadr.models.kept import load_model_kept
 from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
-from sadr.progress import CaseProgress
+from sadr.progress import Progress
 from sadr.regularizers.attention_drift import build_regularizers
 from sadr.results import SEQUENTIAL_STATE, RunDirectory
 from sadr.versions import warn_if_untested
@@ -109,6 +109,8 @@ class Experiment:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         untested_versions = warn_if_untested()
         writable_dir(cfg.cache_dir, "cache_dir")
         self.out = RunDirectory(writable_dir(cfg.output_dir, "output_dir", "hydra.run.dir"))
@@ -136,7 +138,7 @@ class Experiment:
             "dataset_source": self.dataset.source, "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
             "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases,
-            "factor_device": cfg.model.stats.factor_device.name, "tf32": self.tf32,
+            "factor_device": cfg.model.stats.factor_device.name, "threads": torch.get_num_threads(), "tf32": self.tf32,
             "untested_versions": untested_versions,
         })
 
@@ -210,7 +212,7 @@ class Experiment:
             self._parallel_single(editor, todo, unedited)
             return
         unedited_state = editor.state_dict()
-        with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
+        with Progress(len(todo), self.cfg.progress.bar) as progress:
             for group in case_groups(todo, self.cfg.editor.batch_size):
                 peaks = GroupPeaks(self.loaded.device)
                 try:
@@ -239,7 +241,7 @@ class Experiment:
         are those of any grouping.
         """
         width, pending = self.parallel_cases, list(todo)
-        with CaseProgress(len(todo), self.cfg.progress.bar) as progress:
+        with Progress(len(todo), self.cfg.progress.bar) as progress:
             while pending:
                 group = pending[:width]
                 peaks = GroupPeaks(self.loaded.device)
@@ -290,7 +292,7 @@ class Experiment:
             state = torch.load(state_file) if state_file.is_file() else {"edited": [], "editor": unedited_state}
             editor.load_state_dict(state["editor"])
             pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
-            with CaseProgress(len(pending), self.cfg.progress.bar) as progress:
+            with Progress(len(pending), self.cfg.progress.bar) as progress:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
                     outcome = editor.apply([case.request for case in group])
                     for name, seconds in outcome.seconds.items():

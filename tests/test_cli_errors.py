@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoModelForCausalLM, OPTConfig
 
 from tests.runs import FIXTURE, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
-from tests.tiny_models import make_tokenizer
+from tests.tiny_models import make_model, make_tokenizer
 
 BAD_OVERRIDES = {
     "unknown editor": (["editor=rmoe"], r"Could not find 'editor/rmoe'[\s\S]*Available options in 'editor'[\s\S]*rome"),
@@ -46,6 +46,14 @@ def _written(path, text):
 def _a_file(path):
     """A file where a folder is expected (as root, a folder without write permission would still be written)."""
     return _written(path, "")
+
+
+def _without_weights(path):
+    """A saved llama's config and tokenizer, its weights deleted."""
+    make_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    (path / "model.safetensors").unlink()
+    return path
 
 
 def _unsupported_family(path):
@@ -81,6 +89,14 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
                                                 r"^error: cannot write in .*file_cache/cache \(cache_dir\): .*; set cache_dir="),
         "run folder that cannot be written": (tiny("out", f"output_dir={_a_file(work / 'file_out')}/run"),
                                               r"^error: cannot write in .*file_out/run \(output_dir\): .*; set hydra\.run\.dir="),
+        "hydra run folder that cannot be written": (tiny("hydra_out", f"hydra.run.dir={_a_file(work / 'file_hydra')}/run"),
+                                                    r"^error: cannot write in .*file_hydra/run \(hydra\.run\.dir\): .*; "
+                                                    r"set hydra\.run\.dir="),
+        "dataset path that is a folder": (tiny("dataset_folder", f"dataset.path={work}"),
+                                          r"^error: dataset file is a directory, not a file: .* \(dataset\.path\)"),
+        "model folder without weights": ([*tiny("no_weights"), f"model.source={_without_weights(work / 'no_weights')}"],
+                                         r"^error: could not load the model in .*no_weights \(model\.source\): .*"
+                                         r"model\.safetensors"),
         "dataset without records": (tiny("no_records", f"dataset.path={_written(work / 'empty.json', '[]')}"),
                                     r"^error: no case to run: .*empty\.json holds no record"),
         "selection that keeps no case": (tiny("no_case", "dataset.limit=0"),
@@ -105,6 +121,8 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("name", [*BAD_OVERRIDES, "missing dataset file", "missing model folder", "unknown model family",
                                   "unsupported model.family", "folder that is not a model", "layer beyond the model",
                                   "cache folder that cannot be written", "run folder that cannot be written",
+                                  "hydra run folder that cannot be written", "dataset path that is a folder",
+                                  "model folder without weights",
                                   "dataset without records", "selection that keeps no case", "record without its subject",
                                   "hub model without network"])
 def test_a_mistake_is_one_message_and_exit_status_2(finished, name):

@@ -244,6 +244,25 @@ def test_a_layer_nobody_was_handed_is_factored_in_its_own_storage(tmp_path, toke
     assert [overwrite for _, overwrite in calls[2:]] == [False, True]
 
 
+def test_a_statistics_pass_logs_its_progress_over_the_corpus(tokenizer, monkeypatch, caplog):
+    """The published pass reads 100,000 texts: its log says how far it is, at most a line per PROGRESS_SECONDS."""
+    import logging
+
+    model = make_model("llama")
+    caplog.set_level(logging.INFO, logger="sadr.progress")
+    monkeypatch.setattr(covariance, "PROGRESS_SECONDS", 3600.0)
+    accumulate_second_moments(model, adapter_for(model), tokenizer, [1], TEXTS, sample_length=64, batch_tokens=24,
+                              expected_texts=len(TEXTS))
+    assert [r.getMessage().split(" [")[0] for r in caplog.records] == ["key statistics: 100% 4/4"]  # the last text
+    caplog.clear()
+    monkeypatch.setattr(covariance, "PROGRESS_SECONDS", 0.0)
+    accumulate_second_moments(model, adapter_for(model), tokenizer, [1], TEXTS, sample_length=64, batch_tokens=24,
+                              expected_texts=10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" [")[0] for line in lines] == [f"key statistics:  {10 * i}% {i}/10" for i in (1, 2, 3, 4)]
+    assert all("text/s" in line for line in lines)
+
+
 def test_factors_kept_on_the_host_are_made_on_the_model_device_and_moved_one_layer_at_a_time(tmp_path, tokenizer,
                                                                                               monkeypatch):
     """With factors_on_host (model.stats.factor_device=cpu) each layer is factored where the model is, as without it,

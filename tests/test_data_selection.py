@@ -1,4 +1,4 @@
-"""Selection: case_ids, then shard "i/n" (1-based, contiguous), then limit, recorded in `selection`."""
+"""Selection: case_ids, then limit, then shard "i/n" (1-based, contiguous), recorded in `selection`."""
 
 from __future__ import annotations
 
@@ -48,10 +48,17 @@ def test_shards_are_contiguous_and_cover_everything():
     assert parts[1][1]["shard"] == "2/3" and parts[1][1]["shard_range"] == [3, 6]
 
 
-def test_order_is_case_ids_then_shard_then_limit():
-    selected, applied = Selection(case_ids=(1, 3, 4, 6, 8, 9), shard=(2, 2), limit=2).apply(cases(10))
-    assert ids(selected) == [6, 8]  # ids -> [1,3,4,6,8,9]; shard 2/2 -> [6,8,9]; limit 2
-    assert applied["n_loaded"] == 10 and applied["n_selected"] == 2 and applied["shard_range"] == [3, 6]
+def test_order_is_case_ids_then_limit_then_shard():
+    selected, applied = Selection(case_ids=(1, 3, 4, 6, 8, 9), shard=(2, 2), limit=4).apply(cases(10))
+    assert ids(selected) == [4, 6]  # ids -> [1,3,4,6,8,9]; limit 4 -> [1,3,4,6]; shard 2/2 -> [4,6]
+    assert applied["n_loaded"] == 10 and applied["n_selected"] == 2 and applied["shard_range"] == [2, 4]
+
+
+def test_the_shards_of_a_limited_selection_are_that_selection():
+    """A sweep over dataset.shard=1/n..n/n edits the cases of the same command without a shard (limit included)."""
+    whole, _ = Selection(limit=7).apply(cases(20))
+    parts = [Selection(shard=(i, 3), limit=7).apply(cases(20))[0] for i in (1, 2, 3)]
+    assert [case for part in parts for case in part] == whole and ids(whole) == list(range(7))
 
 
 @pytest.mark.parametrize("value", ["0/8", "9/8", "a/b", "1/0", "3", "1/2/3", "-1/4", ""])

@@ -24,13 +24,16 @@ def test_missing_file_names_the_path_and_the_key(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_cases(config("counterfact", missing), tmp_path)
     assert str(missing) in str(err.value) and "dataset.path=" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"dataset file is a directory, not a file: .* \(dataset\.path\)"):
+        load_cases(config("counterfact", tmp_path), tmp_path)
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n {"case_id": 0,\n  "requested_rewrite": {]\n]\n', encoding="utf-8")
-    with pytest.raises(MalformedDatasetError, match=r"broken\.json: not valid JSON at line 3, column 25"):
-        load_cases(config("counterfact", path), tmp_path)
+    with pytest.raises(MalformedDatasetError, match=r"broken\.json: not valid JSON at line 3, column 25: .*; fix it, "
+                                                   r"or give another file with dataset\.path\.$"):
+        load_cases(config("counterfact", path), tmp_path)  # the user's own file: nothing would be downloaded again
 
 
 def test_top_level_must_be_a_list(tmp_path):
@@ -148,6 +151,7 @@ def test_skip_policy_counts_and_warns(tmp_path, caplog):
     assert any("record 0, field 'answers'" in w for w in warnings)
     assert any("record 2, field 'src'" in w for w in warnings)
     assert any("skipped 2 invalid record(s) of 3" in w for w in warnings)
+    assert not any("Fix the record, or set dataset.on_invalid=skip" in w for w in warnings)  # already set
 
 
 def test_skip_policy_accepts_the_plain_string(tmp_path):

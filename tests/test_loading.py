@@ -72,6 +72,15 @@ def test_a_model_folder_without_its_tokenizer_is_a_clear_error(tmp_path):
         load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_model_folder_without_its_weights_is_a_clear_error(tmp_path, tokenizer):
+    make_model("gpt2").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"could not load the model in .* \(model.source\): .*model\.safetensors"
+                                                 r".* Give a folder written by save_pretrained"):
+        load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
 def test_a_tokenizer_transformers_cannot_build_is_a_clear_error(tmp_path, monkeypatch):
 
     make_model("gpt2").save_pretrained(tmp_path)

@@ -68,6 +68,10 @@ def test_cli_prints_the_table_and_writes_csv(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no cases.jsonl" in bad.stderr
+    unwritable = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(other), "--out",
+                                 str(tmp_path / "no-such-folder" / "c.csv")], capture_output=True, text=True)
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr, unwritable.stderr
+    assert unwritable.stderr.startswith("error: ") and "no-such-folder" in unwritable.stderr
 
 
 def test_sweeps_pair_each_sadr_run_with_the_gamma_zero_run_of_the_same_setting(tmp_path):

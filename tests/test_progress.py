@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import logging
 
-from sadr.progress import CaseProgress
+from sadr.progress import Progress
 from sadr.runner import case_line, run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
 
 def test_without_a_terminal_progress_is_a_log_line_with_rate_and_eta(caplog):
     caplog.set_level(logging.INFO, logger="sadr.progress")
-    with CaseProgress(4, True, interval=3600, interactive=False) as progress:
+    with Progress(4, True, interval=3600, interactive=False) as progress:
         progress.advance(1)  # within the interval: no line
         assert not caplog.records
         progress.advance(3)  # the last case always reports
@@ -19,7 +19,7 @@ def test_without_a_terminal_progress_is_a_log_line_with_rate_and_eta(caplog):
 
 
 def test_on_a_terminal_progress_is_a_bar_on_stderr(capsys):
-    with CaseProgress(4, True, interactive=True) as progress:
+    with Progress(4, True, interactive=True) as progress:
         progress.advance(2)
     captured = capsys.readouterr()
     assert "2/4" in captured.err and captured.out == ""
@@ -27,7 +27,7 @@ def test_on_a_terminal_progress_is_a_bar_on_stderr(capsys):
 
 def test_progress_can_be_switched_off(caplog, capsys):
     caplog.set_level(logging.INFO)
-    with CaseProgress(2, False, interval=0, interactive=False) as progress:
+    with Progress(2, False, interval=0, interactive=False) as progress:
         progress.advance(2)
     assert not caplog.records and capsys.readouterr().err == ""
 

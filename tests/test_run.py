@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from sadr.conf.registry import ConfigError
 from sadr.editors.rome import RomeEditor
@@ -42,14 +43,17 @@ def test_negative_lambda_is_rejected():
         composed(["sadr.lambda=-1"])
 
 
+def test_threads_must_be_positive():
+    with pytest.raises(ConfigError, match=r"threads=0: must be >= 1"):
+        composed(["threads=0"])
+
+
 def test_batch_size_needs_a_batch_protocol():
     with pytest.raises(ConfigError, match="editor.protocol=batch"):
         composed(["editor.batch_size=4"])
 
 
 def test_float32_statistics_settings_reach_the_statistics(tiny_dir, tmp_path):
-    import torch
-
     from sadr.models.loading import load_model
     from sadr.runner import build_statistics
 
@@ -133,9 +137,15 @@ def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_
     from sadr.results import RunConflictError
 
     run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
-    resumed = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1",
-                                                     "model.stats.factor_device=cpu", "editor.parallel_cases=2")))
-    assert json.loads((resumed / "environment.json").read_text())["factor_device"] == "cpu"
+    threads = torch.get_num_threads()
+    try:
+        resumed = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1", "threads=1",
+                                                         "model.stats.factor_device=cpu", "editor.parallel_cases=2")))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    environment = json.loads((resumed / "environment.json").read_text())
+    assert environment["factor_device"] == "cpu" and environment["threads"] == 1
     assert "factor_device" not in (resumed / "config.yaml").read_text()
     with pytest.raises(RunConflictError, match=r"differs in: model"):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1",

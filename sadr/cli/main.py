@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tables and utilities for sadr-run results.")
 
@@ -11,6 +14,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tables and u
 @app.callback()
 def _root() -> None:
     """sadr: knowledge-editing experiments with Selective Attention Drift Restriction."""
+
+
+def _or_usage_error(action: Callable[[], T]) -> T:
+    """What `action` returns; a path that cannot be read or written, or a value that does not fit, is printed as one
+    `error:` line (exit status 2), without a traceback."""
+    try:
+        return action()
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
 
 
 @app.command()
@@ -28,11 +41,7 @@ def summarize(
 
     if protocol not in ("prompt", "case"):
         raise typer.BadParameter(f"--protocol must be 'prompt' or 'case', not {protocol!r}")
-    try:
-        typer.echo(write_summary(root, protocol, out))
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    typer.echo(_or_usage_error(lambda: write_summary(root, protocol, out)))
 
 
 @app.command()
@@ -44,13 +53,9 @@ def compare(
     """Prompt-by-prompt comparison of two runs: paired difference ± 95 % CI, prompts up/down, sign test."""
     from sadr.evaluation.paired import compare_runs
 
-    try:
-        table = compare_runs(base, other)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    table = _or_usage_error(lambda: compare_runs(base, other))
     if out:
-        table.to_csv(out, index=False)
+        _or_usage_error(lambda: table.to_csv(out, index=False))
     typer.echo(table.to_markdown(index=False, floatfmt=".3g"))
 
 
@@ -63,11 +68,7 @@ def report(
     settings, versions, times), and each plot as PNG and SVG beside the CSV it was drawn from."""
     from sadr.report.build import write_report
 
-    try:
-        typer.echo(write_report(root, out))
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    typer.echo(_or_usage_error(lambda: write_report(root, out)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from sadr.cache import writable_dir
 from sadr.conf.registry import register_configs, validate
 from sadr.errors import DeviceMemoryError, UsageError
 from sadr.results import RunDirectory
@@ -73,8 +74,28 @@ def _where_to_resume(output_dir: str) -> str:
     return f"hydra.run.dir={output_dir}"
 
 
+# overrides of the folders Hydra makes before the run starts; what Hydra says when it cannot is a traceback
+HYDRA_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
+NO_FOLDER_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def _check_hydra_folders(argv: list[str]) -> None:
+    """A run or sweep folder given on the command line is made (as Hydra would) and written to, or the error names it."""
+    if NO_FOLDER_FLAGS.intersection(argv):
+        return
+    for arg in argv:
+        key, given, value = arg.partition("=")
+        if given and key.lstrip("+~") in HYDRA_FOLDERS and "${" not in value:
+            writable_dir(value, key.lstrip("+~"))
+
+
 def main() -> None:
     register_configs()
+    try:
+        _check_hydra_folders(sys.argv[1:])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         _main()
     except SystemExit as stop:

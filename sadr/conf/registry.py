@@ -42,6 +42,8 @@ def validate(cfg: DictConfig) -> None:
     lam = cfg.sadr["lambda"]
     if lam < 0:
         raise ConfigError(f"sadr.lambda={lam}: γ must be >= 0 (0 turns SADR off)")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads}: must be >= 1 (null: torch's default)")
     editor = cfg.editor
     from sadr.editors.registry import EDITORS
 

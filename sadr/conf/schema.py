@@ -220,6 +220,10 @@ class RunConfig:
     # statistics passes and δ steps, products to about 1e-3 relative, caches kept apart (README, "TF32"). PyTorch
     # 1.7-1.11 turned it on by default: ROME's published environment pins 1.10.2, MEMIT's 1.12.1 (off)
     tf32: bool = False
+    # CPU threads of this job's torch operations (null: as the process has them; torch's default is every core, or
+    # OMP_NUM_THREADS). Jobs that run at once on one machine (hydra/launcher=local) should share the cores: README,
+    # "Sweeps"
+    threads: Optional[int] = None
     seed: int = 0
     progress: ProgressConfig = field(default_factory=ProgressConfig)
     # write the edited model as a folder from_pretrained loads: a sequential run's final model, or every

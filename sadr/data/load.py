@@ -48,19 +48,21 @@ def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDatase
     selection = Selection.from_config(cfg)
     path = resolve_source(fmt, cfg, cache_dir)
     parse = functools.partial(fmt.parse, cfg=cfg)
-    cases, n_skipped = parse_records(read_json_list(path), str(path), parse, InvalidRecordPolicy(cfg.on_invalid))
+    fix = "fix it, or give another file with dataset.path" if cfg.path else "fix it, or delete it to download it again"
+    cases, n_skipped = parse_records(read_json_list(path, fix), str(path), parse, InvalidRecordPolicy(cfg.on_invalid))
     cases, applied = selection.apply(cases)
     return LoadedDataset(cases, n_skipped, applied, str(path))
 
 
-def read_json_list(path: Path) -> list:
+def read_json_list(path: Path, fix: str) -> list:
+    """The file's JSON list; `fix` is what the error for a file that is not JSON advises."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise MalformedDatasetError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
-            "The file may be truncated or not a dataset; fix it, or delete it to download it again."
+            f"The file may be truncated or not a dataset; {fix}."
         ) from exc
     except UnicodeDecodeError as exc:
         raise MalformedDatasetError(f"{path}: not UTF-8 text ({exc}); expected a JSON dataset file.") from exc

@@ -1,4 +1,7 @@
-"""Which cases of a loaded dataset a run uses: `case_ids`, then `shard`, then `limit`, in that order."""
+"""Which cases of a loaded dataset a run uses: `case_ids`, then `limit`, then `shard`, in that order.
+
+The shard comes last, so the n shards of a selection are that selection, whatever limit it has: a sweep over
+`dataset.shard=1/n..n/n` edits the cases of the same command without a shard."""
 
 from __future__ import annotations
 
@@ -33,18 +36,18 @@ class Selection:
         selected = list(cases)
         if self.case_ids is not None:
             selected = _by_ids(selected, self.case_ids)
+        if self.limit is not None:
+            selected = selected[: self.limit]
         shard_range = None
         if self.shard is not None:
             i, n = self.shard
             shard_range = [(i - 1) * len(selected) // n, i * len(selected) // n]
             selected = selected[shard_range[0] : shard_range[1]]
-        if self.limit is not None:
-            selected = selected[: self.limit]
         return selected, {
             "n_loaded": len(cases),
             "case_ids": list(self.case_ids) if self.case_ids is not None else None,
             "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
-            "shard_range": shard_range,  # [start, stop) positions after the case_ids filter
+            "shard_range": shard_range,  # [start, stop) positions after the case_ids filter and the limit
             "limit": self.limit,
             "n_selected": len(selected),
         }

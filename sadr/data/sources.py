@@ -17,8 +17,9 @@ def resolve_source(fmt: DatasetFormat, cfg: DatasetConfig, cache_dir: str | os.P
     if cfg.path:
         path = Path(cfg.path).expanduser()
         if not path.is_file():
+            found = "is a directory, not a file" if path.is_dir() else "not found"
             raise MissingInputError(
-                f"dataset file not found: {path} (dataset.path). Set dataset.path=<path to a {cfg.name} JSON file>, "
+                f"dataset file {found}: {path} (dataset.path). Set dataset.path=<path to a {cfg.name} JSON file>, "
                 "or set dataset.path=null to use the canonical copy."
             )
         return path

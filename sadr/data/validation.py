@@ -28,10 +28,8 @@ class InvalidRecordError(InvalidSettingError):
         self.source, self.index, self.field, self.expected = source, index, field, expected
         where = f"{source}: record {index}" + (f", field '{field}'" if field else "")
         found = "it is missing" if got is _ABSENT else f"got {_preview(got)}"
-        super().__init__(
-            f"{where}: expected {expected}, {found}. "
-            "Fix the record, or set dataset.on_invalid=skip to skip invalid records."
-        )
+        self.problem = f"{where}: expected {expected}, {found}"
+        super().__init__(f"{self.problem}. Fix the record, or set dataset.on_invalid=skip to skip invalid records.")
 
 
 class Record:
@@ -130,7 +128,7 @@ def parse_records(
                 raise
             skipped += 1
             if skipped <= _LOGGED_SKIPS:
-                log.warning("skipping invalid record: %s", exc)
+                log.warning("skipping invalid record: %s", exc.problem)
     if skipped:
         log.warning("%s: skipped %d invalid record(s) of %d (dataset.on_invalid=skip)", source, skipped, len(raw))
     return parsed, skipped

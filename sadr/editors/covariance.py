@@ -25,6 +25,7 @@ from sadr.models.adapters import ModelAdapter
 from sadr.models.devices import take_peak_memory, tf32_in_use
 from sadr.models.fingerprint import cache_key
 from sadr.models.tokenization import pad_id_of, pad_right
+from sadr.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
 
 # Keys are converted to float64 at most this many bytes at a time.
 CHUNK_BYTES = 2**28
+# at most one progress line this often during a statistics pass
+PROGRESS_SECONDS = 60.0
 # Row blocks of an upper-triangular sum: it computes and stores (1 + 1/ROW_BLOCKS)/2 of the full product.
 ROW_BLOCKS = 8
 
@@ -110,8 +113,8 @@ def _clock(device: torch.device) -> float:
 
 @torch.no_grad()
 def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: list[int], texts,
-                              sample_length: int, batch_tokens: int,
-                              product_dtype: torch.dtype = torch.float64) -> SecondMomentSums:
+                              sample_length: int, batch_tokens: int, product_dtype: torch.dtype = torch.float64,
+                              expected_texts: int | None = None) -> SecondMomentSums:
     """Σ k kᵀ over every non-padding token of every text, streamed.
 
     Texts are packed into padded batches of at most `batch_tokens` tokens (one text longer than that is a batch on
@@ -119,7 +122,9 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     `CHUNK_BYTES` of float64 at a time, and the forward stops after the highest requested layer. So besides the
     model, memory holds the float64 upper-triangular sums (layers × d_ff² × 8 bytes × (1 + 1/ROW_BLOCKS)/2), one
     batch's activations, and one chunk. With `product_dtype=torch.float32`, each chunk's products are computed in
-    float32 (at most CHUNK_BYTES / (8 d_ff) tokens summed in float32) and added to the float64 sums.
+    float32 (at most CHUNK_BYTES / (8 d_ff) tokens summed in float32) and added to the float64 sums. With
+    `expected_texts` (the corpus's size, when known), a log line every PROGRESS_SECONDS gives the texts read, the rate
+    and the ETA: a published statistics pass reads 100,000 texts.
     """
     device = next(model.parameters()).device
     sums = {layer: None for layer in layers}
@@ -159,17 +164,20 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
 
     pending: list[list[int]] = []
     started = time.perf_counter()
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:sample_length]
-        if not ids:
-            continue
-        width = max([len(ids)] + [len(s) for s in pending])
-        if pending and width * (len(pending) + 1) > batch_tokens:
+    with Progress(expected_texts or 0, True, interval=PROGRESS_SECONDS, interactive=False, unit="text",
+                  label="key statistics") as progress:
+        for text in texts:
+            progress.advance(1)
+            ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:sample_length]
+            if not ids:
+                continue
+            width = max([len(ids)] + [len(s) for s in pending])
+            if pending and width * (len(pending) + 1) > batch_tokens:
+                flush(pending)
+                pending = []
+            pending.append(ids)
+        if pending:
             flush(pending)
-            pending = []
-        pending.append(ids)
-    if pending:
-        flush(pending)
     seconds["corpus"] = time.perf_counter() - started - seconds["forward"] - seconds["accumulate"]
     if count == 0:
         raise InvalidSettingError("the statistics corpus produced no tokens; check model.stats (corpus, text_file, n_samples)")
@@ -277,7 +285,8 @@ class SecondMomentStatistics:
         log.info("computing key statistics for layers %s over %s", layers, self.description())
         try:
             result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers, self.corpus.texts(),
-                                               self.sample_length, self.batch_tokens, self.product_dtype)
+                                               self.sample_length, self.batch_tokens, self.product_dtype,
+                                               expected_texts=self.corpus.description.get("n"))
         except torch.cuda.OutOfMemoryError as error:  # not retried with fewer parallel cases: it is not theirs
             detail = (str(error).splitlines() or ["no detail"])[0]
             raise DeviceMemoryError(

@@ -95,8 +95,10 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
         tokenizer = _load_tokenizer(location, extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **weights)
     except OSError as err:
-        if Path(location).exists():
-            raise
+        if Path(location).exists():  # e.g. a folder with its config and tokenizer but no weights
+            raise MissingInputError(
+                f"could not load the model in {location} (model.source): {str(err).strip()} Give a folder written by "
+                "save_pretrained (config.json, weights and tokenizer files), a .gguf file, or a hub id") from err
         raise UnavailableError(
             f"could not load {location!r} from the Hugging Face hub ({err}). Without network access, download the "
             "model elsewhere and set model.source=/path/to/model_dir (or a .gguf file)."
