@@ -19,7 +19,8 @@ from sadr.errors import UsageError
 
 CONFIG_FILE, ENV_FILE, ROWS_FILE, METRICS_FILE = "config.yaml", "environment.json", "cases.jsonl", "metrics.csv"
 SEQUENTIAL_STATE = "sequential_state.pt"  # the sequential protocol's checkpoint: the requests edited so far and the weights
-PACKAGES = ("sadr", "torch", "transformers", "hydra-core", "omegaconf", "datasets", "pandas", "numpy", "gguf", "accelerate")
+PACKAGES = ("sadr", "torch", "transformers", "huggingface-hub", "hydra-core", "omegaconf", "datasets", "pandas", "numpy",
+            "gguf", "accelerate")
 
 
 class RunConflictError(UsageError):

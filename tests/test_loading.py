@@ -126,7 +126,10 @@ def _gguf_source(tmp_path, seed=0):
 
 
 def _same_weights(model, expected: dict) -> bool:
-    state = model.state_dict()
+    return _same_weights_as(model.state_dict(), expected)
+
+
+def _same_weights_as(state: dict, expected: dict) -> bool:
     return state.keys() == expected.keys() and all(torch.equal(state[name], expected[name]) for name in state)
 
 
@@ -168,3 +171,51 @@ def test_a_gguf_file_is_unpacked_once_per_content_and_dtype(tmp_path, monkeypatc
     load()  # another release of the package that dequantises
     assert len(unpacks) == 4
     assert len([f for f in (tmp_path / "cache" / "models" / "unpacked").iterdir() if f.is_dir()]) == 4
+
+
+HUB_LOAD = """
+import json, sys, torch
+from sadr.errors import UsageError
+from sadr.models.loading import load_model
+try:
+    loaded = load_model(sys.argv[1], gguf_file="tiny.gguf", device="cpu", cache_dir=sys.argv[2])
+except UsageError as err:
+    print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+else:
+    torch.save(loaded.model.state_dict(), sys.argv[3])
+    print(json.dumps({"resolved": loaded.resolved_source}))
+"""
+
+
+def test_a_gguf_file_of_a_hub_repository_is_fetched_into_the_hub_cache_and_unpacked_once(tmp_path):
+    """Through huggingface_hub, offline from its cache (the layout a download leaves: refs/main and a snapshot)."""
+    import json
+    import os
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-org--tiny-GGUF"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    source, _ = _gguf_source(repo / "snapshots" / commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+
+    def load(repository):
+        done = subprocess.run([sys.executable, "-c", HUB_LOAD, repository, str(tmp_path / "cache"),
+                               str(tmp_path / "weights.pt")], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert load("some-org/tiny-GGUF") == {"resolved": "some-org/tiny-GGUF/tiny.gguf"}
+    assert _same_weights_as(torch.load(tmp_path / "weights.pt"), source.state_dict())
+    (unpacked,) = [f for f in (tmp_path / "cache" / "models" / "unpacked").iterdir() if f.is_dir()]
+    assert unpacked.name.startswith("tiny.") and (unpacked / "config.json").is_file()
+    missing = load("some-org/not-cached-GGUF")["error"]
+    assert missing.startswith("UnavailableError: could not fetch 'tiny.gguf' of 'some-org/not-cached-GGUF' from the "
+                              "Hugging Face hub") and "model.source=/path/to/tiny.gguf" in missing
+
+
+def test_a_local_folder_without_the_named_gguf_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"holds no file absent\.gguf \(model\.gguf_file\)"):
+        load_model(str(tmp_path), gguf_file="absent.gguf", cache_dir=str(tmp_path / "cache"))

@@ -103,7 +103,7 @@ class StatsConfig:
 class ModelConfig:
     name: str = MISSING  # short name used in results and in the per-(editor, model) defaults
     source: str = MISSING  # hub id, local directory, GGUF file, or "embedded:smollm2"
-    gguf_file: Optional[str] = None  # file name inside `source` when it is a directory holding GGUF files
+    gguf_file: Optional[str] = None  # a GGUF file in `source`: a local folder or a hub repository (fetched once)
     revision: Optional[str] = None
     family: Optional[str] = None  # expected config.model_type, checked after loading
     stats: StatsConfig = field(default_factory=StatsConfig)

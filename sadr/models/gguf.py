@@ -1,4 +1,5 @@
-"""A local GGUF file unpacked once into a model folder in the cache, which later runs load in a fraction of a second.
+"""A GGUF file (local, or fetched into the hub cache) unpacked once into a model folder in the cache, which later
+runs load in a fraction of a second.
 
 transformers reads a GGUF file slowly: it parses the file's metadata, the whole vocabulary included, once for the
 config, once for the weights and once for the tokenizer, and rebuilds its tensor-name map for every tensor. That

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sadr.errors import InvalidSettingError, MissingInputError, UnavailableError
 from sadr.models.adapters import ModelAdapter, adapter_for
 from sadr.models.devices import resolve_device
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
-from sadr.models.gguf import dense_gguf_options, unpacked_gguf
+from sadr.models.gguf import unpacked_gguf
 from sadr.models.tokenization import pad_id_of
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,10 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def _from_pretrained_args(source: str, gguf_file: str | None, dtype: str, cache_dir: str) -> tuple[str, dict, str]:
-    """(where `from_pretrained` loads from, its options, what results name as the source). A local GGUF file is
-    loaded from its unpacked folder (sadr/models/gguf.py); a hub repository's GGUF file is read directly."""
+def _from_pretrained_args(source: str, gguf_file: str | None, revision: str | None, dtype: str,
+                          cache_dir: str) -> tuple[str, str]:
+    """(where `from_pretrained` loads from, what results name as the source). A GGUF file, local or
+    fetched from a hub repository into the hub's cache, is loaded from its unpacked folder (sadr/models/gguf.py)."""
     if source in EMBEDDED_SOURCES:
         return _unpacked(embedded_gguf(source, cache_dir), dtype, cache_dir)
     path = Path(source).expanduser()
@@ -42,22 +44,37 @@ def _from_pretrained_args(source: str, gguf_file: str | None, dtype: str, cache_
         if not path.is_file():
             raise MissingInputError(f"GGUF file {path} does not exist (model.source)")
         return _unpacked(path, dtype, cache_dir)
+    if source.startswith((".", "/", "~")) and not path.exists():
+        raise MissingInputError(f"model directory {path} does not exist (model.source)")
     if gguf_file:
         if (path / gguf_file).is_file():
             return _unpacked(path / gguf_file, dtype, cache_dir)
-        return str(path), {"gguf_file": gguf_file}, f"{path}/{gguf_file}"
-    if source.startswith((".", "/", "~")) and not path.exists():
-        raise MissingInputError(f"model directory {path} does not exist (model.source)")
+        if path.is_dir():
+            raise MissingInputError(f"{path} holds no file {gguf_file} (model.gguf_file)")
+        return _unpacked(_hub_file(source, gguf_file, revision), dtype, cache_dir, named=f"{source}/{gguf_file}")
     if path.is_dir() and not (path / "config.json").is_file():
         raise MissingInputError(
             f"model directory {path} has no config.json, so it is not a saved model (model.source): give a folder "
             "written by save_pretrained (config.json, weights and tokenizer files), a .gguf file, or a hub id")
     location = str(path) if path.exists() else source
-    return location, {}, location
+    return location, location
 
 
-def _unpacked(gguf: Path, dtype: str, cache_dir: str) -> tuple[str, dict, str]:
-    return str(unpacked_gguf(gguf, DTYPES[dtype], cache_dir)), {}, str(gguf)
+def _unpacked(gguf: Path, dtype: str, cache_dir: str, named: str | None = None) -> tuple[str, str]:
+    return str(unpacked_gguf(gguf, DTYPES[dtype], cache_dir)), named or str(gguf)
+
+
+def _hub_file(repo: str, filename: str, revision: str | None) -> Path:
+    """The file of a hub repository, downloaded into the Hugging Face cache once (or found there offline)."""
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except ValueError as err:  # not a repository id
+        raise InvalidSettingError(f"model.source={repo!r} is neither a local folder nor a hub repository id "
+                                  f"({str(err).splitlines()[0]})") from err
+    except OSError as err:
+        raise UnavailableError(
+            f"could not fetch {filename!r} of {repo!r} from the Hugging Face hub ({str(err).splitlines()[0]}). "
+            f"Without network access, download it elsewhere and set model.source=/path/to/{filename}") from err
 
 
 def _load_tokenizer(location: str, extra: dict):
@@ -81,19 +98,16 @@ def _load_tokenizer(location: str, extra: dict):
 def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, revision: str | None = None,
                family: str | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
     """`cache_dir`: where the embedded model's file is fetched, a GGUF file unpacked, and GPUs assigned to jobs."""
-    location, extra, resolved = _from_pretrained_args(source, gguf_file, dtype, cache_dir)
-    if revision:
-        extra["revision"] = revision
+    location, resolved = _from_pretrained_args(source, gguf_file, revision, dtype, cache_dir)
+    extra = {"revision": revision} if revision else {}
     log.info("loading model %s %s", location, extra)
     target = torch.device(resolve_device(device, Path(cache_dir) / "gpus"))
     placement = {}
-    if target.type == "cuda" and "gguf_file" not in extra:  # straight onto the GPU: a 20B model never passes
-        # through host memory whole (a GGUF file read from the hub is unpacked on the CPU first anyway)
+    if target.type == "cuda":  # straight onto the GPU: a 20B model never passes through host memory whole
         placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
-    weights = {**extra, **dense_gguf_options(extra["gguf_file"])} if "gguf_file" in extra else extra
     try:
         tokenizer = _load_tokenizer(location, extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **weights)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **extra)
     except OSError as err:
         if Path(location).exists():  # e.g. a folder with its config and tokenizer but no weights
             raise MissingInputError(
