@@ -26,6 +26,10 @@ BAD_OVERRIDES = {
     "unknown protocol": (["editor.protocol=serial"], r"expected one of \[single, batch, sequential\]"),
     "unknown fact token": (["editor.fact_token=last"], r"expected one of \[subject_last\]"),
     "negative lambda": (["sadr.lambda=-1"], r"^error: sadr\.lambda=-1\.0: γ must be >= 0"),
+    # Hydra adds a key that no schema declares when asked with '+'; nothing would read it
+    "misspelt key added with +": (["+sadr.lamda=0.1"], r"^error: \+sadr\.lamda: sadr has no setting 'lamda', so nothing "
+                                                      r"would read it; did you mean sadr\.lambda \(set without '\+'\)\?"),
+    "key added with + at the top": (["+foo=1"], r"^error: \+foo: the run config has no setting 'foo'.*settings: model, "),
     "two modes at once": (["-m", "--cfg", "job"], r"^error: Only one of --run, --multirun, --cfg"),
 }
 

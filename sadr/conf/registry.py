@@ -1,6 +1,9 @@
 """Registers the typed schema with Hydra and checks what types alone cannot."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -37,8 +40,37 @@ def validate_layers(editor: DictConfig, n_layers: int) -> None:
                           f"range (the published ones for a model are in sadr/conf/hparams/)")
 
 
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, the keys its node declares) for each key that is not in the node's schema.
+
+    Hydra lets a `+key=value` override add a key that no dataclass declares; nothing reads it, so a misspelt
+    `+sadr.lamda=0.1` would run with the default γ.
+    """
+    declared = [f.name for f in dataclasses.fields(OmegaConf.get_type(node))]
+    found = []
+    for key in node.keys():
+        if key not in declared:
+            found.append((f"{prefix}{key}", declared))
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+            found.extend(unknown_keys(node[key], f"{prefix}{key}."))
+    return found
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        key, declared = unknown[0]
+        parent, _, name = key.rpartition(".")
+        node = parent or "the run config"
+        close = difflib.get_close_matches(name, declared, n=1)
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]} (set without '+')? " if close else ""
+        raise ConfigError(f"+{key}: {node} has no setting '{name}', so nothing would read it; {hint}"
+                          f"{node}'s settings: {', '.join(declared)}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks, each naming the key and what it accepts."""
+    _check_known_keys(cfg)
     lam = cfg.sadr["lambda"]
     if lam < 0:
         raise ConfigError(f"sadr.lambda={lam}: γ must be >= 0 (0 turns SADR off)")
