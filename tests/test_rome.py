@@ -9,7 +9,7 @@ from sadr.editors.keys import mean_keys
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.scorer import score_pairs_detailed
 from sadr.models.adapters import adapter_for
-from tests.editing import TEMPLATES, editor_config, statistics
+from tests.editing import TEMPLATES, editor_config, statistics, top1
 from tests.tiny_models import make_model
 
 # In random tiny models attention is nearly uniform, so only a subject that ends the prompt can move the
@@ -17,22 +17,16 @@ from tests.tiny_models import make_model
 REQUEST = EditRequest(prompt="The capital city of {}", subject="France", target_new="Japan", target_true="Paris")
 
 
-def _top1(model, tokenizer, prompt):
-    with torch.no_grad():
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        return model(input_ids=ids).logits[0, -1].argmax().item()
-
-
 def test_rome_makes_the_new_object_the_argmax_and_maps_k_to_v(tiny_model, tokenizer, tmp_path):
     adapter = adapter_for(tiny_model)
     new_id = tokenizer(" Japan", add_special_tokens=False)["input_ids"]
     assert len(new_id) == 1
-    assert _top1(tiny_model, tokenizer, REQUEST.text) != new_id[0]
+    assert top1(tiny_model, tokenizer, REQUEST.text) != new_id[0]
     editor = RomeEditor(tiny_model, adapter, tokenizer, editor_config(), statistics=statistics(tiny_model, tokenizer, tmp_path),
                         context_templates=TEMPLATES)
     snapshot = editor.state_dict()
     outcome = editor.apply([REQUEST])
-    assert _top1(tiny_model, tokenizer, REQUEST.text) == new_id[0]
+    assert top1(tiny_model, tokenizer, REQUEST.text) == new_id[0]
     scores = score_pairs_detailed(tiny_model, tokenizer, [REQUEST.text] * 2, ["Japan", "Paris"])
     assert scores.nll[0] < scores.nll[1]
     assert set(outcome.seconds) == {"covariance", "k_star", "v_star", "update"}
@@ -82,6 +76,7 @@ def spy_on_delta():
 
     def spy(*args, **kwargs):
         captured["result"] = original(*args, **kwargs)
+        captured.setdefault("all", []).append(captured["result"])
         return captured["result"]
 
     rome_module.optimize_delta = spy
@@ -120,3 +115,18 @@ def test_same_inputs_give_identical_updates(tokenizer, tmp_path):
                             statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
         updates.append(editor.apply([REQUEST]).updates[1].dense())
     assert torch.equal(updates[0], updates[1])
+
+
+def test_a_batch_reports_the_mean_of_its_requests_delta_numbers(tokenizer, tmp_path):
+    """Every row of a batch gets the batch's diagnostics, so they must describe all its requests, not the last one."""
+    model = make_model("llama")
+    other = EditRequest(prompt="{} is the mother tongue of", subject="Danielle Darrieux", target_new="English",
+                        target_true="French")
+    editor = RomeEditor(model, adapter_for(model), tokenizer, editor_config(v_num_grad_steps=12),
+                        statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    with spy_on_delta() as captured:
+        outcome = editor.apply([REQUEST, other])
+    losses = [result.history[-1].loss for result in captured["all"]]
+    assert len(losses) == 2 and abs(losses[0] - losses[1]) > 1e-3 * losses[1]  # the last request's alone is wrong
+    assert outcome.diagnostics["delta_final_loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
+    assert outcome.diagnostics["delta_steps"] == sum(result.steps_run for result in captured["all"]) / 2

@@ -96,6 +96,22 @@ class DeltaResult:
         return self.initial[site] + self.deltas[site]
 
 
+def delta_diagnostics(results: list[DeltaResult]) -> dict:
+    """The δ-optimisation's numbers of the requests of one edit (steps, final loss, the regularizers'), each averaged
+    over them: what the rows of a batch report, since they share one edit."""
+    names = {name for r in results for name in r.diagnostics}
+    return {
+        "delta_steps": _mean([r.steps_run for r in results]),
+        "delta_final_loss": _mean([r.history[-1].loss for r in results]),
+        **{name: _mean([r.diagnostics[name] for r in results if name in r.diagnostics]) for name in sorted(names)},
+    }
+
+
+def _mean(values: list):
+    """The mean of numbers, or the elementwise mean of equally shaped nested lists (SADR's head counts)."""
+    return torch.tensor(values, dtype=torch.float64).mean(dim=0).tolist()
+
+
 def _kl_edited_from_initial(log_p_edited: torch.Tensor, log_p_initial: torch.Tensor) -> torch.Tensor:
     """KL(P_δ ‖ P₀), averaged over rows, as ROME's code and paper compute the essence term."""
     return (log_p_edited.exp() * (log_p_edited - log_p_initial)).sum(-1).mean()

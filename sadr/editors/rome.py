@@ -17,7 +17,7 @@ from sadr.conf.schema import EditorConfig
 from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.covariance import SecondMomentStatistics
-from sadr.editors.delta import DeltaObjective, DeltaResult, optimize_delta, optimize_deltas
+from sadr.editors.delta import DeltaObjective, DeltaResult, delta_diagnostics, optimize_delta, optimize_deltas
 from sadr.editors.keys import mean_keys
 from sadr.editors.plugin import EditorPlugin
 from sadr.editors.update import rank_one_update
@@ -57,12 +57,14 @@ class RomeEditor(Editor):
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         """Requests are applied one after another, each seeing the previous ones' updates (as ROME does)."""
         outcome = EditOutcome()
+        deltas = []
         for request in requests:
             ((second_moment, key, exact_key),) = self._keys([request], outcome.seconds)
             with timed(outcome.seconds, "v_star"):
-                delta = optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
-                                       self.objective, self.regularizers)
-            self._write(second_moment, key, exact_key, delta, outcome)
+                deltas.append(optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
+                                             self.objective, self.regularizers))
+            self._write(second_moment, key, exact_key, deltas[-1], outcome)
+        outcome.diagnostics.update(delta_diagnostics(deltas))
         return outcome
 
     def apply_each(self, requests: list[EditRequest]) -> list[EditOutcome]:
@@ -72,7 +74,8 @@ class RomeEditor(Editor):
         with timed(shared, "v_star"):
             deltas = optimize_deltas(self.model, self.adapter, self.tokenizer, requests, self.context_templates,
                                      self.objective, self.regularizers)
-        return self._each_alone(requests, lambda i, _request: self._write(*keys[i], deltas[i], EditOutcome()), shared)
+        return self._each_alone(requests, lambda i, _request: self._write(
+            *keys[i], deltas[i], EditOutcome(diagnostics=delta_diagnostics([deltas[i]]))), shared)
 
     def _keys(self, requests: list[EditRequest], seconds: dict[str, float]) -> list[tuple]:
         """Per request: C (or None), the template-mean key k̄ and the key the update is exact for."""
@@ -85,7 +88,7 @@ class RomeEditor(Editor):
         return [(second_moment, key, exact_key) for key, exact_key in zip(keys, exact_keys)]
 
     def _write(self, second_moment, key, exact_key, delta: DeltaResult, outcome: EditOutcome) -> EditOutcome:
-        """Write the update that maps the exact key to v* = v₀ + δ; add it, its time and δ's diagnostics to `outcome`."""
+        """Write the update that maps the exact key to v* = v₀ + δ; add it and its time to `outcome`."""
         with timed(outcome.seconds, "update"):
             # v* − (W k₀ + b): the module's own output at the key the edit is exact for, bias included
             down = self.adapter.mlp_down_module(self.model, self.layer)
@@ -94,8 +97,6 @@ class RomeEditor(Editor):
             self.adapter.add_to_down_weight(self.model, self.layer, update)
         earlier = outcome.updates.get(self.layer)
         outcome.updates[self.layer] = update if earlier is None else earlier + update
-        outcome.diagnostics.update({"delta_steps": delta.steps_run, "delta_final_loss": delta.history[-1].loss,
-                                    **delta.diagnostics})
         return outcome
 
     def _mean_keys(self, requests: list[EditRequest], context_templates: list[str]) -> torch.Tensor:

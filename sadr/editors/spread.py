@@ -28,7 +28,7 @@ from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.capture import capture_outputs, stop_after
 from sadr.editors.covariance import SecondMomentStatistics
-from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, optimize_delta, optimize_deltas
+from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, delta_diagnostics, optimize_delta, optimize_deltas
 from sadr.editors.keys import mean_keys
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.prompts import encode_subject_prompts
@@ -89,21 +89,6 @@ class LayerSolve:
 @dataclass
 class SpreadOutcome(EditOutcome):
     solves: list[LayerSolve] = field(default_factory=list)
-
-
-def _mean(values: list):
-    """The mean of numbers, or the elementwise mean of equally shaped nested lists (SADR's head counts)."""
-    return torch.tensor(values, dtype=torch.float64).mean(dim=0).tolist()
-
-
-def _delta_diagnostics(results: list[DeltaResult]) -> dict:
-    """Per-request numbers, averaged over the batch."""
-    names = {name for r in results for name in r.diagnostics}
-    return {
-        "delta_steps": _mean([r.steps_run for r in results]),
-        "delta_final_loss": _mean([r.history[-1].loss for r in results]),
-        **{name: _mean([r.diagnostics[name] for r in results if name in r.diagnostics]) for name in sorted(names)},
-    }
 
 
 class SpreadEditor(Editor):
@@ -173,7 +158,7 @@ class SpreadEditor(Editor):
                                       self.objective, self.regularizers)
         targets = torch.stack([r.target(self.target_site) for r in results])
         per_case: list[dict[int, LowRankUpdate]] = [{} for _ in requests]
-        diagnostics = [_delta_diagnostics([result]) for result in results]
+        diagnostics = [delta_diagnostics([result]) for result in results]
         for i, layer in enumerate(self.layers):
             with PerRowUpdates(self.model, self.adapter, per_case) as written:
                 with timed(shared, "keys"):
@@ -208,5 +193,5 @@ class SpreadEditor(Editor):
             outcome.solves.append(LayerSolve(layer, keys, residuals, update))
             outcome.updates[layer] = update
             outcome.diagnostics[f"residual_norm_layer{layer}"] = (targets - current).norm(dim=-1).mean().item()
-        outcome.diagnostics.update(_delta_diagnostics(results))
+        outcome.diagnostics.update(delta_diagnostics(results))
         return outcome
