@@ -89,8 +89,17 @@ def test_sweeps_pair_each_sadr_run_with_the_gamma_zero_run_of_the_same_setting(t
     run("1", "rome", 0.1, 20, [1, 0])
     run("2", "rome", 0.1, 80, [1, 1])  # the paper's SADR runs also changed the δ-step count
     run("3", "memit", 0.1, 20, [1, 1])  # no MEMIT baseline: not paired with ROME's
-    table = paired_with_baselines(tmp_path)
+    table, unpaired = paired_with_baselines(tmp_path)
     dns = table[table.metric == "DNS"].set_index("run")
-    assert sorted(dns.index) == ["1", "2"] and set(dns.base_run) == {"0"}
+    assert sorted(dns.index) == ["1", "2"] and set(dns.base_run) == {"0"} and set(dns["base steps"]) == {20}
     assert dns.loc["1", "difference"] == pytest.approx(50.0) and dns.loc["2", "up"] == 2
-    assert paired_with_baselines(tmp_path / "3").empty
+    assert unpaired == []
+    alone, _ = paired_with_baselines(tmp_path / "3")
+    assert alone.empty
+
+    run("4", "rome", 0.0, 80, [1, 0])  # a γ = 0 run with the δ steps of run 2: run 2's baseline now
+    run("5", "rome", 0.1, 40, [1, 1])  # two γ = 0 runs, neither with 40 steps: which one is meant is unknown
+    table, unpaired = paired_with_baselines(tmp_path)
+    dns = table[table.metric == "DNS"].set_index("run")
+    assert dns.base_run.to_dict() == {"1": "0", "2": "4"} and dns.loc["2", "up"] == 1
+    assert len(unpaired) == 1 and unpaired[0].startswith("5 (40 δ steps): several γ = 0 runs, none with its δ steps")

@@ -174,9 +174,9 @@ def test_page_is_self_contained_and_holds_every_table(sweep, report):
 
 def test_phase_seconds_split_shared_edit_times_among_cases():
     def run(protocol, batch_size, seconds):
-        return Run(Path("x"), protocol, {}, pd.DataFrame(), [
+        return Run(protocol, {}, pd.DataFrame(), {"x": [
             {"protocol": protocol, "batch_size": batch_size, "seconds": {**s, "eval_per_case": 1.0}} for s in seconds
-        ], {})
+        ]}, {"x": {}})
     single = run("single", 1, [{"update": 2.0}, {"update": 3.0}])
     batch = run("batch", 2, [{"update": 4.0}, {"update": 4.0}])  # one edit of both cases
     sequential = run("sequential", 1, [{"update": 6.0}] * 3)  # every row holds the whole run's edit time
@@ -188,9 +188,10 @@ def test_phase_seconds_split_shared_edit_times_among_cases():
 
 def test_runs_of_one_environment_share_a_row():
     env = {"python": "3.11", "platform": "linux", "device_name": "cpu", "git_commit": "abc", "packages": {"torch": "2.13"}}
-    runs = [Run(Path(n), n, {}, pd.DataFrame(), [], e) for n, e in (("0", env), ("1", env), ("2", {**env, "git_commit": "def"}))]
-    table = environments(runs)
-    assert table.runs.tolist() == ["0, 1", "2"] and table.torch.tolist() == ["2.13", "2.13"]
+    runs = [Run(n, {}, pd.DataFrame(), {n: []}, {n: e}) for n, e in (("0", env), ("1", env), ("2", {**env, "git_commit": "def"}))]
+    runs.append(Run("3_1,3_2", {}, pd.DataFrame(), {"3_1": [], "3_2": []}, {"3_1": env, "3_2": {**env, "device_name": "gpu"}}))
+    table = environments(runs)  # the shards of one configuration may have run on different machines
+    assert table.runs.tolist() == ["0, 1, 3_1", "2", "3_2"] and table.torch.tolist() == ["2.13", "2.13", "2.13"]
 
 
 def test_cli_reports_a_single_run(sweep, tmp_path):

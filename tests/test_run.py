@@ -266,6 +266,10 @@ def test_multirun_sweep_and_summarize(tiny_dir, tmp_path):
 def test_summarize_reports_a_directory_without_runs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sadr.cli.main", "summarize", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "no finished runs" in done.stderr
+    mistyped = subprocess.run([sys.executable, "-m", "sadr.cli.main", "summarize", str(tmp_path / "nope")],
+                              capture_output=True, text=True)
+    assert mistyped.returncode == 2 and "does not exist" in mistyped.stderr
+    assert not (tmp_path / "nope").exists()  # a mistyped folder is not made
 
 
 def test_summarize_names_the_unfinished_runs_when_none_has_finished(tmp_path):

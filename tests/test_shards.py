@@ -8,6 +8,7 @@ import pytest
 
 from sadr.evaluation.paired import compare_runs
 from sadr.evaluation.summary import summarize, write_summary
+from sadr.report.data import load_runs, series_of, tradeoff_table
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
@@ -62,6 +63,27 @@ def test_missing_and_unfinished_shards_are_named(runs, tmp_path):
     assert (edited[0.0], edited[0.5]) == ("1/2; missing 2", "1/2; unfinished 2")
     text = write_summary(root, "prompt")
     assert f"{root / '0.5_2'}  log: {root / '0.5_2' / 'run.log'}" in text
+
+
+def test_a_configuration_whose_shards_are_not_all_finished_is_left_unpaired_with_the_reason(runs, tmp_path):
+    root = tmp_path / "running"
+    for name in ("0_1", "0_2", "0.5_1", "0.5_2"):
+        shutil.copytree(runs / "sharded" / name, root / name)
+    (root / "0.5_2" / "metrics.csv").unlink()  # still running: γ = 0.5 has one shard's records, γ = 0 both
+    text = write_summary(root, "prompt")
+    assert "not paired with a γ = 0 run:\n  0.5_1 against 0_1,0_2: the runs edited different records" in text
+    assert not (root / "paired.csv").exists() and (root / "summary.csv").is_file()
+
+
+def test_the_report_merges_shards_as_summarize_does(runs):
+    sharded = {run.settings["sadr.lambda"]: run for run in load_runs(runs / "sharded")}
+    whole = {run.settings["sadr.lambda"]: run for run in load_runs(runs / "whole")}
+    assert sorted(sharded) == sorted(whole) == [0.0, 0.5]
+    assert sharded[0.5].name == "0.5_1,0.5_2" and sorted(sharded[0.5].parts) == ["0.5_1", "0.5_2"]
+    lines = series_of(list(sharded.values()))
+    assert [line.label for line in lines] == ["rome"]  # one line, not one per shard
+    columns = ["lambda", "metric", "mean", "ci95", "n"]
+    pd.testing.assert_frame_equal(tradeoff_table(lines)[columns], tradeoff_table(series_of(list(whole.values())))[columns])
 
 
 def test_a_shard_run_twice_is_an_error(runs, tmp_path):

@@ -13,10 +13,13 @@ from sadr.evaluation.aggregate import LABELS, metric_table
 from sadr.evaluation.paired import compare_runs
 from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory
 
+STEPS_KEY = "editor.v_num_grad_steps"
 # SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
-ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", "editor.v_num_grad_steps")
+ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", STEPS_KEY)
 # Keys in which a run may differ from the γ = 0 run it is paired with (the paper's SADR runs changed δ steps too).
-MAY_DIFFER_FROM_BASELINE = ("sadr.", "editor.v_num_grad_steps")
+MAY_DIFFER_FROM_BASELINE = ("sadr.", STEPS_KEY)
+# Settings of the edit alone: the unedited model's row leaves them blank (it is the same model whatever they are).
+EDIT_ONLY = ("editor.", "sadr.")
 # Columns placed right after another metric's, so related numbers read side by side.
 NEXT_TO = {LABELS["distract_neighborhood"]: (LABELS["drift_max"], LABELS["drift_mean"])}
 # The runs of one configuration that differ only in this key are shards of it (`dataset.shard=i/n`).
@@ -170,6 +173,7 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records)
     edited = frame[frame.state == "edited"]
     unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state", "shards")] + ["model.name", "dataset.name"])
+    unedited = unedited.assign(**{key: None for key in swept if key.startswith(EDIT_ONLY)})
     if "editor.name" in unedited:
         unedited = unedited.assign(**{"editor.name": "none"})
     return _order_columns(pd.concat([unedited, edited], ignore_index=True))
@@ -188,28 +192,50 @@ def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[columns]
 
 
-def paired_with_baselines(root: str | Path) -> pd.DataFrame:
+def _baseline_of(runs: tuple, baselines: list[tuple], settings: dict) -> tuple | None:
+    """The γ = 0 configuration to pair `runs` with: the one with the same δ-step count, else the only one."""
+    same_steps = [base for base in baselines if settings[base].get(STEPS_KEY) == settings[runs].get(STEPS_KEY)]
+    if same_steps:
+        return same_steps[0]
+    return baselines[0] if len(baselines) == 1 else None
+
+
+def paired_with_baselines(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """Every configuration with γ > 0 against the γ = 0 one that differs from it only in SADR settings and δ steps.
 
-    One row per (configuration, metric), as `sadr compare`, shards merged; empty when none has such a baseline.
+    That baseline is the one with the same δ-step count, or else the only γ = 0 one (the paper's SADR runs took more
+    steps than their baselines; `base steps` says which). Returns one row per (configuration, metric), as
+    `sadr compare`, shards merged (empty when none pairs), and a line for each configuration left unpaired though
+    it has γ = 0 runs beside it: several with other step counts, or records not the same (a shard not finished).
     """
     root = Path(root)
     found = {tuple(c.runs): c for c in configurations(root)}
     settings = {runs: c.settings for runs, c in found.items()}
     name = lambda runs: ",".join(str(run.relative_to(root)) for run in runs)  # noqa: E731
-    tables = []
+    tables, unpaired = [], []
     for group in baseline_groups(settings):
         baselines = [runs for runs in group if settings[runs].get("sadr.lambda") == 0]
         for runs in group:
-            if baselines and runs not in baselines:
-                table = compare_runs(list(baselines[0]), list(runs))
-                tables.append(table.assign(**{key: settings[runs].get(key) for key in ("editor.name", "sadr.lambda", "editor.v_num_grad_steps")},
-                                           base_run=name(baselines[0]), run=name(runs)))
+            if not baselines or runs in baselines:
+                continue
+            base = _baseline_of(runs, baselines, settings)
+            if base is None:
+                steps = ", ".join(f"{name(b)} ({settings[b].get(STEPS_KEY)})" for b in baselines)
+                unpaired.append(f"{name(runs)} ({settings[runs].get(STEPS_KEY)} δ steps): several γ = 0 runs, none "
+                                f"with its δ steps: {steps}; pair it with one by `sadr compare`")
+                continue
+            try:
+                table = compare_runs(list(base), list(runs))
+            except ValueError as err:
+                unpaired.append(f"{name(runs)} against {name(base)}: {err}")
+                continue
+            tables.append(table.assign(**{key: settings[runs].get(key) for key in ("editor.name", "sadr.lambda", STEPS_KEY)},
+                                       **{"base steps": settings[base].get(STEPS_KEY)}, base_run=name(base), run=name(runs)))
     if not tables:
-        return pd.DataFrame()
+        return pd.DataFrame(), unpaired
     table = pd.concat(tables, ignore_index=True)
-    leading = ["editor.name", "sadr.lambda", "editor.v_num_grad_steps", "base_run", "run"]
-    return table[leading + [c for c in table.columns if c not in leading]]
+    leading = ["editor.name", "sadr.lambda", STEPS_KEY, "base steps", "base_run", "run"]
+    return table[leading + [c for c in table.columns if c not in leading]], unpaired
 
 
 def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
@@ -217,21 +243,23 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
 
     Returns the text to print: both tables and where they were written.
     """
+    table = summarize(root, protocol)
     target = Path(target or root)
     target.mkdir(parents=True, exist_ok=True)
-    table = summarize(root, protocol)
     table.to_csv(target / "summary.csv", index=False)
     markdown = table.to_markdown(index=False)
     (target / "summary.md").write_text(markdown + "\n")
     text = f"{protocol}-level results ×100 of every run in {root}:\n{markdown}\n"
     written = [target / "summary.csv", target / "summary.md"]
-    paired = paired_with_baselines(root)
+    paired, unpaired = paired_with_baselines(root)
     if not paired.empty:
         paired.to_csv(target / "paired.csv", index=False)
         paired_markdown = paired.to_markdown(index=False, floatfmt=".3g")
         (target / "paired.md").write_text(paired_markdown + "\n")
         text += f"\neach γ > 0 run against its γ = 0 run, prompt by prompt (as `sadr compare`):\n{paired_markdown}\n"
         written += [target / "paired.csv", target / "paired.md"]
+    if unpaired:
+        text += "\nγ > 0 runs not paired with a γ = 0 run:\n" + "\n".join(f"  {line}" for line in unpaired) + "\n"
     unfinished = unfinished_runs(root)
     if unfinished:
         text += ("\nnot in the tables: runs without metrics (still running, killed or failed; re-running the same "

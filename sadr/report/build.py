@@ -103,7 +103,7 @@ def _metrics(series: list[Series], root: Path, target: Path) -> list[str]:
         png = save(bars_figure(table, line.label), target, f"bars_{line.slug}")
         caption = f"{line.label}: every metric of the unedited model and of each run, prompt level, mean ± 95 % CI."
         parts.append(page.figure_html(png, f"bars_{line.slug}", caption, [f"bars_{line.slug}.csv"]))
-    paired = paired_with_baselines(root)
+    paired, unpaired = paired_with_baselines(root)
     if paired.empty:
         parts.append(page.paragraph("No run with γ > 0 has a γ = 0 run that differs from it only in SADR settings and "
                                     "δ steps, so there is no prompt-by-prompt comparison."))
@@ -111,8 +111,10 @@ def _metrics(series: list[Series], root: Path, target: Path) -> list[str]:
         paired.to_csv(target / "paired.csv", index=False)
         parts.append(page.subsection("Each γ > 0 run against its γ = 0 run, prompt by prompt (as sadr compare)", [
             page.paragraph("difference: other − base, ×100, with its paired 95 % CI; up/down: prompts that changed; "
-                           "sign-test p: exact two-sided."),
+                           "sign-test p: exact two-sided; base steps: the γ = 0 run's δ steps."),
             page.table_html(paired)]))
+    if unpaired:
+        parts.append(page.subsection("γ > 0 runs not paired with a γ = 0 run", [page.paragraph(line) for line in unpaired]))
     return parts
 
 

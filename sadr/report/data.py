@@ -1,7 +1,7 @@
 """The numbers behind every part of `sadr report`, as tables (each plot's table is also written as its CSV).
 
-Means and 95 % CIs come from each run's metrics.csv (sadr/evaluation/aggregate.py); runs are found and
-grouped as `sadr summarize` finds and pairs them (sadr/evaluation/summary.py).
+Means and 95 % CIs come from each run's metrics.csv (sadr/evaluation/aggregate.py); runs are found, their shards
+merged and grouped as `sadr summarize` finds, merges and pairs them (sadr/evaluation/summary.py).
 """
 from __future__ import annotations
 
@@ -14,15 +14,8 @@ import numpy as np
 import pandas as pd
 
 from sadr.evaluation.drift import ATTENTION, decode_entry
-from sadr.evaluation.summary import (
-    ALWAYS,
-    MAY_DIFFER_FROM_BASELINE,
-    baseline_groups,
-    differing_keys,
-    find_runs,
-    run_settings,
-)
-from sadr.results import ENV_FILE, METRICS_FILE, RunDirectory
+from sadr.evaluation.summary import ALWAYS, MAY_DIFFER_FROM_BASELINE, baseline_groups, configurations, differing_keys
+from sadr.results import ENV_FILE, RunDirectory
 
 # The γ trade-off's panels, in order: what SADR protects first, then what the edit must still achieve, then drift.
 TRADEOFF_METRICS = ("distract_neighborhood", "relation", "neighborhood", "efficacy", "paraphrase", "drift_max")
@@ -31,12 +24,17 @@ PROTOCOL = "prompt"  # every prompt one observation, as SADR's Table 3
 
 @dataclass(frozen=True)
 class Run:
-    path: Path
-    name: str  # the run's folder relative to the report's root ("." when the root is the run)
-    settings: dict  # config.yaml, flattened to dotted keys
-    metrics: pd.DataFrame  # metrics.csv
-    rows: list[dict]  # cases.jsonl
-    environment: dict  # environment.json ({} when missing)
+    """One configuration: a run directory, or the shard directories (`dataset.shard=i/n`) of one, merged."""
+
+    name: str  # its folder(s) relative to the report's root, comma-separated ("." when the root is the run)
+    settings: dict  # config.yaml, flattened to dotted keys (`dataset.shard` left out when sharded)
+    metrics: pd.DataFrame  # metrics.csv; of shards, over all their cases
+    parts: dict[str, list[dict]]  # folder name -> its cases.jsonl rows
+    environments: dict[str, dict]  # folder name -> its environment.json ({} when missing)
+
+    @property
+    def rows(self) -> list[dict]:
+        return [row for rows in self.parts.values() for row in rows]
 
     @property
     def editor(self) -> str:
@@ -66,14 +64,14 @@ class Series:
 
 def load_runs(root: str | Path) -> list[Run]:
     root = Path(root)
-    paths = find_runs(root)
-    settings = run_settings(paths)
     runs = []
-    for path in paths:
-        env_file = path / ENV_FILE
-        runs.append(Run(path, str(path.relative_to(root)) if path != root else ".", settings[path],
-                        pd.read_csv(path / METRICS_FILE), RunDirectory(path).rows(),
-                        json.loads(env_file.read_text()) if env_file.is_file() else {}))
+    for configuration in configurations(root):
+        names = {path: str(path.relative_to(root)) if path != root else "." for path in configuration.runs}
+        env_files = {path: path / ENV_FILE for path in configuration.runs}
+        runs.append(Run(",".join(names.values()), configuration.settings, configuration.metrics(),
+                        {names[path]: RunDirectory(path).rows() for path in configuration.runs},
+                        {names[path]: json.loads(file.read_text()) if file.is_file() else {}
+                         for path, file in env_files.items()}))
     return runs
 
 
@@ -83,14 +81,14 @@ def series_of(runs: list[Run]) -> list[Series]:
     Where one editor has several groups, the label adds the keys that tell them apart: the model and data set
     when those differ, else every key that does.
     """
-    by_path = {run.path: run for run in runs}
-    groups = [[by_path[path] for path in group] for group in baseline_groups({run.path: run.settings for run in runs})]
+    by_name = {run.name: run for run in runs}
+    groups = [[by_name[name] for name in group] for group in baseline_groups({run.name: run.settings for run in runs})]
     out = []
     for group in groups:
         rivals = [g for g in groups if g[0].editor == group[0].editor]
         label = group[0].editor
         if len(rivals) > 1:
-            keys = [k for k in differing_keys({g[0].path: g[0].settings for g in rivals})
+            keys = [k for k in differing_keys({g[0].name: g[0].settings for g in rivals})
                     if not k.startswith(MAY_DIFFER_FROM_BASELINE)]
             keys = [k for k in keys if k in ALWAYS] or keys
             label += " (" + ", ".join(f"{k}={group[0].settings.get(k)}" for k in keys) + ")"
@@ -156,20 +154,20 @@ def matrix_frame(matrix: np.ndarray) -> pd.DataFrame:
 
 def config_diff(runs: list[Run]) -> pd.DataFrame:
     """One row per run, one column per config key whose value is not the same in every run."""
-    keys = differing_keys({run.path: run.settings for run in runs})
+    keys = differing_keys({run.name: run.settings for run in runs})
     return pd.DataFrame([[run.settings.get(k) for k in keys] for run in runs],
                         index=pd.Index([run.name for run in runs], name="run"), columns=keys)
 
 
 def environments(runs: list[Run]) -> pd.DataFrame:
-    """One row per distinct environment (machine, Python, commit, package versions) and the runs made in it."""
+    """One row per distinct environment (machine, Python, commit, package versions) and the run folders made in it."""
     grouped: dict[str, dict] = {}
     for run in runs:
-        env = run.environment
-        record = {"python": env.get("python"), "platform": env.get("platform"), "device": env.get("device_name"),
-                  "git_commit": env.get("git_commit"), **(env.get("packages") or {})}
-        entry = grouped.setdefault(json.dumps(record, sort_keys=True, default=str), {"runs": [], **record})
-        entry["runs"].append(run.name)
+        for folder, env in run.environments.items():
+            record = {"python": env.get("python"), "platform": env.get("platform"), "device": env.get("device_name"),
+                      "git_commit": env.get("git_commit"), **(env.get("packages") or {})}
+            entry = grouped.setdefault(json.dumps(record, sort_keys=True, default=str), {"runs": [], **record})
+            entry["runs"].append(folder)
     return pd.DataFrame([{**entry, "runs": ", ".join(entry["runs"])} for entry in grouped.values()])
 
 
@@ -177,17 +175,18 @@ def phase_seconds(runs: list[Run]) -> pd.DataFrame:
     """Seconds each phase took in each run, summed over its cases.
 
     A row carries the phase times of the edit it was part of (a batch's under `batch`, the whole run's
-    under `sequential`), so those are split among the rows that share them; `eval_per_case` is the
+    under `sequential`: its folder's), so those are split among the rows that share them; `eval_per_case` is the
     row's own share already.
     """
     records = []
     for run in runs:
         totals: dict[str, float] = {}
-        for row in run.rows:
-            sharing = len(run.rows) if row.get("protocol") == "sequential" else row.get("batch_size", 1)
-            for phase, seconds in row.get("seconds", {}).items():
-                name = "evaluation" if phase == "eval_per_case" else phase
-                totals[name] = totals.get(name, 0.0) + seconds / (1 if phase == "eval_per_case" else sharing)
+        for rows in run.parts.values():
+            for row in rows:
+                sharing = len(rows) if row.get("protocol") == "sequential" else row.get("batch_size", 1)
+                for phase, seconds in row.get("seconds", {}).items():
+                    name = "evaluation" if phase == "eval_per_case" else phase
+                    totals[name] = totals.get(name, 0.0) + seconds / (1 if phase == "eval_per_case" else sharing)
         records.append({"run": run.name, "cases": len(run.rows), **totals, "total": sum(totals.values())})
     table = pd.DataFrame.from_records(records).set_index("run")
     return table[[c for c in table.columns if c != "total"] + ["total"]]
