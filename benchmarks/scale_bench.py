@@ -61,7 +61,7 @@ from sadr.models.kept import release_kept_model  # noqa: E402
 from sadr.results import RunDirectory  # noqa: E402
 from sadr.runner import run_experiment  # noqa: E402
 
-EDITORS = ("rome", "memit", "pmet")
+PAPER_EDITORS = ("rome", "memit", "pmet")  # the editors of the SADR paper's tables
 HPARAMS = REPO / "sadr" / "conf" / "hparams"
 PAPER_SADR = REPO / "sadr" / "conf" / "sadr_hparams" / "paper"
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the same code in seconds")
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--editors", nargs="+", default=list(EDITORS))
+    parser.add_argument("--editors", nargs="+", default=list(PAPER_EDITORS))
     parser.add_argument("--no-sadr", action="store_true", help="only the plain editors")
     parser.add_argument("--records", type=int, default=None, help="offline records per run (4; 2 with --tiny)")
     parser.add_argument("--stats-samples", type=int, default=None, help="sampled texts for the statistics (128; 32 tiny)")

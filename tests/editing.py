@@ -81,7 +81,7 @@ def batch_edit(name: str, family: str, tokenizer, cache_dir, **overrides) -> Bat
     before = {key: value.clone() for key, value in model.state_dict().items()}
     requests = batch_requests()
     outcome = editor.apply(requests)
-    return BatchEdit(model, before, outcome, stats.get(editor.layers), requests, hparams.mom2_update_weight)
+    return BatchEdit(model, before, outcome, stats.take(editor.layers), requests, hparams.mom2_update_weight)
 
 
 def assert_ridge_solutions(edit: BatchEdit) -> None:

@@ -27,7 +27,7 @@ def edited(tokenizer, tmp_path_factory):
     eigenvectors (the tiny model's C has no published scale) and a ridge small against its keys."""
     model = make_model("llama")
     stats = statistics(model, tokenizer, tmp_path_factory.mktemp("stats"))
-    moments = stats.get(LAYERS)
+    moments = stats.take(LAYERS)
     threshold = min(torch.linalg.eigvalsh(moments[layer]).median().item() for layer in LAYERS)
     hparams = editor_config("alphaedit", layers=LAYERS, context_templates=[[10, 3]], v_num_grad_steps=8,
                             nullspace_threshold=threshold, L2=1e-3)
@@ -41,7 +41,7 @@ def test_each_layer_s_projection_is_made_once_and_its_c_released(tokenizer, tmp_
     """AlphaEdit solves with P only: C leaves the statistics' memory once P is made, and a later editor reads P from
     the disk cache, bit for bit."""
     model = make_model("llama")
-    moments = statistics(model, tokenizer, tmp_path).get(LAYERS)  # computed once, then read from the disk cache
+    moments = statistics(model, tokenizer, tmp_path).take(LAYERS)  # computed once, then read from the disk cache
     threshold = min(torch.linalg.eigvalsh(moments[layer]).median().item() for layer in LAYERS)
 
     def alphaedit(stats):

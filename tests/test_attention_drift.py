@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sadr.conf.registry import ConfigError, validate_sadr
 from sadr.conf.schema import SadrConfig
 from sadr.models.adapters import adapter_for
 from sadr.regularizers.attention_drift import (
@@ -231,17 +232,15 @@ def test_build_regularizer_from_config():
 
 
 @pytest.mark.parametrize(
-    "values,key",
+    "values,message",
     [
-        ({"lambda": -0.1}, "sadr.lambda"),
-        ({"lambda": float("nan")}, "sadr.lambda"),
-        ({"epsilon": 0.0}, "sadr.epsilon"),
-        ({"layers": [3, -1]}, "sadr.layers"),
-        ({"layers": []}, "sadr.layers"),
-        ({"heads": "some"}, "sadr.heads"),
+        ({"lambda": -0.1}, r"sadr\.lambda=-0\.1: γ must be a finite number >= 0"),
+        ({"lambda": float("nan")}, r"sadr\.lambda=nan: γ must be a finite number"),
+        ({"epsilon": 0.0}, r"sadr\.epsilon=0\.0: must be a finite number > 0"),
+        ({"layers": [3, -1]}, r"sadr\.layers=\[3, -1\]: give null .* or layer indices >= 0"),
+        ({"layers": []}, r"sadr\.layers=\[\]: give null"),
     ],
 )
-def test_invalid_config_names_the_key(values, key):
-    cfg = {"lambda": 0.01, "heads": "selective", "layers": None, "divergence": "kl", "epsilon": 1e-8, **values}
-    with pytest.raises(ValueError, match=key):
-        build_regularizers(cfg)
+def test_invalid_config_names_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_sadr(sadr_config(**{"lambda": 0.01, **values}))

@@ -94,7 +94,7 @@ def test_the_same_weights_from_two_folders_have_one_fingerprint(tmp_path):
         make_tokenizer().save_pretrained(tmp_path / folder)
     a = load_model(str(tmp_path / "a"), device="cpu", cache_dir=str(tmp_path))
     b = load_model(str(tmp_path / "b" / "c"), device="cpu", cache_dir=str(tmp_path))
-    assert a.model.config._name_or_path != b.model.config._name_or_path
+    assert a.model.config.name_or_path != b.model.config.name_or_path
     assert model_fingerprint(a.model) == model_fingerprint(b.model)
     with torch.no_grad():
         b.adapter.down_weight(b.model, 0)[0, 0] += 1e-3

@@ -25,7 +25,7 @@ BAD_OVERRIDES = {
     "misspelt key": (["editor.v_lrr=0.1"], r"Key 'v_lrr' not in 'RomeConfig'"),
     "unknown protocol": (["editor.protocol=serial"], r"expected one of \[single, batch, sequential\]"),
     "unknown fact token": (["editor.fact_token=last"], r"expected one of \[subject_last\]"),
-    "negative lambda": (["sadr.lambda=-1"], r"^error: sadr\.lambda=-1\.0: γ must be >= 0"),
+    "negative lambda": (["sadr.lambda=-1"], r"^error: sadr\.lambda=-1\.0: γ must be a finite number >= 0"),
     # Hydra adds a key that no schema declares when asked with '+'; nothing would read it
     "misspelt key added with +": (["+sadr.lamda=0.1"], r"^error: \+sadr\.lamda: sadr has no setting 'lamda', so nothing "
                                                       r"would read it; did you mean sadr\.lambda \(set without '\+'\)\?"),

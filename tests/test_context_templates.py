@@ -13,6 +13,7 @@ import torch
 
 import sadr.editors.context_templates as templates_module
 from sadr.editors.context_templates import SEED_WORDS, context_templates
+from sadr.editors.registry import EDITORS
 from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_to_length_like_rome
@@ -86,6 +87,6 @@ def test_styles_are_seeded_cached_apart_and_keep_the_fixed_cache_keys(tokenizer,
         context_templates(model, tokenizer, params, style="rome", **kwargs)
 
 
-@pytest.mark.parametrize("editor", ["rome", "memit", "pmet", "alphaedit"])
+@pytest.mark.parametrize("editor", sorted(EDITORS))
 def test_every_editor_samples_its_templates_as_the_reference_code_by_default(editor):
     assert composed_editor(editor, "smollm2-135m").context_template_style.name == "reference"

@@ -110,9 +110,9 @@ def test_statistics_are_cached_on_disk_and_keyed_by_corpus(tmp_path, tokenizer):
                                       batch_tokens=256, cache_dir=tmp_path)
 
     texts = random_texts()
-    first = stats(corpus(texts, "a")).get([1, 2])
-    again = stats(corpus(texts, "a")).get([1, 2])
-    other = stats(corpus(texts[:48], "b")).get([1])
+    first = stats(corpus(texts, "a")).take([1, 2])
+    again = stats(corpus(texts, "a")).take([1, 2])
+    other = stats(corpus(texts[:48], "b")).take([1])
     assert calls == ["a", "b"]  # one pass for both layers; the second service read the cache
     torch.testing.assert_close(first[1], again[1])
     assert not torch.allclose(first[1], other[1])
@@ -130,7 +130,7 @@ def test_the_pass_reads_its_memory_peak_after_every_c_left_the_device(tmp_path, 
     stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f",
                                    corpus=Corpus({"kind": "test"}, lambda: iter(random_texts())), sample_length=64,
                                    batch_tokens=256, cache_dir=tmp_path)
-    stats.get([1, 2])
+    stats.take([1, 2])
     assert events == ["C1", "C2", "peak"]
 
 
@@ -141,7 +141,7 @@ def test_a_corpus_with_fewer_tokens_than_key_dimensions_is_a_clear_error(tmp_pat
     stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
                                    sample_length=64, batch_tokens=256, cache_dir=tmp_path)
     with pytest.raises(InvalidSettingError, match=r"gave \d+ tokens, fewer than the \d+ dimensions.*model.stats.n_samples \(now 2\)"):
-        stats.get([1])
+        stats.take([1])
     assert not list((tmp_path / "stats").glob("*.pt"))
 
 
@@ -209,20 +209,18 @@ def test_factorized_statistics_solve_with_C_and_release_it(tmp_path, tokenizer):
     corpus = Corpus({"kind": "test"}, lambda: iter(random_texts()))
     stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
                                    sample_length=64, batch_tokens=256, cache_dir=tmp_path)
-    handed_out = stats.get([1])[1]
-    moment = handed_out.clone()
-    factors = stats.factorized([1])[1]
-    assert torch.equal(handed_out, moment)  # a C that `get` handed out is not overwritten by its factors
+    moment = stats.take([1])[1]
+    factors = stats.factorized([1])[1]  # C read again from the disk cache, and factored in place
     assert 1 not in stats._memory  # one d × d matrix per layer stays: the factors
     rhs = torch.randn(moment.shape[0], 3, dtype=torch.float64)
     torch.testing.assert_close(moment @ factors.solve(rhs), rhs)
     torch.testing.assert_close(factors.solve(rhs[:, 0]), factors.solve(rhs)[:, 0])
     assert stats.factorized([1])[1] is factors
-    torch.testing.assert_close(stats.get([1])[1], moment)  # read again from the disk cache
+    torch.testing.assert_close(stats.take([1])[1], moment)  # read again from the disk cache
 
 
-def test_a_layer_nobody_was_handed_is_factored_in_its_own_storage(tmp_path, tokenizer, monkeypatch):
-    """Through `factorized` alone, C is loaded (here: computed) and factored in place; through `get` first, a copy."""
+def test_each_layer_s_c_is_factored_in_its_own_storage(tmp_path, tokenizer, monkeypatch):
+    """Through `factorized`, C is loaded (here: computed) and factored in place."""
     from sadr.editors.update import FactorizedMoment
 
     model = make_model("llama")
@@ -237,11 +235,6 @@ def test_a_layer_nobody_was_handed_is_factored_in_its_own_storage(tmp_path, toke
     assert [overwrite for _, overwrite in calls] == [True, True]
     assert [f.lu.data_ptr() for f in factors.values()] == [pointer for pointer, _ in calls]
     assert all(f.lu.mT.is_contiguous() for f in factors.values())  # column-major: a solve copies nothing
-    fresh = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
-                                   sample_length=64, batch_tokens=256, cache_dir=tmp_path)
-    fresh.get([1])
-    fresh.factorized([1, 2])
-    assert [overwrite for _, overwrite in calls[2:]] == [False, True]
 
 
 def test_a_statistics_pass_logs_its_progress_over_the_corpus(tokenizer, monkeypatch, caplog):
@@ -302,7 +295,7 @@ def test_float32_factors_are_made_from_a_converted_c_one_layer_at_a_time(tmp_pat
         return SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=corpus,
                                       sample_length=64, batch_tokens=256, cache_dir=tmp_path, factor_dtype=factor_dtype)
 
-    moments = {layer: c.clone() for layer, c in stats(torch.float64).get([1, 2]).items()}
+    moments = {layer: c.clone() for layer, c in stats(torch.float64).take([1, 2]).items()}
     single = stats(torch.float32)
     seen = []
     factor = FactorizedMoment.of

@@ -180,7 +180,7 @@ class ConstantTerm(DeltaRegularizer):
     def __init__(self, in_stop_rule: bool):
         self.weight, self.in_stop_rule = 1.0, in_stop_rule
 
-    def reads_cached_prefix(self, adapter):
+    def reads_cached_prefix(self):
         return True  # it reads nothing from the forward, so the edit runs as the plain one does
 
     def attach(self, model, adapter, batch):

@@ -181,7 +181,7 @@ def test_delta_optimisation_is_the_same_with_and_without_the_cache(tokenizer, fa
         runs[prefix_cache] = _optimise(model, tokenizer, LONG_SUBJECT, prefix_cache, regularizers, sites)
     (cached, cached_widths), (whole, whole_widths) = runs[True], runs[False]
     assert set(whole_widths) == {whole_widths[0]} and len(whole_widths) == whole.steps_run
-    reads_cache = not sadr or SelectiveAttentionDriftRegularizer(1.0).reads_cached_prefix(adapter_for(model))
+    reads_cache = not sadr or SelectiveAttentionDriftRegularizer(1.0).reads_cached_prefix()
     if reads_cache:  # one prefix forward, then steps fed only the tokens from each row's δ position on
         assert len(cached_widths) == cached.steps_run + 1 and max(cached_widths[1:]) < whole_widths[0]
     assert cached.steps_run == whole.steps_run
@@ -217,7 +217,7 @@ def test_whole_prompts_are_fed_where_the_cache_cannot_be_used(tokenizer):
         prefix_cache = bool(regularizers)  # asked for, but a regularizer does not read cached keys; or not asked for
         result, widths = _optimise(model, tokenizer, LONG_SUBJECT, prefix_cache, regularizers)
         assert len(widths) == result.steps_run and set(widths) == {widths[0]}
-    assert regularizers == [] and OwnHooks().reads_cached_prefix(adapter_for(model)) is False
+    assert regularizers == [] and OwnHooks().reads_cached_prefix() is False
     windowed = make_model("mistral")
     windowed.config.sliding_window = 4  # shorter than the prompts: a sliding cache would drop early keys
     result, widths = _optimise(windowed, tokenizer, LONG_SUBJECT, True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -68,12 +69,22 @@ def _check_known_keys(cfg: DictConfig) -> None:
                           f"{node}'s settings: {', '.join(declared)}")
 
 
+def validate_sadr(sadr: DictConfig) -> None:
+    """The `sadr` node's values in their domains (the schema has checked their types)."""
+    lam = sadr["lambda"]
+    if not math.isfinite(lam) or lam < 0:
+        raise ConfigError(f"sadr.lambda={lam}: γ must be a finite number >= 0 (0 turns SADR off)")
+    if not math.isfinite(sadr.epsilon) or sadr.epsilon <= 0:
+        raise ConfigError(f"sadr.epsilon={sadr.epsilon}: must be a finite number > 0 (added to both distributions)")
+    if sadr.layers is not None and (not sadr.layers or min(sadr.layers) < 0):
+        raise ConfigError(f"sadr.layers={list(sadr.layers)}: give null (every layer after the edited one) or layer "
+                          "indices >= 0")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks, each naming the key and what it accepts."""
     _check_known_keys(cfg)
-    lam = cfg.sadr["lambda"]
-    if lam < 0:
-        raise ConfigError(f"sadr.lambda={lam}: γ must be >= 0 (0 turns SADR off)")
+    validate_sadr(cfg.sadr)
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads}: must be >= 1 (null: torch's default)")
     editor = cfg.editor

@@ -219,19 +219,10 @@ class SecondMomentStatistics:
         entry = read_entry(self._cache_file(layer), TORCH)
         return None if entry is None else entry["mom2"]
 
-    def get(self, layers: list[int]) -> dict[int, torch.Tensor]:
-        """layer -> C (float64, on the model's device, where the solves run), computing every missing layer in a
-        single corpus pass."""
-        self._load(layers)
-        device = self._device()
-        for layer in layers:
-            self._memory[layer] = self._memory[layer].to(device)
-        return {layer: self._memory[layer] for layer in layers}
-
     def take(self, layers: list[int]) -> dict[int, torch.Tensor]:
         """layer -> C (float64, where it lies: on the host when read from disk or computed here), no longer kept: for a
-        caller that turns C into something else and releases it (AlphaEdit's projections). `get` reads it again from
-        the disk cache if asked. Every missing layer is computed in a single corpus pass."""
+        caller that turns C into something else and releases it (AlphaEdit's projections). A later `take` or `factorized`
+        reads it again from the disk cache. Every missing layer is computed in a single corpus pass."""
         self._load(layers)
         return {layer: self._memory.pop(layer) for layer in layers}
 
@@ -266,17 +257,14 @@ class SecondMomentStatistics:
 
         Each C comes to the device only when its layer is factored, converted to `factor_dtype` on the host first,
         so the device holds the factors so far (none, with `factors_on_host`) and one C: with float32 factors, no
-        float64 C is ever on it. A C becomes its own factors, unless `get` handed it out before, in which case a copy
-        is factored; `get` reads C again from the cache if asked."""
+        float64 C is ever on it. Each C becomes its own factors (`take` reads C again from the cache if asked)."""
         missing = [layer for layer in layers if layer not in self._factors]
-        handed_out = {layer for layer in missing if layer in self._memory}
         self._load(missing)  # one corpus pass for every layer not cached yet
         device = self._device()
         for layer in missing:
             moment = self._memory.pop(layer)
             on_device = moment.to(self.factor_dtype).to(device)
-            fresh = on_device.data_ptr() != moment.data_ptr()
-            factors = FactorizedMoment.of(on_device, overwrite=fresh or layer not in handed_out, dtype=self.factor_dtype)
+            factors = FactorizedMoment.of(on_device, overwrite=True, dtype=self.factor_dtype)
             self._factors[layer] = factors.to(torch.device("cpu")) if self.factors_on_host else factors
             del on_device, factors  # with factors_on_host, the device copy is freed before the next layer's C comes
         return {layer: self._factors[layer] for layer in layers}

@@ -247,7 +247,7 @@ def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[Edit
     optimizer = torch.optim.Adam([d for case in cases for d in case.deltas.values()], lr=objective.lr)
     subject_positions = torch.cat([c.prompts.subject_positions for c in cases])
     last_prompt_positions = torch.cat([c.prompts.last_prompt_positions for c in cases])
-    if _reuse_prefix(model, adapter, objective, regularizers, batch):
+    if _reuse_prefix(model, objective, regularizers, batch):
         # from δ's position to the last one read: a logit, or the last prompt token (SADR's query)
         head_rows, head_positions = _head_reads(cases, stacked.starts)
         last_read = torch.maximum(subject_positions, last_prompt_positions).scatter_reduce(0, head_rows, head_positions, "amax")
@@ -351,13 +351,13 @@ def clamp_norm_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
     delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
 
 
-def _reuse_prefix(model, adapter: ModelAdapter, objective: DeltaObjective, regularizers, batch) -> bool:
+def _reuse_prefix(model, objective: DeltaObjective, regularizers, batch) -> bool:
     """Whether each step may be fed only the tokens from δ's position to the last one read, the earlier ones cached:
     asked for, understood by every regularizer, and not cut short by a sliding attention window shorter than the
     prompts (a sliding cache would drop early keys)."""
     window = getattr(model.config, "sliding_window", None)
     too_long = window is not None and batch.input_ids.shape[1] > window
-    return objective.prefix_cache and not too_long and all(reg.reads_cached_prefix(adapter) for reg in regularizers)
+    return objective.prefix_cache and not too_long and all(reg.reads_cached_prefix() for reg in regularizers)
 
 
 def _regularizer_terms(reg: DeltaRegularizer, step: int, n_requests: int) -> list[torch.Tensor]:

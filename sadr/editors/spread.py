@@ -15,7 +15,7 @@ Two details of the public MEMIT code (inherited by PMET and the SADR repo) are k
   prefixed prompts 1/10 (ROME instead averages all templates alike);
 * the current output is read at the subject's last token of the bare prompt only (MEMIT's
   `get_module_input_output_at_words` over the requests' own prompts), the prompt whose δ = 0 output z is
-  built on, so before any write R = δ / m exactly.
+  built on, so before any write R = δ divided by MEMIT's m or PMET's √m, exactly.
 """
 from __future__ import annotations
 

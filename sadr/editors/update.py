@@ -1,4 +1,5 @@
-"""Closed-form weight updates, solved in float64 (no explicit inverses), and kept as their low-rank factors.
+"""Closed-form weight updates: solves, never explicit inverses, in float64 (with C's factors in float32,
+`factor_dtype=float32`, the solves with C in float32), kept as their low-rank factors.
 
 An edit of n requests changes a layer by a ΔW of rank at most n (ROME: one rank-one term per request; MEMIT, PMET,
 AlphaEdit: R times an (n, d_in) matrix). The solves return ΔW as factors, so what an edit keeps is (d_out + d_in) · n

@@ -36,7 +36,8 @@ def evaluate_cases(model, tokenizer, cases: list[EditCase], metrics: list[Metric
         reader = SubjectAttentionReader(model, drift_adapter, reads)
     scores = score_pairs_detailed(model, tokenizer, prompts, targets, batch_size, pair_cases=pair_cases,
                                   case_rows=case_rows, observer=reader)
-    good_prob, good_acc = scores.prob.tolist(), scores.token_accuracy.tolist()
+    # one entry per scored pair: the good targets in plan order, then the bad ones
+    probs, accuracies = scores.prob.tolist(), scores.token_accuracy.tolist()
     reported = {m.name for m in metrics}
     results: list[dict] = [{} for _ in cases]
     dns_pairs: list[list[int]] = [[] for _ in cases]
@@ -44,19 +45,19 @@ def evaluate_cases(model, tokenizer, cases: list[EditCase], metrics: list[Metric
     for i, (index, name, probe) in enumerate(plan):
         p_bad = None
         if probe.bad is not None:
-            p_bad = good_prob[bad_index]
+            p_bad = probs[bad_index]
             bad_index += 1
         if name == DNS.name:
             dns_pairs[index].append(i)
         if name not in reported:
             continue
         entry = results[index].setdefault(name, {"value": [], "p_good": []})
-        entry["p_good"].append(good_prob[i])
+        entry["p_good"].append(probs[i])
         if p_bad is None:
-            entry["value"].append(good_acc[i])
+            entry["value"].append(accuracies[i])
         else:
             entry.setdefault("p_bad", []).append(p_bad)
-            entry["value"].append(float(good_prob[i] > p_bad))
+            entry["value"].append(float(probs[i] > p_bad))
     if reader is not None:
         for result, pairs in zip(results, dns_pairs):
             if pairs:

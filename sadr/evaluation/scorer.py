@@ -38,7 +38,7 @@ class PairScores:
         return torch.exp(-self.nll)
 
 
-def target_token_logits(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def target_token_log_probs(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Float32 log-probabilities over the vocabulary at the given (row, position) pairs only."""
     picked = hidden[rows.to(hidden.device), positions.to(hidden.device)]
     return model.get_output_embeddings()(picked).float().log_softmax(-1)
@@ -102,7 +102,7 @@ def score_pairs_detailed(model, tokenizer, prompts: list[str], targets: list[str
                 positions += range(prompt_length - 1, prompt_length + len(target) - 1)
                 target_ids += target
                 owners += [index] * len(target)
-        logprobs = target_token_logits(model, hidden, torch.tensor(batch_rows), torch.tensor(positions))
+        logprobs = target_token_log_probs(model, hidden, torch.tensor(batch_rows), torch.tensor(positions))
         ids = torch.tensor(target_ids, device=logprobs.device)
         owners_t = torch.tensor(owners)
         log_prob_sums.index_add_(0, owners_t, logprobs.gather(1, ids[:, None])[:, 0].double().cpu())

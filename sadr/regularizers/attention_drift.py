@@ -6,14 +6,13 @@ last token more than any head did before the edit (or for every head with `heads
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from sadr.conf.schema import Divergence, SadrHeads
+from sadr.conf.schema import SadrHeads
 from sadr.errors import InvalidSettingError
 from sadr.models.adapters import ModelAdapter
 from sadr.regularizers.attention_rows import AttentionRows
@@ -111,7 +110,7 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
             cached_keys=batch.cached_keys,
         )
 
-    def reads_cached_prefix(self, adapter: ModelAdapter) -> bool:
+    def reads_cached_prefix(self) -> bool:
         """Yes: the attention kernel is handed every key, cached ones included, and where queries and keys are rebuilt
         from the projections (`legacy_attention`), the keys are read from the cache the forward was handed."""
         return True
@@ -204,36 +203,11 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
                 for case, loss in zip(counts, self._losses.tolist())]
 
 
-def _get(cfg: Any, key: str) -> Any:
-    return cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
-
-
-def build_regularizers(sadr_cfg: Any) -> list[DeltaRegularizer]:
-    """The regularizers a `sadr` config asks for: none when γ = 0, so the plain editor runs bit for bit."""
-    gamma = _get(sadr_cfg, "lambda")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-        raise InvalidSettingError(f"sadr.lambda must be a finite number >= 0 (γ; 0 disables SADR), got {gamma!r}")
-    epsilon = _get(sadr_cfg, "epsilon")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise InvalidSettingError(f"sadr.epsilon must be a finite number > 0 (added to both distributions), got {epsilon!r}")
-    heads = _enum(SadrHeads, _get(sadr_cfg, "heads"), "sadr.heads")
-    _enum(Divergence, _get(sadr_cfg, "divergence"), "sadr.divergence")
-    layers = _get(sadr_cfg, "layers")
-    if layers is not None:
-        layers = list(layers)
-        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
-            raise InvalidSettingError(f"sadr.layers must be null or a non-empty list of layer indices >= 0, got {layers!r}")
-    in_stop_rule = _get(sadr_cfg, "in_stop_rule")
-    if not isinstance(in_stop_rule, bool):
-        raise InvalidSettingError(f"sadr.in_stop_rule must be true or false, got {in_stop_rule!r}")
-    if gamma == 0:
+def build_regularizers(sadr_cfg: DictConfig) -> list[DeltaRegularizer]:
+    """The regularizers the typed `sadr` node asks for (its values checked by `sadr.conf.registry.validate`): none when
+    γ = 0, so the plain editor runs bit for bit."""
+    if sadr_cfg["lambda"] == 0:
         return []
-    return [SelectiveAttentionDriftRegularizer(weight=gamma, heads=heads, layers=layers, epsilon=epsilon,
-                                               in_stop_rule=in_stop_rule)]
-
-
-def _enum(enum: type, value: Any, key: str):
-    try:
-        return enum(value)
-    except ValueError:
-        raise InvalidSettingError(f"{key} must be one of {[m.value for m in enum]}, got {value!r}") from None
+    layers = None if sadr_cfg.layers is None else list(sadr_cfg.layers)
+    return [SelectiveAttentionDriftRegularizer(weight=sadr_cfg["lambda"], heads=sadr_cfg.heads, layers=layers,
+                                               epsilon=sadr_cfg.epsilon, in_stop_rule=sadr_cfg.in_stop_rule)]

@@ -1,9 +1,10 @@
 """The one plug-in point for extra terms in the δ-optimisation loss.
 
-The δ-optimiser runs the same padded batch (rewrite prompts, then the essence prompts) through the model
-once per step. A regularizer hooks into that forward (`attach`), returns its loss term after each forward
-(`loss`) and removes its hooks (`detach`). Step 0 runs with δ = 0, so anything a regularizer needs from
-the unedited model (SADR's reference attention rows) is recorded in that first forward at no extra cost.
+The δ-optimiser runs one padded batch (each request's rewrite prompts, then its essence prompts) through the model
+once per step. A regularizer hooks into that forward (`attach`), returns its loss term per request after each
+forward (`case_losses`; `loss` for a batch of one), follows the batch when stopped requests leave it (`keep_cases`)
+and removes its hooks (`detach`). Step 0 runs with δ = 0, so anything a regularizer needs from the unedited model
+(SADR's reference attention rows) is recorded in that first forward at no extra cost.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class DeltaRegularizer(ABC):
     #: shapes the gradient but cannot delay a loss-based early stop.
     in_stop_rule: bool = True
 
-    def reads_cached_prefix(self, adapter: ModelAdapter) -> bool:
+    def reads_cached_prefix(self) -> bool:
         """Whether this term can be computed from a forward fed only the tokens from each row's δ position on, the
         earlier ones' keys and values coming from a cache (`DeltaBatch.cached_keys`). A regularizer that hooks the
         forward's inputs or projections would see only part of each row, so the default is no: the δ-optimiser then
