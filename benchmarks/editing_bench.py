@@ -38,14 +38,11 @@ sys.path.insert(0, str(REPO))
 from sadr.cache import default_cache_dir  # noqa: E402
 from sadr.conf.registry import register_configs  # noqa: E402
 from sadr.data.load import load_cases  # noqa: E402
-from sadr.editors.context_templates import context_templates  # noqa: E402
-from sadr.editors.plugin import EditorServices  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.evaluation.suite import build_evaluators, evaluate_all  # noqa: E402
 from sadr.models.fingerprint import model_fingerprint  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
-from sadr.regularizers.attention_drift import build_regularizers  # noqa: E402
-from sadr.runner import build_statistics  # noqa: E402
+from sadr.runner import build_editor, build_statistics  # noqa: E402
 
 # Phase -> the names editors time it under (ROME calls its key and δ phases k_star and v_star).
 PHASES = {"keys": ("keys", "k_star"), "δ-optimisation": ("delta", "v_star"), "update": ("update",)}
@@ -109,15 +106,11 @@ def all_at_once(editor, loaded, cases, evaluators) -> dict:
                eval_per_case, results)
 
 
-def build_editor(name: str, cfg, loaded, fingerprint: str, stats_dir: str):
+def bench_build_editor(cfg, loaded, fingerprint: str, stats_dir: str):
     """The editor a composed config describes (SADR included when `sadr.lambda` > 0), its key statistics cached under
     `stats_dir`."""
-    stats = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
-    templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                  seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir,
-                                  style=cfg.editor.context_template_style.name)
-    return EDITORS[name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor,
-                               EditorServices(stats, templates, build_regularizers(cfg.sadr)))
+    return build_editor(cfg, loaded, build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint),
+                        fingerprint)
 
 
 def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, cases, batch: bool,
@@ -125,7 +118,7 @@ def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, case
     cfg = composed(name, overrides)
     evaluators = build_evaluators(cfg)
     with tempfile.TemporaryDirectory() if cold_stats else nullcontext(cfg.cache_dir) as stats_dir:
-        editor = build_editor(name, cfg, loaded, fingerprint, stats_dir)
+        editor = bench_build_editor(cfg, loaded, fingerprint, stats_dir)
         rows = [one_by_one(editor, loaded, cases, evaluators)]
         if batch:
             rows.append(all_at_once(editor, loaded, cases, evaluators))
@@ -142,7 +135,7 @@ def compare_variants(name: str, variants: list[str], rounds: int, overrides: lis
     """The single protocol under each variant's overrides, the variants interleaved over `rounds`; per variant the
     median of each timing, its speed against the first variant, and how many per-prompt values differ from it."""
     configs = [composed(name, [*overrides, *filter(None, variant.split(","))]) for variant in variants]
-    editors = [build_editor(name, cfg, loaded, fingerprint, cfg.cache_dir) for cfg in configs]
+    editors = [bench_build_editor(cfg, loaded, fingerprint, cfg.cache_dir) for cfg in configs]
     evaluators = [build_evaluators(cfg) for cfg in configs]
     timings: list[list[dict]] = [[] for _ in variants]
     values: list[list[float]] = []

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +39,13 @@ sys.path.insert(0, str(REPO))
 from sadr.cache import default_cache_dir  # noqa: E402
 from sadr.conf.registry import register_configs  # noqa: E402
 from sadr.data.records import EditRequest  # noqa: E402
-from sadr.editors.context_templates import context_templates  # noqa: E402
 from sadr.editors.delta import DeltaObjective, optimize_delta  # noqa: E402
 from sadr.models.embedded import EmbeddedModelUnavailable  # noqa: E402
 from sadr.models.fingerprint import model_fingerprint  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer, head_kl, select_heads  # noqa: E402
 from sadr.regularizers.base import DeltaBatch, DeltaRegularizer  # noqa: E402
+from sadr.runner import editor_templates  # noqa: E402
 
 REQUEST = EditRequest(prompt="{} is located in the country of", subject="The Eiffel Tower",
                       target_new="Italy", target_true="France")
@@ -107,13 +108,11 @@ def load(args):
     if not (args.tiny or args.smollm2_depth):
         try:
             loaded = load_model(cfg.model.source, family=cfg.model.family, device="cpu", cache_dir=args.cache_dir)
-            templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                          seed=0, fingerprint=model_fingerprint(loaded.model), cache_dir=args.cache_dir,
-                                          style=cfg.editor.context_template_style.name)
+            templates = editor_templates(OmegaConf.merge(cfg, {"cache_dir": args.cache_dir}), loaded,
+                                         model_fingerprint(loaded.model))
             return loaded.model, loaded.tokenizer, loaded.adapter, cfg.editor, templates, cfg.model.name
         except EmbeddedModelUnavailable as err:
             print(f"offline default model unavailable ({err}); using a random tiny llama", file=sys.stderr)
-    from omegaconf import OmegaConf
     from sadr.models.adapters import adapter_for
     from tests.tiny_models import make_model, make_tokenizer  # the test suite's tiny models
 

@@ -69,6 +69,19 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
     )
 
 
+def editor_templates(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> list[str]:
+    """The context templates `cfg.editor` asks for, sampled from the loaded model (cached under `fingerprint`)."""
+    return context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
+                             seed=cfg.seed, fingerprint=fingerprint, cache_dir=cfg.cache_dir,
+                             style=cfg.editor.context_template_style.name)
+
+
+def build_editor(cfg: DictConfig, loaded: LoadedModel, statistics: SecondMomentStatistics, fingerprint: str) -> Editor:
+    """The editor `cfg` describes, with its templates, key statistics and SADR's regularizer when γ > 0."""
+    services = EditorServices(statistics, editor_templates(cfg, loaded, fingerprint), build_regularizers(cfg.sadr))
+    return EDITORS[cfg.editor.name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, services)
+
+
 def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: list[Evaluator], fingerprint: str,
                      cache_dir: str) -> list[dict]:
     """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk."""
@@ -143,12 +156,7 @@ class Experiment:
         })
 
     def _editor(self) -> Editor:
-        cfg, loaded = self.cfg, self.loaded
-        templates = context_templates(loaded.model, loaded.tokenizer, [list(p) for p in cfg.editor.context_templates],
-                                      seed=cfg.seed, fingerprint=self.computed_by, cache_dir=cfg.cache_dir,
-                                      style=cfg.editor.context_template_style.name)
-        services = EditorServices(self.statistics, templates, build_regularizers(cfg.sadr))
-        return EDITORS[cfg.editor.name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, services)
+        return build_editor(self.cfg, self.loaded, self.statistics, self.computed_by)
 
     def _evaluate(self, cases: list[EditCase]) -> tuple[list[dict], float]:
         start = time.perf_counter()
