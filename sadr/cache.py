@@ -9,6 +9,7 @@ Three guarantees, whatever the number of jobs started at once on an empty cache:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -76,10 +77,22 @@ def lock_for(path: Path) -> FileLock:
     return FileLock(str(path) + ".lock")
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """The mode an ordinary new file gets under this process's umask (mkstemp's own is owner-only). Read once: reading
+    the umask means setting it for a moment."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(value, path: Path, fmt: EntryFormat) -> None:
+    """`value` written to a temporary file beside `path`, then renamed onto it: `path` is whole or absent. The entry
+    gets the mode any new file gets, so a cache shared by a group stays readable to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(handle)
+    os.chmod(temporary, _new_file_mode())
     try:
         fmt.save(value, Path(temporary))
         os.replace(temporary, path)
@@ -94,6 +107,9 @@ def read_entry(path: Path, fmt: EntryFormat):
         return None
     try:
         return fmt.load(path)
+    except PermissionError as err:  # not damaged: another user's entry, to be left alone
+        raise InvalidSettingError(f"cannot read the cache entry {path} ({err.strerror}): it belongs to another user; "
+                                  "ask them to make it readable, or set cache_dir=<a folder of your own>") from err
     except Exception as err:  # a damaged file raises whatever its reader raises
         log.warning("cache entry %s is damaged (%s: %s); removing it and computing it again", path,
                     type(err).__name__, err)

@@ -26,3 +26,8 @@ class UnavailableError(UsageError, OSError):
 
 class DeviceMemoryError(UsageError, MemoryError):
     """The device ran out of memory in a phase whose size a setting controls; the message names that setting."""
+
+
+class DamagedFileError(UsageError, ValueError):
+    """A file an earlier run wrote (its results, a checkpoint, an unpacked model) cannot be read; the message names it
+    and what to remove so that the run redoes that part."""

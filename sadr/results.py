@@ -9,15 +9,19 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from sadr.errors import UsageError
+from sadr.errors import DamagedFileError, UsageError
 
 CONFIG_FILE, ENV_FILE, ROWS_FILE, METRICS_FILE = "config.yaml", "environment.json", "cases.jsonl", "metrics.csv"
+RUN_LOCK = ".sadr-run.lock"  # held by the one invocation working in a run directory
 SEQUENTIAL_STATE = "sequential_state.pt"  # the sequential protocol's checkpoint: the requests edited so far and the weights
 PACKAGES = ("sadr", "torch", "transformers", "huggingface-hub", "hydra-core", "omegaconf", "datasets", "pandas", "numpy",
             "gguf", "accelerate")
@@ -30,7 +34,7 @@ class RunConflictError(UsageError):
 # Where and how results are written, and where the work runs, not what the results are: a run resumes with these
 # changed (after running out of GPU memory, say). CPU threads, cases side by side give the results of one at a time up to float
 # rounding, and a run already narrows them itself when a group does not fit; C's factors are the same wherever they
-# are kept. environment.json records the values of each invocation.
+# are kept. environment.json records the latest invocation's values.
 NOT_IDENTITY = ("output_dir", "progress", "save_edited", "threads", "editor.parallel_cases", "model.stats.factor_device")
 
 
@@ -95,15 +99,24 @@ class RunDirectory:
         (self.path / ENV_FILE).write_text(json.dumps(record, indent=2, default=str))
 
     def rows(self) -> list[dict]:
+        """Every finished case's row. Only the last line may be cut short (by a kill while it was written), and is
+        then left out; any other line that does not parse is damage, which would silently drop finished cases."""
         file = self.path / ROWS_FILE
         if not file.is_file():
             return []
+        text = file.read_text(encoding="utf-8")
+        lines = text.splitlines()
         rows = []
-        for line in file.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(lines, start=1):
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a kill: everything before it is complete
+            except json.JSONDecodeError as err:
+                if number == len(lines) and not text.endswith("\n"):
+                    break
+                raise DamagedFileError(
+                    f"line {number} of {file} is not a whole JSON row ({err.msg}); it was not written by an "
+                    "interrupted run, so the file was damaged or edited: delete that line, and a rerun of the same "
+                    "command redoes its case") from None
         return rows
 
     def checkpointed(self) -> bool:
@@ -120,13 +133,30 @@ class RunDirectory:
             os.fsync(f.fileno())
 
     def drop_partial_line(self) -> None:
-        """Remove a trailing line cut short by a kill, so appends start on a clean line."""
+        """Remove a trailing line cut short by a kill, so appends start on a clean line. The file is cut in place,
+        never rewritten: a kill meanwhile leaves every finished row."""
         file = self.path / ROWS_FILE
         if not file.is_file():
             return
-        text = file.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):
-            file.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+        data = file.read_bytes()
+        if data and not data.endswith(b"\n"):
+            os.truncate(file, data.rfind(b"\n") + 1)
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """Held by the one invocation working here: a second one at the same time (a job launched twice, or requeued
+        while the first still runs) would append the same cases again, so it stops at once. The lock goes when its
+        process ends, however it ends."""
+        lock = FileLock(str(self.path / RUN_LOCK), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunConflictError(f"another sadr-run is working in {self.path} (it holds {self.path / RUN_LOCK}); "
+                                   "let it finish, or give this one another folder with hydra.run.dir=...") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def write_metrics(self, table: pd.DataFrame) -> Path:
         target = self.path / METRICS_FILE

@@ -30,7 +30,7 @@ from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
-from sadr.errors import DeviceMemoryError, InvalidSettingError
+from sadr.errors import DamagedFileError, DeviceMemoryError, InvalidSettingError
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
@@ -297,7 +297,7 @@ class Experiment:
         total = EditOutcome()
         peaks = GroupPeaks(self.loaded.device)
         try:
-            state = torch.load(state_file) if state_file.is_file() else {"edited": [], "editor": unedited_state}
+            state = _read_checkpoint(state_file) if state_file.is_file() else {"edited": [], "editor": unedited_state}
             editor.load_state_dict(state["editor"])
             pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
             with Progress(len(pending), self.cfg.progress.bar) as progress:
@@ -335,5 +335,16 @@ class Experiment:
         return self.out.path
 
 
+def _read_checkpoint(state_file: Path) -> dict:
+    """The sequential protocol's checkpoint (written whole and renamed, so a kill leaves the previous one)."""
+    try:
+        return torch.load(state_file)
+    except Exception as err:  # a damaged file raises whatever its reader raises
+        raise DamagedFileError(f"the sequential checkpoint {state_file} cannot be read ({type(err).__name__}: {err}); "
+                               "delete it, and a rerun of the same command redoes the sequential edits from the "
+                               "start") from err
+
+
 def run_experiment(cfg: DictConfig) -> Path:
-    return Experiment(cfg).run()
+    with RunDirectory(writable_dir(cfg.output_dir, "output_dir", "hydra.run.dir")).working():
+        return Experiment(cfg).run()

@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -13,7 +14,9 @@ import time
 import pytest
 import torch
 
-from sadr.cache import JSON, TORCH, cached, lock_for, write_atomically
+from sadr import cache
+from sadr.cache import JSON, TORCH, cached, lock_for, read_entry, write_atomically
+from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import model_fingerprint
 from sadr.models.loading import load_model
 from tests.runs import tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
@@ -85,6 +88,28 @@ def test_an_entry_is_never_left_half_written(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_atomically({"half": 1}, path, type(JSON)(save_then_fail, JSON.load))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_entries_are_readable_as_any_new_file_and_another_user_s_entry_is_left_alone(tmp_path, monkeypatch):
+    """A cache shared by a group: entries get the umask's mode (not mkstemp's owner-only one), and an entry this user
+    may not read is an error naming it, never taken for damage and deleted."""
+    path = tmp_path / "entry.json"
+    old = os.umask(0o027)
+    try:
+        cache._new_file_mode.cache_clear()
+        write_atomically({"a": 1}, path, JSON)
+    finally:
+        os.umask(old)
+        cache._new_file_mode.cache_clear()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+    def denied(_path):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(InvalidSettingError, match=r"cannot read the cache entry .*entry\.json \(Permission denied\): "
+                                                  r"it belongs to another user.*cache_dir="):
+        read_entry(path, type(JSON)(JSON.save, denied))
+    assert path.is_file()
 
 
 def test_the_same_weights_from_two_folders_have_one_fingerprint(tmp_path):

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import zipfile
 
@@ -79,6 +80,19 @@ def test_a_model_folder_without_its_weights_is_a_clear_error(tmp_path, tokenizer
     with pytest.raises(FileNotFoundError, match=r"could not load the model in .* \(model.source\): .*model\.safetensors"
                                                  r".* Give a folder written by save_pretrained"):
         load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+def test_damaged_weights_are_a_clear_error(tmp_path, tokenizer):
+    """A copy of a model folder cut short: its safetensors file cannot be read."""
+    from sadr.errors import DamagedFileError
+
+    make_model("llama").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(DamagedFileError, match=r"the weights in .*model \(model\.source\) cannot be read .*damaged; "
+                                               r"copy, save or download the model again"):
+        load_model(str(tmp_path / "model"), cache_dir=str(tmp_path / "cache"))
 
 
 def test_a_tokenizer_transformers_cannot_build_is_a_clear_error(tmp_path, monkeypatch):

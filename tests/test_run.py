@@ -123,6 +123,55 @@ def test_killed_run_resumes_without_redoing_finished_cases(tiny_dir, tmp_path, m
     assert (out / "metrics.csv").is_file()
 
 
+def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_named(tmp_path, monkeypatch):
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    rows = [json.dumps({"case_id": i}) for i in range(3)]
+    file = tmp_path / "run" / "cases.jsonl"
+    file.write_text("\n".join(rows) + "\n" + rows[0][:5])  # a kill while the fourth row was written
+    assert [row["case_id"] for row in run.rows()] == [0, 1, 2]
+    writes = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *args, **kwargs: (
+        writes.append(mode) if "w" in mode else None, real_open(path, mode, *args, **kwargs))[1])
+    run.drop_partial_line()
+    monkeypatch.undo()
+    assert writes == []  # cut in place: a file opened for writing is empty until written back, losing rows to a kill
+    assert file.read_text() == "\n".join(rows) + "\n"
+    # a damaged line before the end would silently drop the finished rows after it, so it is an error
+    file.write_text("\n".join([rows[0], rows[1][:5], rows[2]]) + "\n")
+    with pytest.raises(DamagedFileError, match=r"line 2 of .*cases\.jsonl is not a whole JSON row .*delete that line"):
+        run.rows()
+    file.write_text("\n".join([rows[0], rows[1][:5]]) + "\n")  # a whole last line that does not parse: not a kill
+    with pytest.raises(DamagedFileError, match=r"line 2 of"):
+        run.rows()
+
+
+def test_a_second_invocation_in_a_run_directory_in_use_stops_at_once(tiny_dir, tmp_path):
+    """Launched twice, or requeued while the first still runs, a job would append the same cases again."""
+    from sadr.results import RunConflictError, RunDirectory
+
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run"))
+    with RunDirectory(tmp_path / "run").working():
+        with pytest.raises(RunConflictError, match=r"another sadr-run is working in .*run.*hydra\.run\.dir"):
+            run_experiment(cfg)
+    assert not (tmp_path / "run" / "cases.jsonl").exists()
+    run_experiment(cfg)  # the lock goes with the invocation that held it
+    assert len(RunDirectory(tmp_path / "run").rows()) == 2
+
+
+def test_a_damaged_sequential_checkpoint_is_named_with_the_fix(tiny_dir, tmp_path):
+    from sadr.errors import DamagedFileError
+
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sequential_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(DamagedFileError, match=r"sequential checkpoint .*sequential_state\.pt cannot be read .*delete it"):
+        run_experiment(cfg)
+
+
 def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
     from sadr.results import RunConflictError
 

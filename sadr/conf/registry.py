@@ -52,7 +52,8 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str
     for key in node.keys():
         if key not in declared:
             found.append((f"{prefix}{key}", declared))
-        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+        elif not (OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key)) \
+                and isinstance(node[key], DictConfig):
             found.extend(unknown_keys(node[key], f"{prefix}{key}."))
     return found
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sadr.errors import InvalidSettingError, MissingInputError, UnavailableError
+from sadr.errors import DamagedFileError, InvalidSettingError, MissingInputError, UnavailableError
 from sadr.models.adapters import ModelAdapter, adapter_for
 from sadr.models.devices import resolve_device
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
@@ -108,6 +109,11 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
     try:
         tokenizer = _load_tokenizer(location, extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **extra)
+    except SafetensorError as err:  # a weights file cut short (a copy that did not finish) or overwritten
+        fix = (f"delete that folder, unpacked from {resolved}, and the next run unpacks it again" if location != resolved
+               else "copy, save or download the model again")
+        raise DamagedFileError(f"the weights in {location} (model.source) cannot be read ({err}): a file is damaged; "
+                               f"{fix}") from err
     except OSError as err:
         if Path(location).exists():  # e.g. a folder with its config and tokenizer but no weights
             raise MissingInputError(
