@@ -13,34 +13,28 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from sadr.editors.covariance import UpperTriangularSum
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+from sadr.models.devices import clock
 
 
 def time_full(keys: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
     width = keys[0].shape[1]
     total = torch.zeros(width, width, dtype=torch.float64, device=keys[0].device)
-    started = _clock(keys[0].device)
+    started = clock(keys[0].device)
     for chunk in keys:
         total.addmm_(chunk.T, chunk)
-    return _clock(keys[0].device) - started, total
+    return clock(keys[0].device) - started, total
 
 
 def time_upper(keys: list[torch.Tensor], dtype: torch.dtype) -> tuple[float, torch.Tensor]:
     total = UpperTriangularSum(keys[0].shape[1], keys[0].device)
-    started = _clock(keys[0].device)
+    started = clock(keys[0].device)
     for chunk in keys:
         total.add(chunk.to(dtype))
-    seconds = _clock(keys[0].device) - started
+    seconds = clock(keys[0].device) - started
     return seconds, total.take_full()
 
 

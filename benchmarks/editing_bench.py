@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sadr.cache import default_cache_dir  # noqa: E402
-from sadr.conf.registry import register_configs  # noqa: E402
+from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.data.load import load_cases  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.evaluation.suite import build_evaluators, evaluate_all  # noqa: E402
@@ -49,9 +48,7 @@ PHASES = {"keys": ("keys", "k_star"), "δ-optimisation": ("delta", "v_star"), "u
 
 
 def composed(editor: str, overrides: list[str]):
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        return compose("config", overrides=[f"editor={editor}", *overrides])
+    return compose_config([f"editor={editor}", *overrides], checked=False)
 
 
 def phase_seconds(outcomes: list[dict[str, float]], n_edits: int) -> dict[str, float]:
@@ -161,11 +158,13 @@ def compare_variants(name: str, variants: list[str], rounds: int, overrides: lis
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    columns = list(rows[0])
+def markdown(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table of `rows` (floats to 3 decimals): `columns` (default: the first row's keys), blank where a
+    row lacks one."""
+    columns = columns or list(rows[0])
     cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 

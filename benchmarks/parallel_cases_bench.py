@@ -41,18 +41,18 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decisions import TIE_RTOL, differing  # noqa: E402
+from editing_bench import markdown  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
 import sadr.runner as runner  # noqa: E402
 from sadr.cache import default_cache_dir  # noqa: E402
-from sadr.conf.registry import register_configs, validate  # noqa: E402
+from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.models.adapters import adapter_for  # noqa: E402
 from sadr.models.fingerprint import model_fingerprint  # noqa: E402
@@ -91,11 +91,7 @@ class TimedExperiment(runner.Experiment):
 
 
 def run(overrides: list[str]) -> tuple[list[dict], float]:
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    validate(cfg)
-    experiment = TimedExperiment(cfg)
+    experiment = TimedExperiment(compose_config(overrides))
     with contextlib.redirect_stdout(io.StringIO()):  # each run's own table
         out = experiment.run()
     return RunDirectory(out).rows(), experiment.protocol_seconds
@@ -118,14 +114,6 @@ def summary(n: int, rows: list[dict], wall: float, reference: dict | None, tie_r
             result[f"{phase} ×"] = reference[f"{phase} s/case"] / per_case[phase] if per_case[phase] else float("nan")
         result["decisions differing (ties)"] = differing(reference["rows"], rows, tie_rtol)
     return {**result, "rows": rows}
-
-
-def markdown(results: list[dict]) -> str:
-    columns = [c for c in results[-1] if c != "rows"]
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in results]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -184,7 +172,7 @@ def main() -> None:
             source = args.model_source or ("random weights" if args.random_shape else "")
             print(f"\n{editor} on {args.model}{f' ({source})' if source else ''}, {args.dtype}, "
                   f"sadr.lambda={args.sadr_lambda}, {device}, load average {load}:")
-            print(markdown(results))
+            print(markdown(results, [c for c in results[-1] if c != "rows"]))
 
 
 if __name__ == "__main__":

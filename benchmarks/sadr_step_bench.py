@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sadr.cache import default_cache_dir  # noqa: E402
-from sadr.conf.registry import register_configs  # noqa: E402
+from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.data.records import EditRequest  # noqa: E402
 from sadr.editors.delta import DeltaObjective, optimize_delta  # noqa: E402
 from sadr.models.embedded import EmbeddedModelUnavailable  # noqa: E402
@@ -102,9 +101,7 @@ class EagerMapsSadr(DeltaRegularizer):
 
 def load(args):
     """(model, tokenizer, adapter, editor hparams, templates, description)."""
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["editor=rome"])
+    cfg = compose_config(["editor=rome"], checked=False)
     if not (args.tiny or args.smollm2_depth):
         try:
             loaded = load_model(cfg.model.source, family=cfg.model.family, device="cpu", cache_dir=args.cache_dir)

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from hydra import compose, initialize_config_module
 from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +55,7 @@ from decisions import TIE_RTOL, differing  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
 from sadr.cache import TORCH, default_cache_dir, read_entry  # noqa: E402
-from sadr.conf.registry import register_configs, validate  # noqa: E402
+from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.models.kept import release_kept_model  # noqa: E402
 from sadr.results import RunDirectory  # noqa: E402
 from sadr.runner import run_experiment  # noqa: E402
@@ -115,11 +114,7 @@ def overrides(settings: Settings, editor: str, with_sadr: bool, variant: int = 0
 
 
 def run(settings: Settings, editor: str, with_sadr: bool, variant: int = 0) -> Path:
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides(settings, editor, with_sadr, variant))
-    validate(cfg)
-    return run_experiment(cfg)
+    return run_experiment(compose_config(overrides(settings, editor, with_sadr, variant)))
 
 
 def run_summary(rows: list[dict]) -> dict:

@@ -297,8 +297,10 @@ class Experiment:
         total = EditOutcome()
         peaks = GroupPeaks(self.loaded.device)
         try:
-            state = _read_checkpoint(state_file) if state_file.is_file() else {"edited": [], "editor": unedited_state}
+            state = (_read_checkpoint(state_file) if state_file.is_file()
+                     else {"edited": [], "editor": unedited_state, "seconds": {}})
             editor.load_state_dict(state["editor"])
+            total.seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
             pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
             with Progress(len(pending), self.cfg.progress.bar) as progress:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
@@ -307,6 +309,7 @@ class Experiment:
                         total.seconds[name] = total.seconds.get(name, 0.0) + seconds
                     state["edited"] += [str(c.case_id) for c in group]
                     state["editor"] = editor.state_dict()
+                    state["seconds"] = dict(total.seconds)
                     torch.save(state, state_file.with_suffix(".tmp"))
                     state_file.with_suffix(".tmp").replace(state_file)
                     progress.advance(len(group))

@@ -5,10 +5,9 @@ import random
 from dataclasses import dataclass
 
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sadr.conf.registry import register_configs, validate
+from sadr.conf.registry import compose_config
 from sadr.data.corpus import Corpus
 from sadr.data.records import EditRequest
 from sadr.editors import spread
@@ -133,11 +132,7 @@ def top1(model, tokenizer, prompt: str) -> int:
 
 def composed_editor(editor: str, model: str):
     """The `editor` node that `sadr-run editor=<editor> model=<model>` composes and validates."""
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"editor={editor}", f"model={model}"])
-    validate(cfg)
-    return cfg.editor
+    return compose_config([f"editor={editor}", f"model={model}"]).editor
 
 
 def record_deltas(monkeypatch) -> list:

@@ -4,13 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
-from sadr.conf.registry import register_configs, validate
+from sadr.conf.registry import compose_config
+from tests.data_fixtures import FIXTURES
 from tests.editing import random_texts
 from tests.tiny_models import make_model, make_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
 FIXTURE = FIXTURES / "offline_counterfact.json"
 
 
@@ -36,8 +35,4 @@ def tiny_overrides(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 def composed(overrides: list[str]):
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    validate(cfg)
-    return cfg
+    return compose_config(overrides)

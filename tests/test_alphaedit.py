@@ -129,6 +129,10 @@ def test_a_killed_sequential_run_resumes_with_the_accumulated_keys(tiny_dir, tmp
     rows = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "diagnostics")}  # noqa: E731
                         for line in (run / "cases.jsonl").read_text().splitlines()]
     assert rows(whole) == rows(resumed)
+    # the rows' edit times include those of the edits made before the kill, which the checkpoint kept
+    seconds = json.loads((resumed / "cases.jsonl").read_text().splitlines()[0])["seconds"]
+    assert interrupted["seconds"]["delta"] > 0 and seconds["delta"] > interrupted["seconds"]["delta"]
+    assert b["seconds"] == {name: value for name, value in seconds.items() if name != "eval_per_case"}
 
 
 def test_published_settings_compose_and_keys_alphaedit_never_reads_do_not_exist():

@@ -35,9 +35,9 @@ def test_counterfact(tmp_path):
     assert first.request.text == "The mother tongue of Velimir Ostrander is"
     # paraphrases keep their random prefix and newlines verbatim
     assert first.paraphrase_prompts[1].startswith("Minutes of the 1911 meeting\n\nSee also\n")
-    assert len(first.neighborhood_prompts) == 3 and len(first.attribute_prompts) == 2
+    assert len(first.neighborhood_prompts) == 3
     assert first.generation_prompts.count("Velimir Ostrander's mother tongue is") == 2  # repeats kept
-    assert first.relation_prompts == () and first.portability == {} and first.source == "counterfact"
+    assert first.relation_prompts == () and first.portability == {}
     second = loaded.cases[1]  # non-ASCII subject written as \u escapes, non-breaking spaces kept
     assert second.request.subject == "Zoë Quillfeather-Ñandú"
     assert second.request.text == "Zoë Quillfeather-Ñandú, who plays the"
@@ -48,7 +48,7 @@ def test_multi_counterfact_shares_the_schema(tmp_path):
     cases = load("multi_counterfact", tmp_path).cases
     assert [c.case_id for c in cases] == [0, 1]
     assert cases[1].request.target_new == "botany" and cases[1].request.target_true == "geology"
-    assert cases[0].source == "multi_counterfact"
+    assert cases[0].neighborhood_prompts and cases[0].paraphrase_prompts
 
 
 def test_offline_counterfact_relation_specificity(tmp_path):
@@ -58,7 +58,7 @@ def test_offline_counterfact_relation_specificity(tmp_path):
         LabeledPrompt("The currency of Duchy of Quenmark is", "mark"),
     )
     # the list is optional, and so are attribute / generation prompts
-    assert cases[1].relation_prompts == () and cases[1].attribute_prompts == () and cases[1].generation_prompts == ()
+    assert cases[1].relation_prompts == () and cases[1].generation_prompts == ()
     assert cases[1].paraphrase_prompts == ("The Glass Orchard is a novel by",)
 
 

@@ -13,7 +13,7 @@ from sadr.evaluation.consistency import (
     load_consistency_data,
     tfidf_cosine,
 )
-from sadr.evaluation.fluency import fluency, ngram_entropy, word_tokens
+from sadr.evaluation.fluency import ngram_entropy, word_tokens
 
 LOG2_3 = math.log2(3)
 
@@ -60,12 +60,6 @@ def test_ngram_entropy_custom_orders_and_weights():
     assert ngram_entropy("a a b b", ns=(1,), weights=(1.0,)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="equal length"):
         ngram_entropy("a b", ns=(2, 3), weights=(1.0,))
-
-
-def test_fluency_is_the_mean_over_texts():
-    assert fluency(["a b a b", "go go go go"]) == pytest.approx(0.9727653 / 2, abs=1e-7)
-    with pytest.raises(ValueError, match="at least one"):
-        fluency([])
 
 
 VOCAB = {"cat": 0, "dog": 1, "fish": 2}

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from sadr.conf.registry import register_configs, validate
+from sadr.conf.registry import compose_config, validate
 from sadr.editors.registry import EDITORS
 from sadr.evaluation.summary import _order_columns
 from tests.test_run import _sadr_run, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
@@ -21,9 +20,7 @@ GPTJ = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
 
 
 def composed(overrides: list[str], hydra: bool = False):
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra)
+    return compose_config(overrides, checked=False, hydra=hydra)
 
 
 def test_sadr_is_off_by_default():

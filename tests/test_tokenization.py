@@ -6,7 +6,6 @@ from sadr.models.tokenization import (
     encode_with_offsets,
     fill_subject,
     last_token_of_span,
-    subject_span,
 )
 
 
@@ -40,9 +39,9 @@ def test_subject_positions_survive_a_bos_token(tokenizer):
     assert tokenizer.decode(ids[1 : index + 1]).strip() == "The Eiffel Tower"
 
 
-def test_missing_subject_is_an_error_naming_both():
-    with pytest.raises(SubjectNotFoundError, match="'Berlin' not found in prompt 'Paris is nice'"):
-        subject_span("Paris is nice", "Berlin")
+def test_a_span_no_token_covers_is_an_error():
+    with pytest.raises(SubjectNotFoundError, match=r"no token covers characters 10\.\.12"):
+        last_token_of_span([(0, 5), (5, 9)], (10, 12))
 
 
 def test_template_must_have_one_placeholder():

@@ -6,6 +6,7 @@ import difflib
 import math
 
 import torch
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +24,17 @@ def register_configs() -> None:
     store.store(name="base_config", node=RunConfig)
     for name, plugin in EDITORS.items():
         store.store(group="editor", name=name, node=plugin.config)
+
+
+def compose_config(overrides: list[str], *, checked: bool = True, hydra: bool = False) -> DictConfig:
+    """The config `sadr-run <overrides>` composes, for scripts, benchmarks and tests; `checked`: as a run checks it
+    (`validate`); `hydra`: with the `hydra` node."""
+    register_configs()
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=hydra)
+    if checked:
+        validate(cfg)
+    return cfg
 
 
 class ConfigError(InvalidSettingError):

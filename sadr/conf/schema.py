@@ -11,6 +11,8 @@ from omegaconf import MISSING
 from sadr.evaluation.probes import METRICS
 
 
+# One value each, on purpose: the reference configs carry these keys, so a config that asks for another strategy or
+# divergence fails at composition instead of being run with this one (docs/fidelity.md, row 3). Nothing branches on them.
 class FactToken(Enum):
     subject_last = "subject_last"  # the subject's last token: the only strategy the published runs use
 
@@ -73,7 +75,7 @@ class SadrHeads(Enum):
     all = "all"
 
 
-class Divergence(Enum):
+class Divergence(Enum):  # see FactToken
     kl = "kl"
 
 

@@ -32,7 +32,5 @@ def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
             rec, "paraphrase_prompts", rec.texts("paraphrase_prompts", required=False), subject
         ),
         neighborhood_prompts=tuple(rec.texts("neighborhood_prompts", required=False)),
-        attribute_prompts=tuple(rec.texts("attribute_prompts", required=False)),
         generation_prompts=tuple(rec.texts("generation_prompts", required=False)),
-        source=cfg.name,
     )

@@ -34,6 +34,10 @@ class ChecksumError(DownloadError):
     """A fetched file has the wrong size or sha256; its partial copy has been deleted."""
 
 
+# Where ROME's authors publish CounterFact, zsRE and the consistency metric's files
+ROME_DATA_URL = "https://rome.baulab.info/data/dsets/"
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """A file at `url`, with its expected byte size and sha256 where they are known."""

@@ -33,5 +33,4 @@ def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
         relation_prompts=labeled_prompts(locality, "Relation_Specificity"),
         locality_prompts=labeled_prompts(locality, "Forgetfulness"),
         portability={name: prompts for name in portability.keys() if (prompts := labeled_prompts(portability, name))},
-        source=cfg.name,
     )

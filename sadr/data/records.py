@@ -43,12 +43,10 @@ class EditCase:
     request: EditRequest
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
-    attribute_prompts: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
     relation_prompts: tuple[LabeledPrompt, ...] = ()
     locality_prompts: tuple[LabeledPrompt, ...] = ()
     portability: dict[str, tuple[LabeledPrompt, ...]] = field(default_factory=dict)
-    source: str = ""
     # zsRE: efficacy and generalization are top-1 token accuracy of target_new, never p(new) vs p(true)
     # comparisons, whichever answer the edit targets (target_true is set when it edits towards `alt`)
     token_scored: bool = False

@@ -11,7 +11,7 @@ from typing import Callable
 
 from sadr.conf.schema import DatasetConfig
 from sadr.data import counterfact, knowedit, offline_counterfact, sadr_merged, zsre
-from sadr.data.download import RemoteFile
+from sadr.data.download import ROME_DATA_URL, RemoteFile
 from sadr.data.records import EditCase
 from sadr.data.validation import Record
 
@@ -25,13 +25,12 @@ class DatasetFormat:
     packaged: str | None = None
 
 
-_ROME = "https://rome.baulab.info/data/dsets/"
 
 FORMATS: dict[str, DatasetFormat] = {
     "counterfact": DatasetFormat(
         counterfact.parse,
         RemoteFile(
-            _ROME + "counterfact.json",
+            ROME_DATA_URL + "counterfact.json",
             size=45_108_470,
             sha256="d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f",
         ),
@@ -40,7 +39,7 @@ FORMATS: dict[str, DatasetFormat] = {
         counterfact.parse, RemoteFile("https://memit.baulab.info/data/dsets/multi_counterfact.json")
     ),
     "offline_counterfact": DatasetFormat(offline_counterfact.parse, packaged="offline/counterfact_offline.json"),
-    "zsre": DatasetFormat(zsre.parse, RemoteFile(_ROME + "zsre_mend_eval.json")),
+    "zsre": DatasetFormat(zsre.parse, RemoteFile(ROME_DATA_URL + "zsre_mend_eval.json")),
     "knowedit_counterfact": DatasetFormat(
         knowedit.parse,
         RemoteFile(

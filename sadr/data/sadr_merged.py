@@ -42,7 +42,6 @@ def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
         relation_prompts=_block(rec, "l-relation"),
         portability=portability,
         generation_prompts=tuple(rec.child("generation", required=False).texts("prompts", required=False)),
-        source=cfg.name,
     )
 
 

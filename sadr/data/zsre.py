@@ -36,6 +36,5 @@ def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
         request=EditRequest(template_around_subject(rec, "src", subject), subject, target_new, target_true),
         paraphrase_prompts=(rec.text("rephrase"),),
         locality_prompts=(LabeledPrompt(rec.text("loc") + "?", rec.text("loc_ans")),),
-        source=cfg.name,
         token_scored=True,
     )

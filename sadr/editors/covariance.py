@@ -22,7 +22,7 @@ from sadr.editors.capture import stop_after
 from sadr.editors.update import FactorizedMoment, mirror_upper_triangle_
 from sadr.errors import DeviceMemoryError, InvalidSettingError, MissingInputError
 from sadr.models.adapters import ModelAdapter
-from sadr.models.devices import take_peak_memory, tf32_in_use
+from sadr.models.devices import clock, take_peak_memory, tf32_in_use
 from sadr.models.fingerprint import cache_key
 from sadr.models.tokenization import pad_id_of, pad_right
 from sadr.progress import Progress
@@ -105,12 +105,6 @@ class SecondMomentSums:
                 **{f"{name}_seconds": round(value, 3) for name, value in self.seconds.items()}}
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 @torch.no_grad()
 def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: list[int], texts,
                               sample_length: int, batch_tokens: int, product_dtype: torch.dtype = torch.float64,
@@ -136,18 +130,18 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
 
     def accumulate(layer: int):
         def hook(_module, args):
-            started = _clock(device)
+            started = clock(device)
             keys = args[0][token_mask]
             if sums[layer] is None:
                 sums[layer] = UpperTriangularSum(keys.shape[-1], device)
             for chunk in keys.split(max(1, CHUNK_BYTES // (8 * keys.shape[-1]))):
                 sums[layer].add(chunk.to(product_dtype))
-            seconds["accumulate"] += _clock(device) - started
+            seconds["accumulate"] += clock(device) - started
         return hook
 
     def flush(sequences: list[list[int]]) -> None:
         nonlocal count, token_mask
-        started = _clock(device)
+        started = clock(device)
         batch = pad_right(sequences, pad).to(device)
         token_mask = batch.attention_mask.bool()
         accumulated = seconds["accumulate"]
@@ -160,7 +154,7 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
             for handle in handles:
                 handle.remove()
         count += int(token_mask.sum())
-        seconds["forward"] += _clock(device) - started - (seconds["accumulate"] - accumulated)
+        seconds["forward"] += clock(device) - started - (seconds["accumulate"] - accumulated)
 
     pending: list[list[int]] = []
     started = time.perf_counter()

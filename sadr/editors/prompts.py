@@ -30,7 +30,6 @@ class SubjectPrompts:
 
     batch: PaddedBatch
     subject_positions: torch.Tensor
-    lengths: torch.Tensor
 
 
 def encode_subject_prompts(tokenizer, templates: list[str], subjects: list[str]) -> SubjectPrompts:
@@ -44,7 +43,6 @@ def encode_subject_prompts(tokenizer, templates: list[str], subjects: list[str])
     return SubjectPrompts(
         pad_right(sequences, pad_id_of(tokenizer)),
         torch.tensor(positions, dtype=torch.long),
-        torch.tensor([len(s) for s in sequences], dtype=torch.long),
     )
 
 

@@ -20,6 +20,7 @@ Two details of the public MEMIT code (inherited by PMET and the SADR repo) are k
 from __future__ import annotations
 
 from abc import abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -156,22 +157,13 @@ class SpreadEditor(Editor):
         with timed(shared, "delta"):
             results = optimize_deltas(self.model, self.adapter, self.tokenizer, requests, self.context_templates,
                                       self.objective, self.regularizers)
-        targets = torch.stack([r.target(self.target_site) for r in results])
         per_case: list[dict[int, LowRankUpdate]] = [{} for _ in requests]
         diagnostics = [delta_diagnostics([result]) for result in results]
-        for i, layer in enumerate(self.layers):
-            with PerRowUpdates(self.model, self.adapter, per_case) as written:
-                with timed(shared, "keys"):
-                    keys = grouped_mean_keys(self.model, self.adapter, self.tokenizer, layer, requests, self.groups,
-                                             case_rows=written.rows)
-                with timed(shared, "update"):
-                    current = bare_prompt_outputs(self.model, self.adapter, self.tokenizer, self.target_site,
-                                                  self.layers[-1], requests, case_rows=written.rows)
+        for layer, keys, residuals, norms in self._layer_residuals(requests, results, shared, per_case):
             with timed(shared, "update"):
-                residuals = (targets - current) / self.divisor(len(self.layers) - i)
                 for case, update in zip(per_case, self.solve_each(layer, keys, residuals, second_moments[layer])):
                     case[layer] = update
-            for case, norm in zip(diagnostics, (targets - current).norm(dim=-1).tolist()):
+            for case, norm in zip(diagnostics, norms.tolist()):
                 case[f"residual_norm_layer{layer}"] = norm
         seconds = {name: value / len(requests) for name, value in shared.items()}
         return [EditOutcome(updates=case_updates, seconds=dict(seconds), diagnostics=case_diagnostics)
@@ -180,18 +172,31 @@ class SpreadEditor(Editor):
     def _spread(self, requests: list[EditRequest], results: list[DeltaResult], second_moments: dict,
                 outcome: SpreadOutcome) -> SpreadOutcome:
         """Write the targets z = z₀ + δ into the edited layers, one ridge solve per layer in order."""
-        targets = torch.stack([r.target(self.target_site) for r in results])
-        for i, layer in enumerate(self.layers):
-            with timed(outcome.seconds, "keys"):
-                keys = grouped_mean_keys(self.model, self.adapter, self.tokenizer, layer, requests, self.groups)
+        for layer, keys, residuals, norms in self._layer_residuals(requests, results, outcome.seconds):
             with timed(outcome.seconds, "update"):
-                current = bare_prompt_outputs(self.model, self.adapter, self.tokenizer, self.target_site,
-                                              self.layers[-1], requests)
-                residuals = (targets - current) / self.divisor(len(self.layers) - i)
                 update = self.solve(layer, keys, residuals, second_moments[layer])
                 self.adapter.add_to_down_weight(self.model, layer, update)
             outcome.solves.append(LayerSolve(layer, keys, residuals, update))
             outcome.updates[layer] = update
-            outcome.diagnostics[f"residual_norm_layer{layer}"] = (targets - current).norm(dim=-1).mean().item()
+            outcome.diagnostics[f"residual_norm_layer{layer}"] = norms.mean().item()
         outcome.diagnostics.update(delta_diagnostics(results))
         return outcome
+
+    def _layer_residuals(self, requests: list[EditRequest], results: list[DeltaResult], seconds: dict[str, float],
+                         per_case: list[dict[int, LowRankUpdate]] | None = None):
+        """Per edited layer, in order: (layer, keys, residuals divided for this layer, each residual's norm before
+        dividing), read once the caller has solved the layers below. Their updates are in the model's weights, or,
+        with `per_case`, each row sees its own request's (`PerRowUpdates`) while no weight is written."""
+        targets = torch.stack([r.target(self.target_site) for r in results])
+        for i, layer in enumerate(self.layers):
+            with PerRowUpdates(self.model, self.adapter, per_case) if per_case is not None else nullcontext() as written:
+                rows = written.rows if per_case is not None else one_model
+                with timed(seconds, "keys"):
+                    keys = grouped_mean_keys(self.model, self.adapter, self.tokenizer, layer, requests, self.groups,
+                                             case_rows=rows)
+                with timed(seconds, "update"):
+                    current = bare_prompt_outputs(self.model, self.adapter, self.tokenizer, self.target_site,
+                                                  self.layers[-1], requests, case_rows=rows)
+            with timed(seconds, "update"):
+                residuals = (targets - current) / self.divisor(len(self.layers) - i)
+            yield layer, keys, residuals, (targets - current).norm(dim=-1)

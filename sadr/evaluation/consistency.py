@@ -19,20 +19,19 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from sadr.data.download import DownloadError, RemoteFile, download
+from sadr.data.download import ROME_DATA_URL, DownloadError, RemoteFile, download
 
-_ROME = "https://rome.baulab.info/data/dsets/"
 FILES = {
     "idf.npy": RemoteFile(
-        _ROME + "idf.npy", size=11_042_168, sha256="c073d642589d4ac6432f467230329b36364a01e72de63a77a3624b745b923dda"
+        ROME_DATA_URL + "idf.npy", size=11_042_168, sha256="c073d642589d4ac6432f467230329b36364a01e72de63a77a3624b745b923dda"
     ),
     "tfidf_vocab.json": RemoteFile(
-        _ROME + "tfidf_vocab.json",
+        ROME_DATA_URL + "tfidf_vocab.json",
         size=31_639_072,
         sha256="8a78c4f20d8d85dadfd14e283d71af255482ff18aa0eb8a81716024c05ff888b",
     ),
     "attribute_snippets.json": RemoteFile(
-        _ROME + "attribute_snippets.json",
+        ROME_DATA_URL + "attribute_snippets.json",
         size=926_285_719,
         sha256="10b5c1cd105e54d5983c72de1b45bfc88bc7af786f7b99def2557886ff23385b",
     ),

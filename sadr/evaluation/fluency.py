@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Sequence
 
 _WORD_TOKEN = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+(?:-\w+)*|[^\w\s]", re.IGNORECASE)
 
@@ -28,14 +28,6 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     tokens = word_tokens(text)
     weighted = [w * _entropy_bits(Counter(zip(*(tokens[i:] for i in range(n))))) for n, w in zip(ns, weights)]
     return sum(weighted) / len(weighted)
-
-
-def fluency(texts: Iterable[str]) -> float:
-    """Mean `ngram_entropy` over generated texts (papers print it ×100)."""
-    scores = [ngram_entropy(t) for t in texts]
-    if not scores:
-        raise ValueError("fluency needs at least one generated text")
-    return sum(scores) / len(scores)
 
 
 def _entropy_bits(counts: Counter) -> float:

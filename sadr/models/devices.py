@@ -111,3 +111,10 @@ def release_unused_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def clock(device: torch.device) -> float:
+    """`time.perf_counter()` once the device's queued work is done (CUDA runs asynchronously), for timing a phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -52,19 +52,6 @@ def encode_prompt_target(tokenizer, prompt: str, target: str) -> EncodedPair:
     return EncodedPair(ids[:split], ids[split:], offsets[:split])
 
 
-def subject_span(text: str, subject: str, start_hint: int | None = None) -> tuple[int, int]:
-    """Character span of `subject` in `text` (at `start_hint` if given, else its last occurrence)."""
-    if start_hint is not None and text[start_hint : start_hint + len(subject)] == subject:
-        return start_hint, start_hint + len(subject)
-    pos = text.rfind(subject)
-    if not subject or pos < 0:
-        raise SubjectNotFoundError(
-            f"subject {subject!r} not found in prompt {text!r}; every prompt that is edited or "
-            "regularised must contain its subject verbatim (fix the record or its 'subject' field)"
-        )
-    return pos, pos + len(subject)
-
-
 def last_token_of_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> int:
     """Index of the last token that overlaps the character span."""
     start, end = span
