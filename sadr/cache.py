@@ -79,10 +79,14 @@ def lock_for(path: Path) -> FileLock:
 
 @functools.cache
 def _new_file_mode() -> int:
-    """The mode an ordinary new file gets under this process's umask (mkstemp's own is owner-only). Read once: reading
-    the umask means setting it for a moment."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """The mode an ordinary new file gets under this process's umask (mkstemp's own is owner-only). Read once, from
+    /proc where it can be: otherwise reading the umask means setting it for a moment."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
@@ -108,8 +112,8 @@ def read_entry(path: Path, fmt: EntryFormat):
     try:
         return fmt.load(path)
     except PermissionError as err:  # not damaged: another user's entry, to be left alone
-        raise InvalidSettingError(f"cannot read the cache entry {path} ({err.strerror}): it belongs to another user; "
-                                  "ask them to make it readable, or set cache_dir=<a folder of your own>") from err
+        raise InvalidSettingError(f"cannot read the cache entry {path} ({err.strerror}): this user may not read it (another "
+                                  "user's?); make it readable, or set cache_dir=<a folder of your own>") from err
     except Exception as err:  # a damaged file raises whatever its reader raises
         log.warning("cache entry %s is damaged (%s: %s); removing it and computing it again", path,
                     type(err).__name__, err)

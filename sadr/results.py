@@ -6,6 +6,7 @@ with the same directory and the same config skips the finished cases.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -25,6 +26,9 @@ RUN_LOCK = ".sadr-run.lock"  # held by the one invocation working in a run direc
 SEQUENTIAL_STATE = "sequential_state.pt"  # the sequential protocol's checkpoint: the requests edited so far and the weights
 PACKAGES = ("sadr", "torch", "transformers", "huggingface-hub", "hydra-core", "omegaconf", "datasets", "pandas", "numpy",
             "gguf", "accelerate")
+
+
+log = logging.getLogger(__name__)
 
 
 class RunConflictError(UsageError):
@@ -100,7 +104,8 @@ class RunDirectory:
 
     def rows(self) -> list[dict]:
         """Every finished case's row. Only the last line may be cut short (by a kill while it was written), and is
-        then left out; any other line that does not parse is damage, which would silently drop finished cases."""
+        then left out; any other line that does not parse is damage, which would silently drop finished cases.
+        Blank lines are skipped."""
         file = self.path / ROWS_FILE
         if not file.is_file():
             return []
@@ -108,6 +113,8 @@ class RunDirectory:
         lines = text.splitlines()
         rows = []
         for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
@@ -133,14 +140,23 @@ class RunDirectory:
             os.fsync(f.fileno())
 
     def drop_partial_line(self) -> None:
-        """Remove a trailing line cut short by a kill, so appends start on a clean line. The file is cut in place,
-        never rewritten: a kill meanwhile leaves every finished row."""
+        """Remove a trailing line cut short by a kill, so appends start on a clean line; a whole row that only lacks
+        its newline (the kill came just before it) is kept, and the newline added, as `rows` counts it. The file is
+        cut or appended to in place, never rewritten: a kill meanwhile leaves every finished row."""
         file = self.path / ROWS_FILE
         if not file.is_file():
             return
         data = file.read_bytes()
-        if data and not data.endswith(b"\n"):
-            os.truncate(file, data.rfind(b"\n") + 1)
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:  # cut short (a JSON or a UTF-8 error)
+            os.truncate(file, start)
+            return
+        with open(file, "ab") as f:
+            f.write(b"\n")
 
     @contextmanager
     def working(self) -> Iterator[None]:
@@ -151,12 +167,18 @@ class RunDirectory:
         try:
             lock.acquire()
         except Timeout:
-            raise RunConflictError(f"another sadr-run is working in {self.path} (it holds {self.path / RUN_LOCK}); "
-                                   "let it finish, or give this one another folder with hydra.run.dir=...") from None
+            raise RunConflictError(f"another sadr-run is working in {self.path} (it holds {self.path / RUN_LOCK}); let "
+                                   "it finish, or give this one another folder (hydra.run.dir=..., or hydra.sweep.dir=... "
+                                   "for a sweep)") from None
+        except OSError as err:  # a file system without locks: run as before the lock existed
+            log.warning("cannot lock %s (%s); make sure no other sadr-run works in this folder at the same time",
+                        self.path, err)
+            lock = None
         try:
             yield
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def write_metrics(self, table: pd.DataFrame) -> Path:
         target = self.path / METRICS_FILE

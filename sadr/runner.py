@@ -13,6 +13,7 @@ With `save_edited=true` the edited model is also written as a loadable folder (s
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from pathlib import Path
 
@@ -297,7 +298,7 @@ class Experiment:
         total = EditOutcome()
         peaks = GroupPeaks(self.loaded.device)
         try:
-            state = (_read_checkpoint(state_file) if state_file.is_file()
+            state = (_read_checkpoint(state_file, self.loaded.device) if state_file.is_file()
                      else {"edited": [], "editor": unedited_state, "seconds": {}})
             editor.load_state_dict(state["editor"])
             total.seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
@@ -338,11 +339,14 @@ class Experiment:
         return self.out.path
 
 
-def _read_checkpoint(state_file: Path) -> dict:
-    """The sequential protocol's checkpoint (written whole and renamed, so a kill leaves the previous one)."""
+def _read_checkpoint(state_file: Path, device: torch.device) -> dict:
+    """The sequential protocol's checkpoint (written whole and renamed, so a kill leaves the previous one), onto the
+    model's device, wherever the run that wrote it ran."""
     try:
-        return torch.load(state_file)
-    except Exception as err:  # a damaged file raises whatever its reader raises
+        return torch.load(state_file, map_location=device)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as err:  # what an unreadable file raises
         raise DamagedFileError(f"the sequential checkpoint {state_file} cannot be read ({type(err).__name__}: {err}); "
                                "delete it, and a rerun of the same command redoes the sequential edits from the "
                                "start") from err

@@ -107,7 +107,7 @@ def test_entries_are_readable_as_any_new_file_and_another_user_s_entry_is_left_a
         raise PermissionError(13, "Permission denied")
 
     with pytest.raises(InvalidSettingError, match=r"cannot read the cache entry .*entry\.json \(Permission denied\): "
-                                                  r"it belongs to another user.*cache_dir="):
+                                                  r"this user may not read it.*cache_dir="):
         read_entry(path, type(JSON)(JSON.save, denied))
     assert path.is_file()
 

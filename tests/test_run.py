@@ -1,7 +1,9 @@
 """End to end through the real config files: composition, errors, outputs, resume, determinism, sweeps."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import signal
@@ -133,13 +135,20 @@ def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_na
     file.write_text("\n".join(rows) + "\n" + rows[0][:5])  # a kill while the fourth row was written
     assert [row["case_id"] for row in run.rows()] == [0, 1, 2]
     writes = []
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, mode="r", *args, **kwargs: (
-        writes.append(mode) if "w" in mode else None, real_open(path, mode, *args, **kwargs))[1])
+    real_open = io.open
+    spy = lambda path, mode="r", *args, **kwargs: (  # noqa: E731
+        writes.append(mode) if "w" in mode else None, real_open(path, mode, *args, **kwargs))[1]
+    monkeypatch.setattr(io, "open", spy)  # what pathlib opens files with
+    monkeypatch.setattr("builtins.open", spy)
     run.drop_partial_line()
     monkeypatch.undo()
     assert writes == []  # cut in place: a file opened for writing is empty until written back, losing rows to a kill
     assert file.read_text() == "\n".join(rows) + "\n"
+    file.write_text("\n".join(rows))  # a whole row, killed just before its newline: kept, as rows() counts it
+    run.drop_partial_line()
+    assert file.read_text() == "\n".join(rows) + "\n" and len(run.rows()) == 3
+    file.write_text("\n".join(rows) + "\n\n")  # blank lines are no rows, and no damage
+    assert len(run.rows()) == 3
     # a damaged line before the end would silently drop the finished rows after it, so it is an error
     file.write_text("\n".join([rows[0], rows[1][:5], rows[2]]) + "\n")
     with pytest.raises(DamagedFileError, match=r"line 2 of .*cases\.jsonl is not a whole JSON row .*delete that line"):
@@ -160,6 +169,31 @@ def test_a_second_invocation_in_a_run_directory_in_use_stops_at_once(tiny_dir, t
     assert not (tmp_path / "run" / "cases.jsonl").exists()
     run_experiment(cfg)  # the lock goes with the invocation that held it
     assert len(RunDirectory(tmp_path / "run").rows()) == 2
+
+
+def test_a_folder_that_cannot_be_locked_runs_as_before_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A file system without locks (an NFS mount without its lock daemon) must not stop runs that worked before."""
+    import filelock
+
+    from sadr.results import RunDirectory
+
+    def no_locks(self, *args, **kwargs):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", no_locks)
+    with caplog.at_level(logging.WARNING, logger="sadr.results"), RunDirectory(tmp_path / "run").working():
+        pass
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_key_added_with_plus_is_checked_only_where_a_schema_declares_the_keys():
+    from omegaconf import OmegaConf
+
+    from sadr.conf.registry import compose_config, unknown_keys
+
+    assert [key for key, _ in unknown_keys(compose_config(["+sadr.lamda=0.1"], checked=False))] == ["sadr.lamda"]
+    assert unknown_keys(OmegaConf.create({"weights": {"anything": 1.0}})) == []  # a plug-in's Dict node
+    compose_config([], hydra=True)  # Hydra's own node is not the run's
 
 
 def test_a_damaged_sequential_checkpoint_is_named_with_the_fix(tiny_dir, tmp_path):

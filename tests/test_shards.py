@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from sadr.evaluation.paired import compare_runs
-from sadr.evaluation.summary import summarize, write_summary
+from sadr.evaluation.summary import paired_with_baselines, summarize, write_summary
 from sadr.report.data import load_runs, series_of, tradeoff_table
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
@@ -73,6 +73,18 @@ def test_a_configuration_whose_shards_are_not_all_finished_is_left_unpaired_with
     text = write_summary(root, "prompt")
     assert "not paired with a γ = 0 run:\n  0.5_1 against 0_1,0_2: the runs edited different records" in text
     assert not (root / "paired.csv").exists() and (root / "summary.csv").is_file()
+
+
+def test_a_sharded_configuration_pairs_with_an_unsharded_baseline(runs, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(runs / "whole" / "0", root / "0")
+    for shard in ("0.5_1", "0.5_2"):
+        shutil.copytree(runs / "sharded" / shard, root / shard)
+    paired, unpaired = paired_with_baselines(root)
+    assert unpaired == [] and set(paired.base_run) == {"0"} and set(paired.run) == {"0.5_1,0.5_2"}
+    expected = compare_runs(runs / "whole" / "0", runs / "whole" / "0.5")
+    pd.testing.assert_frame_equal(paired[expected.columns].reset_index(drop=True), expected, check_dtype=False)
+    assert [line.label for line in series_of(load_runs(root))] == ["rome"]  # one line in the report too
 
 
 def test_the_report_merges_shards_as_summarize_does(runs):

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from sadr.cache import writable_dir
 from sadr.conf.registry import register_configs, validate
-from sadr.errors import DeviceMemoryError, UsageError
+from sadr.errors import DamagedFileError, DeviceMemoryError, UsageError
 from sadr.results import RunDirectory
 from sadr.runner import run_experiment
 
@@ -60,7 +60,10 @@ def _main(cfg: DictConfig) -> None:
 def _kept(output_dir: str) -> str:
     """What a stopped run leaves in its directory for a rerun to skip ('' when nothing)."""
     run = RunDirectory(output_dir)
-    rows, checkpointed = len(run.rows()), run.checkpointed()
+    try:
+        rows, checkpointed = len(run.rows()), run.checkpointed()
+    except DamagedFileError as err:  # while reporting another stop: say so, without hiding that stop
+        return f"the cases in it (not counted: {err})"
     if not (rows or checkpointed):
         return ""
     return f"{rows} finished case(s)" + (" and the sequential edits checkpointed so far" if checkpointed else "")

@@ -59,9 +59,14 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str
     Hydra lets a `+key=value` override add a key that no dataclass declares; nothing reads it, so a misspelt
     `+sadr.lamda=0.1` would run with the default γ.
     """
-    declared = [f.name for f in dataclasses.fields(OmegaConf.get_type(node))]
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):  # a Dict or Any node (a plug-in's): its keys are the user's to choose
+        return []
+    declared = [f.name for f in dataclasses.fields(schema)]
     found = []
     for key in node.keys():
+        if key == "hydra" and not prefix:  # Hydra's own node, in a config composed with it
+            continue
         if key not in declared:
             found.append((f"{prefix}{key}", declared))
         elif not (OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key)) \

@@ -83,7 +83,7 @@ class Configuration:
     """One configuration's results: a single run, or the shards (`dataset.shard=i/n`) of one merged."""
 
     runs: list[Path]
-    settings: dict  # the runs' common settings, `dataset.shard` left out when sharded
+    settings: dict  # the runs' common settings, `dataset.shard` left out
     shard_indexes: tuple[int, ...] = ()  # i of each run's i/n, in the order of `runs`
     n_shards: int = 0  # n of i/n; 0 when not sharded
     unfinished: tuple[int, ...] = ()  # shard indexes whose run has not written its metrics
@@ -121,8 +121,8 @@ def configurations(root: str | Path) -> list[Configuration]:
         groups.setdefault(common if settings[run].get(SHARD_KEY) is not None else (run,), []).append(run)
     out = []
     for group in groups.values():
-        if settings[group[0]].get(SHARD_KEY) is None:
-            out.append(Configuration(group, settings[group[0]]))
+        if settings[group[0]].get(SHARD_KEY) is None:  # without the key, as a sharded one: they may pair
+            out.append(Configuration(group, {k: v for k, v in settings[group[0]].items() if k != SHARD_KEY}))
             continue
         shards = [parse_shard(settings[run][SHARD_KEY]) for run in group]
         if len({n for _, n in shards}) > 1 or len({i for i, _ in shards}) < len(shards):

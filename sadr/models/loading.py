@@ -110,8 +110,12 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
         tokenizer = _load_tokenizer(location, extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **extra)
     except SafetensorError as err:  # a weights file cut short (a copy that did not finish) or overwritten
-        fix = (f"delete that folder, unpacked from {resolved}, and the next run unpacks it again" if location != resolved
-               else "copy, save or download the model again")
+        if location != resolved:
+            fix = f"delete that folder, unpacked from {resolved}, and the next run unpacks it again"
+        elif Path(location).exists():
+            fix = "copy or save the model again"
+        else:
+            fix = "delete the model from the Hugging Face cache (`hf cache`), and the next run downloads it again"
         raise DamagedFileError(f"the weights in {location} (model.source) cannot be read ({err}): a file is damaged; "
                                f"{fix}") from err
     except OSError as err:
