@@ -68,7 +68,9 @@ def _save_json(value, path: Path) -> None:
 
 
 JSON = EntryFormat(_save_json, lambda path: json.loads(path.read_text(encoding="utf-8")))
-TORCH = EntryFormat(lambda value, path: torch.save(value, path), lambda path: torch.load(path, weights_only=True))
+# read into host memory: an entry written from a GPU must load on a machine without one, or with fewer
+TORCH = EntryFormat(lambda value, path: torch.save(value, path),
+                    lambda path: torch.load(path, weights_only=True, map_location="cpu"))
 
 
 def lock_for(path: Path) -> FileLock:
@@ -111,6 +113,8 @@ def read_entry(path: Path, fmt: EntryFormat):
         return None
     try:
         return fmt.load(path)
+    except torch.cuda.OutOfMemoryError:  # not the file's fault
+        raise
     except PermissionError as err:  # not damaged: another user's entry, to be left alone
         raise InvalidSettingError(f"cannot read the cache entry {path} ({err.strerror}): this user may not read it (another "
                                   "user's?); make it readable, or set cache_dir=<a folder of your own>") from err

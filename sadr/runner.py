@@ -141,7 +141,7 @@ class Experiment:
         reset_peak_memory(self.loaded.device)
         self.tf32 = set_tf32(self.loaded.device, cfg.tf32)
         # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')
-        self.computed_by = computation_fingerprint(self.fingerprint, self.tf32)
+        self.computed_by = computation_fingerprint(self.fingerprint, self.tf32, self.loaded.device.type)
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
         self.evaluators = build_evaluators(cfg)
@@ -298,7 +298,7 @@ class Experiment:
         total = EditOutcome()
         peaks = GroupPeaks(self.loaded.device)
         try:
-            state = (_read_checkpoint(state_file, self.loaded.device) if state_file.is_file()
+            state = (_read_checkpoint(state_file) if state_file.is_file()
                      else {"edited": [], "editor": unedited_state, "seconds": {}})
             editor.load_state_dict(state["editor"])
             total.seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
@@ -339,13 +339,11 @@ class Experiment:
         return self.out.path
 
 
-def _read_checkpoint(state_file: Path, device: torch.device) -> dict:
-    """The sequential protocol's checkpoint (written whole and renamed, so a kill leaves the previous one), onto the
-    model's device, wherever the run that wrote it ran."""
+def _read_checkpoint(state_file: Path) -> dict:
+    """The sequential protocol's checkpoint (written whole and renamed, so a kill leaves the previous one), into host
+    memory, wherever the run that wrote it ran: the editor copies its state onto the model's device."""
     try:
-        return torch.load(state_file, map_location=device)
-    except torch.cuda.OutOfMemoryError:
-        raise
+        return torch.load(state_file, map_location="cpu")
     except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as err:  # what an unreadable file raises
         raise DamagedFileError(f"the sequential checkpoint {state_file} cannot be read ({type(err).__name__}: {err}); "
                                "delete it, and a rerun of the same command redoes the sequential edits from the "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from sadr.editors.alphaedit import nullspace_projection
+from sadr.editors.alphaedit import first_update, nullspace_projection, nullspace_update
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.models.adapters import adapter_for
@@ -95,6 +95,19 @@ def test_updates_solve_their_normal_equations_with_the_earlier_keys(edited):
             earlier[solve.layer] = earlier[solve.layer] + k.T @ k
     for layer, accumulated in earlier.items():
         np.testing.assert_allclose(editor.earlier_keys[layer].numpy(), accumulated, rtol=1e-12)
+
+
+def test_a_first_request_s_closed_form_update_is_the_solve_s():
+    """Before any edit the system is L2 I + (P k) kᵀ: Sherman–Morrison gives the solve's update to float64 rounding."""
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    projection = basis[:, :7] @ basis[:, :7].T
+    key, residual = torch.randn(1, 12), torch.randn(1, 5)
+    for l2 in (1e-3, 10.0):
+        solved = nullspace_update(key, residual, projection, None, l2).dense()
+        torch.testing.assert_close(first_update(key, residual, projection, l2).dense(), solved, rtol=1e-10, atol=1e-12)
+        zeros = nullspace_update(key, residual, projection, torch.zeros(12, 12, dtype=torch.float64), l2).dense()
+        torch.testing.assert_close(zeros, solved, rtol=1e-12, atol=1e-14)
 
 
 def test_a_killed_sequential_run_resumes_with_the_accumulated_keys(tiny_dir, tmp_path, monkeypatch):

@@ -112,6 +112,15 @@ def test_entries_are_readable_as_any_new_file_and_another_user_s_entry_is_left_a
     assert path.is_file()
 
 
+def test_a_fingerprint_s_sums_are_taken_in_chunks_without_changing_them():
+    from sadr.models.fingerprint import _float64_sums
+
+    param = torch.randn(1000, 7)
+    whole = param.double()
+    total, squares = _float64_sums(param, chunk=999)  # 8 chunks, the last one short
+    assert total == pytest.approx(whole.sum().item(), rel=1e-12) and squares == pytest.approx(whole.square().sum().item(), rel=1e-12)
+
+
 def test_the_same_weights_from_two_folders_have_one_fingerprint(tmp_path):
     model = make_model("llama")
     for folder in ("a", "b/c"):

@@ -91,7 +91,7 @@ def test_damaged_weights_are_a_clear_error(tmp_path, tokenizer):
     weights = tmp_path / "model" / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     with pytest.raises(DamagedFileError, match=r"the weights in .*model \(model\.source\) cannot be read .*damaged; "
-                                               r"copy, save or download the model again"):
+                                               r"copy or save the model again"):
         load_model(str(tmp_path / "model"), cache_dir=str(tmp_path / "cache"))
 
 
@@ -114,6 +114,11 @@ def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="CUDA is not available.*device=cpu"):
         resolve_device("cuda", tmp_path)
     assert resolve_device("auto", tmp_path).type == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # one GPU visible, as under CUDA_VISIBLE_DEVICES=3
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:1' but this process sees 1 GPU\(s\)"):
+        resolve_device("cuda:1", tmp_path)
+    assert resolve_device("cuda:0", tmp_path) == torch.device("cuda", 0)
 
 
 def test_family_mismatch_is_reported(tmp_path):

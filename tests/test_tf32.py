@@ -33,9 +33,11 @@ def test_tf32_is_set_and_cleared_on_cuda_only(cuda_products, caplog):
     assert "no effect on cpu" in caplog.text and torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 
-def test_caches_key_tf32_computations_apart_and_keep_float32_keys():
-    assert computation_fingerprint("abc", False) == "abc"
+def test_caches_key_tf32_and_gpu_computations_apart_and_keep_the_cpu_s_keys():
+    assert computation_fingerprint("abc", False) == computation_fingerprint("abc", False, "cpu") == "abc"
     assert computation_fingerprint("abc", True) not in ("abc", computation_fingerprint("abd", True))
+    on_gpu = {computation_fingerprint("abc", tf32, "cuda") for tf32 in (False, True)}
+    assert len(on_gpu) == 2 and not on_gpu & {"abc", computation_fingerprint("abc", True)}
 
 
 def test_a_run_on_the_cpu_ignores_tf32_and_records_it(tiny_dir, tmp_path, cuda_products):
