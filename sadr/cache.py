@@ -10,6 +10,7 @@ Three guarantees, whatever the number of jobs started at once on an empty cache:
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -94,8 +95,14 @@ def _new_file_mode() -> int:
 
 def write_atomically(value, path: Path, fmt: EntryFormat) -> None:
     """`value` written to a temporary file beside `path`, then renamed onto it: `path` is whole or absent. The entry
-    gets the mode any new file gets, so a cache shared by a group stays readable to it."""
+    gets the mode any new file gets, so a cache shared by a group stays readable to it.
+
+    Callers hold the entry's lock, so another temporary file of the same entry is what a killed writer left (as large
+    as the entry: gigabytes for a big model's statistics), and is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        log.info("removing %s, left by a writer that was killed", stale)
+        stale.unlink(missing_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(handle)
     os.chmod(temporary, _new_file_mode())

@@ -78,6 +78,16 @@ def test_a_damaged_entry_is_named_removed_and_computed_again(tmp_path, caplog):
     assert torch.equal(torch.load(path)["mom2"], torch.ones(2))
 
 
+def test_what_a_killed_writer_left_is_removed_when_the_entry_is_written(tmp_path):
+    path = tmp_path / "stats[1].pt"  # a name with glob characters
+    stale = tmp_path / "stats[1].pt.k3j2x9.tmp"
+    stale.write_bytes(b"half of a large entry")
+    other = tmp_path / "stats[2].pt.a8b7c6.tmp"  # another entry's: not this writer's to judge
+    other.write_bytes(b"")
+    cached(path, lambda: {"mom2": torch.eye(2)}, TORCH)
+    assert not stale.exists() and other.exists() and path.is_file()
+
+
 def test_an_entry_is_never_left_half_written(tmp_path):
     path = tmp_path / "entry.json"
 
