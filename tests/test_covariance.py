@@ -44,6 +44,65 @@ def test_covariance_matches_direct_computation(family, batch_tokens, chunk_bytes
     assert set(result.seconds) == {"forward", "accumulate", "corpus"}
 
 
+class _CountingTokenizer:
+    """The tokenizer, counting the texts it encodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.encoded = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.encoded += 1
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_killed_statistics_pass_resumes_from_its_checkpoint_with_the_same_sums(tokenizer, tmp_path):
+    """Saved between batches, the sums let a rerun skip the texts they hold: the result equals an uninterrupted pass
+    bit for bit, and only the texts after the checkpoint are encoded and run again."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    texts = TEXTS * 3  # 12 texts, about 3 per 24-token batch
+
+    def run(corpus, checkpoint=None, counting=None):
+        return accumulate_second_moments(model, adapter, counting or tokenizer, [1, 2], corpus, sample_length=64,
+                                         batch_tokens=24, checkpoint=checkpoint)
+
+    whole = run(texts)
+    checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1, 2]}, every_seconds=0.0)
+
+    def killed_after(n):
+        yield from texts[:n]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(killed_after(9), checkpoint)
+    done = torch.load(checkpoint.path)["texts"]
+    assert 0 < done <= 9
+    counting = _CountingTokenizer(tokenizer)
+    resumed = run(texts, checkpoint, counting)
+    assert counting.encoded == len(texts) - done
+    assert resumed.count == whole.count
+    for layer in (1, 2):
+        assert torch.equal(resumed.take_moment(layer), whole.take_moment(layer))
+    other = covariance.PassCheckpoint(checkpoint.path, {"layers": [1]}, every_seconds=0.0)  # another pass's
+    assert other.load() is None
+
+
+def test_a_finished_pass_leaves_no_checkpoint(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(covariance, "CHECKPOINT_SECONDS", 0.0)
+    model = make_model("llama")
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f",
+                                   corpus=Corpus({"kind": "test"}, lambda: iter(random_texts())), sample_length=64,
+                                   batch_tokens=256, cache_dir=tmp_path)
+    saved = []
+    save = covariance.PassCheckpoint.save
+    monkeypatch.setattr(covariance.PassCheckpoint, "save", lambda self, *args: (saved.append(self.path), save(self, *args)))
+    stats.take([1])
+    assert saved and not saved[0].exists() and saved[0].name.endswith(".partial.pt")
+
+
 @pytest.mark.parametrize(("width", "blocks"), [(256, 8), (37, 8), (5, 8), (12, 1)])
 def test_an_upper_triangular_sum_is_the_full_product_and_stores_about_half_of_it(width, blocks):
     """Added in three chunks, the sum equals kᵀk computed at once (float64, independent), is exactly symmetric, and

@@ -51,6 +51,8 @@ CHUNK_BYTES = 2**28
 PROGRESS_SECONDS = 60.0
 # Row blocks of an upper-triangular sum: it computes and stores (1 + 1/ROW_BLOCKS)/2 of the full product.
 ROW_BLOCKS = 8
+# a statistics pass saves its sums this often, so a killed pass resumes from there (a published one takes hours)
+CHECKPOINT_SECONDS = 600.0
 
 
 class UpperTriangularSum:
@@ -76,6 +78,17 @@ class UpperTriangularSum:
                 rows.addmm_(block, keys[:, start:])
             else:
                 rows.add_(block @ keys[:, start:])
+
+    def state(self) -> list[torch.Tensor]:
+        """The row blocks, for a checkpoint (`UpperTriangularSum.of`)."""
+        return self.rows
+
+    @classmethod
+    def of(cls, rows: list[torch.Tensor], device: torch.device) -> "UpperTriangularSum":
+        """The sum whose row blocks `state` gave, on `device`."""
+        total = cls(rows[0].shape[1], device, blocks=len(rows))
+        total.rows = [block.to(device) for block in rows]
+        return total
 
     def take_full(self) -> torch.Tensor:
         """The whole sum, (width, width), exactly symmetric: its lower triangle is copied from the upper. Each block is
@@ -105,10 +118,38 @@ class SecondMomentSums:
                 **{f"{name}_seconds": round(value, 3) for name, value in self.seconds.items()}}
 
 
+@dataclass
+class PassCheckpoint:
+    """Where a statistics pass saves its sums every `every_seconds`, between two batches, and from which a rerun of
+    the same pass (`identity`: layers, batching, precision) resumes with the same sums, bit for bit, as if never
+    stopped. One file per (model, corpus): a pass with another identity starts afresh and overwrites it."""
+
+    path: Path
+    identity: dict
+    every_seconds: float
+
+    def load(self) -> dict | None:
+        state = read_entry(self.path, TORCH)
+        if state is not None and state.get("identity") != self.identity:
+            log.info("%s is another pass's checkpoint (%s); starting afresh", self.path, state.get("identity"))
+            return None
+        return state
+
+    def save(self, texts: int, count: int, seconds: dict, sums: dict) -> None:
+        state = {"identity": self.identity, "texts": texts, "count": count, "seconds": dict(seconds),
+                 "rows": {layer: total.state() for layer, total in sums.items() if total is not None}}
+        write_atomically(state, self.path, TORCH)
+        log.info("key statistics: checkpoint after %d texts (%d tokens) in %s", texts, count, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 @torch.no_grad()
 def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: list[int], texts,
                               sample_length: int, batch_tokens: int, product_dtype: torch.dtype = torch.float64,
-                              expected_texts: int | None = None) -> SecondMomentSums:
+                              expected_texts: int | None = None,
+                              checkpoint: PassCheckpoint | None = None) -> SecondMomentSums:
     """Σ k kᵀ over every non-padding token of every text, streamed.
 
     Texts are packed into padded batches of at most `batch_tokens` tokens (one text longer than that is a batch on
@@ -118,12 +159,19 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     batch's activations, and one chunk. With `product_dtype=torch.float32`, each chunk's products are computed in
     float32 (at most CHUNK_BYTES / (8 d_ff) tokens summed in float32) and added to the float64 sums. With
     `expected_texts` (the corpus's size, when known), a log line every PROGRESS_SECONDS gives the texts read, the rate
-    and the ETA: a published statistics pass reads 100,000 texts.
+    and the ETA: a published statistics pass reads 100,000 texts. With a `checkpoint`, the sums so far are saved
+    there every `checkpoint.every_seconds`, and a pass that finds one resumes after the texts it holds (reading them
+    from the corpus again, without their forwards).
     """
     device = next(model.parameters()).device
     sums = {layer: None for layer in layers}
     seconds = {"forward": 0.0, "accumulate": 0.0, "corpus": 0.0}
-    count = 0
+    count = skip = 0
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        sums.update({layer: UpperTriangularSum.of(rows, device) for layer, rows in resumed["rows"].items()})
+        count, skip, seconds = resumed["count"], resumed["texts"], dict(resumed["seconds"])
+        log.info("key statistics: resuming after %d texts (%d tokens) from %s", skip, count, checkpoint.path)
     pad = pad_id_of(tokenizer)
     highest = max(layers)
     token_mask: torch.Tensor | None = None
@@ -157,11 +205,21 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
         seconds["forward"] += clock(device) - started - (seconds["accumulate"] - accumulated)
 
     pending: list[list[int]] = []
-    started = time.perf_counter()
+    started = saved = time.perf_counter()
+    before = dict(seconds)  # a resumed pass's seconds so far
+
+    def with_corpus_seconds() -> dict[str, float]:
+        """`seconds` with the corpus's share so far: what is neither forward nor accumulation."""
+        spent = time.perf_counter() - started
+        return {**seconds, "corpus": before["corpus"] + spent - (seconds["forward"] - before["forward"])
+                - (seconds["accumulate"] - before["accumulate"])}
+
     with Progress(expected_texts or 0, True, interval=PROGRESS_SECONDS, interactive=False, unit="text",
                   label="key statistics") as progress:
-        for text in texts:
+        for index, text in enumerate(texts):
             progress.advance(1)
+            if index < skip:
+                continue
             ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:sample_length]
             if not ids:
                 continue
@@ -169,10 +227,13 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
             if pending and width * (len(pending) + 1) > batch_tokens:
                 flush(pending)
                 pending = []
+                if checkpoint is not None and time.perf_counter() - saved >= checkpoint.every_seconds:
+                    checkpoint.save(index, count, with_corpus_seconds(), sums)  # the texts before this one are in the sums
+                    saved = time.perf_counter()
             pending.append(ids)
         if pending:
             flush(pending)
-    seconds["corpus"] = time.perf_counter() - started - seconds["forward"] - seconds["accumulate"]
+    seconds = with_corpus_seconds()
     if count == 0:
         raise InvalidSettingError("the statistics corpus produced no tokens; check model.stats (corpus, text_file, n_samples)")
     return SecondMomentSums(sums, count, seconds)
@@ -206,7 +267,8 @@ class SecondMomentStatistics:
         return self.cache_dir / f"{module}.{key}.pt"
 
     def _pass_lock(self) -> Path:
-        """One lock per (model, corpus): a corpus pass computes every missing layer at once."""
+        """One lock per (model, corpus): a corpus pass computes every missing layer at once. Beside it, with the suffix
+        `.partial.pt`, its checkpoint."""
         return self.cache_dir / f"pass.{cache_key(kind='mom2-pass', model=self.fingerprint, corpus=self.description())}"
 
     def _cached(self, layer: int) -> torch.Tensor | None:
@@ -265,10 +327,14 @@ class SecondMomentStatistics:
 
     def _compute(self, layers: list[int]) -> None:
         log.info("computing key statistics for layers %s over %s", layers, self.description())
+        lock = self._pass_lock()
+        checkpoint = PassCheckpoint(lock.with_name(lock.name + ".partial.pt"),
+                                    {"layers": layers, "batch_tokens": self.batch_tokens, "device": self._device().type},
+                                    CHECKPOINT_SECONDS)
         try:
             result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers, self.corpus.texts(),
                                                self.sample_length, self.batch_tokens, self.product_dtype,
-                                               expected_texts=self.corpus.description.get("n"))
+                                               expected_texts=self.corpus.description.get("n"), checkpoint=checkpoint)
         except torch.cuda.OutOfMemoryError as error:  # not retried with fewer parallel cases: it is not theirs
             detail = (str(error).splitlines() or ["no detail"])[0]
             raise DeviceMemoryError(
@@ -295,3 +361,4 @@ class SecondMomentStatistics:
             write_atomically({"mom2": moment, "count": result.count, "corpus": self.description(), "pass": timing},
                              self._cache_file(layer), TORCH)
             self._memory[layer] = moment
+        checkpoint.remove()
