@@ -85,8 +85,11 @@ class UpperTriangularSum:
 
     @classmethod
     def of(cls, rows: list[torch.Tensor], device: torch.device) -> "UpperTriangularSum":
-        """The sum whose row blocks `state` gave, on `device`."""
-        total = cls(rows[0].shape[1], device, blocks=len(rows))
+        """The sum whose row blocks `state` gave, on `device` (without first allocating a zero sum there)."""
+        total = cls.__new__(cls)
+        total.width, total.device = rows[0].shape[1], device
+        heights = [block.shape[0] for block in rows]
+        total.starts = [sum(heights[:i]) for i in range(len(rows))]
         total.rows = [block.to(device) for block in rows]
         return total
 
