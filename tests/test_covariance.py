@@ -88,6 +88,17 @@ def test_a_killed_statistics_pass_resumes_from_its_checkpoint_with_the_same_sums
         assert torch.equal(resumed.take_moment(layer), whole.take_moment(layer))
     other = covariance.PassCheckpoint(checkpoint.path, {"layers": [1]}, every_seconds=0.0)  # another pass's
     assert other.load() is None
+    # resumed with other batching (after running out of memory, say): the same sums up to the float32 rounding of keys
+    # computed in other batch shapes, as `test_covariance_matches_direct_computation` allows
+    checkpoint.remove()
+    with pytest.raises(KeyboardInterrupt):
+        run(killed_after(9), checkpoint)
+    rebatched = accumulate_second_moments(model, adapter, tokenizer, [1, 2], texts, sample_length=64, batch_tokens=64,
+                                          checkpoint=checkpoint)
+    assert rebatched.count == whole.count
+    whole = run(texts)
+    for layer in (1, 2):
+        torch.testing.assert_close(rebatched.take_moment(layer), whole.take_moment(layer), rtol=1e-5, atol=1e-7)
 
 
 def test_a_finished_pass_leaves_no_checkpoint(tokenizer, tmp_path, monkeypatch):

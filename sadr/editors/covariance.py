@@ -124,8 +124,10 @@ class SecondMomentSums:
 @dataclass
 class PassCheckpoint:
     """Where a statistics pass saves its sums every `every_seconds`, between two batches, and from which a rerun of
-    the same pass (`identity`: layers, batching, precision) resumes with the same sums, bit for bit, as if never
-    stopped. One file per (model, corpus): a pass with another identity starts afresh and overwrites it."""
+    the same pass (`identity`: its layers and device) resumes: with the same batching, to the same sums, bit for bit,
+    as if never stopped. A rerun with other batching (`batch_tokens` lowered after running out of memory) resumes
+    too, as C's cache entries do not depend on it either. One file per (model, corpus): a pass with another identity
+    starts afresh and overwrites it."""
 
     path: Path
     identity: dict
@@ -332,8 +334,7 @@ class SecondMomentStatistics:
         log.info("computing key statistics for layers %s over %s", layers, self.description())
         lock = self._pass_lock()
         checkpoint = PassCheckpoint(lock.with_name(lock.name + ".partial.pt"),
-                                    {"layers": layers, "batch_tokens": self.batch_tokens, "device": self._device().type},
-                                    CHECKPOINT_SECONDS)
+                                    {"layers": layers, "device": self._device().type}, CHECKPOINT_SECONDS)
         try:
             result = accumulate_second_moments(self.model, self.adapter, self.tokenizer, layers, self.corpus.texts(),
                                                self.sample_length, self.batch_tokens, self.product_dtype,
