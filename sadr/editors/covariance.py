@@ -174,7 +174,8 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     count = skip = 0
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:
-        sums.update({layer: UpperTriangularSum.of(rows, device) for layer, rows in resumed["rows"].items()})
+        # popped, so the host copy of the sums goes as soon as they are on the device
+        sums.update({layer: UpperTriangularSum.of(rows, device) for layer, rows in resumed.pop("rows").items()})
         count, skip, seconds = resumed["count"], resumed["texts"], dict(resumed["seconds"])
         log.info("key statistics: resuming after %d texts (%d tokens) from %s", skip, count, checkpoint.path)
     pad = pad_id_of(tokenizer)
