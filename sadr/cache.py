@@ -120,8 +120,6 @@ def read_entry(path: Path, fmt: EntryFormat):
         return None
     try:
         return fmt.load(path)
-    except torch.cuda.OutOfMemoryError:  # not the file's fault
-        raise
     except PermissionError as err:  # not damaged: another user's entry, to be left alone
         raise InvalidSettingError(f"cannot read the cache entry {path} ({err.strerror}): this user may not read it (another "
                                   "user's?); make it readable, or set cache_dir=<a folder of your own>") from err

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sadr.cache import cached, writable_dir
+from sadr.cache import TORCH, cached, writable_dir, write_atomically
 from sadr.conf.registry import validate_layers
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.load import load_cases
@@ -311,8 +311,7 @@ class Experiment:
                     state["edited"] += [str(c.case_id) for c in group]
                     state["editor"] = editor.state_dict()
                     state["seconds"] = dict(total.seconds)
-                    torch.save(state, state_file.with_suffix(".tmp"))
-                    state_file.with_suffix(".tmp").replace(state_file)
+                    write_atomically(state, state_file, TORCH)  # under the run directory's lock
                     progress.advance(len(group))
             peaks.end("edit")
             log.info("sequential: %d requests edited into the model; evaluating every case", len(state["edited"]))
@@ -343,7 +342,7 @@ def _read_checkpoint(state_file: Path) -> dict:
     """The sequential protocol's checkpoint (written whole and renamed, so a kill leaves the previous one), into host
     memory, wherever the run that wrote it ran: the editor copies its state onto the model's device."""
     try:
-        return torch.load(state_file, map_location="cpu")
+        return TORCH.load(state_file)
     except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as err:  # what an unreadable file raises
         raise DamagedFileError(f"the sequential checkpoint {state_file} cannot be read ({type(err).__name__}: {err}); "
                                "delete it, and a rerun of the same command redoes the sequential edits from the "
