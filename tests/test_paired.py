@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from sadr.evaluation.paired import compare_runs, sign_test
@@ -103,3 +104,21 @@ def test_sweeps_pair_each_sadr_run_with_the_gamma_zero_run_of_the_same_setting(t
     dns = table[table.metric == "DNS"].set_index("run")
     assert dns.base_run.to_dict() == {"1": "0", "2": "4"} and dns.loc["2", "up"] == 1
     assert len(unpaired) == 1 and unpaired[0].startswith("5 (40 δ steps): several γ = 0 runs, none with its δ steps")
+
+
+def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import write_summary
+
+    for name, gamma, ns in (("0", 0.0, [1, 0, 0]), ("1", 0.001, [1, 1, 0])):
+        path = _run(tmp_path / name, {0: {"neighborhood": ns}})
+        OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": 20}, "sadr": {"lambda": gamma}}, path / "config.yaml")
+        rows = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
+        metric_table(rows, states=("edited",)).to_csv(path / "metrics.csv", index=False)
+    write_summary(tmp_path, "prompt")
+    table = pd.read_csv(tmp_path / "summary.csv").set_index("sadr.lambda")
+    assert table.loc[0.0, "NS"] == pytest.approx(100 / 3, abs=1e-9) and table.loc[0.001, "NS"] == pytest.approx(200 / 3, abs=1e-9)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "33.33 " in markdown and "66.67 " in markdown and "0.001 " in markdown and "33.333" not in markdown

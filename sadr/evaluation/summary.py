@@ -144,7 +144,7 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     The shards of one configuration (runs that differ only in `dataset.shard`) make one row: their cases
     together, CIs over all prompts, and a `shards` column ("3/4; missing 2"). `n_cases` counts the records
     edited; `n_obs` is the largest n behind a mean (prompts under the prompt protocol, records under the case
-    protocol).
+    protocol). Means and CIs keep full precision; `summary.md` shows them to 2 decimals (`rounded_metrics`).
     """
     root = Path(root)
     found = configurations(root)
@@ -166,9 +166,9 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
             record.update(state=state, n_cases=n_cases, n_obs=int(part[part.quantity == "value"].n.max()) if (part.quantity == "value").any() else 0,
                           run=runs)
             for _, row in part.iterrows():
-                record[row.label] = round(row["mean"], 2)
+                record[row.label] = row["mean"]
                 if row.quantity == "value":
-                    record[f"{row.label} ci95"] = round(row["ci95"], 2)
+                    record[f"{row.label} ci95"] = row["ci95"]
             records.append(record)
     frame = pd.DataFrame.from_records(records)
     edited = frame[frame.state == "edited"]
@@ -177,6 +177,13 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     if "editor.name" in unedited:
         unedited = unedited.assign(**{"editor.name": "none"})
     return _order_columns(pd.concat([unedited, edited], ignore_index=True))
+
+
+def rounded_metrics(table: pd.DataFrame, decimals: int = 2) -> pd.DataFrame:
+    """`summarize`'s table with its metric columns (every column after `run`) rounded, settings such as γ = 0.001
+    left as they are."""
+    metrics = table.columns[table.columns.get_loc("run") + 1 :]
+    return table.round({column: decimals for column in metrics})
 
 
 def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -247,7 +254,7 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     target = Path(target or root)
     target.mkdir(parents=True, exist_ok=True)
     table.to_csv(target / "summary.csv", index=False)
-    markdown = table.to_markdown(index=False)
+    markdown = rounded_metrics(table).to_markdown(index=False)
     (target / "summary.md").write_text(markdown + "\n")
     text = f"{protocol}-level results ×100 of every run in {root}:\n{markdown}\n"
     written = [target / "summary.csv", target / "summary.md"]
