@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,15 @@ def test_every_file_is_written(report):
     for name in expected:
         assert (report / name).is_file(), name
     assert not (report / "selected_heads_rome_0.csv").exists()  # no SADR, no selection
+
+
+def test_runs_in_long_folders_get_file_names_the_file_system_takes(sweep, tmp_path):
+    for end in "ab":  # two runs of one γ: their files are told apart by folder, each 231 characters long
+        shutil.copytree(sweep / "1", tmp_path / "runs" / ("x" * 230 + end))
+    write_report(tmp_path / "runs", tmp_path / "report")
+    names = [path.name for path in (tmp_path / "report").iterdir()]
+    assert max(len(name.encode()) for name in names) <= 255
+    assert len([name for name in names if name.startswith("drift_rome_0.01_runx")]) == 2
 
 
 def test_tradeoff_numbers_are_the_rows_mean_and_ci(sweep, report):

@@ -2,6 +2,8 @@
 the CSV it was drawn from (so the plotted numbers can be checked, or re-plotted elsewhere)."""
 from __future__ import annotations
 
+import hashlib
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +29,16 @@ from sadr.report.data import (
 from sadr.report.plots import bars_figure, drift_figure, save, tradeoff_figure
 
 REPORT_FILE = "report.html"
+MAX_STEM = 120  # characters of a file name before its suffix; file systems allow 255 bytes
+
+
+def file_stem(*parts: str) -> str:
+    """`parts` joined by "_" as a file name: other characters than [A-Za-z0-9.=-] become "_", and a name longer than
+    MAX_STEM (a series of many shards, or of runs in long folders) is cut and ends in a hash of the whole."""
+    stem = re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(parts)).strip("_")
+    if len(stem) <= MAX_STEM:
+        return stem
+    return f"{stem[:MAX_STEM - 11]}_{hashlib.sha1(stem.encode()).hexdigest()[:10]}"
 
 
 def write_report(root: str | Path, out: str | Path | None = None) -> str:
@@ -66,7 +78,7 @@ def _matrices(line: Series, target: Path, kind: str, compute, label) -> tuple[li
     for run in line.runs:
         matrix = compute(run)
         if matrix is not None:
-            name = f"{kind}_{line.slug}_{line.tag(run)}.csv"
+            name = f"{file_stem(kind, line.label, line.tag(run))}.csv"
             matrix_frame(matrix).to_csv(target / name)
             matrices.append((label(run), matrix))
             files.append(name)
@@ -88,8 +100,8 @@ def _drift(series: list[Series], target: Path) -> list[str]:
         if not drift and not selected:
             continue
         figure = drift_figure(f"{line.label}: attention drift to the edited subject (DNS prompts)", drift, selected)
-        png = save(figure, target, f"drift_{line.slug}")
-        figures.append(page.figure_html(png, f"drift_{line.slug}", line.label, files))
+        stem = file_stem("drift", line.label)
+        figures.append(page.figure_html(save(figure, target, stem), stem, line.label, files))
     if not figures:
         return [page.paragraph("No run recorded subject_attention; runs made with eval.drift=true (the default) do.")]
     return [intro, page.side_by_side(figures)]
@@ -99,10 +111,11 @@ def _metrics(series: list[Series], root: Path, target: Path) -> list[str]:
     parts = []
     for line in series:
         table = bars_table(line)
-        table.to_csv(target / f"bars_{line.slug}.csv", index=False)
-        png = save(bars_figure(table, line.label), target, f"bars_{line.slug}")
+        stem = file_stem("bars", line.label)
+        table.to_csv(target / f"{stem}.csv", index=False)
+        png = save(bars_figure(table, line.label), target, stem)
         caption = f"{line.label}: every metric of the unedited model and of each run, prompt level, mean ± 95 % CI."
-        parts.append(page.figure_html(png, f"bars_{line.slug}", caption, [f"bars_{line.slug}.csv"]))
+        parts.append(page.figure_html(png, stem, caption, [f"{stem}.csv"]))
     paired, unpaired = paired_with_baselines(root)
     if paired.empty:
         parts.append(page.paragraph("No run with γ > 0 has a γ = 0 run that differs from it only in SADR settings and "

@@ -6,7 +6,6 @@ merged and grouped as `sadr summarize` finds, merges and pairs them (sadr/evalua
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +50,6 @@ class Series:
 
     label: str
     runs: list[Run]  # by increasing γ
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.=-]+", "_", self.label).strip("_")
 
     def tag(self, run: Run) -> str:
         """The run's name within the series: its γ, and its folder where another run has the same γ."""
