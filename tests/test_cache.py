@@ -78,6 +78,19 @@ def test_a_damaged_entry_is_named_removed_and_computed_again(tmp_path, caplog):
     assert torch.equal(torch.load(path)["mom2"], torch.ones(2))
 
 
+def test_an_entry_with_a_changed_byte_is_found_by_its_crc_and_computed_again(tmp_path, caplog):
+    path = tmp_path / "stats.pt"
+    write_atomically({"mom2": torch.arange(64, dtype=torch.float64)}, path, TORCH)
+    content = bytearray(path.read_bytes())
+    at = content.index(torch.arange(64, dtype=torch.float64).numpy().tobytes())  # the tensor's own bytes
+    content[at + 100] ^= 0x01  # one bit of one element: torch.load alone returns the changed tensor
+    path.write_bytes(content)
+    assert not torch.equal(torch.load(path)["mom2"], torch.arange(64, dtype=torch.float64))
+    with caplog.at_level(logging.WARNING, logger="sadr.cache"):
+        value = cached(path, lambda: {"mom2": torch.ones(2)}, TORCH)
+    assert torch.equal(value["mom2"], torch.ones(2)) and "does not match its CRC-32" in caplog.text
+
+
 def test_what_a_killed_writer_left_is_removed_when_the_entry_is_written(tmp_path):
     path = tmp_path / "stats[1].pt"  # a name with glob characters
     stale = tmp_path / "stats[1].pt.k3j2x9.tmp"
