@@ -94,7 +94,7 @@ def lock_for(path: Path) -> FileLock:
 
 
 @functools.cache
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """The mode an ordinary new file gets under this process's umask (mkstemp's own is owner-only). Read once, from
     /proc where it can be: otherwise reading the umask means setting it for a moment."""
     try:
@@ -118,7 +118,7 @@ def write_atomically(value, path: Path, fmt: EntryFormat) -> None:
         stale.unlink(missing_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(handle)
-    os.chmod(temporary, _new_file_mode())
+    os.chmod(temporary, new_file_mode())
     try:
         fmt.save(value, Path(temporary))
         os.replace(temporary, path)

@@ -119,11 +119,11 @@ def test_entries_are_readable_as_any_new_file_and_another_user_s_entry_is_left_a
     path = tmp_path / "entry.json"
     old = os.umask(0o027)
     try:
-        cache._new_file_mode.cache_clear()
+        cache.new_file_mode.cache_clear()
         write_atomically({"a": 1}, path, JSON)
     finally:
         os.umask(old)
-        cache._new_file_mode.cache_clear()
+        cache.new_file_mode.cache_clear()
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
     def denied(_path):

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sadr import cache
 from sadr.data.load import load_cases
 from sadr.evaluation.probes import METRICS
 from sadr.evaluation.prompt_metrics import evaluate_cases
@@ -27,7 +30,14 @@ def test_a_saved_model_reloads_with_the_same_logits(tiny_dir, tmp_path):
     with torch.no_grad():
         loaded.adapter.down_weight(loaded.model, 1).add_(0.05 * torch.randn_like(loaded.adapter.down_weight(loaded.model, 1)))
     cases = load_cases(composed(tiny_overrides(tiny_dir, tmp_path / "run")).dataset, str(tmp_path)).cases
-    folder = save_edited_model(loaded, tmp_path / "edited", cases, {"editor": "manual"})
+    umask = os.umask(0o027)  # a group sharing the results: safetensors alone would write the weights as 0o600
+    try:
+        cache.new_file_mode.cache_clear()
+        folder = save_edited_model(loaded, tmp_path / "edited", cases, {"editor": "manual"})
+    finally:
+        os.umask(umask)
+        cache.new_file_mode.cache_clear()
+    assert {stat.S_IMODE(file.stat().st_mode) for file in folder.iterdir()} == {0o640}
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     assert torch.equal(_logits(reloaded, ids), _logits(loaded.model, ids))

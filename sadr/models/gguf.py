@@ -11,7 +11,6 @@ the versions of the packages that unpack it: transformers, and gguf, whose code 
 from __future__ import annotations
 
 import logging
-import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from sadr.cache import file_sha256, lock_for
 from sadr.models.fingerprint import cache_key
+from sadr.models.saving import write_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,6 @@ def _unpack(path: Path, dtype: torch.dtype, folder: Path) -> None:
     log.info("unpacking %s into %s, once: later runs load that folder", path, folder)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **dense_gguf_options(path.name))
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    write_model_folder(model, tokenizer, folder)
     size = sum(file.stat().st_size for file in folder.iterdir())
     log.info("unpacked %s: %.2f GB in %s (delete the folder to reclaim the space)", path.name, size / 1e9, folder)
