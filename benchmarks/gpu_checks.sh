@@ -20,6 +20,8 @@
 #   neox    GPT-NeoX-20B shape in bfloat16, ROME one case at a time, C's factors on the host (float64) and on the
 #           GPU in float32: peaks (≤ 48 GB), and the decisions of the two compared per prompt
 #   pbf16   GPT-J-6B shape in bfloat16, ROME and MEMIT, 16 cases, N = 1 and 8 side by side: cases/s (≥ 3×), decisions
+#   alpha   SmolLM2-135M shape, AlphaEdit plain and SADR: its null-space projection and updates on the GPU, the one
+#           editor the other steps leave out (optional, for a call with time left)
 # Rehearse on the CPU first, with tiny widths and the same code: TINY=1 OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_checks.sh run
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -110,7 +112,8 @@ run_checks() {
               --variants model.stats.factor_device=cpu model.stats.factor_dtype=float32 ;;
       pbf16) step pbf16 240 "${pcases[@]}" --dtype bfloat16 --editors rome memit --n 1 8 --cases 16 \
                --stats-samples 128 --set editor.v_num_grad_steps=10 ;;
-      *) echo "unknown step $name (smol gptj neox pbf16)"; exit 2 ;;
+      alpha) step alpha 120 "${scale[@]}" --arch smollm2-135m --editors alphaedit ;;
+      *) echo "unknown step $name (smol gptj neox pbf16 alpha)"; exit 2 ;;
     esac
   done
   cat "$OUT/summary.md"
