@@ -42,6 +42,20 @@ def test_paired_difference_counts_and_ci_on_a_hand_computed_example(tmp_path):
     assert "NS" not in table.index  # absent from both runs
 
 
+def test_case_protocol_pairs_each_case_s_mean_over_its_prompts(tmp_path):
+    base = _run(tmp_path / "a", {0: {"distract_neighborhood": [1, 0]}, 1: {"distract_neighborhood": [0, 1]},
+                                 2: {"efficacy": [1]}})  # no DNS prompt in case 2: not an observation of DNS
+    other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1]}, 1: {"distract_neighborhood": [1, 0]},
+                                  2: {"efficacy": [1]}})
+    dns = compare_runs(base, other, "case").set_index("metric").loc["DNS"]
+    # case means: base 0.5, 0.5; other 1.0, 0.5 -> differences +0.5, 0 (×100: 50, 0), sample sd 50 / sqrt(2)
+    assert (dns.n, dns.up, dns.down) == (2, 1, 0)
+    assert (dns.base, dns.other, dns.difference) == pytest.approx((50.0, 75.0, 25.0))
+    assert dns["difference ci95"] == pytest.approx(1.96 * (50 / 2**0.5) / 2**0.5)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        compare_runs(base, other, "record")
+
+
 def test_a_metric_one_run_did_not_evaluate_is_left_out(tmp_path):
     base = _run(tmp_path / "a", {0: {"efficacy": [1], "fluency": [6.2, 6.3]}, 1: {"efficacy": [0], "fluency": [6.0]}})
     other = _run(tmp_path / "b", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
@@ -66,6 +80,9 @@ def test_cli_prints_the_table_and_writes_csv(tmp_path):
                            str(tmp_path / "c.csv")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "| DNS" in done.stdout and (tmp_path / "c.csv").read_text().startswith("metric,n,base,other")
+    by_case = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(other), "--protocol", "case"],
+                             capture_output=True, text=True)
+    assert by_case.returncode == 0 and "| DNS      |   1 |" in by_case.stdout, by_case.stdout + by_case.stderr
     bad = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no cases.jsonl" in bad.stderr
@@ -122,3 +139,8 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     assert table.loc[0.0, "NS"] == pytest.approx(100 / 3, abs=1e-9) and table.loc[0.001, "NS"] == pytest.approx(200 / 3, abs=1e-9)
     markdown = (tmp_path / "summary.md").read_text()
     assert "33.33 " in markdown and "66.67 " in markdown and "0.001 " in markdown and "33.333" not in markdown
+
+    text = write_summary(tmp_path, "case")  # one case of 3 prompts: a single pair of case means
+    paired = pd.read_csv(tmp_path / "paired.csv").set_index("metric")
+    assert paired.loc["NS", "n"] == 1 and paired.loc["NS", "difference"] == pytest.approx(100 / 3)
+    assert "case by case (as `sadr compare --protocol case`)" in text

@@ -35,7 +35,7 @@ def summarize(
     """One comparison table (CSV and Markdown) of every run under ROOT, swept keys as columns.
 
     Where a run with γ > 0 has a γ = 0 run that differs only in SADR settings and δ steps, paired.csv and
-    paired.md also compare the two prompt by prompt (as `sadr compare`).
+    paired.md also compare the two under the same protocol (as `sadr compare`).
     """
     from sadr.evaluation.summary import write_summary
 
@@ -49,11 +49,13 @@ def compare(
     base: Path = typer.Argument(..., help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
     other: Path = typer.Argument(..., help="run directory of the variant, on the same records (e.g. with SADR)"),
     out: Path = typer.Option(None, help="also write the table to this CSV file"),
+    protocol: str = typer.Option("prompt", help="pair prompts, or each case's mean over its prompts (case)"),
 ) -> None:
-    """Prompt-by-prompt comparison of two runs: paired difference ± 95 % CI, prompts up/down, sign test."""
+    """Prompt-by-prompt (or case-by-case) comparison of two runs: paired difference ± 95 % CI, observations up/down,
+    sign test."""
     from sadr.evaluation.paired import compare_runs
 
-    table = _or_usage_error(lambda: compare_runs(base, other))
+    table = _or_usage_error(lambda: compare_runs(base, other, protocol))
     if out:
         _or_usage_error(lambda: table.to_csv(out, index=False))
     typer.echo(table.to_markdown(index=False, floatfmt=".3g"))

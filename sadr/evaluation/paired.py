@@ -1,8 +1,9 @@
-"""Two runs on the same records, prompt by prompt (e.g. an editor without and with SADR).
+"""Two runs on the same records, prompt by prompt or case by case (e.g. an editor without and with SADR).
 
 Independent 95 % CIs of two means overlap long before a difference is due to chance, because both runs
 score the same prompts. Pairing the prompts gives the CI of the difference itself, how many prompts went
-up or down, and an exact two-sided sign test on those counts.
+up or down, and an exact two-sided sign test on those counts. Under the case protocol the observations are each
+case's mean over its prompts, as in the case-level tables.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sadr.evaluation.aggregate import LABELS, mean_ci
+from sadr.evaluation.aggregate import LABELS, PROTOCOLS, mean_ci
 from sadr.results import ROWS_FILE, RunDirectory
 
 
@@ -39,11 +40,14 @@ def _values(row: dict, metric: str) -> list[float]:
     return list(entry.get("value", [])) if isinstance(entry, dict) else []
 
 
-def compare_runs(base: str | Path | list[Path], other: str | Path | list[Path]) -> pd.DataFrame:
-    """One row per metric: both means and their paired difference ± 95 % CI (×100), prompts up/down, sign-test p.
+def compare_runs(base: str | Path | list[Path], other: str | Path | list[Path], protocol: str = "prompt") -> pd.DataFrame:
+    """One row per metric: both means and their paired difference ± 95 % CI (×100), observations up/down, sign-test p.
 
-    `base` and `other` are run directories, or lists of the shard directories of one configuration each.
+    `base` and `other` are run directories, or lists of the shard directories of one configuration each. An
+    observation is a prompt (`protocol="prompt"`) or a case's mean over its prompts (`"case"`).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
     a, b = _rows(base), _rows(other)
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys(), key=str)
@@ -58,8 +62,12 @@ def compare_runs(base: str | Path | list[Path], other: str | Path | list[Path]) 
             xs, ys = _values(a[case_id], metric), _values(b[case_id], metric)
             if len(xs) != len(ys):
                 raise ValueError(f"case {case_id}: {metric} has {len(xs)} prompts in {base} but {len(ys)} in {other}")
-            x += xs
-            y += ys
+            if protocol == "prompt":
+                x += xs
+                y += ys
+            elif xs:
+                x.append(sum(xs) / len(xs))
+                y.append(sum(ys) / len(ys))
         if not x:
             continue
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

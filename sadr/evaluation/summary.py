@@ -207,12 +207,12 @@ def _baseline_of(runs: tuple, baselines: list[tuple], settings: dict) -> tuple |
     return baselines[0] if len(baselines) == 1 else None
 
 
-def paired_with_baselines(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
+def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[pd.DataFrame, list[str]]:
     """Every configuration with γ > 0 against the γ = 0 one that differs from it only in SADR settings and δ steps.
 
     That baseline is the one with the same δ-step count, or else the only γ = 0 one (the paper's SADR runs took more
     steps than their baselines; `base steps` says which). Returns one row per (configuration, metric), as
-    `sadr compare`, shards merged (empty when none pairs), and a line for each configuration left unpaired though
+    `sadr compare --protocol <protocol>`, shards merged (empty when none pairs), and a line for each configuration left unpaired though
     it has γ = 0 runs beside it: several with other step counts, or records not the same (a shard not finished).
     """
     root = Path(root)
@@ -232,7 +232,7 @@ def paired_with_baselines(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
                                 f"with its δ steps: {steps}; pair it with one by `sadr compare`")
                 continue
             try:
-                table = compare_runs(list(base), list(runs))
+                table = compare_runs(list(base), list(runs), protocol)
             except ValueError as err:
                 unpaired.append(f"{name(runs)} against {name(base)}: {err}")
                 continue
@@ -258,12 +258,13 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     (target / "summary.md").write_text(markdown + "\n")
     text = f"{protocol}-level results ×100 of every run in {root}:\n{markdown}\n"
     written = [target / "summary.csv", target / "summary.md"]
-    paired, unpaired = paired_with_baselines(root)
+    paired, unpaired = paired_with_baselines(root, protocol)
     if not paired.empty:
         paired.to_csv(target / "paired.csv", index=False)
         paired_markdown = paired.to_markdown(index=False, floatfmt=".3g")
         (target / "paired.md").write_text(paired_markdown + "\n")
-        text += f"\neach γ > 0 run against its γ = 0 run, prompt by prompt (as `sadr compare`):\n{paired_markdown}\n"
+        text += (f"\neach γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
+                 f"{protocol}`):\n{paired_markdown}\n")
         written += [target / "paired.csv", target / "paired.md"]
     if unpaired:
         text += "\nγ > 0 runs not paired with a γ = 0 run:\n" + "\n".join(f"  {line}" for line in unpaired) + "\n"
