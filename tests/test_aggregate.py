@@ -139,3 +139,29 @@ def test_token_accuracy_path_from_probes_to_the_table(monkeypatch):
     table = metric_table([{"edited": r} for r in got], states=("edited",))
     assert pick(table, "token_efficacy", "prompt")["mean"] == pytest.approx(200 / 3)
     assert set(table[table.metric == "token_generalization"].label) == {"zsRE-G"}
+
+
+def test_each_compared_metric_asks_which_answer_it_should(monkeypatch):
+    """docs/metrics.md: ES/PS succeed when p(new) > p(true), NS/DNS when p(true) > p(new), RS when p(g) > p(new).
+    With p(new) = 0.3 < p(g) = 0.35 < p(true) = 0.4 on every prompt, only NS, DNS and RS succeed."""
+    case = EditCase(0, EditRequest("{} is in", "Toyota", "France", "Japan"), paraphrase_prompts=("Toyota lies in",),
+                    neighborhood_prompts=("Honda is in",), relation_prompts=(LabeledPrompt("Toyota's region is", "Aichi"),))
+    p = {"France": 0.3, "Aichi": 0.35, "Japan": 0.4}
+
+    def fake_scores(model, tokenizer, prompts, targets, batch_size, **_routing):
+        return PairScores(-torch.log(torch.tensor([p[t.strip()] for t in targets])), torch.zeros(len(targets)))
+
+    monkeypatch.setattr(prompt_metrics, "score_pairs_detailed", fake_scores)
+    names = ["efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation"]
+    got = prompt_metrics.evaluate_cases(None, None, [case], resolve_metrics(names))[0]
+    assert {name: got[name]["value"] for name in names} == {
+        "efficacy": [0.0], "paraphrase": [0.0], "neighborhood": [1.0], "distract_neighborhood": [1.0], "relation": [1.0]}
+    assert got["relation"]["p_bad"] == [pytest.approx(0.3)]  # RS's bad answer is the new target
+
+
+def test_the_unedited_cache_key_changes_with_the_metrics_and_drift():
+    from sadr.evaluation.suite import PromptMetrics
+
+    es, es_rs = resolve_metrics(["efficacy"]), resolve_metrics(["efficacy", "relation"])
+    identities = [PromptMetrics(es).identity(), PromptMetrics(es_rs).identity(), PromptMetrics(es, drift=True).identity()]
+    assert len({repr(identity) for identity in identities}) == 3

@@ -56,6 +56,14 @@ def test_case_protocol_pairs_each_case_s_mean_over_its_prompts(tmp_path):
         compare_runs(base, other, "record")
 
 
+def test_cases_pair_by_id_whatever_order_their_rows_were_written_in(tmp_path):
+    """Side-by-side cases and resumed runs write rows in another order than a run of one case at a time."""
+    base = _run(tmp_path / "a", {0: {"efficacy": [0]}, 1: {"efficacy": [1]}, 2: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {2: {"efficacy": [0]}, 1: {"efficacy": [1]}, 0: {"efficacy": [1]}})
+    es = compare_runs(base, other).set_index("metric").loc["ES"]
+    assert (es.up, es.down) == (1, 1)  # case 0 up, case 2 down; paired by position, nothing would change
+
+
 def test_a_metric_one_run_did_not_evaluate_is_left_out(tmp_path):
     base = _run(tmp_path / "a", {0: {"efficacy": [1], "fluency": [6.2, 6.3]}, 1: {"efficacy": [0], "fluency": [6.0]}})
     other = _run(tmp_path / "b", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
