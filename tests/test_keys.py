@@ -31,6 +31,7 @@ def test_keys_stop_at_their_highest_layer_and_equal_a_whole_forward(tokenizer, f
     guard = _never_run(adapter.block(model, 3))
     try:
         keys = mean_keys(model, adapter, tokenizer, [1, 2], REQUESTS, TEMPLATES)
+        chunked = mean_keys(model, adapter, tokenizer, [1, 2], REQUESTS, TEMPLATES, batch_size=3)  # rows across chunks
         outputs = bare_prompt_outputs(model, adapter, tokenizer, "mlp_out", 2, REQUESTS)
     finally:
         guard.remove()
@@ -44,5 +45,6 @@ def test_keys_stop_at_their_highest_layer_and_equal_a_whole_forward(tokenizer, f
         for layer in (1, 2):
             expected = inputs[layer][rows, enc.subject_positions].mean(0)
             torch.testing.assert_close(keys[layer][index], expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(chunked[layer][index], expected, rtol=1e-5, atol=1e-6)
         # row 0 is the bare prompt ("{}" template)
         torch.testing.assert_close(outputs[index], out[2][0, enc.subject_positions[0]], rtol=1e-5, atol=1e-6)
