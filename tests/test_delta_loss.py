@@ -1,0 +1,135 @@
+"""The δ-optimisation's reported losses, recomputed independently.
+
+Each prompt is run on its own through the model's plain forward (no padding, no prefix cache, logits from the model's
+own head), with δ added by a hook at the subject's last token, which is located from the tokenizer's offsets. The
+NLL, the essence KL, the weight decay and the total are then computed as method.md writes them and compared with
+what the optimisation reported at its last step (taken at the δ it returns). A target of two tokens, a nonzero decay
+and a KL of visible size make each term count; PMET's case checks its NLL schedule and its two decays.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sadr.data.records import EditRequest
+from sadr.editors.delta import DeltaObjective, optimize_delta
+from sadr.editors.pmet import pmet_rules
+from sadr.models.adapters import adapter_for
+from tests.editing import TEMPLATES, editor_config
+from tests.tiny_models import make_model
+
+# a target of two tokens; the subject mid-prompt
+TWO_TOKENS = EditRequest(prompt="The capital city of {} is", subject="Toyota", target_new="Paris Japan")
+# a target of one token right after the subject, which the tiny model makes its argmax within a few steps
+REACHABLE = EditRequest(prompt="The capital city of {}", subject="Toyota", target_new="Japan")
+ESSENCE = "{} is a"
+LAYER = 1
+KL_FACTOR = 0.5
+WEIGHT_DECAY = 0.01
+
+# the output of these modules is where each site's δ is added, written here by name rather than read from the adapter
+SITE_MODULES = {
+    "gpt2": {"mlp_out": "transformer.h.{}.mlp.c_proj", "attn_out": "transformer.h.{}.attn.c_proj"},
+    "llama": {"mlp_out": "model.layers.{}.mlp.down_proj", "attn_out": "model.layers.{}.self_attn.o_proj"},
+}
+
+
+def _subject_text(template: str, subject: str) -> tuple[str, int]:
+    """The prompt with the subject filled in, and the character where the subject ends."""
+    start = template.index("{}")
+    return template.replace("{}", subject, 1), start + len(subject)
+
+
+def _subject_position(tokenizer, text: str, subject_end: int) -> int:
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return max(i for i, (start, end) in enumerate(offsets) if end > start and start < subject_end)
+
+
+def _log_probs(model, family: str, ids: list[int], position: int, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(tokens, vocabulary) log-probabilities of one prompt's plain forward, each δ added at `position`."""
+    def add(delta):
+        def hook(_module, _inputs, output):
+            output = output.clone()
+            output[0, position] += delta.to(output.dtype)
+            return output
+        return hook
+
+    handles = [model.get_submodule(SITE_MODULES[family][site].format(LAYER)).register_forward_hook(add(delta))
+               for site, delta in deltas.items()]
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _site_output(model, family: str, site: str, ids: list[int], position: int) -> torch.Tensor:
+    seen = []
+    handle = model.get_submodule(SITE_MODULES[family][site].format(LAYER)).register_forward_hook(
+        lambda _module, _inputs, output: seen.append(output[0, position].detach().double()))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def recomputed_terms(model, family: str, tokenizer, request: EditRequest, deltas: dict[str, torch.Tensor],
+                     nll_weight: float) -> dict:
+    """nll, kl (kl_factor included), decay and loss at `deltas`, prompt by prompt."""
+    target_ids = tokenizer(" " + request.target_new, add_special_tokens=False)["input_ids"]
+    nlls, initial = [], {}
+    for context in TEMPLATES:
+        text, subject_end = _subject_text(context.replace("{}", request.prompt, 1), request.subject)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        position = _subject_position(tokenizer, text, subject_end)
+        if context == "{}":  # v₀ of each site: its output at the bare prompt's subject token, δ = 0
+            initial = {site: _site_output(model, family, site, prompt_ids, position) for site in deltas}
+        log_p = _log_probs(model, family, prompt_ids + target_ids, position, deltas)
+        first = len(prompt_ids) - 1  # the logits there predict the first target token
+        nlls.append(-sum(log_p[first + j, t] for j, t in enumerate(target_ids)) / len(target_ids))
+    text, subject_end = _subject_text(ESSENCE, request.subject)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    position = _subject_position(tokenizer, text, subject_end)
+    edited = _log_probs(model, family, ids, position, deltas)[position]
+    unedited = _log_probs(model, family, ids, position, {})[position]
+    kl = KL_FACTOR * float((edited.exp() * (edited - unedited)).sum())
+    nll = float(torch.stack(nlls).mean())
+    decay = sum(WEIGHT_DECAY * float(deltas[s].double().norm() / initial[s].norm() ** 2) for s in deltas)
+    return {"nll": nll, "kl": kl, "decay": decay, "loss": nll_weight * nll + kl + decay}
+
+
+def _objective(name: str, sites: tuple[str, ...], steps: int, **rules) -> DeltaObjective:
+    hparams = editor_config(name, v_num_grad_steps=steps, v_lr=0.2, kl_factor=KL_FACTOR, v_weight_decay=WEIGHT_DECAY,
+                            early_stop=False)
+    return DeltaObjective.from_hparams(hparams, sites=sites, layer=LAYER, **rules)
+
+
+def _check(reported, expected: dict) -> None:
+    assert expected["kl"] > 1e-3 and expected["decay"] > 1e-3  # each term is large enough to be seen in the total
+    assert reported.nll == pytest.approx(expected["nll"], rel=1e-4)
+    assert reported.kl == pytest.approx(expected["kl"], rel=1e-3)
+    assert reported.loss == pytest.approx(expected["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(SITE_MODULES))
+def test_rome_loss_is_the_mean_per_token_nll_plus_the_essence_kl_plus_the_decay(tokenizer, family):
+    model = make_model(family)
+    assert len(tokenizer(" " + TWO_TOKENS.target_new, add_special_tokens=False)["input_ids"]) == 2
+    result = optimize_delta(model, adapter_for(model), tokenizer, TWO_TOKENS, TEMPLATES,
+                            _objective("rome", ("mlp_out",), 4))
+    assert result.steps_run == 4
+    _check(result.history[-1], recomputed_terms(model, family, tokenizer, TWO_TOKENS, result.deltas, nll_weight=1.0))
+
+
+def test_pmet_loss_weighs_the_nll_by_a_tenth_after_the_target_became_the_argmax(tokenizer):
+    """PMET's two δs, each decayed relative to its own v₀, and the NLL weight of its schedule."""
+    model = make_model("gpt2")
+    steps = 6
+    result = optimize_delta(model, adapter_for(model), tokenizer, REACHABLE, TEMPLATES,
+                            _objective("pmet", ("attn_out", "mlp_out"), steps, **pmet_rules(1.0)))
+    assert result.steps_run == steps
+    assert result.history[-2].target_is_argmax  # so the last step's NLL weight is a tenth
+    _check(result.history[-1], recomputed_terms(model, "gpt2", tokenizer, REACHABLE, result.deltas, nll_weight=0.1))
