@@ -97,6 +97,27 @@ def test_updates_solve_their_normal_equations_with_the_earlier_keys(edited):
         np.testing.assert_allclose(editor.earlier_keys[layer].numpy(), accumulated, rtol=1e-12)
 
 
+def test_requests_solved_alone_each_see_the_preserved_keys_and_not_each_others(edited):
+    """`solve_each` after two batches (the sequential protocol with parallel cases): each row's update solves its own
+    normal equations with Cₚ the keys preserved so far, and the preserved keys are left as they were."""
+    editor, _, _, _, second = edited
+    solve = second.solves[0]
+    preserved = editor.earlier_keys[solve.layer].clone()
+    state = editor.state_dict()
+    try:
+        updates = editor.solve_each(solve.layer, solve.keys, solve.residuals, editor.second_moments()[solve.layer])
+        assert torch.equal(editor.earlier_keys[solve.layer], preserved)
+    finally:
+        editor.load_state_dict(state)
+    p = editor.second_moments()[solve.layer].numpy()
+    assert len(updates) == len(solve.keys) > 1
+    for row, update in enumerate(updates):
+        k, r = solve.keys[row : row + 1].double().numpy(), solve.residuals[row : row + 1].double().numpy()
+        system = (k.T @ k + preserved.numpy()) @ p + editor.hparams.L2 * np.eye(k.shape[1])
+        expected = np.linalg.solve(system.T, (r.T @ k @ p).T).T
+        np.testing.assert_allclose(update.dense().numpy(), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
 def test_a_first_request_s_closed_form_update_is_the_solve_s():
     """Before any edit the system is L2 I + (P k) kᵀ: Sherman–Morrison gives the solve's update to float64 rounding."""
     torch.manual_seed(0)

@@ -14,14 +14,15 @@ TEXTS = ["The capital of France is Paris.", "Toyota is a company based in Japan,
          "I said you should know", "Because London is in England"]
 
 
-def _direct(model, tokenizer, layer):
-    """Reference: one text at a time, no padding, keys from the module's input, mean of k kᵀ."""
+def _direct(model, tokenizer, layer, sample_length: int | None = None):
+    """Reference: one text at a time (its first `sample_length` tokens), no padding, keys from the module's input,
+    mean of k kᵀ."""
     adapter = adapter_for(model)
     keys = []
     handle = adapter.mlp_down_module(model, layer).register_forward_pre_hook(lambda m, a: keys.append(a[0][0].double()))
     with torch.no_grad():
         for text in TEXTS:
-            model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+            model(input_ids=torch.tensor([tokenizer(text)["input_ids"][:sample_length]]))
     handle.remove()
     k = torch.cat(keys)
     return k.T @ k / k.shape[0]
@@ -42,6 +43,16 @@ def test_covariance_matches_direct_computation(family, batch_tokens, chunk_bytes
         assert moment.dtype == torch.float64 and torch.equal(moment, moment.T)
         torch.testing.assert_close(moment, _direct(model, tokenizer, layer), rtol=1e-5, atol=1e-7)
     assert set(result.seconds) == {"forward", "accumulate", "corpus"}
+
+
+def test_each_text_is_cut_at_sample_length_tokens(tokenizer):
+    """Texts longer than `sample_length` count only their first tokens, as the reference code's cut."""
+    model = make_model("gpt2")
+    lengths = [len(tokenizer(text)["input_ids"]) for text in TEXTS]
+    assert max(lengths) > 8 and min(lengths) <= 8
+    result = accumulate_second_moments(model, adapter_for(model), tokenizer, [1], TEXTS, sample_length=8, batch_tokens=24)
+    assert result.count == sum(min(n, 8) for n in lengths)
+    torch.testing.assert_close(result.take_moment(1), _direct(model, tokenizer, 1, sample_length=8), rtol=1e-5, atol=1e-7)
 
 
 class _CountingTokenizer:

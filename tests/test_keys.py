@@ -7,8 +7,10 @@ import torch
 from sadr.data.records import EditRequest
 from sadr.editors.capture import capture_inputs, capture_outputs
 from sadr.editors.keys import mean_keys
+from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.prompts import encode_subject_prompts, templated_prompts
 from sadr.editors.spread import bare_prompt_outputs
+from sadr.editors.update import LowRankUpdate
 from sadr.models.adapters import adapter_for
 from tests.editing import TEMPLATES
 from tests.tiny_models import FAMILIES, make_model
@@ -48,3 +50,30 @@ def test_keys_stop_at_their_highest_layer_and_equal_a_whole_forward(tokenizer, f
             torch.testing.assert_close(chunked[layer][index], expected, rtol=1e-5, atol=1e-6)
         # row 0 is the bare prompt ("{}" template)
         torch.testing.assert_close(outputs[index], out[2][0, enc.subject_positions[0]], rtol=1e-5, atol=1e-6)
+
+
+def test_per_row_keys_and_outputs_in_chunks_are_those_of_each_requests_own_edited_model(tokenizer):
+    """With `PerRowUpdates`, each request's keys and bare-prompt output come from the model with its own update
+    written, however the rows are cut into forwards (one prompt per forward puts every later row in a later chunk)."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    g = torch.Generator().manual_seed(0)
+    out_features, in_features = adapter.down_weight(model, 1).shape
+    updates = [{1: LowRankUpdate(torch.randn(out_features, 1, generator=g), torch.randn(in_features, 1, generator=g))}
+               for _ in REQUESTS]
+    with PerRowUpdates(model, adapter, updates) as written:
+        chunked = {size: (mean_keys(model, adapter, tokenizer, [2], REQUESTS, TEMPLATES, batch_size=size,
+                                    case_rows=written.rows)[2],
+                          bare_prompt_outputs(model, adapter, tokenizer, "mlp_out", 2, REQUESTS, batch_size=size,
+                                              case_rows=written.rows))
+                   for size in (1, 64)}
+    for index, (request, update) in enumerate(zip(REQUESTS, updates)):
+        alone = make_model("llama")
+        adapter.add_to_down_weight(alone, 1, update[1])
+        keys = mean_keys(alone, adapter, tokenizer, [2], [request], TEMPLATES)[2][0]
+        output = bare_prompt_outputs(alone, adapter, tokenizer, "mlp_out", 2, [request])[0]
+        for size, (chunk_keys, chunk_outputs) in chunked.items():
+            torch.testing.assert_close(chunk_keys[index], keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(chunk_outputs[index], output, rtol=1e-4, atol=1e-5)
+    unedited = bare_prompt_outputs(model, adapter, tokenizer, "mlp_out", 2, REQUESTS)
+    assert not torch.allclose(unedited, chunked[64][1], atol=1e-3)  # the updates change what is read

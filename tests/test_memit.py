@@ -44,15 +44,20 @@ def test_only_the_edited_down_projections_change_and_by_the_updates(edit):
 
 def test_the_first_layer_takes_delta_over_m_and_keys_are_recomputed_after_each_write(tokenizer, tmp_path, monkeypatch):
     """R₀ = (z − output before any write) / m = δ / m; the keys of layer l₂ are those of the model with only
-    l₁ written, which differ from the unedited model's."""
+    l₁ written, which differ from the unedited model's. Each layer reports the mean norm of its undivided residuals."""
     deltas = record_deltas(monkeypatch)
     requests = batch_requests(3)
     model = make_model("llama")
     editor = MemitEditor(model, adapter_for(model), tokenizer, spread_config("memit"),
                          statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
-    first, second = editor.apply(requests).solves
+    outcome = editor.apply(requests)
+    first, second = outcome.solves
     expected = torch.stack([d.deltas["block_out"] for d in deltas]) / 2
     torch.testing.assert_close(first.residuals, expected, rtol=1e-4, atol=1e-5)
+    # the diagnostics: the mean norm of the residuals before dividing (the last layer divides by 1)
+    assert outcome.diagnostics["residual_norm_layer1"] == pytest.approx(expected.norm(dim=-1).mean().item() * 2, rel=1e-4)
+    assert outcome.diagnostics["residual_norm_layer2"] == pytest.approx(second.residuals.norm(dim=-1).mean().item(),
+                                                                        rel=1e-6)
 
     groups = template_groups(TEMPLATES, [[10, 3]])
     fresh = make_model("llama")

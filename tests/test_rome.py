@@ -117,15 +117,20 @@ def test_same_inputs_give_identical_updates(tokenizer, tmp_path):
     assert torch.equal(updates[0], updates[1])
 
 
-def test_a_batch_reports_the_mean_of_its_requests_delta_numbers(tokenizer, tmp_path):
-    """Every row of a batch gets the batch's diagnostics, so they must describe all its requests, not the last one."""
+def test_a_batch_reports_the_mean_of_its_requests_delta_numbers_and_the_sum_of_their_updates(tokenizer, tmp_path):
+    """Every row of a batch gets the batch's diagnostics and update, so they must describe all its requests, not the
+    last one."""
     model = make_model("llama")
     other = EditRequest(prompt="{} is the mother tongue of", subject="Danielle Darrieux", target_new="English",
                         target_true="French")
     editor = RomeEditor(model, adapter_for(model), tokenizer, editor_config(v_num_grad_steps=12),
                         statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    before = adapter_for(model).down_weight(model, 1).clone()
     with spy_on_delta() as captured:
         outcome = editor.apply([REQUEST, other])
+    # the outcome's update is the sum of the two written, not the last one
+    written = adapter_for(model).down_weight(model, 1) - before
+    torch.testing.assert_close(outcome.updates[1].dense().float(), written, rtol=1e-4, atol=1e-6)
     losses = [result.history[-1].loss for result in captured["all"]]
     assert len(losses) == 2 and abs(losses[0] - losses[1]) > 1e-3 * losses[1]  # the last request's alone is wrong
     assert outcome.diagnostics["delta_final_loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
