@@ -1,16 +1,20 @@
 """Metric tables on hand-made results: both protocols, CIs, magnitudes, summaries, and the token-accuracy path."""
 from __future__ import annotations
 
+import json
 import math
 
+import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from sadr.data.records import EditCase, EditRequest, LabeledPrompt
 from sadr.evaluation import prompt_metrics
 from sadr.evaluation.aggregate import compact_table, harmonic_mean, mean_ci, metric_table
 from sadr.evaluation.probes import resolve_metrics
 from sadr.evaluation.scorer import PairScores
+from sadr.evaluation.summary import summarize
 
 
 def test_harmonic_mean():
@@ -106,6 +110,35 @@ def test_compact_table_shows_one_protocol_with_labels():
     wide = compact_table(metric_table(ROWS), "case")
     assert wide.loc["edited", "NS"] == "50.00 ± 98.00"
     assert wide.loc["edited", "ES"] == "100.00 ± 0.00" and list(wide.columns)[-1] == "score"
+
+
+def test_summary_columns_are_the_success_rates_and_counts_of_the_rows(tmp_path):
+    """`summarize` on ROWS, recomputed with pandas from the prompt values: n_cases counts records (2, not prompts),
+    n_obs is the largest n behind a mean (not the smallest), and ES/PS are success rates, not the magnitudes
+    metrics.csv holds under the same labels."""
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps({"case_id": i, **row}) + "\n" for i, row in enumerate(ROWS)))
+    OmegaConf.save({"model": {"name": "tiny"}, "dataset": {"name": "cf"}, "editor": {"name": "rome"}}, tmp_path / "config.yaml")
+    metric_table(ROWS).to_csv(tmp_path / "metrics.csv", index=False)
+    labels = {"efficacy": "ES", "paraphrase": "PS", "neighborhood": "NS", "fluency": "FL", "token_efficacy": "zsRE-E"}
+    prompts = pd.DataFrame([(state, case, labels[name], value) for case, row in enumerate(ROWS) for state, entries in row.items()
+                            for name, metric in entries.items() for value in metric["value"]],
+                           columns=["state", "case", "label", "value"])
+    case_means = prompts.groupby(["state", "case", "label"], as_index=False).value.mean()
+    for protocol, observations in (("prompt", prompts), ("case", case_means)):
+        summary = summarize(tmp_path, protocol).set_index("state")
+        stats = observations.groupby(["state", "label"]).value.agg(["mean", "std", "count"])
+        assert stats.loc["edited", "count"].min() < stats.loc["edited", "count"].max()  # max and min n differ
+        for state in ("edited", "unedited"):
+            row = summary.loc[state]
+            assert row.n_cases == prompts.case.nunique() == 2
+            assert row.n_obs == stats.loc[state, "count"].max()
+            for label in labels.values():
+                if (state, label) not in stats.index:
+                    assert math.isnan(row[label]), (protocol, state, label)
+                    continue
+                mean, std, count = stats.loc[(state, label)]
+                assert row[label] == pytest.approx(100 * mean), (protocol, state, label)
+                assert row[f"{label} ci95"] == pytest.approx(196 * std / math.sqrt(count), nan_ok=True)
 
 
 def test_token_accuracy_path_from_probes_to_the_table(monkeypatch):

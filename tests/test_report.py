@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from sadr.cli.main import app
 from sadr.report.build import write_report
-from sadr.report.data import TRADEOFF_METRICS, Run, environments, phase_seconds
+from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, phase_seconds
 from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
@@ -50,6 +50,13 @@ def attention(entry: dict) -> np.ndarray:
     layers, heads = entry["shape"]
     return np.stack([np.frombuffer(base64.b64decode(blob), dtype="<f2").reshape(layers, heads).astype(np.float64)
                      for blob in entry["attention"]])
+
+
+def attention_entry(blocks: list) -> dict:
+    """[prompts][layers][heads] attention as the runner records it: base64 little-endian float16 per prompt."""
+    blocks = np.asarray(blocks, dtype="<f2")
+    return {"value": [], "encoding": "float16-base64", "shape": list(blocks.shape[1:]),
+            "attention": [base64.b64encode(block.tobytes()).decode("ascii") for block in blocks]}
 
 
 def matrix(path: Path) -> np.ndarray:
@@ -125,6 +132,16 @@ def test_drift_maps_are_the_mean_increase_of_attention_on_dns_prompts(sweep, rep
     assert matrix(report / "drift_rome_0.csv")[-1, 0] == pytest.approx(sum(by_hand) / len(by_hand))
 
 
+def test_drift_map_weights_every_dns_prompt_alike_whatever_its_case():
+    """The map is the mean over all DNS prompts, not over case means: case 0 has 1 prompt, case 1 has 3."""
+    rows = [{"edited": {"subject_attention": attention_entry([[[0.5, 0.0]]])},
+             "unedited": {"subject_attention": attention_entry([[[0.0, 0.0]]])}},
+            {"edited": {"subject_attention": attention_entry([[[0.25, 0.5]]] * 3)},
+             "unedited": {"subject_attention": attention_entry([[[0.25, 0.25]]] * 3)}}]
+    # increases: [0.5, 0] once, [0, 0.25] three times -> [0.5, 0.75] / 4; case means would give [0.25, 0.125]
+    np.testing.assert_allclose(drift_map(Run("0", {}, pd.DataFrame(), {"0": rows}, {"0": {}})), [[12.5, 18.75]])
+
+
 def test_drift_figure_draws_those_maps_on_one_scale(report):
     drift = [("γ=0", matrix(report / "drift_rome_0.csv")), ("γ=0.01", matrix(report / "drift_rome_0.01.csv"))]
     selected = [("selected", matrix(report / "selected_heads_rome_0.01.csv"))]
@@ -194,6 +211,15 @@ def test_phase_seconds_split_shared_edit_times_among_cases():
     assert table["update"].tolist() == [5.0, 4.0, 6.0]
     assert table["evaluation"].tolist() == [2.0, 2.0, 3.0] and table["cases"].tolist() == [2, 2, 3]
     assert table["total"].tolist() == [7.0, 6.0, 9.0]
+
+
+def test_phase_seconds_add_the_shards_of_a_sequential_run():
+    """Each shard of a sequential run stacks its own edits: its rows share its folder's time, and the shards add up."""
+    def rows(n, update):
+        return [{"protocol": "sequential", "batch_size": 1, "seconds": {"update": update, "eval_per_case": 1.0}}] * n
+    run = Run("s_1,s_2", {}, pd.DataFrame(), {"s_1": rows(2, 4.0), "s_2": rows(3, 9.0)}, {"s_1": {}, "s_2": {}})
+    table = phase_seconds([run])
+    assert table.loc["s_1,s_2", ["cases", "update", "evaluation", "total"]].tolist() == [5, 4.0 + 9.0, 5.0, 18.0]
 
 
 def test_runs_of_one_environment_share_a_row():
