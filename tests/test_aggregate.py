@@ -106,6 +106,20 @@ def test_summaries_combine_their_components_per_protocol():
     assert set(table[table.quantity != "harmonic_mean"].components) == {""}
 
 
+def test_summaries_count_the_cases():
+    """A Score / Avg. S row's n is the number of cases, in both protocols: not its number of components (3 or 5) nor
+    any component's own n (its prompts, here 4, 8 or 12)."""
+    values = {"efficacy": [[1], [1], [1], [0]], "paraphrase": [[1, 0], [1, 1], [0, 0], [1, 1]],
+              "neighborhood": [[1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 0, 1]],
+              "distract_neighborhood": [[1, 0, 1], [1, 1, 1], [0, 0, 1], [1, 1, 1]], "relation": [[1], [1], [0], [1]]}
+    rows = [{"edited": {name: entry(per_case[i]) for name, per_case in values.items()}} for i in range(4)]
+    table = metric_table(rows, states=("edited",))
+    assert pick(table, "distract_neighborhood", "prompt")["n"] == 12
+    for protocol in ("prompt", "case"):
+        assert pick(table, "score", protocol, "harmonic_mean")["n"] == 4
+        assert pick(table, "avg_s", protocol, "harmonic_mean")["n"] == 4
+
+
 def test_compact_table_shows_one_protocol_with_labels():
     wide = compact_table(metric_table(ROWS), "case")
     assert wide.loc["edited", "NS"] == "50.00 ± 98.00"
@@ -190,6 +204,23 @@ def test_each_compared_metric_asks_which_answer_it_should(monkeypatch):
     assert {name: got[name]["value"] for name in names} == {
         "efficacy": [0.0], "paraphrase": [0.0], "neighborhood": [1.0], "distract_neighborhood": [1.0], "relation": [1.0]}
     assert got["relation"]["p_bad"] == [pytest.approx(0.3)]  # RS's bad answer is the new target
+
+
+def test_a_tie_is_a_failure_for_every_compared_metric(monkeypatch):
+    """docs/metrics.md: success is a strict p(good) > p(bad), so exactly tied probabilities count 0 for ES, PS, NS, DNS
+    and RS alike (`>=` would count them 1)."""
+    case = EditCase(0, EditRequest("{} is in", "Toyota", "France", "Japan"), paraphrase_prompts=("Toyota lies in",),
+                    neighborhood_prompts=("Honda is in",),
+                    relation_prompts=(LabeledPrompt("Toyota's region is", "Aichi"),))
+
+    def fake_scores(model, tokenizer, prompts, targets, batch_size, **_routing):
+        return PairScores(torch.full((len(targets),), math.log(4.0)), torch.zeros(len(targets)))  # p = 1/4 for all
+
+    monkeypatch.setattr(prompt_metrics, "score_pairs_detailed", fake_scores)
+    names = ["efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation"]
+    got = prompt_metrics.evaluate_cases(None, None, [case], resolve_metrics(names))[0]
+    assert {name: got[name]["value"] for name in names} == {name: [0.0] for name in names}
+    assert all(got[name]["p_good"] == got[name]["p_bad"] == [pytest.approx(0.25)] for name in names)
 
 
 def test_the_unedited_cache_key_changes_with_the_metrics_and_drift():

@@ -14,7 +14,7 @@ from sadr.editors.rome import RomeEditor
 from sadr.evaluation.aggregate import LABELS, metric_table
 from sadr.evaluation.drift import ATTENTION, compare_attention, decode_entry, drift_read_positions, encode_matrix
 from sadr.evaluation.probes import METRICS, distract, resolve_metrics
-from sadr.evaluation.suite import PromptMetrics
+from sadr.evaluation.suite import PromptMetrics, compare_all
 from sadr.models.adapters import adapter_for
 from sadr.models.tokenization import encode_prompt_target
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer, build_regularizers
@@ -134,6 +134,19 @@ def test_compare_picks_the_largest_increase_its_layer_and_head():
     assert (location["layer"], location["head"]) == ([1, 2], [1, 1])
     assert (location["before"], location["after"]) == ([0.0, 0.0625], [0.5, 0.1875])
     assert location["value"] == []
+
+
+def test_the_evaluators_compare_reads_drift_as_edited_minus_unedited():
+    """docs/metrics.md: drift is after − before the edit. The runner's `compare_all(evaluators, edited, unedited)` and
+    `PromptMetrics.compare` must pass the states on in that order; swapped, the increase below reads as a drop."""
+    unedited = {ATTENTION: entry([[[0.25, 0.5]]])}  # 1 prompt, 1 layer, 2 heads
+    edited = {ATTENTION: entry([[[0.75, 0.5]]])}  # head 0 gains +0.5
+    for derived in (drift_evaluator().compare(edited, unedited), compare_all([drift_evaluator()], edited, unedited)):
+        assert derived["drift_max"]["value"] == [0.5]
+        assert derived["drift_mean"]["value"] == [0.25]
+        location = derived["drift_argmax"]
+        assert (location["layer"], location["head"]) == ([0], [0])
+        assert (location["before"], location["after"]) == ([0.25], [0.75])
 
 
 def test_drift_entries_make_table_rows_and_the_raw_attention_does_not():

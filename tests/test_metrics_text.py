@@ -37,6 +37,25 @@ def test_word_tokens_follow_treebank_on_the_common_cases():
     ]
 
 
+def test_word_tokens_split_every_clitic_in_any_case_and_only_at_a_word_end():
+    """Each of 's 're 've 'll 'd 'm n't is its own token, upper case too; a quote before a word ("'rest'") is not a
+    clitic."""
+    assert word_tokens("I'm sure we're done; you'll see they've said he'd go, WON'T you? It's the 'rest'") == [
+        "I", "'m", "sure", "we", "'re", "done", ";", "you", "'ll", "see", "they", "'ve", "said", "he", "'d", "go", ",",
+        "WO", "N'T", "you", "?", "It", "'s", "the", "'", "rest", "'",
+    ]
+    assert word_tokens("WE'RE DON'T I'LL") == ["WE", "'RE", "DO", "N'T", "I", "'LL"]
+
+
+@pytest.mark.parametrize("word", ["It's", "We're", "We've", "We'll", "We'd", "I'm", "Don't", "WE'VE"])
+def test_ngram_entropy_of_text_with_contractions(word):
+    """"{word} here. {word}" is 6 tokens a b here . a b: bigrams (a, b)×2 and 3 others once, 4 distinct trigrams."""
+    h2 = -(0.4 * math.log2(0.4) + 3 * 0.2 * math.log2(0.2))
+    h3 = 2.0
+    assert ngram_entropy(f"{word} here. {word}") == pytest.approx((h2 * 2 / 3 + h3 * 4 / 3) / 2)  # = 1.9739760
+    assert ngram_entropy(f"{word} here. {word}") == pytest.approx(1.9739760, abs=1e-7)
+
+
 def test_ngram_entropy_repeated_pattern():
     # tokens a b a b: bigrams (a,b)×2 (b,a)×1 -> H2 = log2 3 - 2/3; trigrams (a,b,a) (b,a,b) -> H3 = 1
     h2, h3 = LOG2_3 - 2 / 3, 1.0

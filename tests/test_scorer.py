@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from sadr.evaluation.scorer import score_pairs_detailed
+from sadr.models.tokenization import encode_prompt_target
 
 
 def _one_at_a_time(model, tokenizer, prompt, target):
@@ -34,8 +36,6 @@ def test_pairs_sharing_a_prompt_are_read_from_one_row_and_score_as_alone(tiny_mo
     """A single-token target is read from the row of a longer target after the same prompt; a longer target that the
     other row does not begin needs its own row; pairs of different cases never share. Every score is the pair's own."""
     from sadr.evaluation.scorer import shared_rows
-    from sadr.models.tokenization import encode_prompt_target
-
     prompt = "The capital of France is"
     one_token = next(t for t in ("Paris", "is", "The", "I") if len(encode_prompt_target(tokenizer, prompt, t).target_ids) == 1)
     prompts = [prompt, prompt, prompt, prompt, "I"]
@@ -50,3 +50,54 @@ def test_pairs_sharing_a_prompt_are_read_from_one_row_and_score_as_alone(tiny_mo
         nll, acc = _one_at_a_time(tiny_model, tokenizer, p, t)
         assert abs(got.nll[i].item() - nll) < 1e-4
         assert abs(got.token_accuracy[i].item() - acc) < 1e-9
+
+
+# Prompts after which, for each tiny model family, the greedy continuation re-tokenises as itself (see below).
+GREEDY_PROMPTS = ("France is Paris. The", "England", "America. The mother tongue of", "The capital of France is",
+                  "São Paulo is", "city of", "based in")
+WRONG_WORDS = (" Paris", " Rome")
+
+
+def _greedy_targets(model, tokenizer):
+    """A prompt, the model's 3-token greedy continuation of it (each top-1 by a clear margin, one plain forward per
+    token) and a single-token word that is never that top-1, such that every target built from them below is
+    tokenised by the scorer into exactly these tokens."""
+    for prompt in GREEDY_PROMPTS:
+        greedy = []
+        for _ in range(3):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"] + greedy])).logits[0, -1]
+            top = logits.topk(2).values
+            if top[0] - top[1] < 1e-3:
+                break
+            greedy.append(int(logits.argmax()))
+        if len(greedy) < 3:
+            continue
+        wrong = next(w for w in WRONG_WORDS if tokenizer(w)["input_ids"][0] not in greedy)
+        wrong_id = tokenizer(wrong)["input_ids"]
+        texts = [tokenizer.decode(greedy[:k]) for k in (1, 2, 3)]
+        if not texts[0].startswith(" "):
+            continue
+        texts = [text[1:] for text in texts]  # the scorer (and `_one_at_a_time`) put the space back
+        wanted = {texts[2]: greedy, texts[1]: greedy[:2], texts[0] + wrong: greedy[:1] + wrong_id,
+                  texts[1] + wrong: greedy[:2] + wrong_id, wrong[1:]: wrong_id}
+        if len(wrong_id) == 1 and all(encode_prompt_target(tokenizer, prompt, text).target_ids == ids
+                                      for text, ids in wanted.items()):
+            return prompt, texts, wrong
+    raise AssertionError("no candidate prompt has a greedy continuation that re-tokenises as itself")
+
+
+def test_token_accuracy_is_the_fraction_of_target_tokens_the_model_predicts(tiny_model, tokenizer):
+    """On the model's own greedy continuation every token is the top-1, so accuracies are 1, 1/2, 2/3 or 0 by hand, not
+    0 everywhere as for the random targets above; in shared rows and batches every pair gets its own fraction."""
+    prompt, (one, two, three), wrong = _greedy_targets(tiny_model, tokenizer)
+    prompts = [prompt] * 5 + ["I"]
+    targets = [three, two, one + wrong, two + wrong, wrong[1:], "said"]
+    expected = [1.0, 1.0, 1 / 2, 2 / 3, 0.0, _one_at_a_time(tiny_model, tokenizer, "I", "said")[1]]
+    for batch_size in (1, 3, 64):
+        got = score_pairs_detailed(tiny_model, tokenizer, prompts, targets, batch_size=batch_size)
+        assert got.token_accuracy.tolist() == pytest.approx(expected, abs=1e-6)
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            nll, acc = _one_at_a_time(tiny_model, tokenizer, p, t)
+            assert acc == pytest.approx(expected[i], abs=1e-9)
+            assert abs(got.nll[i].item() - nll) < 1e-4
