@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,3 +169,55 @@ def test_two_runs_started_together_on_an_empty_cache_compute_the_statistics_once
     assert [run.returncode for run in runs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert sum(log.count("computing key statistics") for log in logs) == 1
     assert all((tmp_path / f"run{i}" / "metrics.csv").is_file() for i in range(2))
+
+
+def test_an_empty_entry_is_read_back_not_computed_again(tmp_path):
+    """An empty list or dict is a result like any other: only a missing or damaged entry is computed."""
+    computed = []
+    for empty in ([], {}):
+        path = tmp_path / f"{type(empty).__name__}.json"
+        for _ in range(2):
+            assert cached(path, lambda empty=empty: computed.append(path.name) or empty) == empty
+    assert computed == ["list.json", "dict.json"]
+
+
+def test_an_entry_is_written_beside_its_final_name(tmp_path):
+    """Its temporary file is renamed onto the entry, which works only within one file system: written elsewhere (the
+    system's temporary folder on another disk), the rename fails."""
+    folders = []
+
+    def save(value, target):
+        folders.append(target.parent)
+        JSON.save(value, target)
+
+    write_atomically({"a": 1}, tmp_path / "kind" / "entry.json", type(JSON)(save, JSON.load))
+    assert folders == [tmp_path / "kind"] and read_entry(tmp_path / "kind" / "entry.json", JSON) == {"a": 1}
+
+
+def test_unedited_results_are_computed_again_for_other_weights_cases_or_evaluators(tmp_path, monkeypatch):
+    """Cached under the model's fingerprint, every field of every case (a target changed under the same case id)
+    and each evaluator's identity: any one of them changed must not reuse another's scores."""
+    import sadr.runner as runner
+    from sadr.data.records import EditCase, EditRequest
+
+    calls = []
+
+    def evaluate_all(evaluators, model, tokenizer, adapter, cases):
+        calls.append([case.request.target_new for case in cases])
+        return [{"target": case.request.target_new, "k": [e.identity()["k"] for e in evaluators]} for case in cases]
+
+    class Evaluator:
+        def __init__(self, k):
+            self.k = k
+
+        def identity(self):
+            return {"name": "probe", "k": self.k}
+
+    monkeypatch.setattr(runner, "evaluate_all", evaluate_all)
+    loaded = SimpleNamespace(model=None, tokenizer=None, adapter=None)
+    rome, oslo = (EditCase(0, EditRequest("{} is in", "Paris", target)) for target in ("Rome", "Oslo"))
+    settings = [([rome], 1, "w"), ([oslo], 1, "w"), ([rome], 2, "w"), ([rome], 1, "other weights")]
+    for cases, k, fingerprint in settings * 2:
+        results = runner.unedited_results(loaded, cases, [Evaluator(k)], fingerprint, str(tmp_path))
+        assert results == [{"target": cases[0].request.target_new, "k": [k]}]
+    assert calls == [["Rome"], ["Oslo"], ["Rome"], ["Rome"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -426,3 +427,20 @@ def test_parallel_cases_in_bfloat16_give_the_decisions_of_one_at_a_time(name, to
         for metric, entry in want.items():
             for i, (good, bad) in enumerate(zip(entry.get("p_good", []), entry.get("p_bad", []))):
                 assert abs(good - bad) <= 1e-2 * max(good, bad) or have[metric]["value"][i] == entry["value"][i]
+
+
+def test_side_by_side_rows_share_their_group_s_evaluation_time_evenly(tiny_dir, tmp_path, monkeypatch):
+    """Two cases evaluated together in 6 s (a clock that moves only while evaluating): each row's evaluation
+    seconds are 3, so the rows' seconds add up to the group's."""
+    import sadr.runner as runner
+
+    clock, evaluate_all = [0.0], runner.evaluate_all
+
+    def six_seconds(*args, **kwargs):
+        clock[0] += 6.0
+        return evaluate_all(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(runner, "evaluate_all", six_seconds)
+    out = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.parallel_cases=2"))).run()
+    assert [row["seconds"]["eval_per_case"] for row in rows(out)] == [3.0, 3.0]

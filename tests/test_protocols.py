@@ -3,13 +3,18 @@ and that single/batch restore the model bit for bit while sequential keeps stack
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from sadr.editors.rome import RomeEditor
-from sadr.runner import SEQUENTIAL_STATE, Experiment
+from sadr.models.saving import EDITS_FILE
+from sadr.results import RunDirectory
+from sadr.runner import EDITED_MODEL, SEQUENTIAL_STATE, Experiment, run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+
+OFFLINE_RECORDS = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -18,6 +23,10 @@ def _state(model) -> dict[str, torch.Tensor]:
 
 def _changed(a: dict, b: dict) -> set[str]:
     return {name for name in a if not torch.equal(a[name], b[name])}
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
 
 
 def _spied_experiment(cfg, monkeypatch):
@@ -81,3 +90,70 @@ def test_sequential_stacks_every_edit_evaluates_once_at_the_end_and_checkpoints(
     rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in rows] == [0, 1]
     assert {r["diagnostics"]["n_edits_in_model"] for r in rows} == {2}
+
+
+def test_a_batch_run_s_short_last_group_is_edited_and_recorded_as_its_own_size(tiny_dir, tmp_path, monkeypatch):
+    """Three cases in batches of two: the groups are [0, 1] and [2], and the last case's row says it was edited
+    alone, not in a batch of the configured size."""
+    overrides = tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=batch", "editor.batch_size=2")
+    cfg = composed([*(o for o in overrides if not o.startswith(("dataset.path=", "dataset.limit="))),
+                    f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=3"])
+    experiment, calls = _spied_experiment(cfg, monkeypatch)
+    out = experiment.run()
+    subjects = [record["requested_rewrite"]["subject"] for record in json.loads(OFFLINE_RECORDS.read_text())[:3]]
+    assert [group for kind, group, _ in calls if kind == "apply"] == [subjects[:2], subjects[2:]]
+    assert [(r["case_id"], r["batch_size"]) for r in _rows(out)] == [(0, 2), (1, 2), (2, 1)]
+
+
+def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_again(tiny_dir, tmp_path, monkeypatch):
+    """Both edits are checkpointed before any row: the resumed run evaluates the case left on both edits, its row
+    and the saved model count both, and the rows are those of a run never interrupted."""
+    whole = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "whole", "editor.protocol=sequential")))
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential", "save_edited=true"))
+    original_append = RunDirectory.append
+
+    def killed_after_the_first_row(run, row):
+        if run.rows():
+            raise KeyboardInterrupt
+        original_append(run, row)
+
+    monkeypatch.setattr(RunDirectory, "append", killed_after_the_first_row)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    monkeypatch.setattr(RunDirectory, "append", original_append)
+    assert len(_rows(tmp_path / "run")) == 1
+    applied = []
+    monkeypatch.setattr(RomeEditor, "apply", lambda editor, requests: applied.append(requests))
+    out = run_experiment(cfg)
+    assert applied == []
+    without_seconds = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert without_seconds(_rows(out)) == without_seconds(_rows(whole))
+    assert [r["diagnostics"]["n_edits_in_model"] for r in _rows(out)] == [2, 2]
+    note = json.loads((out / EDITED_MODEL / EDITS_FILE).read_text())
+    assert note["n_edits"] == 2 and [edit["case_id"] for edit in note["edits"]] == [0, 1]
+
+
+def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_kill(tiny_dir, tmp_path, monkeypatch):
+    """Killed during the second edit, resumed: each phase's seconds in the rows are the first edit's (kept by the
+    checkpoint) plus the second's, not the second's alone."""
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential"))
+    original, outcomes = RomeEditor.apply, []
+
+    def apply(editor, requests):
+        if len(outcomes) == 1:
+            outcomes.append(None)
+            raise KeyboardInterrupt
+        outcomes.append(original(editor, requests))
+        return outcomes[-1]
+
+    monkeypatch.setattr(RomeEditor, "apply", apply)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    out = run_experiment(cfg)
+    first, _, second = outcomes
+    assert sum(first.seconds.values()) > 0
+    expected = {name: first.seconds.get(name, 0.0) + second.seconds.get(name, 0.0)
+                for name in first.seconds.keys() | second.seconds.keys()}
+    for row in _rows(out):
+        edit_seconds = {name: value for name, value in row["seconds"].items() if name != "eval_per_case"}
+        assert edit_seconds == pytest.approx(expected)

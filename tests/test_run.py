@@ -372,3 +372,52 @@ def test_summarize_names_the_unfinished_runs_when_none_has_finished(tmp_path):
 def test_a_loss_layer_below_the_edited_layer_is_rejected():
     with pytest.raises(ConfigError, match=r"editor.v_loss_layer=3 is below the edited layer 5"):
         composed(["model=gpt-j", "editor.v_loss_layer=3"])
+
+
+def test_a_damaged_line_before_an_unfinished_last_one_is_named(tmp_path):
+    """Only the last line can be cut by a kill: a bad line before it is damage, even when the file does not end
+    with a newline, else the finished rows after it would be silently dropped."""
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    rows = [json.dumps({"case_id": i}) for i in range(3)]
+    (tmp_path / "run" / "cases.jsonl").write_text("\n".join([rows[0], rows[1][:5], rows[2]]))
+    with pytest.raises(DamagedFileError, match=r"line 2 of"):
+        run.rows()
+
+
+def test_where_and_how_results_are_written_do_not_stop_a_resume(tmp_path):
+    """The run folder (a run moved, or resumed under another hydra.run.dir), the progress display and save_edited
+    change no result: a run with a finished case resumes with them changed, and config.yaml does not hold them."""
+    from omegaconf import OmegaConf
+
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    settings = {"output_dir": "/a", "progress": {"bar": True}, "save_edited": False, "editor": {"layers": [1]}}
+    run.claim(OmegaConf.create(settings))
+    run.append({"case_id": 0})
+    run.claim(OmegaConf.create({**settings, "output_dir": "/b", "progress": {"bar": False}, "save_edited": True}))
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "run" / "config.yaml")) == {"editor": {"layers": [1]}}
+
+
+def test_the_run_s_seed_reaches_its_context_templates_and_its_generated_corpus(tiny_dir, tmp_path):
+    """Both are sampled: a run with seed=3 draws what seed 3 draws, not what the default seed 0 does."""
+    from sadr.data.corpus import generated_corpus
+    from sadr.editors.context_templates import context_templates
+    from sadr.models.loading import load_model
+    from sadr.runner import build_statistics, editor_templates
+
+    loaded = load_model(str(tiny_dir / "model"), device="cpu", cache_dir=str(tmp_path))
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "seed=3", "model.stats.corpus=generated", "model.stats.n_samples=2",
+                                  "model.stats.sample_length=8", f"cache_dir={tmp_path / 'cache'}"))
+    drawn = {seed: context_templates(loaded.model, loaded.tokenizer, [[5, 5]], seed=seed, fingerprint="f",
+                                     cache_dir=tmp_path / "own", style=cfg.editor.context_template_style.name)
+             for seed in (0, 3)}
+    assert drawn[0] != drawn[3]
+    assert editor_templates(cfg, loaded, "f") == drawn[3]
+    batch_tokens = cfg.model.stats.batch_tokens
+    texts = {seed: list(generated_corpus(loaded.model, loaded.tokenizer, 2, 8, seed, batch_tokens).texts()) for seed in (0, 3)}
+    assert texts[0] != texts[3]
+    assert list(build_statistics(cfg, loaded, "f").corpus.texts()) == texts[3]
