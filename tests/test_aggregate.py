@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from sadr.data.records import EditCase, EditRequest, LabeledPrompt
 from sadr.evaluation import prompt_metrics
 from sadr.evaluation.aggregate import compact_table, harmonic_mean, mean_ci, metric_table
-from sadr.evaluation.probes import resolve_metrics
+from sadr.evaluation.probes import Probe, resolve_metrics
 from sadr.evaluation.scorer import PairScores
 from sadr.evaluation.summary import summarize
 
@@ -204,6 +204,28 @@ def test_each_compared_metric_asks_which_answer_it_should(monkeypatch):
     assert {name: got[name]["value"] for name in names} == {
         "efficacy": [0.0], "paraphrase": [0.0], "neighborhood": [1.0], "distract_neighborhood": [1.0], "relation": [1.0]}
     assert got["relation"]["p_bad"] == [pytest.approx(0.3)]  # RS's bad answer is the new target
+
+
+def test_every_prompt_of_a_set_is_its_own_probe_with_the_answers_the_metric_names():
+    """docs/metrics.md: PS asks p(new) > p(true) of every paraphrase, zsRE-G scores the new answer on every rephrase,
+    and every portability group is probed; a prompt set is never cut to its first prompt or group."""
+    counterfact = EditCase(0, EditRequest("{} is in", "Toyota", "France", "Japan"),
+                           paraphrase_prompts=("Toyota lies in", "Toyota's home is"),
+                           portability={"one_hop": (LabeledPrompt("Toyota's capital is", "Paris"),),
+                                        "alias": (LabeledPrompt("TMC is in", "France"),
+                                                  LabeledPrompt("Toyota Motor is in", "France"))})
+    zsre = EditCase(1, EditRequest("Which college did {} attend?", "Harwick Pell", "Grayhaven University"),
+                    paraphrase_prompts=("Harwick Pell studied at which college?", "Where did Harwick Pell study?"),
+                    token_scored=True)
+    probes = {m.name: m.probes for m in resolve_metrics(["paraphrase", "token_generalization", "portability"])}
+    assert probes["paraphrase"](counterfact) == [Probe("Toyota lies in", "France", "Japan"),
+                                                 Probe("Toyota's home is", "France", "Japan")]
+    assert probes["portability"](counterfact) == [Probe("Toyota's capital is", "Paris"), Probe("TMC is in", "France"),
+                                                  Probe("Toyota Motor is in", "France")]
+    assert probes["token_generalization"](zsre) == [
+        Probe("Harwick Pell studied at which college?", "Grayhaven University"),
+        Probe("Where did Harwick Pell study?", "Grayhaven University")]
+    assert probes["paraphrase"](zsre) == [] and probes["token_generalization"](counterfact) == []
 
 
 def test_a_tie_is_a_failure_for_every_compared_metric(monkeypatch):

@@ -7,11 +7,12 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from sadr.data.records import EditCase, EditRequest
 from sadr.evaluation.consistency import load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
-from sadr.evaluation.generation_metrics import GenerationMetrics
+from sadr.evaluation.generation_metrics import GenerationMetrics, case_seed
 from sadr.runner import run_experiment
 from tests.runs import FIXTURES, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.tiny_models import make_model, make_tokenizer
@@ -51,6 +52,36 @@ def test_texts_depend_on_seed_and_case_only_not_on_batch_mates(model_and_tokeniz
     assert together[0]["fluency"]["text"] != together[1]["fluency"]["text"]  # another case, another stream
     other_seed = evaluate(model_and_tokenizer, [case(2)], seed=1)
     assert other_seed[0]["fluency"]["text"] != alone[0]["fluency"]["text"]
+
+
+def test_each_text_continues_its_prompt_by_new_tokens_from_the_models_top_5(model_and_tokenizer, monkeypatch):
+    """ROME's setting: `new_tokens` tokens, each among the model's 5 most likely next tokens (teacher-forced on the
+    sampled row alone); the tiny model's flat distribution makes wider sampling leave the top 5 within 12 tokens."""
+    model, tokenizer = model_and_tokenizer
+    calls = []
+    generate = model.generate
+
+    def recorded(**kwargs):
+        calls.append((kwargs["attention_mask"], generate(**kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(model, "generate", recorded)
+    evaluate(model_and_tokenizer, [case(1)], new_tokens=12)
+    ((mask, out),) = calls
+    assert out.shape == (2, mask.shape[1] + 12)
+    for row, row_mask in zip(out, mask):
+        ids = row[int((row_mask == 0).sum()):]  # without the left padding
+        prompt_length = int(row_mask.sum())
+        with torch.no_grad():
+            top5 = model(input_ids=ids[None]).logits[0, prompt_length - 1 : -1].topk(5).indices
+        assert (top5 == ids[prompt_length:, None]).any(dim=1).all()
+
+
+def test_case_seeds_depend_on_the_whole_case_id_and_not_on_its_type():
+    """A case keeps its texts when its id is read back as a string, and ids that share a prefix (1, 12) or a run seed
+    do not share a random stream."""
+    assert len({case_seed(0, case_id) for case_id in (1, 12, 123, "1a")} | {case_seed(1, 12)}) == 5
+    assert case_seed(0, 12) == case_seed(0, "12") and 0 <= case_seed(0, 12) < 2**64
 
 
 def test_fluency_is_the_entropy_of_each_text_of_the_first_prompts(model_and_tokenizer):

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from sadr.data.records import EditRequest
-from sadr.editors.capture import capture_inputs, capture_outputs
+from sadr.editors.capture import add_at_positions, capture_inputs, capture_outputs
 from sadr.editors.keys import mean_keys
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.prompts import encode_subject_prompts, templated_prompts
@@ -77,3 +78,26 @@ def test_per_row_keys_and_outputs_in_chunks_are_those_of_each_requests_own_edite
             torch.testing.assert_close(chunk_outputs[index], output, rtol=1e-4, atol=1e-5)
     unedited = bare_prompt_outputs(model, adapter, tokenizer, "mlp_out", 2, REQUESTS)
     assert not torch.allclose(unedited, chunked[64][1], atol=1e-3)  # the updates change what is read
+
+
+class PairOutput(nn.Module):
+    """Returns (hidden, extra), as GPT-J's blocks do before transformers 5.24, from two positional inputs."""
+
+    def forward(self, hidden, extra):
+        return hidden * 2, extra
+
+
+def test_hooks_read_the_first_input_and_the_hidden_state_of_a_tuple_output():
+    """Keys are a module's first positional input; outputs and added deltas are a tuple output's first element (the
+    hidden state), the rest of the tuple passing through untouched."""
+    module, hidden, extra = PairOutput(), torch.arange(24.0).reshape(2, 3, 4), torch.full((2, 3, 4), -1.0)
+    delta = torch.tensor([[1.0] * 4, [10.0] * 4])
+    with capture_inputs({5: module}) as inputs, capture_outputs({5: module}) as outputs:
+        module(hidden, extra)
+    assert torch.equal(inputs[5], hidden) and torch.equal(outputs[5], 2 * hidden)
+    with add_at_positions(module, torch.tensor([0, 1]), torch.tensor([1, 2]), lambda: delta):
+        added, passed = module(hidden, extra)
+    expected = 2 * hidden
+    expected[0, 1] += 1  # row 0's δ at its position 1, added to the output
+    expected[1, 2] += 10
+    assert torch.equal(added, expected) and passed is extra

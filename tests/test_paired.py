@@ -25,6 +25,13 @@ def test_sign_test_matches_hand_computed_binomial_tails():
     assert sign_test(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
 
 
+def test_sign_test_of_balanced_changes_is_one_not_more():
+    """With as many ups as downs both tails hold more than half the mass: 2 · P(X <= 3) = 2 · 42 / 64 for 3 vs 3, so the
+    two-sided p is capped at 1 (a p above 1 is no probability)."""
+    assert sign_test(1, 1) == sign_test(3, 3) == 1.0
+    assert sign_test(2, 4) == sign_test(4, 2) == pytest.approx(2 * (1 + 6 + 15) / 64)
+
+
 def test_paired_difference_counts_and_ci_on_a_hand_computed_example(tmp_path):
     base = _run(tmp_path / "a", {0: {"distract_neighborhood": [1, 0], "efficacy": [1]},
                                  1: {"distract_neighborhood": [0, 1], "efficacy": [0]}})
