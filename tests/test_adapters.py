@@ -19,6 +19,39 @@ def test_adapter_finds_every_module(tiny_model, family):
     assert tiny_model.get_submodule(adapter.final_norm) is not None
 
 
+def test_named_modules_are_the_ones_the_block_and_the_head_compute_with(tiny_model):
+    """A block adds to its input what its attention output projection and its MLP down-projection write (both
+    residual layouts), the attention module returns its output projection's result, and the head reads the last
+    block through the final norm: a module name of the wrong module fails at least one of these. The norms and
+    biases are shifted first: a random model's norms all start as the identity, so any would pass for the final one."""
+    generator = torch.Generator().manual_seed(0)
+    for param in tiny_model.parameters():
+        if param.ndim == 1:
+            param += 0.3 * torch.randn(param.shape, generator=generator)
+    adapter = adapter_for(tiny_model)
+    seen = {}
+
+    def keep(name):
+        return lambda module, args, out: seen.__setitem__(name, out)
+
+    def keep_input(module, args, kwargs):
+        seen["block_in"] = args[0] if args else kwargs["hidden_states"]
+
+    hooks = [adapter.block(tiny_model, 1).register_forward_pre_hook(keep_input, with_kwargs=True),
+             adapter.block(tiny_model, 1).register_forward_hook(keep("block_out")),
+             adapter.module(tiny_model, adapter.attention, 1).register_forward_hook(keep("attention")),
+             adapter.module(tiny_model, adapter.attn_out, 1).register_forward_hook(keep("attn_out")),
+             adapter.mlp_down_module(tiny_model, 1).register_forward_hook(keep("mlp_down")),
+             adapter.block(tiny_model, LAYERS - 1).register_forward_hook(keep("last_block_out"))]
+    logits = tiny_model(torch.tensor([[5, 17, 42, 99, 7, 3]])).logits
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(seen["block_out"] - seen["block_in"], seen["attn_out"] + seen["mlp_down"])
+    torch.testing.assert_close(seen["attention"][0], seen["attn_out"])
+    final_norm = tiny_model.get_submodule(adapter.final_norm)
+    torch.testing.assert_close(tiny_model.get_output_embeddings()(final_norm(seen["last_block_out"])), logits)
+
+
 def test_down_weight_view_matches_module_output(tiny_model):
     """W as (out, in) must be what maps the module input to its output (GPT-2 stores it transposed)."""
     adapter = adapter_for(tiny_model)
@@ -70,6 +103,8 @@ def test_layer_out_of_range_is_a_clear_error():
     model = make_model("llama")
     with pytest.raises(ValueError, match=r"layer 9 out of range.*0\.\.3"):
         adapter_for(model).mlp_down_module(model, 9)
+    with pytest.raises(ValueError, match=r"layer -1 out of range"):  # not the last block, as a list index would give
+        adapter_for(model).block(model, -1)
 
 
 def test_registry_covers_the_documented_families():

@@ -159,6 +159,25 @@ def test_the_same_weights_from_two_folders_have_one_fingerprint(tmp_path):
     assert model_fingerprint(a.model) != model_fingerprint(b.model)
 
 
+def test_a_fingerprint_tells_apart_a_changed_config_and_any_changed_weight():
+    """The config (here RoPE's base) counts as well as the weights; a change that keeps a weight's sum (+x and -x
+    swapped for +2x and -2x) is told by its sum of squares; a one-ulp change of one weight by the sums' digits."""
+    model = make_model("llama")
+    weight = model.model.layers[1].mlp.down_proj.weight
+    weight[0, :2] = torch.tensor([0.25, -0.25])
+    before = model_fingerprint(model)
+    model.config.rope_parameters = {**model.config.rope_parameters, "rope_theta": 5000.0}
+    assert model_fingerprint(model) != before
+    model = make_model("llama")
+    weight = model.model.layers[1].mlp.down_proj.weight
+    weight[0, :2] = torch.tensor([0.5, -0.5])
+    assert model_fingerprint(model) != before
+    weight[0, :2] = torch.tensor([0.25, -0.25])
+    assert model_fingerprint(model) == before
+    weight[0, 2] = torch.nextafter(weight[0, 2], torch.tensor(1.0))
+    assert model_fingerprint(model) != before
+
+
 def test_two_runs_started_together_on_an_empty_cache_compute_the_statistics_once(tiny_dir, tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

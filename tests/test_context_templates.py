@@ -16,7 +16,7 @@ from sadr.editors.context_templates import SEED_WORDS, context_templates
 from sadr.editors.registry import EDITORS
 from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
-from sadr.models.generation import sample_to_length_like_rome
+from sadr.models.generation import sample_texts, sample_to_length_like_rome
 from tests.editing import composed_editor
 from tests.tiny_models import make_model
 
@@ -85,6 +85,79 @@ def test_styles_are_seeded_cached_apart_and_keep_the_fixed_cache_keys(tokenizer,
     assert context_templates(model, tokenizer, params, style="reference", **kwargs) == reference
     with pytest.raises(InvalidSettingError, match="context_template_style"):
         context_templates(model, tokenizer, params, style="rome", **kwargs)
+
+
+def test_fixed_style_sampling_with_top_1_is_greedy_decoding_with_eos_forbidden(tokenizer):
+    """Prompts of 1 to 3 tokens in one left-padded batch, on a model whose head always prefers EOS: each text is
+    transformers' greedy decoding of its prompt alone with EOS forbidden, and the global RNG is left as it was."""
+    model = make_model("llama")
+    eos_first = torch.zeros(len(tokenizer))
+    eos_first[tokenizer.eos_token_id] = 100.0
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + eos_first)
+    prompts = ["The", "Therefore", "I", "You"]
+    rng = torch.get_rng_state()
+    texts = sample_texts(model, tokenizer, prompts, max_new_tokens=4, seed=0, top_k=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for prompt, text in zip(prompts, texts):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
+                             min_new_tokens=4, pad_token_id=tokenizer.pad_token_id)
+        assert tokenizer.eos_token_id not in out[0, ids.shape[1]:]
+        assert text == tokenizer.decode(out[0], skip_special_tokens=True) != prompt
+
+
+def test_fixed_style_sampling_is_seeded(tokenizer):
+    """The same seed draws the same texts, another seed others (top 5 of a random model: nearly uniform)."""
+    model = make_model("llama")
+    draw = lambda seed: sample_texts(model, tokenizer, ["The", "You"] * 3, max_new_tokens=6, seed=seed)  # noqa: E731
+    assert draw(3) == draw(3) != draw(4)
+
+
+@pytest.mark.parametrize("style", ["fixed", "reference"])
+def test_each_length_class_is_sampled_from_its_own_seed_to_its_length(style, tokenizer, tmp_path):
+    """Class i of [[max_tokens, count], ...] is `count` texts from seed + i, each seed word count/5 times: the fixed
+    style with max_tokens - 1 new tokens, the reference style to max_tokens tokens in all."""
+    model = make_model("llama")
+    made = context_templates(model, tokenizer, [[5, 5], [10, 10]], seed=3, fingerprint="tiny", cache_dir=tmp_path,
+                             style=style)
+    expected = ["{}"]
+    for index, (max_tokens, count) in enumerate([[5, 5], [10, 10]]):
+        prompts = [word for word in SEED_WORDS for _ in range(count // 5)]
+        if style == "fixed":
+            texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_tokens - 1, seed=3 + index)
+        else:
+            texts = sample_to_length_like_rome(model, tokenizer, prompts, total_tokens=max_tokens, seed=3 + index)
+        expected += [text + ". {}" for text in texts]
+    assert made == expected
+
+
+def test_templates_are_cached_apart_per_model_seed_and_lengths(tokenizer, tmp_path):
+    """Another model (fingerprint), seed or length setting never reads the templates cached for the first."""
+    kwargs = dict(cache_dir=tmp_path, style="reference")
+    first = context_templates(make_model("llama"), tokenizer, [[5, 5]], seed=3, fingerprint="tiny", **kwargs)
+    other_model = make_model("llama", seed=1)
+    others = [context_templates(other_model, tokenizer, [[5, 5]], seed=3, fingerprint="tiny-1", **kwargs),
+              context_templates(make_model("llama"), tokenizer, [[5, 5]], seed=4, fingerprint="tiny", **kwargs),
+              context_templates(make_model("llama"), tokenizer, [[6, 5]], seed=3, fingerprint="tiny", **kwargs)]
+    assert all(other != first for other in others)
+    assert len(list((tmp_path / "context_templates").glob("*.json"))) == 4
+
+
+def test_braces_in_a_sampled_text_leave_one_slot_for_the_subject(tokenizer, tmp_path, monkeypatch):
+    """A sampled "{" or "}" would make `template.format(subject)` fail or fill the wrong place."""
+    monkeypatch.setattr(templates_module, "sample_to_length_like_rome",
+                        lambda model, tokenizer, prompts, **kwargs: [f"{p} {{x}} and {{}}" for p in prompts])
+    made = context_templates(make_model("llama"), tokenizer, [[5, 5]], seed=0, fingerprint="tiny",
+                             cache_dir=tmp_path, style="reference")
+    assert made[1:] == [f"{word}  x  and   . {{}}" for word in SEED_WORDS]
+    assert made[1].format("Paris") == "The  x  and   . Paris"
+
+
+def test_a_count_that_is_not_a_multiple_of_the_seed_words_is_refused(tokenizer, tmp_path):
+    """7 templates cannot be sampled evenly from 5 seed words (7 // 5 would silently give 5)."""
+    with pytest.raises(InvalidSettingError, match=r"count 7 must be a multiple of 5"):
+        context_templates(make_model("llama"), tokenizer, [[5, 7]], seed=0, fingerprint="tiny", cache_dir=tmp_path,
+                          style="fixed")
 
 
 @pytest.mark.parametrize("editor", sorted(EDITORS))

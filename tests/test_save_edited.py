@@ -14,7 +14,7 @@ from sadr.data.load import load_cases
 from sadr.evaluation.probes import METRICS
 from sadr.evaluation.prompt_metrics import evaluate_cases
 from sadr.models.loading import load_model
-from sadr.models.saving import EDITS_FILE, save_edited_model
+from sadr.models.saving import EDITS_FILE, save_edited_model, write_model_folder
 from sadr.runner import EDITED_MODEL, EDITED_MODELS, SEQUENTIAL_STATE, run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.tiny_models import make_model, make_tokenizer, write_llama_gguf
@@ -42,9 +42,24 @@ def test_a_saved_model_reloads_with_the_same_logits(tiny_dir, tmp_path):
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     assert torch.equal(_logits(reloaded, ids), _logits(loaded.model, ids))
     note = json.loads((folder / EDITS_FILE).read_text())
-    assert note["editor"] == "manual" and note["n_edits"] == 2
+    assert note["editor"] == "manual" and note["n_edits"] == 2 and note["base_model"] == str(tiny_dir / "model")
     assert [e["subject"] for e in note["edits"]] == [c.request.subject for c in cases]
+    assert [e["case_id"] for e in note["edits"]] == [c.case_id for c in cases]
     assert not (tmp_path / "edited.partial").exists()
+
+
+def test_a_folder_written_again_holds_only_the_new_model(tmp_path):
+    """An older copy in the folder, and what an interrupted save left beside it, are gone: no stale note or file."""
+    folder = tmp_path / "model"
+    write_model_folder(make_model("llama"), make_tokenizer(), folder, {EDITS_FILE: "{}"})
+    (tmp_path / "model.partial").mkdir()
+    (tmp_path / "model.partial" / "stale.bin").write_bytes(b"left by a killed save")
+    newer = make_model("llama", seed=1)
+    write_model_folder(newer, make_tokenizer(), folder)
+    assert not (folder / EDITS_FILE).exists() and not (folder / "stale.bin").exists()
+    assert not (tmp_path / "model.partial").exists()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(folder), ids), _logits(newer, ids))
 
 
 def test_a_sequential_run_saves_its_edited_model_and_a_run_on_it_starts_from_the_edits(tiny_dir, tmp_path):
