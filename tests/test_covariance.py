@@ -420,3 +420,35 @@ def test_a_generated_corpus_samples_about_batch_tokens_tokens_at_a_time(tokenize
     assert corpus.description["batch"] == 4
     assert generated_corpus(model, tokenizer, 10, 8, 0, batch_tokens=64).description["batch"] == 8
     assert generated_corpus(model, tokenizer, 10, 8, 0, batch_tokens=4).description["batch"] == 1
+
+
+def test_a_file_corpus_is_its_nonempty_blank_line_separated_blocks(tmp_path):
+    """Documents are the stripped blocks between blank lines (a block keeps its single newlines), empty ones skipped,
+    the first `n` taken; size and mtime are in the description, so editing the file changes the statistics' key."""
+    from sadr.data.corpus import file_corpus
+
+    path = tmp_path / "corpus.txt"
+    text = "first block\nline two\n\n\n\n  second block  \n\nthird"
+    path.write_text(text, encoding="utf-8")
+    corpus = file_corpus(str(path), n_samples=2)
+    assert list(corpus.texts()) == ["first block\nline two", "second block"]
+    assert corpus.description == {"kind": "file", "path": str(path.resolve()), "size": len(text.encode()),
+                                  "mtime": path.stat().st_mtime, "n": 2}
+
+
+def test_a_generated_corpus_cycles_the_seed_words_with_its_seed(monkeypatch):
+    """Prompts go round the twelve seed words; the corpus's seed reaches the sampler and its description."""
+    from sadr.data import corpus as corpus_module
+
+    calls = []
+
+    def record(model, tokenizer, prompts, **kwargs):
+        calls.append((prompts, kwargs))
+        return prompts
+
+    monkeypatch.setattr(corpus_module, "sample_texts", record)
+    corpus = corpus_module.generated_corpus(None, None, n_samples=14, length=8, seed=7, batch_tokens=32)
+    list(corpus.texts())
+    words = ["The", "In", "A", "It", "When", "This", "There", "One", "After", "His", "Her", "According to"]
+    assert calls == [(words + ["The", "In"], {"max_new_tokens": 8, "seed": 7, "batch_size": 4})]
+    assert corpus.description == {"kind": "generated", "n": 14, "length": 8, "seed": 7, "top_k": 5, "batch": 4}

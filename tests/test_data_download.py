@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from sadr.conf.schema import DatasetConfig
-from sadr.data.download import ChecksumError, DownloadError, RemoteFile, download
-from sadr.data.load import load_cases
+from sadr.data.download import ROME_DATA_URL, ChecksumError, DownloadError, RemoteFile, download
+from sadr.data.load import MalformedDatasetError, load_cases
 from sadr.data.registry import FORMATS, DatasetFormat
 from tests.data_fixtures import FIXTURES
 
@@ -194,3 +194,49 @@ def test_canonical_checksum_applies_to_the_canonical_url(server, tmp_path, monke
     with pytest.raises(ChecksumError, match="expected " + "e" * 64):
         load_cases(DatasetConfig(name="counterfact", url=url), tmp_path)
     assert load_cases(DatasetConfig(name="counterfact", url=url, sha256=SHA), tmp_path).cases
+
+
+def test_a_complete_part_file_of_unknown_size_is_finished_by_a_416(server, tmp_path):
+    """Without a known size a whole .part is still asked for its rest; the server's 416 means it is complete."""
+    (tmp_path / "counterfact.json.part").write_bytes(BODY)
+    assert download(remote(server, sha256=SHA), tmp_path).read_bytes() == BODY
+    assert server.ranges == [f"bytes={len(BODY)}-"]
+
+
+def test_an_upper_case_sha256_is_accepted(server, tmp_path):
+    """Digests are compared case-insensitively (a hex digest pasted in upper case is the same digest)."""
+    assert download(remote(server, sha256=SHA.upper()), tmp_path).read_bytes() == BODY
+
+
+def test_a_failed_request_promises_no_resume_when_nothing_was_kept(server, tmp_path):
+    """A 404 leaves no partial file, so its message must not say that one is kept and resumed."""
+    with pytest.raises(DownloadError) as err:
+        download(RemoteFile(server.url + "missing.json"), tmp_path)
+    assert "HTTP Error 404" in str(err.value) and "kept" not in str(err.value)
+    assert not (tmp_path / "missing.json.part").exists()
+
+
+def test_dataset_size_is_checked(server, tmp_path):
+    """dataset.size, like dataset.sha256, is verified for a dataset.url."""
+    cfg = DatasetConfig(name="counterfact", url=server.url + "counterfact.json", size=len(BODY) - 1)
+    with pytest.raises(ChecksumError, match=f"has {len(BODY)} bytes, expected {len(BODY) - 1}"):
+        load_cases(cfg, tmp_path)
+
+
+def test_a_downloaded_file_that_is_not_json_advises_deleting_it(server, tmp_path):
+    """A cached download that is not JSON (e.g. an HTML error page) is fixed by fetching it again."""
+    server.files["page.json"] = b"<html>moved</html>"
+    with pytest.raises(MalformedDatasetError, match=r"page\.json: not valid JSON .*; fix it, or delete it to download"):
+        load_cases(DatasetConfig(name="counterfact", url=server.url + "page.json"), tmp_path)
+
+
+def test_canonical_files_have_the_published_size_and_sha256():
+    """The registry verifies the canonical downloads against the sizes and digests published in the data notes."""
+    assert FORMATS["counterfact"].remote == RemoteFile(
+        ROME_DATA_URL + "counterfact.json",
+        45_108_470,
+        "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f",
+    )
+    assert (FORMATS["sadr_merged"].remote.size, FORMATS["sadr_merged"].remote.sha256) == (
+        3_746_414, "39ba477f5a69989e7b8b856a72f67f533893c7d0e6944437fec800af99392f83"
+    )

@@ -11,7 +11,7 @@ from sadr.conf.schema import DatasetConfig, ZsreTarget
 from sadr.data.load import load_cases
 from sadr.data.records import EditRequest, LabeledPrompt
 from sadr.data.registry import FORMATS, DatasetFormat
-from tests.data_fixtures import FIXTURES, REAL_SAMPLES, config
+from tests.data_fixtures import FIXTURES, REAL_SAMPLES, config, fixture_records, write_records
 
 
 def load(name, tmp_path, **overrides):
@@ -191,3 +191,65 @@ def test_every_format_has_a_fixture_and_a_conf_file():
             conf = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(conf_dir / f"{name}.yaml"))
             assert conf.name == name and conf.path is None
             assert conf.url == FORMATS[name].remote.url  # the conf file and the registry agree
+
+
+def load_changed(tmp_path, name, change, **overrides):
+    """Load the `name` fixture after `change(records)` has edited it."""
+    records = fixture_records(name)
+    change(records)
+    return load_cases(config(name, write_records(tmp_path / f"{name}.json", records), **overrides), tmp_path)
+
+
+def test_counterfact_relation_and_object_ids_are_optional(tmp_path):
+    """A record without relation_id, or with a null Wikidata id (as in the offline dataset), loads with None."""
+    def change(records):
+        del records[0]["requested_rewrite"]["relation_id"]
+        records[0]["requested_rewrite"]["target_new"]["id"] = None
+
+    request = load_changed(tmp_path, "counterfact", change).cases[0].request
+    assert (request.relation_id, request.target_new_id, request.target_new) == (None, None, "Portuguese")
+
+
+@pytest.mark.parametrize("name, n", [("zsre", 3), ("knowedit_counterfact", 3), ("sadr_merged", 4)])
+def test_formats_without_ids_number_cases_from_zero(tmp_path, name, n):
+    """zsRE, KnowEdit and SADR-merged cases are numbered by file position from 0, as the selection message says."""
+    assert [c.case_id for c in load(name, tmp_path).cases] == list(range(n))
+
+
+def test_knowedit_portability_and_locality_are_optional(tmp_path):
+    """A record without `portability`/`locality`, or with an empty list in them, has no such prompts (no empty
+    portability entry that a metric would average over)."""
+    def change(records):
+        del records[2]["portability"], records[2]["locality"]
+        records[0]["portability"]["Logical_Generalization"] = []
+
+    cases = load_changed(tmp_path, "knowedit_counterfact", change).cases
+    assert set(cases[0].portability) == {"Reasoning", "Subject_Aliasing"}
+    assert (cases[2].portability, cases[2].relation_prompts, cases[2].locality_prompts) == ({}, (), ())
+
+
+def test_sadr_merged_keeps_every_relation_prompt(tmp_path):
+    """All prompts of an `l-relation` block become relation prompts, in order."""
+    def change(records):
+        records[0]["l-relation"] = {"prompts": ["The occupation of Wenna Tallow is", "Wenna Tallow was born in"],
+                                    "targets": ["weaver", "Duskport"]}
+
+    assert load_changed(tmp_path, "sadr_merged", change).cases[0].relation_prompts == (
+        LabeledPrompt("The occupation of Wenna Tallow is", "weaver"),
+        LabeledPrompt("Wenna Tallow was born in", "Duskport"),
+    )
+
+
+@pytest.mark.parametrize("target", [ZsreTarget.answers, ZsreTarget.alt])
+def test_zsre_cases_are_token_scored_under_both_targets(tmp_path, target):
+    """zsRE is scored by top-1 token accuracy whichever answer it edits towards; CounterFact by p(new) vs p(true)."""
+    assert all(case.token_scored for case in load("zsre", tmp_path, target=target).cases)
+    assert not any(case.token_scored for case in load("counterfact", tmp_path).cases)
+
+
+def test_dataset_path_expands_the_home_directory(tmp_path, monkeypatch):
+    """dataset.path=~/file.json reads the file in the user's home, as a shell would."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cf.json").write_bytes((FIXTURES / "counterfact.json").read_bytes())
+    loaded = load_cases(config("counterfact", "~/cf.json"), tmp_path)
+    assert loaded.source == str(tmp_path / "cf.json") and len(loaded.cases) == 3

@@ -70,6 +70,7 @@ def test_malformed_shards_are_rejected(value):
 
 def test_shard_parsing():
     assert parse_shard("1/8") == (1, 8) and parse_shard(" 8 / 8 ") == (8, 8)
+    assert parse_shard("10/12") == (10, 12)  # a sweep over more than nine shards
 
 
 @pytest.mark.parametrize("limit", [-1, 1.5, True])
@@ -99,3 +100,21 @@ def test_load_cases_records_the_selection(tmp_path):
 def test_limit_zero_selects_nothing(tmp_path):
     path = write_records(tmp_path / "z.json", [])
     assert load_cases(config("zsre", path, limit=0), tmp_path).cases == []
+
+
+def test_limit_zero_selects_nothing_of_a_nonempty_dataset():
+    """limit=0 keeps no case (it is not "no limit")."""
+    selected, applied = Selection(limit=0).apply(cases(3))
+    assert selected == [] and applied["n_selected"] == 0 and applied["limit"] == 0
+
+
+def test_an_empty_case_id_list_selects_nothing():
+    """case_ids=[] is a selection of no case, unlike case_ids=null, which keeps all."""
+    assert Selection.from_config(config("zsre", case_ids=[])).apply(cases(3))[0] == []
+    assert ids(Selection.from_config(config("zsre", case_ids=None)).apply(cases(3))[0]) == [0, 1, 2]
+
+
+def test_unknown_numeric_case_ids_are_listed_in_numeric_order():
+    """Missing ids are sorted as numbers read (shorter first), not as strings ("100" before "12")."""
+    with pytest.raises(ValueError, match=r"no case with id 9, 12, 100 among the 5 loaded cases"):
+        Selection(case_ids=(100, 9, 12, 1)).apply(cases(5))

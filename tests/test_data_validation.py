@@ -157,3 +157,102 @@ def test_skip_policy_counts_and_warns(tmp_path, caplog):
 def test_skip_policy_accepts_the_plain_string(tmp_path):
     loaded = load_broken(tmp_path, "counterfact", lambda r: r[1].pop("requested_rewrite"), on_invalid="skip")
     assert loaded.n_invalid_skipped == 1 and [c.case_id for c in loaded.cases] == [100, 102]
+
+
+@pytest.mark.parametrize(
+    "name, mutate, expected",
+    [
+        ("counterfact", lambda r: r[0]["requested_rewrite"].__setitem__("subject", None),
+         "record 0, field 'requested_rewrite.subject': expected a non-empty string, got None"),
+        ("counterfact", lambda r: r[0]["requested_rewrite"].__setitem__("subject", "   "),
+         "record 0, field 'requested_rewrite.subject': expected a non-empty string, got '   '"),
+        ("counterfact", lambda r: r[1].__setitem__("neighborhood_prompts", "Orrin plays the"),
+         "record 1, field 'neighborhood_prompts': expected a list of non-empty strings, got 'Orrin plays the'"),
+        ("counterfact", lambda r: r[0].__setitem__("case_id", True),
+         "record 0, field 'case_id': expected an integer or a string id, got True"),
+        ("counterfact", lambda r: r[0].__setitem__("case_id", 100.0),
+         "record 0, field 'case_id': expected an integer or a string id, got 100.0"),
+        ("counterfact", lambda r: r[2].__setitem__("requested_rewrite", "Brakmoor"),
+         "record 2, field 'requested_rewrite': expected a JSON object, got 'Brakmoor'"),
+        ("knowedit_counterfact", lambda r: r[0]["locality"]["Relation_Specificity"].__setitem__(0, "founder"),
+         "record 0, field 'locality.Relation_Specificity[0]': expected a JSON object, got 'founder'"),
+        ("knowedit_counterfact",
+         lambda r: r[0]["locality"].__setitem__("Relation_Specificity", {"prompt": "p", "ground_truth": "g"}),
+         "record 0, field 'locality.Relation_Specificity': expected a list of JSON objects, got {'prompt': 'p'"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_named_where_it_is(tmp_path, name, mutate, expected):
+    """Null, blank, bool and float values, and a string or object where a list or object belongs, are each rejected at
+    their own field (not accepted, and not reported somewhere further down the record)."""
+    with pytest.raises(InvalidRecordError) as err:
+        load_broken(tmp_path, name, mutate)
+    assert expected in str(err.value)
+
+
+def test_every_paraphrase_must_contain_the_subject_with_its_case(tmp_path):
+    """The subject is located verbatim, so a later paraphrase that only spells it in lower case is rejected too."""
+    def break_(records):
+        records[0]["paraphrase_prompts"][1] = records[0]["paraphrase_prompts"][1].replace(
+            "Velimir Ostrander", "velimir ostrander"
+        )
+
+    with pytest.raises(InvalidRecordError, match=r"record 0, field 'paraphrase_prompts\[1\]': expected a paraphrase"):
+        load_broken(tmp_path, "counterfact", break_)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r[1]["requested_rewrite"].pop("target_true"),
+         "record 1, field 'requested_rewrite.target_true': expected a non-empty string, it is missing"),
+        (lambda r: r[1]["p-paraphrase"]["targets"].__setitem__(0, "jazz"),
+         "record 1, field 'p-paraphrase.targets[0]': expected 'opera' (the request's target for this block), "
+         "got 'jazz'"),
+        (lambda r: r[1]["p-paraphrase"]["prompts"].__setitem__(1, "The genre played by C. Ashby is"),
+         "record 1, field 'p-paraphrase.prompts[1]': expected a paraphrase containing the subject 'Corvin Ashby'"),
+    ],
+)
+def test_sadr_merged_request_and_paraphrases_are_checked(tmp_path, mutate, expected):
+    """The true object is required, and paraphrases must aim at the new object and mention the subject, like
+    CounterFact's."""
+    with pytest.raises(InvalidRecordError) as err:
+        load_broken(tmp_path, "sadr_merged", mutate)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("n_bad", [1, 11])
+def test_skip_policy_names_ten_records_then_only_counts(tmp_path, caplog, n_bad):
+    """Up to ten skipped records are named one by one (a non-object among them); the total is always logged."""
+    records = ["oops"] + [{"subject": "Harwick Pell"}] * (n_bad - 1) + [fixture_records("zsre")[0]]
+    with caplog.at_level(logging.WARNING, logger="sadr.data.validation"):
+        loaded = load_cases(config("zsre", write_records(tmp_path / "z.json", records), on_invalid="skip"), tmp_path)
+    assert loaded.n_invalid_skipped == n_bad and [c.case_id for c in loaded.cases] == [n_bad]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum(w.startswith("skipping invalid record: ") for w in warnings) == min(n_bad, 10)
+    assert warnings[-1].endswith(f"skipped {n_bad} invalid record(s) of {n_bad + 1} (dataset.on_invalid=skip)")
+
+
+def test_a_file_that_is_not_utf8_is_a_malformed_dataset(tmp_path):
+    """A Latin-1 file is reported as such, not as a bare UnicodeDecodeError."""
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"subject": "Zoë"}]'.encode("latin-1"))
+    with pytest.raises(MalformedDatasetError, match=r"latin1\.json: not UTF-8 text .*expected a JSON dataset file"):
+        load_cases(config("zsre", path), tmp_path)
+
+
+def test_why_empty_when_every_record_was_skipped(tmp_path):
+    """With nothing loaded because all records were invalid, the reason names the skip policy, not an empty file."""
+    loaded = load_broken(tmp_path, "zsre", lambda r: [rec.pop("answers") for rec in r], on_invalid="skip")
+    assert loaded.cases == [] and loaded.why_empty() == (
+        f"all 3 records of {tmp_path / 'zsre.json'} are invalid and were skipped (dataset.on_invalid=skip); "
+        "set dataset.on_invalid=error to see why"
+    )
+
+
+@pytest.mark.parametrize("length, shown", [(78, "'" + "a" * 78 + "'"), (79, "'" + "a" * 76 + "...")])
+def test_long_values_are_cut_at_80_characters(tmp_path, length, shown):
+    """A found value is shown whole up to 80 characters of its repr, and cut to 77 plus "..." beyond."""
+    with pytest.raises(InvalidRecordError) as err:
+        load_broken(tmp_path, "counterfact", lambda r: r[0].__setitem__("neighborhood_prompts", "a" * length))
+    assert str(err.value).endswith(f"got {shown}. Fix the record, or set dataset.on_invalid=skip to skip invalid "
+                                   "records.")
