@@ -75,3 +75,22 @@ def test_a_weights_file_replaced_on_disk_is_loaded_again(tmp_path):
     again, other = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path))
     assert again is not first and other != fingerprint == model_fingerprint(first.model)
     kept.release_kept_model()
+
+
+def test_a_weights_file_copied_in_with_its_old_time_is_loaded_again(tmp_path):
+    """`cp -p` or `rsync -t` keeps the modification time of the file it brings: the new file (another inode, a later
+    status change) is still seen, so the kept model's old weights are not reused."""
+    make_model("llama").save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    make_model("llama", seed=1).save_pretrained(tmp_path / "other")
+    weights = tmp_path / "model" / "model.safetensors"
+    kept.release_kept_model()
+    first, fingerprint = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path))
+    old_times = weights.stat()
+    shutil.copy(tmp_path / "other" / "model.safetensors", tmp_path / "model" / "new.safetensors")
+    os.utime(tmp_path / "model" / "new.safetensors", ns=(old_times.st_atime_ns, old_times.st_mtime_ns))
+    os.replace(tmp_path / "model" / "new.safetensors", weights)
+    assert weights.stat().st_mtime_ns == old_times.st_mtime_ns
+    again, other = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path))
+    assert again is not first and other != fingerprint
+    kept.release_kept_model()

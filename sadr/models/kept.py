@@ -1,7 +1,7 @@
 """The jobs of a Hydra sweep that run one after another in one process (the basic launcher) load a model once.
 
-The last loaded model is kept with its fingerprint. A later job asking for the same model (source, its files'
-modification times, revision, family, device, dtype) gets it back if its weights still have that fingerprint
+The last loaded model is kept with its fingerprint. A later job asking for the same model (source, its files' inodes,
+sizes and times, revision, family, device, dtype) gets it back if its weights still have that fingerprint
 (every protocol restores them bit for bit), and a fresh load otherwise. Asking for another model releases the
 kept one first, so two models never hold memory at once.
 """
@@ -28,14 +28,19 @@ class _Kept:
 _kept: _Kept | None = None
 
 
-def _files_stamp(source: str) -> int | None:
-    """The newest modification time of a local model's files (None for a hub id or an embedded model)."""
+def _files_stamp(source: str) -> tuple | None:
+    """Each file of a local model with its inode, size, modification and status-change times (None for a hub id or an
+    embedded model). The status-change time moves with every write and cannot be set back, so a file copied in with
+    its old modification time kept (`cp -p`, `rsync -t`) still counts as changed."""
     path = Path(source).expanduser()
     if path.is_file():
-        return path.stat().st_mtime_ns
-    if path.is_dir():
-        return max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=path.stat().st_mtime_ns)
-    return None
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file())
+    else:
+        return None
+    stats = [(f.name, f.stat()) for f in files]
+    return tuple((name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats)
 
 
 def load_model_kept(source: str, **options) -> tuple[LoadedModel, str]:
