@@ -210,6 +210,19 @@ def test_counterfact_relation_and_object_ids_are_optional(tmp_path):
     assert (request.relation_id, request.target_new_id, request.target_new) == (None, None, "Portuguese")
 
 
+def test_an_optional_field_given_as_null_is_absent(tmp_path):
+    """null in an optional list or object field reads as the field left out, as it already did for optional strings
+    (a JSON writer may emit null for an empty field)."""
+    def change(records):
+        records[0]["generation_prompts"] = None
+        records[0]["neighborhood_prompts"] = None
+
+    counterfact = load_changed(tmp_path, "counterfact", change).cases[0]
+    assert (counterfact.generation_prompts, counterfact.neighborhood_prompts) == ((), ())
+    knowedit = load_changed(tmp_path, "knowedit_counterfact", lambda records: records[2].__setitem__("portability", None))
+    assert knowedit.cases[2].portability == {}
+
+
 @pytest.mark.parametrize("name, n", [("zsre", 3), ("knowedit_counterfact", 3), ("sadr_merged", 4)])
 def test_formats_without_ids_number_cases_from_zero(tmp_path, name, n):
     """zsRE, KnowEdit and SADR-merged cases are numbered by file position from 0, as the selection message says."""

@@ -49,23 +49,25 @@ class Record:
         return list(self._data)
 
     def _get(self, key: str, required: bool, expected: str) -> Any:
-        if key in self._data:
-            return self._data[key]
-        if required:
+        """The raw value; _ABSENT when the field is absent, or null, and not required."""
+        value = self._data.get(key, _ABSENT)
+        if value is None and not required:
+            return _ABSENT
+        if value is _ABSENT and required:
             self.fail(key, expected)
-        return _ABSENT
+        return value
 
     def text(self, key: str, required: bool = True) -> str | None:
         """A non-empty string; None when absent (or null) and not required."""
         value = self._get(key, required, "a non-empty string")
-        if value is _ABSENT or (value is None and not required):
+        if value is _ABSENT:
             return None
         if not _is_text(value):
             self.fail(key, "a non-empty string", value)
         return value
 
     def texts(self, key: str, required: bool = True) -> list[str]:
-        """A list of non-empty strings; [] when absent and not required."""
+        """A list of non-empty strings; [] when absent (or null) and not required."""
         value = self._get(key, required, "a list of non-empty strings")
         if value is _ABSENT:
             return []
@@ -92,7 +94,7 @@ class Record:
         return value
 
     def child(self, key: str, required: bool = True) -> Record:
-        """A nested object; an empty one when absent and not required."""
+        """A nested object; an empty one when absent (or null) and not required."""
         value = self._get(key, required, "a JSON object")
         if value is _ABSENT:
             value = {}
@@ -101,7 +103,7 @@ class Record:
         return Record(value, self.source, self.index, self.field(key))
 
     def children(self, key: str, required: bool = True) -> list[Record]:
-        """A list of nested objects; [] when absent and not required."""
+        """A list of nested objects; [] when absent (or null) and not required."""
         value = self._get(key, required, "a list of JSON objects")
         if value is _ABSENT:
             return []
