@@ -41,12 +41,18 @@ def untested(installed: Optional[dict[str, str]] = None) -> list[str]:
     for name in CHECKED:
         version = (installed or {}).get(name) or metadata.version(name)
         low, high = oldest[name], locked[name]
-        if not low.release <= Version(version).release <= high.release:  # local builds (+cpu, +cu130) compare equal
+        if not _release(low) <= _release(Version(version)) <= _release(high):
             messages.append(
                 f"{name} {version} is outside the tested range {low}–{high}; results and runs are untested with it "
                 "(install the locked set: pip install -e . -c sadr/constraints/locked.txt)"
             )
     return messages
+
+
+def _release(version: Version) -> Version:
+    """The version without its local build (+cpu, +cu130) or pre-release part, so builds of one release compare equal,
+    and 2.13 equals 2.13.0 (release tuples of different lengths would not)."""
+    return Version(version.base_version)
 
 
 def warn_if_untested() -> list[str]:

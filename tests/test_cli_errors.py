@@ -1,7 +1,8 @@
 """Every user mistake ends `sadr-run` with its message and exit status 2, and no traceback.
 
 All cases run as real `python -m sadr.cli.run` processes, started at once (each spends most of its time
-importing torch and transformers), and are checked one by one.
+importing torch and transformers), and are checked one by one. How a started run stops (what it keeps, Ctrl-C, a
+bug) and which folders are checked before Hydra starts are checked in this process, with the run itself stubbed.
 """
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, OPTConfig
 
+from sadr.cli import run as cli
+from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
+from sadr.results import SEQUENTIAL_STATE, RunDirectory
 from tests.runs import FIXTURE, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
 from tests.tiny_models import make_model, make_tokenizer
 
@@ -141,3 +146,67 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sadr.cli.run", "sadr.lambda=-1"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1 and "Traceback" in done.stderr and "ConfigError" in done.stderr
+
+
+def _stopped_in_process(monkeypatch, capsys, out, stop):
+    """(exit status, stderr) of `sadr-run` in this process, its run raising `stop` in the run folder `out`."""
+    def run_experiment(cfg):
+        raise stop
+
+    monkeypatch.setattr(cli, "run_experiment", run_experiment)
+    monkeypatch.setattr(cli._Stage, "task_started", False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    # logging left as it is: Hydra's setup would replace this test session's (later tests read theirs through caplog)
+    monkeypatch.setattr(sys, "argv", ["sadr-run", f"hydra.run.dir={out}", "hydra.output_subdir=null",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop, status, expected", [
+    (InvalidSettingError("a bad value"), 2, "error: a bad value\n"),
+    (DeviceMemoryError("out of memory"), 2, "error: out of memory; 1 finished case(s) are kept in {out}: a rerun with "
+                                            "hydra.run.dir={out} skips them\n"),
+    (KeyboardInterrupt(), 130, "interrupted: 1 finished case(s) are kept in {out}; to resume (finished work is "
+                               "skipped), run the same command with hydra.run.dir={out}\n"),
+])
+def test_a_stopped_run_says_what_is_kept_only_when_it_stopped_midway(stop, status, expected, monkeypatch, capsys,
+                                                                    tmp_path):
+    """A usage error found before any work names no cases even where an earlier run left one; running out of memory
+    and Ctrl-C count the finished case and name the folder to resume in."""
+    RunDirectory(tmp_path).append({"case_id": 0})
+    assert _stopped_in_process(monkeypatch, capsys, tmp_path, stop) == (status, expected.format(out=tmp_path))
+
+
+def test_an_interrupted_sequential_run_counts_its_checkpoint_as_kept(monkeypatch, capsys, tmp_path):
+    (tmp_path / SEQUENTIAL_STATE).write_bytes(b"")
+    status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+    assert status == 130
+    assert stderr.startswith("interrupted: 0 finished case(s) and the sequential edits checkpointed so far are kept in")
+
+
+def test_a_bug_keeps_its_traceback_and_exit_status_1(monkeypatch, capsys, tmp_path):
+    """Only a config that does not compose turns Hydra's exit status 1 into 2; a bug in a started run stays 1."""
+    status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, RuntimeError("a bug"))
+    assert status == 1 and "Traceback" in stderr and "RuntimeError: a bug" in stderr
+
+
+def test_in_a_multirun_the_resume_override_names_the_sweep_folder(monkeypatch, tmp_path):
+    """Rerunning a sweep with hydra.run.dir=<one job's folder> would not resume the sweep."""
+    for mode, expected in ((cli.RunMode.MULTIRUN, f"hydra.sweep.dir={tmp_path}"),
+                           (cli.RunMode.RUN, "hydra.run.dir=job")):
+        hydra_cfg = OmegaConf.create({"mode": mode, "sweep": {"dir": str(tmp_path)}})
+        monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+        assert cli._where_to_resume("job") == expected
+
+
+def test_run_and_sweep_folders_are_checked_only_where_hydra_would_make_them(tmp_path):
+    """A folder with an interpolation is Hydra's to resolve (no literal '${now:...}' folder is made); `--cfg` makes
+    none; `+` before the key still names a folder."""
+    cli._check_hydra_folders([f"hydra.run.dir={tmp_path}/" + "${now:%H}", "hydra.sweep.dir=" + str(tmp_path / "made")])
+    assert [p.name for p in tmp_path.iterdir()] == ["made"]
+    blocked = _a_file(tmp_path / "file")
+    cli._check_hydra_folders(["--cfg", "job", f"hydra.run.dir={blocked}/run"])
+    with pytest.raises(UsageError, match=r"cannot write in .*file/run \(hydra\.run\.dir\)"):
+        cli._check_hydra_folders([f"+hydra.run.dir={blocked}/run"])

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sadr.conf.registry import compose_config
 from sadr.evaluation.summary import summarize
 from sadr.models import devices
 from tests.runs import tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
@@ -57,6 +58,13 @@ def test_auto_takes_a_free_gpu_when_several_are_visible(monkeypatch, tmp_path):
     assert devices.resolve_device("auto", tmp_path) == torch.device("cuda", 0)  # one GPU per process, kept
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert devices.resolve_device("auto", tmp_path / "single") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("visible, workers", [(0, 1), (1, 1), (3, 3)])
+def test_the_gpus_launcher_starts_one_worker_per_visible_gpu_and_one_without_any(visible, workers, monkeypatch):
+    """joblib refuses n_jobs=0, so a machine without a GPU still gets one worker."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert compose_config(["hydra/launcher=gpus"], checked=False, hydra=True).hydra.launcher.n_jobs == workers
 
 
 @pytest.mark.parametrize("launcher", ["local", "gpus"])

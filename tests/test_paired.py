@@ -7,7 +7,9 @@ import sys
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from sadr.cli.main import app
 from sadr.evaluation.paired import compare_runs, sign_test
 
 
@@ -105,6 +107,25 @@ def test_cli_prints_the_table_and_writes_csv(tmp_path):
                                  str(tmp_path / "no-such-folder" / "c.csv")], capture_output=True, text=True)
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr, unwritable.stderr
     assert unwritable.stderr.startswith("error: ") and "no-such-folder" in unwritable.stderr
+
+
+def test_cli_pairs_prompts_unless_told_otherwise(tmp_path):
+    """One case of 3 prompts: 3 observations by prompt (the default), 1 by case."""
+    base = _run(tmp_path / "a", {0: {"distract_neighborhood": [0, 0, 0]}})
+    other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1, 0]}})
+    for extra, n in (([], 3), (["--protocol", "case"], 1)):
+        done = CliRunner().invoke(app, ["compare", str(base), str(other), "--out", str(tmp_path / "c.csv"), *extra])
+        assert done.exit_code == 0, done.output
+        assert pd.read_csv(tmp_path / "c.csv").set_index("metric").loc["DNS", "n"] == n
+
+
+def test_cli_reports_runs_that_cannot_be_paired_as_one_error_line(tmp_path):
+    """compare_runs refuses runs on different records with a ValueError: a usage error, not a traceback."""
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [1]}})
+    done = CliRunner().invoke(app, ["compare", str(base), str(other)])
+    assert done.exit_code == 2, done.output
+    assert done.output.startswith("error: the runs edited different records") and done.output.count("\n") == 1
 
 
 def test_sweeps_pair_each_sadr_run_with_the_gamma_zero_run_of_the_same_setting(tmp_path):

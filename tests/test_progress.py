@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 
+from sadr import progress as progress_module
 from sadr.progress import Progress
 from sadr.runner import case_line, run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
@@ -30,6 +32,49 @@ def test_progress_can_be_switched_off(caplog, capsys):
     with Progress(2, False, interval=0, interactive=False) as progress:
         progress.advance(2)
     assert not caplog.records and capsys.readouterr().err == ""
+
+
+def test_log_lines_come_once_per_interval_and_show_the_time_since_the_start(caplog, monkeypatch):
+    """On a clock set by hand: 60 s between lines, each with the elapsed time of the whole run, not of the interval."""
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="sadr.progress")
+    with Progress(10, True, interval=60, interactive=False) as progress:
+        for seconds in (30, 61, 90, 121):
+            clock[0] = seconds
+            progress.advance(1)
+    lines = [r.getMessage() for r in caplog.records]
+    # at 61 s and at 121 s, each 60 s or more after the line before; 61 s / 2 cases = 30.5 s a case, 8 left: 244 s;
+    # 121 s / 4 = 30.25 s, 6 left: 181.5 s
+    assert lines == ["progress:  20% 2/10 [01:01<04:04, 30.50s/case]", "progress:  40% 4/10 [02:01<03:01, 30.25s/case]"]
+
+
+def test_an_unknown_total_shows_no_progress(caplog, capsys):
+    """A statistics pass whose number of texts is unknown passes 0: no bar, and no log line at every text."""
+    caplog.set_level(logging.INFO, logger="sadr.progress")
+    for interactive in (False, True):
+        with Progress(0, True, interval=0, interactive=interactive, unit="text") as progress:
+            progress.advance(1)
+            progress.advance(1)
+    assert not caplog.records and capsys.readouterr().err == ""
+
+
+def test_the_bar_is_shown_when_stderr_is_a_terminal_whatever_stdout_is(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    assert Progress(4, True).interactive
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    assert not Progress(4, True).interactive
+
+
+def test_console_log_lines_go_through_the_bar_while_it_is_shown(monkeypatch):
+    """A handler writing to stderr would break the bar's line: the bar's own handler replaces it, then gives it back."""
+    console = logging.StreamHandler(sys.stderr)
+    monkeypatch.setattr(logging.root, "handlers", [console])
+    with Progress(4, True, interactive=True):
+        assert console not in logging.root.handlers and len(logging.root.handlers) == 1
+    assert logging.root.handlers == [console]
 
 
 def test_a_case_line_shows_each_metric_x100_and_the_seconds():

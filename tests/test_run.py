@@ -15,8 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from sadr.conf.registry import ConfigError
+from sadr.cli.main import app
+from sadr.conf.registry import ConfigError, validate_layers
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.paired import compare_runs
 from sadr.runner import run_experiment
@@ -35,9 +37,25 @@ def test_every_model_and_published_default_composes():
     assert list(gptj.editor.layers) == [5] and gptj.editor.v_loss_layer == 27 and gptj.editor.mom2_adjustment
 
 
+def test_runtime_keys_default_to_the_values_the_readme_gives():
+    """README, "Runtime keys" and "Progress": TF32 is opt-in, the progress bar opt-out."""
+    cfg = composed([])
+    assert (cfg.device, cfg.dtype.name, cfg.tf32, cfg.threads, cfg.seed) == ("auto", "float32", False, None, 0)
+    assert (cfg.progress.bar, cfg.progress.case_lines, cfg.save_edited) == (True, False, False)
+
+
 def test_a_model_without_published_defaults_asks_for_the_layers():
     with pytest.raises(ConfigError, match=r"editor=rome with model=local.*editor.layers=\.\.\. and editor.v_loss_layer="):
         composed(["model=local", "model.source=x"])
+    with pytest.raises(ConfigError, match=r"sadr/conf/hparams/memit_local\.yaml does not exist\): set editor\.layers="):
+        composed(["model=local", "model.source=x", "editor=memit"])
+
+
+def test_a_misspelt_key_added_with_plus_names_the_key_it_resembles():
+    with pytest.raises(ConfigError, match=r"^\+editor\.v_lrr: editor has no setting 'v_lrr', so nothing would read "
+                                          r"it; did you mean editor\.v_lr \(set without '\+'\)\? editor's settings: "
+                                          r"name, "):
+        composed(["+editor.v_lrr=0.1"])
 
 
 def test_negative_lambda_is_rejected():
@@ -53,6 +71,68 @@ def test_threads_must_be_positive():
 def test_batch_size_needs_a_batch_protocol():
     with pytest.raises(ConfigError, match="editor.protocol=batch"):
         composed(["editor.batch_size=4"])
+
+
+# docs/hparams.md, copied by hand: (editor, model) -> (layers, v_num_grad_steps, v_loss_layer, v_weight_decay, v_lr,
+# clamp_norm_factor, kl_factor); ROME's v_lr 0.5 and clamp 4 and the common kl_factor 0.0625 are the table's defaults
+PUBLISHED = {
+    ("rome", "gpt2-xl"): ([17], 20, 47, 0.5, 0.5, 4, 0.0625),
+    ("rome", "gpt-j"): ([5], 20, 27, 0.5, 0.5, 4, 0.0625),
+    ("rome", "gpt-neox-20b"): ([15], 20, 43, 0.5, 0.5, 4, 0.0625),
+    ("rome", "llama2-7b"): ([5], 25, 31, 1e-3, 0.5, 4, 0.0625),
+    ("rome", "llama3-8b"): ([5], 25, 31, 1e-3, 0.5, 4, 0.0625),
+    ("rome", "llama2-13b"): ([6], 20, 39, 1e-3, 0.5, 4, 0.0625),
+    ("rome", "tinyllama"): ([4], 20, 21, 0.5, 0.5, 2, 0.0625),
+    ("memit", "gpt2-xl"): ([13, 14, 15, 16, 17], 20, 47, 0.5, 0.5, 0.75, 0.0625),
+    ("memit", "gpt-j"): ([3, 4, 5, 6, 7, 8], 25, 27, 0.5, 0.5, 0.75, 0.0625),
+    ("memit", "llama3-8b"): ([4, 5, 6, 7, 8], 20, 31, 1e-3, 0.5, 4, 0.0625),
+    ("memit", "llama2-7b"): ([4, 5, 6, 7, 8], 25, 31, 1e-3, 0.5, 4, 0.0625),
+    ("memit", "tinyllama"): ([3, 4, 5], 20, 21, 0.5, 0.5, 8, 0.0625),
+    ("pmet", "gpt-j"): ([3, 4, 5, 6, 7, 8], 30, 27, 0.5, 0.2, 0.75, 1),
+    ("pmet", "llama3-8b"): ([4, 5, 6, 7, 8], 20, 31, 0.5, 0.5, 4, 0.0625),
+    ("pmet", "llama2-7b"): ([4, 5, 6, 7, 8], 20, 31, 0.5, 0.5, 1, 0.0625),
+    ("pmet", "tinyllama"): ([3, 4, 5], 20, 21, 0.5, 0.5, 4, 0.0625),
+}
+
+
+@pytest.mark.parametrize("editor, model", PUBLISHED)
+def test_published_hyperparameters_compose_as_docs_hparams_md_gives_them(editor, model):
+    """Keys a file leaves out come from the schema's defaults, so a changed default would silently change a published
+    setting."""
+    cfg = composed([f"editor={editor}", f"model={model}"]).editor
+    got = (list(cfg.layers), cfg.v_num_grad_steps, cfg.v_loss_layer, cfg.v_weight_decay, cfg.v_lr,
+           cfg.clamp_norm_factor, cfg.kl_factor)
+    assert got == PUBLISHED[editor, model]
+    assert cfg.fact_token.name == "subject_last"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["editor.v_num_grad_steps=0"], r"editor\.v_num_grad_steps=0: must be >= 1"),
+    (["editor.protocol=batch", "editor.batch_size=0"], r"editor\.batch_size=0: must be >= 1"),
+    (["editor.context_templates=[[5]]"], r"editor\.context_templates entry \[5\]: expected \[max_tokens, count\]"),
+    (["editor.context_templates=[[5,-1]]"], r"editor\.context_templates entry \[5, -1\]"),
+    (["model.family=foo"], r"model\.family=foo: not a supported family .*supported: .*gpt2.*llama"),
+])
+def test_settings_outside_their_domain_are_rejected_at_composition(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        composed(extra)
+
+
+def test_the_loss_may_be_read_at_the_edited_layer_itself():
+    """MEMIT and ROME read the loss after δ is added, so v_loss_layer equal to the edited layer still sees δ."""
+    cfg = composed(["model=gpt-j", "editor.layers=[5]", "editor.v_loss_layer=5"])
+    assert cfg.editor.v_loss_layer == max(cfg.editor.layers) == 5
+
+
+def test_layers_must_exist_in_the_loaded_model():
+    """A model with 4 layers has layers 0..3: each of the last one accepted and the first one beyond it refused."""
+    editor = composed(["model=local", "model.source=x", "editor.layers=[3]", "editor.v_loss_layer=3"]).editor
+    validate_layers(editor, 4)
+    for key, value in (("layers", [4]), ("v_loss_layer", 4)):
+        beyond = editor.copy()
+        beyond[key] = value
+        with pytest.raises(ConfigError, match=re.escape(f"editor.{key}={value}: the model has layers 0..3")):
+            validate_layers(beyond, 4)
 
 
 def test_float32_statistics_settings_reach_the_statistics(tiny_dir, tmp_path):
@@ -353,6 +433,13 @@ def test_summarize_reports_a_directory_without_runs(tmp_path):
                               capture_output=True, text=True)
     assert mistyped.returncode == 2 and "does not exist" in mistyped.stderr
     assert not (tmp_path / "nope").exists()  # a mistyped folder is not made
+
+
+def test_summarize_refuses_an_unknown_protocol_before_looking_for_runs(tmp_path):
+    """Any other protocol would select no rows and write an empty table."""
+    done = CliRunner().invoke(app, ["summarize", str(tmp_path), "--protocol", "prompts"])
+    assert done.exit_code == 2 and "--protocol must be 'prompt' or 'case', not 'prompts'" in done.output, done.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_summarize_names_the_unfinished_runs_when_none_has_finished(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from sadr import versions
 from sadr.versions import LOCKED, OLDEST, pinned_versions, untested, warn_if_untested
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
@@ -43,3 +44,29 @@ def test_outside_the_tested_range_warns_once_per_package(caplog):
     with caplog.at_level(logging.WARNING, logger="sadr.versions"):
         assert warn_if_untested() == untested()  # the installed versions: CI runs inside the range
     assert len(caplog.records) == len(untested())
+
+
+def test_an_installed_version_outside_the_range_is_a_warning_at_run_start(caplog, monkeypatch):
+    """The run's log shows it at WARNING, once for each package outside its range."""
+    monkeypatch.setattr(versions.metadata, "version", lambda name: "0.1")
+    with caplog.at_level(logging.WARNING, logger="sadr.versions"):
+        messages = warn_if_untested()
+    assert len(messages) == 2 and [r.getMessage() for r in caplog.records] == messages
+    assert {r.levelno for r in caplog.records} == {logging.WARNING}
+
+
+def test_comments_in_a_constraints_file_are_not_read_as_pins(tmp_path, monkeypatch):
+    (tmp_path / "constraints").mkdir()
+    (tmp_path / "constraints" / "pins.txt").write_text(
+        "# made by tools/lock.sh: old-tool==0.1\nTorch==2.13.0+cpu  # the CPU build\nsafe_tensors.x == 1.2\n")
+    monkeypatch.setattr(versions.resources, "files", lambda package: tmp_path)
+    assert pinned_versions("pins.txt") == {"torch": Version("2.13.0+cpu"), "safe-tensors-x": Version("1.2")}
+
+
+def test_a_version_written_with_fewer_parts_is_the_same_release():
+    """torch 2.13 is 2.13.0, and a local CPU build of a pinned release is that release."""
+    oldest, locked = pinned_versions(OLDEST)["torch"], pinned_versions(LOCKED)["torch"]
+    for low_or_high in (oldest, locked):
+        short = ".".join(str(part) for part in low_or_high.release).removesuffix(".0")
+        assert untested({"torch": short, "transformers": str(pinned_versions(LOCKED)["transformers"])}) == []
+        assert untested({"torch": f"{low_or_high}+cpu", "transformers": str(pinned_versions(LOCKED)["transformers"])}) == []
