@@ -1,6 +1,7 @@
 """SADR's loss: the head selection and KL of method.md §3, its gradient, and its config."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -244,3 +245,66 @@ def test_build_regularizer_from_config():
 def test_invalid_config_names_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
         validate_sadr(sadr_config(**{"lambda": 0.01, **values}))
+
+
+def drifted_losses(model, batch, reg):
+    """reg's case_losses at δ = 0 (step 0), then at a drifting δ (step 1), δ added at every row's subject."""
+    torch.manual_seed(2)
+    delta = torch.randn(model.config.hidden_size) * 8
+    reg.attach(model, adapter_for(model), batch)
+    rows = torch.arange(len(batch.input_ids))
+    for step, value in enumerate((torch.zeros_like(delta), delta)):
+        handle = add_delta(model, INJECTION, rows, batch.subject_keys, value)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        handle.remove()
+        losses = reg.case_losses(step)
+    return [loss.item() for loss in losses], delta
+
+
+def test_rewrite_rows_need_not_be_the_first_rows(tokenizer):
+    """The δ-optimiser puts a later request's rewrite prompts after an earlier one's essence prompt: each rewrite row's
+    subject and query position are its own, wherever it sits in the batch."""
+    model = build_model("llama")
+    batch = delta_batch(tokenizer)
+    (first,), _ = drifted_losses(model, batch, SelectiveAttentionDriftRegularizer(1.0))
+    order = [2, 0, 1]  # the essence prompt first, the rewrite prompts at rows 1 and 2
+    moved = dataclasses.replace(batch, input_ids=batch.input_ids[order], attention_mask=batch.attention_mask[order],
+                                rewrite_rows=torch.tensor([1, 2]), subject_keys=batch.subject_keys[order],
+                                last_prompt_positions=batch.last_prompt_positions[order])
+    (last,), _ = drifted_losses(model, moved, SelectiveAttentionDriftRegularizer(1.0))
+    assert first > 0 and last == pytest.approx(first, rel=1e-5)
+
+
+def test_requests_get_their_own_terms_and_keep_cases_keeps_the_kept_ones(tokenizer):
+    """Two requests of one rewrite prompt each: each term is that prompt's loss alone; after keep_cases([1]) the
+    diagnostics are the kept request's (its selection and term), and its next term is computed on the smaller batch."""
+    model = build_model("llama")
+    batch = delta_batch(tokenizer)
+    alone = []
+    for row in (0, 1):
+        reg = SelectiveAttentionDriftRegularizer(1.0)
+        (loss,), _ = drifted_losses(model, dataclasses.replace(batch, rewrite_rows=torch.tensor([row])), reg)
+        alone.append((loss, reg.diagnostics()))
+        reg.detach()
+    reg = SelectiveAttentionDriftRegularizer(1.0)
+    losses, delta = drifted_losses(model, dataclasses.replace(batch, rewrite_rows_per_case=(1, 1)), reg)
+    assert losses == pytest.approx([loss for loss, _ in alone], rel=1e-5)
+    assert alone[0][1]["selected_head_counts"] != alone[1][1]["selected_head_counts"]  # the requests differ
+    before = reg.case_diagnostics()
+    assert [d["selected_head_counts"] for d in before] == [d["selected_head_counts"] for _, d in alone]
+
+    rows, width = [1, 2], int(batch.attention_mask[[1, 2]].sum(1).max())  # request 1's rewrite row and the essence row
+    kept = DeltaBatch(input_ids=batch.input_ids[rows, :width], attention_mask=batch.attention_mask[rows, :width],
+                      rewrite_rows=torch.tensor([0]), subject_keys=batch.subject_keys[rows],
+                      last_prompt_positions=batch.last_prompt_positions[rows], injection_layer=INJECTION,
+                      rewrite_rows_per_case=(1,))
+    reg.keep_cases([1], kept)
+    try:
+        assert reg.case_diagnostics() == [before[1]]
+        handle = add_delta(model, INJECTION, torch.arange(2), kept.subject_keys, delta)
+        model(input_ids=kept.input_ids, attention_mask=kept.attention_mask)
+        handle.remove()
+        (loss,) = reg.case_losses(2)
+    finally:
+        reg.detach()
+    assert loss.item() == pytest.approx(alone[1][0], rel=1e-5)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from sadr.models.adapters import adapter_for
 from sadr.regularizers import attention_rows, legacy_attention
-from sadr.regularizers.attention_rows import AttentionRows, use_row_kernel
+from sadr.regularizers.attention_rows import AttentionRows, allowed_keys, use_row_kernel
 from tests import tiny_models
 from tests.tiny_models import FAMILIES
 
@@ -175,3 +175,22 @@ def test_attention_that_bypasses_the_kernel_is_an_error(tokenizer):
         model(**batch)
         with pytest.raises(RuntimeError, match=r"no attention rows were recorded for layers \[1, 2\]"):
             hooks.collect()
+
+
+def test_allowed_keys_on_a_hand_made_batch():
+    """Causal from the cached offset, padding excluded even where no kernel mask carries it, and a kernel mask read in
+    both of its forms (boolean True = attend, additive 0 = attend) at each row's own query."""
+    # row 0: 2 cached keys of which key 0 is padding, then 3 inputs; row 1: all 5 keys real
+    padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    queries = torch.tensor([1, 2])  # keys 3 and 4
+    want = torch.tensor([[False, True, True, True, False], [True, True, True, True, True]])
+    assert torch.equal(allowed_keys(padding, queries, None, torch.tensor([0, 1]), cached_keys=2), want)
+
+    window = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    window[1, 0, 2, :2] = False  # row 1's query at input 2 may not see keys 0 and 1 (a sliding window)
+    additive = torch.zeros(window.shape).masked_fill(~window, torch.finfo(torch.float32).min)
+    want[1, :2] = False
+    for mask in (window, additive):
+        assert torch.equal(allowed_keys(padding, queries, mask, torch.tensor([0, 1]), cached_keys=2), want)
+    # only row 1, read from the whole batch's mask
+    assert torch.equal(allowed_keys(padding[1:], queries[1:], additive, torch.tensor([1]), cached_keys=2), want[1:])

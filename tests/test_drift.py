@@ -13,7 +13,7 @@ from sadr.data.records import EditCase, EditRequest
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.aggregate import LABELS, metric_table
 from sadr.evaluation.drift import ATTENTION, compare_attention, decode_entry, drift_read_positions, encode_matrix
-from sadr.evaluation.probes import METRICS, distract, resolve_metrics
+from sadr.evaluation.probes import METRICS, Probe, distract, resolve_metrics
 from sadr.evaluation.suite import PromptMetrics, compare_all
 from sadr.models.adapters import adapter_for
 from sadr.models.tokenization import encode_prompt_target
@@ -62,6 +62,12 @@ def test_dns_prompts_are_read_at_their_last_token_and_the_subject_of_the_edit_se
         assert tokenizer.decode(ids[subject + 1 :]).startswith(" is based in America.")
 
 
+def test_a_dns_prompt_without_the_edit_sentence_is_refused(tokenizer):
+    """The subject position is read in the prepended edit sentence: a prompt lacking it has no such position."""
+    with pytest.raises(ValueError, match="does not start with the edit sentence"):
+        drift_read_positions(tokenizer, CASE, Probe("Honda is based in. Toyota is based in", "Japan"))
+
+
 def test_subject_attention_equals_the_models_eager_attention_weights(tokenizer, family):
     model = build_model(family)  # the family's default kernel (sdpa where it has one), peaked attention
     entry = drift_evaluator().evaluate(model, tokenizer, adapter_for(model), [CASE])[0][ATTENTION]
@@ -76,6 +82,18 @@ def test_subject_attention_equals_the_models_eager_attention_weights(tokenizer, 
                      for ids, subject in zip(dns_prompt_ids(tokenizer, CASE), positions)])
     assert want.max() > 0.02  # attention on the subject, not all ~0, so the comparison means something
     np.testing.assert_allclose(got, want, atol=2.5e-4, rtol=0)  # float16 storage: within 2^-12
+
+
+def test_the_attention_shape_is_layers_by_heads(tokenizer):
+    """With fewer layers than heads, a swapped shape would decode each prompt's values into the wrong cells."""
+    model = build_model("llama", {"num_hidden_layers": 2})
+    entry = drift_evaluator().evaluate(model, tokenizer, adapter_for(model), [CASE])[0][ATTENTION]
+    assert entry["shape"] == [2, model.config.num_attention_heads]
+    probe = METRICS["distract_neighborhood"].probes(CASE)[0]
+    subject = drift_read_positions(tokenizer, CASE, probe)[1]
+    eager = build_model("llama", {"num_hidden_layers": 2}, attn_implementation="eager")
+    want = eager_attention_to_subject(eager, dns_prompt_ids(tokenizer, CASE)[0], subject).numpy()
+    np.testing.assert_allclose(decode_entry(entry)[0], want, atol=2.5e-4, rtol=0)
 
 
 def test_batching_and_padding_do_not_change_the_values(tokenizer):

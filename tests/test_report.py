@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from sadr.cli.main import app
-from sadr.report.build import write_report
+from sadr.report import page
+from sadr.report.build import MAX_STEM, file_stem, write_report
 from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, phase_seconds
 from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
 from sadr.runner import run_experiment
@@ -245,3 +246,45 @@ def test_cli_reports_a_directory_without_runs(tmp_path):
     assert done.exit_code == 2
     assert done.output.strip().count("\n") == 0 and "no finished runs" in done.output
     assert not (tmp_path / "report").exists()
+
+
+def test_page_links_each_figure_s_csv_files(report):
+    """Every plot's data files are linked under it (the selected-heads maps too), and the CSVs carry no pandas index
+    column of their own."""
+    html = (report / "report.html").read_text()
+    for prefix in ("tradeoff", "drift_", "selected_heads_", "bars_"):
+        for path in report.glob(f"{prefix}*.csv"):
+            assert f'href="{path.name}"' in html, path.name
+    for stem in ("tradeoff", "drift_rome", "bars_rome"):
+        assert f'href="{stem}.png"' in html and f'href="{stem}.svg"' in html
+    assert pd.read_csv(report / "environment.csv").columns[0] == "runs"
+    assert not any(column.startswith("Unnamed") for column in pd.read_csv(report / "tradeoff.csv").columns)
+
+
+def test_file_stem_keeps_short_names_and_cuts_long_ones_with_a_hash_of_the_whole():
+    assert file_stem("drift", "rome/a b", "0.01") == "drift_rome_a_b_0.01"
+    exact = "x" * MAX_STEM
+    assert file_stem(exact) == exact
+    long_a, long_b = file_stem(exact + "a"), file_stem(exact + "b")
+    assert len(long_a) == len(long_b) == MAX_STEM and long_a != long_b
+    assert long_a.startswith("x" * (MAX_STEM - 11) + "_")
+
+
+def test_tables_show_numbers_index_and_text_as_written():
+    """Four significant digits, integers without a point (up to 1e9), a dash for missing values, the named index as
+    the first column, and text escaped."""
+    frame = pd.DataFrame({"value": [12.3456, float("nan"), 3.0, 2e9], "note": ["<b>", "a", "b", "c"]},
+                         index=pd.Index(["r1", "r2", "r3", "r4"], name="run"))
+    html = page.table_html(frame)
+    assert html.index("<th>run</th>") < html.index("<th>value</th>") and "<td>r1</td>" in html
+    for cell in ("12.35", "–", "3", "2e+09", "&lt;b&gt;"):
+        assert f"<td>{cell}</td>" in html, cell
+    assert "<b>" not in html
+
+
+def test_page_sections_are_linked_and_text_escaped():
+    text = page.page("t", "s", [("drift", "A & B", [page.paragraph("x < y"),
+                                                      page.figure_html("AAAA", "plot", "c", ["plot.csv"])])])
+    assert '<a href="#drift">A &amp; B</a>' in text and '<section id="drift">' in text
+    assert "x &lt; y" in text
+    assert all(f'href="{name}"' in text for name in ("plot.png", "plot.svg", "plot.csv"))
