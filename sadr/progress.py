@@ -51,5 +51,5 @@ class Progress(contextlib.AbstractContextManager):
             log.info("%s: %s", self.label, self.line())
 
     def line(self) -> str:
-        """`30% 12/40 [01:10<02:44,  5.83s/case]`: the share and count done, elapsed, ETA and rate."""
+        """`30% 12/40 [01:10<02:43,  5.83s/case]`: the share and count done, elapsed, ETA and rate."""
         return tqdm.format_meter(self.done, self.total, time.monotonic() - self._started, unit=self.unit, ncols=0)
