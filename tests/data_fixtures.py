@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from sadr.conf.schema import DatasetConfig
+from sadr.data.load import LoadedDataset, load_cases
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 # Read-only real records beside the repository (never copied into it); tests using them skip when absent.
@@ -26,3 +27,10 @@ def write_records(path: Path, records) -> Path:
 def config(name: str, path: Path | str | None = None, **overrides) -> DatasetConfig:
     """A dataset config for `name` reading `path` (by default the format's fixture)."""
     return DatasetConfig(name=name, path=str(path if path is not None else FIXTURES / f"{name}.json"), **overrides)
+
+
+def load_edited(tmp_path: Path, name: str, edit, **overrides) -> LoadedDataset:
+    """Load the `name` fixture after `edit(records)` has changed (or broken) it."""
+    records = fixture_records(name)
+    edit(records)
+    return load_cases(config(name, write_records(tmp_path / f"{name}.json", records), **overrides), tmp_path)

@@ -1,6 +1,7 @@
 """Shared by the end-to-end tests: the real config composed around a tiny saved model."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from tests.editing import random_texts
 from tests.tiny_models import make_model, make_tokenizer
 
 FIXTURE = FIXTURES / "offline_counterfact.json"
+# the offline records the package ships (20 cases), for runs that need more than the fixture's
+OFFLINE_RECORDS = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +39,8 @@ def tiny_overrides(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
 
 def composed(overrides: list[str]):
     return compose_config(overrides)
+
+
+def written_rows(out: Path) -> list[dict]:
+    """The rows a run wrote to its cases.jsonl."""
+    return [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]

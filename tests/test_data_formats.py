@@ -11,7 +11,7 @@ from sadr.conf.schema import DatasetConfig, ZsreTarget
 from sadr.data.load import load_cases
 from sadr.data.records import EditRequest, LabeledPrompt
 from sadr.data.registry import FORMATS, DatasetFormat
-from tests.data_fixtures import FIXTURES, REAL_SAMPLES, config, fixture_records, write_records
+from tests.data_fixtures import FIXTURES, REAL_SAMPLES, config, load_edited
 
 
 def load(name, tmp_path, **overrides):
@@ -193,20 +193,13 @@ def test_every_format_has_a_fixture_and_a_conf_file():
             assert conf.url == FORMATS[name].remote.url  # the conf file and the registry agree
 
 
-def load_changed(tmp_path, name, change, **overrides):
-    """Load the `name` fixture after `change(records)` has edited it."""
-    records = fixture_records(name)
-    change(records)
-    return load_cases(config(name, write_records(tmp_path / f"{name}.json", records), **overrides), tmp_path)
-
-
 def test_counterfact_relation_and_object_ids_are_optional(tmp_path):
     """A record without relation_id, or with a null Wikidata id (as in the offline dataset), loads with None."""
     def change(records):
         del records[0]["requested_rewrite"]["relation_id"]
         records[0]["requested_rewrite"]["target_new"]["id"] = None
 
-    request = load_changed(tmp_path, "counterfact", change).cases[0].request
+    request = load_edited(tmp_path, "counterfact", change).cases[0].request
     assert (request.relation_id, request.target_new_id, request.target_new) == (None, None, "Portuguese")
 
 
@@ -217,9 +210,9 @@ def test_an_optional_field_given_as_null_is_absent(tmp_path):
         records[0]["generation_prompts"] = None
         records[0]["neighborhood_prompts"] = None
 
-    counterfact = load_changed(tmp_path, "counterfact", change).cases[0]
+    counterfact = load_edited(tmp_path, "counterfact", change).cases[0]
     assert (counterfact.generation_prompts, counterfact.neighborhood_prompts) == ((), ())
-    knowedit = load_changed(tmp_path, "knowedit_counterfact", lambda records: records[2].__setitem__("portability", None))
+    knowedit = load_edited(tmp_path, "knowedit_counterfact", lambda records: records[2].__setitem__("portability", None))
     assert knowedit.cases[2].portability == {}
 
 
@@ -236,7 +229,7 @@ def test_knowedit_portability_and_locality_are_optional(tmp_path):
         del records[2]["portability"], records[2]["locality"]
         records[0]["portability"]["Logical_Generalization"] = []
 
-    cases = load_changed(tmp_path, "knowedit_counterfact", change).cases
+    cases = load_edited(tmp_path, "knowedit_counterfact", change).cases
     assert set(cases[0].portability) == {"Reasoning", "Subject_Aliasing"}
     assert (cases[2].portability, cases[2].relation_prompts, cases[2].locality_prompts) == ({}, (), ())
 
@@ -247,7 +240,7 @@ def test_sadr_merged_keeps_every_relation_prompt(tmp_path):
         records[0]["l-relation"] = {"prompts": ["The occupation of Wenna Tallow is", "Wenna Tallow was born in"],
                                     "targets": ["weaver", "Duskport"]}
 
-    assert load_changed(tmp_path, "sadr_merged", change).cases[0].relation_prompts == (
+    assert load_edited(tmp_path, "sadr_merged", change).cases[0].relation_prompts == (
         LabeledPrompt("The occupation of Wenna Tallow is", "weaver"),
         LabeledPrompt("Wenna Tallow was born in", "Duskport"),
     )

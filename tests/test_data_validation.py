@@ -9,14 +9,7 @@ import pytest
 from sadr.conf.schema import InvalidRecordPolicy
 from sadr.data.load import MalformedDatasetError, load_cases
 from sadr.data.validation import InvalidRecordError
-from tests.data_fixtures import config, fixture_records, write_records
-
-
-def load_broken(tmp_path, name, mutate, **overrides):
-    """Load the `name` fixture after `mutate(records)` has broken it."""
-    records = fixture_records(name)
-    mutate(records)
-    return load_cases(config(name, write_records(tmp_path / f"{name}.json", records), **overrides), tmp_path)
+from tests.data_fixtures import config, fixture_records, load_edited, write_records
 
 
 def test_missing_file_names_the_path_and_the_key(tmp_path):
@@ -49,7 +42,7 @@ def test_unknown_dataset_name(tmp_path):
 
 def test_missing_field(tmp_path):
     with pytest.raises(InvalidRecordError) as err:
-        load_broken(tmp_path, "counterfact", lambda r: r[1]["requested_rewrite"].pop("subject"))
+        load_edited(tmp_path, "counterfact", lambda r: r[1]["requested_rewrite"].pop("subject"))
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'counterfact.json'}: record 1, field 'requested_rewrite.subject': ")
     assert "expected a non-empty string, it is missing" in message
@@ -64,18 +57,18 @@ def test_wrong_type_shows_what_was_found(tmp_path):
     with pytest.raises(
         InvalidRecordError, match=r"record 0, field 'neighborhood_prompts\[2\]': expected a non-empty string, got 7"
     ):
-        load_broken(tmp_path, "counterfact", break_)
+        load_edited(tmp_path, "counterfact", break_)
 
 
 def test_record_that_is_not_an_object(tmp_path):
     with pytest.raises(InvalidRecordError, match=r"record 1: expected a JSON object, got 'oops'"):
-        load_broken(tmp_path, "zsre", lambda r: r.__setitem__(1, "oops"))
+        load_edited(tmp_path, "zsre", lambda r: r.__setitem__(1, "oops"))
 
 
 @pytest.mark.parametrize("prompt", ["The mother tongue of Velimir Ostrander is", "{} and {} speak"])
 def test_counterfact_prompt_needs_exactly_one_subject_slot(tmp_path, prompt):
     with pytest.raises(InvalidRecordError) as err:
-        load_broken(tmp_path, "counterfact", lambda r: r[0]["requested_rewrite"].__setitem__("prompt", prompt))
+        load_edited(tmp_path, "counterfact", lambda r: r[0]["requested_rewrite"].__setitem__("prompt", prompt))
     assert "field 'requested_rewrite.prompt'" in str(err.value)
     assert 'containing "{}" exactly once' in str(err.value)
 
@@ -85,7 +78,7 @@ def test_paraphrase_must_contain_the_subject(tmp_path):
         records[2]["paraphrase_prompts"][0] = "A ferry left at dawn. Brakmoor belongs to the continent of"
 
     with pytest.raises(InvalidRecordError) as err:
-        load_broken(tmp_path, "counterfact", break_)
+        load_edited(tmp_path, "counterfact", break_)
     assert "record 2, field 'paraphrase_prompts[0]'" in str(err.value)
     assert "containing the subject 'Brakmoor Heights' verbatim" in str(err.value)
 
@@ -94,19 +87,19 @@ def test_zsre_src_must_contain_the_subject(tmp_path):
     with pytest.raises(
         InvalidRecordError, match=r"record 1, field 'src': expected a prompt containing the subject 'Quillmoss'"
     ):
-        load_broken(tmp_path, "zsre", lambda r: r[1].__setitem__("src", "Which order does quillmoss belong to?"))
+        load_edited(tmp_path, "zsre", lambda r: r[1].__setitem__("src", "Which order does quillmoss belong to?"))
 
 
 def test_zsre_needs_an_answer(tmp_path):
     with pytest.raises(InvalidRecordError, match=r"field 'answers': expected a non-empty list of answers, got \[\]"):
-        load_broken(tmp_path, "zsre", lambda r: r[0].__setitem__("answers", []))
+        load_edited(tmp_path, "zsre", lambda r: r[0].__setitem__("answers", []))
 
 
 def test_knowedit_prompt_must_contain_the_subject(tmp_path):
     with pytest.raises(
         InvalidRecordError, match=r"record 2, field 'prompt': expected a prompt containing the subject 'Kelp Road'"
     ):
-        load_broken(tmp_path, "knowedit_counterfact", lambda r: r[2].__setitem__("prompt", "Kelp Rd is followed by"))
+        load_edited(tmp_path, "knowedit_counterfact", lambda r: r[2].__setitem__("prompt", "Kelp Rd is followed by"))
 
 
 def test_knowedit_nested_field_path(tmp_path):
@@ -116,26 +109,26 @@ def test_knowedit_nested_field_path(tmp_path):
     with pytest.raises(
         InvalidRecordError, match=r"field 'locality\.Forgetfulness\[0\]\.ground_truth': expected a non-empty string or"
     ):
-        load_broken(tmp_path, "knowedit_counterfact", break_)
+        load_edited(tmp_path, "knowedit_counterfact", break_)
 
 
 def test_sadr_merged_prompt_must_contain_the_subject(tmp_path):
     with pytest.raises(
         InvalidRecordError, match=r"record 1, field 'requested_rewrite.prompt': expected a prompt containing"
     ):
-        load_broken(tmp_path, "sadr_merged", lambda r: r[1]["requested_rewrite"].__setitem__("subject", "C. Ashby"))
+        load_edited(tmp_path, "sadr_merged", lambda r: r[1]["requested_rewrite"].__setitem__("subject", "C. Ashby"))
 
 
 def test_sadr_merged_neighbor_targets_must_be_the_true_object(tmp_path):
     with pytest.raises(InvalidRecordError, match=r"record 1, field 'l-neighbor.targets\[1\]': expected 'blues'"):
-        load_broken(tmp_path, "sadr_merged", lambda r: r[1]["l-neighbor"]["targets"].__setitem__(1, "rock"))
+        load_edited(tmp_path, "sadr_merged", lambda r: r[1]["l-neighbor"]["targets"].__setitem__(1, "rock"))
 
 
 def test_sadr_merged_block_lengths_must_match(tmp_path):
     with pytest.raises(
         InvalidRecordError, match=r"record 0, field 'l-relation.targets': expected one target per prompt \(1\)"
     ):
-        load_broken(tmp_path, "sadr_merged", lambda r: r[0]["l-relation"]["targets"].append("tailor"))
+        load_edited(tmp_path, "sadr_merged", lambda r: r[0]["l-relation"]["targets"].append("tailor"))
 
 
 def test_skip_policy_counts_and_warns(tmp_path, caplog):
@@ -144,7 +137,7 @@ def test_skip_policy_counts_and_warns(tmp_path, caplog):
         records[2]["src"] = "Who designed the bridge?"
 
     with caplog.at_level(logging.WARNING, logger="sadr.data.validation"):
-        loaded = load_broken(tmp_path, "zsre", break_two, on_invalid=InvalidRecordPolicy.skip)
+        loaded = load_edited(tmp_path, "zsre", break_two, on_invalid=InvalidRecordPolicy.skip)
     assert loaded.n_invalid_skipped == 2
     assert [c.case_id for c in loaded.cases] == [1]  # ids stay the file positions
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -155,7 +148,7 @@ def test_skip_policy_counts_and_warns(tmp_path, caplog):
 
 
 def test_skip_policy_accepts_the_plain_string(tmp_path):
-    loaded = load_broken(tmp_path, "counterfact", lambda r: r[1].pop("requested_rewrite"), on_invalid="skip")
+    loaded = load_edited(tmp_path, "counterfact", lambda r: r[1].pop("requested_rewrite"), on_invalid="skip")
     assert loaded.n_invalid_skipped == 1 and [c.case_id for c in loaded.cases] == [100, 102]
 
 
@@ -185,7 +178,7 @@ def test_a_value_of_the_wrong_kind_is_named_where_it_is(tmp_path, name, mutate, 
     """Null, blank, bool and float values, and a string or object where a list or object belongs, are each rejected at
     their own field (not accepted, and not reported somewhere further down the record)."""
     with pytest.raises(InvalidRecordError) as err:
-        load_broken(tmp_path, name, mutate)
+        load_edited(tmp_path, name, mutate)
     assert expected in str(err.value)
 
 
@@ -197,7 +190,7 @@ def test_every_paraphrase_must_contain_the_subject_with_its_case(tmp_path):
         )
 
     with pytest.raises(InvalidRecordError, match=r"record 0, field 'paraphrase_prompts\[1\]': expected a paraphrase"):
-        load_broken(tmp_path, "counterfact", break_)
+        load_edited(tmp_path, "counterfact", break_)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +209,7 @@ def test_sadr_merged_request_and_paraphrases_are_checked(tmp_path, mutate, expec
     """The true object is required, and paraphrases must aim at the new object and mention the subject, like
     CounterFact's."""
     with pytest.raises(InvalidRecordError) as err:
-        load_broken(tmp_path, "sadr_merged", mutate)
+        load_edited(tmp_path, "sadr_merged", mutate)
     assert expected in str(err.value)
 
 
@@ -242,7 +235,7 @@ def test_a_file_that_is_not_utf8_is_a_malformed_dataset(tmp_path):
 
 def test_why_empty_when_every_record_was_skipped(tmp_path):
     """With nothing loaded because all records were invalid, the reason names the skip policy, not an empty file."""
-    loaded = load_broken(tmp_path, "zsre", lambda r: [rec.pop("answers") for rec in r], on_invalid="skip")
+    loaded = load_edited(tmp_path, "zsre", lambda r: [rec.pop("answers") for rec in r], on_invalid="skip")
     assert loaded.cases == [] and loaded.why_empty() == (
         f"all 3 records of {tmp_path / 'zsre.json'} are invalid and were skipped (dataset.on_invalid=skip); "
         "set dataset.on_invalid=error to see why"
@@ -253,6 +246,6 @@ def test_why_empty_when_every_record_was_skipped(tmp_path):
 def test_long_values_are_cut_at_80_characters(tmp_path, length, shown):
     """A found value is shown whole up to 80 characters of its repr, and cut to 77 plus "..." beyond."""
     with pytest.raises(InvalidRecordError) as err:
-        load_broken(tmp_path, "counterfact", lambda r: r[0].__setitem__("neighborhood_prompts", "a" * length))
+        load_edited(tmp_path, "counterfact", lambda r: r[0].__setitem__("neighborhood_prompts", "a" * length))
     assert str(err.value).endswith(f"got {shown}. Fix the record, or set dataset.on_invalid=skip to skip invalid "
                                    "records.")

@@ -31,7 +31,7 @@ from sadr.models.adapters import adapter_for
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer
 from sadr.runner import GPU_PARALLEL_CASES, Experiment, parallel_cases
 from tests.editing import BATCH_SUBJECTS, BATCH_TARGETS, TEMPLATES, editor_config, spread_config, statistics
-from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
 from tests.tiny_models import FAMILIES, make_model
 
 N_CASES = 4
@@ -281,23 +281,16 @@ def test_a_forward_without_row_cases_is_an_error(tokenizer):
                 model(input_ids=ids)
 
 
-OFFLINE_RECORDS = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
-
-
 def run_config(tiny_dir, out, *extra):
     """The tiny llama run of tests/runs.py on the first four offline records."""
     overrides = [o for o in tiny_overrides(tiny_dir, out) if not o.startswith(("dataset.path=", "dataset.limit="))]
     return composed([*overrides, f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=4", *extra])
 
 
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
-
-
 def test_a_parallel_run_writes_the_rows_of_a_one_at_a_time_run(tiny_dir, tmp_path):
     edit = ("editor.v_lr=0.5", "editor.v_num_grad_steps=10", "sadr.lambda=1.0")  # edits that change decisions
-    alone = rows(Experiment(run_config(tiny_dir, tmp_path / "alone", *edit)).run())
-    together = rows(Experiment(run_config(tiny_dir, tmp_path / "together", *edit, "editor.parallel_cases=3")).run())
+    alone = written_rows(Experiment(run_config(tiny_dir, tmp_path / "alone", *edit)).run())
+    together = written_rows(Experiment(run_config(tiny_dir, tmp_path / "together", *edit, "editor.parallel_cases=3")).run())
     assert any(r["edited"]["neighborhood"]["value"] != r["unedited"]["neighborhood"]["value"] for r in alone)
     assert [r["case_id"] for r in together] == [r["case_id"] for r in alone] == [0, 1, 2, 3]
     for a, b in zip(alone, together):
@@ -322,19 +315,19 @@ def test_a_killed_parallel_run_resumes_with_its_unfinished_cases_only(tiny_dir, 
     monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
     with pytest.raises(KeyboardInterrupt):
         Experiment(cfg).run()
-    first = rows(Path(cfg.output_dir))
+    first = written_rows(Path(cfg.output_dir))
     assert [r["case_id"] for r in first] == [0, 1]  # the first group's rows, one per case
 
     edited.clear()
     monkeypatch.setattr(RomeEditor, "apply_each", lambda editor, requests: edited.append(requests) or original(editor, requests))
     out = Experiment(cfg).run()
-    assert [[r.subject for r in group] for group in edited] == [[r["subject"] for r in rows(out)[2:]]]
-    assert [r["case_id"] for r in rows(out)] == [0, 1, 2, 3] and rows(out)[:2] == first
+    assert [[r.subject for r in group] for group in edited] == [[r["subject"] for r in written_rows(out)[2:]]]
+    assert [r["case_id"] for r in written_rows(out)] == [0, 1, 2, 3] and written_rows(out)[:2] == first
 
 
 def test_a_group_that_runs_out_of_gpu_memory_is_redone_in_halves(tiny_dir, tmp_path, monkeypatch):
     """The run goes on at the width that fit, and its rows are those of a run at that width from the start."""
-    at_two = rows(Experiment(run_config(tiny_dir, tmp_path / "two", "editor.parallel_cases=2")).run())
+    at_two = written_rows(Experiment(run_config(tiny_dir, tmp_path / "two", "editor.parallel_cases=2")).run())
     original, tried = RomeEditor.apply_each, []
 
     def apply_each(editor, requests):
@@ -346,7 +339,7 @@ def test_a_group_that_runs_out_of_gpu_memory_is_redone_in_halves(tiny_dir, tmp_p
     monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
     out = Experiment(run_config(tiny_dir, tmp_path / "four", "editor.parallel_cases=4")).run()
     assert tried == [4, 2, 2]
-    assert [(r["case_id"], r["edited"], r["diagnostics"]) for r in rows(out)] == \
+    assert [(r["case_id"], r["edited"], r["diagnostics"]) for r in written_rows(out)] == \
         [(r["case_id"], r["edited"], r["diagnostics"]) for r in at_two]
 
 
@@ -443,4 +436,4 @@ def test_side_by_side_rows_share_their_group_s_evaluation_time_evenly(tiny_dir, 
     monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(runner, "evaluate_all", six_seconds)
     out = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.parallel_cases=2"))).run()
-    assert [row["seconds"]["eval_per_case"] for row in rows(out)] == [3.0, 3.0]
+    assert [row["seconds"]["eval_per_case"] for row in written_rows(out)] == [3.0, 3.0]

@@ -3,7 +3,6 @@ and that single/batch restore the model bit for bit while sequential keeps stack
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +11,7 @@ from sadr.editors.rome import RomeEditor
 from sadr.models.saving import EDITS_FILE
 from sadr.results import RunDirectory
 from sadr.runner import EDITED_MODEL, SEQUENTIAL_STATE, Experiment, run_experiment
-from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
-
-OFFLINE_RECORDS = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
-
+from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
 
 def _state(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -23,10 +19,6 @@ def _state(model) -> dict[str, torch.Tensor]:
 
 def _changed(a: dict, b: dict) -> set[str]:
     return {name for name in a if not torch.equal(a[name], b[name])}
-
-
-def _rows(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
 
 
 def _spied_experiment(cfg, monkeypatch):
@@ -102,7 +94,7 @@ def test_a_batch_run_s_short_last_group_is_edited_and_recorded_as_its_own_size(t
     out = experiment.run()
     subjects = [record["requested_rewrite"]["subject"] for record in json.loads(OFFLINE_RECORDS.read_text())[:3]]
     assert [group for kind, group, _ in calls if kind == "apply"] == [subjects[:2], subjects[2:]]
-    assert [(r["case_id"], r["batch_size"]) for r in _rows(out)] == [(0, 2), (1, 2), (2, 1)]
+    assert [(r["case_id"], r["batch_size"]) for r in written_rows(out)] == [(0, 2), (1, 2), (2, 1)]
 
 
 def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_again(tiny_dir, tmp_path, monkeypatch):
@@ -121,14 +113,14 @@ def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg)
     monkeypatch.setattr(RunDirectory, "append", original_append)
-    assert len(_rows(tmp_path / "run")) == 1
+    assert len(written_rows(tmp_path / "run")) == 1
     applied = []
     monkeypatch.setattr(RomeEditor, "apply", lambda editor, requests: applied.append(requests))
     out = run_experiment(cfg)
     assert applied == []
     without_seconds = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert without_seconds(_rows(out)) == without_seconds(_rows(whole))
-    assert [r["diagnostics"]["n_edits_in_model"] for r in _rows(out)] == [2, 2]
+    assert without_seconds(written_rows(out)) == without_seconds(written_rows(whole))
+    assert [r["diagnostics"]["n_edits_in_model"] for r in written_rows(out)] == [2, 2]
     note = json.loads((out / EDITED_MODEL / EDITS_FILE).read_text())
     assert note["n_edits"] == 2 and [edit["case_id"] for edit in note["edits"]] == [0, 1]
 
@@ -154,6 +146,6 @@ def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_k
     assert sum(first.seconds.values()) > 0
     expected = {name: first.seconds.get(name, 0.0) + second.seconds.get(name, 0.0)
                 for name in first.seconds.keys() | second.seconds.keys()}
-    for row in _rows(out):
+    for row in written_rows(out):
         edit_seconds = {name: value for name, value in row["seconds"].items() if name != "eval_per_case"}
         assert edit_seconds == pytest.approx(expected)

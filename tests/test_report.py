@@ -20,7 +20,7 @@ from sadr.report.build import MAX_STEM, file_stem, write_report
 from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, phase_seconds
 from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
 from sadr.runner import run_experiment
-from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.runs import composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
 
 # folder -> (editor, γ): ROME without and with SADR (a pair), MEMIT with SADR only (a single point)
 SWEEP = {"0": ("rome", 0.0), "1": ("rome", 0.01), "2": ("memit", 0.01)}
@@ -40,10 +40,6 @@ def report(sweep, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     write_report(sweep, out)
     return out
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
 
 
 def attention(entry: dict) -> np.ndarray:
@@ -91,7 +87,7 @@ def test_tradeoff_numbers_are_the_rows_mean_and_ci(sweep, report):
     for _, point in table.iterrows():
         editor, gamma = SWEEP[point.run]
         assert (point.editor, point["lambda"]) == (editor, gamma)
-        values = np.array([v for row in rows(sweep / point.run) for v in row["edited"].get(point.metric, {}).get("value", [])])
+        values = np.array([v for row in written_rows(sweep / point.run) for v in row["edited"].get(point.metric, {}).get("value", [])])
         assert point.n == len(values)
         assert point["mean"] == pytest.approx(100 * values.mean(), abs=1e-9)
         assert point.ci95 == pytest.approx(100 * 1.96 * values.std(ddof=1) / math.sqrt(len(values)), abs=1e-9)
@@ -122,12 +118,12 @@ def test_tradeoff_plot_draws_those_numbers(report):
 def test_drift_maps_are_the_mean_increase_of_attention_on_dns_prompts(sweep, report):
     for folder, name in (("0", "drift_rome_0.csv"), ("1", "drift_rome_0.01.csv"), ("2", "drift_memit_0.01.csv")):
         increase = np.concatenate([attention(row["edited"]["subject_attention"]) - attention(row["unedited"]["subject_attention"])
-                                   for row in rows(sweep / folder)])
+                                   for row in written_rows(sweep / folder)])
         assert np.abs(increase).max() > 0  # the edit moved some head's attention, so the check is not 0 = 0
         np.testing.assert_allclose(matrix(report / name), 100 * increase.mean(axis=0), atol=1e-9)
     # one (layer, head) spelled out: the last layer's head 0, over every DNS prompt of the γ = 0 run
     by_hand = []
-    for row in rows(sweep / "0"):
+    for row in written_rows(sweep / "0"):
         after, before = attention(row["edited"]["subject_attention"]), attention(row["unedited"]["subject_attention"])
         by_hand += [100 * (after[p, -1, 0] - before[p, -1, 0]) for p in range(len(after))]
     assert matrix(report / "drift_rome_0.csv")[-1, 0] == pytest.approx(sum(by_hand) / len(by_hand))
@@ -157,7 +153,7 @@ def test_drift_figure_draws_those_maps_on_one_scale(report):
 
 def test_selected_heads_are_the_regularizers_counts_per_edit(sweep, report):
     for folder, name in (("1", "selected_heads_rome_0.01.csv"), ("2", "selected_heads_memit_0.01.csv")):
-        recorded = rows(sweep / folder)
+        recorded = written_rows(sweep / folder)
         counts = np.array([row["diagnostics"]["selected_head_counts"] for row in recorded], dtype=np.float64)
         # the map and the regularizer's own total agree, and heads up to the edited layer are never selected
         assert counts.sum(axis=(1, 2)).tolist() == [row["diagnostics"]["selected_heads"] for row in recorded]
@@ -175,7 +171,7 @@ def test_bars_are_each_runs_metrics_table(sweep, report):
                        & (metrics.quantity == bar.quantity)]
         assert bar["mean"] == pytest.approx(want["mean"].item())
     dns = table[table.metric == "distract_neighborhood"].set_index("bar")
-    values = [v for row in rows(sweep / "0") for v in row["unedited"]["distract_neighborhood"]["value"]]
+    values = [v for row in written_rows(sweep / "0") for v in row["unedited"]["distract_neighborhood"]["value"]]
     assert dns.loc["unedited", "mean"] == pytest.approx(100 * np.mean(values))
 
     figure = bars_figure(table, "rome")
