@@ -4,8 +4,8 @@ Three guarantees, whatever the number of jobs started at once on an empty cache:
 - **computed once**: the first job to need an entry computes it while holding a file lock (`filelock`, an OS
   lock, so the lock of a job that crashed is released with its process); the others wait, then load it;
 - **never half-read**: an entry is written to a temporary file in the same folder and renamed into place;
-- **damage is repaired**: an entry that cannot be read (a copy cut short, a full disk) or whose torch records fail
-  their CRC-32 (a changed byte) is named in a warning, removed and computed again.
+- **damage is repaired**: an entry that cannot be read (a copy cut short, a full disk) or whose content fails its
+  CRC-32 (a changed byte) is named in a warning, removed and computed again.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -66,7 +67,20 @@ class EntryFormat:
 
 
 def _save_json(value, path: Path) -> None:
-    path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+    """`value` with the CRC-32 of its JSON text: a changed digit still parses, so parsing alone would not find it."""
+    text = json.dumps(value, ensure_ascii=False)
+    path.write_text(json.dumps({"crc32": zlib.crc32(text.encode()), "value": value}, ensure_ascii=False), encoding="utf-8")
+
+
+def _load_json(path: Path):
+    """What `_save_json` wrote, after checking its CRC-32 (JSON text written again from what it parses to is the same
+    text: Python's floats and key order survive the round trip)."""
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(entry, dict) or entry.keys() != {"crc32", "value"}:
+        raise ValueError("no CRC-32 beside its value (written by an older sadr, or not a cache entry)")
+    if zlib.crc32(json.dumps(entry["value"], ensure_ascii=False).encode()) != entry["crc32"]:
+        raise ValueError("its value does not match its CRC-32")
+    return entry["value"]
 
 
 def _load_torch(path: Path):
@@ -83,7 +97,7 @@ def _load_torch(path: Path):
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-JSON = EntryFormat(_save_json, lambda path: json.loads(path.read_text(encoding="utf-8")))
+JSON = EntryFormat(_save_json, _load_json)
 TORCH = EntryFormat(lambda value, path: torch.save(value, path), _load_torch)
 
 

@@ -92,6 +92,25 @@ def test_an_entry_with_a_changed_byte_is_found_by_its_crc_and_computed_again(tmp
     assert torch.equal(value["mom2"], torch.ones(2)) and "does not match its CRC-32" in caplog.text
 
 
+def test_a_json_entry_with_a_changed_digit_is_found_by_its_crc_and_computed_again(tmp_path, caplog):
+    path = tmp_path / "unedited.json"
+    scores = {"p_new": [0.125, 0.5], "text": "Tōkyō"}
+    write_atomically(scores, path, JSON)
+    assert read_entry(path, JSON) == scores  # the value read back whole, non-ASCII text included
+    path.write_text(path.read_text(encoding="utf-8").replace("0.125", "0.126"), encoding="utf-8")  # still valid JSON
+    with caplog.at_level(logging.WARNING, logger="sadr.cache"):
+        assert cached(path, lambda: {"recomputed": True}) == {"recomputed": True}
+    assert "does not match its CRC-32" in caplog.text
+
+
+def test_a_json_entry_without_a_crc_is_computed_again(tmp_path, caplog):
+    path = tmp_path / "templates.json"
+    path.write_text('["{}", "The {}"]', encoding="utf-8")  # what sadr wrote before JSON entries had a CRC-32
+    with caplog.at_level(logging.WARNING, logger="sadr.cache"):
+        assert cached(path, lambda: ["{}"]) == ["{}"]
+    assert "no CRC-32" in caplog.text and read_entry(path, JSON) == ["{}"]
+
+
 def test_what_a_killed_writer_left_is_removed_when_the_entry_is_written(tmp_path):
     path = tmp_path / "stats[1].pt"  # a name with glob characters
     stale = tmp_path / "stats[1].pt.k3j2x9.tmp"
