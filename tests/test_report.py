@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from sadr.cli.main import app
 from sadr.report import page
 from sadr.report.build import MAX_STEM, file_stem, write_report
-from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, phase_seconds
+from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, phase_seconds, series_of
 from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
@@ -149,6 +149,7 @@ def test_drift_figure_draws_those_maps_on_one_scale(report):
         np.testing.assert_array_equal(image.get_array(), values)
     limit = max(np.abs(m).max() for _, m in drift)
     assert all((image.norm.vmin, image.norm.vmax) == pytest.approx((-limit, limit)) for image in images[:2])
+    assert (images[2].norm.vmin, images[2].norm.vmax) == pytest.approx((0.0, selected[0][1].max()))  # counts: from 0
 
 
 def test_selected_heads_are_the_regularizers_counts_per_edit(sweep, report):
@@ -284,3 +285,59 @@ def test_page_sections_are_linked_and_text_escaped():
     assert '<a href="#drift">A &amp; B</a>' in text and '<section id="drift">' in text
     assert "x &lt; y" in text
     assert all(f'href="{name}"' in text for name in ("plot.png", "plot.svg", "plot.csv"))
+
+
+def test_drift_panels_say_which_runs_used_sadr(report):
+    """Each drift panel's title names its γ and whether SADR was on (γ > 0): γ = 0 is the run without it. The
+    titles are read from the SVG, where matplotlib writes each text beside its glyphs."""
+    rome, memit = (report / "drift_rome.svg").read_text(), (report / "drift_memit.svg").read_text()
+    assert "γ=0 (no SADR)" in rome and "γ=0.01 (SADR)" in rome and "γ=0 (SADR)" not in rome
+    assert "γ=0.01 (SADR)" in memit and "no SADR" not in memit
+
+
+def test_runs_table_counts_each_runs_cases(sweep, report):
+    """dataset.limit=2: every run edited 2 cases, in runs.csv and seconds.csv alike."""
+    for name in ("runs", "seconds"):
+        table = pd.read_csv(report / f"{name}.csv", dtype={"run": str}).set_index("run")
+        assert table["cases"].to_dict() == {folder: 2 for folder in SWEEP}, name
+    assert all(len(written_rows(sweep / folder)) == 2 for folder in SWEEP)
+
+
+def test_page_shows_the_keys_that_differ_between_runs(report):
+    """The sweep's runs differ in editor, γ and layers: the page shows those keys as a table, not the same-config
+    note. editor.layers is in no other table, so its header comes from the config differences."""
+    html = (report / "report.html").read_text()
+    assert "Config differences (only the keys that differ)" in html and "Every run has the same config" not in html
+    assert "<th>editor.layers</th>" in html
+
+
+def test_series_of_one_editor_are_labelled_by_the_always_shown_keys_that_tell_them_apart():
+    """Two ROME groups on different models (and dataset limits), the second without and with SADR, and one MEMIT
+    run: ROME's lines are told apart by model.name alone (a key of ALWAYS, so not by dataset.limit, and never by γ,
+    in which runs of one line may differ); MEMIT, alone, keeps the bare editor name."""
+    def run(name, editor, model, limit, gamma):
+        settings = {"editor.name": editor, "model.name": model, "dataset.limit": limit, "sadr.lambda": gamma}
+        return Run(name, settings, pd.DataFrame(), {name: []}, {name: {}})
+    runs = [run("a", "rome", "m1", 2, 0.0), run("c", "rome", "m2", 3, 0.5), run("b", "rome", "m2", 3, 0.0),
+            run("d", "memit", "m1", 2, 0.5)]
+    lines = series_of(runs)
+    assert [line.label for line in lines] == ["rome (model.name=m1)", "rome (model.name=m2)", "memit"]
+    assert [[r.name for r in line.runs] for line in lines] == [["a"], ["b", "c"], ["d"]]  # by increasing γ
+
+
+def test_selected_heads_are_drawn_for_a_run_that_recorded_no_drift(sweep, tmp_path):
+    """A SADR run made with eval.drift=false has no subject_attention but still the heads SADR selected: its row of
+    maps holds the selection alone."""
+    run = tmp_path / "runs" / "1"
+    shutil.copytree(sweep / "1", run)
+    rows = written_rows(run)
+    for row in rows:
+        for state in ("edited", "unedited"):
+            row[state].pop("subject_attention")
+    (run / "cases.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_report(tmp_path / "runs", tmp_path / "report")
+    names = {path.name for path in (tmp_path / "report").iterdir()}
+    assert {"drift_rome.png", "drift_rome.svg", "selected_heads_rome_0.01.csv"} <= names
+    assert not any(name.startswith("drift_rome") and name.endswith(".csv") for name in names)
+    counts = np.array([row["diagnostics"]["selected_head_counts"] for row in rows], dtype=np.float64)
+    np.testing.assert_allclose(matrix(tmp_path / "report" / "selected_heads_rome_0.01.csv"), counts.mean(axis=0))

@@ -8,6 +8,7 @@ import pytest
 
 from sadr.evaluation.paired import compare_runs
 from sadr.evaluation.summary import paired_with_baselines, summarize, write_summary
+from sadr.report.build import write_report
 from sadr.report.data import load_runs, series_of, tradeoff_table
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
@@ -104,3 +105,19 @@ def test_a_shard_run_twice_is_an_error(runs, tmp_path):
     shutil.copytree(runs / "sharded" / "0_1", root / "b")
     with pytest.raises(ValueError, match=r"each i once"):
         summarize(root)
+
+
+def test_the_report_lists_an_unpaired_configuration_with_the_reason_and_counts_every_shards_cases(runs, tmp_path):
+    """γ = 0.5 has finished one shard of two (1 case), γ = 0 both (2 cases): the report cannot pair them, says why,
+    and its runs table counts the cases of every finished shard."""
+    root = tmp_path / "running"
+    for name in ("0_1", "0_2", "0.5_1", "0.5_2"):
+        shutil.copytree(runs / "sharded" / name, root / name)
+    (root / "0.5_2" / "metrics.csv").unlink()
+    write_report(root, tmp_path / "report")
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "γ &gt; 0 runs not paired with a γ = 0 run" in html
+    assert "0.5_1 against 0_1,0_2: the runs edited different records" in html
+    assert not (tmp_path / "report" / "paired.csv").exists()
+    cases = pd.read_csv(tmp_path / "report" / "runs.csv").set_index("run")["cases"].to_dict()
+    assert cases == {"0_1,0_2": 2, "0.5_1": 1}
