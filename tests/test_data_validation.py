@@ -249,3 +249,14 @@ def test_long_values_are_cut_at_80_characters(tmp_path, length, shown):
         load_edited(tmp_path, "counterfact", lambda r: r[0].__setitem__("neighborhood_prompts", "a" * length))
     assert str(err.value).endswith(f"got {shown}. Fix the record, or set dataset.on_invalid=skip to skip invalid "
                                    "records.")
+
+
+def test_a_case_id_given_twice_is_named_with_both_records(tmp_path):
+    with pytest.raises(InvalidRecordError, match=r"record 2, field 'case_id': expected an id no other record has "
+                                                 r"\(record 0 has it too\), got 100"):
+        load_edited(tmp_path, "counterfact", lambda r: r[2].__setitem__("case_id", 100))
+
+
+def test_skip_policy_keeps_the_first_record_of_an_id(tmp_path):
+    loaded = load_edited(tmp_path, "counterfact", lambda r: r[2].__setitem__("case_id", "100"), on_invalid="skip")
+    assert loaded.n_invalid_skipped == 1 and [c.case_id for c in loaded.cases] == [100, 101]

@@ -7,13 +7,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sadr.conf.schema import DatasetConfig, InvalidRecordPolicy
 from sadr.data.records import EditCase
 from sadr.data.registry import FORMATS
 from sadr.data.selection import Selection
 from sadr.data.sources import resolve_source
-from sadr.data.validation import parse_records
+from sadr.data.validation import Record, parse_records
 from sadr.errors import InvalidSettingError
 
 
@@ -47,11 +48,26 @@ def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDatase
         raise InvalidSettingError(f"unknown dataset.name={cfg.name!r}; expected one of: {', '.join(sorted(FORMATS))}.")
     selection = Selection.from_config(cfg)
     path = resolve_source(fmt, cfg, cache_dir)
-    parse = functools.partial(fmt.parse, cfg=cfg)
+    parse = _unique_ids(functools.partial(fmt.parse, cfg=cfg))
     fix = "fix it, or give another file with dataset.path" if cfg.path else "fix it, or delete it to download it again"
     cases, n_skipped = parse_records(read_json_list(path, fix), str(path), parse, InvalidRecordPolicy(cfg.on_invalid))
     cases, applied = selection.apply(cases)
     return LoadedDataset(cases, n_skipped, applied, str(path))
+
+
+def _unique_ids(parse: Callable[[Record], EditCase]) -> Callable[[Record], EditCase]:
+    """`parse`, failing a record whose case id an earlier record has: results, resume and comparisons key cases by
+    their id, so a second case with it would take the first one's place."""
+    first_with: dict[str, int] = {}
+
+    def parse_unique(rec: Record) -> EditCase:
+        case = parse(rec)
+        first = first_with.setdefault(str(case.case_id), rec.index)
+        if first != rec.index:
+            rec.fail("case_id", f"an id no other record has (record {first} has it too)", case.case_id)
+        return case
+
+    return parse_unique
 
 
 def read_json_list(path: Path, fix: str) -> list:
