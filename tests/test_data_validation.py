@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -260,3 +261,16 @@ def test_a_case_id_given_twice_is_named_with_both_records(tmp_path):
 def test_skip_policy_keeps_the_first_record_of_an_id(tmp_path):
     loaded = load_edited(tmp_path, "counterfact", lambda r: r[2].__setitem__("case_id", "100"), on_invalid="skip")
     assert loaded.n_invalid_skipped == 1 and [c.case_id for c in loaded.cases] == [100, 101]
+
+
+@pytest.mark.parametrize("name, mutate, field", [
+    ("counterfact", lambda r: r[0]["requested_rewrite"]["target_new"].__setitem__("str", "Finnish"),
+     "requested_rewrite.target_new.str"),
+    ("sadr_merged", lambda r: r[0]["requested_rewrite"].__setitem__("target_new", "Kingdom of Emberly "),
+     "requested_rewrite.target_new"),
+    ("knowedit_counterfact", lambda r: r[0].__setitem__("target_new", "Estmark"), "target_new"),
+])
+def test_a_new_target_equal_to_the_true_answer_is_invalid(tmp_path, name, mutate, field):
+    with pytest.raises(InvalidRecordError, match=rf"record 0, field '{re.escape(field)}': expected a new target other "
+                                                 r"than the true answer"):
+        load_edited(tmp_path, name, mutate)

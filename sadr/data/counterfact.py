@@ -8,7 +8,7 @@ sometimes with newlines, and are kept verbatim, as ROME scores them.
 from __future__ import annotations
 
 from sadr.conf.schema import DatasetConfig
-from sadr.data.fields import check_mentions_subject, edit_template
+from sadr.data.fields import check_mentions_subject, edit_template, new_target
 from sadr.data.records import EditCase, EditRequest
 from sadr.data.validation import Record
 
@@ -16,12 +16,12 @@ from sadr.data.validation import Record
 def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
     rewrite = rec.child("requested_rewrite")
     subject = rewrite.text("subject")
-    target_new = rewrite.child("target_new")
+    target_new, target_true = rewrite.child("target_new"), rewrite.child("target_true").text("str")
     request = EditRequest(
         prompt=edit_template(rewrite, "prompt"),
         subject=subject,
-        target_new=target_new.text("str"),
-        target_true=rewrite.child("target_true").text("str"),
+        target_new=new_target(target_new, "str", target_true),
+        target_true=target_true,
         relation_id=rewrite.text("relation_id", required=False),
         target_new_id=target_new.text("id", required=False),
     )

@@ -22,6 +22,15 @@ def template_around_subject(rec: Record, key: str, subject: str) -> str:
     return prompt.replace(subject, "{}", 1)
 
 
+def new_target(rec: Record, key: str, target_true: str) -> str:
+    """The edit's target, which must differ from the true answer: efficacy compares the two, so an edit towards the
+    answer the model already holds would be scored as a failure."""
+    target_new = rec.text(key)
+    if target_new.strip() == target_true.strip():
+        rec.fail(key, f"a new target other than the true answer {target_true!r}", target_new)
+    return target_new
+
+
 def check_mentions_subject(rec: Record, key: str, prompts: list[str], subject: str) -> tuple[str, ...]:
     """Paraphrases of the edit must contain the subject verbatim (the editor locates it there)."""
     for i, prompt in enumerate(prompts):

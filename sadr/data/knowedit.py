@@ -12,18 +12,18 @@ used; case ids are record positions in the file.
 from __future__ import annotations
 
 from sadr.conf.schema import DatasetConfig
-from sadr.data.fields import labeled_prompts, template_around_subject
+from sadr.data.fields import labeled_prompts, new_target, template_around_subject
 from sadr.data.records import EditCase, EditRequest
 from sadr.data.validation import Record
 
 
 def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
-    subject = rec.text("subject")
+    subject, target_true = rec.text("subject"), rec.alias("ground_truth")
     request = EditRequest(
         prompt=template_around_subject(rec, "prompt", subject),
         subject=subject,
-        target_new=rec.text("target_new"),
-        target_true=rec.alias("ground_truth"),
+        target_new=new_target(rec, "target_new", target_true),
+        target_true=target_true,
     )
     portability = rec.child("portability", required=False)
     locality = rec.child("locality", required=False)

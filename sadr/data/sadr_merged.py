@@ -13,7 +13,7 @@ wrong}` triple) is not used. Case ids are record positions in the file.
 from __future__ import annotations
 
 from sadr.conf.schema import DatasetConfig
-from sadr.data.fields import check_mentions_subject, template_around_subject
+from sadr.data.fields import check_mentions_subject, new_target, template_around_subject
 from sadr.data.records import EditCase, EditRequest, LabeledPrompt
 from sadr.data.validation import Record
 
@@ -22,12 +22,12 @@ _PORTABILITY = {"p-reasoning": "Reasoning", "p-subject_alias": "Subject_Aliasing
 
 def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
     rewrite = rec.child("requested_rewrite")
-    subject = rewrite.text("subject")
+    subject, target_true = rewrite.text("subject"), rewrite.text("target_true")
     request = EditRequest(
         prompt=template_around_subject(rewrite, "prompt", subject),
         subject=subject,
-        target_new=rewrite.text("target_new"),
-        target_true=rewrite.text("target_true"),
+        target_new=new_target(rewrite, "target_new", target_true),
+        target_true=target_true,
         relation_id=rewrite.text("relation_id", required=False),
         target_new_id=rewrite.text("target_new_id", required=False),
     )
