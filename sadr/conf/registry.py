@@ -99,6 +99,16 @@ def validate_sadr(sadr: DictConfig) -> None:
                           "indices >= 0")
 
 
+def _check_delta_weights(editor: DictConfig) -> None:
+    """The δ optimisation's numbers in their domains: a learning rate or norm bound of 0 leaves δ at zero (no edit),
+    a negative one fails inside torch with a traceback, and NaN spreads through every step."""
+    for key, zero_allowed in (("v_lr", False), ("clamp_norm_factor", False), ("v_weight_decay", True),
+                              ("kl_factor", True)):
+        value = editor[key]
+        if not math.isfinite(value) or value < 0 or value == 0 and not zero_allowed:
+            raise ConfigError(f"editor.{key}={value}: must be a finite number {'>=' if zero_allowed else '>'} 0")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks, each naming the key and what it accepts."""
     _check_known_keys(cfg)
@@ -129,6 +139,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if editor.v_num_grad_steps < 1:
         raise ConfigError(f"editor.v_num_grad_steps={editor.v_num_grad_steps}: must be >= 1")
+    _check_delta_weights(editor)
     if editor.batch_size < 1:
         raise ConfigError(f"editor.batch_size={editor.batch_size}: must be >= 1")
     if editor.protocol.name == "single" and editor.batch_size != 1:
