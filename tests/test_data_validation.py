@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -274,3 +275,11 @@ def test_a_new_target_equal_to_the_true_answer_is_invalid(tmp_path, name, mutate
     with pytest.raises(InvalidRecordError, match=rf"record 0, field '{re.escape(field)}': expected a new target other "
                                                  r"than the true answer"):
         load_edited(tmp_path, name, mutate)
+
+
+def test_a_json_lines_file_is_named_as_such_with_the_fix(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in fixture_records("zsre")), encoding="utf-8")
+    with pytest.raises(MalformedDatasetError, match=r"records\.jsonl: one JSON value per line \(JSON Lines\), but a "
+                                                   r"dataset file is one JSON list of records; write the records as a list"):
+        load_cases(config("zsre", path), tmp_path)

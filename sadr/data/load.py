@@ -76,6 +76,11 @@ def read_json_list(path: Path, fix: str) -> list:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and exc.lineno == 2 and exc.colno == 1:  # a whole JSON value on line 1, more after it
+            raise MalformedDatasetError(
+                f"{path}: one JSON value per line (JSON Lines), but a dataset file is one JSON list of records; "
+                f"write the records as a list [record, record, ...], or give another file with dataset.path."
+            ) from exc
         raise MalformedDatasetError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
             f"The file may be truncated or not a dataset; {fix}."
