@@ -180,3 +180,11 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     paired = pd.read_csv(tmp_path / "paired.csv").set_index("metric")
     assert paired.loc["NS", "n"] == 1 and paired.loc["NS", "difference"] == pytest.approx(100 / 3)
     assert "case by case (as `sadr compare --protocol case`)" in text
+
+
+def test_a_run_whose_rows_file_has_no_whole_row_is_named_as_such(tmp_path):
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cases.jsonl").write_text('{"case_id": 0, "edi')  # killed while its first row was written
+    with pytest.raises(FileNotFoundError, match=r"b has no finished case in its cases\.jsonl"):
+        compare_runs(base, tmp_path / "b")

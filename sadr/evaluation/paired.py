@@ -31,7 +31,9 @@ def _rows(runs: str | Path | list[Path]) -> dict[str, dict]:
     runs = [Path(run) for run in runs] if isinstance(runs, list) else [Path(runs)]
     rows = [row for run in runs for row in (RunDirectory(run).rows() if (run / ROWS_FILE).is_file() else [])]
     if not rows:
-        raise FileNotFoundError(f"{', '.join(map(str, runs))} holds no {ROWS_FILE}; pass the directory of a finished or resumed run")
+        written = any((run / ROWS_FILE).is_file() for run in runs)
+        state = f"has no finished case in its {ROWS_FILE}" if written else f"holds no {ROWS_FILE}"
+        raise FileNotFoundError(f"{', '.join(map(str, runs))} {state}; pass the directory of a finished or resumed run")
     return {str(row["case_id"]): row for row in rows}
 
 
