@@ -188,3 +188,14 @@ def test_a_run_whose_rows_file_has_no_whole_row_is_named_as_such(tmp_path):
     (tmp_path / "b" / "cases.jsonl").write_text('{"case_id": 0, "edi')  # killed while its first row was written
     with pytest.raises(FileNotFoundError, match=r"b has no finished case in its cases\.jsonl"):
         compare_runs(base, tmp_path / "b")
+
+
+def test_runs_of_different_files_that_share_case_ids_are_refused(tmp_path):
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [0]}})
+    for run, subject in ((base, "Duchy of Quenmark"), (other, "Velimir Ostrander")):
+        row = json.loads((run / "cases.jsonl").read_text())
+        (run / "cases.jsonl").write_text(json.dumps({**row, "subject": subject}) + "\n")
+    with pytest.raises(ValueError, match=r"case 0 has subject 'Duchy of Quenmark' in one run but 'Velimir Ostrander' "
+                                         r"in the other: the runs read different dataset files"):
+        compare_runs(base, other)

@@ -42,6 +42,17 @@ def _values(row: dict, metric: str) -> list[float]:
     return list(entry.get("value", [])) if isinstance(entry, dict) else []
 
 
+def _check_same_requests(a: dict[str, dict], b: dict[str, dict]) -> None:
+    """Each case id names the same request in both runs (ids are file positions in most formats, so runs on two
+    different files share them)."""
+    for case_id in a:
+        for key in ("dataset", "subject"):
+            if a[case_id].get(key) != b[case_id].get(key):
+                raise ValueError(f"case {case_id} has {key} {a[case_id].get(key)!r} in one run but "
+                                 f"{b[case_id].get(key)!r} in the other: the runs read different dataset files; "
+                                 "compare runs of the same dataset")
+
+
 def compare_runs(base: str | Path | list[Path], other: str | Path | list[Path], protocol: str = "prompt") -> pd.DataFrame:
     """One row per metric: both means and their paired difference ± 95 % CI (×100), observations up/down, sign-test p.
 
@@ -55,6 +66,7 @@ def compare_runs(base: str | Path | list[Path], other: str | Path | list[Path], 
         only = sorted(a.keys() ^ b.keys(), key=str)
         raise ValueError(f"the runs edited different records (case ids in one only: {only[:10]}); "
                          "compare runs of the same dataset selection")
+    _check_same_requests(a, b)
     records = []
     for metric, label in LABELS.items():
         if not all(any(_values(row, metric) for row in run.values()) for run in (a, b)):
