@@ -99,11 +99,17 @@ def validate_sadr(sadr: DictConfig) -> None:
                           "indices >= 0")
 
 
+# (key, whether 0 is allowed) of the editors' weights; each is checked where the editor's config has it
+EDITOR_WEIGHTS = (("v_lr", False), ("clamp_norm_factor", False), ("v_weight_decay", True), ("kl_factor", True),
+                  ("mom2_update_weight", True), ("nullspace_threshold", False), ("L2", True), ("nll_loss_factor", False))
+
+
 def _check_delta_weights(editor: DictConfig) -> None:
-    """The δ optimisation's numbers in their domains: a learning rate or norm bound of 0 leaves δ at zero (no edit),
-    a negative one fails inside torch with a traceback, and NaN spreads through every step."""
-    for key, zero_allowed in (("v_lr", False), ("clamp_norm_factor", False), ("v_weight_decay", True),
-                              ("kl_factor", True)):
+    """The editor's numbers in their domains: a learning rate, norm bound, null-space threshold or target loss weight
+    of 0 makes no edit, a negative one fails inside torch with a traceback or makes no edit, and NaN spreads."""
+    for key, zero_allowed in EDITOR_WEIGHTS:
+        if key not in editor:
+            continue
         value = editor[key]
         if not math.isfinite(value) or value < 0 or value == 0 and not zero_allowed:
             raise ConfigError(f"editor.{key}={value}: must be a finite number {'>=' if zero_allowed else '>'} 0")
