@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sadr.cache import TORCH, cached, writable_dir, write_atomically
 from sadr.conf.registry import validate_layers
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
+from sadr.data.lengths import check_prompt_lengths
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
 from sadr.editors.base import Editor, EditOutcome
@@ -138,6 +139,9 @@ class Experiment:
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
         validate_layers(cfg.editor, self.loaded.adapter.num_layers(self.loaded.model))
+        check_prompt_lengths(self.dataset.cases, self.loaded.tokenizer,
+                             getattr(self.loaded.model.config, "max_position_embeddings", None),
+                             max(tokens for tokens, _ in cfg.editor.context_templates) if cfg.editor.context_templates else 0)
         reset_peak_memory(self.loaded.device)
         self.tf32 = set_tf32(self.loaded.device, cfg.tf32)
         # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')

@@ -22,7 +22,8 @@ from sadr.conf.registry import ConfigError, validate_layers
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.paired import compare_runs
 from sadr.runner import run_experiment
-from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from sadr.errors import InvalidSettingError
+from tests.runs import FIXTURE, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
 
 def test_every_model_and_published_default_composes():
@@ -517,3 +518,14 @@ def test_the_run_s_seed_reaches_its_context_templates_and_its_generated_corpus(t
     texts = {seed: list(generated_corpus(loaded.model, loaded.tokenizer, 2, 8, seed, batch_tokens).texts()) for seed in (0, 3)}
     assert texts[0] != texts[3]
     assert list(build_statistics(cfg, loaded, "f").corpus.texts()) == texts[3]
+
+
+def test_a_prompt_longer_than_the_model_s_positions_stops_the_run_before_any_work(tiny_dir, tmp_path):
+    """The tiny llama has 128 positions; a model with learned position embeddings failed in torch with a traceback."""
+    records = json.loads(FIXTURE.read_text())
+    records[1]["neighborhood_prompts"] = ["word " * 200 + "is in"]
+    (tmp_path / "long.json").write_text(json.dumps(records))
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", f"dataset.path={tmp_path / 'long.json'}"))
+    with pytest.raises(InvalidSettingError, match=r"^case 1: a prompt of neighborhood_prompts needs \d+ tokens"):
+        run_experiment(cfg)
+    assert not (tmp_path / "run" / "cases.jsonl").exists()
