@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
@@ -58,6 +59,16 @@ def _identity(cfg: DictConfig) -> dict:
     return _without_execution_settings(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True))
 
 
+def read_config(file: Path) -> dict:
+    """A run's config.yaml as a plain dict; one that is not YAML was damaged or edited, and is named with the fix."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+    except yaml.YAMLError as err:
+        raise DamagedFileError(
+            f"{file} cannot be read ({' '.join(str(err).split())}); it was damaged or edited: delete it, and a rerun "
+            "of the run's own command writes it again and keeps the finished cases in its cases.jsonl") from None
+
+
 def git_commit() -> str | None:
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
@@ -78,7 +89,7 @@ class RunDirectory:
         target = self.path / CONFIG_FILE
         identity = _identity(cfg)
         if target.is_file():
-            existing = _without_execution_settings(OmegaConf.to_container(OmegaConf.load(target), resolve=False))
+            existing = _without_execution_settings(read_config(target))
             if existing == identity:
                 return
             if self.rows() or self.checkpointed():

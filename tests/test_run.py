@@ -529,3 +529,21 @@ def test_a_prompt_longer_than_the_model_s_positions_stops_the_run_before_any_wor
     with pytest.raises(InvalidSettingError, match=r"^case 1: a prompt of neighborhood_prompts needs \d+ tokens"):
         run_experiment(cfg)
     assert not (tmp_path / "run" / "cases.jsonl").exists()
+
+
+def test_a_damaged_config_yaml_is_named_with_the_fix_on_resume_and_in_summaries(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.claim(OmegaConf.create({"editor": {"layers": [2]}}))
+    run.append({"case_id": 0})
+    (tmp_path / "run" / "config.yaml").write_text("editor: {layers: [2]\n")  # cut short
+    (tmp_path / "run" / "metrics.csv").write_text("state\n")
+    expected = r"run/config\.yaml cannot be read \(.*line 2.*\); it was damaged or edited: delete it, and a rerun"
+    with pytest.raises(DamagedFileError, match=expected):
+        run.claim(OmegaConf.create({"editor": {"layers": [2]}}))
+    done = CliRunner().invoke(app, ["summarize", str(tmp_path)])
+    assert done.exit_code == 2 and re.match(f"error: .*{expected}", done.output) and done.output.count("\n") == 1

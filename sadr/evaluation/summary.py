@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
 
 from sadr.data.selection import parse_shard
 from sadr.evaluation.aggregate import LABELS, metric_table
 from sadr.evaluation.paired import compare_runs
-from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory
+from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory, read_config
 
 STEPS_KEY = "editor.v_num_grad_steps"
 # SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
@@ -60,7 +59,7 @@ def unfinished_runs(root: str | Path) -> list[Path]:
 
 def run_settings(runs: list[Path]) -> dict[Path, dict]:
     """Each run's config.yaml, flattened to dotted keys ("editor.name")."""
-    return {run: _flatten(OmegaConf.to_container(OmegaConf.load(run / CONFIG_FILE), resolve=False)) for run in runs}
+    return {run: _flatten(read_config(run / CONFIG_FILE)) for run in runs}
 
 
 def differing_keys(settings: dict[Path, dict]) -> list[str]:
