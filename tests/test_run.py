@@ -547,3 +547,16 @@ def test_a_damaged_config_yaml_is_named_with_the_fix_on_resume_and_in_summaries(
         run.claim(OmegaConf.create({"editor": {"layers": [2]}}))
     done = CliRunner().invoke(app, ["summarize", str(tmp_path)])
     assert done.exit_code == 2 and re.match(f"error: .*{expected}", done.output) and done.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, problem", [("", r"cannot be read \(No columns to parse from file\)"),
+                                           ("a,b\n1,2\n", r"lacks the column\(s\) state, metric, label")])
+def test_a_damaged_metrics_csv_is_named_with_the_fix_in_summaries_and_reports(tmp_path, text, problem):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("editor: {name: rome}\n")
+    (tmp_path / "run" / "metrics.csv").write_text(text)
+    for command in ("summarize", "report"):
+        done = CliRunner().invoke(app, [command, str(tmp_path)])
+        assert done.exit_code == 2, done.output
+        assert re.match(rf"error: .*run/metrics\.csv {problem}.*; it was damaged or edited: delete it, and a rerun of "
+                        r"the run's own command writes it again", done.output) and done.output.count("\n") == 1

@@ -8,6 +8,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 
 from sadr.data.selection import parse_shard
+from sadr.errors import DamagedFileError
 from sadr.evaluation.aggregate import LABELS, metric_table
 from sadr.evaluation.paired import compare_runs
 from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory, read_config
@@ -23,6 +24,7 @@ EDIT_ONLY = ("editor.", "sadr.")
 NEXT_TO = {LABELS["distract_neighborhood"]: (LABELS["drift_max"], LABELS["drift_mean"])}
 # The runs of one configuration that differ only in this key are shards of it (`dataset.shard=i/n`).
 SHARD_KEY = "dataset.shard"
+METRIC_COLUMNS = ("state", "metric", "label", "quantity", "protocol", "mean", "ci95", "n")  # of the runner's metrics.csv
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -104,8 +106,23 @@ class Configuration:
     def metrics(self) -> pd.DataFrame:
         """The runner's metrics.csv; for shards, the same table over every shard's cases (CIs over all prompts)."""
         if not self.n_shards:
-            return pd.read_csv(self.runs[0] / METRICS_FILE)
+            return read_metrics(self.runs[0] / METRICS_FILE)
         return metric_table([row for run in self.runs for row in RunDirectory(run).rows()])
+
+
+def read_metrics(file: Path) -> pd.DataFrame:
+    """A run's metrics.csv; one that cannot be read, or lacks the columns the runner writes, is named with the fix."""
+    try:
+        table = pd.read_csv(file)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        problem = f"cannot be read ({' '.join(str(err).split())})"
+    else:
+        missing = [column for column in METRIC_COLUMNS if column not in table.columns]
+        if not missing:
+            return table
+        problem = f"lacks the column(s) {', '.join(missing)}"
+    raise DamagedFileError(f"{file} {problem}; it was damaged or edited: delete it, and a rerun of the run's own "
+                           f"command writes it again from its cases.jsonl")
 
 
 def configurations(root: str | Path) -> list[Configuration]:
