@@ -127,7 +127,7 @@ class RunDirectory:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 if number == len(lines) and not text.endswith("\n"):
                     break
@@ -135,6 +135,11 @@ class RunDirectory:
                     f"line {number} of {file} is not a whole JSON row ({err.msg}); it was not written by an "
                     "interrupted run, so the file was damaged or edited: delete that line, and a rerun of the same "
                     "command redoes its case") from None
+            if not isinstance(row, dict) or "case_id" not in row:
+                raise DamagedFileError(
+                    f"line {number} of {file} is not a case's row (a JSON object with its case_id), so the file was "
+                    "damaged or edited: delete that line, and a rerun of the same command redoes its case")
+            rows.append(row)
         return rows
 
     def checkpointed(self) -> bool:

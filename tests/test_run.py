@@ -246,6 +246,10 @@ def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_na
     file.write_text("\n".join([rows[0], rows[1][:5]]) + "\n")  # a whole last line that does not parse: not a kill
     with pytest.raises(DamagedFileError, match=r"line 2 of"):
         run.rows()
+    for line in ("[1, 2]", '{"subject": "x"}'):  # JSON, but no case's row: compare and summarize failed on it
+        file.write_text("\n".join([rows[0], line]) + "\n")
+        with pytest.raises(DamagedFileError, match=r"line 2 of .*cases\.jsonl is not a case's row .*delete that line"):
+            run.rows()
 
 
 def test_a_second_invocation_in_a_run_directory_in_use_stops_at_once(tiny_dir, tmp_path):

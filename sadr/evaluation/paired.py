@@ -47,7 +47,7 @@ def _check_same_requests(a: dict[str, dict], b: dict[str, dict]) -> None:
     different files share them)."""
     for case_id in a:
         for key in ("dataset", "subject"):
-            if a[case_id].get(key) != b[case_id].get(key):
+            if key in a[case_id] and key in b[case_id] and a[case_id][key] != b[case_id][key]:
                 raise ValueError(f"case {case_id} has {key} {a[case_id].get(key)!r} in one run but "
                                  f"{b[case_id].get(key)!r} in the other: the runs read different dataset files; "
                                  "compare runs of the same dataset")
