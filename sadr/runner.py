@@ -141,7 +141,7 @@ class Experiment:
         validate_layers(cfg.editor, self.loaded.adapter.num_layers(self.loaded.model))
         check_prompt_lengths(self.dataset.cases, self.loaded.tokenizer,
                              getattr(self.loaded.model.config, "max_position_embeddings", None),
-                             max(tokens for tokens, _ in cfg.editor.context_templates) if cfg.editor.context_templates else 0)
+                             max((tokens for tokens, _ in cfg.editor.context_templates), default=0))
         reset_peak_memory(self.loaded.device)
         self.tf32 = set_tf32(self.loaded.device, cfg.tf32)
         # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')
