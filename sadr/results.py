@@ -16,7 +16,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,7 +62,9 @@ def read_config(file: Path) -> dict:
     """A run's config.yaml as a plain dict; one that is not YAML was damaged or edited, and is named with the fix."""
     try:
         return OmegaConf.to_container(OmegaConf.load(file), resolve=False)
-    except yaml.YAMLError as err:
+    except OSError:  # not the file's content: unreadable, or gone
+        raise
+    except Exception as err:  # whatever the YAML parser raises for what is not YAML
         raise DamagedFileError(
             f"{file} cannot be read ({' '.join(str(err).split())}); it was damaged or edited: delete it, and a rerun "
             "of the run's own command writes it again and keeps the finished cases in its cases.jsonl") from None

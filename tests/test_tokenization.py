@@ -126,17 +126,22 @@ def test_pad_id_of_keeps_a_pad_token_else_takes_eos_then_unk_then_token_0():
 def test_a_prompt_longer_than_the_model_s_positions_is_named_before_any_work(tokenizer):
     from dataclasses import replace
 
-    from sadr.data.lengths import check_prompt_lengths
+    from sadr.data.lengths import EDIT_PROMPT, GENERATION_PROMPTS, check_prompt_lengths
     from sadr.data.load import load_cases
     from sadr.errors import InvalidSettingError
     from tests.data_fixtures import config
 
     cases = load_cases(config("counterfact"), "unused").cases
-    check_prompt_lengths(cases, tokenizer, 128, prefix_tokens=10)
+    added = {EDIT_PROMPT: 10}
+    check_prompt_lengths(cases, tokenizer, 128, added)
     long = replace(cases[1], neighborhood_prompts=("word " * 200 + "is in",))
     with pytest.raises(InvalidSettingError, match=r"^case 101: a prompt of neighborhood_prompts needs \d+ tokens with "
                                                   r"its answer, more than the model's 128 positions"):
-        check_prompt_lengths([cases[0], long], tokenizer, 128, prefix_tokens=10)
+        check_prompt_lengths([cases[0], long], tokenizer, 128, added)
     with pytest.raises(InvalidSettingError, match=r"requested_rewrite\.prompt needs \d+ tokens with its answer and a "
                                                   r"context template"):
-        check_prompt_lengths(cases, tokenizer, len(tokenizer(cases[0].request.text).input_ids) + 2, prefix_tokens=10)
+        check_prompt_lengths(cases, tokenizer, len(tokenizer(cases[0].request.text).input_ids) + 2, added)
+    generation = max(len(tokenizer(prompt).input_ids) for case in cases for prompt in case.generation_prompts)
+    check_prompt_lengths(cases, tokenizer, generation + 100, {GENERATION_PROMPTS: 100})
+    with pytest.raises(InvalidSettingError, match=r"generation_prompts needs \d+ tokens and the sampled tokens, more "):
+        check_prompt_lengths(cases, tokenizer, generation + 99, {GENERATION_PROMPTS: 100})

@@ -99,9 +99,10 @@ def validate_sadr(sadr: DictConfig) -> None:
                           "indices >= 0")
 
 
-# (key, whether 0 is allowed) of the editors' weights; each is checked where the editor's config has it
+# (key, whether 0 is allowed) of the editors' weights; each is checked where the editor's config has it. MEMIT's and
+# PMET's solve divides by mom2_update_weight (λ of λC + K Kᵀ), so it must be above 0.
 EDITOR_WEIGHTS = (("v_lr", False), ("clamp_norm_factor", False), ("v_weight_decay", True), ("kl_factor", True),
-                  ("mom2_update_weight", True), ("nullspace_threshold", False), ("L2", True), ("nll_loss_factor", False))
+                  ("mom2_update_weight", False), ("nullspace_threshold", False), ("L2", True), ("nll_loss_factor", False))
 
 
 def _check_delta_weights(editor: DictConfig) -> None:

@@ -9,37 +9,41 @@ from sadr.data.records import EditCase
 from sadr.errors import InvalidSettingError
 
 SPECIAL_TOKENS = 4  # at most this many tokens a tokenizer adds around a text (BOS, EOS)
+EDIT_PROMPT, GENERATION_PROMPTS = "requested_rewrite.prompt", "generation_prompts"
+ADDED = {EDIT_PROMPT: "a context template", GENERATION_PROMPTS: "the sampled tokens"}
 
 
-def scored_texts(case: EditCase) -> list[tuple[str, str]]:
-    """(field, prompt followed by the longest answer it is scored against) for each prompt of the case."""
+def run_texts(case: EditCase) -> list[tuple[str, str]]:
+    """(field, text) for each text the run puts through the model whole: a scored prompt followed by the longest
+    answer it is scored against, or a generation prompt (its sampled tokens counted apart)."""
     request = case.request
-    answers = [request.target_new, request.target_true or ""]
-    longest = max(answers, key=len)
-    texts = [("requested_rewrite.prompt", f"{request.text} {longest}")]
-    for field in ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts"):
+    longest = max([request.target_new, request.target_true or ""], key=len)
+    texts = [(EDIT_PROMPT, f"{request.text} {longest}")]
+    for field in ("paraphrase_prompts", "neighborhood_prompts"):
         texts += [(field, f"{prompt} {longest}") for prompt in getattr(case, field)]
+    texts += [(GENERATION_PROMPTS, prompt) for prompt in case.generation_prompts]
     labeled = {"relation_prompts": case.relation_prompts, "locality_prompts": case.locality_prompts,
                **{f"portability.{name}": prompts for name, prompts in case.portability.items()}}
     texts += [(field, f"{item.prompt} {item.target}") for field, items in labeled.items() for item in items]
     return texts
 
 
-def check_prompt_lengths(cases: list[EditCase], tokenizer, positions: int | None, prefix_tokens: int) -> None:
-    """`prefix_tokens`: the longest context template put before the edit prompt while δ is optimised."""
+def check_prompt_lengths(cases: list[EditCase], tokenizer, positions: int | None, added: dict[str, int]) -> None:
+    """`added`: the tokens a field's texts get on top of their own (the longest context template before the edit
+    prompt while δ is optimised; the tokens sampled after a generation prompt), by field."""
     if positions is None:
         return
-    texts = [(case, field, text, prefix_tokens if field == "requested_rewrite.prompt" else 0)
-             for case in cases for field, text in scored_texts(case)]
+    texts = [(case, field, text) for case in cases for field, text in run_texts(case)]
     # a token covers at least one byte (besides a few special ones), so only texts longer than that bound are tokenized
-    texts = [entry for entry in texts if len(entry[2].encode()) + SPECIAL_TOKENS + entry[3] > positions]
+    texts = [entry for entry in texts if len(entry[2].encode()) + SPECIAL_TOKENS + added.get(entry[1], 0) > positions]
     if not texts:
         return
-    lengths = [len(ids) for ids in tokenizer([text for _, _, text, _ in texts]).input_ids]
-    for (case, field, text, prefix), n_tokens in zip(texts, lengths):
-        if n_tokens + prefix > positions:
+    lengths = [len(ids) for ids in tokenizer([text for _, _, text in texts]).input_ids]
+    for (case, field, text), n_tokens in zip(texts, lengths):
+        extra = added.get(field, 0)
+        if n_tokens + extra > positions:
             raise InvalidSettingError(
-                f"case {case.case_id}: a prompt of {field} needs {n_tokens + prefix} tokens with its answer"
-                f"{' and a context template' if prefix else ''}, more than the model's {positions} positions "
-                f"({text[:60]!r}...); shorten it, or leave the case out (drop the record, or select the others with "
-                "dataset.case_ids)")
+                f"case {case.case_id}: a prompt of {field} needs {n_tokens + extra} tokens"
+                f"{' with its answer' if field != GENERATION_PROMPTS else ''}{f' and {ADDED[field]}' if extra else ''}, "
+                f"more than the model's {positions} positions ({text[:60]!r}...); shorten it, or leave the case out "
+                "(drop the record, or select the others with dataset.case_ids)")
