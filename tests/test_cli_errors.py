@@ -36,6 +36,8 @@ BAD_OVERRIDES = {
                                                       r"would read it; did you mean sadr\.lambda \(set without '\+'\)\?"),
     "key added with + at the top": (["+foo=1"], r"^error: \+foo: the run config has no setting 'foo'.*settings: model, "),
     "two modes at once": (["-m", "--cfg", "job"], r"^error: Only one of --run, --multirun, --cfg"),
+    "local model without its folder": (["model=local", "editor.layers=[1]", "editor.v_loss_layer=1"],
+                                      r"^error: model=local needs model\.source: a local model folder, a GGUF file"),
 }
 
 

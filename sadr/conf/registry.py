@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 
 import torch
 from hydra import compose, initialize_config_module
@@ -116,12 +117,20 @@ def _check_delta_weights(editor: DictConfig) -> None:
             raise ConfigError(f"editor.{key}={value}: must be a finite number {'>=' if zero_allowed else '>'} 0")
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks, each naming the key and what it accepts."""
     _check_known_keys(cfg)
     validate_sadr(cfg.sadr)
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads}: must be >= 1 (null: torch's default)")
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N (N a GPU's index) or mps")
+    if OmegaConf.is_missing(cfg.model, "source"):
+        raise ConfigError(f"model={cfg.model.name} needs model.source: a local model folder, a GGUF file or a hub id "
+                          "(model.source=PATH)")
     editor = cfg.editor
     from sadr.editors.registry import EDITORS
 
