@@ -121,3 +121,22 @@ def test_the_report_lists_an_unpaired_configuration_with_the_reason_and_counts_e
     assert not (tmp_path / "report" / "paired.csv").exists()
     cases = pd.read_csv(tmp_path / "report" / "runs.csv").set_index("run")["cases"].to_dict()
     assert cases == {"0_1,0_2": 2, "0.5_1": 1}
+
+
+def test_two_sweeps_of_the_same_sharded_settings_are_a_configuration_each(runs, tmp_path):
+    """Shards 1/2 and 2/2 run twice, each time into a sweep folder of its own: one row per sweep, each with both
+    shards, and the same metrics (the same cases, edited the same way). Within one folder a shard made twice is an
+    error (test_a_shard_run_twice_is_an_error)."""
+    root = tmp_path / "two_sweeps"
+    for sweep in ("first", "second"):
+        for shard in ("0_1", "0_2"):
+            shutil.copytree(runs / "sharded" / shard, root / sweep / shard)
+    table = summarize(root)
+    edited = table[table.state == "edited"]
+    assert sorted(edited["run"]) == ["first/0_1,first/0_2", "second/0_1,second/0_2"]
+    assert list(edited["shards"]) == ["2/2", "2/2"] and list(edited["n_cases"]) == [2, 2]
+    metrics = [c for c in edited.columns if c.split(" ")[0] in ("ES", "PS", "NS", "DNS")]
+    assert edited[metrics].iloc[0].equals(edited[metrics].iloc[1])
+    shutil.copytree(runs / "sharded" / "0_1", root / "first" / "again")
+    with pytest.raises(ValueError, match=r"each i once; .*summarize each sweep's folder on its own"):
+        summarize(root)

@@ -136,14 +136,11 @@ def configurations(root: str | Path) -> list[Configuration]:
         common = tuple(sorted((k, repr(v)) for k, v in settings[run].items() if k != SHARD_KEY))
         groups.setdefault(common if settings[run].get(SHARD_KEY) is not None else (run,), []).append(run)
     out = []
-    for group in groups.values():
+    for group in [part for group in groups.values() for part in _sweeps_of(group, settings)]:
         if settings[group[0]].get(SHARD_KEY) is None:  # without the key, as a sharded one: they may pair
             out.append(Configuration(group, {k: v for k, v in settings[group[0]].items() if k != SHARD_KEY}))
             continue
         shards = [parse_shard(settings[run][SHARD_KEY]) for run in group]
-        if len({n for _, n in shards}) > 1 or len({i for i, _ in shards}) < len(shards):
-            listed = ", ".join(f"{run} ({settings[run][SHARD_KEY]})" for run in group)
-            raise ValueError(f"the shards of one configuration must be i/n with one n and each i once; found {listed}")
         n = shards[0][1]
         common = {k: v for k, v in settings[group[0]].items() if k != SHARD_KEY}
         pending = tuple(sorted(parse_shard(values[SHARD_KEY])[0] for run, values in unfinished_settings.items()
@@ -152,6 +149,25 @@ def configurations(root: str | Path) -> list[Configuration]:
         order = sorted(range(len(group)), key=lambda j: shards[j][0])
         out.append(Configuration([group[j] for j in order], common, tuple(shards[j][0] for j in order), n, pending))
     return out
+
+
+def _sweeps_of(group: list[Path], settings: dict[Path, dict]) -> list[list[Path]]:
+    """The runs of one sharded configuration, as one group when they are i/n with one n and each i once, else split
+    by the folder that holds them (two sweeps of the same settings, each with its own shards)."""
+    def consistent(runs: list[Path]) -> bool:
+        shards = [parse_shard(settings[run][SHARD_KEY]) for run in runs]
+        return len({n for _, n in shards}) == 1 and len({i for i, _ in shards}) == len(shards)
+
+    if settings[group[0]].get(SHARD_KEY) is None or consistent(group):
+        return [group]
+    folders: dict[Path, list[Path]] = {}
+    for run in group:
+        folders.setdefault(run.parent, []).append(run)
+    if len(folders) > 1 and all(consistent(runs) for runs in folders.values()):
+        return list(folders.values())
+    listed = ", ".join(f"{run} ({settings[run][SHARD_KEY]})" for run in group)
+    raise ValueError(f"the shards of one configuration must be i/n with one n and each i once; found {listed}. "
+                     "Remove the runs made twice, or summarize each sweep's folder on its own")
 
 
 def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
