@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from sadr.cli.main import app
 from sadr.report import page
 from sadr.report.build import MAX_STEM, file_stem, write_report
-from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, phase_seconds, series_of
+from sadr.evaluation.summary import differing_keys, summarize
+from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, load_runs, phase_seconds, series_of
 from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
@@ -341,3 +342,16 @@ def test_selected_heads_are_drawn_for_a_run_that_recorded_no_drift(sweep, tmp_pa
     assert not any(name.startswith("drift_rome") and name.endswith(".csv") for name in names)
     counts = np.array([row["diagnostics"]["selected_head_counts"] for row in rows], dtype=np.float64)
     np.testing.assert_allclose(matrix(tmp_path / "report" / "selected_heads_rome_0.01.csv"), counts.mean(axis=0))
+
+
+def test_summary_columns_leave_out_where_the_hyperparameters_come_from(sweep, tmp_path):
+    """editor.source, a sentence on where an editor's hyperparameters were published, differs between editors; it is
+    no column of the summary, whose columns are the settings that differ (editor.layers here) and the ALWAYS keys."""
+    root = tmp_path / "runs"
+    for folder, note in (("0", "ROME repo (GPT-J)"), ("2", "MEMIT repo (GPT-J), " + "a long note " * 20)):
+        shutil.copytree(sweep / folder, root / folder)
+        config = root / folder / "config.yaml"
+        config.write_text(config.read_text().replace("source: ''", f"source: '{note}'", 1))
+    assert "editor.source" in differing_keys({run: load_runs(run)[0].settings for run in (root / "0", root / "2")})
+    columns = set(summarize(root).columns)
+    assert "editor.source" not in columns and {"editor.name", "editor.layers", "model.name", "sadr.lambda"} <= columns

@@ -19,7 +19,7 @@ def resolve_source(fmt: DatasetFormat, cfg: DatasetConfig, cache_dir: str | os.P
         if not path.is_file():
             found = "is a directory, not a file" if path.is_dir() else "not found"
             raise MissingInputError(
-                f"dataset file {found}: {path} (dataset.path). Set dataset.path=<path to a {cfg.name} JSON file>, "
+                f"dataset file {found}: {path} (dataset.path). Set dataset.path=<path to the {cfg.name} JSON file>, "
                 "or set dataset.path=null to use the canonical copy."
             )
         return path
@@ -47,6 +47,6 @@ def _packaged(relative: str, name: str) -> Path:
         if not path.is_file():
             raise MissingInputError(
                 f"the packaged {name} dataset is missing: {path}. Reinstall sadr, "
-                f"or set dataset.path=<path to a {name} JSON file>."
+                f"or set dataset.path=<path to the {name} JSON file>."
             )
         return path

@@ -16,6 +16,9 @@ from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory, read_config
 STEPS_KEY = "editor.v_num_grad_steps"
 # SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
 ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", STEPS_KEY)
+# Keys that differ between runs but are not columns: the seed, and where an editor's hyperparameters were published
+# (a sentence, which would make summary.md a few hundred characters wide; config.yaml keeps it).
+NOT_COLUMNS = ("seed", "editor.source")
 # Keys in which a run may differ from the γ = 0 run it is paired with (the paper's SADR runs changed δ steps too).
 MAY_DIFFER_FROM_BASELINE = ("sadr.", STEPS_KEY)
 # Settings of the edit alone: the unedited model's row leaves them blank (it is the same model whatever they are).
@@ -182,7 +185,7 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     found = configurations(root)
     settings = {id(c): c.settings for c in found}
     keys = {k for s in settings.values() for k in s}
-    swept = [k for k in ALWAYS if k in keys] + [k for k in differing_keys(settings) if k not in ALWAYS and k != "seed"]
+    swept = [k for k in ALWAYS if k in keys] + [k for k in differing_keys(settings) if k not in ALWAYS + NOT_COLUMNS]
     sharded = any(c.n_shards for c in found)
     records = []
     for configuration in found:
