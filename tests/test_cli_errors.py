@@ -27,7 +27,13 @@ BAD_OVERRIDES = {
     "unknown editor": (["editor=rmoe"], r"Could not find 'editor/rmoe'[\s\S]*Available options in 'editor'[\s\S]*rome"),
     "value of the wrong type": (["sadr.lambda=abc"], r"Value 'abc' of type 'str' could not be converted to Float[\s\S]*full_key: sadr.lambda"),
     "value outside an enum": (["sadr.heads=some"], r"Invalid value 'some', expected one of \[selective, all\][\s\S]*full_key: sadr.heads"),
-    "misspelt key": (["editor.v_lrr=0.1"], r"Key 'v_lrr' not in 'RomeConfig'"),
+    "misspelt key": (["editor.v_lrr=0.1"], r"Key 'v_lrr' not in 'RomeConfig'[\s\S]*^error: editor\.v_lrr: editor has no "
+                                           r"setting 'v_lrr'; did you mean editor\.v_lr\? editor's settings: name, "),
+    "misspelt key of a node typed Any": (["sadr.lamda=0.1"], r"^error: sadr\.lamda: sadr has no setting 'lamda'; did you "
+                                                           r"mean sadr\.lambda\?"),
+    "another editor's key": (["editor=memit", "editor.rome_update=paper"],
+                             r"^error: editor\.rome_update: editor has no setting 'rome_update'; it is a setting of "
+                             r"editor=rome, not of editor=memit"),
     "unknown protocol": (["editor.protocol=serial"], r"expected one of \[single, batch, sequential\]"),
     "unknown fact token": (["editor.fact_token=last"], r"expected one of \[subject_last\]"),
     "negative lambda": (["sadr.lambda=-1"], r"^error: sadr\.lambda=-1\.0: γ must be a finite number >= 0"),

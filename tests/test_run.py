@@ -567,3 +567,18 @@ def test_a_damaged_metrics_csv_is_named_with_the_fix_in_summaries_and_reports(tm
         assert done.exit_code == 2, done.output
         assert re.match(rf"error: .*run/metrics\.csv {problem}.*; it was damaged or edited: delete it, and a rerun of "
                         r"the run's own command writes it again", done.output) and done.output.count("\n") == 1
+
+
+def test_a_misspelt_override_is_named_with_the_setting_it_may_mean():
+    """What sadr-run adds to Hydra's message when an override's key is declared nowhere (Hydra advises '+')."""
+    from sadr.conf.registry import misspelt_override
+
+    assert misspelt_override(["model.stats.n_sample=3"]).startswith(
+        "model.stats.n_sample: model.stats has no setting 'n_sample'; did you mean model.stats.n_samples? ")
+    assert misspelt_override(["editor=pmet", "dtype=bfloat16", "editor.nll_loss_factr=2"]).startswith(
+        "editor.nll_loss_factr: editor has no setting 'nll_loss_factr'; did you mean editor.nll_loss_factor? ")
+    assert "it is a setting of editor=rome, not of editor=memit" in misspelt_override(["editor=memit", "editor.rome_update=paper"])
+    declared = ["-m", "model=gpt-j", "hydra/launcher=local", "experiment=table3_gptj", "setup=sadr_repo", "+x.y=1",
+                "editor.rome_update=paper", "model.stats.n_samples=3", "sadr.lambda=0,0.01", "hydra.sweep.dir=d"]
+    assert misspelt_override(declared) is None  # the default editor is ROME, which has rome_update
+    assert misspelt_override(["editor=rome,memit", "editor.layerz=[1]"]) is None  # swept editors: not one to name

@@ -5,13 +5,15 @@ import dataclasses
 import difflib
 import math
 import re
+import typing
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sadr.conf.schema import RunConfig
+from sadr.conf.schema import RunConfig, SadrConfig
 from sadr.errors import InvalidSettingError
 
 
@@ -80,12 +82,58 @@ def _check_known_keys(cfg: DictConfig) -> None:
     unknown = unknown_keys(cfg)
     if unknown:
         key, declared = unknown[0]
-        parent, _, name = key.rpartition(".")
-        node = parent or "the run config"
-        close = difflib.get_close_matches(name, declared, n=1)
-        hint = f"did you mean {parent + '.' if parent else ''}{close[0]} (set without '+')? " if close else ""
-        raise ConfigError(f"+{key}: {node} has no setting '{name}', so nothing would read it; {hint}"
-                          f"{node}'s settings: {', '.join(declared)}")
+        editor = cfg.editor.name if key.startswith("editor.") else None
+        raise ConfigError(f"+{key}: " + no_such_setting(key, declared, editor, ", so nothing would read it", " (set without '+')"))
+
+
+def no_such_setting(key: str, declared: list[str], editor: str | None = None, so: str = "", how: str = "") -> str:
+    """What to say of a dotted key that its node does not declare: the close setting, or, for a key of `editor`'s
+    node, the editors that have it; then the node's settings. `so`: what follows from it; `how`: what to add to the
+    suggested key."""
+    from sadr.editors.registry import EDITORS
+
+    parent, _, name = key.rpartition(".")
+    node = parent or "the run config"
+    owners = [other for other, plugin in EDITORS.items() if editor and name in _declared(plugin.config)]
+    close = difflib.get_close_matches(name, declared, n=1)
+    if owners:
+        hint = f"it is a setting of editor={' and editor='.join(owners)}, not of editor={editor}; "
+    else:
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}{how}? " if close else ""
+    return f"{node} has no setting '{name}'{so}; {hint}{node}'s settings: {', '.join(declared)}"
+
+
+def _declared(schema: type) -> dict[str, type]:
+    """A dataclass's settings and their types."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def misspelt_override(overrides: list[str]) -> str | None:
+    """For the first `key=value` override whose key no schema declares, what `no_such_setting` says of it; None if
+    each is declared (or the editor is swept, so not one). Hydra stops at such a key with advice to add '+', which
+    would add a key that nothing reads."""
+    from sadr.editors.registry import EDITORS
+
+    groups = {path.name for path in Path(__file__).parent.iterdir() if path.is_dir() and not path.name.startswith("_")}
+    chosen = dict(o.partition("=")[::2] for o in overrides if o.startswith("editor="))
+    editor = chosen.get("editor") or next(entry["editor"] for entry in OmegaConf.load(Path(__file__).parent / "config.yaml")
+                                          .defaults if isinstance(entry, DictConfig) and "editor" in entry)
+    nodes = {"sadr": SadrConfig, "editor": EDITORS[editor].config if editor in EDITORS else None}
+    for override in overrides:
+        key, given, _ = override.partition("=")
+        if not given or key.startswith(("+", "~", "hydra.")) or "/" in key or key in groups:
+            continue
+        schema, parent = RunConfig, ""
+        for name in key.split("."):
+            declared = _declared(schema)
+            if name not in declared:
+                return f"{key}: {no_such_setting(key, list(declared), editor if parent == 'editor.' else None)}"
+            schema = nodes.get(name, declared[name]) if not parent else declared[name]
+            parent += f"{name}."
+            if not dataclasses.is_dataclass(schema):  # a value, or a node whose keys are the user's (Any, Dict)
+                break
+    return None
 
 
 def validate_sadr(sadr: DictConfig) -> None:
