@@ -121,7 +121,8 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
         "record without its subject": (tiny("record", f"dataset.path={_without_subject(work / 'no_subject.json')}"),
                                        r"^error: .*no_subject\.json.*record 1.*subject"),
         "hub model without network": ([*tiny("hub"), "model.source=some-org/some-model"],
-                                      r"^error: could not load 'some-org/some-model' from the Hugging Face hub"),
+                                      r"^error: could not load 'some-org/some-model' from the Hugging Face hub \(.*\)\. Without network access, .*"
+                                      r"HF_HUB_OFFLINE=1 makes a missing hub model fail at once"),
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)

@@ -124,8 +124,10 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
                 f"could not load the model in {location} (model.source): {str(err).strip()} Give a folder written by "
                 "save_pretrained (config.json, weights and tokenizer files), a .gguf file, or a hub id") from err
         raise UnavailableError(
-            f"could not load {location!r} from the Hugging Face hub ({err}). Without network access, download the "
-            "model elsewhere and set model.source=/path/to/model_dir (or a .gguf file)."
+            f"could not load {location!r} from the Hugging Face hub ({' '.join(str(err).split())}). Without network "
+            "access, download the model elsewhere and set model.source=/path/to/model_dir (or a .gguf file), which keeps "
+            "the model's published settings; HF_HUB_OFFLINE=1 makes a missing hub model fail at once instead of after "
+            "retries."
         ) from err
     pad_id_of(tokenizer)  # sets a pad token on tokenizers that have none
     model = model.to(target).eval().requires_grad_(False)
