@@ -1,6 +1,7 @@
 """Sweeps beyond one process: the submitit launcher (the code path of SLURM) and one GPU per parallel job."""
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -61,10 +62,12 @@ def test_auto_takes_a_free_gpu_when_several_are_visible(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("visible, workers", [(0, 1), (1, 1), (3, 3)])
-def test_the_gpus_launcher_starts_one_worker_per_visible_gpu_and_one_without_any(visible, workers, monkeypatch):
-    """joblib refuses n_jobs=0, so a machine without a GPU still gets one worker."""
+def test_the_gpus_launcher_starts_one_worker_per_visible_gpu_and_one_without_any(visible, workers, monkeypatch, caplog):
+    """joblib refuses n_jobs=0, so a machine without a GPU still gets one worker, and a warning says so."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert compose_config(["hydra/launcher=gpus"], checked=False, hydra=True).hydra.launcher.n_jobs == workers
+    with caplog.at_level(logging.WARNING, logger="sadr.conf.registry"):
+        assert compose_config(["hydra/launcher=gpus"], checked=False, hydra=True).hydra.launcher.n_jobs == workers
+    assert ("no GPU is visible, so the jobs run one at a time on the CPU" in caplog.text) == (visible == 0)
 
 
 @pytest.mark.parametrize("launcher", ["local", "gpus"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import typing
@@ -16,17 +17,27 @@ from omegaconf import DictConfig, OmegaConf
 from sadr.conf.schema import RunConfig, SadrConfig
 from sadr.errors import InvalidSettingError
 
+log = logging.getLogger(__name__)
+
 
 def register_configs() -> None:
     """The run's schema, and one typed node per editor in the `editor` group, from the editors' declarations."""
     from sadr.editors.registry import EDITORS
 
     if not OmegaConf.has_resolver("sadr.cuda_count"):  # hydra/launcher=gpus: one worker per visible GPU
-        OmegaConf.register_new_resolver("sadr.cuda_count", lambda: max(1, torch.cuda.device_count()))
+        OmegaConf.register_new_resolver("sadr.cuda_count", gpu_workers)
     store = ConfigStore.instance()
     store.store(name="base_config", node=RunConfig)
     for name, plugin in EDITORS.items():
         store.store(group="editor", name=name, node=plugin.config)
+
+
+def gpu_workers() -> int:
+    """hydra/launcher=gpus: one worker per visible GPU, or one, on the CPU, where there is none (said in a warning)."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        log.warning("hydra/launcher=gpus: no GPU is visible, so the jobs run one at a time on the CPU")
+    return max(1, count)
 
 
 def compose_config(overrides: list[str], *, checked: bool = True, hydra: bool = False) -> DictConfig:
