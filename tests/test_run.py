@@ -582,3 +582,10 @@ def test_a_misspelt_override_is_named_with_the_setting_it_may_mean():
                 "editor.rome_update=paper", "model.stats.n_samples=3", "sadr.lambda=0,0.01", "hydra.sweep.dir=d"]
     assert misspelt_override(declared) is None  # the default editor is ROME, which has rome_update
     assert misspelt_override(["editor=rome,memit", "editor.layerz=[1]"]) is None  # swept editors: not one to name
+
+
+def test_help_says_what_sadr_run_does_and_lists_the_groups(tmp_path):
+    done = _sadr_run("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("sadr-run edits facts into a language model") and "powered by Hydra" not in done.stdout
+    assert "\n\n== Configuration groups ==" in done.stdout and "editor: alphaedit, memit, pmet, rome" in done.stdout
