@@ -118,7 +118,7 @@ def run(settings: Settings, editor: str, with_sadr: bool, variant: int = 0) -> P
 
 
 def run_summary(rows: list[dict]) -> dict:
-    """Per-case means of each phase's seconds (the first case's statistics pass left out), δ steps, GPU peak, and
+    """Per-case means of each phase's seconds (the statistics pass, made before the first case, is in none), δ steps, GPU peak, and
     seconds per δ step, the median over cases: the first case of a run also pays one-time costs (kernel selection,
     the allocator's first growth), which inflate a mean over a few cases."""
     seconds = [row["seconds"] for row in rows]

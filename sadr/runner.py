@@ -210,6 +210,10 @@ class Experiment:
             editor = self._editor()
             protocol = self._sequential if self.cfg.editor.protocol.name == "sequential" else self._restoring
             try:
+                started = time.perf_counter()
+                editor.prepare()
+                log.info("the editor's one-off work (key statistics and what is made of them) took %.1f s",
+                         time.perf_counter() - started)
                 protocol(editor, todo, unedited)
             except torch.cuda.OutOfMemoryError as error:
                 detail = (str(error).splitlines() or ["no detail"])[0]

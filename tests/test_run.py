@@ -589,3 +589,20 @@ def test_help_says_what_sadr_run_does_and_lists_the_groups(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("sadr-run edits facts into a language model") and "powered by Hydra" not in done.stdout
     assert "\n\n== Configuration groups ==" in done.stdout and "editor: alphaedit, memit, pmet, rome" in done.stdout
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit"])
+def test_the_key_statistics_are_made_before_the_progress_over_cases_starts(editor, tiny_dir, tmp_path, monkeypatch):
+    """The pass and C's factors are one-off work: made inside the first case, they counted as its time, and the bar
+    showed a rate and ETA of that (hours for a 20-case run that took minutes)."""
+    import sadr.runner
+    from sadr.editors.covariance import SecondMomentStatistics
+
+    events = []
+    factorized, enter = SecondMomentStatistics.factorized, sadr.runner.Progress.__enter__
+    monkeypatch.setattr(SecondMomentStatistics, "factorized",
+                        lambda self, layers: (factorized(self, layers), events.append("factors made"))[0])
+    monkeypatch.setattr(sadr.runner.Progress, "__enter__", lambda self: events.append(self.label) or enter(self))
+    extra = ["editor=memit", "editor.layers=[1,2]", "editor.mom2_update_weight=1"] if editor == "memit" else []
+    run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", *extra, f"cache_dir={tmp_path / 'cache'}")))
+    assert events[:3] == ["key statistics", "factors made", "progress"]  # the pass, then the factors, then the cases

@@ -48,6 +48,11 @@ class Editor(ABC):
     #: Layers whose MLP down-projection weights this editor may change.
     layers: list[int]
 
+    def prepare(self) -> None:
+        """Make what every edit needs and is made once (C's factors, AlphaEdit's projections) before the first edit.
+        The runner calls it before its progress over the cases starts, so that their rate and ETA are the cases' own;
+        an edit without it makes the same on first use."""
+
     @abstractmethod
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         """Edit the model in place and report what was written."""

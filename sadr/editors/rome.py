@@ -77,10 +77,17 @@ class RomeEditor(Editor):
         return self._each_alone(requests, lambda i, _request: self._write(
             *keys[i], deltas[i], EditOutcome(diagnostics=delta_diagnostics([deltas[i]]))), shared)
 
+    def _second_moment(self):
+        """C's factors at the edited layer, or None without the mom2 adjustment (C = I)."""
+        return self.statistics.factorized([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
+
+    def prepare(self) -> None:
+        self._second_moment()
+
     def _keys(self, requests: list[EditRequest], seconds: dict[str, float]) -> list[tuple]:
         """Per request: C (or None), the template-mean key k̄ and the key the update is exact for."""
         with timed(seconds, "covariance"):
-            second_moment = self.statistics.factorized([self.layer])[self.layer] if self.hparams.mom2_adjustment else None
+            second_moment = self._second_moment()
         with timed(seconds, "k_star"):
             keys = self._mean_keys(requests, self.context_templates)
             reference = self.hparams.rome_update is RomeUpdate.reference

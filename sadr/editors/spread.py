@@ -125,6 +125,9 @@ class SpreadEditor(Editor):
         """What `solve` is given per layer: C's factors (MEMIT, PMET)."""
         return self.statistics.factorized(self.layers)
 
+    def prepare(self) -> None:
+        self.second_moments()
+
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, second_moment) -> LowRankUpdate:
         """ΔW of one layer ((d_out, d_in)) from this batch's keys and residuals as rows: MEMIT's ridge solve."""
         return least_squares_update(keys, residuals, second_moment, self.hparams.mom2_update_weight)
