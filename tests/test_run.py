@@ -123,6 +123,7 @@ def test_published_hyperparameters_compose_as_docs_hparams_md_gives_them(editor,
     (["editor.context_templates=[[5]]"], r"editor\.context_templates entry \[5\]: expected \[max_tokens, count\]"),
     (["editor.context_templates=[[5,-1]]"], r"editor\.context_templates entry \[5, -1\]"),
     (["model.family=foo"], r"model\.family=foo: not a supported family .*supported: .*gpt2.*llama"),
+    (["eval.batch_size=0"], r"^eval\.batch_size=0: must be >= 1"),
     (["device=gpu"], r"^device=gpu: expected auto, cpu, cuda, cuda:N \(N a GPU's index\) or mps"),
     (["device=cuda:x"], r"^device=cuda:x: expected auto"),
 ])

@@ -185,6 +185,8 @@ def validate(cfg: DictConfig) -> None:
     validate_sadr(cfg.sadr)
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads}: must be >= 1 (null: torch's default)")
+    if cfg.eval.batch_size < 1:  # a batch of 0 pairs ended in a traceback in the scorer
+        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
     if not DEVICE.fullmatch(cfg.device):
         raise ConfigError(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N (N a GPU's index) or mps")
     if OmegaConf.is_missing(cfg.model, "source"):
