@@ -179,7 +179,7 @@ class Experiment:
             "case_id": case.case_id, "editor": cfg.editor.name, "protocol": cfg.editor.protocol.name,
             "batch_size": group_size, "sadr_lambda": cfg.sadr["lambda"],
             "sadr": OmegaConf.to_container(cfg.sadr, enum_to_str=True), "model": cfg.model.name,
-            "dataset": cfg.dataset.name, "subject": case.request.subject,
+            "dataset": cfg.dataset.name, "subject": case.request.subject, "target_new": case.request.target_new,
             "edited": edited, "unedited": unedited,
             "seconds": {**outcome.seconds, "eval_per_case": eval_seconds}, "diagnostics": outcome.diagnostics,
             **memory,

@@ -199,3 +199,8 @@ def test_runs_of_different_files_that_share_case_ids_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"case 0 has subject 'Duchy of Quenmark' in one run but 'Velimir Ostrander' "
                                          r"in the other: the runs read different dataset files"):
         compare_runs(base, other)
+    for run, target in ((base, "Kesh"), (other, "Ulmar")):  # one subject, two new targets: two files again
+        row = json.loads((run / "cases.jsonl").read_text())
+        (run / "cases.jsonl").write_text(json.dumps({**row, "subject": "Duchy of Quenmark", "target_new": target}) + "\n")
+    with pytest.raises(ValueError, match=r"case 0 has target_new 'Kesh' in one run but 'Ulmar' in the other"):
+        compare_runs(base, other)

@@ -187,6 +187,9 @@ def test_run_writes_config_environment_rows_and_metrics(tiny_dir, tmp_path):
     assert set(first["edited"]) >= {"efficacy", "paraphrase", "neighborhood"}
     assert first["unedited"].keys() <= first["edited"].keys()  # edited also holds entries derived from both states
     assert {"covariance", "k_star", "v_star", "update", "eval_per_case"} <= set(first["seconds"])
+    records = {str(r["case_id"]): r["requested_rewrite"] for r in json.loads(FIXTURE.read_text())}
+    assert (first["subject"], first["target_new"]) == (records[str(first["case_id"])]["subject"],
+                                                       records[str(first["case_id"])]["target_new"]["str"])
     table = pd.read_csv(out / "metrics.csv")
     assert set(table.protocol) == {"prompt", "case"} and set(table.state) == {"edited", "unedited"}
     es = table[(table.metric == "efficacy") & (table.protocol == "case") & (table.state == "edited") & (table.quantity == "value")]
