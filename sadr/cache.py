@@ -64,6 +64,7 @@ class EntryFormat:
 
     save: Callable[[Any, Path], None]
     load: Callable[[Path], Any]
+    suffix: str  # of an entry's file name
 
 
 def _save_json(value, path: Path) -> None:
@@ -97,8 +98,10 @@ def _load_torch(path: Path):
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-JSON = EntryFormat(_save_json, _load_json)
-TORCH = EntryFormat(lambda value, path: torch.save(value, path), _load_torch)
+# JSON entries have a name of their own since they carry a CRC-32: sadr before 2026-12-06 wrote bare JSON values under
+# `<key>.json`, and, sharing a cache with this one, would read the wrapper as the value.
+JSON = EntryFormat(_save_json, _load_json, ".crc.json")
+TORCH = EntryFormat(lambda value, path: torch.save(value, path), _load_torch, ".pt")
 
 
 def lock_for(path: Path) -> FileLock:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sadr.cache import TORCH, cached, writable_dir, write_atomically
+from sadr.cache import JSON, TORCH, cached, writable_dir, write_atomically
 from sadr.conf.registry import validate_layers
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.lengths import EDIT_PROMPT, GENERATION_PROMPTS, check_prompt_lengths
@@ -89,7 +89,7 @@ def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: lis
     """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk."""
     key = cache_key(kind="unedited", model=fingerprint, cases=[repr(c) for c in cases],
                     evaluators=[e.identity() for e in evaluators])
-    return cached(Path(cache_dir) / "unedited" / f"{key}.json",
+    return cached(Path(cache_dir) / "unedited" / f"{key}{JSON.suffix}",
                   lambda: evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases))
 
 

@@ -2,6 +2,7 @@
 keyed by content rather than by where a model was loaded from."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -129,7 +130,7 @@ def test_an_entry_is_never_left_half_written(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        write_atomically({"half": 1}, path, type(JSON)(save_then_fail, JSON.load))
+        write_atomically({"half": 1}, path, dataclasses.replace(JSON, save=save_then_fail))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -151,7 +152,7 @@ def test_entries_are_readable_as_any_new_file_and_another_user_s_entry_is_left_a
 
     with pytest.raises(InvalidSettingError, match=r"cannot read the cache entry .*entry\.json \(Permission denied\): "
                                                   r"this user may not read it.*cache_dir="):
-        read_entry(path, type(JSON)(JSON.save, denied))
+        read_entry(path, dataclasses.replace(JSON, load=denied))
     assert path.is_file()
 
 
@@ -228,7 +229,7 @@ def test_an_entry_is_written_beside_its_final_name(tmp_path):
         folders.append(target.parent)
         JSON.save(value, target)
 
-    write_atomically({"a": 1}, tmp_path / "kind" / "entry.json", type(JSON)(save, JSON.load))
+    write_atomically({"a": 1}, tmp_path / "kind" / "entry.json", dataclasses.replace(JSON, save=save))
     assert folders == [tmp_path / "kind"] and read_entry(tmp_path / "kind" / "entry.json", JSON) == {"a": 1}
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sadr.editors.context_templates as templates_module
+from sadr.cache import JSON
 from sadr.editors.context_templates import SEED_WORDS, context_templates
 from sadr.editors.registry import EDITORS
 from sadr.errors import InvalidSettingError
@@ -71,7 +72,7 @@ def test_styles_are_seeded_cached_apart_and_keep_the_fixed_cache_keys(tokenizer,
         assert len(made) == 11 and made[0] == "{}"
         assert all(t.endswith(". {}") and t.startswith(SEED_WORDS) for t in made[1:])
     assert fixed != reference
-    files = {path.stem for path in (tmp_path / "context_templates").glob("*.json")}
+    files = {path.name.removesuffix(JSON.suffix) for path in (tmp_path / "context_templates").glob("*" + JSON.suffix)}
     fixed_key = cache_key(kind="context_templates", model="tiny", params=params, seed=3, words=SEED_WORDS, top_k=5,
                           device="cpu")
     assert len(files) == 2 and fixed_key in files  # templates cached before the styles existed are still found
@@ -163,3 +164,17 @@ def test_a_count_that_is_not_a_multiple_of_the_seed_words_is_refused(tokenizer, 
 @pytest.mark.parametrize("editor", sorted(EDITORS))
 def test_every_editor_samples_its_templates_as_the_reference_code_by_default(editor):
     assert composed_editor(editor, "smollm2-135m").context_template_style.name == "reference"
+
+
+def test_templates_cached_by_sadr_before_crc32_entries_are_left_alone(tokenizer, tmp_path):
+    """sadr before 2026-12-06 wrote bare JSON under <key>.json; sharing a cache, each version reads only its own."""
+    model = make_model("llama")
+    key = cache_key(kind="context_templates", model="tiny", params=[[5, 5]], seed=3, words=SEED_WORDS, top_k=5,
+                    device="cpu")
+    old = tmp_path / "context_templates" / f"{key}.json"
+    old.parent.mkdir(parents=True)
+    old.write_text('["{}", "Written by an older sadr. {}"]')
+    made = context_templates(model, tokenizer, [[5, 5]], seed=3, fingerprint="tiny", cache_dir=tmp_path, style="fixed")
+    assert "Written by an older sadr. {}" not in made and len(made) == 6
+    assert old.read_text() == '["{}", "Written by an older sadr. {}"]'  # neither read nor removed
+    assert (old.parent / f"{key}{JSON.suffix}").is_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sadr.cache import cached
+from sadr.cache import JSON, cached
 from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_texts, sample_to_length_like_rome
@@ -46,4 +46,4 @@ def context_templates(model, tokenizer, length_params: list[list[int]], *, seed:
             templates += [_as_template(t) for t in texts]
         return templates
 
-    return cached(Path(cache_dir) / "context_templates" / f"{key}.json", generate)
+    return cached(Path(cache_dir) / "context_templates" / f"{key}{JSON.suffix}", generate)
