@@ -135,6 +135,7 @@ class Experiment:
         self.dataset = load_cases(cfg.dataset, cfg.cache_dir)  # before the model: a bad dataset fails in seconds
         if not self.dataset.cases:
             raise InvalidSettingError(f"no case to run: {self.dataset.why_empty()}")
+        self.evaluators = build_evaluators(cfg)  # before the model too: a misspelt eval.metrics fails in seconds
         self.loaded, self.fingerprint = load_model_kept(
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
@@ -149,7 +150,6 @@ class Experiment:
         self.computed_by = computation_fingerprint(self.fingerprint, self.tf32, self.loaded.device.type)
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
-        self.evaluators = build_evaluators(cfg)
         self.out.write_environment({
             "device": str(self.loaded.device),
             "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",
@@ -207,13 +207,13 @@ class Experiment:
         todo = [c for c in cases if str(c.case_id) not in done]
         log.info("%d cases to edit (%d already finished in %s)", len(todo), len(cases) - len(todo), self.out.path)
         if todo:
+            started = time.perf_counter()
             editor = self._editor()
             protocol = self._sequential if self.cfg.editor.protocol.name == "sequential" else self._restoring
             try:
-                started = time.perf_counter()
                 editor.prepare()
-                log.info("the editor's one-off work (key statistics and what is made of them) took %.1f s",
-                         time.perf_counter() - started)
+                log.info("the editor's one-off work (context templates, key statistics and what is made of them) "
+                         "took %.1f s", time.perf_counter() - started)
                 protocol(editor, todo, unedited)
             except torch.cuda.OutOfMemoryError as error:
                 detail = (str(error).splitlines() or ["no detail"])[0]
@@ -312,6 +312,9 @@ class Experiment:
             editor.load_state_dict(state["editor"])
             total.seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
             pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
+            if state["edited"]:
+                log.info("sequential: resuming from %s, which holds %d edited request(s); %d to edit", state_file,
+                         len(state["edited"]), len(pending))
             with Progress(len(pending), self.cfg.progress.bar) as progress:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
                     outcome = editor.apply([case.request for case in group])

@@ -26,9 +26,14 @@ def test_missing_file_names_the_path_and_the_key(tmp_path):
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n {"case_id": 0,\n  "requested_rewrite": {]\n]\n', encoding="utf-8")
-    with pytest.raises(MalformedDatasetError, match=r"broken\.json: not valid JSON at line 3, column 25: .*; fix it, "
+    with pytest.raises(MalformedDatasetError, match=r"broken\.json: not valid JSON \(Expecting property name enclosed "
+                                                   r"in double quotes: line 3, column 25\)\. .*; fix it, "
                                                    r"or give another file with dataset\.path\.$"):
         load_cases(config("counterfact", path), tmp_path)  # the user's own file: nothing would be downloaded again
+    path.write_text('[\n {"case_id": 0,\n  "subject": "Danielle', encoding="utf-8")  # a copy cut short in a string
+    with pytest.raises(MalformedDatasetError, match=r"not valid JSON \(Unterminated string starting at: line 3, "
+                                                   r"column 14\)\. The file may be truncated"):
+        load_cases(config("counterfact", path), tmp_path)
 
 
 def test_top_level_must_be_a_list(tmp_path):

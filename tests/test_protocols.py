@@ -3,6 +3,8 @@ and that single/batch restore the model bit for bit while sequential keeps stack
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -125,9 +127,10 @@ def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_
     assert note["n_edits"] == 2 and [edit["case_id"] for edit in note["edits"]] == [0, 1]
 
 
-def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_kill(tiny_dir, tmp_path, monkeypatch):
+def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_kill(tiny_dir, tmp_path, monkeypatch,
+                                                                                    caplog):
     """Killed during the second edit, resumed: each phase's seconds in the rows are the first edit's (kept by the
-    checkpoint) plus the second's, not the second's alone."""
+    checkpoint) plus the second's, not the second's alone; the log says the run resumed from its checkpoint."""
     cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential"))
     original, outcomes = RomeEditor.apply, []
 
@@ -141,7 +144,10 @@ def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_k
     monkeypatch.setattr(RomeEditor, "apply", apply)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg)
-    out = run_experiment(cfg)
+    with caplog.at_level(logging.INFO, logger="sadr.runner"):
+        out = run_experiment(cfg)
+    assert re.search(r"sequential: resuming from .*sequential_state\.pt, which holds 1 edited request\(s\); 1 to edit",
+                     caplog.text)
     first, _, second = outcomes
     assert sum(first.seconds.values()) > 0
     expected = {name: first.seconds.get(name, 0.0) + second.seconds.get(name, 0.0)

@@ -610,3 +610,11 @@ def test_the_key_statistics_are_made_before_the_progress_over_cases_starts(edito
     extra = ["editor=memit", "editor.layers=[1,2]", "editor.mom2_update_weight=1"] if editor == "memit" else []
     run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", *extra, f"cache_dir={tmp_path / 'cache'}")))
     assert events[:3] == ["key statistics", "factors made", "progress"]  # the pass, then the factors, then the cases
+
+
+def test_a_misspelt_metric_fails_before_the_model_loads(tiny_dir, tmp_path):
+    """The evaluators are built from the config alone, before the model: the metric is named, not the missing model."""
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.metrics=[efficacy,neighbourhood]",
+                                  f"model.source={tmp_path / 'no_model'}"))
+    with pytest.raises(InvalidSettingError, match=r"unknown metric\(s\) \['neighbourhood'\] in eval\.metrics"):
+        run_experiment(cfg)

@@ -212,7 +212,8 @@ def validate(cfg: DictConfig) -> None:
     if editor.v_loss_layer < max(editor.layers):
         raise ConfigError(
             f"editor.v_loss_layer={editor.v_loss_layer} is below the edited layer {max(editor.layers)}: δ could not "
-            "reach the loss. Read it at the last layer (editor.v_loss_layer=<number of layers - 1>)"
+            "reach the loss. The loss is read at the model's last layer (editor.v_loss_layer=<number of layers - 1>), "
+            "and the edited layers lie below it"
         )
     if editor.v_num_grad_steps < 1:
         raise ConfigError(f"editor.v_num_grad_steps={editor.v_num_grad_steps}: must be >= 1")

@@ -82,7 +82,7 @@ def read_json_list(path: Path, fix: str) -> list:
                 f"write the records as a list [record, record, ...], or give another file with dataset.path."
             ) from exc
         raise MalformedDatasetError(
-            f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
+            f"{path}: not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). "
             f"The file may be truncated or not a dataset; {fix}."
         ) from exc
     except UnicodeDecodeError as exc:
