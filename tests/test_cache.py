@@ -112,6 +112,16 @@ def test_a_json_entry_without_a_crc_is_computed_again(tmp_path, caplog):
     assert "no CRC-32" in caplog.text and read_entry(path, JSON) == ["{}"]
 
 
+def test_an_older_json_entry_holding_an_object_is_named_as_without_a_crc(tmp_path, caplog):
+    """Unedited scores are a JSON object: one written before entries had a CRC-32 is named as such, not as a
+    KeyError."""
+    path = tmp_path / "unedited.json"
+    path.write_text('{"p_new": [0.125], "p_true": [0.5]}', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="sadr.cache"):
+        assert cached(path, lambda: {"p_new": [0.25]}) == {"p_new": [0.25]}
+    assert "no CRC-32 beside its value" in caplog.text and "KeyError" not in caplog.text
+
+
 def test_what_a_killed_writer_left_is_removed_when_the_entry_is_written(tmp_path):
     path = tmp_path / "stats[1].pt"  # a name with glob characters
     stale = tmp_path / "stats[1].pt.k3j2x9.tmp"

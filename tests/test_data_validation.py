@@ -288,3 +288,14 @@ def test_a_json_lines_file_is_named_as_such_with_the_fix(tmp_path):
     with pytest.raises(MalformedDatasetError, match=r"records\.jsonl: one JSON value per line \(JSON Lines\), but a "
                                                    r"dataset file is one JSON list of records; write the records as a list"):
         load_cases(config("zsre", path), tmp_path)
+
+
+@pytest.mark.parametrize("text, where", [('[{"a": 1}] [{"b": 2}]', "line 1, column 12"),
+                                         ('[{"a": 1}]\n  ]', "line 2, column 3")])
+def test_a_list_followed_by_more_than_a_line_s_value_is_not_taken_for_json_lines(tmp_path, text, where):
+    """JSON Lines puts its second value at the start of line 2; extra data anywhere else is a damaged file."""
+    path = tmp_path / "records.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(MalformedDatasetError, match=rf"records\.json: not valid JSON \(Extra data: {where}\)\. The file "
+                                                   r"may be truncated or not a dataset"):
+        load_cases(config("zsre", path), tmp_path)

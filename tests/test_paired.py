@@ -204,3 +204,34 @@ def test_runs_of_different_files_that_share_case_ids_are_refused(tmp_path):
         (run / "cases.jsonl").write_text(json.dumps({**row, "subject": "Duchy of Quenmark", "target_new": target}) + "\n")
     with pytest.raises(ValueError, match=r"case 0 has target_new 'Kesh' in one run but 'Ulmar' in the other"):
         compare_runs(base, other)
+
+
+def test_a_run_whose_rows_predate_target_new_pairs_with_one_whose_rows_have_it(tmp_path):
+    """Rows written before they recorded the new target are compared on what both give (the subject)."""
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [0]}})
+    for run, extra in ((base, {}), (other, {"target_new": "Kesh"})):
+        row = json.loads((run / "cases.jsonl").read_text())
+        (run / "cases.jsonl").write_text(json.dumps({**row, "subject": "Duchy of Quenmark", **extra}) + "\n")
+    table = compare_runs(base, other).set_index("metric")
+    assert table.loc["ES", "n"] == 1 and table.loc["ES", "difference"] == pytest.approx(-100)
+
+
+def test_runs_of_different_datasets_that_share_case_ids_are_refused(tmp_path):
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [0]}})
+    for run, dataset in ((base, "counterfact"), (other, "zsre")):
+        row = json.loads((run / "cases.jsonl").read_text())
+        (run / "cases.jsonl").write_text(json.dumps({**row, "dataset": dataset}) + "\n")
+    with pytest.raises(ValueError, match=r"case 0 has dataset 'counterfact' in one run but 'zsre' in the other"):
+        compare_runs(base, other)
+
+
+def test_shards_of_which_one_has_begun_its_rows_are_named_as_without_a_finished_case(tmp_path):
+    """Of two shards, one has written part of its first row and the other nothing yet: the runs have begun."""
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    (tmp_path / "b1").mkdir()
+    (tmp_path / "b1" / "cases.jsonl").write_text('{"case_id": 0, "edi')  # killed while its first row was written
+    (tmp_path / "b2").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"b2 has no finished case in its cases\.jsonl"):
+        compare_runs(base, [tmp_path / "b1", tmp_path / "b2"])

@@ -618,3 +618,89 @@ def test_a_misspelt_metric_fails_before_the_model_loads(tiny_dir, tmp_path):
                                   f"model.source={tmp_path / 'no_model'}"))
     with pytest.raises(InvalidSettingError, match=r"unknown metric\(s\) \['neighbourhood'\] in eval\.metrics"):
         run_experiment(cfg)
+
+
+def test_a_key_no_editor_node_may_hold_is_not_said_to_be_another_editor_s():
+    """Only a key of the editor node is looked up among the other editors: sadr.v_lr is a misspelling in sadr, not
+    ROME's v_lr (with and without '+')."""
+    from sadr.conf.registry import misspelt_override
+
+    settings = "sadr's settings: lambda, heads, layers, divergence, epsilon, in_stop_rule"  # SadrConfig's fields
+    assert misspelt_override(["sadr.v_lr=0.1"]) == f"sadr.v_lr: sadr has no setting 'v_lr'; {settings}"
+    with pytest.raises(ConfigError) as raised:
+        composed(["+sadr.v_lr=0.1"])
+    assert str(raised.value) == f"+sadr.v_lr: sadr has no setting 'v_lr', so nothing would read it; {settings}"
+
+
+def test_another_editor_s_key_added_with_plus_names_that_editor():
+    with pytest.raises(ConfigError, match=r"^\+editor\.rome_update: editor has no setting 'rome_update', so nothing "
+                                          r"would read it; it is a setting of editor=rome, not of editor=memit; "):
+        composed(["editor=memit", "+editor.rome_update=paper"])
+
+
+@pytest.mark.parametrize("extra", [["editor.kl_factor=0"], ["editor.v_weight_decay=0"], ["editor=alphaedit", "editor.L2=0"]])
+def test_a_weight_that_may_be_zero_composes_at_zero(extra):
+    """'>= 0' weights: 0 leaves the term out (no KL term, no weight decay, no L2 penalty), which is a valid run."""
+    key = extra[-1].partition("=")[0]
+    assert composed(extra).editor[key.removeprefix("editor.")] == 0
+
+
+def test_a_cuda_device_needs_its_index_after_the_colon():
+    assert composed(["device=cuda:1"]).device == "cuda:1"  # checked when the run loads the model, not here
+    with pytest.raises(ConfigError, match=r"^device=cuda:: expected auto, cpu, cuda, cuda:N"):
+        composed(["device=cuda:"])
+
+
+def test_a_local_model_without_its_folder_is_named_when_the_config_is_built():
+    with pytest.raises(ConfigError, match=r"^model=local needs model\.source: a local model folder, a GGUF file or a "
+                                          r"hub id"):
+        composed(["model=local", "editor.layers=[1]", "editor.v_loss_layer=1"])
+
+
+@pytest.mark.parametrize("extra, needs", [
+    (["editor.context_templates=[[5,5],[130,5]]"], r"requested_rewrite\.prompt needs \d+ tokens with its answer and a "
+                                                   r"context template"),
+    (["eval.generation=true", "eval.new_tokens=130"], r"generation_prompts needs \d+ tokens and the sampled tokens"),
+])
+def test_what_a_run_adds_to_its_prompts_counts_against_the_model_s_positions(tiny_dir, tmp_path, extra, needs):
+    """The tiny llama has 128 positions: a 130-token context template before the edit prompt, or 130 tokens sampled
+    after a generation prompt, cannot fit whatever the prompt."""
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", *extra))
+    with pytest.raises(InvalidSettingError, match=rf"^case 0: a prompt of {needs}, more than the model's 128 positions"):
+        run_experiment(cfg)
+    assert not (tmp_path / "run" / "cases.jsonl").exists()
+
+
+@pytest.mark.parametrize("data, problem", [
+    (b"state,metric\nedited,efficacy\nedited,efficacy,1,2\n", r"cannot be read \(Error tokenizing data\. C error: "
+                                                               r"Expected 2 fields in line 3, saw 4"),
+    (b"state,metric\n\xff\xfe\n", r"cannot be read \('utf-8' codec can't decode"),
+])
+def test_a_metrics_csv_that_is_not_csv_text_is_named_with_the_fix(tmp_path, data, problem):
+    """A row with more fields than the header, and bytes that are not UTF-8."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("editor: {name: rome}\n")
+    (tmp_path / "run" / "metrics.csv").write_bytes(data)
+    done = CliRunner().invoke(app, ["summarize", str(tmp_path)])
+    assert done.exit_code == 2, done.output
+    assert re.match(rf"error: .*run/metrics\.csv {problem}.*; it was damaged or edited: delete it", done.output)
+
+
+@pytest.mark.parametrize("line", ["7", '"case_id"', "null"])
+def test_a_json_value_that_is_no_object_is_no_case_s_row(tmp_path, line):
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "cases.jsonl").write_text(json.dumps({"case_id": 0}) + "\n" + line + "\n")
+    with pytest.raises(DamagedFileError, match=r"line 2 of .*cases\.jsonl is not a case's row \(a JSON object with its "
+                                               r"case_id\)"):
+        RunDirectory(tmp_path / "run").rows()
+
+
+def test_a_config_yaml_that_is_gone_is_not_called_damaged(tmp_path):
+    """Damage is in a file's content; a file that is not there (or cannot be opened) is the OS's error, as it is."""
+    from sadr.results import read_config
+
+    with pytest.raises(FileNotFoundError):  # DamagedFileError is no OSError
+        read_config(tmp_path / "config.yaml")

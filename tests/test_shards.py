@@ -140,3 +140,17 @@ def test_two_sweeps_of_the_same_sharded_settings_are_a_configuration_each(runs, 
     shutil.copytree(runs / "sharded" / "0_1", root / "first" / "again")
     with pytest.raises(ValueError, match=r"each i once; .*summarize each sweep's folder on its own"):
         summarize(root)
+
+
+def test_shards_of_one_folder_split_in_different_counts_are_an_error(runs, tmp_path):
+    """Shard 1/2 and a shard 2/3 are no configuration's shards: each i once, but two different n."""
+    root = tmp_path / "mixed"
+    for shard in ("0_1", "0_2"):
+        shutil.copytree(runs / "sharded" / shard, root / shard)
+    config = root / "0_2" / "config.yaml"
+    text = config.read_text()
+    assert text.count("shard: 2/2") == 1
+    config.write_text(text.replace("shard: 2/2", "shard: 2/3"))
+    with pytest.raises(ValueError, match=r"the shards of one configuration must be i/n with one n and each i once; "
+                                         r"found .*0_1 \(1/2\), .*0_2 \(2/3\)"):
+        summarize(root)

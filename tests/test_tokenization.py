@@ -145,3 +145,41 @@ def test_a_prompt_longer_than_the_model_s_positions_is_named_before_any_work(tok
     check_prompt_lengths(cases, tokenizer, generation + 100, {GENERATION_PROMPTS: 100})
     with pytest.raises(InvalidSettingError, match=r"generation_prompts needs \d+ tokens and the sampled tokens, more "):
         check_prompt_lengths(cases, tokenizer, generation + 99, {GENERATION_PROMPTS: 100})
+
+
+def test_the_prompt_length_check_bounds_tokens_by_bytes_and_counts_every_field():
+    """A tokenizer giving a BOS and one token per byte, the most the check's byte bound allows: a text of n bytes is
+    n + 1 tokens. The true answer is the longer one where it is; a non-ASCII character is two tokens; portability
+    prompts are scored with their answers too."""
+    from types import SimpleNamespace
+
+    from sadr.data.lengths import check_prompt_lengths
+    from sadr.data.records import EditCase, EditRequest, LabeledPrompt
+    from sadr.errors import InvalidSettingError
+
+    def bytes_with_bos(texts):
+        return SimpleNamespace(input_ids=[[0, *text.encode()] for text in texts])
+
+    def case(**fields):
+        request = fields.pop("request", EditRequest(prompt="{} is in", subject="Paris", target_new="Rome"))
+        return EditCase(case_id=7, request=request, **fields)
+
+    # "Paris is in Rome": 16 bytes, 17 tokens
+    check_prompt_lengths([case()], bytes_with_bos, 17, {})
+    check_prompt_lengths([case()], bytes_with_bos, None, {})  # a model that gives no number of positions: no bound
+    with pytest.raises(InvalidSettingError, match=r"^case 7: a prompt of requested_rewrite\.prompt needs 17 tokens "
+                                                  r"with its answer, more than the model's 16 positions"):
+        check_prompt_lengths([case()], bytes_with_bos, 16, {})
+    # "Paris is in the United Kingdom": 30 bytes, 31 tokens, though the new target "Rome" makes 17
+    longer_true = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome", target_true="the United Kingdom")
+    with pytest.raises(InvalidSettingError, match=r"requested_rewrite\.prompt needs 31 tokens with its answer, more "
+                                                  r"than the model's 30 positions"):
+        check_prompt_lengths([case(request=longer_true)], bytes_with_bos, 30, {})
+    # ten "é": 10 characters, 20 bytes, 21 tokens
+    with pytest.raises(InvalidSettingError, match=r"generation_prompts needs 21 tokens, more than the model's 20 "):
+        check_prompt_lengths([case(generation_prompts=("é" * 10,))], bytes_with_bos, 20, {})
+    # "The capital of Paris's country is London": 40 bytes, 41 tokens
+    reasoning = {"Reasoning": (LabeledPrompt("The capital of Paris's country is", "London"),)}
+    check_prompt_lengths([case(portability=reasoning)], bytes_with_bos, 41, {})
+    with pytest.raises(InvalidSettingError, match=r"portability\.Reasoning needs 41 tokens with its answer, more "):
+        check_prompt_lengths([case(portability=reasoning)], bytes_with_bos, 40, {})
