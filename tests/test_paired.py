@@ -190,18 +190,22 @@ def test_a_run_whose_rows_file_has_no_whole_row_is_named_as_such(tmp_path):
         compare_runs(base, tmp_path / "b")
 
 
+def _set_row_fields(run, **fields):
+    """Give the one row of a run made by `_run` these fields."""
+    row = json.loads((run / "cases.jsonl").read_text())
+    (run / "cases.jsonl").write_text(json.dumps({**row, **fields}) + "\n")
+
+
 def test_runs_of_different_files_that_share_case_ids_are_refused(tmp_path):
     base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
     other = _run(tmp_path / "b", {0: {"efficacy": [0]}})
     for run, subject in ((base, "Duchy of Quenmark"), (other, "Velimir Ostrander")):
-        row = json.loads((run / "cases.jsonl").read_text())
-        (run / "cases.jsonl").write_text(json.dumps({**row, "subject": subject}) + "\n")
+        _set_row_fields(run, subject=subject)
     with pytest.raises(ValueError, match=r"case 0 has subject 'Duchy of Quenmark' in one run but 'Velimir Ostrander' "
                                          r"in the other: the runs read different dataset files"):
         compare_runs(base, other)
     for run, target in ((base, "Kesh"), (other, "Ulmar")):  # one subject, two new targets: two files again
-        row = json.loads((run / "cases.jsonl").read_text())
-        (run / "cases.jsonl").write_text(json.dumps({**row, "subject": "Duchy of Quenmark", "target_new": target}) + "\n")
+        _set_row_fields(run, subject="Duchy of Quenmark", target_new=target)
     with pytest.raises(ValueError, match=r"case 0 has target_new 'Kesh' in one run but 'Ulmar' in the other"):
         compare_runs(base, other)
 
@@ -211,8 +215,7 @@ def test_a_run_whose_rows_predate_target_new_pairs_with_one_whose_rows_have_it(t
     base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
     other = _run(tmp_path / "b", {0: {"efficacy": [0]}})
     for run, extra in ((base, {}), (other, {"target_new": "Kesh"})):
-        row = json.loads((run / "cases.jsonl").read_text())
-        (run / "cases.jsonl").write_text(json.dumps({**row, "subject": "Duchy of Quenmark", **extra}) + "\n")
+        _set_row_fields(run, subject="Duchy of Quenmark", **extra)
     table = compare_runs(base, other).set_index("metric")
     assert table.loc["ES", "n"] == 1 and table.loc["ES", "difference"] == pytest.approx(-100)
 
@@ -221,8 +224,7 @@ def test_runs_of_different_datasets_that_share_case_ids_are_refused(tmp_path):
     base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
     other = _run(tmp_path / "b", {0: {"efficacy": [0]}})
     for run, dataset in ((base, "counterfact"), (other, "zsre")):
-        row = json.loads((run / "cases.jsonl").read_text())
-        (run / "cases.jsonl").write_text(json.dumps({**row, "dataset": dataset}) + "\n")
+        _set_row_fields(run, dataset=dataset)
     with pytest.raises(ValueError, match=r"case 0 has dataset 'counterfact' in one run but 'zsre' in the other"):
         compare_runs(base, other)
 
