@@ -178,13 +178,16 @@ def test_family_mismatch_is_reported(tmp_path):
         load_model(str(tmp_path), family="llama", cache_dir=str(tmp_path / "cache"))
 
 
-def test_unreachable_hub_model_names_the_local_alternative(monkeypatch, tmp_path):
+def test_unreachable_hub_model_is_one_line_naming_the_local_alternative(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co'")
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")
 
     monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", offline)
-    with pytest.raises(OSError, match=r"model.source=/path/to/model_dir"):
+    with pytest.raises(OSError, match=r"model.source=/path/to/model_dir") as raised:
         load_model("no-such-org/no-such-model-sadr-test", cache_dir=str(tmp_path))
+    message = str(raised.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE=1" in message
+    assert "(We couldn't connect to 'https://huggingface.co'. Check your internet connection.)" in message
 
 
 def _gguf_source(tmp_path, seed=0):
@@ -315,16 +318,3 @@ def test_a_gguf_file_of_a_hub_repository_is_fetched_into_the_hub_cache_and_unpac
 def test_a_local_folder_without_the_named_gguf_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds no file absent\.gguf \(model\.gguf_file\)"):
         load_model(str(tmp_path), gguf_file="absent.gguf", cache_dir=str(tmp_path / "cache"))
-
-
-def test_an_unreachable_hub_model_is_one_line_whatever_the_hub_s_message(monkeypatch, tmp_path):
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")
-
-    monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", offline)
-    with pytest.raises(OSError) as raised:
-        load_model("no-such-org/no-such-model-sadr-test", cache_dir=str(tmp_path))
-    message = str(raised.value)
-    assert "\n" not in message
-    assert ("(We couldn't connect to 'https://huggingface.co'. Check your internet connection.)" in message
-            and "HF_HUB_OFFLINE=1" in message)
