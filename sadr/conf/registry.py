@@ -94,7 +94,8 @@ def _check_known_keys(cfg: DictConfig) -> None:
     if unknown:
         key, declared = unknown[0]
         editor = cfg.editor.name if key.startswith("editor.") else None
-        raise ConfigError(f"+{key}: " + no_such_setting(key, declared, editor, ", so nothing would read it", " (set without '+')"))
+        raise ConfigError(f"+{key}: " + no_such_setting(key, declared, editor, so=", so nothing would read it",
+                                                        how=" (set without '+')"))
 
 
 def no_such_setting(key: str, declared: list[str], editor: str | None = None, so: str = "", how: str = "") -> str:
