@@ -11,7 +11,7 @@ import pytest
 from sadr.conf.schema import InvalidRecordPolicy
 from sadr.data.load import MalformedDatasetError, load_cases
 from sadr.data.validation import InvalidRecordError
-from tests.data_fixtures import config, fixture_records, load_edited, write_records
+from tests.data_fixtures import FIXTURES, config, fixture_records, load_edited, write_records
 
 
 def test_missing_file_names_the_path_and_the_key(tmp_path):
@@ -299,3 +299,25 @@ def test_a_list_followed_by_more_than_a_line_s_value_is_not_taken_for_json_lines
     with pytest.raises(MalformedDatasetError, match=rf"records\.json: not valid JSON \(Extra data: {where}\)\. The file "
                                                    r"may be truncated or not a dataset"):
         load_cases(config("zsre", path), tmp_path)
+
+
+@pytest.mark.parametrize("name, given_as, reads_as", [
+    ("counterfact.json", "zsre", "dataset=counterfact or dataset=multi_counterfact"),
+    ("zsre.json", "counterfact", "dataset=zsre"),
+    ("knowedit_counterfact.json", "sadr_merged", "dataset=knowedit_counterfact"),
+])
+def test_a_file_of_another_format_names_the_format_it_reads_as(name, given_as, reads_as):
+    """Its first record lacks a field of the given format, and another format reads it: the error says which, instead
+    of suggesting on_invalid=skip, which would skip every record."""
+    with pytest.raises(InvalidRecordError, match=rf"record 0, field '.*': expected .*, it is missing\. The file reads "
+                                                 rf"as {reads_as}\b.*: give that instead of dataset={given_as}\.$"):
+        load_cases(config(given_as, FIXTURES / name), "unused")
+
+
+def test_a_record_of_the_right_format_with_a_field_missing_gets_no_format_hint(tmp_path):
+    records = fixture_records("counterfact")
+    del records[0]["requested_rewrite"]["target_true"]
+    path = write_records(tmp_path / "records.json", records)
+    with pytest.raises(InvalidRecordError, match=r"field 'requested_rewrite\.target_true'.*it is missing\. Fix the record, "
+                                                 r"or set dataset\.on_invalid=skip"):
+        load_cases(config("counterfact", path), tmp_path)

@@ -14,7 +14,7 @@ from sadr.data.records import EditCase
 from sadr.data.registry import FORMATS
 from sadr.data.selection import Selection
 from sadr.data.sources import resolve_source
-from sadr.data.validation import Record, parse_records
+from sadr.data.validation import InvalidRecordError, Record, parse_records
 from sadr.errors import InvalidSettingError
 
 
@@ -50,9 +50,33 @@ def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDatase
     path = resolve_source(fmt, cfg, cache_dir)
     parse = _unique_ids(functools.partial(fmt.parse, cfg=cfg))
     fix = "fix it, or give another file with dataset.path" if cfg.path else "fix it, or delete it to download it again"
-    cases, n_skipped = parse_records(read_json_list(path, fix), str(path), parse, InvalidRecordPolicy(cfg.on_invalid))
+    raw = read_json_list(path, fix)
+    try:
+        cases, n_skipped = parse_records(raw, str(path), parse, InvalidRecordPolicy(cfg.on_invalid))
+    except InvalidRecordError as error:
+        # a field missing from the first record: perhaps a file of another format, given under this name
+        if error.index == 0 and error.missing and (fitting := _formats_reading(raw[0], cfg)):
+            raise InvalidRecordError(error.source, 0, error.field, error.expected, error.got,
+                                     fix=f"The file reads as dataset={' or dataset='.join(fitting)}: give that instead "
+                                         f"of dataset={cfg.name}.") from None
+        raise
     cases, applied = selection.apply(cases)
     return LoadedDataset(cases, n_skipped, applied, str(path))
+
+
+def _formats_reading(record, cfg: DatasetConfig) -> list[str]:
+    """The other formats that read `record` (a file's first, which `cfg`'s format cannot): a file given under the
+    wrong dataset.name would otherwise read as one bad record, with on_invalid=skip suggested, which skips them all."""
+    fitting = []
+    for name, fmt in FORMATS.items():
+        if name == cfg.name or not isinstance(record, dict):  # a record that is no object fits no format
+            continue
+        try:
+            fmt.parse(Record(record, "", 0), cfg)
+        except (InvalidRecordError, ValueError):
+            continue
+        fitting.append(name)
+    return fitting
 
 
 def _unique_ids(parse: Callable[[Record], EditCase]) -> Callable[[Record], EditCase]:

@@ -24,12 +24,14 @@ _LOGGED_SKIPS = 10  # individual warnings before only the final count is logged
 class InvalidRecordError(InvalidSettingError):
     """One record does not match its format's schema."""
 
-    def __init__(self, source: str, index: int, field: str, expected: str, got: Any = _ABSENT):
-        self.source, self.index, self.field, self.expected = source, index, field, expected
+    def __init__(self, source: str, index: int, field: str, expected: str, got: Any = _ABSENT,
+                 fix: str = "Fix the record, or set dataset.on_invalid=skip to skip invalid records."):
+        self.source, self.index, self.field, self.expected, self.got = source, index, field, expected, got
+        self.missing = got is _ABSENT
         where = f"{source}: record {index}" + (f", field '{field}'" if field else "")
         found = "it is missing" if got is _ABSENT else f"got {_preview(got)}"
         self.problem = f"{where}: expected {expected}, {found}"
-        super().__init__(f"{self.problem}. Fix the record, or set dataset.on_invalid=skip to skip invalid records.")
+        super().__init__(f"{self.problem}. {fix}")
 
 
 class Record:
