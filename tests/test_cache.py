@@ -104,22 +104,17 @@ def test_a_json_entry_with_a_changed_digit_is_found_by_its_crc_and_computed_agai
     assert "does not match its CRC-32" in caplog.text
 
 
-def test_a_json_entry_without_a_crc_is_computed_again(tmp_path, caplog):
-    path = tmp_path / "templates.json"
-    path.write_text('["{}", "The {}"]', encoding="utf-8")  # what sadr wrote before JSON entries had a CRC-32
+@pytest.mark.parametrize("content, recomputed", [('["{}", "The {}"]', ["{}"]),  # a list, as templates are
+                                                 ('{"p_new": [0.125], "p_true": [0.5]}', {"p_new": [0.25]})])
+def test_a_json_entry_without_its_crc_is_damage_and_computed_again(tmp_path, caplog, content, recomputed):
+    """A bare JSON value at an entry's path (a hand-made or foreign file; sadr's own older entries have other names)
+    is named as lacking its CRC-32, also when it is an object (not as a KeyError), and computed again."""
+    path = tmp_path / f"entry{JSON.suffix}"
+    path.write_text(content, encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="sadr.cache"):
-        assert cached(path, lambda: ["{}"]) == ["{}"]
-    assert "no CRC-32" in caplog.text and read_entry(path, JSON) == ["{}"]
-
-
-def test_an_older_json_entry_holding_an_object_is_named_as_without_a_crc(tmp_path, caplog):
-    """Unedited scores are a JSON object: one written before entries had a CRC-32 is named as such, not as a
-    KeyError."""
-    path = tmp_path / "unedited.json"
-    path.write_text('{"p_new": [0.125], "p_true": [0.5]}', encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="sadr.cache"):
-        assert cached(path, lambda: {"p_new": [0.25]}) == {"p_new": [0.25]}
+        assert cached(path, lambda: recomputed) == recomputed
     assert "no CRC-32 beside its value" in caplog.text and "KeyError" not in caplog.text
+    assert read_entry(path, JSON) == recomputed
 
 
 def test_what_a_killed_writer_left_is_removed_when_the_entry_is_written(tmp_path):
