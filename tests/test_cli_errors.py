@@ -7,7 +7,9 @@ bug) and which folders are checked before Hydra starts are checked in this proce
 from __future__ import annotations
 
 import copy
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -82,9 +84,14 @@ def _unsupported_family(path):
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_dir, tmp_path_factory):  # noqa: F811
+def work(tmp_path_factory):
+    """The folder the mistakes run in."""
+    return tmp_path_factory.mktemp("cli_errors")
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, work):  # noqa: F811
     """{case name: (completed process, expected stderr pattern)} for every mistake, run concurrently."""
-    work = tmp_path_factory.mktemp("cli_errors")
     run_dir = work / "runs"
 
     def tiny(name, *extra):
@@ -120,6 +127,8 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
                                          r"^error: no case to run: the selection \(dataset\.limit=0\) keeps none of the 2"),
         "record without its subject": (tiny("record", f"dataset.path={_without_subject(work / 'no_subject.json')}"),
                                        r"^error: .*no_subject\.json.*record 1.*subject"),
+        "mistake in its run folder": (["sadr.lambda=-1", f"hydra.run.dir={work / 'logged'}"],
+                                      r"^error: sadr\.lambda=-1\.0: γ must be"),
         "hub model without network": ([*tiny("hub"), "model.source=some-org/some-model"],
                                       r"^error: could not load 'some-org/some-model' from the Hugging Face hub \(.*\)\. Without network access, .*"
                                       r"HF_HUB_OFFLINE=1 makes a missing hub model fail at once"),
@@ -142,12 +151,20 @@ def finished(tiny_dir, tmp_path_factory):  # noqa: F811
                                   "hydra run folder that cannot be written", "dataset path that is a folder",
                                   "model folder without weights",
                                   "dataset without records", "selection that keeps no case", "record without its subject",
-                                  "hub model without network"])
+                                  "hub model without network", "mistake in its run folder"])
 def test_a_mistake_is_one_message_and_exit_status_2(finished, name):
     returncode, stdout, stderr, expected = finished[name]
     assert returncode == 2, stderr[-3000:]
     assert "Traceback" not in stderr + stdout
     assert re.search(expected, stderr, re.MULTILINE), stderr[-3000:]
+
+
+def test_the_message_is_also_the_last_record_of_the_run_log(finished, work):
+    """A SLURM job's run folder then says why it stopped; the terminal shows the message once."""
+    _, stdout, stderr, _ = finished["mistake in its run folder"]
+    log_lines = (work / "logged" / "run.log").read_text().splitlines()
+    assert log_lines[-1].endswith(f"[ERROR] - {stderr.strip()}"), log_lines
+    assert stderr.count("error:") == 1 and "error:" not in stdout
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):
@@ -193,6 +210,22 @@ def test_an_interrupted_sequential_run_counts_its_checkpoint_as_kept(monkeypatch
     status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
     assert status == 130
     assert stderr.startswith("interrupted: 0 finished case(s) and the sequential edits checkpointed so far are kept in")
+
+
+@pytest.mark.parametrize("stop, expected", [
+    (KeyboardInterrupt(), r"^interrupted: 1 finished case\(s\) are kept in .*; to resume"),
+    (RuntimeError("a bug"), r"^stopped by an error \(a bug: please report it with this traceback\)\nTraceback[\s\S]*"
+                            r"RuntimeError: a bug$"),
+])
+def test_ctrl_c_and_a_bug_are_the_last_record_of_the_log_file(stop, expected, monkeypatch, capsys, tmp_path):
+    """Hydra's run.log is a FileHandler of the root logger; the terminal's handlers do not get the record."""
+    RunDirectory(tmp_path).append({"case_id": 0})
+    log_file, terminal = logging.FileHandler(tmp_path / "run.log"), logging.StreamHandler(io.StringIO())
+    for handler in (log_file, terminal):
+        monkeypatch.setattr(logging.getLogger(), "handlers", [*logging.getLogger().handlers, handler])
+    _stopped_in_process(monkeypatch, capsys, tmp_path, stop)
+    log_file.close()
+    assert re.search(expected, (tmp_path / "run.log").read_text().strip()) and terminal.stream.getvalue() == ""
 
 
 def test_a_bug_keeps_its_traceback_and_exit_status_1(monkeypatch, capsys, tmp_path):

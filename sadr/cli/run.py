@@ -3,7 +3,8 @@
 A user's mistake (a bad key or value, a missing file, an unknown model family, a malformed record, no
 network for a hub model) ends the command with its message on stderr and exit status 2, without a
 traceback; `HYDRA_FULL_ERROR=1` shows the traceback. Ctrl-C ends it with one line saying how many finished cases
-are kept and how to resume, and exit status 130. Anything else is a bug and keeps its traceback.
+are kept and how to resume, and exit status 130. Anything else is a bug and keeps its traceback. The line, or the
+traceback, is also the last record of the run's log file (Hydra's `run.log`), which is often all a SLURM job leaves.
 """
 from __future__ import annotations
 
@@ -47,14 +48,31 @@ def _main(cfg: DictConfig) -> None:
         log.debug("stopped by a usage error", exc_info=True)
         kept = _kept(cfg.output_dir) if isinstance(err, DeviceMemoryError) else ""  # a run stopped midway
         resume = f"; {kept} are kept in {cfg.output_dir}: a rerun with {_where_to_resume(cfg.output_dir)} skips them"
-        print(f"error: {err}{resume if kept else ''}", file=sys.stderr)
+        _say_why_it_stopped(f"error: {err}{resume if kept else ''}")
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if _full_error_requested():
             raise
-        print(f"interrupted: {_kept(cfg.output_dir) or '0 finished case(s)'} are kept in {cfg.output_dir}; to resume "
-              f"(finished work is skipped), run the same command with {_where_to_resume(cfg.output_dir)}", file=sys.stderr)
+        _say_why_it_stopped(f"interrupted: {_kept(cfg.output_dir) or '0 finished case(s)'} are kept in "
+                            f"{cfg.output_dir}; to resume (finished work is skipped), run the same command with "
+                            f"{_where_to_resume(cfg.output_dir)}")
         raise SystemExit(130) from None
+    except Exception:
+        _record_in_log_file("stopped by an error (a bug: please report it with this traceback)", sys.exc_info())
+        raise
+
+
+def _say_why_it_stopped(line: str) -> None:
+    print(line, file=sys.stderr)
+    _record_in_log_file(line)
+
+
+def _record_in_log_file(message: str, exc_info=None) -> None:
+    """Writes a record to the log files alone: the terminal gets the message once, on stderr (or from Hydra)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _kept(output_dir: str) -> str:
