@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sadr.cache import JSON, TORCH, cached, writable_dir, write_atomically
 from sadr.conf.registry import validate_layers
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
-from sadr.data.lengths import EDIT_PROMPT, GENERATION_PROMPTS, check_prompt_lengths
+from sadr.data.lengths import EDIT_PROMPT, GENERATION_PROMPTS, check_prompt_lengths, generated_after_prompt
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
 from sadr.editors.base import Editor, EditOutcome
@@ -140,10 +140,10 @@ class Experiment:
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
         validate_layers(cfg.editor, self.loaded.adapter.num_layers(self.loaded.model))
-        check_prompt_lengths(self.dataset.cases, self.loaded.tokenizer,
-                             getattr(self.loaded.model.config, "max_position_embeddings", None),
+        positions = getattr(self.loaded.model.config, "max_position_embeddings", None)
+        check_prompt_lengths(self.dataset.cases, self.loaded.tokenizer, positions,
                              {EDIT_PROMPT: max((tokens for tokens, _ in cfg.editor.context_templates), default=0),
-                              GENERATION_PROMPTS: cfg.eval.new_tokens if cfg.eval.generation else 0})
+                              GENERATION_PROMPTS: generated_after_prompt(cfg.eval, positions)})
         reset_peak_memory(self.loaded.device)
         self.tf32 = set_tf32(self.loaded.device, cfg.tf32)
         # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')

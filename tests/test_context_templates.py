@@ -2,10 +2,12 @@
 (`editor.context_template_style`).
 
 ROME's style is checked on a scripted model whose next token is known at every step (so the draw is certain
-with top-k 1), and against transformers' greedy decoding on a tiny random model.
+with top-k 1), against transformers' greedy decoding on a tiny random model, and against ROME's loop over whole texts
+on every family. Fluency's texts are sampled by the same function (tests/test_generation_metrics.py).
 """
 from __future__ import annotations
 
+import unicodedata
 from types import SimpleNamespace
 
 import pytest
@@ -19,19 +21,24 @@ from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_texts, sample_to_length_like_rome
 from tests.editing import composed_editor
-from tests.tiny_models import make_model
+from tests.tiny_models import FAMILIES, make_model
 
 
 class ScriptedModel(torch.nn.Module):
-    """A causal LM stand-in whose next token after a prompt of `prompt_length` tokens is script[generated so far]."""
+    """A causal LM stand-in whose next token after a prompt of `prompt_length` tokens is script[generated so far]; it
+    counts the tokens before those it is fed in its key/value cache, as a model does."""
+
+    config = None
 
     def __init__(self, script: list[int], prompt_length: int, vocab: int):
         super().__init__()
         self.script, self.prompt_length, self.vocab = script, prompt_length, vocab
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids):
-        step = input_ids.shape[1] - self.prompt_length
+    def forward(self, input_ids, cache, use_cache):
+        placeholder = torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 1)
+        cache.update(placeholder, placeholder, 0)
+        step = cache.get_seq_length() - self.prompt_length
         assert 0 <= step < len(self.script), f"asked for token {step} of a script of {len(self.script)}"
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
         logits[:, -1, self.script[step]] = 10.0
@@ -46,6 +53,27 @@ def test_rome_style_draws_eos_goes_on_after_it_and_cleans_the_text(tokenizer):
     texts = sample_to_length_like_rome(model, tokenizer, ["Because", "Because"], total_tokens=total, seed=0, top_k=1)
     # EOS was drawn first and dropped from the text; sampling went on; "\n\n" became " "; NFKD split the ligature
     assert texts == ["Because so fine", "Because so fine"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rome_style_draws_what_a_loop_over_whole_texts_draws(family, tokenizer):
+    """The sampler feeds one token a step with a KV cache; ROME's loop without a cache, written out here, makes the
+    same draws from the same generator (top 5, two rows of one prompt, another prompt after them)."""
+    model = make_model(family)
+    prompts, total = ["The", "The", "Because of"], 16
+    generator, expected = torch.Generator().manual_seed(4), []
+    for prompt, rows in (("The", 2), ("Because of", 1)):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]] * rows)
+        while ids.shape[1] < total:
+            with torch.no_grad():
+                probs = model(input_ids=ids).logits[:, -1].softmax(dim=-1)
+            top = probs.topk(5, dim=-1)
+            pick = torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1, generator=generator)
+            ids = torch.cat([ids, top.indices.gather(1, pick)], dim=1)
+        expected += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    got = sample_to_length_like_rome(model, tokenizer, prompts, total_tokens=total, seed=4)
+    assert got == [unicodedata.normalize("NFKD", text).replace("\n\n", " ") for text in expected]
+    assert got[0] != got[1]
 
 
 def test_rome_style_with_top_1_is_greedy_decoding_to_the_total_length(tokenizer):

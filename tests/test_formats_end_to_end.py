@@ -35,7 +35,7 @@ CASES = [
 
 def _run(tiny_dir, out, fmt: str, *extra: str):
     overrides = tiny_overrides(tiny_dir, out, f"dataset={fmt}", f"dataset.path={FIXTURES / f'{fmt}.json'}",
-                               "dataset.limit=1", "eval.generation=true", "eval.new_tokens=8", *extra)
+                               "dataset.limit=1", "eval.generation=true", "eval.generation_length=30", *extra)
     path = run_experiment(composed(overrides))
     rows = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
     return rows, pd.read_csv(path / "metrics.csv")

@@ -13,6 +13,7 @@ from sadr.data.records import EditCase, EditRequest
 from sadr.evaluation.consistency import load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
 from sadr.evaluation.generation_metrics import GenerationMetrics, case_seed
+from sadr.models.generation import sample_to_length_like_rome
 from sadr.runner import run_experiment
 from tests.runs import FIXTURES, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.tiny_models import make_model, make_tokenizer
@@ -41,21 +42,35 @@ def model_and_tokenizer():
 
 def evaluate(model_and_tokenizer, cases, **settings):
     model, tokenizer = model_and_tokenizer
-    return GenerationMetrics(seed=settings.pop("seed", 0), new_tokens=settings.pop("new_tokens", 6), **settings).evaluate(
+    return GenerationMetrics(seed=settings.pop("seed", 0), length=settings.pop("length", 20), **settings).evaluate(
         model, tokenizer, None, cases)
 
 
-def test_texts_depend_on_seed_and_case_only_not_on_batch_mates(model_and_tokenizer):
-    together = evaluate(model_and_tokenizer, [case(1), case(2), case(3)])
-    alone = evaluate(model_and_tokenizer, [case(2)])
+@pytest.mark.parametrize("style", ["reference", "fixed"])
+def test_texts_depend_on_seed_and_case_only_not_on_batch_mates(model_and_tokenizer, style):
+    together = evaluate(model_and_tokenizer, [case(1), case(2), case(3)], style=style)
+    alone = evaluate(model_and_tokenizer, [case(2)], style=style)
     assert alone[0] == together[1]
     assert together[0]["fluency"]["text"] != together[1]["fluency"]["text"]  # another case, another stream
-    other_seed = evaluate(model_and_tokenizer, [case(2)], seed=1)
+    other_seed = evaluate(model_and_tokenizer, [case(2)], seed=1, style=style)
     assert other_seed[0]["fluency"]["text"] != alone[0]["fluency"]["text"]
 
 
-def test_each_text_continues_its_prompt_by_new_tokens_from_the_models_top_5(model_and_tokenizer, monkeypatch):
-    """ROME's setting: `new_tokens` tokens, each among the model's 5 most likely next tokens (teacher-forced on the
+def test_by_default_each_text_is_sampled_as_romes_evaluation_samples_it(model_and_tokenizer):
+    """ROME's `generate_fast(..., max_out_len=100)`: each text grows to 100 tokens counting its prompt
+    (`sample_to_length_like_rome`, tested against greedy decoding and with EOS drawn in test_context_templates.py), from
+    the case's own seed; a prompt as long as that is returned as it is."""
+    model, tokenizer = model_and_tokenizer
+    prompts = ("The capital of France is", "Toyota is a company " * 30)
+    metrics = GenerationMetrics(seed=3)
+    (got,) = metrics.evaluate(model, tokenizer, None, [case(7, prompts)])
+    expected = sample_to_length_like_rome(model, tokenizer, list(prompts), total_tokens=100, seed=case_seed(3, 7))
+    assert got["fluency"]["text"] == expected and expected[1] == prompts[1]
+    assert len(tokenizer(expected[0])["input_ids"]) > len(tokenizer(prompts[0])["input_ids"]) + 50
+
+
+def test_fixed_style_continues_each_prompt_by_its_length_from_the_models_top_5(model_and_tokenizer, monkeypatch):
+    """`generation_length` new tokens, each among the model's 5 most likely next tokens (teacher-forced on the
     sampled row alone); the tiny model's flat distribution makes wider sampling leave the top 5 within 12 tokens."""
     model, tokenizer = model_and_tokenizer
     calls = []
@@ -66,7 +81,7 @@ def test_each_text_continues_its_prompt_by_new_tokens_from_the_models_top_5(mode
         return calls[-1][1]
 
     monkeypatch.setattr(model, "generate", recorded)
-    evaluate(model_and_tokenizer, [case(1)], new_tokens=12)
+    evaluate(model_and_tokenizer, [case(1)], length=12, style="fixed")
     ((mask, out),) = calls
     assert out.shape == (2, mask.shape[1] + 12)
     for row, row_mask in zip(out, mask):
@@ -97,7 +112,7 @@ def test_cases_without_generation_prompts_get_no_entries(model_and_tokenizer):
 
 
 def test_consistency_is_left_out_and_logged_once_when_not_configured(model_and_tokenizer, caplog):
-    metrics = GenerationMetrics(seed=0, new_tokens=4)
+    metrics = GenerationMetrics(seed=0, length=4)
     with caplog.at_level(logging.WARNING, logger="sadr.evaluation.generation_metrics"):
         for _ in range(2):
             results = metrics.evaluate(*model_and_tokenizer, None, [case(1), case(2)])
@@ -119,7 +134,7 @@ def test_consistency_scores_the_joined_texts_against_the_snippets(model_and_toke
     write_tfidf_files(tmp_path, "P1", "Q7")
     data = load_consistency_data(tmp_path)
     got = evaluate(model_and_tokenizer, [case(1), case(2, relation="P9"), case(3, target=None)],
-                   consistency_dir=str(tmp_path), new_tokens=12)
+                   consistency_dir=str(tmp_path))
     texts = got[0]["fluency"]["text"]
     assert got[0]["consistency"] == {"value": [pytest.approx(data.score(texts, "P1", "Q7"))]}
     assert got[0]["consistency"]["value"][0] > 0  # the prompts themselves share words with the snippets
@@ -129,16 +144,17 @@ def test_consistency_scores_the_joined_texts_against_the_snippets(model_and_toke
 def test_identity_names_every_setting_and_whether_consistency_is_available(tmp_path):
     write_tfidf_files(tmp_path, "P1", "Q7")
     base = GenerationMetrics(seed=0).identity()
-    assert base["consistency"] is False and base["new_tokens"] == 100 and base["top_k"] == 5
+    assert base["consistency"] is False and (base["length"], base["style"], base["top_k"]) == (100, "reference", 5)
     assert GenerationMetrics(seed=0, consistency_dir=str(tmp_path)).identity()["consistency"] is True
     for changed in (GenerationMetrics(seed=1), GenerationMetrics(seed=0, prompts_per_case=None),
-                    GenerationMetrics(seed=0, new_tokens=50)):
+                    GenerationMetrics(seed=0, length=50), GenerationMetrics(seed=0, style="fixed")):
         assert changed.identity() != base
 
 
 @pytest.mark.parametrize(("settings", "message"), [
     (dict(prompts_per_case=0), r"eval.generation_prompts_per_case=0: must be >= 1, or null for all"),
-    (dict(new_tokens=0), r"eval.new_tokens=0: must be >= 1"),
+    (dict(length=0), r"eval.generation_length=0: must be >= 1"),
+    (dict(style="rome"), r"eval.generation_style must be fixed or reference, got 'rome'"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -151,7 +167,7 @@ def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path):
     write_tfidf_files(tfidf, "P103", "Q9001")  # case 100 of the CounterFact fixture
     overrides = tiny_overrides(tiny_dir, tmp_path / "run", "dataset=counterfact",
                                f"dataset.path={FIXTURES / 'counterfact.json'}", "dataset.limit=1", "eval.generation=true",
-                               "eval.new_tokens=8", f"eval.consistency_dir={tfidf}")
+                               "eval.generation_length=30", f"eval.consistency_dir={tfidf}")
     out = run_experiment(composed(overrides))
     row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
     data = load_consistency_data(tfidf)
@@ -166,7 +182,7 @@ def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path):
 
 
 def test_generation_is_off_by_default(tiny_dir, tmp_path):
-    """Sampling 100 tokens per prompt costs ~14 s per case on 2 CPU cores, so fluency is asked for explicitly."""
+    """Sampling two 100-token texts costs ~7 s per case on 2 CPU cores (SmolLM2-135M), so fluency is asked for."""
     out = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
     row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
     assert "fluency" not in row["edited"] and "efficacy" in row["edited"]

@@ -220,11 +220,12 @@ def test_per_row_updates_evaluate_as_the_written_weights(name, family, tokenizer
     assert_same_decisions(written, together, prob_rtol=1e-4)
 
 
-def test_texts_sampled_through_per_row_updates_are_those_of_the_written_weights(tokenizer, tmp_path):
+@pytest.mark.parametrize("style", ["reference", "fixed"])
+def test_texts_sampled_through_per_row_updates_are_those_of_the_written_weights(tokenizer, tmp_path, style):
     model = make_model("llama")
     editor = build_editor("rome", model, tokenizer, tmp_path, sadr=False, v_num_grad_steps=4)
     cases = tiny_cases(2)
-    generation = [GenerationMetrics(seed=0, new_tokens=6)]
+    generation = [GenerationMetrics(seed=0, length=20, style=style)]
     outcomes = editor.apply_each([case.request for case in cases])
     with PerRowUpdates(model, editor.adapter, [o.updates for o in outcomes]) as updates:
         together = evaluate_all(generation, model, tokenizer, editor.adapter, cases, updates.rows)

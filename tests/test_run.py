@@ -660,13 +660,23 @@ def test_a_local_model_without_its_folder_is_named_when_the_config_is_built():
 @pytest.mark.parametrize("extra, needs", [
     (["editor.context_templates=[[5,5],[130,5]]"], r"requested_rewrite\.prompt needs \d+ tokens with its answer and a "
                                                    r"context template"),
-    (["eval.generation=true", "eval.new_tokens=130"], r"generation_prompts needs \d+ tokens and the sampled tokens"),
+    (["eval.generation=true", "eval.generation_style=fixed", "eval.generation_length=130"],
+     r"generation_prompts needs \d+ tokens and the sampled tokens"),
 ])
 def test_what_a_run_adds_to_its_prompts_counts_against_the_model_s_positions(tiny_dir, tmp_path, extra, needs):
     """The tiny llama has 128 positions: a 130-token context template before the edit prompt, or 130 tokens sampled
     after a generation prompt, cannot fit whatever the prompt."""
     cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", *extra))
     with pytest.raises(InvalidSettingError, match=rf"^case 0: a prompt of {needs}, more than the model's 128 positions"):
+        run_experiment(cfg)
+    assert not (tmp_path / "run" / "cases.jsonl").exists()
+
+
+def test_a_generated_text_longer_than_the_model_s_positions_is_refused(tiny_dir, tmp_path):
+    """ROME's style grows each text to eval.generation_length tokens in all, whatever its prompt."""
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.generation=true", "eval.generation_length=129"))
+    with pytest.raises(InvalidSettingError, match=r"^eval\.generation_length=129: longer than the model's 128 "
+                                                  r"positions; set it to at most 128$"):
         run_experiment(cfg)
     assert not (tmp_path / "run" / "cases.jsonl").exists()
 

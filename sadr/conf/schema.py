@@ -17,11 +17,15 @@ class FactToken(Enum):
     subject_last = "subject_last"  # the subject's last token: the only strategy the published runs use
 
 
-class ContextTemplateStyle(Enum):
-    # max_tokens - 1 new tokens after the seed word, EOS never drawn, the text as decoded (the default until 2026-11-27)
+class SamplingStyle(Enum):
+    """How texts are sampled: context templates (`editor.context_template_style`) and fluency's texts
+    (`eval.generation_style`)."""
+
+    # length - 1 new tokens after a seed word, or `length` new tokens after a generation prompt; EOS never drawn; the
+    # text as decoded (the default until 2026-11-27 for templates, until 2026-12-06 for fluency)
     fixed = "fixed"
-    # the default. ROME's generate_fast: max_tokens counts the seed word's tokens (BOS included), EOS may be drawn and
-    # sampling goes on after it, NFKD and "\n\n" -> " " (docs/fidelity.md, row 7)
+    # the default. ROME's generate_fast: the length counts the prompt's tokens (BOS included), EOS may be drawn and
+    # sampling goes on after it, NFKD and "\n\n" -> " " (docs/fidelity.md, rows 7 and 11)
     reference = "reference"
 
 
@@ -128,7 +132,7 @@ class EditorConfig:
     kl_factor: float = 0.0625
     # (max tokens, number of prefixes) of the generated context templates, besides the bare prompt
     context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])
-    context_template_style: ContextTemplateStyle = ContextTemplateStyle.reference
+    context_template_style: SamplingStyle = SamplingStyle.reference
     protocol: EditProtocol = EditProtocol.single
     batch_size: int = 1
     # single protocol: edit and evaluate this many cases side by side, each on the unedited model (their δs share
@@ -194,7 +198,10 @@ class EvalConfig:
     # fluency (and consistency) from sampled continuations of each case's generation_prompts
     generation: bool = False
     generation_prompts_per_case: Optional[int] = 2  # the first N prompts of a case; null = all (ROME: all 10)
-    new_tokens: int = 100  # sampled tokens per prompt (top-k 5)
+    # top-k 5. reference: ROME's, each text grows to generation_length tokens counting its prompt (max_out_len=100);
+    # fixed: generation_length tokens sampled after the prompt, EOS never drawn
+    generation_style: SamplingStyle = SamplingStyle.reference
+    generation_length: int = 100
     # folder with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json; unset: no consistency column
     consistency_dir: Optional[str] = None
     consistency_download: bool = False  # fetch missing files (~1 GB, size and sha256 checked) into consistency_dir

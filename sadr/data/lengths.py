@@ -47,3 +47,16 @@ def check_prompt_lengths(cases: list[EditCase], tokenizer, positions: int | None
                 f"{' with its answer' if field != GENERATION_PROMPTS else ''}{f' and {ADDED[field]}' if extra else ''}, "
                 f"more than the model's {positions} positions ({text[:60]!r}...); shorten it, or leave the case out "
                 "(drop the record, or select the others with dataset.case_ids)")
+
+
+def generated_after_prompt(eval_cfg, positions: int | None) -> int:
+    """The tokens sampled after a generation prompt, at most: `fixed` adds `eval.generation_length` of them;
+    `reference` grows each text to `eval.generation_length` tokens in all, a length that has to fit the model."""
+    if not eval_cfg.generation:
+        return 0
+    if eval_cfg.generation_style.name == "fixed":
+        return eval_cfg.generation_length
+    if positions is not None and eval_cfg.generation_length > positions:
+        raise InvalidSettingError(f"eval.generation_length={eval_cfg.generation_length}: longer than the model's "
+                                  f"{positions} positions; set it to at most {positions}")
+    return 0

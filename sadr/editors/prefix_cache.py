@@ -14,11 +14,12 @@ its suffix from key index `width`; the attention mask handed to the model covers
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from sadr.models.kv_cache import cache_argument, new_cache
 
 
 @dataclass
@@ -85,12 +86,6 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, cuts: torc
     return PrefixSplit(prefix_ids, prefix_mask, suffix_ids, suffix_mask, cuts)
 
 
-def _cache_argument(model) -> str:
-    """The name the model's forward takes a key/value cache under (`cache` from transformers 5.24, before that
-    `past_key_values`, which 5.24 still accepts with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
-
-
 def _step_inputs(split: PrefixSplit) -> dict:
     """The inputs of every step's forward but the cache (the same at every step, so built once)."""
     if not split.width:
@@ -105,16 +100,15 @@ class PrefixCache:
     def __init__(self, model, split: PrefixSplit):
         self.split = split
         self._config = model.config
-        self._argument = _cache_argument(model)
+        self._argument = cache_argument(model.base_model)
         self._key_values: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._inputs = _step_inputs(split)
         if not split.width:
             return
-        cache = DynamicCache(config=model.config)
+        filled = new_cache(model.base_model)
         with torch.no_grad():
-            model.base_model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, use_cache=True,
-                             **{self._argument: cache})
-        self._key_values = [(layer.keys, layer.values) for layer in cache.layers]
+            model.base_model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, **filled)
+        self._key_values = [(layer.keys, layer.values) for layer in filled[self._argument].layers]
 
     def select(self, rows: torch.Tensor) -> "PrefixCache":
         """The cache of `split.select(rows)`: those rows' keys and values, taken from this one without a forward."""

@@ -1,9 +1,11 @@
 """Fluency and ROME's consistency, from text the model samples after each case's `generation_prompts`.
 
-Per case, the first `prompts_per_case` generation prompts are continued by `new_tokens` sampled tokens
-(top-k 5, the KV cache). The sampling seed is derived from the run seed and the case id, and each case
-is sampled in its own `sample_texts` call: `sample_texts` draws every row of a batch from one random
-stream, so batching several cases together would tie a case's texts to its batch-mates. This way a
+Per case, the first `prompts_per_case` generation prompts are continued by top-k 5 sampling, in one of two styles
+(`eval.generation_style`): `reference`, ROME's `generate_fast` (each text grows to `length` tokens counting its
+prompt, EOS may be drawn and sampling goes on; ROME's evaluation used 100), or `fixed` (`length` new tokens after
+the prompt, EOS never drawn, the KV cache). The sampling seed is derived from the run seed and the case id, and each
+case is sampled in its own call: both samplers draw every row of a call from one random stream, so batching several
+cases together would tie a case's texts to its batch-mates. This way a
 case gets the same texts whether it is evaluated with all cases (the unedited model) or in its edit
 group (the edited model), and the edited and unedited models continue its prompts with the same
 random stream.
@@ -26,7 +28,7 @@ from sadr.evaluation.consistency import ConsistencyData, ConsistencyUnavailable,
 from sadr.evaluation.fluency import ngram_entropy
 from sadr.evaluation.suite import Evaluator
 from sadr.models.fingerprint import cache_key
-from sadr.models.generation import sample_texts
+from sadr.models.generation import sample_texts, sample_to_length_like_rome
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,23 @@ def case_seed(seed: int, case_id: int | str) -> int:
 class GenerationMetrics(Evaluator):
     name = "generation_metrics"
 
-    def __init__(self, seed: int, prompts_per_case: int | None = 2, new_tokens: int = 100,
+    def __init__(self, seed: int, prompts_per_case: int | None = 2, length: int = 100, style: str = "reference",
                  consistency_dir: str | None = None, consistency_download: bool = False):
         if prompts_per_case is not None and prompts_per_case < 1:
             raise InvalidSettingError(f"eval.generation_prompts_per_case={prompts_per_case}: must be >= 1, or null for all")
-        if new_tokens < 1:
-            raise InvalidSettingError(f"eval.new_tokens={new_tokens}: must be >= 1")
-        self.seed, self.prompts_per_case, self.new_tokens = seed, prompts_per_case, new_tokens
+        if length < 1:
+            raise InvalidSettingError(f"eval.generation_length={length}: must be >= 1")
+        if style not in ("fixed", "reference"):
+            raise InvalidSettingError(f"eval.generation_style must be fixed or reference, got {style!r}")
+        self.seed, self.prompts_per_case, self.length, self.style = seed, prompts_per_case, length, style
         self.consistency_dir, self.consistency_download = consistency_dir, consistency_download
 
     @classmethod
     def from_config(cls, cfg) -> GenerationMetrics:
         """From the whole run config (`eval.*` and the run seed)."""
         e = cfg.eval
-        return cls(cfg.seed, e.generation_prompts_per_case, e.new_tokens, e.consistency_dir, e.consistency_download)
+        return cls(cfg.seed, e.generation_prompts_per_case, e.generation_length, e.generation_style.name,
+                   e.consistency_dir, e.consistency_download)
 
     @functools.cached_property
     def consistency(self) -> ConsistencyData | None:
@@ -72,7 +77,7 @@ class GenerationMetrics(Evaluator):
 
     def identity(self) -> dict:
         return {"name": self.name, "seed": self.seed, "prompts_per_case": self.prompts_per_case,
-                "new_tokens": self.new_tokens, "top_k": TOP_K, "consistency": self.consistency is not None}
+                "length": self.length, "style": self.style, "top_k": TOP_K, "consistency": self.consistency is not None}
 
     def evaluate(self, model, tokenizer, adapter, cases: list[EditCase], case_rows: CaseRows = one_model) -> list[dict]:
         results = []
@@ -85,8 +90,11 @@ class GenerationMetrics(Evaluator):
         prompts = list(case.generation_prompts[: self.prompts_per_case])
         if not prompts:
             return {}
-        texts = sample_texts(model, tokenizer, prompts, max_new_tokens=self.new_tokens,
-                             seed=case_seed(self.seed, case.case_id), top_k=TOP_K)
+        seed = case_seed(self.seed, case.case_id)
+        if self.style == "reference":
+            texts = sample_to_length_like_rome(model, tokenizer, prompts, total_tokens=self.length, seed=seed, top_k=TOP_K)
+        else:
+            texts = sample_texts(model, tokenizer, prompts, max_new_tokens=self.length, seed=seed, top_k=TOP_K)
         entries = {"fluency": {"value": [ngram_entropy(t) for t in texts], "text": texts}}
         consistency = self._consistency_entry(case, texts)
         if consistency is not None:

@@ -7,6 +7,7 @@ import unicodedata
 
 import torch
 
+from sadr.models.kv_cache import new_cache
 from sadr.models.tokenization import pad_batch, pad_id_of
 
 
@@ -49,18 +50,21 @@ def sample_to_length_like_rome(model, tokenizer, prompts: list[str], *, total_to
     Each text grows to `total_tokens` tokens counting its prompt (a BOS token included); top-k sampling from the
     renormalised top-k probabilities; EOS may be drawn, and sampling goes on after it. The decoded text (special
     tokens dropped) is NFKD-normalised and every "\\n\\n" becomes a space. Draws come from a CPU generator seeded
-    with `seed`, so the texts do not depend on the global RNG, and on another device only through the logits.
+    with `seed`, so the texts do not depend on the global RNG, and on another device only through the logits. Each
+    step feeds only the token drawn last, with the others' keys and values cached, as `generate_fast` does.
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     texts: list[str] = []
     for prompt, group in itertools.groupby(prompts):  # rows of one prompt have one length: no padding needed
         ids = torch.tensor([tokenizer(prompt)["input_ids"]] * len(list(group)), device=device)
+        fed, cache = ids, new_cache(model)
         while ids.shape[1] < total_tokens:
-            probs = model(input_ids=ids).logits[:, -1].float().softmax(dim=-1)
+            probs = model(input_ids=fed, **cache).logits[:, -1].float().softmax(dim=-1)
             top = probs.topk(top_k, dim=-1)
             pick = torch.multinomial((top.values / top.values.sum(-1, keepdim=True)).cpu(), 1, generator=generator)
-            ids = torch.cat([ids, top.indices.gather(1, pick.to(device))], dim=1)
+            fed = top.indices.gather(1, pick.to(device))
+            ids = torch.cat([ids, fed], dim=1)
         texts += [unicodedata.normalize("NFKD", text).replace("\n\n", " ")
                   for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return texts
