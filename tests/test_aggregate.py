@@ -228,6 +228,14 @@ def test_every_prompt_of_a_set_is_its_own_probe_with_the_answers_the_metric_name
     assert probes["paraphrase"](zsre) == [] and probes["token_generalization"](counterfact) == []
 
 
+@pytest.mark.parametrize("target_new", ["France", " France"])
+def test_the_dns_prompt_has_the_edit_sentence_and_one_space_before_the_new_object(target_new):
+    """A new object given with its leading space is read after one space, as the scorer reads every target."""
+    case = EditCase(0, EditRequest("{} is in", "Toyota", target_new, "Japan"), neighborhood_prompts=("Honda is in",))
+    (probes,) = [m.probes(case) for m in resolve_metrics(["distract_neighborhood"])]
+    assert probes == [Probe("Toyota is in France. Honda is in", "Japan", target_new)]
+
+
 def test_a_tie_is_a_failure_for_every_compared_metric(monkeypatch):
     """docs/metrics.md: success is a strict p(good) > p(bad), so exactly tied probabilities count 0 for ES, PS, NS, DNS
     and RS alike (`>=` would count them 1)."""

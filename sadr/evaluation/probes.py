@@ -12,6 +12,7 @@ from typing import Callable
 
 from sadr.data.records import EditCase
 from sadr.errors import InvalidSettingError
+from sadr.models.tokenization import as_continuation
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,9 @@ def _neighborhood(case: EditCase) -> list[Probe]:
 
 
 def distract(case: EditCase, prompt: str) -> str:
-    """A neighborhood prompt with the edit sentence prepended (SADR's Distract Neighborhood)."""
-    return f"{case.request.text} {case.request.target_new}. {prompt}"
+    """A neighborhood prompt with the edit sentence prepended (SADR's Distract Neighborhood), its new object after one
+    space as the scorer reads a target."""
+    return f"{case.request.text}{as_continuation(case.request.target_new)}. {prompt}"
 
 
 def _distract_neighborhood(case: EditCase) -> list[Probe]:

@@ -30,6 +30,12 @@ class EncodedPair:
     prompt_offsets: list[tuple[int, int]]  # character span of each prompt token
 
 
+def as_continuation(target: str) -> str:
+    """The target as it follows its prompt: after one space, added unless it already starts with one (as the
+    reference code does)."""
+    return target if target.startswith(" ") else " " + target
+
+
 def encode_prompt_target(tokenizer, prompt: str, target: str) -> EncodedPair:
     """Token ids of `prompt` and of `target` read as its continuation, after one space (added unless the target
     already starts with one, as the reference code does).
@@ -40,7 +46,7 @@ def encode_prompt_target(tokenizer, prompt: str, target: str) -> EncodedPair:
     """
     if not target.strip():
         raise ValueError(f"empty target for prompt {prompt!r}")
-    continuation = target if target.startswith(" ") else " " + target
+    continuation = as_continuation(target)
     ids, offsets = encode_with_offsets(tokenizer, prompt + continuation)
     boundary = len(prompt)
     split = next((i for i, (start, end) in enumerate(offsets) if end > start and start >= boundary), None)
