@@ -190,6 +190,18 @@ def test_a_run_whose_rows_file_has_no_whole_row_is_named_as_such(tmp_path):
         compare_runs(base, tmp_path / "b")
 
 
+def test_a_row_without_its_edited_scores_is_named_as_damage(tmp_path):
+    """A hand-edited file: one line of the CLI, naming the case, the file and the fix (it was a KeyError)."""
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}, 1: {"efficacy": [0]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [1]}})
+    with open(other / "cases.jsonl", "a") as rows:
+        rows.write(json.dumps({"case_id": 1, "unedited": {"efficacy": {"value": [0]}}}) + "\n")
+    done = CliRunner().invoke(app, ["compare", str(base), str(other)])
+    assert done.exit_code == 2 and done.output.count("\n") == 1, done.output
+    assert done.output.startswith(f"error: case 1 in {other / 'cases.jsonl'} has no edited scores (an object under "
+                                  "\"edited\"), so the file was damaged or edited: delete that line")
+
+
 def _set_row_fields(run, **fields):
     """Give the one row of a run made by `_run` these fields."""
     row = json.loads((run / "cases.jsonl").read_text())

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sadr.errors import DamagedFileError
 from sadr.evaluation.aggregate import LABELS, PROTOCOLS, mean_ci
 from sadr.results import ROWS_FILE, RunDirectory
 
@@ -29,12 +30,19 @@ def sign_test(up: int, down: int) -> float:
 def _rows(runs: str | Path | list[Path]) -> dict[str, dict]:
     """case id -> row, over one run directory or the shard directories of one configuration."""
     runs = [Path(run) for run in runs] if isinstance(runs, list) else [Path(runs)]
-    rows = [row for run in runs for row in (RunDirectory(run).rows() if (run / ROWS_FILE).is_file() else [])]
+    rows = {}
+    for run in runs:
+        for row in RunDirectory(run).rows():
+            if not isinstance(row.get("edited"), dict):
+                raise DamagedFileError(
+                    f"case {row['case_id']} in {run / ROWS_FILE} has no edited scores (an object under \"edited\"), so "
+                    "the file was damaged or edited: delete that line, and a rerun of the same command redoes its case")
+            rows[str(row["case_id"])] = row
     if not rows:
         written = any((run / ROWS_FILE).is_file() for run in runs)
         state = f"has no finished case in its {ROWS_FILE}" if written else f"holds no {ROWS_FILE}"
         raise FileNotFoundError(f"{', '.join(map(str, runs))} {state}; pass the directory of a finished or resumed run")
-    return {str(row["case_id"]): row for row in rows}
+    return rows
 
 
 def _values(row: dict, metric: str) -> list[float]:
