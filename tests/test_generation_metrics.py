@@ -104,7 +104,24 @@ def test_fluency_is_the_entropy_of_each_text_of_the_first_prompts(model_and_toke
     two, every = (evaluate(model_and_tokenizer, [case(1, prompts)], prompts_per_case=k)[0]["fluency"] for k in (2, None))
     assert len(two["text"]) == 2 and len(every["text"]) == 3
     assert [t.startswith(p) for t, p in zip(every["text"], prompts)] == [True] * 3  # texts keep their prompt
-    assert two["value"] == [ngram_entropy(t) for t in two["text"]]
+    assert two["per_text"] == [ngram_entropy(t) for t in two["text"]]
+    assert two["value"] == [pytest.approx(sum(two["per_text"]) / 2)]  # one value per case, as the reference's
+
+
+def test_fl_and_its_ci_count_cases_not_texts(tiny_dir, tmp_path):
+    """ROME's and the SADR repo's FL is each case's mean entropy, averaged over cases (examples/summrize.py of the SADR
+    repo takes its 95 % CI over those case means): both protocols then give that mean, n and CI."""
+    overrides = tiny_overrides(tiny_dir, tmp_path / "run", "dataset=counterfact",
+                               f"dataset.path={FIXTURES / 'counterfact.json'}", "dataset.limit=2", "eval.generation=true",
+                               "eval.generation_length=30", "eval.metrics=[efficacy]", "eval.drift=false")
+    out = run_experiment(composed(overrides))
+    rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    case_means = [100 * np.mean(row["edited"]["fluency"]["per_text"]) for row in rows]
+    table = pd.read_csv(out / "metrics.csv")
+    for protocol in ("prompt", "case"):
+        fl = table[(table.label == "FL") & (table.state == "edited") & (table.protocol == protocol)]
+        assert fl["n"].item() == 2 and fl["mean"].item() == pytest.approx(np.mean(case_means))
+        assert fl["ci95"].item() == pytest.approx(1.96 * np.std(case_means, ddof=1) / np.sqrt(2))
 
 
 def test_cases_without_generation_prompts_get_no_entries(model_and_tokenizer):

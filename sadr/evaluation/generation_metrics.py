@@ -10,7 +10,9 @@ case gets the same texts whether it is evaluated with all cases (the unedited mo
 group (the edited model), and the edited and unedited models continue its prompts with the same
 random stream.
 
-Entries per case: `fluency` (n-gram entropy of each text, with the texts themselves) and, when ROME's
+Entries per case: `fluency` (one value, the mean n-gram entropy of the case's texts, as ROME's and the SADR repo's
+evaluations compute it, so a table's FL and its CI count cases; each text's entropy and the texts themselves beside
+it) and, when ROME's
 TF-IDF files are configured and readable, `consistency` (one TF-IDF cosine of the joined texts vs the
 attribute snippets of (relation_id, target_new_id)). A case without generation prompts gets neither;
 without the files, or without snippets for its (relation, new object), no consistency entry is made
@@ -95,7 +97,8 @@ class GenerationMetrics(Evaluator):
             texts = sample_to_length_like_rome(model, tokenizer, prompts, total_tokens=self.length, seed=seed, top_k=TOP_K)
         else:
             texts = sample_texts(model, tokenizer, prompts, max_new_tokens=self.length, seed=seed, top_k=TOP_K)
-        entries = {"fluency": {"value": [ngram_entropy(t) for t in texts], "text": texts}}
+        per_text = [ngram_entropy(t) for t in texts]
+        entries = {"fluency": {"value": [sum(per_text) / len(per_text)], "per_text": per_text, "text": texts}}
         consistency = self._consistency_entry(case, texts)
         if consistency is not None:
             entries["consistency"] = consistency
