@@ -88,6 +88,7 @@ def test_runs_on_different_records_or_prompts_are_refused(tmp_path):
         compare_runs(base, _run(tmp_path / "c", {0: {"efficacy": [1]}, 1: {"efficacy": [1, 0]}}))
     with pytest.raises(FileNotFoundError, match="holds no cases.jsonl"):
         compare_runs(base, tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()  # a mistyped folder is not made
 
 
 def test_cli_prints_the_table_and_writes_csv(tmp_path):

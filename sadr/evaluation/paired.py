@@ -32,7 +32,7 @@ def _rows(runs: str | Path | list[Path]) -> dict[str, dict]:
     runs = [Path(run) for run in runs] if isinstance(runs, list) else [Path(runs)]
     rows = {}
     for run in runs:
-        for row in RunDirectory(run).rows():
+        for row in RunDirectory(run).rows() if (run / ROWS_FILE).is_file() else []:  # (RunDirectory makes its folder)
             if not isinstance(row.get("edited"), dict):
                 raise DamagedFileError(
                     f"case {row['case_id']} in {run / ROWS_FILE} has no edited scores (an object under \"edited\"), so "
