@@ -183,3 +183,20 @@ def test_the_prompt_length_check_bounds_tokens_by_bytes_and_counts_every_field()
     check_prompt_lengths([case(portability=reasoning)], bytes_with_bos, 41, {})
     with pytest.raises(InvalidSettingError, match=r"portability\.Reasoning needs 41 tokens with its answer, more "):
         check_prompt_lengths([case(portability=reasoning)], bytes_with_bos, 40, {})
+
+
+@pytest.mark.parametrize("generation, style, length, positions, sampled", [
+    (False, "fixed", 100, 128, 0),  # no fluency: nothing is sampled after a generation prompt
+    (True, "fixed", 130, 128, 130),  # counted with each prompt by check_prompt_lengths
+    (True, "reference", 128, 128, 0),  # each text grows to 128 tokens in all, whatever its prompt: it fits
+    (True, "reference", 500, None, 0),  # a model that gives no number of positions: no bound
+])
+def test_the_tokens_sampled_after_a_generation_prompt_depend_on_the_style(generation, style, length, positions,
+                                                                          sampled):
+    """What check_prompt_lengths adds to each generation prompt (a reference-style length longer than the model's
+    positions is refused: tests/test_run.py)."""
+    from sadr.conf.schema import EvalConfig, SamplingStyle
+    from sadr.data.lengths import generated_after_prompt
+
+    eval_cfg = EvalConfig(generation=generation, generation_style=SamplingStyle[style], generation_length=length)
+    assert generated_after_prompt(eval_cfg, positions) == sampled
