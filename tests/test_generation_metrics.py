@@ -13,7 +13,7 @@ from sadr.data.records import EditCase, EditRequest
 from sadr.evaluation.consistency import load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
 from sadr.evaluation.generation_metrics import GenerationMetrics, case_seed
-from sadr.models.generation import sample_to_length_like_rome
+from sadr.models.generation import sample_texts, sample_to_length_like_rome
 from sadr.runner import run_experiment
 from tests.runs import FIXTURES, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 from tests.tiny_models import make_model, make_tokenizer
@@ -178,16 +178,27 @@ def test_bad_settings_are_refused(settings, message):
         GenerationMetrics(seed=0, **settings)
 
 
-def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path):
+@pytest.mark.parametrize("style", ["reference", "fixed"])
+def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path, style):
+    """The unedited model's texts are the ones its sampler draws for the configured style and length, from the case's
+    seed (the tiny llama saved in tiny_dir is make_model("llama"))."""
     tfidf = tmp_path / "tfidf"
     tfidf.mkdir()
     write_tfidf_files(tfidf, "P103", "Q9001")  # case 100 of the CounterFact fixture
     overrides = tiny_overrides(tiny_dir, tmp_path / "run", "dataset=counterfact",
                                f"dataset.path={FIXTURES / 'counterfact.json'}", "dataset.limit=1", "eval.generation=true",
-                               "eval.generation_length=30", f"eval.consistency_dir={tfidf}")
+                               "eval.generation_length=30", f"eval.generation_style={style}",
+                               f"eval.consistency_dir={tfidf}")
     out = run_experiment(composed(overrides))
     row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
     data = load_consistency_data(tfidf)
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompts = [record["generation_prompts"][:2] for record in json.loads((FIXTURES / "counterfact.json").read_text())
+               if record["case_id"] == row["case_id"]][0]
+    settings = dict(seed=case_seed(0, row["case_id"]), top_k=5)  # the run's seed is 0
+    expected = (sample_to_length_like_rome(model, tokenizer, prompts, total_tokens=30, **settings) if style == "reference"
+                else sample_texts(model, tokenizer, prompts, max_new_tokens=30, **settings))
+    assert row["unedited"]["fluency"]["text"] == expected
     for state in ("edited", "unedited"):
         texts = row[state]["fluency"]["text"]
         assert len(texts) == 2  # eval.generation_prompts_per_case defaults to 2
