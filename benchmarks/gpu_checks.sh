@@ -22,6 +22,8 @@
 #   pbf16   GPT-J-6B shape in bfloat16, ROME and MEMIT, 16 cases, N = 1 and 8 side by side: cases/s (≥ 3×), decisions
 #   alpha   SmolLM2-135M shape, AlphaEdit plain and SADR: its null-space projection and updates on the GPU, the one
 #           editor the other steps leave out (optional, for a call with time left)
+#   fluency GPT-J-6B shape, fluency's reference-style texts (100 tokens, all 3 prompts of 8 offline records): one batch
+#           per prompt (before 2026-12-06) against a case's prompts and all cases' prompts in one batch (optional)
 # Rehearse on the CPU first, with tiny widths and the same code: TINY=1 OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_checks.sh run
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,10 +98,12 @@ run_checks() {
   git log -1 --format='code %h %s' 2>/dev/null | tee -a "$OUT/summary.md"
   local scale=(python3 benchmarks/scale_bench.py --workdir "$WORK" --tokenizer "$GPU/tok" --delta-steps 20)
   local pcases=(python3 benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --random-shape)
+  local fluency=(python3 benchmarks/fluency_bench.py --device cuda --model gpt-j --random-shape)
   SLOWER=1
   if [ "${TINY:-0}" = 1 ]; then  # 3 δ steps, and 2-core CPUs take longer than the GPU
     scale=(python3 benchmarks/scale_bench.py --workdir "$WORK" --tiny)
     pcases=(python3 benchmarks/parallel_cases_bench.py --device cpu --model gpt-j --random-shape --tiny)
+    fluency=(python3 benchmarks/fluency_bench.py --device cpu --model gpt-j --random-shape --tiny)
     SLOWER=3
   fi
   for name in ${STEPS:-smol gptj neox}; do
@@ -113,7 +117,8 @@ run_checks() {
       pbf16) step pbf16 240 "${pcases[@]}" --dtype bfloat16 --editors rome memit --n 1 8 --cases 16 \
                --stats-samples 128 --set editor.v_num_grad_steps=10 ;;
       alpha) step alpha 120 "${scale[@]}" --arch smollm2-135m --editors alphaedit ;;
-      *) echo "unknown step $name (smol gptj neox pbf16 alpha)"; exit 2 ;;
+      fluency) step fluency 150 "${fluency[@]}" --cases 8 --prompts-per-case 0 --rounds 1 ;;
+      *) echo "unknown step $name (smol gptj neox pbf16 alpha fluency)"; exit 2 ;;
     esac
   done
   cat "$OUT/summary.md"

@@ -36,6 +36,8 @@ BAD_OVERRIDES = {
     "another editor's key": (["editor=memit", "editor.rome_update=paper"],
                              r"^error: editor\.rome_update: editor has no setting 'rome_update'; it is a setting of "
                              r"editor=rome, not of editor=memit"),
+    "key an earlier release read": (["eval.new_tokens=100"], r"^error: eval\.new_tokens: eval has no setting 'new_tokens'; "
+                                                          r"it is now eval\.generation_length, which counts the prompt's"),
     "unknown protocol": (["editor.protocol=serial"], r"expected one of \[single, batch, sequential\]"),
     "unknown fact token": (["editor.fact_token=last"], r"expected one of \[subject_last\]"),
     "negative lambda": (["sadr.lambda=-1"], r"^error: sadr\.lambda=-1\.0: γ must be a finite number >= 0"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 
 import numpy as np
 import pandas as pd
@@ -12,11 +13,11 @@ import torch
 from sadr.data.records import EditCase, EditRequest
 from sadr.evaluation.consistency import load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
-from sadr.evaluation.generation_metrics import GenerationMetrics, case_seed
-from sadr.models.generation import sample_texts, sample_to_length_like_rome
+from sadr.evaluation.generation_metrics import GenerationMetrics, case_seed, text_seed
+from sadr.models.generation import sample_each_to_length_like_rome, sample_texts
 from sadr.runner import run_experiment
 from tests.runs import FIXTURES, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
-from tests.tiny_models import make_model, make_tokenizer
+from tests.tiny_models import FAMILIES, make_model, make_tokenizer
 
 WORDS = ["capital", "france", "paris", "japan", "company", "city", "london", "england"]
 
@@ -58,16 +59,54 @@ def test_texts_depend_on_seed_and_case_only_not_on_batch_mates(model_and_tokeniz
 
 def test_by_default_each_text_is_sampled_as_romes_evaluation_samples_it(model_and_tokenizer):
     """ROME's `generate_fast(..., max_out_len=100)`: each text grows to 100 tokens counting its prompt
-    (`sample_to_length_like_rome`, tested against greedy decoding and with EOS drawn in test_context_templates.py), from
-    the case's own seed; a prompt as long as that is returned as it is."""
+    (`sample_each_to_length_like_rome`, tested against ROME's loop below), from its own seed; a prompt as long as that
+    is returned as it is."""
     model, tokenizer = model_and_tokenizer
     prompts = ("The capital of France is", "Toyota is a company " * 30)
     metrics = GenerationMetrics(seed=3)
     (got,) = metrics.evaluate(model, tokenizer, None, [case(7, prompts)])
-    expected = sample_to_length_like_rome(model, tokenizer, list(prompts), total_tokens=100, seed=case_seed(3, 7))
+    expected = [sample_each_to_length_like_rome(model, tokenizer, [prompt], total_tokens=100, seeds=[text_seed(3, 7, i)])[0]
+                for i, prompt in enumerate(prompts)]
     assert got["fluency"]["text"] == expected and expected[1] == prompts[1]
     assert len(tokenizer(expected[0])["input_ids"]) > len(tokenizer(prompts[0])["input_ids"]) + 50
 
+
+def romes_loop(model, tokenizer, prompt: str, total_tokens: int, seed: int) -> str:
+    """ROME's `generate_fast` for one prompt, written out: the whole text fed at every step, no cache, no padding."""
+    generator, ids = torch.Generator().manual_seed(seed), torch.tensor([tokenizer(prompt)["input_ids"]])
+    while ids.shape[1] < total_tokens:
+        with torch.no_grad():
+            probs = model(input_ids=ids).logits[:, -1].float().softmax(dim=-1)
+        top = probs.topk(5, dim=-1)
+        pick = torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1, generator=generator)
+        ids = torch.cat([ids, top.indices.gather(1, pick)], dim=1)
+    return unicodedata.normalize("NFKD", tokenizer.decode(ids[0], skip_special_tokens=True)).replace("\n\n", " ")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_texts_batched_with_left_padding_are_the_texts_each_prompt_gets_alone(family):
+    """Prompts of 1 to 41 tokens in one batch: each text is what ROME's loop draws for its prompt alone from its seed
+    (a prompt longer than the total, in a batch, is in the test above). The total is the tiny models' 128 positions,
+    so a row that kept taking tokens after reaching it (or counted its left padding as positions) would pass the last
+    position. float64 weights keep padding's rounding away from the draws."""
+    model, tokenizer = make_model(family, dtype=torch.float64), make_tokenizer()
+    prompts, total, seeds = ["The", "The capital of France is", "Toyota is a company " * 5], 128, [11, 12, 13]
+    got = sample_each_to_length_like_rome(model, tokenizer, prompts, total_tokens=total, seeds=seeds)
+    assert [len(tokenizer(p)["input_ids"]) for p in prompts] == [1, 6, 41]
+    assert got == [romes_loop(model, tokenizer, p, total, s) for p, s in zip(prompts, seeds)]
+
+
+def test_a_text_depends_on_its_case_and_place_only(model_and_tokenizer):
+    """Reference-style texts are sampled many rows at a time; a text is the same in rows of 1 or 16, and with fewer
+    prompts per case; other cases and places get other streams."""
+    cases = [case(1), case(2), case(3)]
+    wide = evaluate(model_and_tokenizer, cases)
+    assert evaluate(model_and_tokenizer, cases, batch_size=1) == wide
+    first = evaluate(model_and_tokenizer, cases, prompts_per_case=1)
+    assert [r["fluency"]["text"] for r in first] == [r["fluency"]["text"][:1] for r in wide]
+    assert len({text for r in wide for text in r["fluency"]["text"]}) == 6
+    assert len({text_seed(0, c, i) for c in (1, 12, "1a") for i in (0, 1)} | {text_seed(1, 1, 0)}) == 7
+    assert text_seed(0, 12, 1) == text_seed(0, "12", 1)
 
 def test_fixed_style_continues_each_prompt_by_its_length_from_the_models_top_5(model_and_tokenizer, monkeypatch):
     """`generation_length` new tokens, each among the model's 5 most likely next tokens (teacher-forced on the
@@ -195,9 +234,11 @@ def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path, style):
     model, tokenizer = make_model("llama"), make_tokenizer()
     prompts = [record["generation_prompts"][:2] for record in json.loads((FIXTURES / "counterfact.json").read_text())
                if record["case_id"] == row["case_id"]][0]
-    settings = dict(seed=case_seed(0, row["case_id"]), top_k=5)  # the run's seed is 0
-    expected = (sample_to_length_like_rome(model, tokenizer, prompts, total_tokens=30, **settings) if style == "reference"
-                else sample_texts(model, tokenizer, prompts, max_new_tokens=30, **settings))
+    case_id = row["case_id"]  # the run's seed is 0
+    expected = (sample_each_to_length_like_rome(model, tokenizer, prompts, total_tokens=30,
+                                                seeds=[text_seed(0, case_id, i) for i in range(2)])
+                if style == "reference" else sample_texts(model, tokenizer, prompts, max_new_tokens=30,
+                                                          seed=case_seed(0, case_id)))
     assert row["unedited"]["fluency"]["text"] == expected
     for state in ("edited", "unedited"):
         texts = row[state]["fluency"]["text"]
@@ -210,7 +251,7 @@ def test_run_reports_fluency_and_consistency_columns(tiny_dir, tmp_path, style):
 
 
 def test_generation_is_off_by_default(tiny_dir, tmp_path):
-    """Sampling two 100-token texts costs ~7 s per case on 2 CPU cores (SmolLM2-135M), so fluency is asked for."""
+    """Sampling two 100-token texts costs ~5 s per case on 2 CPU cores (SmolLM2-135M), so fluency is asked for."""
     out = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
     row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
     assert "fluency" not in row["edited"] and "efficacy" in row["edited"]

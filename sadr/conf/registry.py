@@ -98,17 +98,27 @@ def _check_known_keys(cfg: DictConfig) -> None:
                                                         how=" (set without '+')"))
 
 
+# Keys an earlier release read, and what replaced them (a command line or a sweep written for it names them).
+RENAMED = {
+    "eval.new_tokens": "eval.generation_length, which counts the prompt's tokens in the default "
+                       "eval.generation_style=reference (eval.generation_style=fixed counts new tokens, as "
+                       "eval.new_tokens did)",
+}
+
+
 def no_such_setting(key: str, declared: list[str], editor: str | None = None, so: str = "", how: str = "") -> str:
-    """What to say of a dotted key that its node does not declare: the close setting, or, for a key of `editor`'s
-    node, the editors that have it; then the node's settings. `so`: what follows from it; `how`: what to add to the
-    suggested key."""
+    """What to say of a dotted key that its node does not declare: what replaced it, the close setting, or, for a
+    key of `editor`'s node, the editors that have it; then the node's settings. `so`: what follows from it; `how`:
+    what to add to the suggested key."""
     from sadr.editors.registry import EDITORS
 
     parent, _, name = key.rpartition(".")
     node = parent or "the run config"
     owners = [other for other, plugin in EDITORS.items() if editor and name in _declared(plugin.config)]
     close = difflib.get_close_matches(name, declared, n=1)
-    if owners:
+    if key in RENAMED:
+        hint = f"it is now {RENAMED[key]}; "
+    elif owners:
         hint = f"it is a setting of editor={' and editor='.join(owners)}, not of editor={editor}; "
     else:
         hint = f"did you mean {parent + '.' if parent else ''}{close[0]}{how}? " if close else ""

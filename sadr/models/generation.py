@@ -1,9 +1,10 @@
-"""Seeded top-k sampling: batched with the KV cache (context templates, the generated corpus, fluency), and ROME's own
-loop for reference-style context templates."""
+"""Seeded top-k sampling: batched through `generate` (fixed-style context templates and fluency, the generated
+corpus), and ROME's own loop (reference-style context templates and fluency)."""
 from __future__ import annotations
 
 import itertools
 import unicodedata
+from typing import Callable
 
 import torch
 
@@ -45,26 +46,59 @@ def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, s
 @torch.no_grad()
 def sample_to_length_like_rome(model, tokenizer, prompts: list[str], *, total_tokens: int, seed: int,
                                top_k: int = 5) -> list[str]:
-    """Continuations as ROME's `generate_fast` samples them, each returned with its prompt.
-
-    Each text grows to `total_tokens` tokens counting its prompt (a BOS token included); top-k sampling from the
-    renormalised top-k probabilities; EOS may be drawn, and sampling goes on after it. The decoded text (special
-    tokens dropped) is NFKD-normalised and every "\\n\\n" becomes a space. Draws come from a CPU generator seeded
-    with `seed`, so the texts do not depend on the global RNG, and on another device only through the logits. Each
-    step feeds only the token drawn last, with the others' keys and values cached, as `generate_fast` does.
-    """
-    device = next(model.parameters()).device
+    """Continuations as ROME's `generate_fast` samples them (`grow_like_rome`), all from one random stream: the rows
+    of a prompt draw together, prompt after prompt. For context templates, whose rows repeat a few seed words."""
     generator = torch.Generator().manual_seed(seed)
     texts: list[str] = []
     for prompt, group in itertools.groupby(prompts):  # rows of one prompt have one length: no padding needed
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]] * len(list(group)), device=device)
-        fed, cache = ids, new_cache(model)
-        while ids.shape[1] < total_tokens:
-            probs = model(input_ids=fed, **cache).logits[:, -1].float().softmax(dim=-1)
-            top = probs.topk(top_k, dim=-1)
-            pick = torch.multinomial((top.values / top.values.sum(-1, keepdim=True)).cpu(), 1, generator=generator)
-            fed = top.indices.gather(1, pick.to(device))
-            ids = torch.cat([ids, fed], dim=1)
-        texts += [unicodedata.normalize("NFKD", text).replace("\n\n", " ")
-                  for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        rows = [tokenizer(prompt)["input_ids"]] * len(list(group))
+        texts += grow_like_rome(model, tokenizer, rows, total_tokens=total_tokens, top_k=top_k,
+                                draw=lambda probs: torch.multinomial(probs, 1, generator=generator))
     return texts
+
+
+@torch.no_grad()
+def sample_each_to_length_like_rome(model, tokenizer, prompts: list[str], *, total_tokens: int, seeds: list[int],
+                                    top_k: int = 5) -> list[str]:
+    """Continuations as ROME's `generate_fast` samples them (`grow_like_rome`), in one batch, each text from its own
+    random stream (`seeds`, one per prompt): a text does not depend on the prompts batched with it."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs.split(1), generators)])
+
+    rows = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    return grow_like_rome(model, tokenizer, rows, total_tokens=total_tokens, top_k=top_k, draw=draw)
+
+
+def grow_like_rome(model, tokenizer, rows: list[list[int]], *, total_tokens: int, top_k: int,
+                   draw: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+    """Each row of token ids grown to `total_tokens` tokens counting its prompt (a BOS token included), as ROME's
+    `generate_fast` does; a row already that long is returned as it is.
+
+    Top-k sampling from the renormalised top-k probabilities; `draw` picks one of the k columns per row from those
+    (rows, k) float32 CPU probabilities. EOS may be drawn, and sampling goes on after it. The decoded text (special
+    tokens dropped) is NFKD-normalised and every "\\n\\n" becomes a space. Each step feeds only the token drawn
+    last, with the others' keys and values cached, as `generate_fast` does. Rows of different lengths are padded on
+    the left, with positions counted from each row's first token; a row that has its length takes no further
+    token (what it is fed after that is masked out), so its positions never pass `total_tokens` - 1.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(row) for row in rows]
+    batch = pad_batch(rows, pad_id_of(tokenizer), left=True).to(device)
+    ids, mask = batch.input_ids, batch.attention_mask
+    wanted = torch.tensor([max(total_tokens - length, 0) for length in lengths], device=device)
+    padded = min(lengths) < max(lengths)  # equal lengths run as ROME's loop does, without a mask
+    fed, cache = ids, new_cache(model)
+    for step in range(int(wanted.max())):
+        where = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)[:, -fed.shape[1]:]} \
+            if padded else {}
+        probs = model(input_ids=fed, **where, **cache).logits[:, -1].float().softmax(dim=-1)
+        top = probs.topk(top_k, dim=-1)
+        pick = draw((top.values / top.values.sum(-1, keepdim=True)).cpu())
+        fed = top.indices.gather(1, pick.to(device))
+        ids = torch.cat([ids, fed], dim=1)
+        mask = torch.cat([mask, (wanted > step).to(mask.dtype)[:, None]], dim=1)
+    kept = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids, mask)]
+    return [unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+            for text in tokenizer.batch_decode(kept, skip_special_tokens=True)]
