@@ -36,10 +36,11 @@ class RunConflictError(UsageError):
 
 
 # Where and how results are written, and where the work runs, not what the results are: a run resumes with these
-# changed (after running out of GPU memory, say). CPU threads, cases side by side give the results of one at a time up to float
-# rounding, and a run already narrows them itself when a group does not fit; C's factors are the same wherever they
-# are kept. environment.json records the latest invocation's values.
-NOT_IDENTITY = ("output_dir", "progress", "save_edited", "threads", "editor.parallel_cases", "model.stats.factor_device")
+# changed (after running out of GPU memory, say). CPU threads, cases side by side and fluency's texts side by side give
+# the results of one at a time up to float rounding, and a run already narrows the cases itself when a group does not
+# fit; C's factors are the same wherever they are kept. environment.json records the latest invocation's values.
+NOT_IDENTITY = ("output_dir", "progress", "save_edited", "threads", "editor.parallel_cases", "model.stats.factor_device",
+                "eval.generation_batch_size")
 
 
 def _without_execution_settings(plain: dict) -> dict:

@@ -158,6 +158,7 @@ class Experiment:
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
             "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases,
             "factor_device": cfg.model.stats.factor_device.name, "threads": torch.get_num_threads(), "tf32": self.tf32,
+            "generation_batch_size": cfg.eval.generation_batch_size,
             "untested_versions": untested_versions,
         })
 

@@ -96,6 +96,18 @@ def test_texts_batched_with_left_padding_are_the_texts_each_prompt_gets_alone(fa
     assert got == [romes_loop(model, tokenizer, p, total, s) for p, s in zip(prompts, seeds)]
 
 
+def test_a_prompt_that_has_its_length_is_never_fed_beside_one_that_grows():
+    """A prompt of 321 tokens beside "The" on gpt2 (128 learned positions), to 100 tokens: it comes back as it is, and
+    only "The" runs through the model (the long one would pass the last position); one seed per prompt is checked."""
+    model, tokenizer = make_model("gpt2", dtype=torch.float64), make_tokenizer()
+    prompts = ["The", "Toyota is a company " * 40]
+    assert len(tokenizer(prompts[1])["input_ids"]) > 128
+    got = sample_each_to_length_like_rome(model, tokenizer, prompts, total_tokens=100, seeds=[5, 6])
+    assert got == [romes_loop(model, tokenizer, "The", 100, 5), prompts[1]]
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        sample_each_to_length_like_rome(model, tokenizer, prompts, total_tokens=100, seeds=[5])
+
+
 def test_a_text_depends_on_its_case_and_place_only(model_and_tokenizer):
     """Reference-style texts are sampled many rows at a time; a text is the same in rows of 1 or 16, and with fewer
     prompts per case; other cases and places get other streams."""
@@ -107,6 +119,10 @@ def test_a_text_depends_on_its_case_and_place_only(model_and_tokenizer):
     assert len({text for r in wide for text in r["fluency"]["text"]}) == 6
     assert len({text_seed(0, c, i) for c in (1, 12, "1a") for i in (0, 1)} | {text_seed(1, 1, 0)}) == 7
     assert text_seed(0, 12, 1) == text_seed(0, "12", 1)
+    # unedited scores cached when a case's texts shared one stream are not these texts'; fixed-style ones still are
+    assert GenerationMetrics(0).identity()["streams"] == "text"
+    assert "streams" not in GenerationMetrics(0, style="fixed").identity()
+
 
 def test_fixed_style_continues_each_prompt_by_its_length_from_the_models_top_5(model_and_tokenizer, monkeypatch):
     """`generation_length` new tokens, each among the model's 5 most likely next tokens (teacher-forced on the

@@ -316,21 +316,25 @@ def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
 
 
 def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path):
-    """Where C's factors are kept and how many cases run side by side do not change what a run computes (beyond float
-    rounding), so a run stopped for lack of GPU memory resumes with them changed; the factors' precision does."""
+    """Where C's factors are kept and how many cases (or fluency texts) run side by side do not change what a run
+    computes (beyond float rounding), so a run stopped for lack of GPU memory resumes with them changed; the factors'
+    precision does."""
     from sadr.results import RunConflictError
 
     run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
     threads = torch.get_num_threads()
     try:
         resumed = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1", "threads=1",
-                                                         "model.stats.factor_device=cpu", "editor.parallel_cases=2")))
+                                                         "model.stats.factor_device=cpu", "editor.parallel_cases=2",
+                                                         "eval.generation_batch_size=3")))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     environment = json.loads((resumed / "environment.json").read_text())
     assert environment["factor_device"] == "cpu" and environment["threads"] == 1
+    assert environment["generation_batch_size"] == 3
     assert "factor_device" not in (resumed / "config.yaml").read_text()
+    assert "generation_batch_size" not in (resumed / "config.yaml").read_text()
     with pytest.raises(RunConflictError, match=r"differs in: model"):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1",
                                                "model.stats.factor_dtype=float32")))

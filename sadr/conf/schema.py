@@ -202,8 +202,9 @@ class EvalConfig:
     # fixed: generation_length tokens sampled after the prompt, EOS never drawn
     generation_style: SamplingStyle = SamplingStyle.reference
     generation_length: int = 100
-    # reference style: texts sampled side by side (each has its own random stream, so this never changes them); each
-    # row keeps a KV cache of 2 × layers × generation_length × hidden values (GPT-J in float32: 92 MB)
+    # reference style: texts sampled side by side (each has its own random stream, so this changes them only through
+    # the rounding of other batch shapes); each row keeps a KV cache of about 2 × layers × generation_length × hidden
+    # values (GPT-J in float32: about 92 MB)
     generation_batch_size: int = 16
     # folder with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json; unset: no consistency column
     consistency_dir: Optional[str] = None

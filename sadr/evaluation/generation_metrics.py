@@ -7,8 +7,9 @@ the prompt, EOS never drawn, transformers' `generate`). Seeds derive from the ru
 the same texts whether it is evaluated with all cases (the unedited model) or in its edit group (the edited model),
 and the edited and unedited models continue its prompts with the same random streams. In the `reference` style each
 text has its own stream (seeded by its case and its place among the case's prompts), so the texts of many cases are
-sampled in batches of `batch_size` rows (`eval.generation_batch_size`) without depending on their batch-mates;
-`fixed` draws a call's rows from one stream, so each case is sampled in its own call.
+sampled in batches of `batch_size` rows (`eval.generation_batch_size`) without depending on their batch-mates beyond
+the rounding of another batch shape (which can move a draw in half precision); `fixed` draws a call's rows from one
+stream, so each case is sampled in its own call.
 
 Entries per case: `fluency` (one value, the mean n-gram entropy of the case's texts, as ROME's and the SADR repo's
 evaluations compute it, so a table's FL and its CI count cases; each text's entropy and the texts themselves beside
@@ -86,9 +87,11 @@ class GenerationMetrics(Evaluator):
             return None
 
     def identity(self) -> dict:
-        return {"name": self.name, "seed": self.seed, "prompts_per_case": self.prompts_per_case,
-                "length": self.length, "style": self.style, "top_k": TOP_K,
-                "streams": "text" if self.style == "reference" else "case", "consistency": self.consistency is not None}
+        identity = {"name": self.name, "seed": self.seed, "prompts_per_case": self.prompts_per_case,
+                    "length": self.length, "style": self.style, "top_k": TOP_K,
+                    "consistency": self.consistency is not None}
+        # reference-style texts had one stream per case until 2026-12-06: unedited scores cached then are not these
+        return identity | {"streams": "text"} if self.style == "reference" else identity
 
     def evaluate(self, model, tokenizer, adapter, cases: list[EditCase], case_rows: CaseRows = one_model) -> list[dict]:
         prompts = [list(case.generation_prompts[: self.prompts_per_case]) for case in cases]

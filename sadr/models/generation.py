@@ -53,7 +53,7 @@ def sample_to_length_like_rome(model, tokenizer, prompts: list[str], *, total_to
     for prompt, group in itertools.groupby(prompts):  # rows of one prompt have one length: no padding needed
         rows = [tokenizer(prompt)["input_ids"]] * len(list(group))
         texts += grow_like_rome(model, tokenizer, rows, total_tokens=total_tokens, top_k=top_k,
-                                draw=lambda probs: torch.multinomial(probs, 1, generator=generator))
+                                draw=lambda probs, _rows: torch.multinomial(probs, 1, generator=generator))
     return texts
 
 
@@ -61,44 +61,54 @@ def sample_to_length_like_rome(model, tokenizer, prompts: list[str], *, total_to
 def sample_each_to_length_like_rome(model, tokenizer, prompts: list[str], *, total_tokens: int, seeds: list[int],
                                     top_k: int = 5) -> list[str]:
     """Continuations as ROME's `generate_fast` samples them (`grow_like_rome`), in one batch, each text from its own
-    random stream (`seeds`, one per prompt): a text does not depend on the prompts batched with it."""
+    random stream (`seeds`, one per prompt): a text is the one its prompt gets alone, up to the rounding of another
+    batch shape (which can move a draw in half precision)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: one seed per prompt")
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
-    def draw(probs: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs.split(1), generators)])
+    def draw(probs: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return torch.cat([torch.multinomial(p, 1, generator=generators[row]) for p, row in zip(probs.split(1), rows)])
 
     rows = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     return grow_like_rome(model, tokenizer, rows, total_tokens=total_tokens, top_k=top_k, draw=draw)
 
 
+@torch.no_grad()
 def grow_like_rome(model, tokenizer, rows: list[list[int]], *, total_tokens: int, top_k: int,
-                   draw: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+                   draw: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> list[str]:
     """Each row of token ids grown to `total_tokens` tokens counting its prompt (a BOS token included), as ROME's
-    `generate_fast` does; a row already that long is returned as it is.
+    `generate_fast` does; a row already that long is returned as it is, and never fed to the model.
 
-    Top-k sampling from the renormalised top-k probabilities; `draw` picks one of the k columns per row from those
-    (rows, k) float32 CPU probabilities. EOS may be drawn, and sampling goes on after it. The decoded text (special
-    tokens dropped) is NFKD-normalised and every "\\n\\n" becomes a space. Each step feeds only the token drawn
-    last, with the others' keys and values cached, as `generate_fast` does. Rows of different lengths are padded on
-    the left, with positions counted from each row's first token; a row that has its length takes no further
-    token (what it is fed after that is masked out), so its positions never pass `total_tokens` - 1.
+    Top-k sampling from the renormalised top-k probabilities; `draw(probs, rows)` picks one of the k columns for each
+    growing row from those (growing rows, k) float32 CPU probabilities, `rows` being the growing rows' indices in
+    `rows`. EOS may be drawn, and sampling goes on after it. The decoded text (special tokens dropped) is
+    NFKD-normalised and every "\\n\\n" becomes a space. Each step feeds only the token drawn last, with the others'
+    keys and values cached, as `generate_fast` does. Rows of different lengths are padded on the left, with positions
+    counted from each row's first token; a row that has its length takes no further token (what it is fed after that
+    is masked out), so its positions never pass `total_tokens` - 1.
     """
     device = next(model.parameters()).device
-    lengths = [len(row) for row in rows]
-    batch = pad_batch(rows, pad_id_of(tokenizer), left=True).to(device)
-    ids, mask = batch.input_ids, batch.attention_mask
-    wanted = torch.tensor([max(total_tokens - length, 0) for length in lengths], device=device)
-    padded = min(lengths) < max(lengths)  # equal lengths run as ROME's loop does, without a mask
-    fed, cache = ids, new_cache(model)
-    for step in range(int(wanted.max())):
-        where = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)[:, -fed.shape[1]:]} \
-            if padded else {}
-        probs = model(input_ids=fed, **where, **cache).logits[:, -1].float().softmax(dim=-1)
-        top = probs.topk(top_k, dim=-1)
-        pick = draw((top.values / top.values.sum(-1, keepdim=True)).cpu())
-        fed = top.indices.gather(1, pick.to(device))
-        ids = torch.cat([ids, fed], dim=1)
-        mask = torch.cat([mask, (wanted > step).to(mask.dtype)[:, None]], dim=1)
-    kept = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids, mask)]
+    grown = [list(row) for row in rows]
+    growing = [index for index, row in enumerate(rows) if len(row) < total_tokens]
+    if growing:
+        lengths = [len(rows[index]) for index in growing]
+        batch = pad_batch([rows[index] for index in growing], pad_id_of(tokenizer), left=True).to(device)
+        ids, mask = batch.input_ids, batch.attention_mask
+        wanted = torch.tensor([total_tokens - length for length in lengths], device=device)
+        padded = min(lengths) < max(lengths)  # equal lengths run as ROME's loop does, without a mask
+        fed, cache = ids, new_cache(model)
+        for step in range(total_tokens - min(lengths)):
+            where = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1)[:, -fed.shape[1]:].clamp(min=0)} \
+                if padded else {}
+            probs = model(input_ids=fed, **where, **cache).logits[:, -1].float().softmax(dim=-1)
+            top = probs.topk(top_k, dim=-1)
+            pick = draw((top.values / top.values.sum(-1, keepdim=True)).cpu(), growing)
+            fed = top.indices.gather(1, pick.to(device))
+            ids = torch.cat([ids, fed], dim=1)
+            mask = torch.cat([mask, (wanted > step).to(mask.dtype)[:, None]], dim=1)
+        ids, mask = ids.cpu(), mask.cpu().bool()
+        for index, row, row_mask in zip(growing, ids, mask):
+            grown[index] = row[row_mask].tolist()
     return [unicodedata.normalize("NFKD", text).replace("\n\n", " ")
-            for text in tokenizer.batch_decode(kept, skip_special_tokens=True)]
+            for text in tokenizer.batch_decode(grown, skip_special_tokens=True)]
