@@ -22,7 +22,7 @@
 #   pbf16   GPT-J-6B shape in bfloat16, ROME and MEMIT, 16 cases, N = 1 and 8 side by side: cases/s (≥ 3×), decisions
 #   alpha   SmolLM2-135M shape, AlphaEdit plain and SADR: its null-space projection and updates on the GPU, the one
 #           editor the other steps leave out (optional, for a call with time left)
-#   fluency GPT-J-6B shape, fluency's reference-style texts (100 tokens, all 3 prompts of 8 offline records): one batch
+#   fluency GPT-J-6B shape, fluency's reference-style texts (100 tokens, all 3 prompts of 4 offline records): one batch
 #           per prompt (before 2026-12-06) against a case's prompts and all cases' prompts in one batch (optional)
 # Rehearse on the CPU first, with tiny widths and the same code: TINY=1 OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_checks.sh run
 set -uo pipefail
@@ -117,7 +117,7 @@ run_checks() {
       pbf16) step pbf16 240 "${pcases[@]}" --dtype bfloat16 --editors rome memit --n 1 8 --cases 16 \
                --stats-samples 128 --set editor.v_num_grad_steps=10 ;;
       alpha) step alpha 120 "${scale[@]}" --arch smollm2-135m --editors alphaedit ;;
-      fluency) step fluency 150 "${fluency[@]}" --cases 8 --prompts-per-case 0 --rounds 1 ;;
+      fluency) step fluency 150 "${fluency[@]}" --cases 4 --prompts-per-case 0 --rounds 1 ;;
       *) echo "unknown step $name (smol gptj neox pbf16 alpha fluency)"; exit 2 ;;
     esac
   done
