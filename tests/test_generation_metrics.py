@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from sadr.data.records import EditCase, EditRequest
+from sadr.conf.registry import compose_config
+from sadr.evaluation import generation_metrics
 from sadr.evaluation.consistency import load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
 from sadr.evaluation.generation_metrics import GenerationMetrics, case_seed, text_seed
@@ -104,6 +106,8 @@ def test_a_prompt_that_has_its_length_is_never_fed_beside_one_that_grows():
     assert len(tokenizer(prompts[1])["input_ids"]) > 128
     got = sample_each_to_length_like_rome(model, tokenizer, prompts, total_tokens=100, seeds=[5, 6])
     assert got == [romes_loop(model, tokenizer, "The", 100, 5), prompts[1]]
+    # the long prompt first: a growing row draws from its own prompt's stream, not from its place among growing rows
+    assert sample_each_to_length_like_rome(model, tokenizer, prompts[::-1], total_tokens=100, seeds=[6, 5]) == got[::-1]
     with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
         sample_each_to_length_like_rome(model, tokenizer, prompts, total_tokens=100, seeds=[5])
 
@@ -122,6 +126,23 @@ def test_a_text_depends_on_its_case_and_place_only(model_and_tokenizer):
     # unedited scores cached when a case's texts shared one stream are not these texts'; fixed-style ones still are
     assert GenerationMetrics(0).identity()["streams"] == "text"
     assert "streams" not in GenerationMetrics(0, style="fixed").identity()
+
+
+def test_reference_texts_are_sampled_batch_size_rows_at_a_time(model_and_tokenizer, monkeypatch):
+    """`eval.generation_batch_size` rows per call (each row's KV cache costs memory), the cases' prompts in order, each
+    with its case's and place's seed."""
+    calls = []
+    sample = generation_metrics.sample_each_to_length_like_rome
+
+    def recorded(model, tokenizer, prompts, **settings):
+        calls.append((prompts, settings["seeds"]))
+        return sample(model, tokenizer, prompts, **settings)
+
+    monkeypatch.setattr(generation_metrics, "sample_each_to_length_like_rome", recorded)
+    evaluate(model_and_tokenizer, [case(1), case(2), case(3)], batch_size=4, length=8)
+    assert [len(prompts) for prompts, _ in calls] == [4, 2]
+    assert [seed for _, seeds in calls for seed in seeds] == [text_seed(0, c, i) for c in (1, 2, 3) for i in (0, 1)]
+    assert GenerationMetrics.from_config(compose_config(["eval.generation_batch_size=5"])).batch_size == 5
 
 
 def test_fixed_style_continues_each_prompt_by_its_length_from_the_models_top_5(model_and_tokenizer, monkeypatch):
@@ -221,12 +242,14 @@ def test_identity_names_every_setting_and_whether_consistency_is_available(tmp_p
     for changed in (GenerationMetrics(seed=1), GenerationMetrics(seed=0, prompts_per_case=None),
                     GenerationMetrics(seed=0, length=50), GenerationMetrics(seed=0, style="fixed")):
         assert changed.identity() != base
+    assert GenerationMetrics(seed=0, batch_size=1).identity() == base  # only how many texts are sampled side by side
 
 
 @pytest.mark.parametrize(("settings", "message"), [
     (dict(prompts_per_case=0), r"eval.generation_prompts_per_case=0: must be >= 1, or null for all"),
     (dict(length=0), r"eval.generation_length=0: must be >= 1"),
     (dict(style="rome"), r"eval.generation_style must be fixed or reference, got 'rome'"),
+    (dict(batch_size=0), r"eval.generation_batch_size=0: must be >= 1"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
