@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sadr.data.records import EditCase, EditRequest
 from sadr.conf.registry import compose_config
+from sadr.data.records import EditCase, EditRequest
 from sadr.evaluation import generation_metrics
 from sadr.evaluation.consistency import load_consistency_data
 from sadr.evaluation.fluency import ngram_entropy
