@@ -82,7 +82,8 @@ def grow_like_rome(model, tokenizer, rows: list[list[int]], *, total_tokens: int
 
     Top-k sampling from the renormalised top-k probabilities; `draw(probs, rows)` picks one of the k columns for each
     growing row from those (growing rows, k) float32 CPU probabilities, `rows` being the growing rows' indices in
-    `rows`. EOS may be drawn, and sampling goes on after it. The decoded text (special tokens dropped) is
+    `rows`; it draws from CPU generators, so the texts do not depend on the global RNG, and on another device only
+    through the logits. EOS may be drawn, and sampling goes on after it. The decoded text (special tokens dropped) is
     NFKD-normalised and every "\\n\\n" becomes a space. Each step feeds only the token drawn last, with the others'
     keys and values cached, as `generate_fast` does. Rows of different lengths are padded on the left, with positions
     counted from each row's first token; a row that has its length takes no further token (what it is fed after that
