@@ -59,6 +59,27 @@ def _identity(cfg: DictConfig) -> dict:
     return _without_execution_settings(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True))
 
 
+_ABSENT = object()
+
+
+def config_differences(run: dict, now: dict, prefix: str = "") -> list[str]:
+    """Each setting whose value differs between a run's config and the one given now, as its dotted key and the two
+    values: "dataset.limit (1 in the run, 2 now)"."""
+    differences = []
+    for key in sorted(set(run) | set(now), key=str):
+        before, after = run.get(key, _ABSENT), now.get(key, _ABSENT)
+        if isinstance(before, dict) and isinstance(after, dict):
+            differences += config_differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            differences.append(f"{prefix}{key} ({_short(before)} in the run, {_short(after)} now)")
+    return differences
+
+
+def _short(value, width: int = 200) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def read_config(file: Path) -> dict:
     """A run's config.yaml as a plain dict; one that is not YAML was damaged or edited, and is named with the fix."""
     try:
@@ -95,10 +116,11 @@ class RunDirectory:
             if existing == identity:
                 return
             if self.rows() or self.checkpointed():
-                changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
                 raise RunConflictError(
-                    f"{self.path} already holds a run with a different config (differs in: {', '.join(changed)}); "
-                    "resume only with identical settings, or choose a new directory with hydra.run.dir=..."
+                    f"{self.path} already holds a run with a different config (differs in: "
+                    f"{'; '.join(config_differences(existing, identity))}); resume only with identical settings (the "
+                    f"run's values, in {target}, also where a newer sadr changed a default), or choose a new "
+                    "directory with hydra.run.dir=..."
                 )
         tmp = target.with_suffix(".tmp")
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sadr.data.records import EditCase, EditRequest, LabeledPrompt
+from sadr.data.records import ContrastPrompt, EditCase, EditRequest, LabeledPrompt
 from sadr.evaluation import prompt_metrics
 from sadr.evaluation.aggregate import compact_table, harmonic_mean, mean_ci, metric_table
 from sadr.evaluation.probes import Probe, resolve_metrics
@@ -204,6 +204,33 @@ def test_each_compared_metric_asks_which_answer_it_should(monkeypatch):
     assert {name: got[name]["value"] for name in names} == {
         "efficacy": [0.0], "paraphrase": [0.0], "neighborhood": [1.0], "distract_neighborhood": [1.0], "relation": [1.0]}
     assert got["relation"]["p_bad"] == [pytest.approx(0.3)]  # RS's bad answer is the new target
+
+
+def test_commonsense_asks_right_over_wrong_alone_and_after_the_edit_sentence(monkeypatch):
+    """docs/metrics.md: CS and DCS succeed when p(right) > p(wrong), DCS's prompt following the edit sentence and its
+    new object (as DNS's does); each question is one observation, with its magnitude p(right) − p(wrong)."""
+    case = EditCase(0, EditRequest("{} is in", "Toyota", "France", "Japan"), commonsense_prompts=(
+        ContrastPrompt("Dry a wet shoe.", "Stuff it with paper.", "Stuff it with ice."),
+        ContrastPrompt("Open a stuck jar.", "Tap the lid.", "Freeze the lid.")))
+    p = {"Stuff it with paper.": 0.3, "Stuff it with ice.": 0.2, "Tap the lid.": 0.1, "Freeze the lid.": 0.4}
+    asked = []
+
+    def fake_scores(model, tokenizer, prompts, targets, batch_size, **_routing):
+        asked.extend(zip(prompts, targets))
+        return PairScores(-torch.log(torch.tensor([p[t] for t in targets])), torch.zeros(len(targets)))
+
+    monkeypatch.setattr(prompt_metrics, "score_pairs_detailed", fake_scores)
+    got = prompt_metrics.evaluate_cases(None, None, [case], resolve_metrics(["commonsense", "distract_commonsense"]))[0]
+    for name in ("commonsense", "distract_commonsense"):
+        assert got[name]["value"] == [1.0, 0.0]
+        assert got[name]["p_good"] == [pytest.approx(0.3), pytest.approx(0.1)]
+        assert got[name]["p_bad"] == [pytest.approx(0.2), pytest.approx(0.4)]
+    assert ("Toyota is in France. Open a stuck jar.", "Freeze the lid.") in asked
+    assert ("Open a stuck jar.", "Tap the lid.") in asked and len(asked) == 8
+    table = metric_table([{"edited": got}], states=("edited",))
+    assert pick(table, "distract_commonsense", "prompt")["mean"] == pytest.approx(50.0)
+    assert set(table[table.metric == "commonsense"].label) == {"CS"}
+    assert pick(table, "commonsense", "prompt", "magnitude")["mean"] == pytest.approx(100 * ((0.3 - 0.2) + (0.1 - 0.4)) / 2)
 
 
 def test_every_prompt_of_a_set_is_its_own_probe_with_the_answers_the_metric_names():

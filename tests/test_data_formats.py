@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from sadr.conf.schema import DatasetConfig, ZsreTarget
 from sadr.data.load import load_cases
-from sadr.data.records import EditRequest, LabeledPrompt
+from sadr.data.records import ContrastPrompt, EditRequest, LabeledPrompt
 from sadr.data.registry import FORMATS, DatasetFormat
 from tests.data_fixtures import FIXTURES, REAL_SAMPLES, config, load_edited
 
@@ -153,6 +153,25 @@ def test_sadr_merged(tmp_path):
     assert alias.portability == {"Subject_Aliasing": (LabeledPrompt("The Tidewatch follows", "Gull Lock"),)}
     assert alias.neighborhood_prompts == () and alias.relation_prompts == ()
     assert empty_neighbors.neighborhood_prompts == () and empty_neighbors.paraphrase_prompts
+    assert knowedit_half.commonsense_prompts == (
+        ContrastPrompt("How do I keep a kite from tangling?", "Wind the line on a flat card.", "Wind the line on a wet card."),)
+    assert all(len(case.commonsense_prompts) == 1 for case in cases)
+
+
+def test_sadr_merged_commonsense_reads_lists_and_is_optional(tmp_path):
+    """`o-commonsense` as the file has it (three strings), as three lists of one length, or absent."""
+    def change(records):
+        records[0]["o-commonsense"] = {"prompts": ["Dry a wet shoe.", "Open a stuck jar."],
+                                       "right": ["Stuff it with paper.", "Run the lid under hot water."],
+                                       "wrong": ["Stuff it with ice.", "Run the lid under cold water."]}
+        del records[1]["o-commonsense"]
+        records[2]["o-commonsense"] = None
+
+    cases = load_edited(tmp_path, "sadr_merged", change).cases
+    assert cases[0].commonsense_prompts == (
+        ContrastPrompt("Dry a wet shoe.", "Stuff it with paper.", "Stuff it with ice."),
+        ContrastPrompt("Open a stuck jar.", "Run the lid under hot water.", "Run the lid under cold water."))
+    assert cases[1].commonsense_prompts == cases[2].commonsense_prompts == ()
 
 
 def test_loads_from_an_omegaconf_structured_config(tmp_path):

@@ -138,6 +138,20 @@ def test_sadr_merged_block_lengths_must_match(tmp_path):
         load_edited(tmp_path, "sadr_merged", lambda r: r[0]["l-relation"]["targets"].append("tailor"))
 
 
+@pytest.mark.parametrize("change, expected", [
+    (lambda block: block.pop("wrong"), r"field 'o-commonsense.wrong': expected a non-empty string or a list of them, "
+                                       r"it is missing"),
+    (lambda block: block.__setitem__("right", ""), r"field 'o-commonsense.right': expected a non-empty string, got ''"),
+    (lambda block: block.__setitem__("right", ["a", "b"]),
+     r"field 'o-commonsense.right': expected one continuation per prompt \(1\)"),
+    (lambda block: block.__setitem__("prompts", ["Dry a wet shoe.", 3]),
+     r"field 'o-commonsense.prompts\[1\]': expected a non-empty string, got 3"),
+])
+def test_sadr_merged_commonsense_block_is_checked(tmp_path, change, expected):
+    with pytest.raises(InvalidRecordError, match=r"record 2, " + expected):
+        load_edited(tmp_path, "sadr_merged", lambda r: change(r[2]["o-commonsense"]))
+
+
 def test_skip_policy_counts_and_warns(tmp_path, caplog):
     def break_two(records):
         del records[0]["answers"]

@@ -3,7 +3,7 @@
 Which metrics apply follows from what a format's records hold (see the fixtures): CounterFact-style
 records are compared (ES/PS/NS/DNS) and have generation prompts (FL); zsRE is token-scored in both
 target protocols; KnowEdit has relation specificity and portability; the SADR merged file mixes
-both halves, so it has every success rate of SADR's Avg. S.
+both halves, so it has every success rate of SADR's Avg. S, and its commonsense questions (CS/DCS).
 """
 from __future__ import annotations
 
@@ -18,18 +18,23 @@ from tests.runs import FIXTURES, composed, tiny_dir, tiny_overrides  # noqa: F40
 COUNTERFACT = {"efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "fluency"}
 ZSRE = {"token_efficacy", "token_generalization", "locality"}
 COMPARED = {"efficacy", "paraphrase", "neighborhood", "distract_neighborhood"}
+COMMONSENSE = {"commonsense", "distract_commonsense"}
 
 # (format, extra overrides, metrics that must be there, metrics that must not)
 CASES = [
-    pytest.param("counterfact", [], COUNTERFACT, ZSRE | {"relation", "portability"}, id="counterfact"),
-    pytest.param("multi_counterfact", [], COUNTERFACT, ZSRE | {"relation", "portability"}, id="multi_counterfact"),
-    pytest.param("offline_counterfact", [], COUNTERFACT | {"relation"}, ZSRE | {"portability"}, id="offline_counterfact"),
-    pytest.param("zsre", ["dataset.target=answers"], ZSRE, COMPARED | {"fluency", "relation"}, id="zsre-answers"),
-    pytest.param("zsre", ["dataset.target=alt"], ZSRE, COMPARED | {"fluency", "relation"}, id="zsre-alt"),
+    pytest.param("counterfact", [], COUNTERFACT, ZSRE | COMMONSENSE | {"relation", "portability"}, id="counterfact"),
+    pytest.param("multi_counterfact", [], COUNTERFACT, ZSRE | COMMONSENSE | {"relation", "portability"},
+                 id="multi_counterfact"),
+    pytest.param("offline_counterfact", [], COUNTERFACT | {"relation"}, ZSRE | COMMONSENSE | {"portability"},
+                 id="offline_counterfact"),
+    pytest.param("zsre", ["dataset.target=answers"], ZSRE, COMPARED | COMMONSENSE | {"fluency", "relation"},
+                 id="zsre-answers"),
+    pytest.param("zsre", ["dataset.target=alt"], ZSRE, COMPARED | COMMONSENSE | {"fluency", "relation"}, id="zsre-alt"),
     pytest.param("knowedit_counterfact", ["dataset.limit=2"], {"efficacy", "relation", "portability", "locality"},
-                 {"paraphrase", "neighborhood", "distract_neighborhood", "fluency"} | ZSRE - {"locality"},
+                 {"paraphrase", "neighborhood", "distract_neighborhood", "fluency"} | ZSRE - {"locality"} | COMMONSENSE,
                  id="knowedit_counterfact"),
-    pytest.param("sadr_merged", ["dataset.limit=2"], COUNTERFACT | {"relation", "portability"}, ZSRE, id="sadr_merged"),
+    pytest.param("sadr_merged", ["dataset.limit=2"], COUNTERFACT | COMMONSENSE | {"relation", "portability"}, ZSRE,
+                 id="sadr_merged"),
 ]
 
 

@@ -311,8 +311,23 @@ def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
     from sadr.results import RunConflictError
 
     run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
-    with pytest.raises(RunConflictError, match=r"differs in: dataset"):
+    with pytest.raises(RunConflictError, match=r"differs in: dataset\.limit \(1 in the run, 2 now\)\); resume only "
+                                                r"with identical settings \(the run's values, in .*config\.yaml"):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=2")))
+
+
+def test_config_differences_name_each_setting_with_both_values():
+    """A refused resume names every differing key, however deep, with the run's value and the one given now."""
+    from sadr.results import config_differences
+
+    run = {"seed": 0, "eval": {"metrics": ["efficacy"], "batch_size": 64}, "editor": {"name": "rome"}}
+    now = {"seed": 0, "eval": {"metrics": ["efficacy", "commonsense"], "batch_size": 64}, "editor": {"name": "rome",
+                                                                                                      "v_steps": 20}}
+    assert config_differences(run, now) == [
+        "editor.v_steps ((absent) in the run, 20 now)",
+        "eval.metrics (['efficacy'] in the run, ['efficacy', 'commonsense'] now)"]
+    assert config_differences(run, run) == []
+    assert config_differences({"a": "x" * 300}, {"a": "y"})[0].startswith("a ('" + "x" * 196 + "... in the run")
 
 
 def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path):

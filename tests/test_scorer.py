@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -50,6 +52,27 @@ def test_pairs_sharing_a_prompt_are_read_from_one_row_and_score_as_alone(tiny_mo
         nll, acc = _one_at_a_time(tiny_model, tokenizer, p, t)
         assert abs(got.nll[i].item() - nll) < 1e-4
         assert abs(got.token_accuracy[i].item() - acc) < 1e-9
+
+
+def test_commonsense_values_are_each_questions_own_comparison(tiny_model, tokenizer):
+    """CS and DCS per question, through `evaluate_cases`, against the reference above: p = exp(−mean nll) of the right
+    and of the wrong continuation, after the question alone and after the edit sentence."""
+    from sadr.data.records import ContrastPrompt, EditCase, EditRequest
+    from sadr.evaluation.probes import resolve_metrics
+    from sadr.evaluation.prompt_metrics import evaluate_cases
+
+    questions = (ContrastPrompt("How do I dry a wet shoe?", "Stuff it with paper.", "Stuff it with ice."),
+                 ContrastPrompt("Keep bread fresh longer.", "Store it in a cloth bag.", "Store it in a wet bag."))
+    case = EditCase(0, EditRequest("{} is in", "Toyota", "France", "Japan"), commonsense_prompts=questions)
+    got = evaluate_cases(tiny_model, tokenizer, [case], resolve_metrics(["commonsense", "distract_commonsense"]),
+                         batch_size=3)[0]
+    for name, before in (("commonsense", ""), ("distract_commonsense", "Toyota is in France. ")):
+        for i, question in enumerate(questions):
+            right, wrong = (math.exp(-_one_at_a_time(tiny_model, tokenizer, before + question.prompt, answer)[0])
+                            for answer in (question.right, question.wrong))
+            assert got[name]["p_good"][i] == pytest.approx(right, rel=1e-4)
+            assert got[name]["p_bad"][i] == pytest.approx(wrong, rel=1e-4)
+            assert got[name]["value"][i] == float(right > wrong)
 
 
 # Prompts after which, for each tiny model family, the greedy continuation re-tokenises as itself (see below).

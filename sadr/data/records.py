@@ -33,6 +33,15 @@ class LabeledPrompt:
 
 
 @dataclass(frozen=True)
+class ContrastPrompt:
+    """A prompt and two continuations, one right and one wrong (PIQA-style: the SADR data's `o-commonsense`)."""
+
+    prompt: str
+    right: str
+    wrong: str
+
+
+@dataclass(frozen=True)
 class EditCase:
     """One record: the edit request and every prompt set the metrics may use.
 
@@ -47,6 +56,8 @@ class EditCase:
     relation_prompts: tuple[LabeledPrompt, ...] = ()
     locality_prompts: tuple[LabeledPrompt, ...] = ()
     portability: dict[str, tuple[LabeledPrompt, ...]] = field(default_factory=dict)
+    # knowledge unrelated to the edit, asked as which of two continuations is right
+    commonsense_prompts: tuple[ContrastPrompt, ...] = ()
     # zsRE: efficacy and generalization are top-1 token accuracy of target_new, never p(new) vs p(true)
     # comparisons, whichever answer the edit targets (target_true is set when it edits towards `alt`)
     token_scored: bool = False

@@ -6,15 +6,17 @@ blocks, possibly empty. Mapping: `p-paraphrase` → `paraphrase_prompts` (target
 `target_new`), `l-neighbor` → `neighborhood_prompts` (targets must be `target_true`),
 `l-relation` → `relation_prompts`, `p-reasoning` / `p-subject_alias` → `portability["Reasoning"]`
 / `portability["Subject_Aliasing"]` (KnowEdit's names), `generation` (prompts only) →
-`generation_prompts`. `rewrite` repeats the request and `o-commonsense` (a `{prompts, right,
-wrong}` triple) is not used. Case ids are record positions in the file.
+`generation_prompts`, and `o-commonsense` (`{prompts, right, wrong}`: one PIQA-style question, a
+string, with its right and wrong continuation, as the SADR repo scores it; lists of equal length are
+read too) → `commonsense_prompts`. `rewrite` repeats the request and is not used. Case ids are
+record positions in the file.
 """
 
 from __future__ import annotations
 
 from sadr.conf.schema import DatasetConfig
 from sadr.data.fields import check_mentions_subject, new_target, template_around_subject
-from sadr.data.records import EditCase, EditRequest, LabeledPrompt
+from sadr.data.records import ContrastPrompt, EditCase, EditRequest, LabeledPrompt
 from sadr.data.validation import Record
 
 _PORTABILITY = {"p-reasoning": "Reasoning", "p-subject_alias": "Subject_Aliasing"}
@@ -42,6 +44,7 @@ def parse(rec: Record, cfg: DatasetConfig) -> EditCase:
         relation_prompts=_block(rec, "l-relation"),
         portability=portability,
         generation_prompts=tuple(rec.child("generation", required=False).texts("prompts", required=False)),
+        commonsense_prompts=_contrasts(rec, "o-commonsense"),
     )
 
 
@@ -52,6 +55,18 @@ def _block(rec: Record, key: str) -> tuple[LabeledPrompt, ...]:
     if len(targets) != len(prompts):
         block.fail("targets", f"one target per prompt ({len(prompts)})", targets)
     return tuple(LabeledPrompt(p, t) for p, t in zip(prompts, targets))
+
+
+def _contrasts(rec: Record, key: str) -> tuple[ContrastPrompt, ...]:
+    """An optional `{prompts, right, wrong}` block: three strings, or three lists of equal length."""
+    block = rec.child(key, required=False)
+    if not block.keys():
+        return ()
+    fields = {name: block.text_or_texts(name) for name in ("prompts", "right", "wrong")}
+    for name in ("right", "wrong"):
+        if len(fields[name]) != len(fields["prompts"]):
+            block.fail(name, f"one continuation per prompt ({len(fields['prompts'])})", fields[name])
+    return tuple(ContrastPrompt(*texts) for texts in zip(fields["prompts"], fields["right"], fields["wrong"]))
 
 
 def _prompts_towards(rec: Record, key: str, target: str) -> list[str]:

@@ -80,6 +80,11 @@ class Record:
                 self.fail(f"{key}[{i}]", "a non-empty string", item)
         return value
 
+    def text_or_texts(self, key: str) -> list[str]:
+        """A non-empty string, as a list of one, or a list of non-empty strings."""
+        value = self._get(key, True, "a non-empty string or a list of them")
+        return self.texts(key) if isinstance(value, list) else [self.text(key)]
+
     def alias(self, key: str) -> str:
         """A non-empty string, or the first alias of a (nested) list of aliases such as [["Paris", "City of Light"]]."""
         value = self._get(key, True, "a string or a list of aliases")

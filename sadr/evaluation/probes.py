@@ -42,8 +42,8 @@ def _neighborhood(case: EditCase) -> list[Probe]:
 
 
 def distract(case: EditCase, prompt: str) -> str:
-    """A neighborhood prompt with the edit sentence prepended (SADR's Distract Neighborhood), its new object after one
-    space as the scorer reads a target."""
+    """A prompt with the edit sentence prepended (SADR's Distract Neighborhood, and the SADR repo's `_aft_edit_text`),
+    its new object after one space as the scorer reads a target."""
     return f"{case.request.text}{as_continuation(case.request.target_new)}. {prompt}"
 
 
@@ -56,6 +56,14 @@ def _distract_neighborhood(case: EditCase) -> list[Probe]:
 
 def _relation(case: EditCase) -> list[Probe]:
     return [Probe(p.prompt, p.target, case.request.target_new) for p in case.relation_prompts]
+
+
+def _commonsense(case: EditCase) -> list[Probe]:
+    return [Probe(p.prompt, p.right, p.wrong) for p in case.commonsense_prompts]
+
+
+def _distract_commonsense(case: EditCase) -> list[Probe]:
+    return [Probe(distract(case, p.prompt), p.right, p.wrong) for p in case.commonsense_prompts]
 
 
 def _portability(case: EditCase) -> list[Probe]:
@@ -87,6 +95,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("neighborhood", "NS", _neighborhood),
     Metric("distract_neighborhood", "DNS", _distract_neighborhood),
     Metric("relation", "RS", _relation),
+    Metric("commonsense", "CS", _commonsense),
+    Metric("distract_commonsense", "DCS", _distract_commonsense),
     Metric("portability", "Port", _portability),
     Metric("token_efficacy", "zsRE-E", _zsre_efficacy),
     Metric("token_generalization", "zsRE-G", _zsre_generalization),
