@@ -144,6 +144,8 @@ def test_sadr_merged_block_lengths_must_match(tmp_path):
     (lambda block: block.__setitem__("right", ""), r"field 'o-commonsense.right': expected a non-empty string, got ''"),
     (lambda block: block.__setitem__("right", ["a", "b"]),
      r"field 'o-commonsense.right': expected one continuation per prompt \(1\)"),
+    (lambda block: block.__setitem__("wrong", ["a", "b"]),
+     r"field 'o-commonsense.wrong': expected one continuation per prompt \(1\)"),
     (lambda block: block.__setitem__("prompts", ["Dry a wet shoe.", 3]),
      r"field 'o-commonsense.prompts\[1\]': expected a non-empty string, got 3"),
 ])

@@ -327,6 +327,8 @@ def test_config_differences_name_each_setting_with_both_values():
         "editor.v_steps ((absent) in the run, 20 now)",
         "eval.metrics (['efficacy'] in the run, ['efficacy', 'commonsense'] now)"]
     assert config_differences(run, run) == []
+    deep = config_differences({"model": {"stats": {"sample_length": 64}}}, {"model": {"stats": {"sample_length": 128}}})
+    assert deep == ["model.stats.sample_length (64 in the run, 128 now)"]  # every level of the key, not the last two
     assert config_differences({"a": "x" * 300}, {"a": "y"})[0].startswith("a ('" + "x" * 196 + "... in the run")
 
 

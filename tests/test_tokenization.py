@@ -154,7 +154,7 @@ def test_the_prompt_length_check_bounds_tokens_by_bytes_and_counts_every_field()
     from types import SimpleNamespace
 
     from sadr.data.lengths import check_prompt_lengths
-    from sadr.data.records import EditCase, EditRequest, LabeledPrompt
+    from sadr.data.records import ContrastPrompt, EditCase, EditRequest, LabeledPrompt
     from sadr.errors import InvalidSettingError
 
     def bytes_with_bos(texts):
@@ -183,6 +183,17 @@ def test_the_prompt_length_check_bounds_tokens_by_bytes_and_counts_every_field()
     check_prompt_lengths([case(portability=reasoning)], bytes_with_bos, 41, {})
     with pytest.raises(InvalidSettingError, match=r"portability\.Reasoning needs 41 tokens with its answer, more "):
         check_prompt_lengths([case(portability=reasoning)], bytes_with_bos, 40, {})
+    # CS: "Dry a shoe. Stuff it with paper." 32 bytes, 33 tokens (the longer continuation counts); DCS puts the edit
+    # sentence "Paris is in Rome. " (18 bytes) before it: 51 tokens; DNS: "Paris is in Rome. Lyon is in Rome", 34 tokens
+    question = (ContrastPrompt("Dry a shoe.", "Stuff it with ice.", "Stuff it with paper."),)
+    with pytest.raises(InvalidSettingError, match=r"commonsense_prompts needs 33 tokens with its answer, more "):
+        check_prompt_lengths([case(commonsense_prompts=question)], bytes_with_bos, 32, {})
+    with pytest.raises(InvalidSettingError, match=r"commonsense_prompts \(after the edit sentence\) needs 51 tokens "):
+        check_prompt_lengths([case(commonsense_prompts=question)], bytes_with_bos, 50, {})
+    check_prompt_lengths([case(commonsense_prompts=question)], bytes_with_bos, 51, {})
+    neighbor = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome", target_true="Gaul")
+    with pytest.raises(InvalidSettingError, match=r"neighborhood_prompts \(after the edit sentence\) needs 34 tokens "):
+        check_prompt_lengths([case(request=neighbor, neighborhood_prompts=("Lyon is in",))], bytes_with_bos, 33, {})
 
 
 @pytest.mark.parametrize("generation, style, length, positions, sampled", [
