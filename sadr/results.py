@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,20 +65,36 @@ _ABSENT = object()
 
 def config_differences(run: dict, now: dict, prefix: str = "") -> list[str]:
     """Each setting whose value differs between a run's config and the one given now, as its dotted key and the two
-    values: "dataset.limit (1 in the run, 2 now)"."""
+    values written as an override takes them: "dataset.limit (1 in the run, 2 now)",
+    "eval.metrics ([efficacy,relation] in the run, [efficacy] now)"."""
     differences = []
     for key in sorted(set(run) | set(now), key=str):
         before, after = run.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(before, dict) and isinstance(after, dict):
             differences += config_differences(before, after, f"{prefix}{key}.")
         elif before != after:
-            differences.append(f"{prefix}{key} ({_short(before)} in the run, {_short(after)} now)")
+            differences.append(f"{prefix}{key} ({_as_override(before)} in the run, {_as_override(after)} now)")
     return differences
 
 
-def _short(value, width: int = 200) -> str:
-    text = "(absent)" if value is _ABSENT else repr(value)
+def _as_override(value, width: int = 400) -> str:
+    """`value` as a Hydra override's right-hand side (a plain word bare, other text, numbers and words such as true as
+    text quoted), cut to `width`."""
+    if value is _ABSENT:
+        return "(absent)"
+    text = _override_text(value)
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _override_text(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_override_text(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_text(item) for item in value) + "]"
+    if isinstance(value, str):
+        bare = re.fullmatch(r"[A-Za-z_][\w./+-]*", value) and value.lower() not in ("true", "false", "null", "nan", "inf")
+        return value if bare else "'" + value.replace("'", "\\'") + "'"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def read_config(file: Path) -> dict:

@@ -34,6 +34,7 @@ from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.errors import DamagedFileError, DeviceMemoryError, InvalidSettingError
 from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
+from sadr.evaluation.probes import check_metrics_apply, resolve_metrics
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
 from sadr.models.devices import GroupPeaks, release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
@@ -136,6 +137,7 @@ class Experiment:
         if not self.dataset.cases:
             raise InvalidSettingError(f"no case to run: {self.dataset.why_empty()}")
         self.evaluators = build_evaluators(cfg)  # before the model too: a misspelt eval.metrics fails in seconds
+        check_metrics_apply(resolve_metrics(list(cfg.eval.metrics)), self.dataset.cases, cfg.dataset.name)
         self.loaded, self.fingerprint = load_model_kept(
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)

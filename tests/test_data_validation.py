@@ -149,9 +149,17 @@ def test_sadr_merged_block_lengths_must_match(tmp_path):
     (lambda block: block.__setitem__("prompts", ["Dry a wet shoe.", 3]),
      r"field 'o-commonsense.prompts\[1\]': expected a non-empty string, got 3"),
 ])
-def test_sadr_merged_commonsense_block_is_checked(tmp_path, change, expected):
-    with pytest.raises(InvalidRecordError, match=r"record 2, " + expected):
-        load_edited(tmp_path, "sadr_merged", lambda r: change(r[2]["o-commonsense"]))
+def test_a_malformed_sadr_merged_commonsense_block_is_named_and_its_case_kept_without_it(tmp_path, caplog, change,
+                                                                                       expected):
+    """Only CS and DCS read `o-commonsense`: a bad block costs its case those two, logged, not the record (a Table 3
+    run, which does not ask for them, keeps every case of the file)."""
+    with caplog.at_level(logging.WARNING, logger="sadr.data.sadr_merged"):
+        cases = load_edited(tmp_path, "sadr_merged", lambda r: change(r[2]["o-commonsense"])).cases
+    assert len(cases) == 4 and cases[2].commonsense_prompts == () and cases[2].portability
+    assert all(case.commonsense_prompts for case in cases[:2] + cases[3:])
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert re.search(r"record 2, " + expected, message)
+    assert message.endswith("; that case has no commonsense question (CS, DCS); its other prompts are kept")
 
 
 def test_skip_policy_counts_and_warns(tmp_path, caplog):

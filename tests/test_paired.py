@@ -160,6 +160,25 @@ def test_sweeps_pair_each_sadr_run_with_the_gamma_zero_run_of_the_same_setting(t
     assert len(unpaired) == 1 and unpaired[0].startswith("5 (40 δ steps): several γ = 0 runs, none with its δ steps")
 
 
+def test_a_baseline_with_other_metrics_pairs_on_the_metrics_both_runs_have(tmp_path):
+    """A γ = 0 run made with a shorter `eval.metrics` (an older default) is still the baseline of a SADR run: the
+    metrics both have are compared, the others left out."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.summary import paired_with_baselines
+
+    for name, gamma, metrics, values in (("0", 0.0, ["distract_neighborhood"], {"distract_neighborhood": [0, 0]}),
+                                         ("1", 0.1, ["distract_neighborhood", "commonsense"],
+                                          {"distract_neighborhood": [1, 0], "commonsense": [1]})):
+        path = _run(tmp_path / name, {0: values})
+        OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": 20}, "sadr": {"lambda": gamma},
+                        "eval": {"metrics": metrics, "batch_size": 64}}, path / "config.yaml")
+        (path / "metrics.csv").write_text("state,metric\n")
+    table, unpaired = paired_with_baselines(tmp_path)
+    assert unpaired == [] and set(table.metric) == {"DNS"} and set(table.base_run) == {"0"}
+    assert table.set_index("metric").loc["DNS", "difference"] == pytest.approx(50.0)
+
+
 def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics(tmp_path):
     from omegaconf import OmegaConf
 
@@ -181,6 +200,33 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     paired = pd.read_csv(tmp_path / "paired.csv").set_index("metric")
     assert paired.loc["NS", "n"] == 1 and paired.loc["NS", "difference"] == pytest.approx(100 / 3)
     assert "case by case (as `sadr compare --protocol case`)" in text
+
+
+def test_a_run_that_measured_nothing_is_named_beside_the_summary_of_the_others(tmp_path):
+    """A run whose metrics.csv has no entry (its metrics had no prompt in its cases) is left out of the summary and the
+    report, and named; with no other run, the summary's error says so (it was a ValueError: cannot convert float NaN
+    to integer)."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import summarize, write_summary
+
+    for name, values in (("0", {"neighborhood": [1, 0]}), ("1", {})):
+        path = _run(tmp_path / name, {0: values})
+        OmegaConf.save({"editor": {"name": "rome"}, "sadr": {"lambda": 0.0}, "seed": int(name)}, path / "config.yaml")
+        rows = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
+        metric_table(rows, states=("edited",)).to_csv(path / "metrics.csv", index=False)
+    text = write_summary(tmp_path, "prompt")
+    assert list(pd.read_csv(tmp_path / "summary.csv", dtype={"run": str}).run) == ["0"]
+    assert text.split("\nwrote ")[0].endswith("not in the tables: runs whose metrics.csv has no entry (their "
+                                              f"eval.metrics had no prompt in their cases):\n  {tmp_path / '1'}\n")
+    with pytest.raises(FileNotFoundError, match=r"no run under .*1 has a metric entry in its metrics\.csv: .*1$"):
+        summarize(tmp_path / "1")
+    from sadr.report.build import write_report
+
+    write_report(tmp_path)  # it was a ZeroDivisionError: a figure of no panel
+    assert ("Not shown: runs whose metrics.csv has no entry (their eval.metrics had no prompt in their cases): 1."
+            in (tmp_path / "report" / "report.html").read_text())
 
 
 def test_a_run_whose_rows_file_has_no_whole_row_is_named_as_such(tmp_path):

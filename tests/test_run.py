@@ -317,7 +317,8 @@ def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
 
 
 def test_config_differences_name_each_setting_with_both_values():
-    """A refused resume names every differing key, however deep, with the run's value and the one given now."""
+    """A refused resume names every differing key, however deep, with the run's value and the one given now, both as
+    an override writes them (so the run's value can be given back: a newer sadr may have changed a default)."""
     from sadr.results import config_differences
 
     run = {"seed": 0, "eval": {"metrics": ["efficacy"], "batch_size": 64}, "editor": {"name": "rome"}}
@@ -325,11 +326,13 @@ def test_config_differences_name_each_setting_with_both_values():
                                                                                                       "v_steps": 20}}
     assert config_differences(run, now) == [
         "editor.v_steps ((absent) in the run, 20 now)",
-        "eval.metrics (['efficacy'] in the run, ['efficacy', 'commonsense'] now)"]
+        "eval.metrics ([efficacy] in the run, [efficacy,commonsense] now)"]
     assert config_differences(run, run) == []
     deep = config_differences({"model": {"stats": {"sample_length": 64}}}, {"model": {"stats": {"sample_length": 128}}})
     assert deep == ["model.stats.sample_length (64 in the run, 128 now)"]  # every level of the key, not the last two
-    assert config_differences({"a": "x" * 300}, {"a": "y"})[0].startswith("a ('" + "x" * 196 + "... in the run")
+    assert config_differences({"a": [None, True, 1.5, "it's here", "x/y-1.z", "12", "true"]}, {"a": {"b": False}}) == [
+        "a ([null,true,1.5,'it\\'s here',x/y-1.z,'12','true'] in the run, {b:false} now)"]
+    assert config_differences({"a": "x" * 500}, {"a": "y"}) == ["a (" + "x" * 397 + "... in the run, y now)"]
 
 
 def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path):
@@ -639,6 +642,24 @@ def test_a_misspelt_metric_fails_before_the_model_loads(tiny_dir, tmp_path):
                                   f"model.source={tmp_path / 'no_model'}"))
     with pytest.raises(InvalidSettingError, match=r"unknown metric\(s\) \['neighbourhood'\] in eval\.metrics"):
         run_experiment(cfg)
+
+
+def test_metrics_that_apply_to_no_case_fail_before_the_model_loads(tiny_dir, tmp_path):
+    """CS and DCS on CounterFact records (which have no commonsense questions) would edit every case for an empty
+    table: refused at once, naming the metrics these cases do have; an empty list is let through."""
+    from sadr.data.load import load_cases
+    from sadr.evaluation.probes import check_metrics_apply, resolve_metrics
+
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.metrics=[commonsense,distract_commonsense]",
+                                  f"model.source={tmp_path / 'no_model'}"))
+    with pytest.raises(InvalidSettingError, match=r"^eval\.metrics=\[commonsense,distract_commonsense\]: none has a "
+                                                  r"prompt in the 2 case\(s\) of dataset=offline_counterfact; choose "
+                                                  r"among those that do: efficacy, paraphrase, neighborhood, "
+                                                  r"distract_neighborhood, relation$"):
+        run_experiment(cfg)
+    cases = load_cases(cfg.dataset, tmp_path).cases
+    check_metrics_apply([], cases, "offline_counterfact")
+    check_metrics_apply(resolve_metrics(["commonsense", "relation"]), cases, "offline_counterfact")
 
 
 def test_a_key_no_editor_node_may_hold_is_not_said_to_be_another_editor_s():

@@ -34,8 +34,8 @@ def summarize(
 ) -> None:
     """One comparison table (CSV and Markdown) of every run under ROOT, swept keys as columns.
 
-    Where a run with γ > 0 has a γ = 0 run that differs only in SADR settings and δ steps, paired.csv and
-    paired.md also compare the two under the same protocol (as `sadr compare`).
+    Where a run with γ > 0 has a γ = 0 run that differs only in SADR settings, δ steps and the metrics evaluated,
+    paired.csv and paired.md also compare the two under the same protocol (as `sadr compare`).
     """
     from sadr.evaluation.summary import write_summary
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sadr.data.records import EditCase
 from sadr.errors import InvalidSettingError
+from sadr.evaluation.probes import distract
 
 SPECIAL_TOKENS = 4  # at most this many tokens a tokenizer adds around a text (BOS, EOS)
 EDIT_PROMPT, GENERATION_PROMPTS = "requested_rewrite.prompt", "generation_prompts"
@@ -25,14 +26,13 @@ def run_texts(case: EditCase) -> list[tuple[str, str]]:
     labeled = {"relation_prompts": case.relation_prompts, "locality_prompts": case.locality_prompts,
                **{f"portability.{name}": prompts for name, prompts in case.portability.items()}}
     texts += [(field, f"{item.prompt} {item.target}") for field, items in labeled.items() for item in items]
-    # the edit sentence before each neighborhood prompt (DNS) and commonsense question (DCS), as `probes.distract`
-    edit_sentence = f"{request.text} {request.target_new}."
-    texts += [("neighborhood_prompts (after the edit sentence)", f"{edit_sentence} {prompt} {longest}")
+    # with the edit sentence before them: each neighborhood prompt (DNS) and commonsense question (DCS)
+    texts += [("neighborhood_prompts (after the edit sentence)", f"{distract(case, prompt)} {longest}")
               for prompt in case.neighborhood_prompts]
     for item in case.commonsense_prompts:
         answer = max(item.right, item.wrong, key=len)
         texts += [("commonsense_prompts", f"{item.prompt} {answer}"),
-                  ("commonsense_prompts (after the edit sentence)", f"{edit_sentence} {item.prompt} {answer}")]
+                  ("commonsense_prompts (after the edit sentence)", f"{distract(case, item.prompt)} {answer}")]
     return texts
 
 

@@ -8,16 +8,20 @@ blocks, possibly empty. Mapping: `p-paraphrase` → `paraphrase_prompts` (target
 / `portability["Subject_Aliasing"]` (KnowEdit's names), `generation` (prompts only) →
 `generation_prompts`, and `o-commonsense` (`{prompts, right, wrong}`: one PIQA-style question, a
 string, with its right and wrong continuation, as the SADR repo scores it; lists of equal length are
-read too) → `commonsense_prompts`. `rewrite` repeats the request and is not used. Case ids are
+read too; a malformed block is logged and left out) → `commonsense_prompts`. `rewrite` repeats the request and is not used. Case ids are
 record positions in the file.
 """
 
 from __future__ import annotations
 
+import logging
+
 from sadr.conf.schema import DatasetConfig
 from sadr.data.fields import check_mentions_subject, new_target, template_around_subject
 from sadr.data.records import ContrastPrompt, EditCase, EditRequest, LabeledPrompt
-from sadr.data.validation import Record
+from sadr.data.validation import InvalidRecordError, Record
+
+log = logging.getLogger(__name__)
 
 _PORTABILITY = {"p-reasoning": "Reasoning", "p-subject_alias": "Subject_Aliasing"}
 
@@ -58,14 +62,21 @@ def _block(rec: Record, key: str) -> tuple[LabeledPrompt, ...]:
 
 
 def _contrasts(rec: Record, key: str) -> tuple[ContrastPrompt, ...]:
-    """An optional `{prompts, right, wrong}` block: three strings, or three lists of equal length."""
+    """An optional `{prompts, right, wrong}` block: three strings, or three lists of equal length.
+
+    A malformed one is logged, and its case kept without commonsense questions: only CS and DCS read the block, so
+    it must not cost a run that does not ask for them (the paper's Table 3) a record of the file."""
     block = rec.child(key, required=False)
     if not block.keys():
         return ()
-    fields = {name: block.text_or_texts(name) for name in ("prompts", "right", "wrong")}
-    for name in ("right", "wrong"):
-        if len(fields[name]) != len(fields["prompts"]):
-            block.fail(name, f"one continuation per prompt ({len(fields['prompts'])})", fields[name])
+    try:
+        fields = {name: block.text_or_texts(name) for name in ("prompts", "right", "wrong")}
+        for name in ("right", "wrong"):
+            if len(fields[name]) != len(fields["prompts"]):
+                block.fail(name, f"one continuation per prompt ({len(fields['prompts'])})", fields[name])
+    except InvalidRecordError as err:
+        log.warning("%s; that case has no commonsense question (CS, DCS); its other prompts are kept", err.problem)
+        return ()
     return tuple(ContrastPrompt(*texts) for texts in zip(fields["prompts"], fields["right"], fields["wrong"]))
 
 

@@ -109,3 +109,14 @@ def resolve_metrics(names: list[str]) -> list[Metric]:
     if unknown:
         raise InvalidSettingError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
     return [METRICS[n] for n in names]
+
+
+def check_metrics_apply(metrics: list[Metric], cases: list[EditCase], dataset: str) -> None:
+    """Refuse, before any work, metrics none of which has a prompt in any case: every case would be edited for an empty
+    table. The error names the metrics that do apply. An empty list is a choice (generation metrics only, say)."""
+    if not metrics or any(metric.probes(case) for metric in metrics for case in cases):
+        return
+    applying = [name for name, metric in METRICS.items() if any(metric.probes(case) for case in cases)]
+    raise InvalidSettingError(
+        f"eval.metrics=[{','.join(m.name for m in metrics)}]: none has a prompt in the {len(cases)} case(s) of "
+        f"dataset={dataset}; choose among those that do: {', '.join(applying) or 'none'}")

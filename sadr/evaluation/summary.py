@@ -19,8 +19,10 @@ ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", STEPS_KEY)
 # Keys that differ between runs but are not columns: the seed, and where an editor's hyperparameters were published
 # (a sentence, which would make summary.md a few hundred characters wide; config.yaml keeps it).
 NOT_COLUMNS = ("seed", "editor.source")
-# Keys in which a run may differ from the γ = 0 run it is paired with (the paper's SADR runs changed δ steps too).
-MAY_DIFFER_FROM_BASELINE = ("sadr.", STEPS_KEY)
+# Keys in which a run may differ from the γ = 0 run it is paired with: the paper's SADR runs changed δ steps too, and
+# the metrics two runs both have are compared whichever others either has (a baseline made when the default list of
+# metrics was shorter still pairs).
+MAY_DIFFER_FROM_BASELINE = ("sadr.", STEPS_KEY, "eval.metrics")
 # Settings of the edit alone: the unedited model's row leaves them blank (it is the same model whatever they are).
 EDIT_ONLY = ("editor.", "sadr.")
 # Columns placed right after another metric's, so related numbers read side by side.
@@ -190,6 +192,8 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     records = []
     for configuration in found:
         table = configuration.metrics()
+        if table.empty:  # nothing measured (`write_summary` names such runs)
+            continue
         # every record has at least one metric, so the case protocol's largest n is the number of records
         n_cases = int(table[(table.protocol == "case") & (table.quantity == "value")].n.max())
         table = table[(table.protocol == protocol) & (table.quantity != "magnitude")]
@@ -205,6 +209,9 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
                 if row.quantity == "value":
                     record[f"{row.label} ci95"] = row["ci95"]
             records.append(record)
+    if not records:
+        raise FileNotFoundError(f"no run under {root} has a metric entry in its {METRICS_FILE}: "
+                                f"{', '.join(str(run) for c in found for run in c.runs)}")
     frame = pd.DataFrame.from_records(records)
     edited = frame[frame.state == "edited"]
     unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state", "shards")] + ["model.name", "dataset.name"])
@@ -243,7 +250,8 @@ def _baseline_of(runs: tuple, baselines: list[tuple], settings: dict) -> tuple |
 
 
 def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[pd.DataFrame, list[str]]:
-    """Every configuration with γ > 0 against the γ = 0 one that differs from it only in SADR settings and δ steps.
+    """Every configuration with γ > 0 against the γ = 0 one that differs from it only in SADR settings, δ steps and
+    `eval.metrics` (MAY_DIFFER_FROM_BASELINE).
 
     That baseline is the one with the same δ-step count, or else the only γ = 0 one (the paper's SADR runs took more
     steps than their baselines; `base steps` says which). Returns one row per (configuration, metric), as
@@ -303,6 +311,10 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
         written += [target / "paired.csv", target / "paired.md"]
     if unpaired:
         text += "\nγ > 0 runs not paired with a γ = 0 run:\n" + "\n".join(f"  {line}" for line in unpaired) + "\n"
+    unmeasured = [run for c in configurations(root) if c.metrics().empty for run in c.runs]
+    if unmeasured:
+        text += ("\nnot in the tables: runs whose metrics.csv has no entry (their eval.metrics had no prompt in their "
+                 "cases):\n" + "\n".join(f"  {run}" for run in unmeasured) + "\n")
     unfinished = unfinished_runs(root)
     if unfinished:
         text += ("\nnot in the tables: runs without metrics (still running, killed or failed; re-running the same "

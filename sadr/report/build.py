@@ -108,18 +108,24 @@ def _drift(series: list[Series], target: Path) -> list[str]:
 
 
 def _metrics(series: list[Series], root: Path, target: Path) -> list[str]:
-    parts = []
+    parts, unmeasured = [], []
     for line in series:
         table = bars_table(line)
+        if table.empty:  # its metrics had no prompt in its cases
+            unmeasured += [run.name for run in line.runs]
+            continue
         stem = file_stem("bars", line.label)
         table.to_csv(target / f"{stem}.csv", index=False)
         png = save(bars_figure(table, line.label), target, stem)
         caption = f"{line.label}: every metric of the unedited model and of each run, prompt level, mean ± 95 % CI."
         parts.append(page.figure_html(png, stem, caption, [f"{stem}.csv"]))
+    if unmeasured:
+        parts.append(page.paragraph(f"Not shown: runs whose metrics.csv has no entry (their eval.metrics had no prompt "
+                                    f"in their cases): {', '.join(unmeasured)}."))
     paired, unpaired = paired_with_baselines(root)
     if paired.empty:
-        parts.append(page.paragraph("No run with γ > 0 has a γ = 0 run that differs from it only in SADR settings and "
-                                    "δ steps, so there is no prompt-by-prompt comparison."))
+        parts.append(page.paragraph("No run with γ > 0 has a γ = 0 run that differs from it only in SADR settings, "
+                                    "δ steps and metrics evaluated, so there is no prompt-by-prompt comparison."))
     else:
         paired.to_csv(target / "paired.csv", index=False)
         parts.append(page.subsection("Each γ > 0 run against its γ = 0 run, prompt by prompt (as sadr compare)", [

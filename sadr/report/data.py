@@ -46,7 +46,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Series:
-    """Runs that differ only in SADR settings and δ steps: one line of the trade-off, one row of heatmaps."""
+    """Runs that differ only in SADR settings, δ steps and metrics evaluated: one line of the trade-off, one row of
+    heatmaps."""
 
     label: str
     runs: list[Run]  # by increasing γ
