@@ -8,8 +8,8 @@ blocks, possibly empty. Mapping: `p-paraphrase` → `paraphrase_prompts` (target
 / `portability["Subject_Aliasing"]` (KnowEdit's names), `generation` (prompts only) →
 `generation_prompts`, and `o-commonsense` (`{prompts, right, wrong}`: one PIQA-style question, a
 string, with its right and wrong continuation, as the SADR repo scores it; lists of equal length are
-read too; a malformed block is logged and left out) → `commonsense_prompts`. `rewrite` repeats the request and is not used. Case ids are
-record positions in the file.
+read too; a malformed block is logged and left out) → `commonsense_prompts`. `rewrite` repeats the
+request and is not used. Case ids are record positions in the file.
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
         written += [target / "paired.csv", target / "paired.md"]
     if unpaired:
         text += "\nγ > 0 runs not paired with a γ = 0 run:\n" + "\n".join(f"  {line}" for line in unpaired) + "\n"
-    unmeasured = [run for c in configurations(root) if c.metrics().empty for run in c.runs]
+    unmeasured = [run for run in find_runs(root) if read_metrics(run / METRICS_FILE).empty]
     if unmeasured:
         text += ("\nnot in the tables: runs whose metrics.csv has no entry (their eval.metrics had no prompt in their "
                  "cases):\n" + "\n".join(f"  {run}" for run in unmeasured) + "\n")
