@@ -120,6 +120,20 @@ def test_summaries_count_the_cases():
         assert pick(table, "avg_s", protocol, "harmonic_mean")["n"] == 4
 
 
+def test_avg_s_is_the_harmonic_mean_of_all_five_success_rates_and_score_of_three():
+    """docs/metrics.md: Score = H(ES, PS, NS) and Avg. S = H(ES, PS, NS, RS, DNS), by hand on one case (so both
+    protocols agree): ES 100, PS 50, NS 100, RS 50, DNS 25 -> Score 3 / (1/100 + 1/50 + 1/100) = 75 and
+    Avg. S 5 / (1/100 + 1/50 + 1/100 + 1/50 + 1/25) = 50 (without DNS it would be 4 / 0.06 = 66.7)."""
+    row = {"edited": {"efficacy": entry([1.0]), "paraphrase": entry([1.0, 0.0]), "neighborhood": entry([1.0, 1.0]),
+                      "relation": entry([0.0, 1.0]), "distract_neighborhood": entry([0.0, 1.0, 0.0, 0.0])}}
+    table = metric_table([row], states=("edited",))
+    for protocol in ("prompt", "case"):
+        assert pick(table, "score", protocol, "harmonic_mean")["mean"] == pytest.approx(75.0)
+        avg_s = pick(table, "avg_s", protocol, "harmonic_mean")
+        assert avg_s["mean"] == pytest.approx(50.0)
+        assert avg_s["components"] == "efficacy+paraphrase+neighborhood+relation+distract_neighborhood"
+
+
 def test_compact_table_shows_one_protocol_with_labels():
     wide = compact_table(metric_table(ROWS), "case")
     assert wide.loc["edited", "NS"] == "50.00 ± 98.00"

@@ -167,6 +167,13 @@ def test_the_evaluators_compare_reads_drift_as_edited_minus_unedited():
         assert (location["before"], location["after"]) == ([0.25], [0.75])
 
 
+def test_no_drift_without_the_attention_of_both_states():
+    """Drift is after − before: with the attention of only one state (a baseline scored without eval.drift, say)
+    there is nothing to compare, so no drift entries (neither an error nor a drift against zero)."""
+    one = {ATTENTION: entry([[[0.25, 0.5]]])}
+    assert compare_attention(one, {}) == {} and compare_attention({}, one) == {} and compare_attention({}, {}) == {}
+
+
 def test_drift_entries_make_table_rows_and_the_raw_attention_does_not():
     unedited = {ATTENTION: entry([[[0.5, 0.25]], [[0.5, 0.25]]])}  # 2 prompts, 1 layer, 2 heads
     edited = {ATTENTION: entry([[[0.75, 0.25]], [[0.5, 0.5]]])}

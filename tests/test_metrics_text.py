@@ -97,6 +97,15 @@ def test_tfidf_cosine_lowercases_and_ignores_short_and_unknown_words():
     assert tfidf_cosine("bird", "cat", VOCAB, IDF) == 0.0  # no known word: 0 instead of ROME's NaN
 
 
+def test_tfidf_cosine_never_counts_a_one_character_word_even_one_in_the_vocabulary():
+    """sklearn's token_pattern (two or more word characters) decides what a token is, not the vocabulary: "x" never
+    counts. a: cat -> [1, 0, 0, 0]; b: cat dog -> [1, 2, 0, 0]; cos = 1 / √5 (counting "x" (idf 4) would give
+    [1, 0, 0, 4] and [1, 2, 0, 4], cos = 17 / (√17 · √21))."""
+    vocab, idf = {**VOCAB, "x": 3}, np.array([1.0, 2.0, 3.0, 4.0])
+    assert tfidf_cosine("cat x", "cat dog x", vocab, idf) == pytest.approx(1 / math.sqrt(5))
+    assert tfidf_cosine("x", "x", vocab, idf) == 0.0  # no token at all
+
+
 def write_tfidf_files(directory):
     np.save(directory / "idf.npy", IDF)
     (directory / "tfidf_vocab.json").write_text(json.dumps(VOCAB))

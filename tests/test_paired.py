@@ -84,6 +84,9 @@ def test_runs_on_different_records_or_prompts_are_refused(tmp_path):
     base = _run(tmp_path / "a", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
     with pytest.raises(ValueError, match=r"different records .*\['1'\]"):
         compare_runs(base, _run(tmp_path / "b", {0: {"efficacy": [1]}}))
+    # either run may hold the extra case: a base with fewer cases is refused too, not paired on its cases only
+    with pytest.raises(ValueError, match=r"different records .*\['2'\]"):
+        compare_runs(base, _run(tmp_path / "d", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}, 2: {"efficacy": [0]}}))
     with pytest.raises(ValueError, match=r"case 1: efficacy has 1 prompts .* but 2"):
         compare_runs(base, _run(tmp_path / "c", {0: {"efficacy": [1]}, 1: {"efficacy": [1, 0]}}))
     with pytest.raises(FileNotFoundError, match="holds no cases.jsonl"):
