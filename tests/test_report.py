@@ -18,7 +18,9 @@ from sadr.cli.main import app
 from sadr.report import page
 from sadr.report.build import MAX_STEM, file_stem, write_report
 from sadr.evaluation.summary import differing_keys, summarize
-from sadr.report.data import TRADEOFF_METRICS, Run, drift_map, environments, load_runs, phase_seconds, series_of
+from sadr.evaluation.aggregate import metric_table
+from sadr.report.data import (TRADEOFF_METRICS, Run, Series, bars_table, drift_map, environments, load_runs, phase_seconds,
+                              selected_head_map, series_of)
 from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
@@ -140,6 +142,18 @@ def test_drift_map_weights_every_dns_prompt_alike_whatever_its_case():
     np.testing.assert_allclose(drift_map(Run("0", {}, pd.DataFrame(), {"0": rows}, {"0": {}})), [[12.5, 18.75]])
 
 
+def test_selected_head_map_is_the_mean_count_over_the_cases_that_recorded_one():
+    """Three SADR cases on 2 layers × 2 heads, one old row without counts: the map is the mean over the three,
+    [[0, 3], [6, 0]] / 3 -> [[0, 1], [2, 0]] (not the sum, nor divided by every row); one case is its own map; no
+    counts at all: no map."""
+    rows = [{"diagnostics": {"selected_head_counts": counts}} for counts in
+            ([[0, 1], [2, 0]], [[0, 2], [1, 0]], [[0, 0], [3, 0]])] + [{"diagnostics": {}}]
+    run = Run("0", {}, pd.DataFrame(), {"0": rows}, {"0": {}})
+    np.testing.assert_allclose(selected_head_map(run), [[0.0, 1.0], [2.0, 0.0]])
+    np.testing.assert_allclose(selected_head_map(Run("1", {}, pd.DataFrame(), {"1": rows[:1]}, {"1": {}})), [[0, 1], [2, 0]])
+    assert selected_head_map(Run("2", {}, pd.DataFrame(), {"2": rows[3:]}, {"2": {}})) is None
+
+
 def test_drift_figure_draws_those_maps_on_one_scale(report):
     drift = [("γ=0", matrix(report / "drift_rome_0.csv")), ("γ=0.01", matrix(report / "drift_rome_0.01.csv"))]
     selected = [("selected", matrix(report / "selected_heads_rome_0.01.csv"))]
@@ -182,6 +196,29 @@ def test_bars_are_each_runs_metrics_table(sweep, report):
         heights = {names[round(p.get_x() + p.get_width() / 2)]: p.get_height() for p in ax.patches}
         want = table[table.metric == metric].set_index("bar")["mean"].to_dict()
         assert heights == pytest.approx(want)
+
+
+def test_bars_show_score_and_avg_s_beside_the_success_rates():
+    """Every metric is a bar, the harmonic-mean summaries too (SADR's Table 3 reports Avg. S beside ES … DNS). One case,
+    prompt level: ES 100, PS 50, NS 100, RS 50, DNS 25 -> Score 3 / (1/100 + 1/50 + 1/100) = 75 and Avg. S
+    5 / (1/100 + 1/50 + 1/100 + 1/50 + 1/25) = 50; magnitudes are no bars."""
+    def entry(values, p_good, p_bad):
+        return {"value": values, "p_good": p_good, "p_bad": p_bad}
+
+    edited = {"efficacy": entry([1.0], [0.5], [0.25]), "paraphrase": entry([1.0, 0.0], [0.5, 0.25], [0.25, 0.5]),
+              "neighborhood": entry([1.0, 1.0], [0.5, 0.5], [0.25, 0.25]),
+              "relation": entry([0.0, 1.0], [0.25, 0.5], [0.5, 0.25]),
+              "distract_neighborhood": entry([0.0, 1.0, 0.0, 0.0], [0.25, 0.5, 0.25, 0.25], [0.5, 0.25, 0.5, 0.5])}
+    rows = [{"case_id": 0, "edited": edited, "unedited": edited}]
+    run = Run("0", {"editor.name": "rome", "sadr.lambda": 0.0}, metric_table(rows), {"0": rows}, {"0": {}})
+    table = bars_table(Series("rome", [run]))
+    assert "magnitude" not in set(table.quantity)
+    for bar in ("unedited", "γ=0"):
+        summaries = table[(table.bar == bar) & (table.quantity == "harmonic_mean")].set_index("metric")["mean"]
+        assert summaries.to_dict() == pytest.approx({"score": 75.0, "avg_s": 50.0})
+        rates = table[(table.bar == bar) & (table.quantity == "value")].set_index("metric")["mean"]
+        assert rates.to_dict() == pytest.approx({"efficacy": 100.0, "paraphrase": 50.0, "neighborhood": 100.0,
+                                                 "relation": 50.0, "distract_neighborhood": 25.0})
 
 
 def test_page_is_self_contained_and_holds_every_table(sweep, report):

@@ -333,6 +333,8 @@ def test_config_differences_name_each_setting_with_both_values():
     assert config_differences({"a": [None, True, 1.5, "it's here", "x/y-1.z", "12", "true"]}, {"a": {"b": False}}) == [
         "a ([null,true,1.5,'it\\'s here',x/y-1.z,'12','true'] in the run, {b:false} now)"]
     assert config_differences({"a": "x" * 500}, {"a": "y"}) == ["a (" + "x" * 397 + "... in the run, y now)"]
+    # the words "nan" and "inf" (any case) are floats to an override, so as text they are quoted like "true"
+    assert config_differences({"a": ["nan", "Inf", "info"]}, {"a": "NaN"}) == ["a (['nan','Inf',info] in the run, 'NaN' now)"]
 
 
 def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path):
