@@ -138,6 +138,9 @@ def test_compact_table_shows_one_protocol_with_labels():
     wide = compact_table(metric_table(ROWS), "case")
     assert wide.loc["edited", "NS"] == "50.00 ± 98.00"
     assert wide.loc["edited", "ES"] == "100.00 ± 0.00" and list(wide.columns)[-1] == "score"
+    # without a protocol, the prompt protocol (SADR's Table 3, what a run prints): NS over 6 prompts, 4/6 with
+    # CI 1.96 · √(4/15 / 6) (see test_prompt_and_case_protocols_differ_as_defined)
+    assert compact_table(metric_table(ROWS)).loc["edited", "NS"] == "66.67 ± 41.32"
 
 
 def test_summary_columns_are_the_success_rates_and_counts_of_the_rows(tmp_path):

@@ -51,6 +51,17 @@ def test_paired_difference_counts_and_ci_on_a_hand_computed_example(tmp_path):
     assert "NS" not in table.index  # absent from both runs
 
 
+def test_runs_are_compared_on_their_edited_scores_not_the_unedited_baseline(tmp_path):
+    """Rows hold both states; the paired difference is between the two edited models. Here the unedited scores
+    differ the other way round (as they never would), so reading them would give −100 instead of +100."""
+    for name, edited, unedited in (("a", [0], [1]), ("b", [1], [0])):
+        (tmp_path / name).mkdir()
+        row = {"case_id": 0, "edited": {"efficacy": {"value": edited}}, "unedited": {"efficacy": {"value": unedited}}}
+        (tmp_path / name / "cases.jsonl").write_text(json.dumps(row) + "\n")
+    es = compare_runs(tmp_path / "a", tmp_path / "b").set_index("metric").loc["ES"]
+    assert (es.base, es.other, es.difference, es.up, es.down) == (0.0, 100.0, 100.0, 1, 0)
+
+
 def test_case_protocol_pairs_each_case_s_mean_over_its_prompts(tmp_path):
     base = _run(tmp_path / "a", {0: {"distract_neighborhood": [1, 0]}, 1: {"distract_neighborhood": [0, 1]},
                                  2: {"efficacy": [1]}})  # no DNS prompt in case 2: not an observation of DNS
