@@ -599,6 +599,13 @@ def test_a_damaged_metrics_csv_is_named_with_the_fix_in_summaries_and_reports(tm
                         r"the run's own command writes it again", done.output) and done.output.count("\n") == 1
 
 
+def test_sadr_help_names_its_arguments_as_its_text_does_and_joins_wrapped_lines():
+    done = CliRunner().invoke(app, ["summarize", "--help"], env={"COLUMNS": "200"})
+    usage = next(line for line in done.output.splitlines() if "Usage:" in line)
+    assert done.exit_code == 0 and "ROOT" in usage, done.output
+    assert "the metrics evaluated, paired.csv and paired.md" in done.output  # one paragraph, not the source's lines
+
+
 def test_a_misspelt_override_is_named_with_the_setting_it_may_mean():
     """What sadr-run adds to Hydra's message when an override's key is declared nowhere (Hydra advises '+')."""
     from sadr.conf.registry import misspelt_override

@@ -8,7 +8,13 @@ import typer
 
 T = TypeVar("T")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tables and utilities for sadr-run results.")
+# Markdown mode joins a docstring's wrapped lines into paragraphs; the default rich mode keeps every source line break.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Tables and utilities for sadr-run results.",
+)
 
 
 @app.callback()
@@ -28,7 +34,7 @@ def _or_usage_error(action: Callable[[], T]) -> T:
 
 @app.command()
 def summarize(
-    root: Path = typer.Argument(..., help="a run directory, or a multirun directory holding many runs"),
+    root: Path = typer.Argument(..., metavar="ROOT", help="a run directory, or a multirun directory holding many runs"),
     protocol: str = typer.Option("prompt", help="prompt (SADR Table 3) or case (ROME/MEMIT papers)"),
     out: Path = typer.Option(None, help="where to write summary.* and paired.* (default: ROOT)"),
 ) -> None:
@@ -46,8 +52,8 @@ def summarize(
 
 @app.command()
 def compare(
-    base: Path = typer.Argument(..., help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
-    other: Path = typer.Argument(..., help="run directory of the variant, on the same records (e.g. with SADR)"),
+    base: Path = typer.Argument(..., metavar="BASE", help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
+    other: Path = typer.Argument(..., metavar="OTHER", help="run directory of the variant, on the same records (e.g. with SADR)"),
     out: Path = typer.Option(None, help="also write the table to this CSV file"),
     protocol: str = typer.Option("prompt", help="pair prompts, or each case's mean over its prompts (case)"),
 ) -> None:
@@ -63,7 +69,7 @@ def compare(
 
 @app.command()
 def report(
-    root: Path = typer.Argument(..., help="a run directory, or a multirun directory holding many runs"),
+    root: Path = typer.Argument(..., metavar="ROOT", help="a run directory, or a multirun directory holding many runs"),
     out: Path = typer.Option(None, help="where to write report.html and the plots (default: ROOT/report)"),
 ) -> None:
     """One self-contained HTML page of every run under ROOT (γ trade-off, attention-drift heatmaps, every metric,
