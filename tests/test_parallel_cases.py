@@ -282,6 +282,49 @@ def test_a_forward_without_row_cases_is_an_error(tokenizer):
                 model(input_ids=ids)
 
 
+def test_cases_of_different_ranks_on_one_layer_give_each_row_its_written_model(tokenizer):
+    """Two cases editing the same layer with updates of rank 1 and rank 3 (a ROME batch's sum): the layer's factors
+    are padded to the highest rank, and each row's logits are those of the model with its own dense ΔW written."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    g = torch.Generator().manual_seed(1)
+    out_features, in_features = adapter.down_weight(model, 1).shape
+
+    def random_update(rank: int) -> LowRankUpdate:
+        return LowRankUpdate(torch.randn(out_features, rank, generator=g, dtype=torch.float64),
+                             torch.randn(in_features, rank, generator=g, dtype=torch.float64) / in_features)
+
+    cases = [{1: random_update(1)}, {1: random_update(3)}]
+    ids = torch.tensor([tokenizer("The capital city of France is")["input_ids"]] * len(cases))
+    with torch.no_grad(), PerRowUpdates(model, adapter, cases) as updates, updates.rows([1, 0]):
+        together = model(input_ids=ids).logits
+    for row, case in zip(range(2), (cases[1], cases[0])):
+        fresh = make_model("llama")
+        adapter.add_to_down_weight(fresh, 1, case[1])
+        with torch.no_grad():
+            alone = fresh(input_ids=ids[row : row + 1]).logits[0]
+        torch.testing.assert_close(together[row], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_row_cases_outside_the_updates_or_after_their_block_are_errors(tokenizer):
+    """A negative index would silently pick the last case, and one past the end would fail deep inside a forward;
+    once `rows` is left, the next forward is again an error rather than reusing the last block's cases."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    out_features, in_features = adapter.down_weight(model, 1).shape
+    update = LowRankUpdate(torch.ones(out_features, 1), torch.ones(in_features, 1))
+    ids = torch.tensor([tokenizer("The capital city of France")["input_ids"]])
+    with PerRowUpdates(model, adapter, [{1: update}, {}]) as updates:
+        for outside in ([-1], -1, [2], 2, [0, 2], []):
+            with pytest.raises(ValueError, match="outside 0..1"):
+                with updates.rows(outside):
+                    pass
+        with torch.no_grad(), updates.rows([1]):
+            model(input_ids=ids)
+        with pytest.raises(RuntimeError, match="which case each row"):
+            model(input_ids=ids)
+
+
 def run_config(tiny_dir, out, *extra):
     """The tiny llama run of tests/runs.py on the first four offline records."""
     overrides = [o for o in tiny_overrides(tiny_dir, out) if not o.startswith(("dataset.path=", "dataset.limit="))]
