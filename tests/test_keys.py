@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sadr.data.records import EditRequest
-from sadr.editors.capture import add_at_positions, capture_inputs, capture_outputs
+from sadr.editors.capture import add_at_positions, capture_inputs, capture_outputs, frozen_blocks
 from sadr.editors.keys import mean_keys
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.prompts import encode_subject_prompts, templated_prompts
@@ -101,3 +101,51 @@ def test_hooks_read_the_first_input_and_the_hidden_state_of_a_tuple_output():
     expected[0, 1] += 1  # row 0's δ at its position 1, added to the output
     expected[1, 2] += 10
     assert torch.equal(added, expected) and passed is extra
+
+
+class CountingBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, hidden):
+        self.calls += 1
+        return hidden + 1
+
+
+def test_frozen_blocks_run_once_replay_that_output_and_restore_each_blocks_own_forward():
+    """Inside, a block runs at the first forward only and later forwards get that output back (whatever they pass);
+    after, every block computes again, and a block that had its own instance `forward` (accelerate's device-map
+    wrapper) gets that one back, not the class's."""
+    plain, wrapped = CountingBlock(), CountingBlock()
+    wrapper_calls = []
+
+    def device_map_forward(*args, _inner=wrapped.forward, **kwargs):
+        wrapper_calls.append(1)
+        return _inner(*args, **kwargs)
+
+    wrapped.forward = device_map_forward
+    first, second = torch.zeros(2), torch.full((2,), 5.0)
+    with frozen_blocks([plain, wrapped]):
+        assert torch.equal(plain(first), first + 1) and torch.equal(wrapped(first), first + 1)
+        assert torch.equal(plain(second), first + 1) and torch.equal(wrapped(second), first + 1)
+    assert plain.calls == 1 and wrapped.calls == 1 and len(wrapper_calls) == 1
+    assert "forward" not in plain.__dict__ and wrapped.forward is device_map_forward
+    assert torch.equal(plain(second), second + 1) and torch.equal(wrapped(second), second + 1)
+    assert plain.calls == 2 and wrapped.calls == 2 and len(wrapper_calls) == 2
+
+
+def test_keys_end_the_forward_before_their_highest_layers_down_projection_runs(tokenizer):
+    """The keys are that projection's input, so the projection itself is never computed."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+
+    def ran(*_args):
+        raise AssertionError("the highest layer's down-projection was run")
+
+    handle = adapter.mlp_down_module(model, 2).register_forward_hook(ran)
+    try:
+        keys = mean_keys(model, adapter, tokenizer, [1, 2], REQUESTS, TEMPLATES)
+    finally:
+        handle.remove()
+    assert keys[2].shape[0] == len(REQUESTS)
