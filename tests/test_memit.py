@@ -3,6 +3,7 @@ family: ridge solves, layer-by-layer keys, batch edits, what is written, configs
 import pytest
 import torch
 
+from sadr.editors.capture import capture_inputs
 from sadr.editors.memit import MemitEditor
 from sadr.editors.spread import grouped_mean_keys, template_groups
 from sadr.models.adapters import adapter_for
@@ -71,15 +72,38 @@ def test_the_first_layer_takes_delta_over_m_and_keys_are_recomputed_after_each_w
 def test_keys_weigh_each_template_group_alike():
     """MEMIT's compute_ks: the bare prompt is one group, so it weighs as much as all prefixes together."""
     assert template_groups(["{}", "a. {}", "b. {}", "c. {}"], [[10, 3]]) == [["{}"], ["a. {}", "b. {}", "c. {}"]]
+    assert template_groups(["{}", "a. {}"], [[5, 0], [10, 1]]) == [["{}"], ["a. {}"]]  # an empty group is no group
     with pytest.raises(ValueError, match=r"editor.context_templates=\[\[10, 5\]\]"):
         template_groups(TEMPLATES, [[10, 5]])
 
 
-def test_layers_out_of_order_are_rejected(tokenizer, tmp_path):
+def test_grouped_keys_weigh_the_bare_prompt_as_much_as_all_prefixes_together(tokenizer):
+    """Against the down-projection's input read prompt by prompt in a whole forward: the key is ½ the bare prompt's
+    plus ½ the mean of the three prefixed prompts' (a flat mean would give the bare prompt ¼)."""
     model = make_model("llama")
-    with pytest.raises(ValueError, match="increasing order"):
-        MemitEditor(model, adapter_for(model), tokenizer, spread_config("memit", layers=[2, 1]),
-                    statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    adapter = adapter_for(model)
+    down = adapter.mlp_down_module(model, 1)
+    requests = batch_requests(2)
+    got = grouped_mean_keys(model, adapter, tokenizer, 1, requests, template_groups(TEMPLATES, [[10, 3]]))
+    for index, request in enumerate(requests):
+        per_prompt = []
+        for template in TEMPLATES:
+            prompt = template.replace("{}", request.prompt, 1).format(request.subject)
+            assert prompt.endswith(request.subject)  # its last token is the subject's
+            with torch.no_grad(), capture_inputs({1: down}) as inputs:
+                model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]]))
+            per_prompt.append(inputs[1][0, -1])
+        expected = (per_prompt[0] + torch.stack(per_prompt[1:]).mean(0)) / 2
+        torch.testing.assert_close(got[index], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[index], torch.stack(per_prompt).mean(0), rtol=1e-3, atol=1e-5)
+
+
+def test_layers_out_of_order_or_repeated_are_rejected(tokenizer, tmp_path):
+    model = make_model("llama")
+    for layers in ([2, 1], [1, 1, 2]):
+        with pytest.raises(ValueError, match="increasing order"):
+            MemitEditor(model, adapter_for(model), tokenizer, spread_config("memit", layers=layers),
+                        statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
 
 
 def test_published_defaults_compose():
