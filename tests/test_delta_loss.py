@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sadr.data.records import EditRequest
-from sadr.editors.delta import DeltaObjective, optimize_delta
+from sadr.editors.delta import DeltaObjective, StepState, clamp_norm_, loss_is_small, never_stop, optimize_delta
 from sadr.editors.pmet import pmet_rules
 from sadr.models.adapters import adapter_for
 from tests.editing import TEMPLATES, editor_config
@@ -133,3 +133,21 @@ def test_pmet_loss_weighs_the_nll_by_a_tenth_after_the_target_became_the_argmax(
     assert result.steps_run == steps
     assert result.history[-2].target_is_argmax  # so the last step's NLL weight is a tenth
     _check(result.history[-1], recomputed_terms(model, "gpt2", tokenizer, REACHABLE, result.deltas, nll_weight=0.1))
+
+
+def test_clamp_scales_a_long_delta_down_to_the_bound_and_leaves_a_short_one_bit_for_bit():
+    long, short = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])
+    clamp_norm_(long, torch.tensor(2.0))
+    clamp_norm_(short, torch.tensor(2.0))
+    torch.testing.assert_close(long, torch.tensor([1.2, 1.6]))
+    assert torch.equal(short, torch.tensor([0.3, 0.4]))
+
+
+def test_early_stop_off_replaces_any_stop_rule_by_one_that_never_stops():
+    """`editor.early_stop=false` even overrides an editor's own rule (PMET's), so every δ runs all its steps."""
+    done = StepState(step=3, loss=0.0, nll=0.0, kl=0.0, target_is_argmax=True)
+    on = DeltaObjective.from_hparams(editor_config(), sites=("mlp_out",), layer=1)
+    assert on.should_stop is loss_is_small and on.should_stop(done)
+    for rules in ({}, {"should_stop": lambda _state: True}):
+        off = DeltaObjective.from_hparams(editor_config(early_stop=False), sites=("mlp_out",), layer=1, **rules)
+        assert off.should_stop is never_stop and not off.should_stop(done)
