@@ -508,6 +508,12 @@ def test_a_loss_layer_below_the_edited_layer_is_rejected():
         composed(["model=gpt-j", "editor.v_loss_layer=3"])
 
 
+def test_an_edited_layer_beyond_the_loss_layer_names_editor_layers_too():
+    """editor.layers=[40] on a 30-layer model is a mistake in editor.layers, not in v_loss_layer: the message names both."""
+    with pytest.raises(ConfigError, match=r"editor.v_loss_layer=29 is below the edited layer 40.*editor.layers=\[40\]"):
+        composed(["editor.layers=[40]"])
+
+
 def test_a_damaged_line_before_an_unfinished_last_one_is_named(tmp_path):
     """Only the last line can be cut by a kill: a bad line before it is damage, even when the file does not end
     with a newline, else the finished rows after it would be silently dropped."""

@@ -224,7 +224,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"editor.v_loss_layer={editor.v_loss_layer} is below the edited layer {max(editor.layers)}: δ could not "
             "reach the loss. The loss is read at the model's last layer (editor.v_loss_layer=<number of layers - 1>), "
-            "and the edited layers lie below it"
+            "and the edited layers lie below it. If editor.layers names a layer the model does not have "
+            f"(editor.layers={list(editor.layers)}), give layers below the model's last one instead"
         )
     if editor.v_num_grad_steps < 1:
         raise ConfigError(f"editor.v_num_grad_steps={editor.v_num_grad_steps}: must be >= 1")
