@@ -337,6 +337,33 @@ def test_a_statistics_pass_logs_its_progress_over_the_corpus(tokenizer, monkeypa
     assert all("text/s" in line for line in lines)
 
 
+def test_a_statistics_pass_counts_its_rate_from_the_corpus_s_first_text(tokenizer, monkeypatch, caplog):
+    """A generated corpus samples all its texts before the first comes (a hub corpus downloads first): 1,000 s of
+    that wait counted as the first text's would give `1/4 [16:40<50:00]`, an ETA of the wait × the texts left."""
+    import logging
+
+    from sadr import progress as progress_module
+
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(covariance, "PROGRESS_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="sadr.progress")
+
+    def slow_to_start():
+        clock[0] += 1000.0
+        for text in TEXTS:
+            yield text
+            clock[0] += 2.0
+
+    model = make_model("llama")
+    accumulate_second_moments(model, adapter_for(model), tokenizer, [1], slow_to_start(), sample_length=64,
+                              batch_tokens=24, expected_texts=len(TEXTS))
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(", ")[0] for line in lines] == [
+        "key statistics:  25% 1/4 [00:00<?", "key statistics:  50% 2/4 [00:02<00:02",
+        "key statistics:  75% 3/4 [00:04<00:01", "key statistics: 100% 4/4 [00:06<00:00"]
+
+
 def test_factors_kept_on_the_host_are_made_on_the_model_device_and_moved_one_layer_at_a_time(tmp_path, tokenizer,
                                                                                               monkeypatch):
     """With factors_on_host (model.stats.factor_device=cpu) each layer is factored where the model is, as without it,

@@ -8,6 +8,7 @@ k kᵀ, and `mom2.count`).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -220,9 +221,15 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
         return {**seconds, "corpus": before["corpus"] + spent - (seconds["forward"] - before["forward"])
                 - (seconds["accumulate"] - before["accumulate"])}
 
+    # The rate and ETA count from the first text: the wait for it (a download, or sampling a generated corpus,
+    # whose texts all come at once) says nothing of how fast the texts are read.
+    texts = iter(texts)
+    first = next(texts, None)
+    if first is not None:
+        log.info("key statistics: the corpus's first text came after %.1f s", time.perf_counter() - started)
     with Progress(expected_texts or 0, True, interval=PROGRESS_SECONDS, interactive=False, unit="text",
                   label="key statistics") as progress:
-        for index, text in enumerate(texts):
+        for index, text in enumerate(itertools.chain([] if first is None else [first], texts)):
             progress.advance(1)
             if index < skip:
                 continue
