@@ -260,16 +260,19 @@ def test_a_gguf_file_loads_in_the_run_s_dtype_however_it_is_named(named, tmp_pat
 
 
 def test_a_hub_model_loads_at_the_revision_asked_for(tmp_path, monkeypatch):
-    """Both the tokenizer and the weights are asked for at that revision (the download itself is stood in for)."""
+    """The tokenizer, the config and the weights are asked for at that revision (the download itself is stood in
+    for)."""
     asked = []
 
     def from_hub(made):
         return lambda location, **kwargs: asked.append((location, kwargs.get("revision"))) or made
 
+    model = make_model("llama")
     monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", from_hub(make_tokenizer()))
-    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", from_hub(make_model("llama")))
+    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", from_hub(model.config))
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", from_hub(model))
     load_model("some-org/tiny", revision="v1.0", device="cpu", cache_dir=str(tmp_path))
-    assert asked == [("some-org/tiny", "v1.0")] * 2
+    assert asked == [("some-org/tiny", "v1.0")] * 3
 
 
 HUB_LOAD = """

@@ -118,7 +118,12 @@ ADAPTERS: dict[str, ModelAdapter] = {
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
-    model_type = getattr(model.config, "model_type", None)
+    return adapter_for_config(model.config)
+
+
+def adapter_for_config(config) -> ModelAdapter:
+    """The adapter of a model's family, from its config alone (before any weight is loaded)."""
+    model_type = getattr(config, "model_type", None)
     try:
         return ADAPTERS[model_type]
     except KeyError:

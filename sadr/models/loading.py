@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sadr.errors import DamagedFileError, InvalidSettingError, MissingInputError, UnavailableError
-from sadr.models.adapters import ModelAdapter, adapter_for
+from sadr.models.adapters import ModelAdapter, adapter_for_config
 from sadr.models.devices import resolve_device
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
 from sadr.models.gguf import unpacked_gguf
@@ -108,7 +108,9 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
         placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
     try:
         tokenizer = _load_tokenizer(location, extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **placement, **extra)
+        config = AutoConfig.from_pretrained(location, **extra)
+        adapter = _supported(config, family, source)  # before the weights: a model that cannot be edited costs no load
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=DTYPES[dtype], **placement, **extra)
     except SafetensorError as err:  # a weights file cut short (a copy that did not finish) or overwritten
         if location != resolved:
             fix = f"delete that folder, unpacked from {resolved}, and the next run unpacks it again"
@@ -131,10 +133,15 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
         ) from err
     pad_id_of(tokenizer)  # sets a pad token on tokenizers that have none
     model = model.to(target).eval().requires_grad_(False)
-    adapter = adapter_for(model)
+    return LoadedModel(model, tokenizer, adapter, resolved)
+
+
+def _supported(config, family: str | None, source: str) -> ModelAdapter:
+    """The adapter of the model's family, refused when it is unsupported or is not the configured `model.family`."""
+    adapter = adapter_for_config(config)
     if family is not None and adapter.family != family:
         raise InvalidSettingError(
             f"model.family is {family!r} but {source} is a {adapter.family!r} model (config.model_type); "
             "fix model.family or model.source"
         )
-    return LoadedModel(model, tokenizer, adapter, resolved)
+    return adapter
