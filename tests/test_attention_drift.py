@@ -308,3 +308,16 @@ def test_requests_get_their_own_terms_and_keep_cases_keeps_the_kept_ones(tokeniz
     finally:
         reg.detach()
     assert loss.item() == pytest.approx(alone[1][0], rel=1e-5)
+
+
+def test_kl_adds_epsilon_to_the_unedited_row_too():
+    """ε = 1e-8 goes on both sides of KL(W + ε ‖ W* + ε) (method.md §3). In the δ-optimiser's rows the key mask marks
+    the target's tokens as real, yet the query (the last prompt token) cannot see them, so the unedited row is exactly
+    0 there: without ε on that side each such key gives 0 · log 0 = nan instead of 0."""
+    eps = 1e-8
+    reference = torch.tensor([[[0.5, 0.5, 0.0, 0.0]]], dtype=torch.float64)  # keys 2, 3: after the query
+    current = torch.tensor([[[0.4, 0.5, 0.1, 0.0]]], dtype=torch.float64)
+    got = head_kl(reference, current, torch.ones(1, 4), epsilon=eps)
+    want = sum((p + eps) * math.log((p + eps) / (q + eps)) for p, q in zip([0.5, 0.5, 0.0, 0.0], [0.4, 0.5, 0.1, 0.0]))
+    assert torch.isfinite(got).all()
+    assert got.item() == pytest.approx(want, rel=1e-12, abs=0)
