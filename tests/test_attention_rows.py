@@ -6,6 +6,7 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sadr.models.adapters import adapter_for
 from sadr.regularizers import attention_rows, legacy_attention
@@ -194,3 +195,26 @@ def test_allowed_keys_on_a_hand_made_batch():
         assert torch.equal(allowed_keys(padding, queries, mask, torch.tensor([0, 1]), cached_keys=2), want)
     # only row 1, read from the whole batch's mask
     assert torch.equal(allowed_keys(padding[1:], queries[1:], additive, torch.tensor([1]), cached_keys=2), want[1:])
+
+
+@pytest.mark.parametrize("scaling", [None, 0.3])
+def test_rows_are_what_the_kernel_attends_with_when_it_is_given_no_scaling(tokenizer, scaling):
+    """A family whose attention hands the kernel no `scaling` gets sdpa's default 1/√d: the recorded rows must be the
+    weights that produced the kernel's own output (row · V at the query), whatever scaling it was (or was not) given."""
+    model = build_model("llama")
+    batch = encode(tokenizer)
+    attention = adapter_for(model).module(model, adapter_for(model).attention, 1)
+    n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    head_dim = model.config.hidden_size // n_heads
+    positions = torch.tensor([6, 2, 1])
+    torch.manual_seed(0)
+    query = torch.randn(3, n_heads, batch["input_ids"].shape[1], head_dim) * 2
+    key, value = (torch.randn(3, n_kv, batch["input_ids"].shape[1], head_dim) * 2 for _ in range(2))
+    with AttentionRows(model, adapter_for(model), [1], positions, batch["attention_mask"]) as hooks:
+        kernel = ALL_ATTENTION_FUNCTIONS[attention_rows.ROW_KERNEL]  # registered by the recorder
+        extra = {} if scaling is None else {"scaling": scaling}
+        output, _ = kernel(attention, query, key, value, None, **extra)  # (B, T, H, D); no mask: plain causal
+        rows = hooks.collect()[1]  # (B, H, K)
+    repeated = value.repeat_interleave(n_heads // n_kv, dim=1)  # query head h reads key/value head h // groups
+    mixed = torch.einsum("bhk,bhkd->bhd", rows, repeated)
+    torch.testing.assert_close(mixed, output[torch.arange(3), positions], atol=1e-5, rtol=1e-5)
