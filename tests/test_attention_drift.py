@@ -321,3 +321,13 @@ def test_kl_adds_epsilon_to_the_unedited_row_too():
     want = sum((p + eps) * math.log((p + eps) / (q + eps)) for p, q in zip([0.5, 0.5, 0.0, 0.0], [0.4, 0.5, 0.1, 0.0]))
     assert torch.isfinite(got).all()
     assert got.item() == pytest.approx(want, rel=1e-12, abs=0)
+
+
+def test_case_slices_give_each_request_its_own_rewrite_rows():
+    """DeltaBatch.case_slices, the plug-in interface's map from requests to rows: consecutive parts of rewrite_rows."""
+    batch = DeltaBatch(input_ids=torch.zeros(7, 3, dtype=torch.long), attention_mask=torch.ones(7, 3),
+                       rewrite_rows=torch.tensor([0, 1, 3, 4, 5]), subject_keys=torch.zeros(7, dtype=torch.long),
+                       last_prompt_positions=torch.full((7,), 2), injection_layer=0)
+    assert batch.case_slices() == [slice(0, 5)]
+    rows = dataclasses.replace(batch, rewrite_rows_per_case=(2, 3))
+    assert [rows.rewrite_rows[part].tolist() for part in rows.case_slices()] == [[0, 1], [3, 4, 5]]
