@@ -218,3 +218,16 @@ def test_rows_are_what_the_kernel_attends_with_when_it_is_given_no_scaling(token
     repeated = value.repeat_interleave(n_heads // n_kv, dim=1)  # query head h reads key/value head h // groups
     mixed = torch.einsum("bhk,bhkd->bhd", rows, repeated)
     torch.testing.assert_close(mixed, output[torch.arange(3), positions], atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_mask_is_read_at_the_querys_input_position_after_a_cache():
+    """The kernel's mask has one row per fed token (B, H, T, K): with 2 cached keys, the query at input t reads mask
+    row t, not row 2 + t (its key index)."""
+    padding = torch.ones(2, 5, dtype=torch.long)
+    queries = torch.tensor([0, 1])  # keys 2 and 3
+    mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    mask[0, 0, 0, 0] = False  # row 0's query (input 0) may not see key 0
+    mask[1, 0, 1, 1] = False  # row 1's query (input 1) may not see key 1
+    mask[:, 0, 2, :] = False  # input 2 (no query here) sees nothing: reading it would drop every key
+    want = torch.tensor([[False, True, True, False, False], [True, False, True, True, False]])
+    assert torch.equal(allowed_keys(padding, queries, mask, torch.tensor([0, 1]), cached_keys=2), want)
