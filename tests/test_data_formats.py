@@ -278,3 +278,9 @@ def test_dataset_path_expands_the_home_directory(tmp_path, monkeypatch):
     (tmp_path / "cf.json").write_bytes((FIXTURES / "counterfact.json").read_bytes())
     loaded = load_cases(config("counterfact", "~/cf.json"), tmp_path)
     assert loaded.source == str(tmp_path / "cf.json") and len(loaded.cases) == 3
+
+
+def test_zsre_alt_target_takes_the_first_answer_as_the_true_one(tmp_path):
+    """With dataset.target=alt (EasyEdit), the true answer is answers[0] even when the record lists several."""
+    second = load("zsre", tmp_path, target=ZsreTarget.alt).cases[1].request  # answers: ["Bryales", "Bryales order"]
+    assert (second.target_new, second.target_true) == ("Ferninae", "Bryales")

@@ -345,3 +345,57 @@ def test_a_record_of_the_right_format_with_a_field_missing_gets_no_format_hint(t
     with pytest.raises(InvalidRecordError, match=r"field 'requested_rewrite\.target_true'.*it is missing\. Fix the record, "
                                                  r"or set dataset\.on_invalid=skip"):
         load_cases(config("counterfact", path), tmp_path)
+
+
+@pytest.mark.parametrize("field", ["subject", "src", "answers", "rephrase", "loc", "loc_ans"])
+def test_a_zsre_record_without_a_field_it_scores_is_invalid(tmp_path, field):
+    """Every zsRE field the case is built from is required: a record without its rephrase or its NQ pair is not
+    loaded with an empty prompt or answer, and a missing field is reported as missing."""
+    with pytest.raises(InvalidRecordError, match=rf"record 1, field '{field}': expected .*, it is missing"):
+        load_edited(tmp_path, "zsre", lambda r: r[1].pop(field))
+
+
+def test_a_knowedit_locality_item_without_its_prompt_is_invalid(tmp_path):
+    with pytest.raises(InvalidRecordError, match=r"record 1, field 'locality\.Forgetfulness\[0\]\.prompt': expected a "
+                                                 r"non-empty string, it is missing"):
+        load_edited(tmp_path, "knowedit_counterfact", lambda r: r[1]["locality"]["Forgetfulness"][0].pop("prompt"))
+
+
+def test_a_new_target_that_differs_from_the_true_answer_only_by_a_leading_space_is_invalid(tmp_path):
+    """A target is scored after a space whether or not it starts with one, so " Estmark" is the answer "Estmark"."""
+    with pytest.raises(InvalidRecordError, match=r"record 0, field 'target_new': expected a new target other than the "
+                                                 r"true answer 'Estmark', got ' Estmark'"):
+        load_edited(tmp_path, "knowedit_counterfact", lambda r: r[0].__setitem__("target_new", " Estmark"))
+
+
+def test_a_new_target_that_differs_from_the_true_answer_only_in_case_is_a_valid_edit(tmp_path):
+    """"estmark" and "Estmark" are different tokens, so efficacy can tell them apart: the record is kept."""
+    cases = load_edited(tmp_path, "knowedit_counterfact", lambda r: r[0].__setitem__("target_new", "estmark")).cases
+    assert (cases[0].request.target_new, cases[0].request.target_true) == ("estmark", "Estmark")
+
+
+def test_sadr_merged_commonsense_lists_shorter_than_the_prompts_are_malformed(tmp_path, caplog):
+    """Two questions with one right and one wrong continuation: not read as one question (the second dropped by a
+    zip), but logged, and the case kept without commonsense questions."""
+    def change(records):
+        records[2]["o-commonsense"] = {"prompts": ["Dry wet boots.", "Open a stuck jar."],
+                                       "right": "Stuff them with paper.", "wrong": ["Stuff them with ice."]}
+
+    with caplog.at_level(logging.WARNING, logger="sadr.data.sadr_merged"):
+        cases = load_edited(tmp_path, "sadr_merged", change).cases
+    assert len(cases) == 4 and cases[2].commonsense_prompts == ()
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert "record 2, field 'o-commonsense.right': expected one continuation per prompt (2)" in message
+
+
+def test_an_absent_or_null_sadr_merged_commonsense_block_logs_nothing(tmp_path, caplog):
+    """A record without `o-commonsense` (or with null) simply has no commonsense question: that is not a malformed
+    block, so nothing is logged for it."""
+    def change(records):
+        del records[1]["o-commonsense"]
+        records[2]["o-commonsense"] = None
+
+    with caplog.at_level(logging.WARNING, logger="sadr.data.sadr_merged"):
+        cases = load_edited(tmp_path, "sadr_merged", change).cases
+    assert cases[1].commonsense_prompts == cases[2].commonsense_prompts == ()
+    assert [record.getMessage() for record in caplog.records] == []
