@@ -1,5 +1,6 @@
 import pytest
 
+from sadr.data.records import LabeledPrompt
 from sadr.models.tokenization import (
     SubjectNotFoundError,
     encode_prompt_target,
@@ -211,3 +212,30 @@ def test_the_tokens_sampled_after_a_generation_prompt_depend_on_the_style(genera
 
     eval_cfg = EvalConfig(generation=generation, generation_style=SamplingStyle[style], generation_length=length)
     assert generated_after_prompt(eval_cfg, positions) == sampled
+
+
+@pytest.mark.parametrize("field, prompts, needed", [
+    # "Paris lies in Rome": 18 bytes, 19 tokens
+    ("paraphrase_prompts", {"paraphrase_prompts": ("Paris lies in",)}, 19),
+    # "The currency of Paris is euro": 29 bytes, 30 tokens
+    ("relation_prompts", {"relation_prompts": (LabeledPrompt("The currency of Paris is", "euro"),)}, 30),
+    # "Paris, which is not Rome, is in Gaul": 36 bytes, 37 tokens
+    ("locality_prompts", {"locality_prompts": (LabeledPrompt("Paris, which is not Rome, is in", "Gaul"),)}, 37),
+])
+def test_paraphrase_relation_and_locality_prompts_are_length_checked_with_their_answers(field, prompts, needed):
+    """A tokenizer giving a BOS and one token per byte: each of these prompts, followed by the answer it is scored
+    against, must fit the model's positions too, not only the edit prompt ("Paris is in Rome": 17 tokens)."""
+    from types import SimpleNamespace
+
+    from sadr.data.lengths import check_prompt_lengths
+    from sadr.data.records import EditCase, EditRequest
+    from sadr.errors import InvalidSettingError
+
+    def bytes_with_bos(texts):
+        return SimpleNamespace(input_ids=[[0, *text.encode()] for text in texts])
+
+    case = EditCase(case_id=3, request=EditRequest(prompt="{} is in", subject="Paris", target_new="Rome"), **prompts)
+    check_prompt_lengths([case], bytes_with_bos, needed, {})
+    with pytest.raises(InvalidSettingError, match=rf"^case 3: a prompt of {field} needs {needed} tokens with its "
+                                                  rf"answer, more than the model's {needed - 1} positions"):
+        check_prompt_lengths([case], bytes_with_bos, needed - 1, {})
