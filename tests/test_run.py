@@ -771,3 +771,78 @@ def test_a_config_yaml_that_is_gone_is_not_called_damaged(tmp_path):
 
     with pytest.raises(FileNotFoundError):  # DamagedFileError is no OSError
         read_config(tmp_path / "config.yaml")
+
+
+def test_a_kill_at_any_byte_of_a_row_with_a_non_ascii_subject_keeps_the_finished_rows(tmp_path):
+    """Rows hold subjects such as "Zoë Ñandú": whichever byte a kill stops the third row's write at (inside a
+    character included), the two finished rows read back, and dropping the cut line leaves exactly them; a third row
+    that only lacks its newline counts and is kept."""
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    for i, subject in enumerate(["Zoë Ñandú", "Jörn Halvass", "Ærø Ğülşen"]):
+        run.append({"case_id": i, "subject": subject})
+    file = tmp_path / "run" / "cases.jsonl"
+    whole = file.read_bytes()
+    two_rows = whole[: whole.index(b"\n", whole.index(b"\n") + 1) + 1]
+    for cut in range(len(two_rows) + 1, len(whole)):
+        file.write_bytes(whole[:cut])
+        finished = 3 if cut == len(whole) - 1 else 2
+        assert [row["case_id"] for row in run.rows()] == list(range(finished)), cut
+        run.drop_partial_line()
+        assert file.read_bytes() == (whole if finished == 3 else two_rows), cut
+        assert [row["subject"] for row in run.rows()][:2] == ["Zoë Ñandú", "Jörn Halvass"]
+
+
+def test_a_line_of_spaces_in_cases_jsonl_is_a_blank_line_not_damage(tmp_path):
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    (tmp_path / "run" / "cases.jsonl").write_text('{"case_id": 0}\n  \t\n{"case_id": 1}\n')
+    assert [row["case_id"] for row in run.rows()] == [0, 1]
+
+
+def _killed_halfway(write):
+    """`write` (text to a path) cut short by a kill: half the text is written, then the process stops."""
+    def half_then_kill(target, text, *args, **kwargs):
+        write(target, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    return half_then_kill
+
+
+def test_a_kill_while_config_yaml_is_rewritten_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """A run that finished no case takes a corrected config; killed while writing it, the directory still holds the
+    previous config.yaml whole (not half a file, which the next resume would report as damaged)."""
+    from omegaconf import OmegaConf
+
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.claim(OmegaConf.create({"editor": {"layers": [9]}, "dataset": {"name": "zsre", "limit": 40}}))
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    monkeypatch.setattr(Path, "write_text", _killed_halfway(Path.write_text))
+    with pytest.raises(KeyboardInterrupt):
+        run.claim(OmegaConf.create({"editor": {"layers": [2]}, "dataset": {"name": "zsre", "limit": 40}}))
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+def test_a_kill_while_metrics_csv_is_rewritten_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    first = pd.DataFrame({"metric": ["efficacy", "paraphrase"], "mean": [100.0, 50.0]})
+    run.write_metrics(first)
+    real_to_csv = pd.DataFrame.to_csv
+
+    def half_then_kill(table, target, *args, **kwargs):
+        text = real_to_csv(table, None, *args, **kwargs)
+        Path(target).write_text(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_kill)
+    with pytest.raises(KeyboardInterrupt):
+        run.write_metrics(pd.DataFrame({"metric": ["efficacy", "paraphrase"], "mean": [0.0, 25.0]}))
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "metrics.csv"), first)
