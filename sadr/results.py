@@ -161,19 +161,20 @@ class RunDirectory:
         file = self.path / ROWS_FILE
         if not file.is_file():
             return []
-        text = file.read_text(encoding="utf-8")
-        lines = text.splitlines()
+        data = file.read_bytes()  # each line decoded apart: bytes that are not UTF-8 are damage on their line
+        lines = data.splitlines()
         rows = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                if number == len(lines) and not text.endswith("\n"):
+            except ValueError as err:  # not JSON, or not UTF-8 text (UnicodeDecodeError)
+                if number == len(lines) and not data.endswith(b"\n"):
                     break
+                problem = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
                 raise DamagedFileError(
-                    f"line {number} of {file} is not a whole JSON row ({err.msg}); it was not written by an "
+                    f"line {number} of {file} is not a whole JSON row ({problem}); it was not written by an "
                     "interrupted run, so the file was damaged or edited: delete that line, and a rerun of the same "
                     "command redoes its case") from None
             if not isinstance(row, dict) or "case_id" not in row:

@@ -846,3 +846,17 @@ def test_a_kill_while_metrics_csv_is_rewritten_leaves_the_previous_one_whole(tmp
         run.write_metrics(pd.DataFrame({"metric": ["efficacy", "paraphrase"], "mean": [0.0, 25.0]}))
     monkeypatch.undo()
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "metrics.csv"), first)
+
+
+def test_a_line_of_cases_jsonl_that_is_not_utf8_is_named_as_damage(tmp_path):
+    """Rows are written as ASCII JSON, so bytes that are not UTF-8 (a disk error, an edit saved as Latin-1) are damage:
+    named with their line and the fix, as any other damaged line, not a UnicodeDecodeError with a traceback."""
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    file = tmp_path / "run" / "cases.jsonl"
+    file.write_bytes(b'{"case_id": 0}\n{"case_id": 1, "subject": "Zo\xeb"}\n{"case_id": 2}\n')
+    with pytest.raises(DamagedFileError, match=r"line 2 of .*cases\.jsonl is not a whole JSON row \(not UTF-8 text\); "
+                                               r".*delete that line"):
+        run.rows()
