@@ -265,3 +265,18 @@ def test_unedited_results_are_computed_again_for_other_weights_cases_or_evaluato
         results = runner.unedited_results(loaded, cases, [Evaluator(k)], fingerprint, str(tmp_path))
         assert results == [{"target": cases[0].request.target_new, "k": [k]}]
     assert calls == [["Rome"], ["Oslo"], ["Rome"], ["Rome"]]
+
+
+def test_an_entry_is_computed_while_another_entry_of_its_folder_is_being_computed(tmp_path):
+    """Locks are per entry: a job computing one entry (a statistics pass: minutes) holds up no job that needs another
+    entry of the same folder."""
+    import threading
+
+    done = []
+    with lock_for(tmp_path / "stats" / "a.pt"):  # another job computing entry a
+        worker = threading.Thread(target=lambda: done.append(cached(tmp_path / "stats" / "b.crc.json", lambda: [1, 2])),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=5)
+        assert done == [[1, 2]]
+    worker.join()
