@@ -479,3 +479,62 @@ def test_a_generated_corpus_cycles_the_seed_words_with_its_seed(monkeypatch):
     words = ["The", "In", "A", "It", "When", "This", "There", "One", "After", "His", "Her", "According to"]
     assert calls == [(words + ["The", "In"], {"max_new_tokens": 8, "seed": 7, "batch_size": 4})]
     assert corpus.description == {"kind": "generated", "n": 14, "length": 8, "seed": 7, "top_k": 5, "batch": 4}
+
+
+def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_as_means(tmp_path, tokenizer):
+    """`model.stats.npz_dir`: each layer's C is the file <module>_float32_mom2_<n>.npz of the configured n, mom2.mom2 /
+    mom2.count; no corpus is read. Files of another n (ROME publishes several) are not taken."""
+    model = make_model("gpt2")
+    adapter = adapter_for(model)
+    d = 4  # the shapes are not checked against the model's
+    rng = np.random.default_rng(0)
+    written = {}
+    for layer in (1, 2):
+        for n, count in ((100000, 7), (1000, 3)):
+            keys = rng.normal(size=(2 * d, d)).astype(np.float32)
+            total = keys.T @ keys
+            np.savez(tmp_path / f"transformer.h.{layer}.mlp.c_proj_float32_mom2_{n}.npz",
+                     **{"mom2.mom2": total, "mom2.count": np.array(count)})
+            written[layer, n] = torch.from_numpy(total.astype(np.float64)) / count
+
+    def never_read():
+        raise AssertionError("the corpus was read although npz_dir was given")
+
+    for n in (100000, 1000):
+        stats = SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f", corpus=Corpus({"kind": "t"}, never_read),
+                                       sample_length=64, batch_tokens=256, cache_dir=tmp_path / "cache",
+                                       npz_dir=str(tmp_path), npz_samples=n)
+        got = stats.take([1, 2])
+        for layer in (1, 2):
+            assert got[layer].dtype == torch.float64
+            torch.testing.assert_close(got[layer], written[layer, n], rtol=1e-12, atol=0)
+        assert stats.description() == {"kind": "rome_npz", "dir": str(tmp_path), "n": n}
+
+
+def test_a_pass_for_other_layers_does_not_resume_another_pass_s_checkpoint(tokenizer, tmp_path, monkeypatch):
+    """The checkpoint of a killed pass over layers [1, 2] is not resumed by a pass over [1, 3] with the same model and
+    corpus: layer 3's C counts every text, as an uninterrupted pass's."""
+    monkeypatch.setattr(covariance, "CHECKPOINT_SECONDS", 0.0)
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    texts = random_texts()
+    kill = {"after": 60}
+
+    def corpus_texts():
+        for i, text in enumerate(texts):
+            if i == kill["after"]:
+                raise KeyboardInterrupt
+            yield text
+
+    def stats(cache_dir):
+        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f", corpus=Corpus({"kind": "t"}, corpus_texts),
+                                      sample_length=64, batch_tokens=128, cache_dir=cache_dir)
+
+    with pytest.raises(KeyboardInterrupt):
+        stats(tmp_path / "a").take([1, 2])
+    assert list((tmp_path / "a").rglob("*.partial.pt"))  # the killed pass left its checkpoint
+    kill["after"] = None
+    resumed = stats(tmp_path / "a").take([1, 3])
+    fresh = stats(tmp_path / "b").take([1, 3])
+    for layer in (1, 3):
+        torch.testing.assert_close(resumed[layer], fresh[layer], rtol=1e-6, atol=1e-9)
