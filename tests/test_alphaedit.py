@@ -186,3 +186,28 @@ def test_sadr_regularizes_alphaedit_through_the_shared_delta_optimisation(tiny_d
     row = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
     assert row["editor"] == "alphaedit" and row["sadr_lambda"] == 0.5
     assert row["diagnostics"]["selected_heads"] > 0 and row["diagnostics"]["loss"] > 0
+
+
+def test_an_eigenvalue_equal_to_the_threshold_is_not_in_the_null_space():
+    """The reference keeps the singular directions with S < nullspace_threshold, strictly: on a diagonal C (whose
+    eigenvalues eigh returns exactly), the eigenvalue equal to the threshold is left out."""
+    c = torch.diag(torch.tensor([0.5, 0.25, 2.0, 1.0], dtype=torch.float64))
+    p = nullspace_projection(c, 0.5)
+    torch.testing.assert_close(p, torch.diag(torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)), rtol=0, atol=1e-15)
+    torch.testing.assert_close(nullspace_projection(c, 0.5000001), torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0],
+                               dtype=torch.float64)), rtol=0, atol=1e-15)
+
+
+def test_another_threshold_does_not_read_the_projection_cached_for_the_first(tokenizer, tmp_path):
+    """The projection's disk cache is keyed by the threshold too: a second editor with another threshold on the same
+    statistics gets the projection of its own threshold."""
+    model = make_model("llama")
+    moments = statistics(model, tokenizer, tmp_path).take(LAYERS)
+    values = torch.linalg.eigvalsh(moments[1])
+    thresholds = [values[len(values) // 4].item() * 1.001, values[3 * len(values) // 4].item() * 1.001]
+    for threshold in thresholds:
+        hparams = editor_config("alphaedit", layers=LAYERS, context_templates=[[10, 3]], nullspace_threshold=threshold)
+        editor = EDITORS["alphaedit"].build(model, adapter_for(model), tokenizer, hparams,
+                                            EditorServices(statistics(model, tokenizer, tmp_path), TEMPLATES))
+        projection = editor.second_moments()[1]
+        torch.testing.assert_close(projection, nullspace_projection(moments[1], threshold), rtol=0, atol=1e-12)
