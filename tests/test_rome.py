@@ -135,3 +135,23 @@ def test_a_batch_reports_the_mean_of_its_requests_delta_numbers_and_the_sum_of_t
     assert len(losses) == 2 and abs(losses[0] - losses[1]) > 1e-3 * losses[1]  # the last request's alone is wrong
     assert outcome.diagnostics["delta_final_loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
     assert outcome.diagnostics["delta_steps"] == sum(result.steps_run for result in captured["all"]) / 2
+
+
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_the_update_maps_its_key_to_v_star_through_a_nonzero_down_projection_bias(tokenizer, tmp_path, variant):
+    """The residual is v* − (W k + b): with the tiny GPT-2's zero-initialised c_proj bias set to a visible value, the
+    edited layer still maps the exact key to v*, bias included (an update solved for v* − W k would miss it by b)."""
+    model = make_model("gpt2")
+    adapter = adapter_for(model)
+    down = adapter.mlp_down_module(model, 1)
+    with torch.no_grad():
+        down.bias.copy_(torch.randn(down.bias.shape, generator=torch.Generator().manual_seed(0)))
+    assert down.bias.norm() > 1.0
+    editor = RomeEditor(model, adapter, tokenizer, editor_config(v_num_grad_steps=5, rome_update=variant),
+                        statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
+    with spy_on_delta() as captured:
+        editor.apply([REQUEST])
+    key = mean_keys(model, adapter, tokenizer, [1], [REQUEST], ["{}"] if variant == "reference" else TEMPLATES)[1]
+    with torch.no_grad():
+        mapped = down.weight.T @ key[0].to(down.weight.dtype) + down.bias  # Conv1D: y = x W + b, written out
+    torch.testing.assert_close(mapped, captured["result"].target("mlp_out"), rtol=1e-4, atol=1e-4)
