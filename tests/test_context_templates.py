@@ -206,3 +206,46 @@ def test_templates_cached_by_sadr_before_crc32_entries_are_left_alone(tokenizer,
     assert "Written by an older sadr. {}" not in made and len(made) == 6
     assert old.read_text() == '["{}", "Written by an older sadr. {}"]'  # neither read nor removed
     assert (old.parent / f"{key}{JSON.suffix}").is_file()
+
+
+def _with_bos(tokenizer):
+    """The tiny tokenizer, adding a BOS token (its EOS token, as GPT-2's tokenizer names both) before every text, as
+    Llama's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    from tests.tiny_models import make_tokenizer
+
+    made = make_tokenizer()
+    eos = made.eos_token
+    made.backend_tokenizer.post_processor = TemplateProcessing(single=f"{eos} $A", special_tokens=[(eos, made.eos_token_id)])
+    made.bos_token = eos
+    assert made("The")["input_ids"] == [made.eos_token_id] + tokenizer("The")["input_ids"]
+    return made
+
+
+def test_rome_style_lengths_count_a_bos_token_and_the_seed_word(tokenizer):
+    """ROME's `generate_fast` grows `tok(prompt)` (BOS included) while it has fewer than max_out_len tokens: with top-k 1,
+    each text is the greedy loop from [BOS] + the seed word's tokens to `total` tokens in all, written out here."""
+    bos_tokenizer = _with_bos(tokenizer)
+    model = make_model("llama")
+    total = 6
+    texts = sample_to_length_like_rome(model, bos_tokenizer, ["The", "You"], total_tokens=total, seed=0, top_k=1)
+    for prompt, text in zip(["The", "You"], texts):
+        ids = torch.tensor([[bos_tokenizer.eos_token_id] + tokenizer(prompt)["input_ids"]])
+        while ids.shape[1] < total:
+            with torch.no_grad():
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert text == bos_tokenizer.decode(ids[0], skip_special_tokens=True).replace("\n\n", " ")
+
+
+def test_rome_style_grows_a_prompt_one_token_short_of_the_length(tokenizer):
+    """`while len < total`: a prompt of total - 1 tokens takes one more; one of total tokens is returned as it is."""
+    prompt = tokenizer("Because")["input_ids"]
+    script = tokenizer(" so")["input_ids"][:1]
+    model = ScriptedModel(script, len(prompt), len(tokenizer))
+    grown = tokenizer.decode(prompt + script)
+    assert grown != "Because"
+    assert sample_to_length_like_rome(model, tokenizer, ["Because"], total_tokens=len(prompt) + 1, seed=0,
+                                      top_k=1) == [grown]
+    assert sample_to_length_like_rome(model, tokenizer, ["Because"], total_tokens=len(prompt), seed=0,
+                                      top_k=1) == ["Because"]
