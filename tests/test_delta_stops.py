@@ -93,7 +93,7 @@ def test_a_sliding_window_as_long_as_the_prompts_keeps_the_cache_and_a_shorter_o
 TWO_TOKENS = EditRequest(prompt="The capital city of {} is", subject="Toyota", target_new="Paris Japan")
 
 
-def test_the_target_is_the_argmax_only_when_every_target_token_is_after_every_prompt(tokenizer):
+def test_the_target_is_the_argmax_only_when_each_of_its_tokens_is_on_top_after_every_prompt(tokenizer):
     """PMET's NLL weight and stop rule read `target_is_argmax`: with a target of two tokens, log-probabilities made by
     hand in which one target token of one rewrite prompt is beaten make it false; all of them on top make it true."""
     assert len(tokenizer(" " + TWO_TOKENS.target_new, add_special_tokens=False)["input_ids"]) == 2
