@@ -68,6 +68,13 @@ def test_ngram_entropy_all_distinct_and_punctuation_tokens():
     assert ngram_entropy("The cat sat.") == pytest.approx((LOG2_3 * 2 / 3 + 4 / 3) / 2)
 
 
+def test_ngram_entropy_is_case_sensitive_as_nltk_word_tokenize():
+    # ROME counts nltk.word_tokenize's tokens as they are: "The" and "the" are different words.
+    # The cat saw the cat: bigrams (The,cat) (cat,saw) (saw,the) (the,cat) all distinct -> H2 = 2;
+    # trigrams 3 distinct -> H3 = log2 3. Lowercased, (the,cat) would repeat and H2 would be 1.5.
+    assert ngram_entropy("The cat saw the cat") == pytest.approx((2 * 2 / 3 + LOG2_3 * 4 / 3) / 2)
+
+
 def test_ngram_entropy_degenerate_text_is_zero():
     assert ngram_entropy("go go go go go") == 0.0  # one bigram type, one trigram type
     assert ngram_entropy("hello") == 0.0  # no bigrams at all
