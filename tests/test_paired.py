@@ -310,3 +310,31 @@ def test_shards_of_which_one_has_begun_its_rows_are_named_as_without_a_finished_
     (tmp_path / "b2").mkdir()
     with pytest.raises(FileNotFoundError, match=r"b2 has no finished case in its cases\.jsonl"):
         compare_runs(base, [tmp_path / "b1", tmp_path / "b2"])
+
+
+def test_summary_reports_each_protocols_own_mean_and_names_the_unedited_editor_none(tmp_path):
+    """docs/metrics.md: a summary never mixes protocols. Case 0 has 4 NS prompts all kept, case 1 has 2 all lost: the
+    prompt protocol gives 4/6 = 66.67, the case protocol (1 + 0) / 2 = 50, each in its own summary. The unedited row
+    (the same model whatever the editor) is labelled editor `none`; n_cases counts the 2 records."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import summarize
+
+    path = tmp_path / "run"
+    path.mkdir()
+    rows = [{"case_id": 0, "edited": {"neighborhood": {"value": [1, 1, 1, 1]}},
+             "unedited": {"neighborhood": {"value": [1, 1, 1, 1]}}},
+            {"case_id": 1, "edited": {"neighborhood": {"value": [0, 0]}},
+             "unedited": {"neighborhood": {"value": [1, 1]}}}]
+    (path / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    OmegaConf.save({"model": {"name": "gpt2"}, "dataset": {"name": "counterfact"}, "editor": {"name": "rome"},
+                    "sadr": {"lambda": 0.0}}, path / "config.yaml")
+    metric_table(rows).to_csv(path / "metrics.csv", index=False)
+    expected = {"prompt": 100 * 4 / 6, "case": 50.0}
+    for protocol, mean in expected.items():
+        table = summarize(tmp_path, protocol).set_index("state")
+        assert table.loc["edited", "NS"] == pytest.approx(mean, abs=1e-9), protocol
+        assert table.loc["unedited", "NS"] == pytest.approx(100.0), protocol
+        assert table.loc["unedited", "editor.name"] == "none" and table.loc["edited", "editor.name"] == "rome"
+        assert table.loc["edited", "n_cases"] == 2  # records, not the 6 prompts
