@@ -109,3 +109,45 @@ def test_layer_out_of_range_is_a_clear_error():
 
 def test_registry_covers_the_documented_families():
     assert {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"} <= set(ADAPTERS)
+
+
+def test_layer_equal_to_the_number_of_layers_is_out_of_range():
+    """The first index past the last block is refused with the clear error, not an IndexError/AttributeError."""
+    model = make_model("gpt2")
+    adapter = adapter_for(model)
+    with pytest.raises(ValueError, match=rf"layer {LAYERS} out of range.*0\.\.{LAYERS - 1}"):
+        adapter.block(model, LAYERS)
+    with pytest.raises(ValueError, match=rf"layer {LAYERS} out of range"):
+        adapter.mlp_down_module(model, LAYERS)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # gpt2: in_features != out_features of the stored Conv1D weight
+def test_a_low_rank_update_forms_at_most_one_block_of_float64_rows_at_a_time(family, monkeypatch):
+    """Each dense block of the update is at most WRITE_BLOCK_BYTES of float64 rows of in_features values, and the
+    blocks cover every output row once, in order."""
+    from sadr.editors.update import LowRankUpdate
+    from sadr.models import adapters
+
+    block_bytes = 8 * 4 * HIDDEN * 3
+    monkeypatch.setattr(adapters, "WRITE_BLOCK_BYTES", block_bytes)
+    model = make_model(family)
+    adapter = adapter_for(model)
+    out_features, in_features = adapter.down_weight(model, 1).shape
+    g = torch.Generator().manual_seed(0)
+    update = LowRankUpdate(torch.randn(out_features, 2, generator=g, dtype=torch.float64),
+                           torch.randn(in_features, 2, generator=g, dtype=torch.float64))
+    spans = []
+
+    class Recording:  # an update that forms its rows on demand, as the docstring allows
+        shape = update.shape
+
+        @staticmethod
+        def dense_rows(start, end):
+            rows = update.dense_rows(start, end)
+            spans.append((start, start + rows.shape[0]))
+            assert rows.shape[0] * rows.shape[1] * 8 <= block_bytes
+            return rows
+
+    adapter.add_to_down_weight(model, 1, Recording())
+    assert spans[0][0] == 0 and spans[-1][1] == out_features
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
