@@ -280,3 +280,25 @@ def test_an_entry_is_computed_while_another_entry_of_its_folder_is_being_compute
         worker.join(timeout=5)
         assert done == [[1, 2]]
     worker.join()
+
+
+def test_a_fingerprint_tells_apart_the_same_values_held_in_another_dtype():
+    """Weights whose values bfloat16 holds exactly, once in float32 and once cast to bfloat16 (the config, unchanged
+    by `.to`, is the same): the models compute differently, so their caches must not be shared."""
+    model = make_model("llama")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.bfloat16().float())
+    as_float32 = model_fingerprint(model)
+    model.to(torch.bfloat16)
+    assert model.config.to_dict() == make_model("llama").config.to_dict()  # only the parameters' dtype differs
+    assert model_fingerprint(model) != as_float32
+
+
+def test_a_fingerprint_tells_apart_a_parameter_of_another_shape_with_the_same_values():
+    model = make_model("llama")
+    before = model_fingerprint(model)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    weight.data = weight.data.reshape(weight.shape[1], weight.shape[0])  # same values and sums, transposed shape
+    assert model_fingerprint(model) != before
+
