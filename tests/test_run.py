@@ -860,3 +860,44 @@ def test_a_line_of_cases_jsonl_that_is_not_utf8_is_named_as_damage(tmp_path):
     with pytest.raises(DamagedFileError, match=r"line 2 of .*cases\.jsonl is not a whole JSON row \(not UTF-8 text\); "
                                                r".*delete that line"):
         run.rows()
+
+
+# docs/hparams.md (/work/shared/docs/hparams.md), copied by hand: ROME's mom2_adjustment and MEMIT's and PMET's
+# mom2_update_weight, which PUBLISHED above leaves out; the AlphaEdit rows from the AlphaEdit repo's
+# hparams/AlphaEdit/*.json (layers, v_lr, nullspace_threshold 0.02, L2 10).
+PUBLISHED_MOM2 = {
+    ("rome", "gpt2-xl"): True,  # ROME repo (EasyEdit ships false)
+    ("rome", "gpt-j"): True,
+    ("rome", "gpt-neox-20b"): True,
+    ("rome", "llama2-7b"): False,  # EasyEdit llama-7b.yaml
+    ("rome", "llama3-8b"): True,  # SADR repo (EasyEdit: false)
+    ("rome", "llama2-13b"): True,
+    ("rome", "tinyllama"): True,
+    ("memit", "gpt2-xl"): 20000,
+    ("memit", "gpt-j"): 15000,
+    ("memit", "llama3-8b"): 15000,
+    ("memit", "llama2-7b"): 15000,
+    ("memit", "tinyllama"): 20000,
+    ("pmet", "gpt-j"): 6000,  # PMET repo (EasyEdit: 15000)
+    ("pmet", "llama3-8b"): 15000,
+    ("pmet", "llama2-7b"): 15000,
+    ("pmet", "tinyllama"): 20000,
+}
+
+
+@pytest.mark.parametrize("editor, model", PUBLISHED_MOM2)
+def test_published_mom2_settings_compose_as_docs_hparams_md_gives_them(editor, model):
+    cfg = composed([f"editor={editor}", f"model={model}"]).editor
+    got = cfg.mom2_adjustment if editor == "rome" else cfg.mom2_update_weight
+    assert got == PUBLISHED_MOM2[editor, model]
+
+
+@pytest.mark.parametrize("model, layers, steps, v_lr, clamp", [
+    ("gpt2-xl", [13, 14, 15, 16, 17], 20, 0.5, 0.75),
+    ("gpt-j", [3, 4, 5, 6, 7, 8], 25, 0.5, 0.75),
+    ("llama3-8b", [4, 5, 6, 7, 8], 25, 0.1, 0.75),  # docs/hparams.md: "AlphaEdit repo, with v_lr 0.1"
+])
+def test_published_alphaedit_hyperparameters_compose_as_the_alphaedit_repo_gives_them(model, layers, steps, v_lr, clamp):
+    cfg = composed(["editor=alphaedit", f"model={model}"]).editor
+    got = (list(cfg.layers), cfg.v_num_grad_steps, cfg.v_lr, cfg.clamp_norm_factor, cfg.nullspace_threshold, cfg.L2)
+    assert got == (layers, steps, v_lr, clamp, 0.02, 10.0)
