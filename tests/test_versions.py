@@ -70,3 +70,10 @@ def test_a_version_written_with_fewer_parts_is_the_same_release():
         short = ".".join(str(part) for part in low_or_high.release).removesuffix(".0")
         assert untested({"torch": short, "transformers": str(pinned_versions(LOCKED)["transformers"])}) == []
         assert untested({"torch": f"{low_or_high}+cpu", "transformers": str(pinned_versions(LOCKED)["transformers"])}) == []
+
+
+def test_a_pre_release_of_the_oldest_pinned_release_is_inside_the_tested_range():
+    """_release drops the pre-release part as well as the local build: torch <oldest>rc1+cpu is the oldest release."""
+    oldest = pinned_versions(OLDEST)["torch"]
+    base = ".".join(str(part) for part in oldest.release)
+    assert untested({"torch": f"{base}rc1+cpu", "transformers": str(pinned_versions(LOCKED)["transformers"])}) == []
