@@ -111,3 +111,24 @@ def test_an_edit_of_a_gguf_model_is_saved_as_a_folder_that_loads(tiny_dir, tmp_p
     [scores] = evaluate_cases(edited.model, edited.tokenizer, [case], [METRICS["efficacy"]])
     assert scores["efficacy"]["p_good"] == pytest.approx(row["edited"]["efficacy"]["p_good"], rel=1e-4)
     assert scores["efficacy"]["p_good"] != pytest.approx(row["unedited"]["efficacy"]["p_good"], rel=1e-2)
+
+
+def test_a_single_run_killed_while_saving_an_edited_model_has_no_row_for_it_and_the_resume_saves_it(tiny_dir, tmp_path,
+                                                                                                    monkeypatch):
+    """A case's row is its promise that the case is complete, saved model included: killed during the save, the case
+    has no row, and the same command redoes it and saves its folder."""
+    from sadr import runner
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1", "save_edited=true"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "save_edited_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    cases = tmp_path / "run" / "cases.jsonl"
+    assert not cases.exists() or cases.read_text().strip() == ""
+    monkeypatch.setattr(runner, "save_edited_model", save_edited_model)
+    out = run_experiment(cfg)
+    assert [json.loads(line)["case_id"] for line in (out / "cases.jsonl").read_text().splitlines()] == [0]
+    assert json.loads((out / EDITED_MODELS / "0" / EDITS_FILE).read_text())["n_edits"] == 1
