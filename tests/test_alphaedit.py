@@ -211,3 +211,23 @@ def test_another_threshold_does_not_read_the_projection_cached_for_the_first(tok
                                             EditorServices(statistics(model, tokenizer, tmp_path), TEMPLATES))
         projection = editor.second_moments()[1]
         torch.testing.assert_close(projection, nullspace_projection(moments[1], threshold), rtol=0, atol=1e-12)
+
+
+def test_restoring_the_unedited_state_forgets_the_keys_preserved_by_the_edit_undone(tokenizer, tmp_path):
+    """The single and batch protocols restore the editor's state after every group: the next group is edited into the
+    unedited model, so it must not see the undone group's keys as preserved ones (nor its weights)."""
+    model = make_model("llama")
+    stats = statistics(model, tokenizer, tmp_path)
+    moments = stats.take(LAYERS)
+    threshold = min(torch.linalg.eigvalsh(moments[layer]).median().item() for layer in LAYERS)
+    hparams = editor_config("alphaedit", layers=LAYERS, context_templates=[[10, 3]], v_num_grad_steps=2,
+                            nullspace_threshold=threshold, L2=1e-3)
+    editor = EDITORS["alphaedit"].build(model, adapter_for(model), tokenizer, hparams, EditorServices(stats, TEMPLATES))
+    before = {layer: editor.adapter.down_weight(model, layer).detach().clone() for layer in LAYERS}
+    unedited = editor.state_dict()
+    editor.apply(batch_requests(1))
+    assert set(editor.earlier_keys) == set(LAYERS)
+    editor.load_state_dict(unedited)
+    assert editor.earlier_keys == {}
+    for layer in LAYERS:
+        assert torch.equal(editor.adapter.down_weight(model, layer), before[layer])
