@@ -481,3 +481,28 @@ def test_side_by_side_rows_share_their_group_s_evaluation_time_evenly(tiny_dir, 
     monkeypatch.setattr(runner, "evaluate_all", six_seconds)
     out = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.parallel_cases=2"))).run()
     assert [row["seconds"]["eval_per_case"] for row in written_rows(out)] == [3.0, 3.0]
+
+
+def test_a_request_that_fails_midway_side_by_side_leaves_the_weights_as_they_were():
+    """`apply_each` edits each request into the model as it is and leaves it so, also when one fails after writing
+    part of its update (a group out of GPU memory is redone in halves on that model, which must be the unedited one)."""
+    from sadr.editors.base import Editor, EditOutcome
+
+    model = make_model("llama")
+    layers = [1, 2]
+
+    class HalfWriting(Editor):
+        def __init__(self):
+            self.model, self.adapter, self.layers = model, adapter_for(model), layers
+
+        def apply(self, requests):
+            with torch.no_grad():
+                self.adapter.down_weight(self.model, 1).add_(1.0)  # the first layer's update is written
+            raise torch.cuda.OutOfMemoryError("while writing the second layer's update")
+
+    before = {layer: adapter_for(model).down_weight(model, layer).detach().clone() for layer in layers}
+    request = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        HalfWriting().apply_each([request, request])
+    for layer in layers:
+        assert torch.equal(adapter_for(model).down_weight(model, layer), before[layer])
