@@ -94,3 +94,31 @@ def test_a_weights_file_copied_in_with_its_old_time_is_loaded_again(tmp_path):
     again, other = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path))
     assert again is not first and other != fingerprint
     kept.release_kept_model()
+
+
+def test_weights_overwritten_in_place_with_their_old_time_kept_are_loaded_again(tmp_path, monkeypatch):
+    """`cp -p` onto the kept model's file: same inode, same size, the old modification time put back; only the
+    status-change time says the file changed, and the next job must load the new weights. (In bfloat16 the kept
+    weights are a copy, not a view of the file that the write would change too, as they would be on a GPU.)"""
+    make_model("llama").save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    other = make_model("llama")
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    weights, new = tmp_path / "model" / "model.safetensors", (tmp_path / "other" / "model.safetensors").read_bytes()
+    assert len(new) == weights.stat().st_size
+    calls = _counting_loads(monkeypatch)
+    kept.release_kept_model()
+    first, fingerprint = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path),
+                                              dtype="bfloat16")
+    old = weights.stat()
+    with open(weights, "r+b") as file:  # written in place: the inode stays
+        file.write(new)
+    os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (old.st_ino, old.st_mtime_ns)
+    again, changed = kept.load_model_kept(str(tmp_path / "model"), device="cpu", cache_dir=str(tmp_path),
+                                          dtype="bfloat16")
+    assert again is not first and len(calls) == 2 and changed != fingerprint
+    assert torch.equal(again.model.model.layers[1].mlp.down_proj.weight, other.model.layers[1].mlp.down_proj.weight.bfloat16())
+    kept.release_kept_model()
