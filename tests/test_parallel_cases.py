@@ -486,7 +486,7 @@ def test_side_by_side_rows_share_their_group_s_evaluation_time_evenly(tiny_dir, 
 def test_a_request_that_fails_midway_side_by_side_leaves_the_weights_as_they_were():
     """`apply_each` edits each request into the model as it is and leaves it so, also when one fails after writing
     part of its update (a group out of GPU memory is redone in halves on that model, which must be the unedited one)."""
-    from sadr.editors.base import Editor, EditOutcome
+    from sadr.editors.base import Editor
 
     model = make_model("llama")
     layers = [1, 2]

@@ -862,7 +862,7 @@ def test_a_line_of_cases_jsonl_that_is_not_utf8_is_named_as_damage(tmp_path):
         run.rows()
 
 
-# docs/hparams.md (/work/shared/docs/hparams.md), copied by hand: ROME's mom2_adjustment and MEMIT's and PMET's
+# docs/hparams.md (in ../shared beside the repository), copied by hand: ROME's mom2_adjustment and MEMIT's and PMET's
 # mom2_update_weight, which PUBLISHED above leaves out; the AlphaEdit rows from the AlphaEdit repo's
 # hparams/AlphaEdit/*.json (layers, v_lr, nullspace_threshold 0.02, L2 10).
 PUBLISHED_MOM2 = {
