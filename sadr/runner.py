@@ -205,10 +205,11 @@ class Experiment:
         started = time.perf_counter()
         unedited = dict(zip((str(c.case_id) for c in cases),
                             unedited_results(self.loaded, cases, self.evaluators, self.computed_by, self.cfg.cache_dir)))
-        log.info("unedited model scored on %d cases in %.1f s", len(cases), time.perf_counter() - started)
+        log.info("unedited model scored on %s in %.1f s", _counted(len(cases), "case"), time.perf_counter() - started)
         done = self.out.finished()
         todo = [c for c in cases if str(c.case_id) not in done]
-        log.info("%d cases to edit (%d already finished in %s)", len(todo), len(cases) - len(todo), self.out.path)
+        log.info("%s to edit (%d already finished in %s)", _counted(len(todo), "case"), len(cases) - len(todo),
+                 self.out.path)
         if todo:
             started = time.perf_counter()
             editor = self._editor()
@@ -344,13 +345,18 @@ class Experiment:
 
     def _finish(self) -> Path:
         cfg = self.cfg
-        table = metric_table(self.out.rows())
+        rows = self.out.rows()
+        table = metric_table(rows)
         self.out.write_metrics(table)
-        print(f"\n{cfg.editor.name} on {cfg.model.name} / {cfg.dataset.name} ({len(self.out.rows())} cases, "
+        print(f"\n{cfg.editor.name} on {cfg.model.name} / {cfg.dataset.name} ({_counted(len(rows), 'case')}, "
               f"protocol={cfg.editor.protocol.name}, sadr.lambda={cfg.sadr['lambda']}), prompt-level success ×100 ± 95% CI:")
         print(compact_table(table).to_string())
         print(f"\nresults: {self.out.path}")
         return self.out.path
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _read_checkpoint(state_file: Path) -> dict:

@@ -22,7 +22,7 @@ from sadr.conf.registry import ConfigError, validate_layers
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.paired import compare_runs
 from sadr.runner import run_experiment
-from sadr.errors import InvalidSettingError
+from sadr.errors import InvalidSettingError, MissingInputError
 from tests.runs import FIXTURE, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
 
@@ -50,6 +50,14 @@ def test_a_model_without_published_defaults_asks_for_the_layers():
         composed(["model=local", "model.source=x"])
     with pytest.raises(ConfigError, match=r"sadr/conf/hparams/memit_local\.yaml does not exist\): set editor\.layers="):
         composed(["model=local", "model.source=x", "editor=memit"])
+
+
+def test_a_missing_model_path_is_named_before_the_layers_it_would_need(tmp_path):
+    """A mistyped folder or GGUF file is the mistake to fix first: with it fixed, the layers may come from the model."""
+    for source, kind in ((tmp_path / "typo", "model directory"), (tmp_path / "typo.gguf", "GGUF file")):
+        with pytest.raises(MissingInputError, match=rf"^{kind} {source} does not exist \(model.source\)$"):
+            composed(["model=local", f"model.source={source}"])
+    assert composed(["model=local", f"model.source={tmp_path}", "editor.layers=[1]", "editor.v_loss_layer=1"])
 
 
 def test_a_misspelt_key_added_with_plus_names_the_key_it_resembles():
@@ -337,13 +345,17 @@ def test_config_differences_name_each_setting_with_both_values():
     assert config_differences({"a": ["nan", "Inf", "info"]}, {"a": "NaN"}) == ["a (['nan','Inf',info] in the run, 'NaN' now)"]
 
 
-def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path):
+def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path, capsys,
+                                                                                         caplog):
     """Where C's factors are kept and how many cases (or fluency texts) run side by side do not change what a run
     computes (beyond float rounding), so a run stopped for lack of GPU memory resumes with them changed; the factors'
-    precision does."""
+    precision does. Its log and table title count one case, then none left, in the right number."""
     from sadr.results import RunConflictError
 
+    caplog.set_level(logging.INFO, logger="sadr.runner")
     run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1")))
+    assert "rome on local / offline_counterfact (1 case, protocol=single" in capsys.readouterr().out
+    assert "unedited model scored on 1 case in" in caplog.text and "1 case to edit (0 already finished" in caplog.text
     threads = torch.get_num_threads()
     try:
         resumed = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.limit=1", "threads=1",
@@ -352,6 +364,7 @@ def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+    assert "0 cases to edit (1 already finished" in caplog.text
     environment = json.loads((resumed / "environment.json").read_text())
     assert environment["factor_device"] == "cpu" and environment["threads"] == 1
     assert environment["generation_batch_size"] == 3

@@ -203,6 +203,9 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg.model, "source"):
         raise ConfigError(f"model={cfg.model.name} needs model.source: a local model folder, a GGUF file or a hub id "
                           "(model.source=PATH)")
+    from sadr.models.loading import check_local_source
+
+    check_local_source(cfg.model.source)  # before the editor's layers, which a mistyped folder would ask for first
     editor = cfg.editor
     from sadr.editors.registry import EDITORS
 

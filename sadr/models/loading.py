@@ -40,13 +40,10 @@ def _from_pretrained_args(source: str, gguf_file: str | None, revision: str | No
     fetched from a hub repository into the hub's cache, is loaded from its unpacked folder (sadr/models/gguf.py)."""
     if source in EMBEDDED_SOURCES:
         return _unpacked(embedded_gguf(source, cache_dir), dtype, cache_dir)
+    check_local_source(source)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise MissingInputError(f"GGUF file {path} does not exist (model.source)")
         return _unpacked(path, dtype, cache_dir)
-    if source.startswith((".", "/", "~")) and not path.exists():
-        raise MissingInputError(f"model directory {path} does not exist (model.source)")
     if gguf_file:
         if (path / gguf_file).is_file():
             return _unpacked(path / gguf_file, dtype, cache_dir)
@@ -59,6 +56,16 @@ def _from_pretrained_args(source: str, gguf_file: str | None, revision: str | No
             "written by save_pretrained (config.json, weights and tokenizer files), a .gguf file, or a hub id")
     location = str(path) if path.exists() else source
     return location, location
+
+
+def check_local_source(source: str) -> None:
+    """A model.source written as a path (a .gguf file, or a folder starting with '.', '/' or '~') exists; any
+    other source may be a hub id, which only loading can check."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise MissingInputError(f"GGUF file {path} does not exist (model.source)")
+    if source.startswith((".", "/", "~")) and not path.exists():
+        raise MissingInputError(f"model directory {path} does not exist (model.source)")
 
 
 def _unpacked(gguf: Path, dtype: str, cache_dir: str, named: str | None = None) -> tuple[str, str]:
