@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PREFIXES = ("docs/", "sadr/", "benchmarks/", "tests/", "tools/")
 
-_FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
-_CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.DOTALL)
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
+CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.DOTALL)
 _LINK = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 # A repository path inside a code span: it starts with one of PREFIXES, not in the middle of a longer path or name.
 _PATH = re.compile(r"(?<![\w./-])((?:%s)[^\s`'\",;()]*)" % "|".join(re.escape(p) for p in PREFIXES))
@@ -25,9 +25,9 @@ _BARE_TEST_FILE = re.compile(r"(?<![\w./-])(test_\w+\.py(?:::[^\s`'\",;()]*)?)")
 _GLOB_OR_PLACEHOLDER = re.compile(r"[*?{}\[\]<>]|\.\.\.")
 
 
-def _prose(text: str) -> str:
+def prose(text: str) -> str:
     """The text without fenced code blocks (commands and output, not references)."""
-    return _FENCE.sub("", text)
+    return FENCE.sub("", text)
 
 
 def _reference(raw: str) -> tuple[str, str | None] | None:
@@ -46,9 +46,9 @@ def cited_paths(document: Path) -> list[tuple[str, str, str | None]]:
     Code spans are read from the repository root (a bare `test_x.py` from tests/); relative Markdown link targets
     from the document's folder.
     """
-    text = _prose(document.read_text(encoding="utf-8"))
+    text = prose(document.read_text(encoding="utf-8"))
     found = []
-    for span in _CODE_SPAN.finditer(text):
+    for span in CODE_SPAN.finditer(text):
         for raw in _PATH.findall(span.group(2)):
             reference = _reference(raw)
             if reference:

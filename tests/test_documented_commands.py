@@ -7,20 +7,20 @@ validation, and parse each `sadr` command line with its click command, without r
 """
 from __future__ import annotations
 
+import argparse
+import itertools
 import re
 import shlex
 from pathlib import Path
 
 import typer
 from hydra import initialize_config_module
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sadr.cli.main import app
 from sadr.conf.registry import ConfigError, compose_config, misspelt_override, register_configs
-from tests.test_docs import _CODE_SPAN, _FENCE, DOCUMENTS, ROOT, _prose
+from tests.test_docs import CODE_SPAN, FENCE, DOCUMENTS, ROOT, prose
 
 # A command line, after an optional `$ ` prompt and environment assignments (`HYDRA_FULL_ERROR=1 sadr-run ...`).
 _COMMAND = re.compile(r"^(?:\$\s+)?(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(sadr-run|sadr)(?=\s|$)(.*)$", re.DOTALL)
@@ -33,9 +33,9 @@ MISTAKES = {("editor=rmoe",), ("sadr.lambda=abc",), ("sadr.lambda=-1",)}
 
 def _command_lines(text: str):
     """Each line of the code blocks (a trailing backslash joins the next) and each code span of the prose."""
-    for fence in _FENCE.finditer(text):
+    for fence in FENCE.finditer(text):
         yield from re.sub(r"\\\n\s*", " ", fence.group(0)).splitlines()[1:-1]
-    for span in _CODE_SPAN.finditer(_prose(text)):
+    for span in CODE_SPAN.finditer(prose(text)):
         yield " ".join(span.group(2).split())
 
 
@@ -53,10 +53,21 @@ def documented_commands(document: Path) -> list[tuple[str, str, tuple[str, ...]]
 COMMANDS = [(document, *command) for document in DOCUMENTS for command in documented_commands(document)]
 
 
+def _flags() -> argparse.ArgumentParser:
+    """Hydra's command-line flags that the documentation uses; any other flag is refused (exits)."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("-m", "--multirun", action="store_true")
+    parser.add_argument("--cfg", choices=["job", "hydra", "all"])
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    return parser
+
+
 def sweep_jobs(arguments: tuple[str, ...], model_folder: Path) -> list[list[str]]:
     """The overrides of each job `sadr-run arguments` runs: one job, or each of a `-m` sweep's (its config's
-    hydra.sweeper.params first, the command line's values winning, as Hydra's basic sweeper combines them)."""
-    args = get_args_parser().parse_args(list(arguments))  # an unknown flag exits, as sadr-run does
+    hydra.sweeper.params first, a key's last value winning, every combination of the swept values: what Hydra's
+    basic sweeper runs)."""
+    args = _flags().parse_args(list(arguments))
     # A model folder given as an absolute path is the reader's own (/models/my-llama): the run checks that it exists.
     overrides = [re.sub(r"^model\.source=/.*", f"model.source={model_folder}", o) for o in args.overrides]
     if not args.multirun:
@@ -66,8 +77,12 @@ def sweep_jobs(arguments: tuple[str, ...], model_folder: Path) -> list[list[str]
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # glob(*) lists a group
     fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
     params = compose_config(fixed, checked=False, hydra=True).hydra.sweeper.params or {}
-    swept = parser.parse_overrides([f"{key}={value}" for key, value in params.items()] + overrides)
-    return [job for batch in BasicSweeper.split_arguments(swept, None) for job in batch]
+    values = {}
+    for override in parser.parse_overrides([f"{key}={value}" for key, value in params.items()] + overrides):
+        key = override.get_key_element()
+        values[key] = ([f"{key}={value}" for value in override.sweep_string_iterator()]
+                       if override.is_sweep_override() else [override.input_line])
+    return [list(job) for job in itertools.product(*values.values())]
 
 
 def sadr_run_problems(model_folder: Path) -> list[str]:
@@ -80,7 +95,7 @@ def sadr_run_problems(model_folder: Path) -> list[str]:
         where = f"{document.relative_to(ROOT)}: {line!r}"
         try:
             jobs = sweep_jobs(arguments, model_folder)
-        except SystemExit:
+        except (argparse.ArgumentError, SystemExit):  # SystemExit: argparse's own exit on an unknown flag
             problems.append(f"{where}: Hydra does not accept its flags")
             continue
         except Exception as err:  # a sweep's own config (its experiment=, its fixed keys) does not compose
