@@ -68,8 +68,10 @@ def sweep_jobs(arguments: tuple[str, ...], model_folder: Path) -> list[list[str]
     hydra.sweeper.params first, a key's last value winning, every combination of the swept values: what Hydra's
     basic sweeper runs)."""
     args = _flags().parse_args(list(arguments))
-    # A model folder given as an absolute path is the reader's own (/models/my-llama): the run checks that it exists.
-    overrides = [re.sub(r"^model\.source=/.*", f"model.source={model_folder}", o) for o in args.overrides]
+    # A model folder given as a path is the reader's own (/models/my-llama, runs/seq/edited_model): the run checks
+    # that it exists. A hub id (one '/' at most) is left as it is.
+    overrides = [re.sub(r"^model\.source=(?:[/.~]|[^/]*/[^/]*/).*", f"model.source={model_folder}", o)
+                 for o in args.overrides]
     if not args.multirun:
         return [overrides]
     register_configs()

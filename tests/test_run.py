@@ -54,7 +54,8 @@ def test_a_model_without_published_defaults_asks_for_the_layers():
 
 def test_a_missing_model_path_is_named_before_the_layers_it_would_need(tmp_path):
     """A mistyped folder or GGUF file is the mistake to fix first: with it fixed, the layers may come from the model."""
-    for source, kind in ((tmp_path / "typo", "model directory"), (tmp_path / "typo.gguf", "GGUF file")):
+    for source, kind in ((tmp_path / "typo", "model directory"), (tmp_path / "typo.gguf", "GGUF file"),
+                         ("runs/seq/edited_model", "model directory")):  # relative, but no hub id has two '/'
         with pytest.raises(MissingInputError, match=rf"^{kind} {source} does not exist \(model.source\)$"):
             composed(["model=local", f"model.source={source}"])
     assert composed(["model=local", f"model.source={tmp_path}", "editor.layers=[1]", "editor.v_loss_layer=1"])

@@ -59,12 +59,12 @@ def _from_pretrained_args(source: str, gguf_file: str | None, revision: str | No
 
 
 def check_local_source(source: str) -> None:
-    """A model.source written as a path (a .gguf file, or a folder starting with '.', '/' or '~') exists; any
-    other source may be a hub id, which only loading can check."""
+    """A model.source that can only be a path (a .gguf file; a folder starting with '.', '/' or '~', or with more
+    than one '/', which a hub id never has) exists; any other source may be a hub id, which only loading can check."""
     path = Path(source).expanduser()
     if path.suffix == ".gguf" and not path.is_file():
         raise MissingInputError(f"GGUF file {path} does not exist (model.source)")
-    if source.startswith((".", "/", "~")) and not path.exists():
+    if (source.startswith((".", "/", "~")) or source.count("/") > 1) and not path.exists():
         raise MissingInputError(f"model directory {path} does not exist (model.source)")
 
 
