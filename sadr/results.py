@@ -212,6 +212,8 @@ class RunDirectory:
             json.loads(data[start:])
         except ValueError:  # cut short (a JSON or a UTF-8 error)
             os.truncate(file, start)
+            log.warning("dropped the last line of %s, cut short (%d bytes) by a kill while it was written; its case is "
+                        "redone", file, len(data) - start)
             return
         with open(file, "ab") as f:
             f.write(b"\n")

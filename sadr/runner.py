@@ -308,13 +308,13 @@ class Experiment:
         """Edit every batch without restoring (checkpointing the editor's state), then evaluate all cases."""
         state_file = self.out.path / SEQUENTIAL_STATE
         unedited_state = editor.state_dict()
-        total = EditOutcome()
         peaks = GroupPeaks(self.loaded.device)
         try:
             state = (_read_checkpoint(state_file) if state_file.is_file()
                      else {"edited": [], "editor": unedited_state, "seconds": {}})
             editor.load_state_dict(state["editor"])
-            total.seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
+            edit_seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
+            diagnostics = state.setdefault("diagnostics", {})  # each edited request's batch's (none in older ones)
             pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
             if state["edited"]:
                 log.info("sequential: resuming from %s, which holds %d edited request(s); %d to edit", state_file,
@@ -323,10 +323,11 @@ class Experiment:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
                     outcome = editor.apply([case.request for case in group])
                     for name, seconds in outcome.seconds.items():
-                        total.seconds[name] = total.seconds.get(name, 0.0) + seconds
+                        edit_seconds[name] = edit_seconds.get(name, 0.0) + seconds
                     state["edited"] += [str(c.case_id) for c in group]
+                    diagnostics.update({str(c.case_id): outcome.diagnostics for c in group})
                     state["editor"] = editor.state_dict()
-                    state["seconds"] = dict(total.seconds)
+                    state["seconds"] = dict(edit_seconds)
                     write_atomically(state, state_file, TORCH)  # under the run directory's lock
                     progress.advance(len(group))
             peaks.end("edit")
@@ -339,9 +340,12 @@ class Experiment:
             memory = peaks.fields()
         finally:
             editor.load_state_dict(unedited_state)
-        total.diagnostics["n_edits_in_model"] = len(state["edited"])
         for case, result in zip(todo, edited):
-            self._write_row(self._row(case, result, unedited[str(case.case_id)], total, eval_seconds, self.cfg.editor.batch_size, memory))
+            # its batch's δ diagnostics, as a batch run's rows hold them
+            outcome = EditOutcome(seconds=edit_seconds, diagnostics={**diagnostics.get(str(case.case_id), {}),
+                                                                     "n_edits_in_model": len(state["edited"])})
+            self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds,
+                                      self.cfg.editor.batch_size, memory))
 
     def _finish(self) -> Path:
         cfg = self.cfg

@@ -212,7 +212,10 @@ def test_an_interrupted_sequential_run_counts_its_checkpoint_as_kept(monkeypatch
     (tmp_path / SEQUENTIAL_STATE).write_bytes(b"")
     status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
     assert status == 130
-    assert stderr.startswith("interrupted: 0 finished case(s) and the sequential edits checkpointed so far are kept in")
+    assert stderr.startswith("interrupted: the sequential edits checkpointed so far are kept in")
+    RunDirectory(tmp_path).append({"case_id": 0})  # killed while writing the rows, after every edit
+    status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+    assert stderr.startswith("interrupted: 1 finished case(s) and the sequential edits checkpointed so far are kept in")
 
 
 @pytest.mark.parametrize("stop, expected", [

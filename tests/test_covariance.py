@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -433,9 +435,9 @@ def test_published_models_sample_their_statistics_as_the_reference_code(model):
     assert stats.sample_length == min(CONTEXT[model], 3072)
 
 
-def test_a_generated_corpus_samples_about_batch_tokens_tokens_at_a_time(tokenizer):
+def test_a_generated_corpus_samples_about_batch_tokens_tokens_at_a_time(tokenizer, caplog):
     """The sampling's key-value cache is bounded like the pass's forwards; the batch, which changes the texts drawn,
-    is in the description (and so in the statistics' cache keys)."""
+    is in the description (and so in the statistics' cache keys). The sampling says what it does before the wait."""
     from sadr.data.corpus import generated_corpus
 
     model = make_model("llama").eval()
@@ -443,7 +445,9 @@ def test_a_generated_corpus_samples_about_batch_tokens_tokens_at_a_time(tokenize
     generate = model.generate
     model.generate = lambda **kwargs: rows.append(kwargs["input_ids"].shape[0]) or generate(**kwargs)
     corpus = generated_corpus(model, tokenizer, n_samples=10, length=8, seed=0, batch_tokens=32)
-    assert len(list(corpus.texts())) == 10 and rows == [4, 4, 2]
+    with caplog.at_level(logging.INFO, logger="sadr.data.corpus"):
+        assert len(list(corpus.texts())) == 10 and rows == [4, 4, 2]
+    assert "sampling 10 texts of 8 tokens from the model, 4 at a time" in caplog.text
     assert corpus.description["batch"] == 4
     assert generated_corpus(model, tokenizer, 10, 8, 0, batch_tokens=64).description["batch"] == 8
     assert generated_corpus(model, tokenizer, 10, 8, 0, batch_tokens=4).description["batch"] == 1

@@ -130,7 +130,8 @@ def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_
 def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_kill(tiny_dir, tmp_path, monkeypatch,
                                                                                     caplog):
     """Killed during the second edit, resumed: each phase's seconds in the rows are the first edit's (kept by the
-    checkpoint) plus the second's, not the second's alone; the log says the run resumed from its checkpoint."""
+    checkpoint) plus the second's, not the second's alone; the log says the run resumed from its checkpoint. Each
+    row holds its own edit's δ diagnostics, the first's kept by the checkpoint too."""
     cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential"))
     original, outcomes = RomeEditor.apply, []
 
@@ -155,3 +156,6 @@ def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_k
     for row in written_rows(out):
         edit_seconds = {name: value for name, value in row["seconds"].items() if name != "eval_per_case"}
         assert edit_seconds == pytest.approx(expected)
+    assert {"delta_steps", "delta_final_loss"} <= first.diagnostics.keys() and first.diagnostics != second.diagnostics
+    assert [row["diagnostics"] for row in written_rows(out)] == [{**first.diagnostics, "n_edits_in_model": 2},
+                                                                 {**second.diagnostics, "n_edits_in_model": 2}]

@@ -231,7 +231,7 @@ def test_killed_run_resumes_without_redoing_finished_cases(tiny_dir, tmp_path, m
     assert (out / "metrics.csv").is_file()
 
 
-def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_named(tmp_path, monkeypatch):
+def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_named(tmp_path, monkeypatch, caplog):
     from sadr.errors import DamagedFileError
     from sadr.results import RunDirectory
 
@@ -250,8 +250,13 @@ def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_na
     monkeypatch.undo()
     assert writes == []  # cut in place: a file opened for writing is empty until written back, losing rows to a kill
     assert file.read_text() == "\n".join(rows) + "\n"
+    # said, so that a case redone by the rerun is not a surprise
+    assert re.search(r"dropped the last line of .*cases\.jsonl, cut short \(5 bytes\) by a kill .*its case is redone",
+                     caplog.text)
+    caplog.clear()
     file.write_text("\n".join(rows))  # a whole row, killed just before its newline: kept, as rows() counts it
     run.drop_partial_line()
+    assert "dropped" not in caplog.text
     assert file.read_text() == "\n".join(rows) + "\n" and len(run.rows()) == 3
     file.write_text("\n".join(rows) + "\n\n")  # blank lines are no rows, and no damage
     assert len(run.rows()) == 3

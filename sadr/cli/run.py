@@ -84,6 +84,8 @@ def _kept(output_dir: str) -> str:
         return f"the cases in it (not counted: {err})"
     if not (rows or checkpointed):
         return ""
+    if not rows:  # a sequential run evaluates its cases only once every request is edited: "0 cases" reads as lost
+        return "the sequential edits checkpointed so far"
     return f"{rows} finished case(s)" + (" and the sequential edits checkpointed so far" if checkpointed else "")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Callable, Iterator
 
 from sadr.errors import MissingInputError, UnavailableError
 from sadr.models.generation import sample_texts
+
+log = logging.getLogger(__name__)
 
 GENERATION_SEEDS = ("The", "In", "A", "It", "When", "This", "There", "One", "After", "His", "Her", "According to")
 
@@ -91,6 +94,9 @@ def generated_corpus(model, tokenizer, n_samples: int, length: int, seed: int, b
 
     def texts() -> Iterator[str]:
         prompts = [GENERATION_SEEDS[i % len(GENERATION_SEEDS)] for i in range(n_samples)]
+        # every text comes at once, after minutes on a CPU: said before, so that the wait does not look like a hang
+        log.info("sampling %d texts of %d tokens from the model, %d at a time, for its key statistics (once: the "
+                 "statistics are cached)", n_samples, length, batch)
         yield from sample_texts(model, tokenizer, prompts, max_new_tokens=length, seed=seed, batch_size=batch)
 
     return Corpus({"kind": "generated", "n": n_samples, "length": length, "seed": seed, "top_k": 5, "batch": batch}, texts)
