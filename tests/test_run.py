@@ -474,8 +474,12 @@ def test_multirun_sweep_and_summarize(tiny_dir, tmp_path):
     done = _sadr_run("-m", *overrides, "sadr.lambda=0,0.01", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list(sweep.rglob("metrics.csv"))) == 2
+    # every sweep ends with its tables, printed and written as `sadr summarize` then writes them again
+    assert re.search(rf"^wrote {re.escape(str(sweep / 'summary.csv'))}, ", done.stdout, re.MULTILINE), done.stdout[-3000:]
+    at_sweep_end = {name: (sweep / name).read_text() for name in ("summary.md", "paired.md")}
     summary = subprocess.run([sys.executable, "-m", "sadr.cli.main", "summarize", str(sweep)], capture_output=True, text=True)
     assert summary.returncode == 0, summary.stderr
+    assert {name: (sweep / name).read_text() for name in at_sweep_end} == at_sweep_end
     table = pd.read_csv(sweep / "summary.csv")
     edited = table[table.state == "edited"]
     assert sorted(edited["sadr.lambda"]) == [0.0, 0.01]

@@ -330,8 +330,8 @@ def _log_of(run: Path) -> str:
 class SummarizeSweep(Callback):
     """Hydra callback: when a multirun ends, its one comparison table (as `sadr summarize <sweep dir>`).
 
-    Enabled per overlay (`hydra.callbacks.summarize._target_: sadr.evaluation.summary.SummarizeSweep`);
-    Hydra does not call it when a job failed, so rebuild the table then with `sadr summarize`.
+    Enabled for every sweep by config.yaml (`hydra.callbacks.summarize`); Hydra does not call it when a job failed,
+    so rebuild the table then with `sadr summarize`.
     """
 
     def __init__(self, protocol: str = "prompt") -> None:
