@@ -93,10 +93,10 @@ def test_a_metric_one_run_did_not_evaluate_is_left_out(tmp_path):
 
 def test_runs_on_different_records_or_prompts_are_refused(tmp_path):
     base = _run(tmp_path / "a", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}})
-    with pytest.raises(ValueError, match=r"different records .*\['1'\]"):
+    with pytest.raises(ValueError, match=r"different records \(case ids only in the base: \['1'\], only in the other: \[\]\)"):
         compare_runs(base, _run(tmp_path / "b", {0: {"efficacy": [1]}}))
     # either run may hold the extra case: a base with fewer cases is refused too, not paired on its cases only
-    with pytest.raises(ValueError, match=r"different records .*\['2'\]"):
+    with pytest.raises(ValueError, match=r"only in the base: \[\], only in the other: \['2'\]\)"):
         compare_runs(base, _run(tmp_path / "d", {0: {"efficacy": [1]}, 1: {"efficacy": [1]}, 2: {"efficacy": [0]}}))
     with pytest.raises(ValueError, match=r"case 1: efficacy has 1 prompts .* but 2"):
         compare_runs(base, _run(tmp_path / "c", {0: {"efficacy": [1]}, 1: {"efficacy": [1, 0]}}))
@@ -132,6 +132,27 @@ def test_cli_pairs_prompts_unless_told_otherwise(tmp_path):
         done = CliRunner().invoke(app, ["compare", str(base), str(other), "--out", str(tmp_path / "c.csv"), *extra])
         assert done.exit_code == 0, done.output
         assert pd.read_csv(tmp_path / "c.csv").set_index("metric").loc["DNS", "n"] == n
+        protocol = "case" if extra else "prompt"
+        assert done.output.startswith(f"{other} against the base {base}, {protocol} by {protocol}, ×100 (difference: "
+                                      "other − base):\n|")  # runs without config.yaml: no settings to compare
+        assert done.output.endswith(f"wrote {tmp_path / 'c.csv'}\n")
+
+
+def test_cli_names_the_settings_in_which_the_two_runs_differ(tmp_path):
+    """A difference no one meant (another δ step count) is seen above the table."""
+    from omegaconf import OmegaConf
+
+    base = _run(tmp_path / "a", {0: {"distract_neighborhood": [0, 0, 0]}})
+    other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1, 0]}})
+    for run, gamma, steps in ((base, 0.0, 20), (other, 0.03, 5)):
+        OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": steps}, "sadr": {"lambda": gamma}}, run / "config.yaml")
+    done = CliRunner().invoke(app, ["compare", str(base), str(other)])
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines()[0].endswith(
+        "; their settings differ in: editor.v_num_grad_steps (20 → 5), sadr.lambda (0.0 → 0.03):")
+    OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": 20}, "sadr": {"lambda": 0.0}}, other / "config.yaml")
+    assert CliRunner().invoke(app, ["compare", str(base), str(other)]).output.splitlines()[0].endswith(
+        "; their settings differ in: nothing:")
 
 
 def test_cli_reports_runs_that_cannot_be_paired_as_one_error_line(tmp_path):
@@ -209,11 +230,14 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     assert table.loc[0.0, "NS"] == pytest.approx(100 / 3, abs=1e-9) and table.loc[0.001, "NS"] == pytest.approx(200 / 3, abs=1e-9)
     markdown = (tmp_path / "summary.md").read_text()
     assert "33.33 " in markdown and "66.67 " in markdown and "0.001 " in markdown and "33.333" not in markdown
+    assert markdown.startswith(f"prompt-level results ×100 of every run in {tmp_path}:\n|")  # read alone, it says so
 
     text = write_summary(tmp_path, "case")  # one case of 3 prompts: a single pair of case means
     paired = pd.read_csv(tmp_path / "paired.csv").set_index("metric")
     assert paired.loc["NS", "n"] == 1 and paired.loc["NS", "difference"] == pytest.approx(100 / 3)
     assert "case by case (as `sadr compare --protocol case`)" in text
+    assert (tmp_path / "summary.md").read_text().startswith("case-level results")
+    assert (tmp_path / "paired.md").read_text().startswith("each γ > 0 run against its γ = 0 run, case by case")
 
 
 def test_a_run_that_measured_nothing_is_named_beside_the_summary_of_the_others(tmp_path):

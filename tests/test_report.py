@@ -274,6 +274,7 @@ def test_cli_reports_a_single_run(sweep, tmp_path):
     assert set(table["lambda"]) == {0.0} and len(table) == len(TRADEOFF_METRICS)
     assert not (tmp_path / "paired.csv").exists()
     assert "Every run has the same config" in (tmp_path / "report.html").read_text()
+    assert set(table["run"].astype(str)) == {"0"}  # the run's folder name, not "."
 
 
 def test_cli_reports_a_directory_without_runs(tmp_path):

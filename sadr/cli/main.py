@@ -60,11 +60,14 @@ def compare(
     """Prompt-by-prompt (or case-by-case) comparison of two runs: paired difference ± 95 % CI, observations up/down,
     sign test."""
     from sadr.evaluation.paired import compare_runs
+    from sadr.evaluation.summary import pair_title
 
     table = _or_usage_error(lambda: compare_runs(base, other, protocol))
+    typer.echo(_or_usage_error(lambda: pair_title(base, other, protocol)))
+    typer.echo(table.to_markdown(index=False, floatfmt=".3g"))
     if out:
         _or_usage_error(lambda: table.to_csv(out, index=False))
-    typer.echo(table.to_markdown(index=False, floatfmt=".3g"))
+        typer.echo(f"wrote {out}")
 
 
 @app.command()

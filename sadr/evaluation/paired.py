@@ -71,9 +71,9 @@ def compare_runs(base: str | Path | list[Path], other: str | Path | list[Path], 
         raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
     a, b = _rows(base), _rows(other)
     if a.keys() != b.keys():
-        only = sorted(a.keys() ^ b.keys(), key=str)
-        raise ValueError(f"the runs edited different records (case ids in one only: {only[:10]}); "
-                         "compare runs of the same dataset selection")
+        only = {name: sorted(mine.keys() - theirs.keys(), key=str)[:10] for name, mine, theirs in (("base", a, b), ("other", b, a))}
+        raise ValueError(f"the runs edited different records (case ids only in the base: {only['base']}, only in the "
+                         f"other: {only['other']}); compare runs of the same dataset selection")
     _check_same_requests(a, b)
     records = []
     for metric, label in LABELS.items():

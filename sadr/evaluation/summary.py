@@ -75,6 +75,17 @@ def differing_keys(settings: dict[Path, dict]) -> list[str]:
     return [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1]
 
 
+def pair_title(base: Path, other: Path, protocol: str) -> str:
+    """The title of `sadr compare`'s table: which run is the base, what an observation is, and the settings in which
+    the two runs differ (when both have their config.yaml), so that a difference no one meant is seen."""
+    title = f"{other} against the base {base}, {protocol} by {protocol}, ×100 (difference: other − base)"
+    if not all((run / CONFIG_FILE).is_file() for run in (base, other)):
+        return title + ":"
+    settings = run_settings([base, other])
+    differ = [f"{key} ({settings[base].get(key)} → {settings[other].get(key)})" for key in differing_keys(settings)]
+    return f"{title}; their settings differ in: {', '.join(differ) or 'nothing'}:"
+
+
 def baseline_groups(settings: dict[Path, dict]) -> list[list[Path]]:
     """Runs grouped by every setting but those a run may change against its γ = 0 baseline (SADR's, δ steps)."""
     groups: dict[tuple, list[Path]] = {}
@@ -297,17 +308,18 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     target = Path(target or root)
     target.mkdir(parents=True, exist_ok=True)
     table.to_csv(target / "summary.csv", index=False)
-    markdown = rounded_metrics(table).to_markdown(index=False)
-    (target / "summary.md").write_text(markdown + "\n")
-    text = f"{protocol}-level results ×100 of every run in {root}:\n{markdown}\n"
+    # each .md file opens with the title printed above its table, which names the protocol
+    summary = f"{protocol}-level results ×100 of every run in {root}:\n{rounded_metrics(table).to_markdown(index=False)}\n"
+    (target / "summary.md").write_text(summary)
+    text = summary
     written = [target / "summary.csv", target / "summary.md"]
     paired, unpaired = paired_with_baselines(root, protocol)
     if not paired.empty:
         paired.to_csv(target / "paired.csv", index=False)
-        paired_markdown = paired.to_markdown(index=False, floatfmt=".3g")
-        (target / "paired.md").write_text(paired_markdown + "\n")
-        text += (f"\neach γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
-                 f"{protocol}`):\n{paired_markdown}\n")
+        paired_text = (f"each γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
+                       f"{protocol}`):\n{paired.to_markdown(index=False, floatfmt='.3g')}\n")
+        (target / "paired.md").write_text(paired_text)
+        text += "\n" + paired_text
         written += [target / "paired.csv", target / "paired.md"]
     if unpaired:
         text += "\nγ > 0 runs not paired with a γ = 0 run:\n" + "\n".join(f"  {line}" for line in unpaired) + "\n"

@@ -25,7 +25,7 @@ PROTOCOL = "prompt"  # every prompt one observation, as SADR's Table 3
 class Run:
     """One configuration: a run directory, or the shard directories (`dataset.shard=i/n`) of one, merged."""
 
-    name: str  # its folder(s) relative to the report's root, comma-separated ("." when the root is the run)
+    name: str  # its folder(s) relative to the report's root, comma-separated (the folder's name when it is the root)
     settings: dict  # config.yaml, flattened to dotted keys (`dataset.shard` left out when sharded)
     metrics: pd.DataFrame  # metrics.csv; of shards, over all their cases
     parts: dict[str, list[dict]]  # folder name -> its cases.jsonl rows
@@ -62,7 +62,7 @@ def load_runs(root: str | Path) -> list[Run]:
     root = Path(root)
     runs = []
     for configuration in configurations(root):
-        names = {path: str(path.relative_to(root)) if path != root else "." for path in configuration.runs}
+        names = {path: str(path.relative_to(root)) if path != root else path.resolve().name for path in configuration.runs}
         env_files = {path: path / ENV_FILE for path in configuration.runs}
         runs.append(Run(",".join(names.values()), configuration.settings, configuration.metrics(),
                         {names[path]: RunDirectory(path).rows() for path in configuration.runs},
