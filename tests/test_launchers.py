@@ -11,6 +11,7 @@ import time
 import pandas as pd
 import pytest
 import torch
+from filelock import FileLock
 
 from sadr.conf.registry import compose_config
 from sadr.evaluation.summary import summarize
@@ -90,3 +91,31 @@ def test_a_sharded_sweep_through_a_launcher_merges_into_the_unsharded_table(tiny
     metrics = [c for c in unsharded.columns if c.split(" ")[0] in ("ES", "PS", "NS", "DNS")]
     key = lambda t: t[t.state == "edited"].sort_values("sadr.lambda")[["sadr.lambda", "n_cases", *metrics]].reset_index(drop=True)  # noqa: E731
     pd.testing.assert_frame_equal(key(sharded), key(unsharded))
+
+
+def test_auto_with_two_gpus_takes_one_of_its_own(monkeypatch, tmp_path):
+    """Two visible GPUs are several: a parallel job must hold an index, not share the bare `cuda` (cuda:0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(devices, "_HELD", {})
+    assert devices.resolve_device("auto", tmp_path) == torch.device("cuda", 0)
+
+
+def test_a_job_waiting_for_a_gpu_polls_and_says_so_once(monkeypatch, tmp_path, caplog):
+    """The only GPU is held by another job (a lock of its own) for three polls, then freed: it is taken, and the wait
+    is logged once, not at every poll."""
+    monkeypatch.setattr(devices, "_HELD", {})
+    other = FileLock(str(tmp_path / "cuda0.lock"))
+    other.acquire()
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        if len(slept) == 3:
+            other.release()
+
+    monkeypatch.setattr(devices.time, "sleep", sleep)
+    with caplog.at_level(logging.INFO, logger="sadr.models.devices"):
+        assert devices.claim_free_gpu(tmp_path, 1, poll_seconds=0.25) == 0
+    assert slept == [0.25] * 3
+    assert caplog.text.count("all 1 GPUs are held by other sadr jobs; waiting for one") == 1

@@ -164,6 +164,14 @@ def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     assert resolve_device("cuda:0", tmp_path) == torch.device("cuda", 0)
 
 
+def test_a_cuda_device_without_an_index_is_the_current_gpu_and_cpu_needs_no_cuda(monkeypatch, tmp_path):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert resolve_device("cuda", tmp_path) == torch.device("cuda")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_device("cpu", tmp_path) == torch.device("cpu")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_a_model_loads_in_the_dtype_asked_for(dtype, tmp_path, tokenizer):
     """Every weight in that dtype, holding the saved float32 weight rounded once."""

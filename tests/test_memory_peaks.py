@@ -2,7 +2,10 @@
 records the group's peak and each phase's. The CUDA counters are stood in for, so this runs on the CPU."""
 from __future__ import annotations
 
+import gc
 import json
+import time
+import weakref
 
 import pytest
 import torch
@@ -56,3 +59,80 @@ def test_rows_record_the_peaks_of_editing_and_of_evaluating_their_group(extra, e
     assert [row["cuda_phase_peak_bytes"] for row in rows] == expected
     assert [row["cuda_peak_bytes"] for row in rows] == [max(phases.values()) for phases in expected]
     assert fake.read == 2 * (len(expected) if expected is not ONE_GROUP else 1)  # an edit and an evaluation per group
+
+
+class FakeCudaCounters:
+    """torch.cuda's peak counter on a card: `allocate` raises the peak, a reset drops it to what is held now (0 here)."""
+
+    def __init__(self, monkeypatch):
+        self.peak, self.calls = 0, []
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", self.max_memory_allocated)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset_peak_memory_stats)
+
+    def allocate(self, size: int) -> None:
+        self.peak = max(self.peak, size)
+
+    def max_memory_allocated(self, device) -> int:
+        self.calls.append(("read", device))
+        return self.peak
+
+    def reset_peak_memory_stats(self, device) -> None:
+        self.calls.append(("reset", device))
+        self.peak = 0
+
+
+def test_a_reading_gives_the_peak_since_the_reading_before_and_off_cuda_nothing(monkeypatch):
+    """100 bytes at most before the first reading and 40 before the second: the second reads 40, not 100."""
+    counters, cuda = FakeCudaCounters(monkeypatch), torch.device("cuda", 1)
+    counters.allocate(100)
+    assert devices.take_peak_memory(cuda) == {"cuda_peak_bytes": 100}
+    counters.allocate(40)
+    assert devices.take_peak_memory(cuda) == {"cuda_peak_bytes": 40}
+    assert counters.calls == [("read", cuda), ("reset", cuda)] * 2
+    for device in (torch.device("cpu"), torch.device("mps")):
+        assert devices.take_peak_memory(device) == {}
+        devices.reset_peak_memory(device)
+    assert len(counters.calls) == 4  # no CUDA counter touched for the CPU or MPS
+
+
+def test_a_reset_starts_the_next_peak_afresh_on_cuda(monkeypatch):
+    counters, cuda = FakeCudaCounters(monkeypatch), torch.device("cuda")
+    counters.allocate(100)
+    devices.reset_peak_memory(cuda)
+    counters.allocate(30)
+    assert counters.calls == [("reset", cuda)]
+    peaks = GroupPeaks(cuda)
+    peaks.end("edit")
+    assert peaks.fields() == {"cuda_peak_bytes": 30, "cuda_phase_peak_bytes": {"edit": 30}}
+
+
+def test_releasing_memory_collects_unreferenced_cycles_and_empties_the_cuda_cache_where_there_is_one(monkeypatch):
+    class Node:
+        pass
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    was_enabled = gc.isenabled()
+    gc.disable()  # only release_unused_memory collects
+    try:
+        for available in (True, False):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+            node = Node()
+            node.itself = node
+            gone = weakref.ref(node)
+            del node
+            devices.release_unused_memory()
+            assert gone() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert emptied == [True]  # with CUDA only
+
+
+def test_the_clock_waits_for_the_cuda_device_s_queued_work(monkeypatch):
+    synchronized = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: synchronized.append(device))
+    before = time.perf_counter()
+    assert before <= devices.clock(torch.device("cuda", 2)) <= time.perf_counter()
+    devices.clock(torch.device("cpu"))
+    assert synchronized == [torch.device("cuda", 2)]
