@@ -238,6 +238,7 @@ def test_build_regularizer_from_config():
         ({"lambda": -0.1}, r"sadr\.lambda=-0\.1: γ must be a finite number >= 0"),
         ({"lambda": float("nan")}, r"sadr\.lambda=nan: γ must be a finite number"),
         ({"epsilon": 0.0}, r"sadr\.epsilon=0\.0: must be a finite number > 0"),
+        ({"epsilon": float("inf")}, r"sadr\.epsilon=inf: must be a finite number > 0"),
         ({"layers": [3, -1]}, r"sadr\.layers=\[3, -1\]: give null .* or layer indices >= 0"),
         ({"layers": []}, r"sadr\.layers=\[\]: give null"),
     ],

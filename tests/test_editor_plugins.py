@@ -41,6 +41,9 @@ def test_a_key_of_another_editor_fails_at_composition(editor, key, config):
 def test_the_editor_name_cannot_be_changed_behind_its_config():
     with pytest.raises(ConfigError, match=r"editor\.name=memit does not match"):
         composed(["editor=rome", "editor.name=memit"])
+    with pytest.raises(ConfigError, match=r"^editor\.name=foo does not match the editor config; choose the editor with "
+                                          r"editor=<name> \(one of .*rome.*\) and leave editor\.name alone$"):
+        composed(["editor=rome", "editor.name=foo"])  # a name no editor has
 
 
 class _EntryPoint:

@@ -135,6 +135,11 @@ def test_published_hyperparameters_compose_as_docs_hparams_md_gives_them(editor,
     (["eval.batch_size=0"], r"^eval\.batch_size=0: must be >= 1"),
     (["device=gpu"], r"^device=gpu: expected auto, cpu, cuda, cuda:N \(N a GPU's index\) or mps"),
     (["device=cuda:x"], r"^device=cuda:x: expected auto"),
+    (["editor.v_lr=0"], r"editor\.v_lr=0\.0: must be a finite number > 0"),
+    (["editor=alphaedit", "editor.nullspace_threshold=0"], r"editor\.nullspace_threshold=0\.0: must be a finite number > 0"),
+    (["editor.layers=[]"], r"^editor\.layers is empty; give the layer\(s\) to edit"),
+    (["model=gpt-j", "editor=memit", "editor.v_loss_layer=6"], r"^editor\.v_loss_layer=6 is below the edited layer 8"),
+    (["editor.context_templates=[[5,5,5]]"], r"editor\.context_templates entry \[5, 5, 5\]: expected"),
 ])
 def test_settings_outside_their_domain_are_rejected_at_composition(extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -156,6 +161,37 @@ def test_layers_must_exist_in_the_loaded_model():
         beyond[key] = value
         with pytest.raises(ConfigError, match=re.escape(f"editor.{key}={value}: the model has layers 0..3")):
             validate_layers(beyond, 4)
+
+
+def test_layers_exist_from_layer_0_and_every_one_is_checked():
+    """On a 4-layer model layer 0 is the first that exists and -1 none; one layer outside among several is enough, and
+    with both keys outside the message names both."""
+    editor = composed(["model=local", "model.source=x", "editor.layers=[3]", "editor.v_loss_layer=3"]).editor
+    inside = editor.copy()
+    inside.layers, inside.v_loss_layer = [0, 3], 0
+    validate_layers(inside, 4)
+    for key, value in (("layers", [3, 4]), ("layers", [-1, 0]), ("v_loss_layer", -1)):
+        outside = editor.copy()
+        outside[key] = value
+        with pytest.raises(ConfigError, match=re.escape(f"editor.{key}={value}: the model has layers 0..3")):
+            validate_layers(outside, 4)
+    both = editor.copy()
+    both.layers, both.v_loss_layer = [5], 6
+    with pytest.raises(ConfigError, match=re.escape("editor.layers=[5] and editor.v_loss_layer=6: the model has "
+                                                    "layers 0..3;")):
+        validate_layers(both, 4)
+
+
+@pytest.mark.parametrize("extra", [
+    ["threads=1"], ["eval.batch_size=1"], ["editor.v_num_grad_steps=1"], ["device=cuda:12"], ["device=mps"],
+    ["sadr.layers=[0]"], ["editor.context_templates=[[10,0]]"],
+    ["editor.protocol=batch", "editor.batch_size=2", "editor.parallel_cases=1"],
+    ["save_edited=true", "editor.parallel_cases=1"],
+])
+def test_settings_at_the_edge_of_their_domain_compose(extra):
+    """The least value each message accepts (">= 1", layer indices ">= 0", a count of 0 templates), a GPU index of
+    two digits, and parallel_cases=1, which is one case at a time, so any protocol and save_edited go with it."""
+    composed(extra)  # no ConfigError
 
 
 def test_float32_statistics_settings_reach_the_statistics(tiny_dir, tmp_path):
@@ -710,6 +746,12 @@ def test_a_key_no_editor_node_may_hold_is_not_said_to_be_another_editor_s():
     with pytest.raises(ConfigError) as raised:
         composed(["+sadr.v_lr=0.1"])
     assert str(raised.value) == f"+sadr.v_lr: sadr has no setting 'v_lr', so nothing would read it; {settings}"
+
+
+def test_a_key_named_hydra_below_the_top_is_no_setting_either():
+    """Only the top-level `hydra` node is Hydra's own; `+sadr.hydra=1` is a key that nothing reads."""
+    with pytest.raises(ConfigError, match=r"^\+sadr\.hydra: sadr has no setting 'hydra', so nothing would read it"):
+        composed(["+sadr.hydra=1"])
 
 
 def test_another_editor_s_key_added_with_plus_names_that_editor():
