@@ -711,7 +711,9 @@ def test_the_key_statistics_are_made_before_the_progress_over_cases_starts(edito
 
 
 def test_a_misspelt_metric_fails_before_the_model_loads(tiny_dir, tmp_path):
-    """The evaluators are built from the config alone, before the model: the metric is named, not the missing model."""
+    """The evaluators are built from the config alone, before the model: the metric is named, not the folder that
+    holds no model (which only loading finds)."""
+    (tmp_path / "no_model").mkdir()
     cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.metrics=[efficacy,neighbourhood]",
                                   f"model.source={tmp_path / 'no_model'}"))
     with pytest.raises(InvalidSettingError, match=r"unknown metric\(s\) \['neighbourhood'\] in eval\.metrics"):
@@ -724,6 +726,7 @@ def test_metrics_that_apply_to_no_case_fail_before_the_model_loads(tiny_dir, tmp
     from sadr.data.load import load_cases
     from sadr.evaluation.probes import check_metrics_apply, resolve_metrics
 
+    (tmp_path / "no_model").mkdir()  # holds no model, which only loading would find
     cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.metrics=[commonsense,distract_commonsense]",
                                   f"model.source={tmp_path / 'no_model'}"))
     with pytest.raises(InvalidSettingError, match=r"^eval\.metrics=\[commonsense,distract_commonsense\]: none has a "
