@@ -240,6 +240,29 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     assert (tmp_path / "paired.md").read_text().startswith("each γ > 0 run against its γ = 0 run, case by case")
 
 
+def test_a_sweep_ends_with_its_tables_or_one_line_saying_why_there_are_none(tmp_path, capsys):
+    """The callback every sweep runs: the tables `sadr summarize` writes; where none can be made, one line on stderr
+    and no exception, since the sweep's runs are finished and kept."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import SummarizeSweep
+
+    sweep = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    SummarizeSweep().on_multirun_end(sweep)
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"\nno tables for the sweep (no finished runs under {tmp_path}")
+    assert err.endswith(f"`sadr summarize {tmp_path}` makes the tables once the problem is fixed\n")
+    path = _run(tmp_path / "0", {0: {"neighborhood": [1, 0]}})
+    OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": 20}, "sadr": {"lambda": 0.0}}, path / "config.yaml")
+    metric_table([json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()],
+                 states=("edited",)).to_csv(path / "metrics.csv", index=False)
+    SummarizeSweep("case").on_multirun_end(sweep)
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"\ncase-level results ×100 of every run in {tmp_path}:\n")
+    assert (tmp_path / "summary.md").read_text() in out
+
+
 def test_a_run_that_measured_nothing_is_named_beside_the_summary_of_the_others(tmp_path):
     """A run whose metrics.csv has no entry (its metrics had no prompt in its cases) is left out of the summary and the
     report, and named; with no other run, the summary's error says so (it was a ValueError: cannot convert float NaN

@@ -1,6 +1,7 @@
 """Many run directories -> one comparison table, with the keys that differ between runs as columns."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,4 +351,9 @@ class SummarizeSweep(Callback):
         self.protocol = protocol
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        print("\n" + write_summary(Path(config.hydra.sweep.dir), self.protocol))
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            print("\n" + write_summary(sweep, self.protocol))
+        except (OSError, ValueError) as err:  # the runs are done and kept: one line, not a traceback after them
+            print(f"\nno tables for the sweep ({err}); every run's results are in its folder under {sweep}, and "
+                  f"`sadr summarize {sweep}` makes the tables once the problem is fixed", file=sys.stderr)
