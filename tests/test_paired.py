@@ -240,6 +240,34 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     assert (tmp_path / "paired.md").read_text().startswith("each γ > 0 run against its γ = 0 run, case by case")
 
 
+@pytest.mark.parametrize("states", [("edited", "unedited"), ("edited",)])
+def test_the_summary_has_the_same_table_under_every_pandas(states, tmp_path):
+    """The unedited row leaves γ and the δ steps blank (not "nan"), and the step counts stay integers, with or without
+    an unedited row; pandas 2 warned that it would change such a table's dtypes (pandas 3 did), so a warning fails."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import rounded_metrics, summarize
+
+    for name, gamma, steps in (("0", 0.0, 20), ("1", 0.001, 5)):
+        path = _run(tmp_path / name, {0: {"neighborhood": [1, 0, 0]}})
+        rows = [{**row, "unedited": row["edited"]} for row in map(json.loads, (path / "cases.jsonl").read_text().splitlines())]
+        OmegaConf.save({"model": {"name": "m"}, "dataset": {"name": "d"}, "sadr": {"lambda": gamma},
+                        "editor": {"name": "rome", "v_num_grad_steps": steps}}, path / "config.yaml")
+        metric_table(rows, states=states).to_csv(path / "metrics.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        table = summarize(tmp_path, "prompt")
+    markdown = rounded_metrics(table)[["editor.name", "sadr.lambda", "editor.v_num_grad_steps", "state"]].to_markdown(
+        index=False)
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()[2:]]
+    expected = [["rome", "0", "20", "edited"], ["rome", "0.001", "5", "edited"]]
+    assert cells == ([["none", "", "", "unedited"]] if "unedited" in states else []) + expected
+    assert set(summarize(tmp_path / "1", "prompt").run) == {"1"}  # a run summarized alone: its folder's name, not "."
+
+
 def test_a_sweep_ends_with_its_tables_or_one_line_saying_why_there_are_none(tmp_path, capsys):
     """The callback every sweep runs: the tables `sadr summarize` writes; where none can be made, one line on stderr
     and no exception, since the sweep's runs are finished and kept."""

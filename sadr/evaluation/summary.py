@@ -65,6 +65,12 @@ def unfinished_runs(root: str | Path) -> list[Path]:
                   if ".hydra" not in p.parts and not (p.parent / METRICS_FILE).is_file())
 
 
+def run_name(run: Path, root: Path) -> str:
+    """How tables and reports name a run: its folder relative to the root they were asked for, or its folder's own
+    name when it is that root."""
+    return str(run.relative_to(root)) if run != root else run.resolve().name
+
+
 def run_settings(runs: list[Path]) -> dict[Path, dict]:
     """Each run's config.yaml, flattened to dotted keys ("editor.name")."""
     return {run: _flatten(read_config(run / CONFIG_FILE)) for run in runs}
@@ -209,7 +215,7 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
         # every record has at least one metric, so the case protocol's largest n is the number of records
         n_cases = int(table[(table.protocol == "case") & (table.quantity == "value")].n.max())
         table = table[(table.protocol == protocol) & (table.quantity != "magnitude")]
-        runs = ",".join(str(run.relative_to(root)) if run != root else "." for run in configuration.runs)
+        runs = ",".join(run_name(run, root) for run in configuration.runs)
         for state, part in table.groupby("state", sort=False):
             record = {k: configuration.settings.get(k) for k in swept}
             if sharded:
@@ -227,10 +233,14 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records)
     edited = frame[frame.state == "edited"]
     unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state", "shards")] + ["model.name", "dataset.name"])
-    unedited = unedited.assign(**{key: None for key in swept if key.startswith(EDIT_ONLY)})
+    edit_only = [key for key in swept if key.startswith(EDIT_ONLY)]
+    unedited = unedited.assign(**{key: None for key in edit_only})
     if "editor.name" in unedited:
         unedited = unedited.assign(**{"editor.name": "none"})
-    return _order_columns(pd.concat([unedited, edited], ignore_index=True))
+    # the edit-only columns as objects in both parts, and no empty part: pandas 2 and 3 then give the table the same
+    # dtypes (blanks, not NaN, where the unedited rows have no γ), and pandas 2 no FutureWarning
+    parts = [part.astype({key: object for key in edit_only}) for part in (unedited, edited) if not part.empty]
+    return _order_columns(pd.concat(parts, ignore_index=True))
 
 
 def rounded_metrics(table: pd.DataFrame, decimals: int = 2) -> pd.DataFrame:
@@ -273,7 +283,7 @@ def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[p
     root = Path(root)
     found = {tuple(c.runs): c for c in configurations(root)}
     settings = {runs: c.settings for runs, c in found.items()}
-    name = lambda runs: ",".join(str(run.relative_to(root)) for run in runs)  # noqa: E731
+    name = lambda runs: ",".join(run_name(run, root) for run in runs)  # noqa: E731
     tables, unpaired = [], []
     for group in baseline_groups(settings):
         baselines = [runs for runs in group if settings[runs].get("sadr.lambda") == 0]

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from sadr.evaluation.drift import ATTENTION, decode_entry
-from sadr.evaluation.summary import ALWAYS, MAY_DIFFER_FROM_BASELINE, baseline_groups, configurations, differing_keys
+from sadr.evaluation.summary import (ALWAYS, MAY_DIFFER_FROM_BASELINE, baseline_groups, configurations, differing_keys,
+                                    run_name)
 from sadr.results import ENV_FILE, RunDirectory
 
 # The γ trade-off's panels, in order: what SADR protects first, then what the edit must still achieve, then drift.
@@ -62,7 +63,7 @@ def load_runs(root: str | Path) -> list[Run]:
     root = Path(root)
     runs = []
     for configuration in configurations(root):
-        names = {path: str(path.relative_to(root)) if path != root else path.resolve().name for path in configuration.runs}
+        names = {path: run_name(path, root) for path in configuration.runs}
         env_files = {path: path / ENV_FILE for path in configuration.runs}
         runs.append(Run(",".join(names.values()), configuration.settings, configuration.metrics(),
                         {names[path]: RunDirectory(path).rows() for path in configuration.runs},
