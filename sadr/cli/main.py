@@ -1,4 +1,4 @@
-"""`sadr`: everything that is not a run (tables from finished runs, cache housekeeping)."""
+"""`sadr`: everything that is not a run: tables, paired comparisons and reports from finished runs."""
 from __future__ import annotations
 
 from pathlib import Path
