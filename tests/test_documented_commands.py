@@ -20,6 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sadr.cli.main import app
 from sadr.conf.registry import ConfigError, compose_config, misspelt_override, register_configs
+from sadr.errors import MissingInputError
+from sadr.models.loading import check_local_source
 from tests.test_docs import CODE_SPAN, FENCE, DOCUMENTS, ROOT, prose
 
 # A command line, after an optional `$ ` prompt and environment assignments (`HYDRA_FULL_ERROR=1 sadr-run ...`).
@@ -63,15 +65,25 @@ def _flags() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_own_model_folder(override: str, model_folder: Path) -> str:
+    """A model folder given as a path is the reader's own (/models/my-llama, runs/seq/edited_model), which the run
+    checks exists: the test's folder stands in for it. A hub id, which only loading checks, is left as it is."""
+    key, _, source = override.partition("=")
+    if key != "model.source":
+        return override
+    try:
+        check_local_source(source)
+    except MissingInputError:
+        return f"model.source={model_folder}"
+    return override
+
+
 def sweep_jobs(arguments: tuple[str, ...], model_folder: Path) -> list[list[str]]:
     """The overrides of each job `sadr-run arguments` runs: one job, or each of a `-m` sweep's (its config's
     hydra.sweeper.params first, a key's last value winning, every combination of the swept values: what Hydra's
     basic sweeper runs)."""
     args = _flags().parse_args(list(arguments))
-    # A model folder given as a path is the reader's own (/models/my-llama, runs/seq/edited_model): the run checks
-    # that it exists. A hub id (one '/' at most) is left as it is.
-    overrides = [re.sub(r"^model\.source=(?:[/.~]|[^/]*/[^/]*/).*", f"model.source={model_folder}", o)
-                 for o in args.overrides]
+    overrides = [_with_own_model_folder(o, model_folder) for o in args.overrides]
     if not args.multirun:
         return [overrides]
     register_configs()
