@@ -85,12 +85,110 @@ def _equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
+EXTRA_EDITOR = """
+from dataclasses import dataclass
+from importlib.resources import files
+
+from sadr.editors.memit import EDITOR as MEMIT
+from sadr.editors.plugin import EditorPlugin
+
+
+@dataclass
+class ExtraConfig(MEMIT.config):
+    name: str = "extra"
+
+
+EDITOR = EditorPlugin("extra", ExtraConfig, MEMIT.editor, "MEMIT under another name", files(__name__) / "conf")
+"""
+EXTRA_HPARAMS = "# @package editor\nsource: a test\nlayers: [2, 3]\nv_loss_layer: 29\nv_num_grad_steps: 7\n"
+EXTRA_PAPER = "# @package _global_\n# source: a test\nsadr:\n  lambda: 0.25\neditor:\n  v_num_grad_steps: 11\n"
+
+
+def _install_extra_editor(site, conf_files: dict[str, str]) -> dict[str, str]:
+    """The distribution `extra-editor`, written into `site`: a package declaring editor=extra (MEMIT's code) through
+    the sadr.editors entry points, with `conf_files` (paths under its config_dir -> text). Returns the environment of a
+    Python that has it installed."""
+    (site / "extra_editor").mkdir(parents=True)
+    (site / "extra_editor" / "__init__.py").write_text(EXTRA_EDITOR)
+    for path, text in conf_files.items():
+        (site / "extra_editor" / "conf" / path).parent.mkdir(parents=True, exist_ok=True)
+        (site / "extra_editor" / "conf" / path).write_text(text)
+    (site / "extra_editor-0.1.dist-info").mkdir()
+    (site / "extra_editor-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: extra-editor\n"
+                                                                  "Version: 0.1\n")
+    (site / "extra_editor-0.1.dist-info" / "entry_points.txt").write_text("[sadr.editors]\nextra = extra_editor:EDITOR\n")
+    paths = [str(site), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), "OMP_NUM_THREADS": "1"}
+
+
+def _run(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_an_installed_editor_ships_its_published_settings_in_its_config_dir(tmp_path):
+    env = _install_extra_editor(tmp_path / "site", {"hparams/extra_smollm2-135m.yaml": EXTRA_HPARAMS,
+                                                    "sadr_hparams/paper/extra_smollm2-135m.yaml": EXTRA_PAPER,
+                                                    "hparams/README.md": "not a settings file"})
+    script = ("import json; from sadr.conf.registry import compose_config\n"
+              "for sadr in 'default', 'paper':\n"
+              "    cfg = compose_config(['editor=extra', f'sadr={sadr}'])\n"
+              "    print(json.dumps([list(cfg.editor.layers), cfg.editor.v_loss_layer, cfg.editor.v_num_grad_steps, "
+              "cfg.editor.source, cfg.sadr['lambda']]))\n")
+    done = _run(["-c", script], env, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ['[[2, 3], 29, 7, "a test", 0.0]', '[[2, 3], 29, 11, "a test", 0.25]']
+
+
+def test_an_installed_editors_misnamed_settings_file_is_named_with_the_fix(tmp_path):
+    env = _install_extra_editor(tmp_path / "site", {"hparams/extra_gpt-jj.yaml": EXTRA_HPARAMS})
+    done = _run(["-m", "sadr.cli.run", "--cfg", "job"], env, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.startswith("error: hparams/extra_gpt-jj.yaml of editor=extra (in ")
+    assert "expected a name extra_<model>.yaml, <model> one of gpt-j, gpt-neox-20b," in done.stderr
+
+
+class _Store:
+    def __init__(self):
+        self.stored = {}
+
+    def store(self, group, name, node, package):
+        self.stored[f"{group}/{name}"] = (OmegaConf.to_container(node), package)
+
+
+def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_path):
+    from sadr.conf.registry import _store_settings_files
+
+    (tmp_path / "hparams").mkdir()
+    (tmp_path / "hparams" / "extra_gpt-j.yaml").write_text(EXTRA_HPARAMS)
+    store = _Store()
+    _store_settings_files(store, "extra", tmp_path)  # no sadr_hparams/paper folder: nothing to store from it
+    assert store.stored == {"hparams/extra_gpt-j": ({"source": "a test", "layers": [2, 3], "v_loss_layer": 29,
+                                                     "v_num_grad_steps": 7}, "editor")}
+    (tmp_path / "sadr_hparams" / "paper").mkdir(parents=True)
+    (tmp_path / "sadr_hparams" / "paper" / "extra_llama3-8b.yaml").write_text(EXTRA_PAPER)
+    _store_settings_files(store, "extra", tmp_path)
+    assert store.stored["sadr_hparams/paper/extra_llama3-8b"] == (
+        {"sadr": {"lambda": 0.25}, "editor": {"v_num_grad_steps": 11}}, "_global_")
+    (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").write_text(EXTRA_HPARAMS)  # the other group's header
+    with pytest.raises(ConfigError, match=r"^sadr_hparams/paper/extra_gpt-j\.yaml of editor=extra \(in .*\) starts "
+                                          r"with '# @package editor'; the files of sadr_hparams/paper have "
+                                          r"'# @package _global_'$"):
+        _store_settings_files(_Store(), "extra", tmp_path)
+    (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").unlink()
+    (tmp_path / "hparams" / "rome_gpt-j.yaml").write_text(EXTRA_HPARAMS)  # another editor's name
+    with pytest.raises(ConfigError, match=r"^hparams/rome_gpt-j\.yaml of editor=extra .*: expected a name "
+                                          r"extra_<model>\.yaml"):
+        _store_settings_files(_Store(), "extra", tmp_path)
+
+
 def test_the_comparison_sweep_launches_every_declared_editor_with_and_without_sadr(tmp_path):
+    """An installed editor included: Hydra composes every job of a sweep before it launches one."""
+    env = _install_extra_editor(tmp_path / "site", {"hparams/extra_smollm2-135m.yaml": EXTRA_HPARAMS,
+                                                    "sadr_hparams/paper/extra_smollm2-135m.yaml": EXTRA_PAPER})
     # sadr.lambda=-1 makes the first job stop at validation, after Hydra has counted the jobs of the sweep
-    done = subprocess.run([sys.executable, "-m", "sadr.cli.run", "-m", "experiment=sadr_comparison", "sadr.lambda=-1",
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    done = _run(["-m", "sadr.cli.run", "-m", "experiment=sadr_comparison", "sadr.lambda=-1",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], env, tmp_path)
     assert done.returncode == 2
     log = done.stdout + done.stderr
-    assert f"Launching {2 * len(EDITORS)} jobs" in log, log[-2000:]
-    assert f"#0 : editor={sorted(EDITORS)[0]} sadr=default " in log
+    assert f"Launching {2 * (len(EDITORS) + 1)} jobs" in log, log[-2000:]
+    assert f"#0 : editor={sorted([*EDITORS, 'extra'])[0]} sadr=default " in log

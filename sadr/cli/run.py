@@ -113,8 +113,8 @@ def _check_hydra_folders(argv: list[str]) -> None:
 
 
 def main() -> None:
-    register_configs()
     try:
+        register_configs()  # an installed editor's settings files are checked here
         _check_hydra_folders(sys.argv[1:])
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

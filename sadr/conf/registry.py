@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import logging
 import math
 import re
 import typing
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import torch
@@ -30,6 +32,35 @@ def register_configs() -> None:
     store.store(name="base_config", node=RunConfig)
     for name, plugin in EDITORS.items():
         store.store(group="editor", name=name, node=plugin.config)
+        if plugin.config_dir is not None:
+            _store_settings_files(store, name, plugin.config_dir)
+
+
+# The groups whose files an installed editor ships in its EditorPlugin.config_dir, and the package each one's files
+# have in sadr/conf (their `# @package` header).
+SETTINGS_GROUPS = {"hparams": "editor", "sadr_hparams/paper": "_global_"}
+
+
+def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversable) -> None:
+    """An installed editor's `<editor>_<model>.yaml` files, as if they were in sadr/conf (Hydra finds both)."""
+    models = sorted(file.name.removesuffix(".yaml") for file in (Path(__file__).parent / "model").glob("*.yaml"))
+    for group, package in SETTINGS_GROUPS.items():
+        folder = config_dir.joinpath(*group.split("/"))
+        if not folder.is_dir():
+            continue
+        for file in sorted(folder.iterdir(), key=lambda entry: entry.name):
+            if not file.name.endswith(".yaml"):
+                continue
+            where = f"{group}/{file.name} of editor={editor} (in {config_dir})"
+            model = file.name.removesuffix(".yaml").removeprefix(f"{editor}_")
+            if model not in models:
+                raise ConfigError(f"{where}: expected a name {editor}_<model>.yaml, <model> one of {', '.join(models)}")
+            text = file.read_text(encoding="utf-8")
+            header = re.match(r"# @package (\S+)", text)
+            if header and header.group(1) != package:
+                raise ConfigError(f"{where} starts with '# @package {header.group(1)}'; the files of {group} have "
+                                  f"'# @package {package}'")
+            store.store(group=group, name=f"{editor}_{model}", node=OmegaConf.load(io.StringIO(text)), package=package)
 
 
 def gpu_workers() -> int:

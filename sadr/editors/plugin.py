@@ -12,6 +12,7 @@ it writes and anything else it accumulates. The runner restores and checkpoints 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from typing import Callable
 
 from sadr.editors.base import Editor
@@ -34,6 +35,10 @@ class EditorPlugin:
     config: type  # a dataclass deriving from sadr.conf.schema.EditorConfig, holding this editor's defaults
     editor: Callable[..., Editor]  # editor(model, adapter, tokenizer, hparams, *, statistics, context_templates, regularizers)
     summary: str  # one line: the method and its paper
+    # An installed distribution's editor ships its settings files here, laid out as in sadr/conf:
+    # hparams/<name>_<model>.yaml and sadr_hparams/paper/<name>_<model>.yaml (an editor of sadr/editors keeps them in
+    # sadr/conf itself); e.g. importlib.resources.files("my_editor") / "conf".
+    config_dir: Traversable | None = None
 
     def build(self, model, adapter: ModelAdapter, tokenizer, hparams, services: EditorServices) -> Editor:
         return self.editor(model, adapter, tokenizer, hparams, statistics=services.statistics,
