@@ -122,6 +122,7 @@ def test_cli_prints_the_table_and_writes_csv(tmp_path):
                                  str(tmp_path / "no-such-folder" / "c.csv")], capture_output=True, text=True)
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr, unwritable.stderr
     assert unwritable.stderr.startswith("error: ") and "no-such-folder" in unwritable.stderr
+    assert unwritable.stdout == ""  # the error line alone, no table above it
 
 
 def test_cli_pairs_prompts_unless_told_otherwise(tmp_path):

@@ -63,10 +63,12 @@ def compare(
     from sadr.evaluation.summary import pair_title
 
     table = _or_usage_error(lambda: compare_runs(base, other, protocol))
-    typer.echo(_or_usage_error(lambda: pair_title(base, other, protocol)))
+    title = _or_usage_error(lambda: pair_title(base, other, protocol))
+    if out:  # before the table is printed, so that a path it cannot write ends the output with the error alone
+        _or_usage_error(lambda: table.to_csv(out, index=False))
+    typer.echo(title)
     typer.echo(table.to_markdown(index=False, floatfmt=".3g"))
     if out:
-        _or_usage_error(lambda: table.to_csv(out, index=False))
         typer.echo(f"wrote {out}")
 
 
