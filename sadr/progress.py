@@ -21,18 +21,21 @@ log = logging.getLogger(__name__)
 
 class Progress(contextlib.AbstractContextManager):
     def __init__(self, total: int, enabled: bool, *, interval: float = 60.0, interactive: bool | None = None,
-                 unit: str = "case", label: str = "progress"):
+                 unit: str = "case", label: str = "progress", initial: int = 0):
+        """`initial`: the items done before this process took over (a resumed pass's), counted as done but not in the
+        rate, so the ETA is that of this process's pace."""
         self.total, self.enabled, self.interval = total, enabled and total > 0, interval
-        self.unit, self.label = unit, label
+        self.unit, self.label, self.initial = unit, label, initial
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
-        self.done, self._started, self._last_line = 0, time.monotonic(), time.monotonic()
+        self.done, self._started, self._last_line = initial, time.monotonic(), time.monotonic()
         self._stack = contextlib.ExitStack()
         self._bar = None
 
     def __enter__(self) -> Progress:
         if self.enabled and self.interactive:
             self._stack.enter_context(logging_redirect_tqdm())
-            self._bar = self._stack.enter_context(tqdm(total=self.total, unit=self.unit, file=sys.stderr, dynamic_ncols=True))
+            self._bar = self._stack.enter_context(tqdm(total=self.total, initial=self.initial, unit=self.unit,
+                                                       file=sys.stderr, dynamic_ncols=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -52,4 +55,5 @@ class Progress(contextlib.AbstractContextManager):
 
     def line(self) -> str:
         """`30% 12/40 [01:10<02:43,  5.83s/case]`: the share and count done, elapsed, ETA and rate."""
-        return tqdm.format_meter(self.done, self.total, time.monotonic() - self._started, unit=self.unit, ncols=0)
+        return tqdm.format_meter(self.done, self.total, time.monotonic() - self._started, unit=self.unit, ncols=0,
+                                 initial=self.initial)

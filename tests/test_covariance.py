@@ -114,6 +114,45 @@ def test_a_killed_statistics_pass_resumes_from_its_checkpoint_with_the_same_sums
         torch.testing.assert_close(rebatched.take_moment(layer), whole.take_moment(layer), rtol=1e-5, atol=1e-7)
 
 
+def test_a_resumed_pass_counts_the_texts_of_its_checkpoint_as_done_but_not_in_its_rate(tokenizer, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """Each text this process encodes takes 2 s on a hand-set clock; the skipped ones take none, as they nearly do."""
+    import logging
+
+    from sadr import progress as progress_module
+
+    model = make_model("llama")
+    texts = TEXTS * 3
+    checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1]}, every_seconds=0.0)
+
+    def killed_after(n):
+        yield from texts[:n]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        accumulate_second_moments(model, adapter_for(model), tokenizer, [1], killed_after(9), sample_length=64,
+                                  batch_tokens=24, checkpoint=checkpoint)
+    done = torch.load(checkpoint.path)["texts"]
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(covariance, "PROGRESS_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="sadr.progress")
+
+    class SlowTokenizer(_CountingTokenizer):
+        def __call__(self, text, **kwargs):
+            clock[0] += 2.0
+            return super().__call__(text, **kwargs)
+
+    accumulate_second_moments(model, adapter_for(model), SlowTokenizer(tokenizer), [1], texts, sample_length=64,
+                              batch_tokens=24, expected_texts=len(texts), checkpoint=checkpoint)
+    assert done == 8  # the checkpoint before the batch that the 9th text opened
+    # the rate of this process's 2 s a text, read as a fresh pass reads it (a text counts when it is taken, before it
+    # is encoded); the 8 skipped texts counted in the rate would make it about 0.2 s a text
+    assert [r.getMessage() for r in caplog.records] == [
+        "key statistics:  75% 9/12 [00:00<?, ?text/s]", "key statistics:  83% 10/12 [00:02<00:02,  1.00text/s]",
+        "key statistics:  92% 11/12 [00:04<00:01,  1.33s/text]", "key statistics: 100% 12/12 [00:06<00:00,  1.50s/text]"]
+
+
 def test_a_finished_pass_leaves_no_checkpoint(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(covariance, "CHECKPOINT_SECONDS", 0.0)
     model = make_model("llama")

@@ -49,6 +49,21 @@ def test_log_lines_come_once_per_interval_and_show_the_time_since_the_start(capl
     assert lines == ["progress:  20% 2/10 [01:01<04:04, 30.50s/case]", "progress:  40% 4/10 [02:01<03:01, 30.25s/case]"]
 
 
+def test_items_done_before_count_as_done_but_not_in_the_rate(caplog, monkeypatch, capsys):
+    """A resumed statistics pass: 4 of 10 texts were read by the killed process, the next one takes 2 s here."""
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="sadr.progress")
+    with Progress(10, True, interval=0, interactive=False, unit="text", initial=4) as progress:
+        clock[0] = 2.0
+        progress.advance(1)
+    # 1 text in 2 s, 5 left: 10 s (counting the 4 earlier texts in the rate would say 0.40 s a text, 2 s left)
+    assert [r.getMessage() for r in caplog.records] == ["progress:  50% 5/10 [00:02<00:10,  2.00s/text]"]
+    with Progress(10, True, interactive=True, initial=4) as progress:
+        progress.advance(1)
+    assert "5/10" in capsys.readouterr().err
+
+
 def test_an_unknown_total_shows_no_progress(caplog, capsys):
     """A statistics pass whose number of texts is unknown passes 0: no bar, and no log line at every text."""
     caplog.set_level(logging.INFO, logger="sadr.progress")

@@ -228,11 +228,11 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     if first is not None:
         log.info("key statistics: the corpus's first text came after %.1f s", time.perf_counter() - started)
     with Progress(expected_texts or 0, True, interval=PROGRESS_SECONDS, interactive=False, unit="text",
-                  label="key statistics") as progress:
+                  label="key statistics", initial=skip) as progress:
         for index, text in enumerate(itertools.chain([] if first is None else [first], texts)):
-            progress.advance(1)
-            if index < skip:
+            if index < skip:  # in the resumed sums, and in the progress's count, not in its rate
                 continue
+            progress.advance(1)
             ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:sample_length]
             if not ids:
                 continue
