@@ -174,6 +174,12 @@ def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_
                                           r"with '# @package editor'; the files of sadr_hparams/paper have "
                                           r"'# @package _global_'$"):
         _store_settings_files(_Store(), "extra", tmp_path)
+    for text, problem in (("sadr: [1\n", r"is not valid YAML: while parsing a flow sequence"),
+                          ("- 1\n", r"holds ListConfig; expected keys and values, as the files of sadr/conf/sadr_hparams/paper have")):
+        (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"^sadr_hparams/paper/extra_gpt-j\.yaml of editor=extra \(in .*\) "
+                                              + problem):
+            _store_settings_files(_Store(), "extra", tmp_path)
     (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").unlink()
     (tmp_path / "hparams" / "rome_gpt-j.yaml").write_text(EXTRA_HPARAMS)  # another editor's name
     with pytest.raises(ConfigError, match=r"^hparams/rome_gpt-j\.yaml of editor=extra .*: expected a name "

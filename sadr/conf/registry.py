@@ -12,6 +12,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def register_configs() -> None:
-    """The run's schema, and one typed node per editor in the `editor` group, from the editors' declarations."""
+    """The run's schema, one typed node per editor in the `editor` group, and the settings files of the editors that
+    installed distributions declare, from the editors' declarations."""
     from sadr.editors.registry import EDITORS
 
     if not OmegaConf.has_resolver("sadr.cuda_count"):  # hydra/launcher=gpus: one worker per visible GPU
@@ -60,7 +62,14 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
             if header and header.group(1) != package:
                 raise ConfigError(f"{where} starts with '# @package {header.group(1)}'; the files of {group} have "
                                   f"'# @package {package}'")
-            store.store(group=group, name=f"{editor}_{model}", node=OmegaConf.load(io.StringIO(text)), package=package)
+            try:
+                node = OmegaConf.load(io.StringIO(text))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from err
+            if not isinstance(node, DictConfig):
+                raise ConfigError(f"{where} holds {type(node).__name__}; expected keys and values, as the files of "
+                                  f"sadr/conf/{group} have")
+            store.store(group=group, name=f"{editor}_{model}", node=node, package=package)
 
 
 def gpu_workers() -> int:
