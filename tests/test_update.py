@@ -160,3 +160,29 @@ def test_factors_moved_to_another_device_stay_column_major_and_solve_onto_the_ri
         solved = moved.solve(rhs)
         assert solved.dtype == torch.float64 and solved.device == rhs.device
         assert torch.equal(solved, factors.solve(rhs)) and torch.equal(moved.solve(rhs[:, 1]), factors.solve(rhs[:, 1]))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_singular_second_moment_is_refused_rather_than_factored_into_infinite_solves(overwrite, dtype):
+    """A key coordinate that is always zero (a dead unit) leaves C an exactly zero row and column: factoring it must
+    fail, in place or not, rather than return factors whose solves are inf or NaN."""
+    C = _spd(6, 10)
+    C[2, :] = 0.0
+    C[:, 2] = 0.0
+    with pytest.raises(RuntimeError, match="zero"):  # torch.linalg.LinAlgError is a RuntimeError
+        FactorizedMoment.of(C.clone(), overwrite=overwrite, dtype=dtype)
+
+
+def test_independent_rank_one_updates_keep_float64_residuals_to_float64_accuracy():
+    """Each ΔWᵢ = rᵢ uᵢᵀ solves its own normal equations ΔWᵢ (λC + kᵢkᵢᵀ) = rᵢ kᵢᵀ to float64 accuracy, with rᵢ as
+    given: a float64 residual is not rounded through float32 (which would leave errors near 1e-8)."""
+    n, d_in, d_out, lam = 3, 7, 5, 2.5
+    g = torch.Generator().manual_seed(11)
+    K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d_out, generator=g, dtype=torch.float64) / 3  # not representable in float32
+    C = _spd(d_in, 12)
+    for i, update in enumerate(independent_rank_one_updates(K, R, FactorizedMoment.of(C), lam)):
+        assert update.left.dtype == update.right.dtype == torch.float64
+        k, r = K[i : i + 1], R[i : i + 1]
+        torch.testing.assert_close(update.dense() @ (lam * C + k.T @ k), r.T @ k, rtol=1e-12, atol=1e-13)
