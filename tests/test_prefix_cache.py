@@ -48,6 +48,8 @@ def test_split_layout_on_a_hand_made_batch():
     assert ended.suffix_ids.tolist() == [[3, 9], [5, 6]] and ended.suffix_mask.tolist() == [[1, 0], [1, 1]]
     with pytest.raises(ValueError, match="each cut before its end"):
         split_rows(ids, mask, torch.tensor([2, 0]), pad_id=9, ends=torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="inside their rows"):  # an end past its row's last token (row 1 has 3)
+        split_rows(ids, mask, torch.tensor([2, 0]), pad_id=9, ends=torch.tensor([3, 4]))
     whole = split_rows(ids, mask, torch.tensor([0, 0]), pad_id=9)
     assert whole.width == 0  # the batch itself, less the column no row reaches
     assert torch.equal(whole.suffix_ids, ids[:, :4]) and torch.equal(whole.suffix_mask, mask[:, :4])
@@ -119,6 +121,17 @@ def test_cached_forward_equals_the_whole_prompt_at_every_fed_position(tokenizer,
     for row in rows.tolist():
         cut, length = int(subjects[row]), int(mask[row].sum())
         torch.testing.assert_close(fed[row, : length - cut], whole[row, cut:length], rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_without_prefixes_is_fed_as_it_is_and_keeps_no_cache():
+    """Every cut at 0 (δ at the first token of each row): the step's forward is the batch's own, without positions to
+    shift or a cache that each step's forward would fill and drop."""
+    model = make_model("llama")
+    ids = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    inputs = PrefixCache(model, split_rows(ids, mask, torch.tensor([0, 0]), pad_id=0)).forward_inputs()
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    assert torch.equal(inputs["input_ids"], ids[:, :4]) and torch.equal(inputs["attention_mask"], mask[:, :4])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen2"])
