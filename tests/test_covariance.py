@@ -405,6 +405,25 @@ def test_a_statistics_pass_counts_its_rate_from_the_corpus_s_first_text(tokenize
         "key statistics:  75% 3/4 [00:04<00:01", "key statistics: 100% 4/4 [00:06<00:00"]
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.float64, torch.float32])
+def test_a_singular_c_stops_the_run_with_an_error_naming_the_layer_and_its_file(tmp_path, tokenizer, factor_dtype):
+    """A key coordinate that is zero in every token (a dead unit) leaves a zero row and column in C: factoring it fails,
+    and the error says what to change instead of a LinAlgError traceback."""
+    from sadr.errors import InvalidSettingError
+
+    model = make_model("llama")
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f",
+                                   corpus=Corpus({"kind": "test"}, lambda: iter(random_texts())), sample_length=64,
+                                   batch_tokens=256, cache_dir=tmp_path, factor_dtype=factor_dtype)
+    moment = stats.take([1])[1]
+    moment[3, :] = moment[:, 3] = 0.0
+    stats._memory[1] = moment
+    with pytest.raises(InvalidSettingError, match=r"^the key statistics C of layer 1 are singular \(.*\), so no update "
+                                                  r"can be solved with them: .* \(editor\.layers\)\. This layer's C is "
+                                                  r"in .*stats/model\.layers\.1\.mlp\.down_proj\.[0-9a-f]+\.pt$"):
+        stats.factorized([1])
+
+
 def test_factors_kept_on_the_host_are_made_on_the_model_device_and_moved_one_layer_at_a_time(tmp_path, tokenizer,
                                                                                               monkeypatch):
     """With factors_on_host (model.stats.factor_device=cpu) each layer is factored where the model is, as without it,

@@ -279,6 +279,12 @@ class SecondMomentStatistics:
         key = cache_key(kind="mom2", model=self.fingerprint, layer=layer, module=module, corpus=self.description())
         return self.cache_dir / f"{module}.{key}.pt"
 
+    def _source(self, layer: int) -> Path:
+        """Where a layer's C is read from: ROME's .npz file, or the cache (where a corpus pass writes it)."""
+        if self.npz_dir:
+            return Path(self.npz_dir) / f"{self.adapter.mlp_down.format(layer)}_float32_mom2_{self.npz_samples}.npz"
+        return self._cache_file(layer)
+
     def _pass_lock(self) -> Path:
         """One lock per (model, corpus): a corpus pass computes every missing layer at once. Beside it, with the suffix
         `.partial.pt`, its checkpoint."""
@@ -305,8 +311,7 @@ class SecondMomentStatistics:
         to_compute = []
         for layer in missing:
             if self.npz_dir:
-                module = self.adapter.mlp_down.format(layer)
-                self._memory[layer] = load_rome_npz(Path(self.npz_dir) / f"{module}_float32_mom2_{self.npz_samples}.npz")
+                self._memory[layer] = load_rome_npz(self._source(layer))
             elif (moment := self._cached(layer)) is not None:
                 self._memory[layer] = moment
             else:
@@ -333,7 +338,15 @@ class SecondMomentStatistics:
         for layer in missing:
             moment = self._memory.pop(layer)
             on_device = moment.to(self.factor_dtype).to(device)
-            factors = FactorizedMoment.of(on_device, overwrite=True, dtype=self.factor_dtype)
+            try:
+                factors = FactorizedMoment.of(on_device, overwrite=True, dtype=self.factor_dtype)
+            except torch.linalg.LinAlgError as err:  # an exactly zero pivot: a key direction the corpus never reaches
+                raise InvalidSettingError(
+                    f"the key statistics C of layer {layer} are singular ({str(err).splitlines()[0].rstrip('.')}), so no "
+                    "update can be solved with them: some direction of the layer's keys is zero in every token of the "
+                    "corpus. Give the statistics more or other text (model.stats.n_samples, model.stats.corpus), or "
+                    f"edit other layers (editor.layers). This layer's C is in {self._source(layer)}"
+                ) from err
             self._factors[layer] = factors.to(torch.device("cpu")) if self.factors_on_host else factors
             del on_device, factors  # with factors_on_host, the device copy is freed before the next layer's C comes
         return {layer: self._factors[layer] for layer in layers}

@@ -76,13 +76,15 @@ class FactorizedMoment:
         float32 factors take half the memory, at float32 accuracy (about cond(C) × 6e-8 relative; the reference code
         inverts C in float32 too); solves still take and return float64.
         """
-        if not overwrite:
-            lu, pivots = torch.linalg.lu_factor(moment.to(dtype))
-            return cls(lu, pivots)
-        matrix = mirror_upper_triangle_(moment.to(dtype)).mT
-        pivots = torch.empty(matrix.shape[0], dtype=torch.int32, device=matrix.device)
-        info = torch.empty((), dtype=torch.int32, device=matrix.device)
-        lu, pivots, _info = torch.linalg.lu_factor_ex(matrix, check_errors=True, out=(matrix, pivots, info))
+        if overwrite:
+            matrix = mirror_upper_triangle_(moment.to(dtype)).mT
+            pivots = torch.empty(matrix.shape[0], dtype=torch.int32, device=matrix.device)
+            info = torch.empty((), dtype=torch.int32, device=matrix.device)
+            lu, pivots, info = torch.linalg.lu_factor_ex(matrix, out=(matrix, pivots, info))
+        else:
+            lu, pivots, info = torch.linalg.lu_factor_ex(moment.to(dtype))
+        if (zero := int(info)) > 0:  # LAPACK's info: U[info - 1, info - 1] is exactly zero, and a solve would divide by it
+            raise torch.linalg.LinAlgError(f"C is singular: the pivot U[{zero - 1},{zero - 1}] of its LU factors is zero")
         return cls(lu, pivots)
 
     def to(self, device: torch.device) -> "FactorizedMoment":
