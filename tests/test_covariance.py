@@ -150,7 +150,8 @@ def test_a_resumed_pass_counts_the_texts_of_its_checkpoint_as_done_but_not_in_it
     # is encoded); the 8 skipped texts counted in the rate would make it about 0.2 s a text
     assert [r.getMessage() for r in caplog.records] == [
         "key statistics:  75% 9/12 [00:00<?, ?text/s]", "key statistics:  83% 10/12 [00:02<00:02,  1.00text/s]",
-        "key statistics:  92% 11/12 [00:04<00:01,  1.33s/text]", "key statistics: 100% 12/12 [00:06<00:00,  1.50s/text]"]
+        "key statistics:  92% 11/12 [00:04<00:01,  1.33s/text]",
+        "key statistics: 100% 12/12 [00:06<00:00,  1.50s/text]"]
 
 
 def test_a_finished_pass_leaves_no_checkpoint(tokenizer, tmp_path, monkeypatch):
@@ -589,7 +590,8 @@ def test_a_pass_for_other_layers_does_not_resume_another_pass_s_checkpoint(token
             yield text
 
     def stats(cache_dir):
-        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f", corpus=Corpus({"kind": "t"}, corpus_texts),
+        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f",
+                                      corpus=Corpus({"kind": "t"}, corpus_texts),
                                       sample_length=64, batch_tokens=128, cache_dir=cache_dir)
 
     with pytest.raises(KeyboardInterrupt):
@@ -600,3 +602,152 @@ def test_a_pass_for_other_layers_does_not_resume_another_pass_s_checkpoint(token
     fresh = stats(tmp_path / "b").take([1, 3])
     for layer in (1, 3):
         torch.testing.assert_close(resumed[layer], fresh[layer], rtol=1e-6, atol=1e-9)
+
+
+def _forward_widths(model, record):
+    """A pre-hook on the embedding that records each forward's (rows, width)."""
+    return model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: record.append(tuple(args[0].shape)))
+
+
+def test_a_batch_may_hold_exactly_batch_tokens_tokens_and_not_one_more(tokenizer):
+    """`batch_tokens` bounds the padded batch (rows × width): texts of L tokens with a budget of 2L go two by two,
+    and with a budget of 2L - 1 one by one."""
+    model = make_model("llama")
+    length = 6
+    texts = random_texts(n=4)
+    assert all(len(tokenizer(t)["input_ids"]) >= length for t in texts)
+    for budget, expected in ((2 * length, [(2, length)] * 2), (2 * length - 1, [(1, length)] * 4)):
+        shapes = []
+        handle = _forward_widths(model, shapes)
+        try:
+            accumulate_second_moments(model, adapter_for(model), tokenizer, [1], texts, sample_length=length,
+                                      batch_tokens=budget)
+        finally:
+            handle.remove()
+        assert shapes == expected, budget
+
+
+@pytest.mark.parametrize(("width", "blocks"), [(37, 8), (50, 8), (20, 3)])
+def test_an_upper_triangular_sum_rebuilt_from_its_state_goes_on_as_the_original(width, blocks):
+    """A checkpoint's row blocks, the last one shorter (width not a multiple of the block height), give back a sum
+    that keeps adding and ends as kᵀk computed at once."""
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(40, width, generator=g, dtype=torch.float64)
+    total = covariance.UpperTriangularSum(width, torch.device("cpu"), blocks)
+    total.add(keys[:15])
+    heights = [rows.shape[0] for rows in total.state()]
+    assert len(set(heights)) > 1  # the last block is shorter: the case where the starts must come from the heights
+    resumed = covariance.UpperTriangularSum.of([rows.clone() for rows in total.state()], torch.device("cpu"))
+    resumed.add(keys[15:])
+    torch.testing.assert_close(resumed.take_full(), keys.T @ keys, rtol=1e-12, atol=1e-12)
+
+
+def test_a_corpus_with_exactly_as_many_tokens_as_key_dimensions_gives_c(tmp_path, tokenizer):
+    """The bound is strict: with d tokens C can be full rank, so it is computed and cached; with fewer it cannot."""
+    model = make_model("llama")
+    d = model.config.intermediate_size
+    per_text = 4
+    texts = random_texts(n=d // per_text)
+    assert d % per_text == 0 and all(len(tokenizer(t)["input_ids"]) >= per_text for t in texts)
+
+    def stats(tag, corpus_texts):
+        return SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f",
+                                      corpus=Corpus({"kind": "test", "tag": tag}, lambda: iter(corpus_texts)),
+                                      sample_length=per_text, batch_tokens=256, cache_dir=tmp_path)
+
+    moment = stats("exact", texts).take([1])[1]
+    direct = accumulate_second_moments(model, adapter_for(model), tokenizer, [1], texts, sample_length=per_text,
+                                       batch_tokens=256)
+    assert direct.count == d
+    torch.testing.assert_close(moment, direct.take_moment(1), rtol=1e-12, atol=1e-12)
+    assert len(list((tmp_path / "stats").glob("*.pt"))) == 1
+    with pytest.raises(InvalidSettingError, match=rf"gave {d - per_text} tokens, fewer than the {d} dimensions"):
+        stats("short", texts[:-1]).take([1])
+
+
+def test_empty_texts_add_no_tokens_and_no_rows(tokenizer):
+    """A text with no tokens (gpt2's tokenizer adds none to "") is skipped: the sums are those of the other texts, and
+    a corpus of empty texts only is the clear no-tokens error."""
+    model = make_model("gpt2")
+    assert tokenizer("")["input_ids"] == []
+    shapes = []
+    handle = _forward_widths(model, shapes)
+    try:
+        with_empty = accumulate_second_moments(model, adapter_for(model), tokenizer, [1],
+                                               ["", TEXTS[0], "", TEXTS[1], ""],
+                                               sample_length=64, batch_tokens=4096)
+    finally:
+        handle.remove()
+    plain = accumulate_second_moments(model, adapter_for(model), tokenizer, [1], TEXTS[:2], sample_length=64,
+                                      batch_tokens=4096)
+    assert shapes[0][0] == 2 and with_empty.count == plain.count
+    torch.testing.assert_close(with_empty.take_moment(1), plain.take_moment(1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(InvalidSettingError, match="produced no tokens"):
+        accumulate_second_moments(model, adapter_for(model), tokenizer, [1], ["", ""], sample_length=64,
+                                  batch_tokens=4096)
+
+
+def test_keys_are_converted_at_most_chunk_bytes_of_float64_at_a_time(tokenizer, monkeypatch):
+    """CHUNK_BYTES bounds each conversion: with room for 5 float64 keys, every chunk added has at most 5 rows and
+    the chunks cover every token once."""
+    model = make_model("llama")
+    d = model.config.intermediate_size
+    monkeypatch.setattr(covariance, "CHUNK_BYTES", 8 * d * 5)
+    rows = []
+    add = covariance.UpperTriangularSum.add
+    monkeypatch.setattr(covariance.UpperTriangularSum, "add",
+                        lambda self, keys: (rows.append(keys.shape[0]), add(self, keys))[1])
+    result = accumulate_second_moments(model, adapter_for(model), tokenizer, [1], TEXTS, sample_length=64,
+                                       batch_tokens=4096)
+    assert max(rows) == 5 and sum(rows) == result.count
+
+
+def test_the_pass_stops_before_the_highest_layer_s_down_projection_runs(tokenizer):
+    """The keys are the down-projection's input: its own product, in the highest requested layer, is never computed."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    ran = []
+    handles = [adapter.mlp_down_module(model, layer).register_forward_hook(lambda *_, layer=layer: ran.append(layer))
+               for layer in range(4)]
+    try:
+        accumulate_second_moments(model, adapter, tokenizer, [0, 2], TEXTS[:1], sample_length=64, batch_tokens=4096)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == [0, 1]
+
+
+def test_a_checkpoint_from_another_device_is_not_resumed(tokenizer, tmp_path, monkeypatch, caplog):
+    """A pass's identity holds its device: sums a killed pass left from another device (here a GPU)
+    are not resumed on this one, whose pass starts afresh and ends with the sums of an uninterrupted pass."""
+    monkeypatch.setattr(covariance, "CHECKPOINT_SECONDS", 0.0)
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    texts = random_texts()
+    kill = {"after": 60}
+
+    def corpus_texts():
+        for i, text in enumerate(texts):
+            if i == kill["after"]:
+                raise KeyboardInterrupt
+            yield text
+
+    def stats(cache_dir):
+        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f",
+                                      corpus=Corpus({"kind": "t"}, corpus_texts),
+                                      sample_length=64, batch_tokens=128, cache_dir=cache_dir)
+
+    # the killed pass takes its model to be on a GPU (it is killed before anything else asks for the device)
+    with monkeypatch.context() as on_cuda:
+        on_cuda.setattr(SecondMomentStatistics, "_device", lambda self: torch.device("cuda"))
+        with pytest.raises(KeyboardInterrupt):
+            stats(tmp_path / "a").take([1])
+    assert list((tmp_path / "a").rglob("*.partial.pt"))
+    kill["after"] = None
+    rebuilt = []
+    of = covariance.UpperTriangularSum.of
+    monkeypatch.setattr(covariance.UpperTriangularSum, "of", lambda rows, device: rebuilt.append(1) or of(rows, device))
+    with caplog.at_level(logging.INFO, logger="sadr.editors.covariance"):
+        again = stats(tmp_path / "a").take([1])
+    assert not rebuilt and "another pass's checkpoint" in caplog.text and "resuming" not in caplog.text
+    torch.testing.assert_close(again[1], stats(tmp_path / "b").take([1])[1], rtol=1e-12, atol=1e-12)

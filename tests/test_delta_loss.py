@@ -8,11 +8,14 @@ and a KL of visible size make each term count; PMET's case checks its NLL schedu
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from sadr.data.records import EditRequest
-from sadr.editors.delta import DeltaObjective, StepState, clamp_norm_, loss_is_small, never_stop, optimize_delta
+from sadr.editors.delta import (DeltaObjective, StepState, _kl_edited_from_initial, clamp_norm_, loss_is_small,
+                                never_stop, optimize_delta)
 from sadr.editors.pmet import pmet_rules
 from sadr.models.adapters import adapter_for
 from tests.editing import TEMPLATES, editor_config
@@ -151,3 +154,13 @@ def test_early_stop_off_replaces_any_stop_rule_by_one_that_never_stops():
     for rules in ({}, {"should_stop": lambda _state: True}):
         off = DeltaObjective.from_hparams(editor_config(early_stop=False), sites=("mlp_out",), layer=1, **rules)
         assert off.should_stop is never_stop and not off.should_stop(done)
+
+
+def test_the_essence_kl_is_the_mean_over_essence_prompts_of_kl_from_edited_to_initial():
+    """Two essence rows of three outcomes, KL(P_δ ‖ P₀) written out term by term: their mean, not their sum."""
+    edited = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    initial = torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    by_hand = [sum(p * math.log(p / q) for p, q in zip(e.tolist(), i.tolist())) for e, i in zip(edited, initial)]
+    assert by_hand[0] != by_hand[1] and min(by_hand) > 0
+    kl = _kl_edited_from_initial(edited.log(), initial.log())
+    assert float(kl) == pytest.approx(sum(by_hand) / 2, rel=1e-12)

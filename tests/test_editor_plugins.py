@@ -116,7 +116,8 @@ def _install_extra_editor(site, conf_files: dict[str, str]) -> dict[str, str]:
     (site / "extra_editor-0.1.dist-info").mkdir()
     (site / "extra_editor-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: extra-editor\n"
                                                                   "Version: 0.1\n")
-    (site / "extra_editor-0.1.dist-info" / "entry_points.txt").write_text("[sadr.editors]\nextra = extra_editor:EDITOR\n")
+    (site / "extra_editor-0.1.dist-info" / "entry_points.txt").write_text(
+        "[sadr.editors]\nextra = extra_editor:EDITOR\n")
     paths = [str(site), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), "OMP_NUM_THREADS": "1"}
 
@@ -175,7 +176,8 @@ def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_
                                           r"'# @package _global_'$"):
         _store_settings_files(_Store(), "extra", tmp_path)
     for text, problem in (("sadr: [1\n", r"is not valid YAML: while parsing a flow sequence"),
-                          ("- 1\n", r"holds ListConfig; expected keys and values, as the files of sadr/conf/sadr_hparams/paper have")):
+                          ("- 1\n", r"holds ListConfig; expected keys and values, as the files of "
+                                     r"sadr/conf/sadr_hparams/paper have")):
         (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").write_text(text)
         with pytest.raises(ConfigError, match=r"^sadr_hparams/paper/extra_gpt-j\.yaml of editor=extra \(in .*\) "
                                               + problem):
@@ -198,3 +200,15 @@ def test_the_comparison_sweep_launches_every_declared_editor_with_and_without_sa
     log = done.stdout + done.stderr
     assert f"Launching {2 * (len(EDITORS) + 1)} jobs" in log, log[-2000:]
     assert f"#0 : editor={sorted([*EDITORS, 'extra'])[0]} sadr=default " in log
+
+
+def test_paper_settings_are_stored_even_where_the_editor_ships_no_hparams_folder(tmp_path):
+    """Each group's folder is looked for on its own: a missing hparams/ does not hide sadr_hparams/paper/."""
+    from sadr.conf.registry import _store_settings_files
+
+    (tmp_path / "sadr_hparams" / "paper").mkdir(parents=True)
+    (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").write_text(EXTRA_PAPER)
+    store = _Store()
+    _store_settings_files(store, "extra", tmp_path)
+    assert store.stored == {"sadr_hparams/paper/extra_gpt-j": (
+        {"sadr": {"lambda": 0.25}, "editor": {"v_num_grad_steps": 11}}, "_global_")}
