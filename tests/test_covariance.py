@@ -207,17 +207,19 @@ def test_float32_products_stay_within_float32_rounding_of_the_float64_statistics
     assert description(torch.float32) == {"kind": "test", "sample_length": 64, "products": "float32"}
 
 
-def test_statistics_pass_stops_after_the_highest_requested_layer(tokenizer):
+def test_statistics_pass_stops_before_the_highest_requested_layer_s_down_projection(tokenizer):
+    """The keys are the down-projection's input: the highest layer's own product is never computed."""
     model = make_model("llama")
     adapter = adapter_for(model)
     ran = []
-    handles = [adapter.block(model, layer).register_forward_hook(lambda *_, layer=layer: ran.append(layer))
-               for layer in range(4)]
+    handles = [module.register_forward_hook(lambda *_, name=(kind, layer): ran.append(name))
+               for layer in range(4)
+               for kind, module in (("block", adapter.block(model, layer)), ("down", adapter.mlp_down_module(model, layer)))]
     head = model.lm_head.register_forward_hook(lambda *_: ran.append("head"))
     accumulate_second_moments(model, adapter, tokenizer, [1, 0], TEXTS[:1], sample_length=64, batch_tokens=4096)
     for handle in (*handles, head):
         handle.remove()
-    assert ran == [0]  # block 1 stops inside its MLP, before its output; blocks 2, 3 and the head never run
+    assert ran == [("down", 0), ("block", 0)]  # block 1 stops before its down-projection; blocks 2, 3, the head never run
 
 
 def test_statistics_are_cached_on_disk_and_keyed_by_corpus(tmp_path, tokenizer):
@@ -574,30 +576,34 @@ def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_
         assert stats.description() == {"kind": "rome_npz", "dir": str(tmp_path), "n": n}
 
 
-def test_a_pass_for_other_layers_does_not_resume_another_pass_s_checkpoint(tokenizer, tmp_path, monkeypatch):
-    """The checkpoint of a killed pass over layers [1, 2] is not resumed by a pass over [1, 3] with the same model and
-    corpus: layer 3's C counts every text, as an uninterrupted pass's."""
-    monkeypatch.setattr(covariance, "CHECKPOINT_SECONDS", 0.0)
-    model = make_model("llama")
-    adapter = adapter_for(model)
-    texts = random_texts()
-    kill = {"after": 60}
+class _KillableStatistics:
+    """Statistics of one tiny llama over a corpus that stops with a KeyboardInterrupt at text `kill_after` (None:
+    never), checkpointing after every batch."""
 
-    def corpus_texts():
-        for i, text in enumerate(texts):
-            if i == kill["after"]:
+    def __init__(self, tokenizer, monkeypatch):
+        monkeypatch.setattr(covariance, "CHECKPOINT_SECONDS", 0.0)
+        self.model, self.tokenizer, self.texts, self.kill_after = make_model("llama"), tokenizer, random_texts(), 60
+
+    def _corpus_texts(self):
+        for i, text in enumerate(self.texts):
+            if i == self.kill_after:
                 raise KeyboardInterrupt
             yield text
 
-    def stats(cache_dir):
-        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f",
-                                      corpus=Corpus({"kind": "t"}, corpus_texts),
+    def __call__(self, cache_dir) -> SecondMomentStatistics:
+        return SecondMomentStatistics(self.model, adapter_for(self.model), self.tokenizer, fingerprint="f",
+                                      corpus=Corpus({"kind": "t"}, self._corpus_texts),
                                       sample_length=64, batch_tokens=128, cache_dir=cache_dir)
 
+
+def test_a_pass_for_other_layers_does_not_resume_another_pass_s_checkpoint(tokenizer, tmp_path, monkeypatch):
+    """The checkpoint of a killed pass over layers [1, 2] is not resumed by a pass over [1, 3] with the same model and
+    corpus: layer 3's C counts every text, as an uninterrupted pass's."""
+    stats = _KillableStatistics(tokenizer, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         stats(tmp_path / "a").take([1, 2])
     assert list((tmp_path / "a").rglob("*.partial.pt"))  # the killed pass left its checkpoint
-    kill["after"] = None
+    stats.kill_after = None
     resumed = stats(tmp_path / "a").take([1, 3])
     fresh = stats(tmp_path / "b").take([1, 3])
     for layer in (1, 3):
@@ -702,48 +708,17 @@ def test_keys_are_converted_at_most_chunk_bytes_of_float64_at_a_time(tokenizer, 
     assert max(rows) == 5 and sum(rows) == result.count
 
 
-def test_the_pass_stops_before_the_highest_layer_s_down_projection_runs(tokenizer):
-    """The keys are the down-projection's input: its own product, in the highest requested layer, is never computed."""
-    model = make_model("llama")
-    adapter = adapter_for(model)
-    ran = []
-    handles = [adapter.mlp_down_module(model, layer).register_forward_hook(lambda *_, layer=layer: ran.append(layer))
-               for layer in range(4)]
-    try:
-        accumulate_second_moments(model, adapter, tokenizer, [0, 2], TEXTS[:1], sample_length=64, batch_tokens=4096)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert ran == [0, 1]
-
-
 def test_a_checkpoint_from_another_device_is_not_resumed(tokenizer, tmp_path, monkeypatch, caplog):
     """A pass's identity holds its device: sums a killed pass left from another device (here a GPU)
     are not resumed on this one, whose pass starts afresh and ends with the sums of an uninterrupted pass."""
-    monkeypatch.setattr(covariance, "CHECKPOINT_SECONDS", 0.0)
-    model = make_model("llama")
-    adapter = adapter_for(model)
-    texts = random_texts()
-    kill = {"after": 60}
-
-    def corpus_texts():
-        for i, text in enumerate(texts):
-            if i == kill["after"]:
-                raise KeyboardInterrupt
-            yield text
-
-    def stats(cache_dir):
-        return SecondMomentStatistics(model, adapter, tokenizer, fingerprint="f",
-                                      corpus=Corpus({"kind": "t"}, corpus_texts),
-                                      sample_length=64, batch_tokens=128, cache_dir=cache_dir)
-
+    stats = _KillableStatistics(tokenizer, monkeypatch)
     # the killed pass takes its model to be on a GPU (it is killed before anything else asks for the device)
     with monkeypatch.context() as on_cuda:
         on_cuda.setattr(SecondMomentStatistics, "_device", lambda self: torch.device("cuda"))
         with pytest.raises(KeyboardInterrupt):
             stats(tmp_path / "a").take([1])
     assert list((tmp_path / "a").rglob("*.partial.pt"))
-    kill["after"] = None
+    stats.kill_after = None
     rebuilt = []
     of = covariance.UpperTriangularSum.of
     monkeypatch.setattr(covariance.UpperTriangularSum, "of", lambda rows, device: rebuilt.append(1) or of(rows, device))
