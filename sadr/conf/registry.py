@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import io
+import itertools
 import logging
 import math
 import re
@@ -58,9 +59,12 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
             if model not in models:
                 raise ConfigError(f"{where}: expected a name {editor}_<model>.yaml, <model> one of {', '.join(models)}")
             text = file.read_text(encoding="utf-8")
-            header = re.match(r"# @package (\S+)", text)
+            # the header as Hydra reads it: the comment lines (blank ones between them) before the first value
+            comments = itertools.takewhile(lambda line: not line or line.startswith("#"),
+                                           (line.strip() for line in text.splitlines()))
+            header = next(filter(None, (re.fullmatch(r"#\s*@package\s+(\S+)", line) for line in comments)), None)
             if header and header.group(1) != package:
-                raise ConfigError(f"{where} starts with '# @package {header.group(1)}'; the files of {group} have "
+                raise ConfigError(f"{where} has the header '# @package {header.group(1)}'; the files of {group} have "
                                   f"'# @package {package}'")
             try:
                 node = OmegaConf.load(io.StringIO(text))
