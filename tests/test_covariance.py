@@ -294,6 +294,10 @@ def test_rome_npz_statistics_are_loaded_as_mean(tmp_path):
     torch.testing.assert_close(load_rome_npz(path), torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
     with pytest.raises(FileNotFoundError, match="model.stats.npz_dir"):
         load_rome_npz(tmp_path / "missing.npz")
+    np.savez(path, **{"mom2.mom2": total})  # a file of another kind
+    with pytest.raises(InvalidSettingError, match=r"c_proj_float32_mom2_100\.npz lacks key\(s\) \['mom2\.count'\]; "
+                                                  r"found \['mom2\.mom2'\]$"):
+        load_rome_npz(path)
 
 
 def test_hub_corpus_streams_through_datasets_from_a_local_folder(tmp_path):
@@ -526,6 +530,17 @@ def test_a_file_corpus_is_its_nonempty_blank_line_separated_blocks(tmp_path):
     assert list(corpus.texts()) == ["first block\nline two", "second block"]
     assert corpus.description == {"kind": "file", "path": str(path.resolve()), "size": len(text.encode()),
                                   "mtime": path.stat().st_mtime, "n": 2}
+
+
+def test_a_file_corpus_without_its_file_names_the_setting(tmp_path):
+    from sadr.data.corpus import file_corpus
+    from sadr.errors import MissingInputError, UnavailableError
+
+    with pytest.raises(UnavailableError, match=r"^model\.stats\.corpus=file needs model\.stats\.text_file=PATH$"):
+        file_corpus(None, n_samples=2)
+    with pytest.raises(MissingInputError, match=r"^statistics text file .*nope\.txt does not exist "
+                                                r"\(model\.stats\.text_file\)$"):
+        file_corpus(str(tmp_path / "nope.txt"), n_samples=2)
 
 
 def test_a_generated_corpus_cycles_the_seed_words_with_its_seed(monkeypatch):

@@ -15,9 +15,11 @@ import torch
 
 from sadr.data.records import EditRequest
 from sadr.editors.delta import (DeltaObjective, StepState, _kl_edited_from_initial, clamp_norm_, loss_is_small,
-                                never_stop, optimize_delta)
+                                never_stop, optimize_delta, optimize_deltas)
 from sadr.editors.pmet import pmet_rules
+from sadr.errors import InvalidSettingError
 from sadr.models.adapters import adapter_for
+from sadr.regularizers.base import DeltaRegularizer
 from tests.editing import TEMPLATES, editor_config
 from tests.tiny_models import make_model
 
@@ -164,3 +166,32 @@ def test_the_essence_kl_is_the_mean_over_essence_prompts_of_kl_from_edited_to_in
     assert by_hand[0] != by_hand[1] and min(by_hand) > 0
     kl = _kl_edited_from_initial(edited.log(), initial.log())
     assert float(kl) == pytest.approx(sum(by_hand) / 2, rel=1e-12)
+
+
+class _OneRequestTerm(DeltaRegularizer):
+    """A regularizer written for one request at a time: it gives `loss` alone (the default `case_losses`)."""
+
+    weight, detached = 1.0, False
+
+    def attach(self, model, adapter, batch):
+        pass
+
+    def loss(self, step):
+        return torch.zeros(())
+
+    def detach(self):
+        self.detached = True
+
+
+def test_a_one_request_regularizer_is_refused_where_requests_share_the_optimisation(tokenizer):
+    """Its one term cannot be any request's own: the error says so and how to run, and its hooks are removed."""
+    model = make_model("gpt2")
+    regularizer = _OneRequestTerm()
+    with pytest.raises(InvalidSettingError, match=r"^_OneRequestTerm gives 1 loss terms for 2 requests optimised "
+                                                  r"together: .*\(set editor\.parallel_cases=1\)$"):
+        optimize_deltas(model, adapter_for(model), tokenizer, [TWO_TOKENS, REACHABLE], TEMPLATES,
+                        _objective("rome", ("mlp_out",), 2), [regularizer])
+    assert regularizer.detached
+    alone = optimize_delta(model, adapter_for(model), tokenizer, TWO_TOKENS, TEMPLATES,
+                           _objective("rome", ("mlp_out",), 2), [_OneRequestTerm()])
+    assert alone.steps_run == 2

@@ -154,6 +154,19 @@ def test_compare_picks_the_largest_increase_its_layer_and_head():
     assert location["value"] == []
 
 
+def test_stored_attention_of_another_encoding_or_other_prompts_is_refused_by_name():
+    """A row written by another version (or by hand) is named, not misread: an unknown encoding, and edited and
+    unedited attention of different prompt counts; no prompts give no drift entries."""
+    with pytest.raises(ValueError, match=r"^unknown subject_attention encoding 'float32-base64'; expected "
+                                         r"'float16-base64'$"):
+        decode_entry({**entry([[[0.5]]]), "encoding": "float32-base64"})
+    with pytest.raises(ValueError, match=r"^attention of shape \(1, 1, 2\) after the edit, \(2, 1, 2\) before: "
+                                         r"different prompts\?$"):
+        compare_attention({ATTENTION: entry([[[0.25, 0.5]]])}, {ATTENTION: entry([[[0.25, 0.5]], [[0.5, 0.5]]])})
+    none = {ATTENTION: {"value": [], "encoding": "float16-base64", "shape": [1, 2], "attention": []}}
+    assert compare_attention(none, none) == {}
+
+
 def test_the_evaluators_compare_reads_drift_as_edited_minus_unedited():
     """docs/metrics.md: drift is after − before the edit. The runner's `compare_all(evaluators, edited, unedited)` and
     `PromptMetrics.compare` must pass the states on in that order; swapped, the increase below reads as a drop."""
