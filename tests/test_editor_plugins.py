@@ -134,10 +134,18 @@ def test_an_installed_editor_ships_its_published_settings_in_its_config_dir(tmp_
               "for sadr in 'default', 'paper':\n"
               "    cfg = compose_config(['editor=extra', f'sadr={sadr}'])\n"
               "    print(json.dumps([list(cfg.editor.layers), cfg.editor.v_loss_layer, cfg.editor.v_num_grad_steps, "
-              "cfg.editor.source, cfg.sadr['lambda']]))\n")
+              "cfg.editor.source, cfg.sadr['lambda']]))\n"
+              "try:\n"
+              "    compose_config(['editor=extra', 'model=gpt-j'])\n"
+              "except ValueError as err:\n"
+              "    print(err)\n")
     done = _run(["-c", script], env, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ['[[2, 3], 29, 7, "a test", 0.0]', '[[2, 3], 29, 11, "a test", 0.25]']
+    default, paper, elsewhere = done.stdout.splitlines()
+    assert (default, paper) == ('[[2, 3], 29, 7, "a test", 0.0]', '[[2, 3], 29, 11, "a test", 0.25]')
+    # a model it ships no settings for: the error names the file where its settings would be
+    assert elsewhere.startswith(f"no published defaults for editor=extra with model=gpt-j "
+                                f"({tmp_path / 'site' / 'extra_editor' / 'conf'}/hparams/extra_gpt-j.yaml does not exist)")
 
 
 def test_an_installed_editors_misnamed_settings_file_is_named_with_the_fix(tmp_path):

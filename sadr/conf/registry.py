@@ -261,7 +261,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(
             f"no published defaults for editor={editor.name} with model={cfg.model.name} "
-            f"(sadr/conf/hparams/{editor.name}_{cfg.model.name}.yaml does not exist): set "
+            f"({plugin.config_dir or 'sadr/conf'}/hparams/{editor.name}_{cfg.model.name}.yaml does not exist): set "
             + " and ".join(f"editor.{key}=..." for key in missing)
             + ", e.g. editor.layers=[5] editor.v_loss_layer=<last layer index>"
         )
