@@ -144,8 +144,9 @@ def test_an_installed_editor_ships_its_published_settings_in_its_config_dir(tmp_
     default, paper, elsewhere = done.stdout.splitlines()
     assert (default, paper) == ('[[2, 3], 29, 7, "a test", 0.0]', '[[2, 3], 29, 11, "a test", 0.25]')
     # a model it ships no settings for: the error names the file where its settings would be
+    shipped = tmp_path / "site" / "extra_editor" / "conf"
     assert elsewhere.startswith(f"no published defaults for editor=extra with model=gpt-j "
-                                f"({tmp_path / 'site' / 'extra_editor' / 'conf'}/hparams/extra_gpt-j.yaml does not exist)")
+                                f"({shipped}/hparams/extra_gpt-j.yaml does not exist)")
 
 
 def test_an_installed_editors_misnamed_settings_file_is_named_with_the_fix(tmp_path):
