@@ -143,7 +143,7 @@ class Experiment:
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
         validate_layers(cfg.editor, self.loaded.adapter.num_layers(self.loaded.model))
         positions = getattr(self.loaded.model.config, "max_position_embeddings", None)
-        check_prompt_lengths(self.dataset.cases, self.loaded.tokenizer, positions,
+        check_prompt_lengths(self.dataset.cases, self.evaluators, self.loaded.tokenizer, positions,
                              {EDIT_PROMPT: max((tokens for tokens, _ in cfg.editor.context_templates), default=0),
                               GENERATION_PROMPTS: generated_after_prompt(cfg.eval, positions)})
         reset_peak_memory(self.loaded.device)

@@ -5,43 +5,33 @@ IndexError; one with rotary positions runs it outside the length it was trained 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sadr.data.records import EditCase
 from sadr.errors import InvalidSettingError
-from sadr.evaluation.probes import distract
+
+if TYPE_CHECKING:  # the evaluators import this module's field names
+    from sadr.evaluation.suite import Evaluator
 
 SPECIAL_TOKENS = 4  # at most this many tokens a tokenizer adds around a text (BOS, EOS)
 EDIT_PROMPT, GENERATION_PROMPTS = "requested_rewrite.prompt", "generation_prompts"
 ADDED = {EDIT_PROMPT: "a context template", GENERATION_PROMPTS: "the sampled tokens"}
 
 
-def run_texts(case: EditCase) -> list[tuple[str, str]]:
-    """(field, text) for each text the run puts through the model whole: a scored prompt followed by the longest
-    answer it is scored against, or a generation prompt (its sampled tokens counted apart)."""
-    request = case.request
-    longest = max([request.target_new, request.target_true or ""], key=len)
-    texts = [(EDIT_PROMPT, f"{request.text} {longest}")]
-    for field in ("paraphrase_prompts", "neighborhood_prompts"):
-        texts += [(field, f"{prompt} {longest}") for prompt in getattr(case, field)]
-    texts += [(GENERATION_PROMPTS, prompt) for prompt in case.generation_prompts]
-    labeled = {"relation_prompts": case.relation_prompts, "locality_prompts": case.locality_prompts,
-               **{f"portability.{name}": prompts for name, prompts in case.portability.items()}}
-    texts += [(field, f"{item.prompt} {item.target}") for field, items in labeled.items() for item in items]
-    # with the edit sentence before them: each neighborhood prompt (DNS) and commonsense question (DCS)
-    texts += [("neighborhood_prompts (after the edit sentence)", f"{distract(case, prompt)} {longest}")
-              for prompt in case.neighborhood_prompts]
-    for item in case.commonsense_prompts:
-        answer = max(item.right, item.wrong, key=len)
-        texts += [("commonsense_prompts", f"{item.prompt} {answer}"),
-                  ("commonsense_prompts (after the edit sentence)", f"{distract(case, item.prompt)} {answer}")]
-    return texts
+def run_texts(case: EditCase, evaluators: list[Evaluator]) -> list[tuple[str, str]]:
+    """(field, text) for each text the run puts through the model whole: the edit prompt followed by the new target
+    (δ is optimised on it), then what each evaluator scores or samples from."""
+    texts = [(EDIT_PROMPT, f"{case.request.text} {case.request.target_new}")]
+    return texts + [entry for evaluator in evaluators for entry in evaluator.inputs(case)]
 
 
-def check_prompt_lengths(cases: list[EditCase], tokenizer, positions: int | None, added: dict[str, int]) -> None:
+def check_prompt_lengths(cases: list[EditCase], evaluators: list[Evaluator], tokenizer, positions: int | None,
+                         added: dict[str, int]) -> None:
     """`added`: the tokens a field's texts get on top of their own (the longest context template before the edit
     prompt while δ is optimised; the tokens sampled after a generation prompt), by field."""
     if positions is None:
         return
-    texts = [(case, field, text) for case in cases for field, text in run_texts(case)]
+    texts = [(case, field, text) for case in cases for field, text in run_texts(case, evaluators)]
     # a token covers at least one byte (besides a few special ones), so only texts longer than that bound are tokenized
     texts = [entry for entry in texts if len(entry[2].encode()) + SPECIAL_TOKENS + added.get(entry[1], 0) > positions]
     if not texts:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from sadr.data.lengths import GENERATION_PROMPTS
 from sadr.data.records import EditCase
 from sadr.errors import InvalidSettingError
 from sadr.evaluation.case_rows import CaseRows, one_model
@@ -93,8 +94,14 @@ class GenerationMetrics(Evaluator):
         # reference-style texts had one stream per case until 2026-12-06: unedited scores cached then are not these
         return identity | {"streams": "text"} if self.style == "reference" else identity
 
+    def _prompts(self, case: EditCase) -> list[str]:
+        return list(case.generation_prompts[: self.prompts_per_case])
+
+    def inputs(self, case):
+        return [(GENERATION_PROMPTS, prompt) for prompt in self._prompts(case)]
+
     def evaluate(self, model, tokenizer, adapter, cases: list[EditCase], case_rows: CaseRows = one_model) -> list[dict]:
-        prompts = [list(case.generation_prompts[: self.prompts_per_case]) for case in cases]
+        prompts = [self._prompts(case) for case in cases]
         texts = (self._reference_texts(model, tokenizer, cases, prompts, case_rows) if self.style == "reference"
                  else self._fixed_texts(model, tokenizer, cases, prompts, case_rows))
         return [self._entries(case, case_texts) if case_texts else {} for case, case_texts in zip(cases, texts)]

@@ -87,20 +87,21 @@ class Metric:
     name: str  # results key
     short: str  # table label
     probes: Callable[[EditCase], list[Probe]]
+    field: str  # where its prompts come from in a record (named when one is too long for the model)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
-    Metric("efficacy", "ES", _efficacy),
-    Metric("paraphrase", "PS", _paraphrase),
-    Metric("neighborhood", "NS", _neighborhood),
-    Metric("distract_neighborhood", "DNS", _distract_neighborhood),
-    Metric("relation", "RS", _relation),
-    Metric("commonsense", "CS", _commonsense),
-    Metric("distract_commonsense", "DCS", _distract_commonsense),
-    Metric("portability", "Port", _portability),
-    Metric("token_efficacy", "zsRE-E", _zsre_efficacy),
-    Metric("token_generalization", "zsRE-G", _zsre_generalization),
-    Metric("locality", "Loc", _locality),
+    Metric("efficacy", "ES", _efficacy, "requested_rewrite.prompt"),
+    Metric("paraphrase", "PS", _paraphrase, "paraphrase_prompts"),
+    Metric("neighborhood", "NS", _neighborhood, "neighborhood_prompts"),
+    Metric("distract_neighborhood", "DNS", _distract_neighborhood, "neighborhood_prompts (after the edit sentence)"),
+    Metric("relation", "RS", _relation, "relation_prompts"),
+    Metric("commonsense", "CS", _commonsense, "commonsense_prompts"),
+    Metric("distract_commonsense", "DCS", _distract_commonsense, "commonsense_prompts (after the edit sentence)"),
+    Metric("portability", "Port", _portability, "portability"),
+    Metric("token_efficacy", "zsRE-E", _zsre_efficacy, "requested_rewrite.prompt"),
+    Metric("token_generalization", "zsRE-G", _zsre_generalization, "paraphrase_prompts"),
+    Metric("locality", "Loc", _locality, "locality_prompts"),
 ]}
 
 

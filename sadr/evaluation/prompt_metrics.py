@@ -10,6 +10,14 @@ from sadr.evaluation.scorer import score_pairs_detailed
 DNS = METRICS["distract_neighborhood"]
 
 
+def metrics_scored(metrics: list[Metric], drift: bool) -> list[Metric]:
+    """The metrics whose probes are scored: the drift diagnostics read the forwards of the DNS prompts, so with
+    `drift` these are scored even when DNS is not among `metrics` (and then left out of the results)."""
+    if drift and DNS.name not in {m.name for m in metrics}:
+        return [*metrics, DNS]
+    return list(metrics)
+
+
 def evaluate_cases(model, tokenizer, cases: list[EditCase], metrics: list[Metric], batch_size: int = 64,
                    case_rows: CaseRows = one_model, drift_adapter=None) -> list[dict]:
     """Per case: {metric: {"value": [...], "p_good": [...], "p_bad": [...]}} (p_bad only for comparisons).
@@ -19,9 +27,7 @@ def evaluate_cases(model, tokenizer, cases: list[EditCase], metrics: list[Metric
     (sadr/evaluation/drift.py), read in the forwards that score its DNS prompts; they are scored for it even when DNS
     is not among `metrics`.
     """
-    scored = list(metrics)
-    if drift_adapter is not None and DNS.name not in {m.name for m in metrics}:
-        scored.append(DNS)
+    scored = metrics_scored(metrics, drift_adapter is not None)
     plan = []  # (case index, metric name, probe)
     for index, case in enumerate(cases):
         for metric in scored:

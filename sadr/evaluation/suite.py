@@ -13,7 +13,7 @@ from sadr.data.records import EditCase
 from sadr.evaluation.case_rows import CaseRows, one_model
 from sadr.evaluation.drift import ENCODING, compare_attention
 from sadr.evaluation.probes import Metric, resolve_metrics
-from sadr.evaluation.prompt_metrics import evaluate_cases
+from sadr.evaluation.prompt_metrics import evaluate_cases, metrics_scored
 
 
 class Evaluator:
@@ -30,6 +30,11 @@ class Evaluator:
     def identity(self) -> dict:
         """Everything that determines this evaluator's results (for the unedited-results cache key)."""
         return {"name": self.name}
+
+    def inputs(self, case: EditCase) -> list[tuple[str, str]]:
+        """(record field, text) for each text it puts through the model whole, checked against the model's positions
+        before any work (sadr/data/lengths.py)."""
+        return []
 
 
 @dataclass
@@ -54,6 +59,11 @@ class PromptMetrics(Evaluator):
     def identity(self):
         return {"name": self.name, "metrics": [m.name for m in self.metrics],
                 **({"drift": ENCODING} if self.drift else {})}
+
+    def inputs(self, case):
+        """Each probe's prompt followed by the longer of its answers (both are scored)."""
+        return [(metric.field, f"{probe.prompt} {max(probe.good, probe.bad or '', key=len)}")
+                for metric in metrics_scored(self.metrics, self.drift) for probe in metric.probes(case)]
 
 
 def build_evaluators(cfg) -> list[Evaluator]:
