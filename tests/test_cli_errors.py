@@ -45,6 +45,10 @@ BAD_OVERRIDES = {
     "misspelt key added with +": (["+sadr.lamda=0.1"], r"^error: \+sadr\.lamda: sadr has no setting 'lamda', so nothing "
                                                       r"would read it; did you mean sadr\.lambda \(set without '\+'\)\?"),
     "key added with + at the top": (["+foo=1"], r"^error: \+foo: the run config has no setting 'foo'.*settings: model, "),
+    "sadr=paper for a pair without a setting": (["model=llama2-7b", "sadr=paper"],
+                                                r"Could not find 'sadr_hparams/paper/rome_llama2-7b'[\s\S]*^error: "
+                                                r"sadr=paper: no published SADR setting for editor=rome on "
+                                                r"model=llama2-7b; choose γ yourself with sadr\.lambda=<γ> instead"),
     "two modes at once": (["-m", "--cfg", "job"], r"^error: Only one of --run, --multirun, --cfg"),
     "local model without its folder": (["model=local", "editor.layers=[1]", "editor.v_loss_layer=1"],
                                       r"^error: model=local needs model\.source: a local model folder, a GGUF file"),

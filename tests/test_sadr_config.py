@@ -49,6 +49,23 @@ def test_paper_setting_for_a_pair_without_one_names_the_pairs_that_have_one():
         composed(["model=llama2-7b", "sadr=paper"])
 
 
+def test_sadr_run_says_what_to_do_for_a_pair_without_a_paper_setting():
+    """What sadr-run prints after Hydra's message (tests/test_cli_errors.py runs it): only for a pair that has no file,
+    whatever else is on the command line, and never for a command line that would not compose without sadr=paper."""
+    from sadr.conf.registry import missing_paper_setting
+
+    assert missing_paper_setting(["model=llama2-7b", "editor=memit", "+sadr=paper", "eval.batch_size=8"]) == (
+        "sadr=paper: no published SADR setting for editor=memit on model=llama2-7b; choose γ yourself with "
+        "sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps), or add the setting, with its source, "
+        "as sadr_hparams/paper/memit_llama2-7b.yaml (in sadr/conf, or in an installed editor's config_dir)")
+    assert "editor=rome on model=llama2-7b" in missing_paper_setting(["model=llama2-7b", "sadr=paper"])
+    for has_one in (["model=gpt-j", "sadr=paper"], ["sadr=paper"], ["model=gpt-j", "editor=pmet", "sadr=paper"]):
+        assert missing_paper_setting(has_one) is None, has_one
+    for other in (["model=llama2-7b"], ["model=llama2-7b", "sadr=default,paper"], ["model=llama2-7b", "sadr=default"],
+                  ["model=llama2-7b", "sadr=paper", "dataset=nope"], ["model=llama2-7b", "sadr=paper", "editor.x=1"]):
+        assert missing_paper_setting(other) is None, other
+
+
 def test_every_setting_names_its_source():
     files = sorted(PAPER.glob("*.yaml"))
     assert {f.stem for f in files} >= {f"{e}_gpt-j" for e in GPTJ} | {f"{e}_smollm2-135m" for e in EDITORS}

@@ -16,6 +16,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from sadr.conf.schema import RunConfig, SadrConfig
@@ -200,6 +201,27 @@ def misspelt_override(overrides: list[str]) -> str | None:
             if not dataclasses.is_dataclass(schema):  # a value, or a node whose keys are the user's (Any, Dict)
                 break
     return None
+
+
+def missing_paper_setting(overrides: list[str]) -> str | None:
+    """With `sadr=paper` for an (editor, model) that has no published setting, what to do instead; None otherwise
+    (or where the command line does not compose without it: Hydra's own message stands). Hydra's message for it
+    lists the pairs that have one."""
+    if "sadr=paper" not in (override.lstrip("+") for override in overrides):
+        return None
+    try:
+        cfg = compose_config(["sadr=default" if o.lstrip("+") == "sadr=paper" else o for o in overrides],
+                             checked=False, hydra=True)
+    except Exception:  # noqa: BLE001 - any other reason not to compose is Hydra's to report
+        return None
+    editor, model = (cfg.hydra.runtime.choices[group] for group in ("editor", "model"))
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        published = GlobalHydra.instance().config_loader().get_group_options("sadr_hparams/paper")
+    if f"{editor}_{model}" in published:
+        return None
+    return (f"sadr=paper: no published SADR setting for editor={editor} on model={model}; choose γ yourself with "
+            f"sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps), or add the setting, with its source, "
+            f"as sadr_hparams/paper/{editor}_{model}.yaml (in sadr/conf, or in an installed editor's config_dir)")
 
 
 def validate_sadr(sadr: DictConfig) -> None:
