@@ -49,6 +49,10 @@ BAD_OVERRIDES = {
                                                 r"Could not find 'sadr_hparams/paper/rome_llama2-7b'[\s\S]*^error: "
                                                 r"sadr=paper: no published SADR setting for editor=rome on "
                                                 r"model=llama2-7b; choose γ yourself with sadr\.lambda=<γ> instead"),
+    "setup=sadr_repo for a pair the authors did not run": (["setup=sadr_repo"],
+                                                           r"Could not find 'setup_hparams/sadr_repo/rome_smollm2-135m'"
+                                                           r"[\s\S]*^error: setup=sadr_repo: no run of the SADR "
+                                                           r"authors' code for editor=rome on model=smollm2-135m"),
     "two modes at once": (["-m", "--cfg", "job"], r"^error: Only one of --run, --multirun, --cfg"),
     "local model without its folder": (["model=local", "editor.layers=[1]", "editor.v_loss_layer=1"],
                                       r"^error: model=local needs model\.source: a local model folder, a GGUF file"),

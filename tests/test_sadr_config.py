@@ -49,21 +49,34 @@ def test_paper_setting_for_a_pair_without_one_names_the_pairs_that_have_one():
         composed(["model=llama2-7b", "sadr=paper"])
 
 
-def test_sadr_run_says_what_to_do_for_a_pair_without_a_paper_setting():
+def test_sadr_run_says_what_to_do_for_a_pair_without_a_paper_or_sadr_repo_setting():
     """What sadr-run prints after Hydra's message (tests/test_cli_errors.py runs it): only for a pair that has no file,
-    whatever else is on the command line, and never for a command line that would not compose without sadr=paper."""
-    from sadr.conf.registry import missing_paper_setting
+    whatever else is on the command line, and never for a command line that would not compose without the choice."""
+    from sadr.conf.registry import missing_pair_setting
 
-    assert missing_paper_setting(["model=llama2-7b", "editor=memit", "+sadr=paper", "eval.batch_size=8"]) == (
-        "sadr=paper: no published SADR setting for editor=memit on model=llama2-7b; choose γ yourself with "
-        "sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps), or add the setting, with its source, "
-        "as sadr_hparams/paper/memit_llama2-7b.yaml (in sadr/conf, or in an installed editor's config_dir)")
-    assert "editor=rome on model=llama2-7b" in missing_paper_setting(["model=llama2-7b", "sadr=paper"])
-    for has_one in (["model=gpt-j", "sadr=paper"], ["sadr=paper"], ["model=gpt-j", "editor=pmet", "sadr=paper"]):
-        assert missing_paper_setting(has_one) is None, has_one
+    paper = ("sadr=paper: no published SADR setting for editor=memit on model=llama2-7b; choose γ yourself with "
+             "sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps), or add the setting, with its "
+             "source, as sadr_hparams/paper/memit_llama2-7b.yaml (in sadr/conf, or in an installed editor's config_dir)")
+    repo = ("setup=sadr_repo: no run of the SADR authors' code for editor=memit on model=llama2-7b; leave "
+            "setup=sadr_repo out to take the published settings, or add the setting, with its source, as "
+            "setup_hparams/sadr_repo/memit_llama2-7b.yaml (in sadr/conf)")
+    memit = ["model=llama2-7b", "editor=memit", "eval.batch_size=8"]
+    assert missing_pair_setting([*memit, "+sadr=paper"]) == paper
+    assert missing_pair_setting([*memit, "setup=sadr_repo"]) == repo
+    assert missing_pair_setting(["setup=sadr_repo", *memit, "sadr=paper"]) == f"{paper}; and {repo}"
+    assert "editor=rome on model=llama2-7b" in missing_pair_setting(["model=llama2-7b", "sadr=paper"])
+    assert missing_pair_setting(["setup=sadr_repo"]).startswith("setup=sadr_repo: no run of the SADR authors' code "
+                                                                "for editor=rome on model=smollm2-135m;")
+    # llama3-8b has both files for memit, neither for alphaedit
+    assert missing_pair_setting(["model=llama3-8b", "editor=memit", "sadr=paper", "setup=sadr_repo"]) is None
+    assert missing_pair_setting(["model=llama3-8b", "editor=alphaedit", "sadr=paper", "setup=sadr_repo"]).startswith(
+        "sadr=paper: no published SADR setting for editor=alphaedit on model=llama3-8b")
+    for has_one in (["model=gpt-j", "sadr=paper"], ["sadr=paper"], ["model=gpt-j", "editor=pmet", "sadr=paper"],
+                    ["model=gpt-neox-20b", "setup=sadr_repo"]):
+        assert missing_pair_setting(has_one) is None, has_one
     for other in (["model=llama2-7b"], ["model=llama2-7b", "sadr=default,paper"], ["model=llama2-7b", "sadr=default"],
                   ["model=llama2-7b", "sadr=paper", "dataset=nope"], ["model=llama2-7b", "sadr=paper", "editor.x=1"]):
-        assert missing_paper_setting(other) is None, other
+        assert missing_pair_setting(other) is None, other
 
 
 def test_every_setting_names_its_source():

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sadr.cache import writable_dir
-from sadr.conf.registry import missing_paper_setting, misspelt_override, register_configs, validate
+from sadr.conf.registry import missing_pair_setting, misspelt_override, register_configs, validate
 from sadr.errors import DamagedFileError, DeviceMemoryError, UsageError
 from sadr.results import RunDirectory
 from sadr.runner import run_experiment
@@ -126,7 +126,7 @@ def main() -> None:
         # traceback and exits with 1; that is a usage error like the ones the task reports.
         if stop.code == 1 and not _Stage.task_started:
             # Hydra's message for a misspelt key advises '+', which would add a key that nothing reads
-            what_to_do = misspelt_override(sys.argv[1:]) or missing_paper_setting(sys.argv[1:])
+            what_to_do = misspelt_override(sys.argv[1:]) or missing_pair_setting(sys.argv[1:])
             if what_to_do:
                 print(f"error: {what_to_do}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -203,25 +203,37 @@ def misspelt_override(overrides: list[str]) -> str | None:
     return None
 
 
-def missing_paper_setting(overrides: list[str]) -> str | None:
-    """With `sadr=paper` for an (editor, model) that has no published setting, what to do instead; None otherwise
-    (or where the command line does not compose without it: Hydra's own message stands). Hydra's message for it
-    lists the pairs that have one."""
-    if "sadr=paper" not in (override.lstrip("+") for override in overrides):
+# a choice whose settings come from one file per (editor, model): (the choice, the choice without such a file, the
+# group of those files, what a missing file means, what to do instead, where the files may be)
+PAIR_SETTINGS = (
+    ("sadr=paper", "sadr=default", "sadr_hparams/paper", "no published SADR setting",
+     "choose γ yourself with sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps)",
+     "in sadr/conf, or in an installed editor's config_dir"),
+    ("setup=sadr_repo", "setup=published", "setup_hparams/sadr_repo", "no run of the SADR authors' code",
+     "leave setup=sadr_repo out to take the published settings", "in sadr/conf"),
+)
+
+
+def missing_pair_setting(overrides: list[str]) -> str | None:
+    """With `sadr=paper` or `setup=sadr_repo` for an (editor, model) that has no file of its settings, what to do
+    instead; None otherwise (or where the command line does not compose without those choices: Hydra's own message
+    stands). Hydra's message for it lists the pairs that have one."""
+    given = [override.lstrip("+") for override in overrides]
+    chosen = [entry for entry in PAIR_SETTINGS if entry[0] in given]
+    if not chosen:
         return None
+    fallbacks = {choice: fallback for choice, fallback, *_ in PAIR_SETTINGS}
     try:
-        cfg = compose_config(["sadr=default" if o.lstrip("+") == "sadr=paper" else o for o in overrides],
-                             checked=False, hydra=True)
+        cfg = compose_config([fallbacks.get(o, o) for o in given], checked=False, hydra=True)
     except Exception:  # noqa: BLE001 - any other reason not to compose is Hydra's to report
         return None
-    editor, model = (cfg.hydra.runtime.choices[group] for group in ("editor", "model"))
+    editor, model = (cfg.hydra.runtime.choices[name] for name in ("editor", "model"))
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        published = GlobalHydra.instance().config_loader().get_group_options("sadr_hparams/paper")
-    if f"{editor}_{model}" in published:
-        return None
-    return (f"sadr=paper: no published SADR setting for editor={editor} on model={model}; choose γ yourself with "
-            f"sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps), or add the setting, with its source, "
-            f"as sadr_hparams/paper/{editor}_{model}.yaml (in sadr/conf, or in an installed editor's config_dir)")
+        options = GlobalHydra.instance().config_loader().get_group_options
+        missing = [f"{choice}: {what} for editor={editor} on model={model}; {instead}, or add the setting, with its "
+                   f"source, as {group}/{editor}_{model}.yaml ({where})"
+                   for choice, _, group, what, instead, where in chosen if f"{editor}_{model}" not in options(group)]
+    return "; and ".join(missing) or None
 
 
 def validate_sadr(sadr: DictConfig) -> None:
