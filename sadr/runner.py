@@ -26,6 +26,7 @@ from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
 from sadr.data.lengths import EDIT_PROMPT, GENERATION_PROMPTS, check_prompt_lengths, generated_after_prompt
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
+from sadr.data.registry import FORMATS
 from sadr.editors.base import Editor, EditOutcome
 from sadr.editors.context_templates import context_templates
 from sadr.editors.covariance import SecondMomentStatistics
@@ -156,7 +157,8 @@ class Experiment:
             "device": str(self.loaded.device),
             "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",
             "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
-            "dataset_source": self.dataset.source, "dataset_selection": self.dataset.selection,
+            # resolved: a path relative to where the run was started names no file once read elsewhere
+            "dataset_source": str(Path(self.dataset.source).resolve()), "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
             "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases,
             "factor_device": cfg.model.stats.factor_device.name, "threads": torch.get_num_threads(), "tf32": self.tf32,
@@ -234,8 +236,13 @@ class Experiment:
             self._parallel_single(editor, todo, unedited)
             return
         unedited_state = editor.state_dict()
+        # the groups of an uninterrupted run: a group some of whose rows a kill cut off is edited again whole, and
+        # only its missing rows written (grouping the remaining cases afresh would edit them in other batches)
+        pending = {str(case.case_id) for case in todo}
+        groups = [group for group in case_groups(self.dataset.cases, self.cfg.editor.batch_size)
+                  if any(str(case.case_id) in pending for case in group)]
         with Progress(len(todo), self.cfg.progress.bar) as progress:
-            for group in case_groups(todo, self.cfg.editor.batch_size):
+            for group in groups:
                 peaks = GroupPeaks(self.loaded.device)
                 try:
                     outcome = editor.apply([case.request for case in group])
@@ -247,9 +254,10 @@ class Experiment:
                         self._save_edited(group, self.out.path / EDITED_MODELS / "_".join(str(c.case_id) for c in group))
                 finally:
                     editor.load_state_dict(unedited_state)
-                for case, result in zip(group, edited):
+                missing = [(case, result) for case, result in zip(group, edited) if str(case.case_id) in pending]
+                for case, result in missing:
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group), memory))
-                progress.advance(len(group))
+                progress.advance(len(missing))
 
     def _parallel_single(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
         """The single protocol, `editor.parallel_cases` cases at a time: each is edited alone into the unedited model,
@@ -352,7 +360,10 @@ class Experiment:
         rows = self.out.rows()
         table = metric_table(rows)
         self.out.write_metrics(table)
-        print(f"\n{cfg.editor.name} on {cfg.model.name} / {cfg.dataset.name} ({_counted(len(rows), 'case')}, "
+        dataset = cfg.dataset.name
+        if FORMATS[dataset].reads_target:  # zsRE-E of answers[0] and of alt are two protocols under one label
+            dataset += f" (dataset.target={cfg.dataset.target.name})"
+        print(f"\n{cfg.editor.name} on {cfg.model.name} / {dataset} ({_counted(len(rows), 'case')}, "
               f"protocol={cfg.editor.protocol.name}, sadr.lambda={cfg.sadr['lambda']}), prompt-level success ×100 ± 95% CI:")
         print(compact_table(table).to_string())
         print(f"\nresults: {self.out.path}")

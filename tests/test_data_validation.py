@@ -338,6 +338,20 @@ def test_a_file_of_another_format_names_the_format_it_reads_as(name, given_as, r
         load_cases(config(given_as, FIXTURES / name), "unused")
 
 
+@pytest.mark.parametrize("name, given_as, field, reads_as", [
+    ("counterfact.json", "sadr_merged", "target_true", "dataset=counterfact or dataset=multi_counterfact"),
+    ("sadr_merged.json", "counterfact", "target_new", "dataset=sadr_merged"),
+])
+def test_a_file_of_another_format_with_a_field_of_another_kind_names_the_format_it_reads_as(name, given_as, field,
+                                                                                              reads_as):
+    """CounterFact and the SADR merged file both hold a `requested_rewrite`, with targets as objects in one and strings
+    in the other: the first record's field is there but of another kind, and on_invalid=skip would skip every record."""
+    with pytest.raises(InvalidRecordError, match=rf"record 0, field 'requested_rewrite\.{field}': expected .*got .*\. "
+                                                 rf"The file reads as {reads_as}\b.*: give that instead of "
+                                                 rf"dataset={given_as}, or fix the record\.$"):
+        load_cases(config(given_as, FIXTURES / name), "unused")
+
+
 def test_a_record_of_the_right_format_with_a_field_missing_gets_no_format_hint(tmp_path):
     records = fixture_records("counterfact")
     del records[0]["requested_rewrite"]["target_true"]

@@ -59,10 +59,13 @@ def test_format_runs_with_every_metric_that_applies(tiny_dir, tmp_path, fmt, ext
             assert present <= shown, (state, protocol, present - shown)
 
 
-def test_zsre_targets_edit_towards_their_answer(tiny_dir, tmp_path):
-    """answers edits towards answers[0], alt towards the counterfactual; both score token accuracy of that target."""
+def test_zsre_targets_edit_towards_their_answer(tiny_dir, tmp_path, capsys):
+    """answers edits towards answers[0], alt towards the counterfactual; both score token accuracy of that target,
+    under the same labels, so the printed title names the protocol."""
     answers, _ = _run(tiny_dir, tmp_path / "answers", "zsre", "dataset.target=answers")
+    assert " / zsre (dataset.target=answers) (1 case, " in capsys.readouterr().out
     alt, _ = _run(tiny_dir, tmp_path / "alt", "zsre", "dataset.target=alt")
+    assert " / zsre (dataset.target=alt) (1 case, " in capsys.readouterr().out
     # the unedited model is the same: its locality is too, but efficacy scores a different target
     assert answers[0]["unedited"]["locality"] == alt[0]["unedited"]["locality"]
     assert answers[0]["unedited"]["token_efficacy"]["p_good"] != alt[0]["unedited"]["token_efficacy"]["p_good"]

@@ -21,6 +21,7 @@ from sadr.cli.main import app
 from sadr.conf.registry import ConfigError, validate_layers
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.paired import compare_runs
+from sadr.evaluation.probes import resolve_metrics
 from sadr.runner import run_experiment
 from sadr.errors import InvalidSettingError, MissingInputError
 from tests.runs import FIXTURE, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
@@ -718,6 +719,25 @@ def test_a_misspelt_metric_fails_before_the_model_loads(tiny_dir, tmp_path):
                                   f"model.source={tmp_path / 'no_model'}"))
     with pytest.raises(InvalidSettingError, match=r"unknown metric\(s\) \['neighbourhood'\] in eval\.metrics"):
         run_experiment(cfg)
+
+
+def test_environment_names_a_dataset_file_given_by_a_relative_path_absolutely(tiny_dir, tmp_path, monkeypatch):
+    """environment.json says which file the records came from: `dataset.path=records.json` names no file once the
+    run directory is read from elsewhere."""
+    (tmp_path / "records.json").write_bytes(FIXTURE.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    run = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "dataset.path=records.json",
+                                                 "dataset.limit=1")))
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["dataset_source"] == str((tmp_path / "records.json").resolve())
+
+
+def test_a_metric_given_by_its_table_label_is_named_with_the_metric_it_labels():
+    """The tables print ES, NS, zsRE-E: given as eval.metrics, the error gives the names to use instead."""
+    with pytest.raises(InvalidSettingError, match=r"unknown metric\(s\) \['ES', 'zsre-e'\] in eval\.metrics; known: .*;"
+                                                  r" ES, zsre-e: the tables' labels, not metric names: did you mean "
+                                                  r"eval\.metrics=\[efficacy,neighborhood,token_efficacy\]\?$"):
+        resolve_metrics(["ES", "neighborhood", "zsre-e"])
 
 
 def test_metrics_that_apply_to_no_case_fail_before_the_model_loads(tiny_dir, tmp_path):

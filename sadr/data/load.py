@@ -54,11 +54,13 @@ def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDatase
     try:
         cases, n_skipped = parse_records(raw, str(path), parse, InvalidRecordPolicy(cfg.on_invalid))
     except InvalidRecordError as error:
-        # a field missing from the first record: perhaps a file of another format, given under this name
-        if error.index == 0 and error.missing and (fitting := _formats_reading(raw[0], cfg)):
-            raise InvalidRecordError(error.source, 0, error.field, error.expected, error.got,
-                                     fix=f"The file reads as dataset={' or dataset='.join(fitting)}: give that instead "
-                                         f"of dataset={cfg.name}.") from None
+        # the first record does not read: perhaps a file of another format, given under this name (a field missing,
+        # or of another kind: CounterFact's targets are objects, the SADR merged file's strings)
+        if error.index == 0 and (fitting := _formats_reading(raw[0], cfg)):
+            fix = f"The file reads as dataset={' or dataset='.join(fitting)}: give that instead of dataset={cfg.name}"
+            # a field of the wrong kind may also be a mistake in a record of the right format
+            fix += "." if error.missing else ", or fix the record."
+            raise InvalidRecordError(error.source, 0, error.field, error.expected, error.got, fix=fix) from None
         raise
     cases, applied = selection.apply(cases)
     return LoadedDataset(cases, n_skipped, applied, str(path))

@@ -18,11 +18,13 @@ from sadr.data.validation import Record
 
 @dataclass(frozen=True)
 class DatasetFormat:
-    """`remote`: canonical download; `packaged`: a file shipped inside the `sadr.data` package instead."""
+    """`remote`: canonical download; `packaged`: a file shipped inside the `sadr.data` package instead; `reads_target`:
+    whether `dataset.target` chooses the edit's target (zsRE's two protocols, which a run's title must name)."""
 
     parse: Callable[[Record, DatasetConfig], EditCase]
     remote: RemoteFile | None = None
     packaged: str | None = None
+    reads_target: bool = False
 
 
 
@@ -39,7 +41,7 @@ FORMATS: dict[str, DatasetFormat] = {
         counterfact.parse, RemoteFile("https://memit.baulab.info/data/dsets/multi_counterfact.json")
     ),
     "offline_counterfact": DatasetFormat(offline_counterfact.parse, packaged="offline/counterfact_offline.json"),
-    "zsre": DatasetFormat(zsre.parse, RemoteFile(ROME_DATA_URL + "zsre_mend_eval.json")),
+    "zsre": DatasetFormat(zsre.parse, RemoteFile(ROME_DATA_URL + "zsre_mend_eval.json"), reads_target=True),
     "knowedit_counterfact": DatasetFormat(
         knowedit.parse,
         RemoteFile(

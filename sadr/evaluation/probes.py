@@ -108,7 +108,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 def resolve_metrics(names: list[str]) -> list[Metric]:
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise InvalidSettingError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
+        # the tables' labels (ES, NS, zsRE-E) are what a user reads, so they are what a user types
+        by_label = {metric.short.lower(): name for name, metric in METRICS.items()}
+        hint = ""
+        if all(n.lower() in by_label for n in unknown):
+            named = ",".join(by_label.get(n.lower(), n) for n in names)
+            hint = f"; {', '.join(unknown)}: the tables' labels, not metric names: did you mean eval.metrics=[{named}]?"
+        raise InvalidSettingError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}{hint}")
     return [METRICS[n] for n in names]
 
 
