@@ -99,42 +99,8 @@ def test_a_batch_run_s_short_last_group_is_edited_and_recorded_as_its_own_size(t
     assert [(r["case_id"], r["batch_size"]) for r in written_rows(out)] == [(0, 2), (1, 2), (2, 1)]
 
 
-def test_a_batch_run_killed_between_a_group_s_rows_edits_that_group_again_whole(tiny_dir, tmp_path, monkeypatch):
-    """Batches of two, killed after the first row of [0, 1]: the rerun edits [0, 1] again (writing case 1's row
-    only) and then [2], the groups of an uninterrupted run, not [1, 2]; its rows are that run's."""
-    def overrides(out):
-        given = tiny_overrides(tiny_dir, out, "editor.protocol=batch", "editor.batch_size=2")
-        return [*(o for o in given if not o.startswith(("dataset.path=", "dataset.limit="))),
-                f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=3"]
-
-    whole = run_experiment(composed(overrides(tmp_path / "whole")))
-    original_append = RunDirectory.append
-
-    def killed_after_the_first_row(run, row):
-        if run.rows():
-            raise KeyboardInterrupt
-        original_append(run, row)
-
-    monkeypatch.setattr(RunDirectory, "append", killed_after_the_first_row)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(composed(overrides(tmp_path / "run")))
-    monkeypatch.setattr(RunDirectory, "append", original_append)
-    applied = []
-    original_apply = RomeEditor.apply
-    monkeypatch.setattr(RomeEditor, "apply", lambda editor, requests: (applied.append([r.subject for r in requests]),
-                                                                       original_apply(editor, requests))[1])
-    out = run_experiment(composed(overrides(tmp_path / "run")))
-    subjects = [record["requested_rewrite"]["subject"] for record in json.loads(OFFLINE_RECORDS.read_text())[:3]]
-    assert applied == [subjects[:2], subjects[2:]]
-    without_seconds = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert without_seconds(written_rows(out)) == without_seconds(written_rows(whole))
-
-
-def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_again(tiny_dir, tmp_path, monkeypatch):
-    """Both edits are checkpointed before any row: the resumed run evaluates the case left on both edits, its row
-    and the saved model count both, and the rows are those of a run never interrupted."""
-    whole = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "whole", "editor.protocol=sequential")))
-    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential", "save_edited=true"))
+def _run_killed_after_its_first_row(cfg, monkeypatch) -> None:
+    """Runs `cfg` until it is about to write its second row, and kills it there."""
     original_append = RunDirectory.append
 
     def killed_after_the_first_row(run, row):
@@ -146,13 +112,44 @@ def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg)
     monkeypatch.setattr(RunDirectory, "append", original_append)
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_a_batch_run_killed_between_a_group_s_rows_edits_that_group_again_whole(tiny_dir, tmp_path, monkeypatch):
+    """Batches of two, killed after the first row of [0, 1]: the rerun edits [0, 1] again (writing case 1's row
+    only) and then [2], the groups of an uninterrupted run, not [1, 2]; its rows are that run's."""
+    def overrides(out):
+        given = tiny_overrides(tiny_dir, out, "editor.protocol=batch", "editor.batch_size=2")
+        return [*(o for o in given if not o.startswith(("dataset.path=", "dataset.limit="))),
+                f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=3"]
+
+    whole = run_experiment(composed(overrides(tmp_path / "whole")))
+    _run_killed_after_its_first_row(composed(overrides(tmp_path / "run")), monkeypatch)
+    applied = []
+    original_apply = RomeEditor.apply
+    monkeypatch.setattr(RomeEditor, "apply", lambda editor, requests: (applied.append([r.subject for r in requests]),
+                                                                       original_apply(editor, requests))[1])
+    out = run_experiment(composed(overrides(tmp_path / "run")))
+    subjects = [record["requested_rewrite"]["subject"] for record in json.loads(OFFLINE_RECORDS.read_text())[:3]]
+    assert applied == [subjects[:2], subjects[2:]]
+    assert _without_seconds(written_rows(out)) == _without_seconds(written_rows(whole))
+
+
+def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_again(tiny_dir, tmp_path, monkeypatch):
+    """Both edits are checkpointed before any row: the resumed run evaluates the case left on both edits, its row
+    and the saved model count both, and the rows are those of a run never interrupted."""
+    whole = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "whole", "editor.protocol=sequential")))
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential", "save_edited=true"))
+    _run_killed_after_its_first_row(cfg, monkeypatch)
     assert len(written_rows(tmp_path / "run")) == 1
     applied = []
     monkeypatch.setattr(RomeEditor, "apply", lambda editor, requests: applied.append(requests))
     out = run_experiment(cfg)
     assert applied == []
-    without_seconds = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert without_seconds(written_rows(out)) == without_seconds(written_rows(whole))
+    assert _without_seconds(written_rows(out)) == _without_seconds(written_rows(whole))
     assert [r["diagnostics"]["n_edits_in_model"] for r in written_rows(out)] == [2, 2]
     note = json.loads((out / EDITED_MODEL / EDITS_FILE).read_text())
     assert note["n_edits"] == 2 and [edit["case_id"] for edit in note["edits"]] == [0, 1]
