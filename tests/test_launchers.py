@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from filelock import FileLock
 from sadr.conf.registry import compose_config
 from sadr.evaluation.summary import summarize
 from sadr.models import devices
-from tests.runs import tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.runs import OFFLINE_RECORDS, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
 
 def _claim_and_hold(lock_dir, count, report):
@@ -119,3 +121,45 @@ def test_a_job_waiting_for_a_gpu_polls_and_says_so_once(monkeypatch, tmp_path, c
         assert devices.claim_free_gpu(tmp_path, 1, poll_seconds=0.25) == 0
     assert slept == [0.25] * 3
     assert caplog.text.count("all 1 GPUs are held by other sadr jobs; waiting for one") == 1
+
+
+def test_ctrl_c_in_a_local_sweep_ends_with_one_line_last_and_a_rerun_finishes_it(tiny_dir, tmp_path):  # noqa: F811
+    """A terminal's Ctrl-C reaches the whole process group: the submitit jobs stop, each keeping its finished cases
+    (their logs say so), and the launching process ends with exit status 130 and, as its last line, the folder to
+    resume from (named by the time, as by default, so read from the sweep's own config). The rerun finishes the
+    sweep, with its tables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [*(o for o in tiny_overrides(tiny_dir, tmp_path / "unused")
+                if not o.startswith(("output_dir=", "dataset.path=", "dataset.limit="))),
+              f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=8"]
+    command = [sys.executable, "-m", "sadr.cli.run", "-m", "hydra/launcher=local", *common, "sadr.lambda=0,0.5",
+               f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}/${{now:%H-%M-%S}}"]
+    launch = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True,  # a group of its own, as a terminal's foreground job
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 600
+        while not list(tmp_path.glob("sweep/*/0/cases.jsonl")):  # a case finished: both jobs are editing
+            assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
+            time.sleep(0.1)
+        os.killpg(launch.pid, signal.SIGINT)
+        stdout, stderr = launch.communicate(timeout=120)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+    (sweep,) = tmp_path.glob("sweep/*")
+    assert launch.returncode == 130, stderr[-3000:]
+    assert stderr.splitlines()[-1] == (
+        "interrupted: jobs on this machine (hydra/launcher=local or gpus) got the interrupt too and stop, each keeping "
+        "its finished cases; SLURM jobs go on (squeue lists them). To resume (finished work is skipped) and write the "
+        f"sweep's tables, run the same command with hydra.sweep.dir={sweep}")
+    logs = [path.read_text() for path in sweep.glob(".submitit/*/*_log.err")]
+    assert any(re.search(r"^interrupted: \d+ finished case\(s\) are kept in ", log, re.M) for log in logs), logs
+    assert not (sweep / "summary.csv").exists()
+    command[-1] = f"hydra.sweep.dir={sweep}"
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    first = {path.parent for path in sweep.glob(".submitit/*/*_log.err") if path.read_text() in logs}
+    rerun_logs = "".join(path.read_text() for path in sweep.glob(".submitit/*/*_log.out") if path.parent not in first)
+    assert re.search(r"\([1-9]\d* already finished in ", rerun_logs), rerun_logs  # what the jobs kept is not redone
+    assert set(summarize(sweep).loc[lambda t: t.state == "edited", "n_cases"]) == {8}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sadr.cache import writable_dir
+from sadr.cli.sweep import SweepFolder
 from sadr.conf.registry import missing_pair_setting, misspelt_override, register_configs, validate
 from sadr.errors import DamagedFileError, DeviceMemoryError, UsageError
 from sadr.results import RunDirectory
@@ -97,6 +99,26 @@ def _where_to_resume(output_dir: str) -> str:
     return f"hydra.run.dir={output_dir}"
 
 
+def _wait_for_child_processes(timeout: float) -> None:
+    """Submitit's controllers of local jobs, this process's children, print a traceback each when Ctrl-C reaches them:
+    once they are gone, the line that says what to do comes last. Gives up after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:  # children, none finished yet
+                time.sleep(0.05)
+        except ChildProcessError:  # no child left
+            return
+
+
+def _what_an_interrupted_launch_keeps() -> str:
+    if SweepFolder.started is None:
+        return "before the run started; nothing was computed"
+    return ("jobs on this machine (hydra/launcher=local or gpus) got the interrupt too and stop, each keeping its "
+            "finished cases; SLURM jobs go on (squeue lists them). To resume (finished work is skipped) and write the "
+            f"sweep's tables, run the same command with hydra.sweep.dir={SweepFolder.started}")
+
+
 # overrides of the folders Hydra makes before the run starts; what Hydra says when it cannot is a traceback
 HYDRA_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
 NO_FOLDER_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
@@ -131,6 +153,13 @@ def main() -> None:
                 print(f"error: {what_to_do}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
+    except KeyboardInterrupt:
+        # outside a job's handler (_main's): the launching process of a sweep whose jobs run in processes of their own
+        if _full_error_requested():
+            raise
+        _wait_for_child_processes(timeout=10.0)
+        print(f"interrupted: {_what_an_interrupted_launch_keeps()}", file=sys.stderr)
+        raise SystemExit(130) from None
     except ValueError as err:
         # Hydra's own check of the command line (e.g. "Only one of --run, --multirun, --cfg ... can be specified")
         if _Stage.task_started or _full_error_requested():
