@@ -118,3 +118,26 @@ def test_unknown_numeric_case_ids_are_listed_in_numeric_order():
     """Missing ids are sorted as numbers read (shorter first), not as strings ("100" before "12")."""
     with pytest.raises(ValueError, match=r"no case with id 9, 12, 100 among the 5 loaded cases"):
         Selection(case_ids=(100, 9, 12, 1)).apply(cases(5))
+
+
+def test_a_selection_that_leaves_cases_out_is_logged_and_a_file_under_the_default_dataset_warned_of(tmp_path, caplog):
+    """A CounterFact file given by dataset.path alone is read by the default dataset=offline_counterfact, whose
+    limit of 20 keeps 20 of its records without an error: the log says so, and what to give instead."""
+    import logging
+
+    from tests.data_fixtures import FIXTURES
+
+    counterfact = FIXTURES / "counterfact.json"  # 3 records, which offline_counterfact's parser reads
+    with caplog.at_level(logging.INFO, logger="sadr.data.load"):
+        assert len(load_cases(config("offline_counterfact", counterfact, limit=2), tmp_path).cases) == 2
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", f"dataset=offline_counterfact: 2 of the 3 cases of {counterfact} are selected (dataset.limit=2)"),
+        ("WARNING", f"dataset.path={counterfact} is read as dataset=offline_counterfact (the default), whose "
+                    "dataset.limit=2 keeps 2 of its 3 records; for a CounterFact file, give dataset=counterfact")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sadr.data.load"):
+        load_cases(config("counterfact", limit=2, shard="1/2"), tmp_path)
+        load_cases(config("offline_counterfact", counterfact, limit=3), tmp_path)  # every record: nothing to say
+        load_cases(config("offline_counterfact", counterfact, case_ids=[100]), tmp_path)
+    assert [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records] == [
+        ("INFO", "dataset=counterfact"), ("INFO", "dataset=offline_counterfact")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from sadr.data.selection import Selection
 from sadr.data.sources import resolve_source
 from sadr.data.validation import InvalidRecordError, Record, parse_records
 from sadr.errors import InvalidSettingError
+
+
+log = logging.getLogger(__name__)
 
 
 class MalformedDatasetError(InvalidSettingError):
@@ -37,9 +41,12 @@ class LoadedDataset:
         if n_loaded == 0:
             return (f"all {self.n_invalid_skipped} records of {self.source} are invalid and were skipped "
                     "(dataset.on_invalid=skip); set dataset.on_invalid=error to see why")
-        chosen = ", ".join(f"dataset.{key}={self.selection[key]}" for key in ("case_ids", "shard", "limit")
-                           if self.selection[key] is not None)
-        return f"the selection ({chosen}) keeps none of the {n_loaded} cases of {self.source}; widen it"
+        return f"the selection ({self.chosen()}) keeps none of the {n_loaded} cases of {self.source}; widen it"
+
+    def chosen(self) -> str:
+        """The selection keys that were given, as overrides."""
+        return ", ".join(f"dataset.{key}={self.selection[key]}" for key in ("case_ids", "shard", "limit")
+                         if self.selection[key] is not None)
 
 
 def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDataset:
@@ -63,7 +70,16 @@ def load_cases(cfg: DatasetConfig, cache_dir: str | os.PathLike) -> LoadedDatase
             raise InvalidRecordError(error.source, 0, error.field, error.expected, error.got, fix=fix) from None
         raise
     cases, applied = selection.apply(cases)
-    return LoadedDataset(cases, n_skipped, applied, str(path))
+    loaded = LoadedDataset(cases, n_skipped, applied, str(path))
+    if len(cases) < applied["n_loaded"]:
+        log.info("dataset=%s: %d of the %d cases of %s are selected (%s)", cfg.name, len(cases), applied["n_loaded"],
+                 path, loaded.chosen())
+        if cfg.name == "offline_counterfact" and cfg.path is not None and cfg.limit is not None:
+            # the default dataset reads CounterFact's format too, so a CounterFact file given without dataset= runs
+            log.warning("dataset.path=%s is read as dataset=offline_counterfact (the default), whose dataset.limit=%d "
+                        "keeps %d of its %d records; for a CounterFact file, give dataset=counterfact", cfg.path,
+                        cfg.limit, len(cases), applied["n_loaded"])
+    return loaded
 
 
 def _formats_reading(record, cfg: DatasetConfig) -> list[str]:
