@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,23 @@ def test_every_file_is_written(report):
 def test_runs_in_long_folders_get_file_names_the_file_system_takes(sweep, tmp_path):
     for end in "ab":  # two runs of one γ: their files are told apart by folder, each 231 characters long
         shutil.copytree(sweep / "1", tmp_path / "runs" / ("x" * 230 + end))
-    write_report(tmp_path / "runs", tmp_path / "report")
+    with warnings.catch_warnings(record=True) as caught:  # the figures' layouts take their labels (_shortened)
+        warnings.simplefilter("always")
+        write_report(tmp_path / "runs", tmp_path / "report")
+    assert not [str(w.message) for w in caught if "constrained_layout" in str(w.message)]
     names = [path.name for path in (tmp_path / "report").iterdir()]
     assert max(len(name.encode()) for name in names) <= 255
     assert len([name for name in names if name.startswith("drift_rome_0.01_runx")]) == 2
+
+
+def test_long_labels_are_shortened_in_the_middle_only_where_they_stay_distinct():
+    from sadr.report.plots import _shortened
+
+    a, b = "γ=0.01_run" + "x" * 30 + "a", "γ=0.01_run" + "x" * 30 + "b"
+    assert _shortened(["unedited", a, b]) == ["unedited", "γ=0.01_runx…xxxxxxxxxxxa", "γ=0.01_runx…xxxxxxxxxxxb"]
+    assert _shortened(["γ=0.01", "y" * 24]) == ["γ=0.01", "y" * 24]
+    same_ends = ["γ=0.01_run" + "x" * 10 + middle + "x" * 20 for middle in ("a", "b")]
+    assert _shortened(same_ends) == same_ends  # elided, the two would read the same
 
 
 def test_tradeoff_numbers_are_the_rows_mean_and_ci(sweep, report):

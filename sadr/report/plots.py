@@ -22,6 +22,15 @@ UNEDITED_COLOR = "0.6"
 DRIFT_METRICS = ("drift_max", "drift_mean")
 
 
+def _shortened(labels: list[str], most: int = 24) -> list[str]:
+    """Labels of at most `most` characters, their middle elided (a run's tag ends with its folder, which tells runs of
+    one γ apart), where they stay distinct; a label as long as a folder path would take a panel's whole width, and the
+    layout would give up. The full names are in the figure's CSV."""
+    head = (most - 1) // 2
+    short = [label if len(label) <= most else f"{label[:head]}…{label[head + 1 - most:]}" for label in labels]
+    return short if len(set(short)) == len(set(labels)) else labels
+
+
 def _figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
@@ -92,7 +101,7 @@ def bars_figure(table: pd.DataFrame, title: str) -> Figure:
             reach = mean + math.copysign(0.0 if math.isnan(ci) else ci, mean)
             ax.annotate(f"{mean:.3g}", (x, reach), xytext=(0, 3 if mean >= 0 else -3), textcoords="offset points",
                         ha="center", va="bottom" if mean >= 0 else "top", fontsize=7)
-        ax.set_xticks(range(len(bars)), bars, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(bars)), _shortened(bars), rotation=30, ha="right", fontsize=8)
         ax.set_title(part.label.iloc[0], fontsize=10)
         ax.set_ylabel(_unit(metric, part.quantity.iloc[0]), fontsize=8)
         ax.margins(y=0.15)
@@ -111,10 +120,11 @@ def drift_figure(title: str, drift: list[tuple[str, np.ndarray]], selected: list
     axes = figure.subplots(1, len(maps), squeeze=False)[0]
     drift_limit = max((float(np.abs(m).max()) for _, m in drift), default=0.0) or 1e-9
     selected_limit = max((float(m.max()) for _, m in selected), default=0.0) or 1.0
-    panels = [(name, m, "RdBu_r", Normalize(-drift_limit, drift_limit)) for name, m in drift]
-    panels += [(name, m, "Greens", Normalize(0.0, selected_limit)) for name, m in selected]
+    norms = [("RdBu_r", Normalize(-drift_limit, drift_limit))] * len(drift)
+    norms += [("Greens", Normalize(0.0, selected_limit))] * len(selected)
+    names = _shortened([name for name, _ in drift + selected])
     images = []
-    for ax, (name, matrix, cmap, norm) in zip(axes, panels):
+    for ax, name, matrix, (cmap, norm) in zip(axes, names, maps, norms):
         images.append(ax.imshow(matrix, origin="lower", aspect="auto", cmap=cmap, norm=norm, interpolation="nearest"))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("head")
