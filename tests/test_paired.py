@@ -250,7 +250,7 @@ def test_the_summary_has_the_same_table_under_every_pandas(states, tmp_path):
     from omegaconf import OmegaConf
 
     from sadr.evaluation.aggregate import metric_table
-    from sadr.evaluation.summary import rounded_metrics, summarize
+    from sadr.evaluation.summary import markdown_table, rounded_metrics, summarize
 
     for name, gamma, steps in (("0", 0.0, 20), ("1", 0.001, 5)):
         path = _run(tmp_path / name, {0: {"neighborhood": [1, 0, 0]}})
@@ -261,12 +261,35 @@ def test_the_summary_has_the_same_table_under_every_pandas(states, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         table = summarize(tmp_path, "prompt")
-    markdown = rounded_metrics(table)[["editor.name", "sadr.lambda", "editor.v_num_grad_steps", "state"]].to_markdown(
-        index=False)
+    markdown = markdown_table(rounded_metrics(table)[["editor.name", "sadr.lambda", "editor.v_num_grad_steps", "state"]])
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()[2:]]
     expected = [["rome", "0", "20", "edited"], ["rome", "0.001", "5", "edited"]]
     assert cells == ([["none", "", "", "unedited"]] if "unedited" in states else []) + expected
     assert set(summarize(tmp_path / "1", "prompt").run) == {"1"}  # a run summarized alone: its folder's name, not "."
+
+
+def test_the_markdown_tables_leave_a_cell_blank_where_a_run_has_no_value(tmp_path):
+    """A metric one run did not evaluate, or a setting one editor does not have, is a blank cell in summary.md, not
+    "nan"; the CSV keeps it empty as well."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import write_summary
+
+    for name, editor, values in (("0", {"name": "rome"}, {"neighborhood": [1, 0], "efficacy": [1]}),
+                                 ("1", {"name": "memit", "mom2_update_weight": 2000}, {"neighborhood": [1, 1]})):
+        path = _run(tmp_path / name, {0: values})
+        OmegaConf.save({"editor": editor, "sadr": {"lambda": 0.0}}, path / "config.yaml")
+        metric_table([json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()],
+                     states=("edited",)).to_csv(path / "metrics.csv", index=False)
+    write_summary(tmp_path, "prompt")
+    markdown = (tmp_path / "summary.md").read_text()
+    header, _, *lines = markdown.splitlines()[1:]
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    rows = [dict(zip(columns, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines]
+    assert "nan" not in markdown.lower()
+    assert [(r["editor.name"], r["editor.mom2_update_weight"], r["ES"], r["NS"]) for r in rows] == [
+        ("rome", "", "100", "50"), ("memit", "2000", "", "100")]
 
 
 def test_a_sweep_ends_with_its_tables_or_one_line_saying_why_there_are_none(tmp_path, capsys):

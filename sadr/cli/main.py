@@ -60,14 +60,14 @@ def compare(
     """Prompt-by-prompt (or case-by-case) comparison of two runs: paired difference ± 95 % CI, observations up/down,
     sign test."""
     from sadr.evaluation.paired import compare_runs
-    from sadr.evaluation.summary import pair_title
+    from sadr.evaluation.summary import markdown_table, pair_title
 
     table = _or_usage_error(lambda: compare_runs(base, other, protocol))
     title = _or_usage_error(lambda: pair_title(base, other, protocol))
     if out:  # before the table is printed, so that a path it cannot write ends the output with the error alone
         _or_usage_error(lambda: table.to_csv(out, index=False))
     typer.echo(title)
-    typer.echo(table.to_markdown(index=False, floatfmt=".3g"))
+    typer.echo(markdown_table(table, floatfmt=".3g"))
     if out:
         typer.echo(f"wrote {out}")
 

@@ -243,6 +243,12 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     return _order_columns(pd.concat(parts, ignore_index=True))
 
 
+def markdown_table(table: pd.DataFrame, **options) -> str:
+    """`table` as Markdown with a blank, not "nan", where a run has no value (a metric it did not evaluate, a setting
+    it does not have); `options` go to `DataFrame.to_markdown` (tabulate)."""
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="", **options)
+
+
 def rounded_metrics(table: pd.DataFrame, decimals: int = 2) -> pd.DataFrame:
     """`summarize`'s table with its metric columns (every column after `run`) rounded, settings such as γ = 0.001
     left as they are."""
@@ -320,7 +326,7 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     target.mkdir(parents=True, exist_ok=True)
     table.to_csv(target / "summary.csv", index=False)
     # each .md file opens with the title printed above its table, which names the protocol
-    summary = f"{protocol}-level results ×100 of every run in {root}:\n{rounded_metrics(table).to_markdown(index=False)}\n"
+    summary = f"{protocol}-level results ×100 of every run in {root}:\n{markdown_table(rounded_metrics(table))}\n"
     (target / "summary.md").write_text(summary)
     text = summary
     written = [target / "summary.csv", target / "summary.md"]
@@ -328,7 +334,7 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     if not paired.empty:
         paired.to_csv(target / "paired.csv", index=False)
         paired_text = (f"each γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
-                       f"{protocol}`):\n{paired.to_markdown(index=False, floatfmt='.3g')}\n")
+                       f"{protocol}`):\n{markdown_table(paired, floatfmt='.3g')}\n")
         (target / "paired.md").write_text(paired_text)
         text += "\n" + paired_text
         written += [target / "paired.csv", target / "paired.md"]
