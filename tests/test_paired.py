@@ -1,6 +1,7 @@
 """`sadr compare`: paired differences, up/down counts and the sign test, on hand-made run directories."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -290,6 +291,10 @@ def test_the_markdown_tables_leave_a_cell_blank_where_a_run_has_no_value(tmp_pat
     assert "nan" not in markdown.lower()
     assert [(r["editor.name"], r["editor.mom2_update_weight"], r["ES"], r["NS"]) for r in rows] == [
         ("rome", "", "100", "50"), ("memit", "2000", "", "100")]
+    with open(tmp_path / "summary.csv", newline="") as file:
+        written = list(csv.DictReader(file))
+    assert [(r["editor.name"], r["editor.mom2_update_weight"], r["ES"]) for r in written] == [
+        ("rome", "", "100.0"), ("memit", "2000.0", "")]
 
 
 def test_a_sweep_ends_with_its_tables_or_one_line_saying_why_there_are_none(tmp_path, capsys):
