@@ -407,3 +407,27 @@ def test_summary_columns_leave_out_where_the_hyperparameters_come_from(sweep, tm
     assert "editor.source" in differing_keys({run: load_runs(run)[0].settings for run in (root / "0", root / "2")})
     columns = set(summarize(root).columns)
     assert "editor.source" not in columns and {"editor.name", "editor.layers", "model.name", "sadr.lambda"} <= columns
+
+
+def test_dataset_url_is_a_column_only_where_it_says_more_than_the_dataset_name(sweep, tmp_path):
+    """A run that read dataset.path did not use dataset.url, so the URL is none of its settings; runs that downloaded
+    their records show the URL as a column only where runs of one dataset.name differ in it (a mirror)."""
+    root = tmp_path / "runs"
+
+    def runs(*datasets):
+        shutil.rmtree(root, ignore_errors=True)
+        for folder, (name, path, url) in zip(("0", "2"), datasets):
+            shutil.copytree(sweep / folder, root / folder)
+            config = root / folder / "config.yaml"
+            values = OmegaConf.load(config)
+            values.dataset.update(name=name, path=path, url=url)
+            OmegaConf.save(values, config)
+        return set(summarize(root).columns), differing_keys({run: load_runs(run)[0].settings for run in
+                                                            (root / "0", root / "2")})
+
+    read = runs(("counterfact", "/data/cf.json", "https://a/cf.json"), ("zsre", "/data/zsre.json", "https://a/z.json"))
+    assert "dataset.url" not in read[0] | set(read[1]) and "dataset.path" in read[1]
+    downloaded = runs(("counterfact", None, "https://a/cf.json"), ("zsre", None, "https://a/z.json"))
+    assert "dataset.url" not in downloaded[0] and "dataset.url" in downloaded[1]
+    mirrored = runs(("counterfact", None, "https://a/cf.json"), ("counterfact", None, "https://b/cf.json"))
+    assert "dataset.url" in mirrored[0]

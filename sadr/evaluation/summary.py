@@ -20,6 +20,9 @@ ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", STEPS_KEY)
 # Keys that differ between runs but are not columns: the seed, and where an editor's hyperparameters were published
 # (a sentence, which would make summary.md a few hundred characters wide; config.yaml keeps it).
 NOT_COLUMNS = ("seed", "editor.source")
+# Where a dataset is downloaded from: a column only where runs of one dataset.name differ in it (a mirror); otherwise
+# dataset.name says it. A run that read dataset.path did not use it at all (`run_settings` leaves it out).
+URL_KEY = "dataset.url"
 # Keys in which a run may differ from the γ = 0 run it is paired with: the paper's SADR runs changed δ steps too, and
 # the metrics two runs both have are compared whichever others either has (a baseline made when the default list of
 # metrics was shorter still pairs).
@@ -72,8 +75,13 @@ def run_name(run: Path, root: Path) -> str:
 
 
 def run_settings(runs: list[Path]) -> dict[Path, dict]:
-    """Each run's config.yaml, flattened to dotted keys ("editor.name")."""
-    return {run: _flatten(read_config(run / CONFIG_FILE)) for run in runs}
+    """Each run's config.yaml, flattened to dotted keys ("editor.name"), less `dataset.url` where the run read its
+    records from `dataset.path` instead (sadr/data/sources.py)."""
+    settings = {run: _flatten(read_config(run / CONFIG_FILE)) for run in runs}
+    for values in settings.values():
+        if values.get("dataset.path"):
+            values.pop(URL_KEY, None)
+    return settings
 
 
 def differing_keys(settings: dict[Path, dict]) -> list[str]:
@@ -205,7 +213,10 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     found = configurations(root)
     settings = {id(c): c.settings for c in found}
     keys = {k for s in settings.values() for k in s}
-    swept = [k for k in ALWAYS if k in keys] + [k for k in differing_keys(settings) if k not in ALWAYS + NOT_COLUMNS]
+    url_per_name = {(s.get("dataset.name"), s.get(URL_KEY)) for s in settings.values()}
+    url_named = len(url_per_name) == len({name for name, _ in url_per_name})
+    swept = [k for k in ALWAYS if k in keys] + [k for k in differing_keys(settings)
+                                                if k not in ALWAYS + NOT_COLUMNS and not (k == URL_KEY and url_named)]
     sharded = any(c.n_shards for c in found)
     records = []
     for configuration in found:
