@@ -84,6 +84,8 @@ def test_a_sharded_sweep_through_a_launcher_merges_into_the_unsharded_table(tiny
                             "sadr.lambda=0,0.5", "dataset.shard=1/2,2/2", f"hydra.sweep.dir={tmp_path / 'sharded'}"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    jobs = {path.name for path in (tmp_path / "sharded" / ".submitit").glob("*")}
+    assert len(jobs) == (4 if launcher == "local" else 0) and "%j" not in jobs  # not submitit's empty pattern folder
     whole = subprocess.run([sys.executable, "-m", "sadr.cli.run", "-m", *common, "sadr.lambda=0,0.5",
                             f"hydra.sweep.dir={tmp_path / 'whole'}"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=900)
