@@ -184,6 +184,28 @@ def test_fluency_is_the_entropy_of_each_text_of_the_first_prompts(model_and_toke
     assert two["value"] == [pytest.approx(sum(two["per_text"]) / 2)]  # one value per case, as the reference's
 
 
+def test_an_eos_the_model_draws_is_left_out_of_the_text_fluency_scores(model_and_tokenizer):
+    """ROME's and the SADR repo's `generate_fast` delete "<|endoftext|>" from a text before its n-gram entropy. A model
+    that draws only EOS after "The cat sat." is scored on the prompt alone, The cat sat . : 3 distinct bigrams
+    (log2 3 bits), 2 distinct trigrams (1 bit), FL = (log2 3 · 2/3 + 1 · 4/3) / 2 = 1.19499; the EOS tokens left in
+    would add n-grams of "<", "|", "endoftext" (2.63 here)."""
+    model, tokenizer = model_and_tokenizer
+    eos = tokenizer.eos_token_id
+
+    def only_eos(_module, _inputs, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[..., eos] = 0.0
+        return forced
+
+    hook = model.get_output_embeddings().register_forward_hook(only_eos)
+    try:
+        got = evaluate(model_and_tokenizer, [case(1, prompts=("The cat sat.",))])[0]["fluency"]
+    finally:
+        hook.remove()
+    assert got["text"] == ["The cat sat."]
+    assert got["value"] == [pytest.approx((np.log2(3) * 2 / 3 + 4 / 3) / 2)]
+
+
 def test_fl_and_its_ci_count_cases_not_texts(tiny_dir, tmp_path):
     """ROME's and the SADR repo's FL is each case's mean entropy, averaged over cases (examples/summrize.py of the SADR
     repo takes its 95 % CI over those case means): both protocols then give that mean, n and CI."""

@@ -45,6 +45,8 @@ def test_gpu_tables_compose_with_the_papers_settings(experiment, model, editors)
         assert cfg.dataset.name == "sadr_merged" and cfg.dataset.url.endswith("/data/merged_counterfact.json")
         assert TABLE3_COLUMNS <= set(cfg.eval.metrics) and cfg.eval.generation and cfg.eval.drift
         assert cfg.eval.generation_prompts_per_case is None  # fluency over every generation prompt, as the paper
+        # FL's texts as the SADR repo's `generate_fast` samples them: 100 tokens counting the prompt, top-k 5
+        assert (cfg.eval.generation_length, cfg.eval.generation_style.name) == (100, "reference")
         assert (cfg.editor.v_num_grad_steps, cfg.editor.v_lr, cfg.sadr["lambda"]) == SADR_REPO_GPTJ[editor, sadr]
         assert cfg.sadr.heads.name == "selective"
         if editor == "pmet" and model == "gpt-j":
