@@ -5,6 +5,7 @@ import zipfile
 import pytest
 import torch
 from safetensors import safe_open
+from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from sadr.models import embedded, gguf, loading
@@ -114,6 +115,22 @@ def test_a_model_folder_without_its_tokenizer_is_a_clear_error(tmp_path):
     make_model("gpt2").save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"encodes text as no tokens .*tokenizer\.save_pretrained"):
         load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_tokenizer_that_appends_a_token_to_every_text_is_refused_with_the_fix(tmp_path):
+    """Every prompt would end with that token (EOS here), and targets and generated texts would be read after it. The
+    fix the message gives makes the folder load, with the tokenizer's ids less the appended one."""
+    tokenizer = make_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", tokenizer.eos_token_id)])
+    make_model("gpt2").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"appends '<\|endoftext\|>' to every text it encodes.*AutoTokenizer\."
+                                         r"from_pretrained\(folder, add_eos_token=False, add_bos_token=\.\.\.\)"):
+        load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    AutoTokenizer.from_pretrained(tmp_path, add_eos_token=False, add_bos_token=False).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), cache_dir=str(tmp_path / "cache")).tokenizer
+    assert loaded("The cat")["input_ids"] == tokenizer("The cat")["input_ids"][:-1]
 
 
 def test_a_model_folder_without_its_weights_is_a_clear_error(tmp_path, tokenizer):

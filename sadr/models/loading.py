@@ -97,9 +97,19 @@ def _load_tokenizer(location: str, extra: dict):
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise MissingInputError(f"no usable tokenizer in {location} (model.source): {message} {fix}, as a "
                                 "tokenizer.json, or install what the message names.") from err
-    if not tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]:
+    text = "The capital of France is"
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not plain:
         raise MissingInputError(f"the tokenizer loaded from {location} (model.source) encodes text as no tokens (its "
                                 f"vocabulary has {len(tokenizer)} entries): are its tokenizer files missing? {fix}.")
+    full = tokenizer(text)["input_ids"]
+    if full[-len(plain):] != plain:
+        # a prompt's ids must end with its last word: its continuation (a target, a generated text) is read after them
+        raise InvalidSettingError(
+            f"the tokenizer loaded from {location} (model.source) appends {tokenizer.convert_ids_to_tokens(full[-1])!r} "
+            "to every text it encodes, so each prompt would end with it, and every target and generated text would "
+            "follow it. Save it without that token: AutoTokenizer.from_pretrained(folder, add_eos_token=False, "
+            "add_bos_token=...).save_pretrained(folder), with add_bos_token as the model needs it (True for Llama).")
     return tokenizer
 
 
