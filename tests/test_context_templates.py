@@ -182,6 +182,24 @@ def test_braces_in_a_sampled_text_leave_one_slot_for_the_subject(tokenizer, tmp_
     assert made[1].format("Paris") == "The  x  and   . Paris"
 
 
+@pytest.mark.parametrize("editor, expected", [("rome", [[5, 10], [10, 10]]), ("memit", [[10, 5]]), ("pmet", [[10, 5]])])
+def test_each_editor_s_templates_are_two_per_seed_word_of_method_md(editor, expected, tokenizer, tmp_path, monkeypatch):
+    """method.md §2: ROME 10 prefixes of <= 5 and 10 of <= 10 tokens, MEMIT/PMET 5 of <= 10, drawn evenly from the
+    seed words The, Therefore, Because, I, You; the sampler is replaced by one that echoes its seed word and length."""
+    def echo(model, tokenizer, prompts, total_tokens, **kwargs):
+        return [f"{prompt} {total_tokens}" for prompt in prompts]
+
+    monkeypatch.setattr(templates_module, "sample_to_length_like_rome", echo)
+    cfg = composed_editor(editor, "gpt-j")
+    assert cfg.context_templates == expected
+    made = context_templates(make_model("llama"), tokenizer, cfg.context_templates, seed=0, fingerprint="tiny",
+                             cache_dir=tmp_path, style="reference")
+    words = ["The", "Therefore", "Because", "I", "You"]
+    by_hand = ["{}"] + [f"{word} {length}. {{}}" for length, count in expected for word in words
+                        for _ in range(count // 5)]
+    assert made == by_hand
+
+
 def test_a_count_that_is_not_a_multiple_of_the_seed_words_is_refused(tokenizer, tmp_path):
     """7 templates cannot be sampled evenly from 5 seed words (7 // 5 would silently give 5)."""
     with pytest.raises(InvalidSettingError, match=r"count 7 must be a multiple of 5"):

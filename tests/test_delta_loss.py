@@ -8,6 +8,7 @@ and a KL of visible size make each term count; PMET's case checks its NLL schedu
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -195,3 +196,58 @@ def test_a_one_request_regularizer_is_refused_where_requests_share_the_optimisat
     alone = optimize_delta(model, adapter_for(model), tokenizer, TWO_TOKENS, TEMPLATES,
                            _objective("rome", ("mlp_out",), 2), [_OneRequestTerm()])
     assert alone.steps_run == 2
+
+
+class _ConstantTerm(DeltaRegularizer):
+    """A term of known value, with no gradient, so the δs and the editor's loss are those of the plain run."""
+
+    def __init__(self, weight: float, value: float):
+        self.weight, self.value = weight, value
+
+    def attach(self, model, adapter, batch):
+        pass
+
+    def loss(self, step):
+        return torch.tensor(self.value)
+
+    def detach(self):
+        pass
+
+
+def test_a_regularizer_adds_gamma_times_its_term_to_the_editor_loss(tokenizer):
+    """method.md §3: loss = editor_loss + γ · L_SADR (γ = sadr.lambda), step after step."""
+    model = make_model("gpt2")
+    gamma, term = 0.25, 3.0
+    runs = [optimize_delta(model, adapter_for(model), tokenizer, TWO_TOKENS, TEMPLATES,
+                           _objective("rome", ("mlp_out",), 3), regularizers)
+            for regularizers in ([], [_ConstantTerm(gamma, term)])]
+    plain, regularized = ([state.loss for state in run.history] for run in runs)
+    assert len(plain) == len(regularized) == 3
+    assert regularized == pytest.approx([loss + gamma * term for loss in plain], rel=1e-6)
+
+
+class _QueryRecorder(_ConstantTerm):
+    """Keeps the batch the δ-optimiser hands a regularizer (SADR reads its query rows at `last_prompt_positions`)."""
+
+    def attach(self, model, adapter, batch):
+        self.batch = batch
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_regularizers_are_handed_each_rewrite_prompt_s_last_token_as_the_query(tokenizer, prefix_cache):
+    """method.md §3: t_j is the last prompt token, the one predicting o*'s first token; the subject ends mid-prompt,
+    so it is neither δ's position nor the end of the row. Token ids are recomputed from each prompt alone."""
+    model = make_model("gpt2")
+    recorder = _QueryRecorder(1.0, 0.0)
+    objective = dataclasses.replace(_objective("rome", ("mlp_out",), 1), prefix_cache=prefix_cache)
+    optimize_delta(model, adapter_for(model), tokenizer, TWO_TOKENS, TEMPLATES, objective, [recorder])
+    batch = recorder.batch
+    first_target = tokenizer(" " + TWO_TOKENS.target_new, add_special_tokens=False)["input_ids"][0]
+    assert len(batch.rewrite_rows) == len(TEMPLATES)
+    for row, context in zip(batch.rewrite_rows.tolist(), TEMPLATES):
+        text, _ = _subject_text(context.replace("{}", TWO_TOKENS.prompt, 1), TWO_TOKENS.subject)
+        last_token = tokenizer(text)["input_ids"][-1]
+        position = int(batch.last_prompt_positions[row])
+        assert int(batch.input_ids[row, position]) == last_token
+        assert int(batch.input_ids[row, position + 1]) == first_target
+        assert batch.cached_keys + position > int(batch.subject_keys[row])

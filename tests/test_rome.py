@@ -9,7 +9,7 @@ from sadr.editors.keys import mean_keys
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.scorer import score_pairs_detailed
 from sadr.models.adapters import adapter_for
-from tests.editing import TEMPLATES, editor_config, statistics, top1
+from tests.editing import TEMPLATES, composed_editor, editor_config, statistics, top1
 from tests.tiny_models import make_model
 
 # In random tiny models attention is nearly uniform, so only a subject that ends the prompt can move the
@@ -155,3 +155,9 @@ def test_the_update_maps_its_key_to_v_star_through_a_nonzero_down_projection_bia
     with torch.no_grad():
         mapped = down.weight.T @ key[0].to(down.weight.dtype) + down.bias  # Conv1D: y = x W + b, written out
     torch.testing.assert_close(mapped, captured["result"].target("mlp_out"), rtol=1e-4, atol=1e-4)
+
+
+def test_the_default_update_is_the_reference_codes():
+    """method.md §2: every published number came from the code's update (exact at the bare prompt's key); the paper's
+    is the option."""
+    assert composed_editor("rome", "gpt-j").rome_update is rome_module.RomeUpdate.reference
