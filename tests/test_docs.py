@@ -3,7 +3,8 @@
 README.md and docs/*.md cite modules, tests and figures in backticks (`sadr/evaluation/paired.py`,
 `tests/test_paired.py::test_sign_test_matches_hand_computed_binomial_tails`) and as Markdown links. A cited file that
 was renamed or lives outside the repository leaves a reader of a fresh clone with a dead reference; these tests list
-every such reference. Standard library only.
+every such reference. Standard library only, except the check that every config key the documents cite
+(`editor.rome_update`) exists, which composes the config.
 """
 from __future__ import annotations
 
@@ -120,3 +121,45 @@ def test_globs_placeholders_and_parametrized_ids_are_read_as_intended(tmp_path, 
     assert len(problems) == 3, problems
     assert "has no `def test_no_such_test`" in problems[0]
     assert "'sadr/no_such_module.py'" in problems[1] and "'missing.md'" in problems[2]
+
+
+# A config key in a code span: `editor.rome_update: paper`, `model.stats.hub_sample=first`, `sadr.lambda`.
+_CONFIG_KEY = re.compile(r"(?<![\w./-])((?:editor|eval|model|dataset|sadr|progress)(?:\.\w+)+)")
+# spans that read as keys but are not meant as settings
+NOT_KEYS = {"model.safetensors": "a file a saved model holds", "sadr.lamda": "the README's example of a misspelt key"}
+
+
+def cited_config_keys(document: Path) -> set[str]:
+    keys = set()
+    for span in CODE_SPAN.finditer(prose(document.read_text(encoding="utf-8"))):
+        keys.update(_CONFIG_KEY.findall(span.group(2)))
+    return keys - set(NOT_KEYS)
+
+
+def test_every_config_key_the_documentation_cites_exists():
+    """The documents name settings by their dotted keys; each must be a key of the composed config for some editor (a
+    key renamed or removed leaves a page that tells the reader to set something `sadr-run` rejects). Module paths such
+    as `sadr.evaluation.summary` are not keys and are skipped."""
+    from omegaconf import OmegaConf
+
+    from sadr.conf.registry import compose_config
+    from sadr.editors.registry import EDITORS
+
+    configs = [OmegaConf.to_container(compose_config([f"editor={name}"])) for name in EDITORS]
+    modules = {path.stem for path in (ROOT / "sadr").iterdir() if path.is_dir() or path.suffix == ".py"}
+
+    def exists(key: str) -> bool:
+        head, *rest = key.split(".")
+        for config in configs:
+            node = config.get(head)
+            for part in rest:
+                if not isinstance(node, dict) or part not in node:
+                    break
+                node = node[part]
+            else:
+                return True
+        return head == "sadr" and rest[0] in modules
+
+    problems = [f"{document.relative_to(ROOT)}: `{key}`"
+                for document in DOCUMENTS for key in sorted(cited_config_keys(document)) if not exists(key)]
+    assert not problems, "config keys the documentation cites that no composed config has:\n" + "\n".join(problems)
