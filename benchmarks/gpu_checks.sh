@@ -15,7 +15,7 @@
 # /tmp/gpu-checks). Steps (STEPS,
 # space-separated; by default the first three, which fit one 10-minute call, and pbf16 is a second call's):
 #   smol    SmolLM2-135M shape, ROME and MEMIT, plain and SADR, one case at a time: SADR's s/step ratio (≤ 1.3×)
-#   gptj    GPT-J-6B shape, float32 and TF32, ROME and MEMIT, plain and SADR, one case at a time: SADR's ratio
+#   gptj    GPT-J-6B shape, float32 and TF32, MEMIT and ROME, plain and SADR, one case at a time: SADR's ratio
 #           (≤ 1.15×), the TF32 MEMIT peak, statistics tokens/s (≥ 20,000), TF32's decisions against float32's per prompt
 #   neox    GPT-NeoX-20B shape in bfloat16, ROME one case at a time, C's factors on the host (float64) and on the
 #           GPU in float32: peaks (≤ 48 GB), and the decisions of the two compared per prompt
@@ -109,7 +109,9 @@ run_checks() {
   for name in ${STEPS:-smol gptj neox}; do
     case $name in
       smol) step smol 120 "${scale[@]}" --arch smollm2-135m --editors rome memit ;;
-      gptj) step gptj 300 "${scale[@]}" --arch gpt-j --dtype float32 --editors rome memit \
+      # MEMIT first: its pass over layers 3-8 also gives ROME's layer 5, one sampled corpus per precision, not two
+      # (the 2026-12-05 run, ROME first, sampled 4 corpora of 36-42 s each and ran out of its 300 s in MEMIT)
+      gptj) step gptj 300 "${scale[@]}" --arch gpt-j --dtype float32 --editors memit rome \
               --variants "" tf32=true ;;
       neox) step neox 240 "${scale[@]}" --arch gpt-neox-20b --dtype bfloat16 --editors rome --records 2 \
               --stats-samples 200 --stats-text-file "$PWD/$GPU/stats.txt" \

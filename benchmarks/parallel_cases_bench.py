@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--model-source", help="a local folder or GGUF file instead of the config's source")
     parser.add_argument("--random-shape", action="store_true", help=f"random weights of the model's shape {sorted(SHAPES)}")
     parser.add_argument("--tiny", action="store_true", help="with --random-shape: the shape's tiny widths (a CPU rehearsal)")
-    parser.add_argument("--stats-samples", type=int, help="model.stats.n_samples (generated text when --model-source)")
+    parser.add_argument("--stats-samples", type=int,
+                        help="model.stats.n_samples (generated text when --model-source or --random-shape; 32 tiny)")
     parser.add_argument("--stats-length", type=int, default=128, help="model.stats.sample_length with --model-source")
     parser.add_argument("--sadr-lambda", type=float, default=0.0)
     parser.add_argument("--device", default="cpu")
@@ -142,6 +143,8 @@ def main() -> None:
         parser.error(f"--random-shape knows the shapes of {sorted(SHAPES)}")
     if args.tiny and not args.random_shape:
         parser.error("--tiny is a size of --random-shape")
+    if args.tiny and args.stats_samples is None:  # not the config's n_samples: 100,000 texts for gpt-j, hours to sample
+        args.stats_samples = 32
     # every run shares one loaded model, as the jobs of a basic-launcher sweep do (sadr/models/kept.py)
     if args.random_shape:
         model = random_loaded_model(args.model, args.device, args.dtype, args.tiny)

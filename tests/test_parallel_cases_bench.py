@@ -2,6 +2,7 @@
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,3 +30,26 @@ def test_the_same_decisions_report_no_gap():
     alone = bench.summary(1, [row([1, 0], [0.6, 0.2], [0.4, 0.8])], 2.0, None, 1e-5)
     together = bench.summary(4, [row([1, 0], [0.6, 0.2], [0.4, 0.8])], 1.0, alone, 1e-5)
     assert together["decisions differing (ties)"] == "0/2 (0)"
+
+
+def test_tiny_samples_a_small_corpus_not_the_configs(monkeypatch):
+    # gpt-j's config samples 100,000 texts for its statistics: a --tiny rehearsal on the CPU would take hours
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def first_run(overrides):
+        seen.append(overrides)
+        raise Stop
+
+    monkeypatch.setattr(bench.runner, "load_model_kept", bench.runner.load_model_kept)  # main replaces it: restored
+    monkeypatch.setattr(bench, "random_loaded_model", lambda *args: SimpleNamespace(model=None))
+    monkeypatch.setattr(bench, "model_fingerprint", lambda model: "random")
+    monkeypatch.setattr(bench, "run", first_run)
+    for extra, samples in (([], 32), (["--stats-samples", "8"], 8)):
+        argv = ["parallel_cases_bench.py", "--model", "gpt-j", "--random-shape", "--tiny", *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(Stop):
+            bench.main()
+        assert f"model.stats.n_samples={samples}" in seen[-1]
