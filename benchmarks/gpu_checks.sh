@@ -93,6 +93,7 @@ run_checks() {
   fi
   # caches (GBs of statistics) stay outside $OUT, whose files come back (8 at most): one log per step and a summary
   export PYTHONUNBUFFERED=1 SADR_CACHE_DIR=/tmp/gpu-checks-cache
+  rm -rf "$WORK" "$SADR_CACHE_DIR"  # what a run stopped before its step's end left (another model's runs)
   python3 -c "import torch, transformers; print('torch', torch.__version__, '/ transformers', transformers.__version__, '/',
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/summary.md"
   git log -1 --format='code %h %s' 2>/dev/null | tee -a "$OUT/summary.md"
@@ -109,10 +110,11 @@ run_checks() {
   for name in ${STEPS:-smol gptj neox}; do
     case $name in
       smol) step smol 120 "${scale[@]}" --arch smollm2-135m --editors rome memit ;;
-      # MEMIT first: its pass over layers 3-8 also gives ROME's layer 5, one sampled corpus per precision, not two
-      # (the 2026-12-05 run, ROME first, sampled 4 corpora of 36-42 s each and ran out of its 300 s in MEMIT)
+      # MEMIT first: its pass over layers 3-8 also gives ROME's layer 5; and the statistics read 128 texts of the
+      # prepared file rather than sampling them (the 2026-12-05 run, ROME first, sampled 4 corpora of 36-42 s each and
+      # ran out of its 300 s in MEMIT): the pass's tokens/s are the same either way
       gptj) step gptj 300 "${scale[@]}" --arch gpt-j --dtype float32 --editors memit rome \
-              --variants "" tf32=true ;;
+              --stats-samples 128 --stats-text-file "$PWD/$GPU/stats.txt" --variants "" tf32=true ;;
       neox) step neox 240 "${scale[@]}" --arch gpt-neox-20b --dtype bfloat16 --editors rome --records 2 \
               --stats-samples 200 --stats-text-file "$PWD/$GPU/stats.txt" \
               --variants model.stats.factor_device=cpu model.stats.factor_dtype=float32 ;;
