@@ -196,6 +196,31 @@ def environment(args, device: str) -> str:
             f"{args.parallel_cases} case(s) side by side")
 
 
+def run_every_setting(args, settings: Settings, results: list) -> None:
+    """Each editor, plain and with SADR, once per variant; `results` gets each run's summary as it finishes."""
+    for editor in args.editors:
+        if not (HPARAMS / f"{editor}_{args.arch}.yaml").is_file():
+            print(f"skipped {editor}: no published hyperparameters for {args.arch}", flush=True)
+            continue
+        for with_sadr in (False, True):
+            if with_sadr and (args.no_sadr or not (PAPER_SADR / f"{editor}_{args.arch}.yaml").is_file()):
+                continue
+            for index, variant in enumerate(args.variants):
+                settings.extra = [o for o in variant.split(",") if o]
+                started = time.perf_counter()
+                rows = RunDirectory(run(settings, editor, with_sadr, index)).rows()
+                summary = run_summary(rows)
+                summary["wall"] = time.perf_counter() - started
+                if index == 0:
+                    first_rows = rows
+                else:
+                    summary.update(compared(first_rows, rows, tie_rtol(args.dtype, args.variants)))
+                name = f"{editor} + SADR (γ={summary['sadr_lambda']})" if with_sadr else editor
+                name += f" [{variant}]" if variant else ""
+                results.append((name, summary))
+                print(f"{name}: {json.dumps(summary)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(SHAPES), default="gpt-j")
@@ -244,34 +269,22 @@ def main(argv: list[str] | None = None) -> str:
     settings = Settings(args.arch, folder, device, args.dtype, args.records, args.stats_samples, args.stats_length,
                         args.delta_steps, workdir, args.stats_text_file, args.parallel_cases)
     results = []
-    for editor in args.editors:
-        if not (HPARAMS / f"{editor}_{args.arch}.yaml").is_file():
-            print(f"skipped {editor}: no published hyperparameters for {args.arch}", flush=True)
-            continue
-        for with_sadr in (False, True):
-            if with_sadr and (args.no_sadr or not (PAPER_SADR / f"{editor}_{args.arch}.yaml").is_file()):
-                continue
-            for index, variant in enumerate(args.variants):
-                settings.extra = [o for o in variant.split(",") if o]
-                started = time.perf_counter()
-                rows = RunDirectory(run(settings, editor, with_sadr, index)).rows()
-                summary = run_summary(rows)
-                summary["wall"] = time.perf_counter() - started
-                if index == 0:
-                    first_rows = rows
-                else:
-                    summary.update(compared(first_rows, rows, tie_rtol(args.dtype, args.variants)))
-                name = f"{editor} + SADR (γ={summary['sadr_lambda']})" if with_sadr else editor
-                name += f" [{variant}]" if variant else ""
-                results.append((name, summary))
-                print(f"{name}: {json.dumps(summary)}", flush=True)
+    try:
+        run_every_setting(args, settings, results)
+        interrupted = False
+    except KeyboardInterrupt:  # gpu_checks.sh's time limit (SIGINT): the tables below keep the runs that finished
+        interrupted = True
     release_kept_model()
     report = "\n\n".join([environment(args, device), table(results), stats_table(statistics_passes(workdir / "cache"))])
+    if interrupted:
+        report = f"interrupted: the {len(results)} runs that finished before it\n\n{report}"
     print("\n" + report)
     if args.out:
         args.out.write_text(report + "\n")
         args.out.with_suffix(".json").write_text(json.dumps({"environment": environment(args, device),
                                                              "runs": dict(results)}, indent=1))
+    if interrupted:
+        raise SystemExit(130)
     return report
 
 

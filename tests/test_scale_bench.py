@@ -82,3 +82,23 @@ def test_the_tie_tolerance_of_variants_is_their_coarsest_rounding():
     assert scale_bench.tie_rtol("float32", ["", "editor.prefix_cache=false"]) == 1e-5
     assert scale_bench.tie_rtol("float32", ["", "tf32=true"]) == 1e-2
     assert scale_bench.tie_rtol("bfloat16", [""]) == 1e-2
+
+
+def test_a_run_stopped_by_its_time_limit_still_prints_the_runs_that_finished(tmp_path, monkeypatch, capsys):
+    """gpu_checks.sh stops a step at its limit with SIGINT: the table keeps the runs before it, and the exit is 130."""
+    real_run, calls = scale_bench.run, []
+
+    def second_run_interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(*args)
+
+    monkeypatch.setattr(scale_bench, "run", second_run_interrupted)
+    with pytest.raises(SystemExit) as stop:
+        scale_bench.main(["--tiny", "--arch", "llama3-8b", "--editors", "rome", "--records", "1",
+                          "--workdir", str(tmp_path)])
+    assert stop.value.code == 130 and len(calls) == 2
+    printed = capsys.readouterr().out
+    report = printed.split("interrupted: the 1 runs that finished before it")[1]
+    assert "| rome | 1 |" in report and "| layers [5] |" in report and "| rome + SADR" not in report
