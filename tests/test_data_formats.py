@@ -97,6 +97,17 @@ def test_zsre_answers_target(tmp_path):
     assert third.text == "Who designed Stormward Bridge, and when was Stormward Bridge opened?"
 
 
+def test_the_subject_slot_is_its_first_occurrence_as_a_whole_word(tmp_path):
+    """"Paris" inside "Parisian" is not the subject: its last token would be a piece of another word."""
+    def edit(records):
+        records[0].update(subject="Paris", src="Which Parisian college did Paris attend?")
+        records[1].update(subject="Pari", src="Which college did Parisian Pari attend?")
+
+    cases = load_edited(tmp_path, "zsre", edit).cases
+    assert cases[0].request.prompt == "Which Parisian college did {} attend?"
+    assert cases[1].request.prompt == "Which college did Parisian {} attend?"
+
+
 def test_zsre_alt_target(tmp_path):
     cases = load("zsre", tmp_path, target=ZsreTarget.alt).cases
     assert (cases[0].request.target_new, cases[0].request.target_true) == ("Fenwater Institute", "Grayhaven University")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 
 import pytest
 
@@ -95,6 +96,20 @@ def test_zsre_src_must_contain_the_subject(tmp_path):
         InvalidRecordError, match=r"record 1, field 'src': expected a prompt containing the subject 'Quillmoss'"
     ):
         load_edited(tmp_path, "zsre", lambda r: r[1].__setitem__("src", "Which order does quillmoss belong to?"))
+
+
+def test_a_prompt_with_braces_of_its_own_is_rejected(tmp_path):
+    """The subject's slot is marked "{}"; another "{}" in the prompt would take it (a traceback, or a wrong text)."""
+    with pytest.raises(InvalidRecordError, match=r"record 1, field 'src': expected a prompt with no .\{\}. of its own"):
+        load_edited(tmp_path, "zsre", lambda r: r[1].__setitem__("src", "In {} which order does Quillmoss belong to?"))
+    subject_with_braces = load_edited(tmp_path, "zsre", lambda r: r[1].update(subject="Q{}", src="Is Q{} a moss?"))
+    assert subject_with_braces.cases[1].request.prompt == "Is {} a moss?"
+
+
+def test_a_subject_spelt_in_another_normalization_form_is_named_as_such(tmp_path):
+    nfd = unicodedata.normalize("NFD", "Zoë")
+    with pytest.raises(InvalidRecordError, match=r"field .src.: .* another Unicode normalization form: write both"):
+        load_edited(tmp_path, "zsre", lambda r: r[1].update(subject="Zoë", src=f"Is {nfd} a moss?"))
 
 
 def test_zsre_needs_an_answer(tmp_path):

@@ -27,6 +27,13 @@ def test_subject_last_token_found_from_offsets(tokenizer):
     assert not tokenizer.decode(ids[: index]).endswith("Darrieux")
 
 
+@pytest.mark.parametrize("subject", ["Danielle Darrieux ", " Danielle Darrieux", "Danielle Darrieux\n"])
+def test_whitespace_around_the_subject_is_not_its_last_token(tokenizer, subject):
+    text, span = fill_subject("The mother tongue of {} is", subject)
+    ids, offsets = encode_with_offsets(tokenizer, text)
+    assert tokenizer.decode(ids[: last_token_of_span(offsets, span) + 1]).endswith("Darrieux")
+
+
 def test_subject_positions_survive_a_bos_token(tokenizer):
     """A tokenizer that prepends BOS must not shift the subject position by one."""
     tokenizer = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer)

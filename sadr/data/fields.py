@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 from sadr.data.records import LabeledPrompt
 from sadr.data.validation import Record
 
@@ -15,11 +18,18 @@ def edit_template(rec: Record, key: str) -> str:
 
 
 def template_around_subject(rec: Record, key: str, subject: str) -> str:
-    """Turn a prompt that spells out the subject into a "{}" template (its first occurrence is replaced)."""
+    """Turn a prompt that spells out the subject into a "{}" template: its first occurrence as a whole word is replaced
+    (else its first occurrence), so "Paris" in "The Parisian painter Paris" is the second one."""
     prompt = rec.text(key)
     if subject not in prompt:
-        rec.fail(key, f"a prompt containing the subject {subject!r} verbatim", prompt)
-    return prompt.replace(subject, "{}", 1)
+        rec.fail(key, f"a prompt containing the subject {subject!r} verbatim{_normalization_hint(prompt, subject)}",
+                 prompt)
+    word = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt)
+    start = word.start() if word else prompt.index(subject)
+    template = prompt[:start] + "{}" + prompt[start + len(subject):]
+    if template.count("{}") != 1:
+        rec.fail(key, 'a prompt with no "{}" of its own (the edit template marks the subject with "{}")', prompt)
+    return template
 
 
 def new_target(rec: Record, key: str, target_true: str) -> str:
@@ -35,8 +45,16 @@ def check_mentions_subject(rec: Record, key: str, prompts: list[str], subject: s
     """Paraphrases of the edit must contain the subject verbatim (the editor locates it there)."""
     for i, prompt in enumerate(prompts):
         if subject not in prompt:
-            rec.fail(f"{key}[{i}]", f"a paraphrase containing the subject {subject!r} verbatim", prompt)
+            rec.fail(f"{key}[{i}]", f"a paraphrase containing the subject {subject!r} verbatim"
+                     f"{_normalization_hint(prompt, subject)}", prompt)
     return tuple(prompts)
+
+
+def _normalization_hint(prompt: str, subject: str) -> str:
+    """Why a subject that looks present is not: the two spell an accented letter with different code points."""
+    if unicodedata.normalize("NFC", subject) not in unicodedata.normalize("NFC", prompt):
+        return ""
+    return " (it is there in another Unicode normalization form: write both in NFC)"
 
 
 def labeled_prompts(rec: Record, key: str) -> tuple[LabeledPrompt, ...]:

@@ -1,6 +1,6 @@
 """KnowEdit WikiData_counterfact (`benchmark/wiki_counterfact/{train,test}_cf.json`).
 
-`prompt` spells out the subject; the edit template replaces its first occurrence with "{}".
+`prompt` spells out the subject; the edit template replaces its first whole-word occurrence with "{}".
 Mapping: every `portability.<name>` list (Reasoning, Subject_Aliasing, Logical_Generalization)
 → `EditCase.portability[<name>]`; `locality.Relation_Specificity` → `relation_prompts`;
 `locality.Forgetfulness` (the true object must survive a "which is not <new>" prompt) →

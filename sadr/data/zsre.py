@@ -7,7 +7,7 @@ Per record: `subject`, a question `src` that contains it, `answers` (list), the 
 * target: `dataset.target=answers` edits towards `answers[0]` (ROME/MEMIT, no `target_true`);
   `dataset.target=alt` edits towards `alt` with `answers[0]` as `target_true` (EasyEdit); either
   way the case is `token_scored` (top-1 token accuracy of the new target, as both protocols score it).
-* the edit template is `src` with the first occurrence of the subject replaced by "{}"; the
+* the edit template is `src` with the first whole-word occurrence of the subject replaced by "{}"; the
   rephrase is not required to contain the subject (it is only scored, never edited).
 * `loc` keeps its "nq question: " prefix and gets a "?" appended, exactly the prompt ROME scores
   `loc_ans` against.

@@ -68,11 +68,12 @@ def last_token_of_span(offsets: list[tuple[int, int]], span: tuple[int, int]) ->
 
 
 def fill_subject(template: str, subject: str) -> tuple[str, tuple[int, int]]:
-    """Fill the "{}" of `template` with `subject`; return the text and the subject's character span."""
+    """Fill the "{}" of `template` with `subject`; return the text and the subject's character span, without the
+    whitespace around it (the last token of "Velimir " is the one of "Velimir", not a token of the space)."""
     if template.count("{}") != 1:
         raise ValueError(f"prompt template must contain '{{}}' exactly once, got {template!r}")
-    start = template.index("{}")
-    return template.replace("{}", subject, 1), (start, start + len(subject))
+    start = template.index("{}") + len(subject) - len(subject.lstrip())
+    return template.replace("{}", subject, 1), (start, start + len(subject.strip()))
 
 
 @dataclass
