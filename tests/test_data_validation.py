@@ -106,10 +106,12 @@ def test_a_prompt_with_braces_of_its_own_is_rejected(tmp_path):
     assert subject_with_braces.cases[1].request.prompt == "Is {} a moss?"
 
 
-def test_a_subject_spelt_in_another_normalization_form_is_named_as_such(tmp_path):
+def test_a_subject_spelt_in_another_normalization_form_or_with_other_capitals_is_named_as_such(tmp_path):
     nfd = unicodedata.normalize("NFD", "Zoë")
     with pytest.raises(InvalidRecordError, match=r"field .src.: .* another Unicode normalization form: write both"):
         load_edited(tmp_path, "zsre", lambda r: r[1].update(subject="Zoë", src=f"Is {nfd} a moss?"))
+    with pytest.raises(InvalidRecordError, match=r"field .src.: .* with other capitals: spell the subject as the"):
+        load_edited(tmp_path, "zsre", lambda r: r[1].update(subject="Zoë", src="Is zoë a moss?"))
 
 
 def test_zsre_needs_an_answer(tmp_path):

@@ -22,7 +22,7 @@ def template_around_subject(rec: Record, key: str, subject: str) -> str:
     (else its first occurrence), so "Paris" in "The Parisian painter Paris" is the second one."""
     prompt = rec.text(key)
     if subject not in prompt:
-        rec.fail(key, f"a prompt containing the subject {subject!r} verbatim{_normalization_hint(prompt, subject)}",
+        rec.fail(key, f"a prompt containing the subject {subject!r} verbatim{_near_miss_hint(prompt, subject)}",
                  prompt)
     word = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt)
     start = word.start() if word else prompt.index(subject)
@@ -46,15 +46,17 @@ def check_mentions_subject(rec: Record, key: str, prompts: list[str], subject: s
     for i, prompt in enumerate(prompts):
         if subject not in prompt:
             rec.fail(f"{key}[{i}]", f"a paraphrase containing the subject {subject!r} verbatim"
-                     f"{_normalization_hint(prompt, subject)}", prompt)
+                     f"{_near_miss_hint(prompt, subject)}", prompt)
     return tuple(prompts)
 
 
-def _normalization_hint(prompt: str, subject: str) -> str:
-    """Why a subject that looks present is not: the two spell an accented letter with different code points."""
-    if unicodedata.normalize("NFC", subject) not in unicodedata.normalize("NFC", prompt):
-        return ""
-    return " (it is there in another Unicode normalization form: write both in NFC)"
+def _near_miss_hint(prompt: str, subject: str) -> str:
+    """Why a subject that looks present is not: an accented letter spelt with other code points, or other capitals."""
+    if unicodedata.normalize("NFC", subject) in unicodedata.normalize("NFC", prompt):
+        return " (it is there in another Unicode normalization form: write both in NFC)"
+    if subject.casefold() in prompt.casefold():
+        return " (it is there with other capitals: spell the subject as the prompt does)"
+    return ""
 
 
 def labeled_prompts(rec: Record, key: str) -> tuple[LabeledPrompt, ...]:
