@@ -21,7 +21,7 @@ from sadr.errors import InvalidSettingError
 from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_texts, sample_to_length_like_rome
 from tests.editing import composed_editor
-from tests.tiny_models import FAMILIES, make_model
+from tests.tiny_models import FAMILIES, make_model, make_sentencepiece_tokenizer
 
 
 class ScriptedModel(torch.nn.Module):
@@ -267,3 +267,22 @@ def test_rome_style_grows_a_prompt_one_token_short_of_the_length(tokenizer):
                                       top_k=1) == [grown]
     assert sample_to_length_like_rome(model, tokenizer, ["Because"], total_tokens=len(prompt), seed=0,
                                       top_k=1) == ["Because"]
+
+
+@pytest.mark.parametrize("style", ["reference", "fixed"])
+def test_sentencepiece_context_templates_start_with_their_seed_word_and_read_back_as_they_were_sampled(style, tmp_path):
+    """With a tokenizer like Llama-2's (its decoder drops the "▁" of the first word, BOS and pad are skipped): each
+    template starts with its seed word, without a space or "<s>", and its text encodes to the tokens it decodes from;
+    the prompt after the template starts with its own "▁" word."""
+    tokenizer = make_sentencepiece_tokenizer()
+    model = make_model("llama", tokenizer=tokenizer)
+    made = context_templates(model, tokenizer, [[5, 5], [10, 5]], seed=0, fingerprint="sentencepiece",
+                             cache_dir=tmp_path, style=style)
+    assert made[0] == "{}" and len(made) == 11
+    for template, seed_word in zip(made[1:], [w for _ in range(2) for w in SEED_WORDS]):
+        assert template.startswith(seed_word) and template.endswith(". {}") and "<s>" not in template
+        text = template[: -len(" {}")]
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        filled = tokenizer.convert_ids_to_tokens(tokenizer(template.format("Paris is"))["input_ids"])
+        assert filled[-4:] == ["▁Pa", "ri", "s", "▁is"]

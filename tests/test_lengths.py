@@ -1,6 +1,5 @@
 """Every text a run puts through the model fits the model's positions (sadr/data/lengths.py): the edit prompt that
 δ is optimised on, and what the run's evaluators declare they score or sample from (`Evaluator.inputs`)."""
-from collections import defaultdict
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ from sadr.evaluation import prompt_metrics
 from sadr.evaluation.generation_metrics import GenerationMetrics
 from sadr.evaluation.probes import METRICS, resolve_metrics
 from sadr.evaluation.suite import PromptMetrics
+from tests.tiny_models import make_sentencepiece_tokenizer
 
 EVERY_METRIC = [PromptMetrics(list(METRICS.values()))]
 EVERYTHING = [*EVERY_METRIC, GenerationMetrics(seed=0, prompts_per_case=None)]
@@ -128,10 +128,24 @@ def test_only_what_the_run_scores_or_samples_is_length_checked():
         check_prompt_lengths([generating], [GenerationMetrics(seed=0, prompts_per_case=3)], bytes_with_bos, 30, {})
 
 
+def test_an_answer_with_fewer_characters_but_more_tokens_is_length_checked():
+    """After byte fallback "北京" (2 characters) is 7 tokens and "Paris" (5) 3: the longer text in tokens is the one
+    with fewer characters, so both answers are checked."""
+    tok = make_sentencepiece_tokenizer()
+    case = paris(request=EditRequest(prompt="{} is in", subject="Nice", target_new="北京", target_true="Paris"),
+                 neighborhood_prompts=("The city of Lyon is in",))
+    needed = len(tok("The city of Lyon is in 北京").input_ids)
+    assert needed > len(tok("The city of Lyon is in Paris").input_ids)
+    neighborhood = [PromptMetrics([METRICS["neighborhood"]])]
+    check_prompt_lengths([case], neighborhood, tok, needed, {})
+    with pytest.raises(InvalidSettingError, match=rf"neighborhood_prompts needs {needed} tokens with its answer"):
+        check_prompt_lengths([case], neighborhood, tok, needed - 1, {})
+
+
 @pytest.mark.parametrize("drift", [False, True])
 def test_the_texts_declared_are_the_pairs_the_scorer_gets(monkeypatch, drift):
     """Every (prompt, answer) pair that prompt_metrics hands the scorer, for every metric, is declared to the length
-    check with an answer at least as long, and nothing else is declared."""
+    check, and nothing else is declared."""
     compared = paris(
         request=EditRequest(prompt="{} is in", subject="Paris", target_new="Rome", target_true="the United Kingdom"),
         paraphrase_prompts=("Paris lies in",), neighborhood_prompts=("Lyon is in", "Nice is in"),
@@ -155,11 +169,8 @@ def test_the_texts_declared_are_the_pairs_the_scorer_gets(monkeypatch, drift):
     prompt_metrics.evaluate_cases(None, None, [compared, token_scored], metrics,
                                   drift_adapter=object() if drift else None)
     declared = [text for case in (compared, token_scored) for _, text in evaluator.inputs(case)]
-    answers = defaultdict(list)
-    for prompt, answer in scored:
-        answers[prompt].append(answer)
     assert len(declared) > 10
-    assert sorted(declared) == sorted(f"{prompt} {max(both, key=len)}" for prompt, both in answers.items())
+    assert sorted(declared) == sorted(f"{prompt} {answer}" for prompt, answer in scored)
     assert any("Lyon is in" in text and text.startswith("Paris is in Rome.") for text in declared) == drift
 
 

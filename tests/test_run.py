@@ -24,7 +24,9 @@ from sadr.evaluation.paired import compare_runs
 from sadr.evaluation.probes import resolve_metrics
 from sadr.runner import run_experiment
 from sadr.errors import InvalidSettingError, MissingInputError
-from tests.runs import FIXTURE, composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
+from tests.editing import random_texts
+from tests.runs import FIXTURE, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir: a fixture)
+from tests.tiny_models import make_model, make_sentencepiece_tokenizer
 
 
 def test_every_model_and_published_default_composes():
@@ -915,3 +917,29 @@ def test_a_line_of_cases_jsonl_that_is_not_utf8_is_named_as_damage(tmp_path):
     with pytest.raises(DamagedFileError, match=r"line 2 of .*cases\.jsonl is not a whole JSON row \(not UTF-8 text\); "
                                                r".*delete that line"):
         run.rows()
+
+
+@pytest.mark.parametrize("editor, extra", [("rome", []), ("memit", ["editor.mom2_update_weight=1"])])
+def test_an_edit_reaches_its_target_with_a_sentencepiece_tokenizer(editor, extra, tmp_path):
+    """A tiny llama with a tokenizer like Llama-2's own (tokenizer.json with the "▁" prepended by its normalizer, byte
+    fallback, BOS first, no pad token): the new object ends up well ahead of the true one, as with the byte-level
+    tokenizer. The subject ends the prompt and the new object is one piece ("▁Zürich"): in a random tiny model only
+    then does the edit move the prediction far (a many-token object moves little, with either tokenizer)."""
+    tokenizer = make_sentencepiece_tokenizer(legacy=True)
+    make_model("llama", tokenizer=tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(random_texts()))
+    (tmp_path / "cases.json").write_text(json.dumps([{
+        "case_id": 0, "requested_rewrite": {"prompt": "The capital city of {}", "relation_id": "P36", "subject": "France",
+                                            "target_new": {"str": "Zürich"}, "target_true": {"str": "Paris"}},
+        "paraphrase_prompts": ["Maps were redrawn. The capital city of France"],
+        "neighborhood_prompts": ["The capital city of Spain"], "attribute_prompts": [], "generation_prompts": []}]))
+    cfg = composed(tiny_overrides(tmp_path, tmp_path / "run", f"editor={editor}", "dataset.limit=1",
+                                  f"dataset.path={tmp_path / 'cases.json'}", "editor.v_num_grad_steps=30",
+                                  "editor.v_weight_decay=0", *extra))
+    run_experiment(cfg)
+    (row,) = written_rows(tmp_path / "run")
+    odds = {state: row[state]["efficacy"]["p_good"][0] / row[state]["efficacy"]["p_bad"][0]
+            for state in ("unedited", "edited")}
+    assert row["edited"]["efficacy"]["value"] == [1.0]
+    assert odds["edited"] > 2.5 * odds["unedited"], odds

@@ -5,6 +5,7 @@ import torch
 
 from sadr.evaluation.scorer import score_pairs_detailed
 from sadr.models.tokenization import encode_prompt_target
+from tests.tiny_models import make_model, make_sentencepiece_tokenizer
 
 
 def _one_at_a_time(model, tokenizer, prompt, target):
@@ -124,3 +125,18 @@ def test_token_accuracy_is_the_fraction_of_target_tokens_the_model_predicts(tiny
             nll, acc = _one_at_a_time(tiny_model, tokenizer, p, t)
             assert acc == pytest.approx(expected[i], abs=1e-9)
             assert abs(got.nll[i].item() - nll) < 1e-4
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "legacy"])
+def test_sentencepiece_scores_match_one_example_at_a_time(legacy):
+    """Llama-2's kind of tokenizer: byte-fallback targets ("▁" then bytes), one-piece and many-piece targets after
+    one prompt (read from a shared row), a BOS before every row; zsRE's token accuracy is over the same tokens."""
+    tokenizer = make_sentencepiece_tokenizer(legacy)
+    model = make_model("llama", tokenizer=tokenizer)
+    prompts = ["The capital of France is"] * 3 + ["Zoë lives in"]
+    targets = ["Zürich", "Paris", "Zürich is in Switzerland", "北京"]
+    got = score_pairs_detailed(model, tokenizer, prompts, targets)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        nll, acc = _one_at_a_time(model, tokenizer, p, t)
+        assert abs(got.nll[i].item() - nll) < 1e-4
+        assert abs(got.token_accuracy[i].item() - acc) < 1e-9

@@ -9,7 +9,11 @@ from sadr.models.tokenization import (
     pad_batch,
     pad_id_of,
 )
-from tests.tiny_models import make_tokenizer
+from sadr.data.records import EditRequest
+from sadr.editors.prompts import encode_delta_prompts, encode_subject_prompts
+from tests.tiny_models import make_sentencepiece_tokenizer, make_tokenizer
+
+LEGACY = pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "legacy"])
 
 
 def test_prompt_and_target_ids_concatenate_to_the_full_text(tokenizer):
@@ -128,3 +132,83 @@ def test_pad_id_of_keeps_a_pad_token_else_takes_eos_then_unk_then_token_0():
     ids = [own.convert_tokens_to_ids(t) for t in ("%", "<|endoftext|>", "!")]
     assert ids == [5, 0, 1]
     assert [pad_id_of(t) for t in (own, eos_and_unk, unk_only, neither)] == [5, 0, 1, 0]
+
+
+@LEGACY
+def test_the_sentencepiece_tokenizer_is_like_llama_2s(legacy):
+    tok = make_sentencepiece_tokenizer(legacy)
+    ids = tok("Zoë is in 北京")["input_ids"]
+    assert tok.pad_token is None and ids[0] == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(ids[1:3]) == ["▁", "Z"]  # "Zoë" has no piece: "▁" alone, then bytes for "ë"
+    assert "<0xC3>" in tok.convert_ids_to_tokens(ids) and tok.decode(ids, skip_special_tokens=True) == "Zoë is in 北京"
+    assert tok.convert_ids_to_tokens(tok("The capital")["input_ids"]) == ["<s>", "▁The", "▁capital"]
+
+
+@LEGACY
+@pytest.mark.parametrize("prompt, target, first", [
+    ("The capital of France is", "Paris", "▁Pa"),
+    ("The capital of France is", " Paris", "▁Pa"),
+    ("The city of", "Zürich", "▁Zürich"),
+    ("Zoë lives in", "北京", "▁"),  # no "▁北" piece: the model sees "▁" then the bytes, as Llama-2 does
+])
+def test_sentencepiece_prompt_and_target_ids_are_what_the_model_sees(legacy, prompt, target, first):
+    """No stray "▁" before a word's own piece (the reference code's `target_new[1:]` for Llama), no second BOS."""
+    tok = make_sentencepiece_tokenizer(legacy)
+    pair = encode_prompt_target(tok, prompt, target)
+    assert pair.prompt_ids + pair.target_ids == tok(f"{prompt} {target.strip()}")["input_ids"]
+    assert pair.prompt_ids == tok(prompt)["input_ids"]
+    assert tok.convert_ids_to_tokens(pair.target_ids)[0] == first
+    # the decoder drops the space a text starts with, as Llama's does
+    assert tok.decode(pair.target_ids) == target.strip()
+
+
+@LEGACY
+def test_a_prompt_ending_with_a_space_gives_its_space_to_the_target_when_sentencepiece_joins_them(legacy):
+    """Llama-2's "▁▁" joins the prompt's trailing space and the target's: split before it, the ids are those the model
+    sees. Tokenised apart, the legacy tokenizer gave the target a third space ("▁" + "▁▁Ma...")."""
+    tok = make_sentencepiece_tokenizer(legacy)
+    prompt = "The capital of Spain is "
+    pair = encode_prompt_target(tok, prompt, "Madrid")
+    assert pair.prompt_ids + pair.target_ids == tok(prompt + " Madrid")["input_ids"]
+    assert pair.prompt_ids == tok(prompt.rstrip())["input_ids"]
+    assert tok.convert_ids_to_tokens(pair.target_ids)[0] == "▁▁"
+    assert tok.decode(pair.prompt_ids + pair.target_ids, skip_special_tokens=True) == prompt + " Madrid"
+
+
+@LEGACY
+@pytest.mark.parametrize("template, subject, last", [
+    ("{} is located in", "The Eiffel Tower", "▁Tower"),  # at the start
+    ("The mother tongue of {} is", "Danielle Darrieux", "▁Darrieux"),  # in the middle
+    ("The city of {}", "Zürich", "▁Zürich"),  # at the end
+    ("I love {}", "北京", "<0xAC>"),  # byte fallback: the last byte of "京"
+    ("{} is in", "Zoë", "<0xAB>"),  # "▁" alone at the start, then bytes
+    ("The capital of {}s is", "France", "▁France"),  # the next piece has no "▁" of its own
+    ("The {}ian is", "Ital", "▁Ital"),
+])
+def test_sentencepiece_subject_positions(legacy, template, subject, last):
+    tok = make_sentencepiece_tokenizer(legacy)
+    text, span = fill_subject(template, subject)
+    ids, offsets = encode_with_offsets(tok, text)
+    index = last_token_of_span(offsets, span)
+    assert tok.convert_ids_to_tokens(ids[index]) == last
+    assert tok.decode(ids[: index + 1], skip_special_tokens=True) == text[: span[1]]
+    prompts = encode_subject_prompts(tok, [template], [subject])
+    assert prompts.subject_positions.tolist() == [index]
+
+
+@LEGACY
+def test_sentencepiece_delta_prompts_read_the_subject_the_last_prompt_token_and_each_target_token(legacy):
+    tok = make_sentencepiece_tokenizer(legacy)
+    request = EditRequest(prompt="The mother tongue of {} is", subject="Zoë Darrieux", target_new="北京")
+    delta = encode_delta_prompts(tok, request, ["{}", "The city. {}"])
+    target = tok.convert_ids_to_tokens(tok("is 北京")["input_ids"][2:])  # "▁" and six bytes
+    for row in range(delta.batch.input_ids.shape[0]):
+        ids = delta.batch.input_ids[row][delta.batch.attention_mask[row].bool()].tolist()
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert tokens[0] == "<s>" and tokens.count("<s>") == 1
+        assert tokens[delta.subject_positions[row]] == "▁Darrieux"
+        assert tokens[delta.last_prompt_positions[row]] == ("▁is" if row < delta.n_rewrite else "▁a")
+        rows = delta.target_rows == row
+        assert tok.convert_ids_to_tokens(delta.target_ids[rows].tolist()) == (target if row < delta.n_rewrite else [])
+        # the logits at each target position predict the next token of the row
+        assert [ids[p + 1] for p in delta.target_positions[rows].tolist()] == delta.target_ids[rows].tolist()

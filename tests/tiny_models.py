@@ -1,10 +1,12 @@
-"""Tiny randomly initialised models of every supported family, and a byte-level BPE tokenizer trained in code."""
+"""Tiny randomly initialised models of every supported family, and a byte-level BPE tokenizer and a SentencePiece-style
+(Llama-2's kind) tokenizer trained in code."""
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -49,13 +51,50 @@ def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
     return tok
 
 
+@functools.lru_cache(maxsize=None)
+def _trained_sentencepiece_json() -> str:
+    """A BPE model trained on words that start with "▁", its vocabulary laid out as Llama-2's: <unk>, <s>, </s>, the 256
+    byte tokens <0x00>..<0xFF> (byte fallback), then the learned pieces, and "▁▁" merged before anything else."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    learned = sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
+    tokens = learned[:3] + [f"<0x{byte:02X}>" for byte in range(256)] + learned[3:] + ["▁▁"]
+    spec["model"]["vocab"] = {token: index for index, token in enumerate(tokens)}
+    spec["model"]["merges"].insert(0, ["▁", "▁"])  # Llama-2's first piece after the bytes: two spaces are one token
+    for added in spec["added_tokens"]:
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    # as transformers converts Llama's tokenizer: pieces never cross a "▁", so the text need not be split at spaces
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return tok.to_str()
+
+
+def make_sentencepiece_tokenizer(legacy: bool = False) -> PreTrainedTokenizerFast:
+    """A tokenizer like Llama-2's, TinyLlama's and Mistral's: "▁" starts a word, only the text's first word gets one
+    added, characters outside the vocabulary fall back to <0xNN> byte tokens, BOS <s> first, no pad token.
+    `legacy=True`: the "▁" added and spaces replaced by a normalizer instead (Llama-2's own tokenizer.json), so a text
+    that starts with a space gets a "▁" token of its own, as SentencePiece gives it."""
+    tok = Tokenizer.from_str(_trained_sentencepiece_json())
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
 
 HIDDEN, HEADS, LAYERS, VOCAB = 64, 4, 4, 400
 
 
-def _config(family: str):
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+def _config(family: str, vocab: int = VOCAB, bos: int = 0, eos: int = 0):
+    common = dict(vocab_size=vocab, bos_token_id=bos, eos_token_id=eos)
     if family == "gpt2":
         return GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128, **common)
     if family == "gptj":
@@ -72,9 +111,13 @@ def _config(family: str):
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**llama_like)
 
 
-def make_model(family: str, seed: int = 0, attn_implementation: str | None = None, dtype=torch.float32):
+def make_model(family: str, seed: int = 0, attn_implementation: str | None = None, dtype=torch.float32,
+               tokenizer: PreTrainedTokenizerFast | None = None):
+    """`tokenizer`: the vocabulary, BOS and EOS of that tokenizer (make_sentencepiece_tokenizer's) instead of
+    make_tokenizer's."""
     torch.manual_seed(seed)
-    config = _config(family)
+    config = _config(family) if tokenizer is None else \
+        _config(family, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval().requires_grad_(False)
 

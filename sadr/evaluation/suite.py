@@ -61,9 +61,11 @@ class PromptMetrics(Evaluator):
                 **({"drift": ENCODING} if self.drift else {})}
 
     def inputs(self, case):
-        """Each probe's prompt followed by the longer of its answers (both are scored)."""
-        return [(metric.field, f"{probe.prompt} {max(probe.good, probe.bad or '', key=len)}")
-                for metric in metrics_scored(self.metrics, self.drift) for probe in metric.probes(case)]
+        """Each probe's prompt followed by each of its answers (both are scored; the one with fewer characters can have
+        more tokens, "北京" after byte fallback)."""
+        return [(metric.field, f"{probe.prompt} {answer}")
+                for metric in metrics_scored(self.metrics, self.drift) for probe in metric.probes(case)
+                for answer in dict.fromkeys(a for a in (probe.good, probe.bad) if a is not None)]
 
 
 def build_evaluators(cfg) -> list[Evaluator]:

@@ -41,21 +41,23 @@ def encode_prompt_target(tokenizer, prompt: str, target: str) -> EncodedPair:
     already starts with one, as the reference code does).
 
     The pair is tokenised as one text "prompt target" and split at the prompt's last character, so the
-    target's ids are those the model sees after the prompt. If the tokenizer merges a token across that
-    boundary, prompt and " target" are tokenised separately and concatenated instead.
+    target's ids are those the model sees after the prompt. A prompt that ends with whitespace is split before that
+    whitespace when a token crosses the prompt's end (SentencePiece's "▁▁" for a trailing space and the target's
+    space): the whitespace then starts the target. If the tokenizer still merges a token across the boundary,
+    prompt and " target" are tokenised separately and concatenated instead.
     """
     if not target.strip():
         raise ValueError(f"empty target for prompt {prompt!r}")
     continuation = as_continuation(target)
     ids, offsets = encode_with_offsets(tokenizer, prompt + continuation)
-    boundary = len(prompt)
-    split = next((i for i, (start, end) in enumerate(offsets) if end > start and start >= boundary), None)
-    straddles = any(start < boundary < end for start, end in offsets)
-    if split is None or straddles or split == 0:
-        prompt_ids, prompt_offsets = encode_with_offsets(tokenizer, prompt)
-        target_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-        return EncodedPair(prompt_ids, target_ids, prompt_offsets)
-    return EncodedPair(ids[:split], ids[split:], offsets[:split])
+    for boundary in dict.fromkeys((len(prompt), len(prompt.rstrip()))):
+        split = next((i for i, (start, end) in enumerate(offsets) if end > start and start >= boundary), None)
+        straddles = any(start < boundary < end for start, end in offsets)
+        if split is not None and not straddles and split > 0:
+            return EncodedPair(ids[:split], ids[split:], offsets[:split])
+    prompt_ids, prompt_offsets = encode_with_offsets(tokenizer, prompt)
+    target_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    return EncodedPair(prompt_ids, target_ids, prompt_offsets)
 
 
 def last_token_of_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> int:
