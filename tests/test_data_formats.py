@@ -102,10 +102,13 @@ def test_the_subject_slot_is_its_first_occurrence_as_a_whole_word(tmp_path):
     def edit(records):
         records[0].update(subject="Paris", src="Which Parisian college did Paris attend?")
         records[1].update(subject="Pari", src="Which college did Parisian Pari attend?")
+        # a subject that begins and ends with punctuation is a whole word wherever it stands
+        records[2].update(subject="(Paris)", src="Which college did x(Paris) attend, unlike (Paris)?")
 
     cases = load_edited(tmp_path, "zsre", edit).cases
     assert cases[0].request.prompt == "Which Parisian college did {} attend?"
     assert cases[1].request.prompt == "Which college did Parisian {} attend?"
+    assert cases[2].request.prompt == "Which college did x{} attend, unlike (Paris)?"
 
 
 def test_zsre_alt_target(tmp_path):

@@ -1,11 +1,11 @@
 """Every key of every published (editor, model) setting, as composed, against the public reference files.
 
 Each row is the whole `editor` node less the run-time keys, so a key a file adds, drops or changes, or a schema
-default that moves under a file that leaves the key out, fails here. Values copied by hand from ../shared/docs/hparams.md and the files
-it names (read 2026-12-06): ROME repo hparams/ROME/*.json, MEMIT repo hparams/MEMIT/*.json and
-hparams/ROME/EleutherAI_gpt-neox-20b.json, EasyEdit hparams/{ROME,MEMIT,PMET}/llama-7b.yaml, the SADR repo's
-(PinzhengWang322/Reveal_Attention_Drift) hparams/{ROME,MEMIT,PMET}/*.yaml and examples/scripts/*.sh, and AlphaEdit's
-hparams/AlphaEdit/*.json.
+default that moves under a file that leaves the key out, fails here. Values copied by hand from
+../shared/docs/hparams.md and the files it names (read 2026-12-06): ROME repo hparams/ROME/*.json, MEMIT repo
+hparams/MEMIT/*.json and hparams/ROME/EleutherAI_gpt-neox-20b.json, EasyEdit hparams/{ROME,MEMIT,PMET}/llama-7b.yaml,
+the SADR repo's (PinzhengWang322/Reveal_Attention_Drift) hparams/{ROME,MEMIT,PMET}/*.yaml and examples/scripts/*.sh,
+and AlphaEdit's hparams/AlphaEdit/*.json.
 """
 from __future__ import annotations
 

@@ -431,3 +431,6 @@ def test_dataset_url_is_a_column_only_where_it_says_more_than_the_dataset_name(s
     assert "dataset.url" not in downloaded[0] and "dataset.url" in downloaded[1]
     mirrored = runs(("counterfact", None, "https://a/cf.json"), ("counterfact", None, "https://b/cf.json"))
     assert "dataset.url" in mirrored[0]
+    # a run of the dataset that read a file beside one that downloaded it: dataset.path says it, no mirror
+    one_read = runs(("counterfact", "/data/cf.json", "https://a/cf.json"), ("counterfact", None, "https://a/cf.json"))
+    assert "dataset.url" not in one_read[0] and "dataset.path" in one_read[0]

@@ -140,7 +140,8 @@ def test_the_sentencepiece_tokenizer_is_like_llama_2s(legacy):
     ids = tok("Zoë is in 北京")["input_ids"]
     assert tok.pad_token is None and ids[0] == tok.bos_token_id
     assert tok.convert_ids_to_tokens(ids[1:3]) == ["▁", "Z"]  # "Zoë" has no piece: "▁" alone, then bytes for "ë"
-    assert "<0xC3>" in tok.convert_ids_to_tokens(ids) and tok.decode(ids, skip_special_tokens=True) == "Zoë is in 北京"
+    assert "<0xC3>" in tok.convert_ids_to_tokens(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == "Zoë is in 北京"
     assert tok.convert_ids_to_tokens(tok("The capital")["input_ids"]) == ["<s>", "▁The", "▁capital"]
 
 
@@ -164,8 +165,8 @@ def test_sentencepiece_prompt_and_target_ids_are_what_the_model_sees(legacy, pro
 
 @LEGACY
 def test_a_prompt_ending_with_a_space_gives_its_space_to_the_target_when_sentencepiece_joins_them(legacy):
-    """Llama-2's "▁▁" joins the prompt's trailing space and the target's: split before it, the ids are those the model
-    sees. Tokenised apart, the legacy tokenizer gave the target a third space ("▁" + "▁▁Ma...")."""
+    """Llama-2's "▁▁" joins the prompt's trailing space and the target's: split before it, the ids are those the
+    model sees. Tokenised apart, the legacy tokenizer gave the target a third space ("▁" + "▁▁Ma...")."""
     tok = make_sentencepiece_tokenizer(legacy)
     prompt = "The capital of Spain is "
     pair = encode_prompt_target(tok, prompt, "Madrid")

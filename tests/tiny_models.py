@@ -53,8 +53,9 @@ def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
 
 @functools.lru_cache(maxsize=None)
 def _trained_sentencepiece_json() -> str:
-    """A BPE model trained on words that start with "▁", its vocabulary laid out as Llama-2's: <unk>, <s>, </s>, the 256
-    byte tokens <0x00>..<0xFF> (byte fallback), then the learned pieces, and "▁▁" merged before anything else."""
+    """A BPE model trained on words that start with "▁", its vocabulary laid out as Llama-2's: <unk>, <s>, </s>, the
+    256 byte tokens <0x00>..<0xFF> (byte fallback), then the learned pieces, and "▁▁" merged before anything
+    else."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)

@@ -24,7 +24,10 @@ def template_around_subject(rec: Record, key: str, subject: str) -> str:
     if subject not in prompt:
         rec.fail(key, f"a prompt containing the subject {subject!r} verbatim{_near_miss_hint(prompt, subject)}",
                  prompt)
-    word = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt)
+    # a word character at the subject's edge must not continue a word of the prompt; other characters are edges
+    before = r"(?<!\w)" if re.match(r"\w", subject[0]) else ""
+    after = r"(?!\w)" if re.match(r"\w", subject[-1]) else ""
+    word = re.search(before + re.escape(subject) + after, prompt)
     start = word.start() if word else prompt.index(subject)
     template = prompt[:start] + "{}" + prompt[start + len(subject):]
     if template.count("{}") != 1:

@@ -213,7 +213,7 @@ def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
     found = configurations(root)
     settings = {id(c): c.settings for c in found}
     keys = {k for s in settings.values() for k in s}
-    url_per_name = {(s.get("dataset.name"), s.get(URL_KEY)) for s in settings.values()}
+    url_per_name = {(s.get("dataset.name"), s[URL_KEY]) for s in settings.values() if URL_KEY in s}
     url_named = len(url_per_name) == len({name for name, _ in url_per_name})
     swept = [k for k in ALWAYS if k in keys] + [k for k in differing_keys(settings)
                                                 if k not in ALWAYS + NOT_COLUMNS and not (k == URL_KEY and url_named)]

@@ -105,8 +105,9 @@ def _load_tokenizer(location: str, extra: dict):
     full = tokenizer(text)["input_ids"]
     if full[-len(plain):] != plain:
         # a prompt's ids must end with its last word: its continuation (a target, a generated text) is read after them
+        appended = tokenizer.convert_ids_to_tokens(full[-1])
         raise InvalidSettingError(
-            f"the tokenizer loaded from {location} (model.source) appends {tokenizer.convert_ids_to_tokens(full[-1])!r} "
+            f"the tokenizer loaded from {location} (model.source) appends {appended!r} "
             "to every text it encodes, so each prompt would end with it, and every target and generated text would "
             "follow it. Save it without that token: AutoTokenizer.from_pretrained(folder, add_eos_token=False, "
             "add_bos_token=...).save_pretrained(folder), with add_bos_token as the model needs it (True for Llama).")
