@@ -10,8 +10,8 @@ GPT-NeoX-20B's shape).
 
 It prints, per run: seconds per case of each phase (keys, δ-optimisation, update, evaluation), δ steps and seconds
 per δ step (the median over cases; cases run one at a time unless `--parallel-cases N`), the GPU memory peaks of
-the run while editing and while evaluating (`torch.cuda.max_memory_allocated`; the statistics pass is reported on its
-own line), and for each statistics pass its tokens per second split into the forward, the float64
+the run before its first case (C's factors, after the statistics pass), while editing and while evaluating
+(`torch.cuda.max_memory_allocated`; the statistics pass is reported on its own line), and for each statistics pass its tokens per second split into the forward, the float64
 accumulation and the corpus (sampling the texts). Times and memory are real; the metrics of a random model mean
 nothing. With `--variants`, each run after the first variant is also compared with that variant's run per prompt:
 how many compared decisions differ, how many of those are ties within the rounding of the two settings (1e-5 relative
@@ -57,7 +57,7 @@ from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 from sadr.cache import TORCH, default_cache_dir, read_entry  # noqa: E402
 from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.models.kept import release_kept_model  # noqa: E402
-from sadr.results import RunDirectory  # noqa: E402
+from sadr.results import ENV_FILE, RunDirectory  # noqa: E402
 from sadr.runner import run_experiment  # noqa: E402
 
 PAPER_EDITORS = ("rome", "memit", "pmet")  # the editors of the SADR paper's tables
@@ -117,10 +117,12 @@ def run(settings: Settings, editor: str, with_sadr: bool, variant: int = 0) -> P
     return run_experiment(compose_config(overrides(settings, editor, with_sadr, variant)))
 
 
-def run_summary(rows: list[dict]) -> dict:
-    """Per-case means of each phase's seconds (the statistics pass, made before the first case, is in none), δ steps, GPU peak, and
-    seconds per δ step, the median over cases: the first case of a run also pays one-time costs (kernel selection,
-    the allocator's first growth), which inflate a mean over a few cases."""
+def run_summary(rows: list[dict], environment: dict) -> dict:
+    """Per-case means of each phase's seconds (the statistics pass, made before the first case, is in none), δ steps,
+    GPU peaks, and seconds per δ step, the median over cases: the first case of a run also pays one-time costs (kernel
+    selection, the allocator's first growth), which inflate a mean over a few cases. The peak before the first case
+    (C's factors made, templates sampled; after any statistics pass, which has its own) is the run's
+    (`environment`: its environment.json)."""
     seconds = [row["seconds"] for row in rows]
     phase = lambda *names: sum(s.get(n, 0.0) for s in seconds for n in names) / len(rows)  # noqa: E731
     steps = sum(row["diagnostics"].get("delta_steps", 0) for row in rows) / len(rows)
@@ -129,9 +131,11 @@ def run_summary(rows: list[dict]) -> dict:
                 for s, row in zip(seconds, rows) if row["diagnostics"].get("delta_steps")]
     peak = lambda phase: max((row["cuda_phase_peak_bytes"][phase] / 1e9 for row in rows  # noqa: E731
                               if phase in row.get("cuda_phase_peak_bytes", {})), default=None)
+    prepared = environment.get("one_off_cuda_peak_bytes", {}).get("prepare")
     return {"cases": len(rows), "sadr_lambda": rows[0]["sadr_lambda"], "keys": phase("keys", "k_star"),
             "delta": delta, "delta_steps": steps, "step": statistics.median(per_step) if per_step else None, "update": phase("update"),
-            "eval": phase("eval_per_case"), "peak_edit_gb": peak("edit"), "peak_eval_gb": peak("evaluate")}
+            "eval": phase("eval_per_case"), "peak_prepare_gb": prepared / 1e9 if prepared is not None else None,
+            "peak_edit_gb": peak("edit"), "peak_eval_gb": peak("evaluate")}
 
 
 def statistics_passes(cache_dir: Path) -> list[dict]:
@@ -159,7 +163,8 @@ def tie_rtol(dtype: str, variants: list[str]) -> float:
 
 
 def table(results: list[tuple[str, dict]]) -> str:
-    lines = ["| run | cases | δ s/case (steps) | s/step | keys s | update s | eval s/case | peak GPU GB, editing / evaluating |",
+    lines = ["| run | cases | δ s/case (steps) | s/step | keys s | update s | eval s/case | "
+             "peak GPU GB, before the first case / editing / evaluating |",
              "|---|---|---|---|---|---|---|---|"]
     versus = any("decisions_differing" in r for _, r in results)
     if versus:
@@ -167,7 +172,8 @@ def table(results: list[tuple[str, dict]]) -> str:
                  lines[1] + "---|---|"]
     for name, r in results:
         step = f"{r['step']:.3f}" if r["step"] else "–"
-        peak = f"{r['peak_edit_gb']:.1f} / {r['peak_eval_gb']:.1f}" if r["peak_edit_gb"] is not None else "–"
+        peaks = [r.get(key) for key in ("peak_prepare_gb", "peak_edit_gb", "peak_eval_gb")]
+        peak = " / ".join("–" if gb is None else f"{gb:.1f}" for gb in peaks) if any(gb is not None for gb in peaks) else "–"
         line = (f"| {name} | {r['cases']} | {r['delta']:.2f} ({r['delta_steps']:.0f}) | {step} | {r['keys']:.2f} | "
                 f"{r['update']:.2f} | {r['eval']:.2f} | {peak} |")
         if versus:
@@ -208,8 +214,9 @@ def run_every_setting(args, settings: Settings, results: list) -> None:
             for index, variant in enumerate(args.variants):
                 settings.extra = [o for o in variant.split(",") if o]
                 started = time.perf_counter()
-                rows = RunDirectory(run(settings, editor, with_sadr, index)).rows()
-                summary = run_summary(rows)
+                folder = run(settings, editor, with_sadr, index)
+                rows = RunDirectory(folder).rows()
+                summary = run_summary(rows, json.loads((folder / ENV_FILE).read_text()))
                 summary["wall"] = time.perf_counter() - started
                 if index == 0:
                     first_rows = rows

@@ -38,7 +38,7 @@ from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
 from sadr.evaluation.probes import check_metrics_apply, resolve_metrics
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
-from sadr.models.devices import GroupPeaks, release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
+from sadr.models.devices import PhasePeaks, release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
 from sadr.models.fingerprint import cache_key, computation_fingerprint
 from sadr.models.kept import load_model_kept
 from sadr.models.loading import LoadedModel
@@ -153,7 +153,7 @@ class Experiment:
         self.computed_by = computation_fingerprint(self.fingerprint, self.tf32, self.loaded.device.type)
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
-        self.out.write_environment({
+        self.environment = {
             "device": str(self.loaded.device),
             "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",
             "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
@@ -164,7 +164,8 @@ class Experiment:
             "factor_device": cfg.model.stats.factor_device.name, "threads": torch.get_num_threads(), "tf32": self.tf32,
             "generation_batch_size": cfg.eval.generation_batch_size,
             "untested_versions": untested_versions,
-        })
+        }
+        self.out.write_environment(self.environment)
 
     def _editor(self) -> Editor:
         return build_editor(self.cfg, self.loaded, self.statistics, self.computed_by)
@@ -176,7 +177,7 @@ class Experiment:
 
     def _row(self, case: EditCase, edited: dict, unedited: dict, outcome: EditOutcome, eval_seconds: float, group_size: int,
              memory: dict) -> dict:
-        """`memory`: the GPU peaks of the case's group, while editing and while evaluating (`GroupPeaks.fields`; empty
+        """`memory`: the GPU peaks of the case's group, while editing and while evaluating (`PhasePeaks.fields`; empty
         off CUDA). A statistics pass records its own peak in its cache entries and its log line."""
         cfg = self.cfg
         edited = {**edited, **compare_all(self.evaluators, edited, unedited)}
@@ -205,9 +206,12 @@ class Experiment:
     def run(self) -> Path:
         cases = self.dataset.cases
         started = time.perf_counter()
+        one_off = PhasePeaks(self.loaded.device)  # kept apart from the first group's peaks
         unedited = dict(zip((str(c.case_id) for c in cases),
                             unedited_results(self.loaded, cases, self.evaluators, self.computed_by, self.cfg.cache_dir)))
-        log.info("unedited model scored on %s in %.1f s", _counted(len(cases), "case"), time.perf_counter() - started)
+        one_off.end("score_unedited")
+        log.info("unedited model scored on %s in %.1f s%s", _counted(len(cases), "case"), time.perf_counter() - started,
+                 one_off.described("score_unedited"))
         done = self.out.finished()
         todo = [c for c in cases if str(c.case_id) not in done]
         log.info("%s to edit (%d already finished in %s)", _counted(len(todo), "case"), len(cases) - len(todo),
@@ -218,8 +222,11 @@ class Experiment:
             protocol = self._sequential if self.cfg.editor.protocol.name == "sequential" else self._restoring
             try:
                 editor.prepare()
+                one_off.end("prepare")
                 log.info("the editor's one-off work (context templates, key statistics and what is made of them) "
-                         "took %.1f s", time.perf_counter() - started)
+                         "took %.1f s%s", time.perf_counter() - started, one_off.described("prepare"))
+                if one_off.phases:  # on CUDA: the unedited scoring's peak, and the one-off work's after the statistics pass
+                    self.out.write_environment({**self.environment, "one_off_cuda_peak_bytes": one_off.phases})
                 protocol(editor, todo, unedited)
             except torch.cuda.OutOfMemoryError as error:
                 detail = (str(error).splitlines() or ["no detail"])[0]
@@ -243,7 +250,7 @@ class Experiment:
                   if any(str(case.case_id) in pending for case in group)]
         with Progress(len(todo), self.cfg.progress.bar) as progress:
             for group in groups:
-                peaks = GroupPeaks(self.loaded.device)
+                peaks = PhasePeaks(self.loaded.device)
                 try:
                     outcome = editor.apply([case.request for case in group])
                     peaks.end("edit")
@@ -274,7 +281,7 @@ class Experiment:
         with Progress(len(todo), self.cfg.progress.bar) as progress:
             while pending:
                 group = pending[:width]
-                peaks = GroupPeaks(self.loaded.device)
+                peaks = PhasePeaks(self.loaded.device)
                 done = self._side_by_side(editor, group, peaks)
                 if done is None:
                     width = len(group) // 2
@@ -292,7 +299,7 @@ class Experiment:
                 pending = pending[len(group):]
 
     def _side_by_side(self, editor: Editor, group: list[EditCase],
-                      peaks: GroupPeaks) -> tuple[list[EditOutcome], list[dict], float] | None:
+                      peaks: PhasePeaks) -> tuple[list[EditOutcome], list[dict], float] | None:
         """The group's outcomes, results and evaluation seconds per case; None if more than one case ran out of GPU
         memory (editing writes no weight and removes its hooks, so the model is as it was)."""
         try:
@@ -316,7 +323,7 @@ class Experiment:
         """Edit every batch without restoring (checkpointing the editor's state), then evaluate all cases."""
         state_file = self.out.path / SEQUENTIAL_STATE
         unedited_state = editor.state_dict()
-        peaks = GroupPeaks(self.loaded.device)
+        peaks = PhasePeaks(self.loaded.device)
         try:
             state = (_read_checkpoint(state_file) if state_file.is_file()
                      else {"edited": [], "editor": unedited_state, "seconds": {}})

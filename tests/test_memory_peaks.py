@@ -1,5 +1,7 @@
 """GPU memory peaks per phase of a group (editing, evaluating): each phase's peak is read when it ends, and a row
-records the group's peak and each phase's. The CUDA counters are stood in for, so this runs on the CPU."""
+records the group's peak and each phase's. A run's one-off work before its first group (scoring the unedited model;
+the editor's templates and C's factors) is read apart, into environment.json. The CUDA counters are stood in for, so
+this runs on the CPU."""
 from __future__ import annotations
 
 import gc
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import sadr.models.devices as devices
-from sadr.models.devices import GroupPeaks
+from sadr.models.devices import PhasePeaks
 from sadr.runner import Experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
@@ -29,14 +31,22 @@ class FakeCudaPeaks:
 
 def test_each_phase_has_the_peak_since_the_one_before_and_the_group_their_maximum(monkeypatch):
     monkeypatch.setattr(devices, "take_peak_memory", FakeCudaPeaks([7, 3]))
-    peaks = GroupPeaks(torch.device("cuda"))
+    peaks = PhasePeaks(torch.device("cuda"))
     peaks.end("edit")
     peaks.end("evaluate")
     assert peaks.fields() == {"cuda_peak_bytes": 7, "cuda_phase_peak_bytes": {"edit": 7, "evaluate": 3}}
 
 
+def test_a_phase_read_on_cuda_is_described_for_the_log_and_one_never_read_is_not(monkeypatch):
+    monkeypatch.setattr(devices, "take_peak_memory", FakeCudaPeaks([12_345_678_901]))
+    peaks = PhasePeaks(torch.device("cuda"))
+    peaks.end("prepare")
+    assert peaks.described("prepare") == ", GPU peak 12.3 GB"
+    assert peaks.described("edit") == ""
+
+
 def test_off_cuda_a_group_records_no_peak():
-    peaks = GroupPeaks(torch.device("cpu"))
+    peaks = PhasePeaks(torch.device("cpu"))
     peaks.end("edit")
     peaks.end("evaluate")
     assert peaks.fields() == {}
@@ -52,13 +62,22 @@ ONE_GROUP = [{"edit": 10, "evaluate": 20}] * 2
 ], ids=["one at a time", "side by side", "sequential"])
 def test_rows_record_the_peaks_of_editing_and_of_evaluating_their_group(extra, expected, tiny_dir, tmp_path,
                                                                         monkeypatch):
-    fake = FakeCudaPeaks([10, 20, 30, 5])
+    fake = FakeCudaPeaks([40, 50, 10, 20, 30, 5])
     monkeypatch.setattr(devices, "take_peak_memory", fake)
     out = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", *extra))).run()
     rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     assert [row["cuda_phase_peak_bytes"] for row in rows] == expected
     assert [row["cuda_peak_bytes"] for row in rows] == [max(phases.values()) for phases in expected]
-    assert fake.read == 2 * (len(expected) if expected is not ONE_GROUP else 1)  # an edit and an evaluation per group
+    groups = len(expected) if expected is not ONE_GROUP else 1
+    assert fake.read == 2 + 2 * groups  # the two one-off phases, then an edit and an evaluation per group
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["one_off_cuda_peak_bytes"] == {"score_unedited": 40, "prepare": 50}
+    assert environment["n_cases"] == 2  # the record written at the start, kept
+
+
+def test_a_run_off_cuda_records_no_one_off_peak(tiny_dir, tmp_path):
+    out = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run"))).run()
+    assert "one_off_cuda_peak_bytes" not in json.loads((out / "environment.json").read_text())
 
 
 class FakeCudaCounters:
@@ -101,9 +120,22 @@ def test_a_reset_starts_the_next_peak_afresh_on_cuda(monkeypatch):
     devices.reset_peak_memory(cuda)
     counters.allocate(30)
     assert counters.calls == [("reset", cuda)]
-    peaks = GroupPeaks(cuda)
+    peaks = PhasePeaks(cuda)
     peaks.end("edit")
     assert peaks.fields() == {"cuda_peak_bytes": 30, "cuda_phase_peak_bytes": {"edit": 30}}
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit"])
+def test_a_finished_run_leaves_nothing_of_its_own_alive_for_the_next_job_in_the_process(editor, tiny_dir, tmp_path):
+    """The jobs of a basic-launcher sweep (and scale_bench's runs) share one process: C's factors (2.1 GB per GPT-J
+    layer on the GPU), the statistics and the experiment of a run must go with it."""
+    experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"editor={editor}", "dataset.limit=1")))
+    experiment.run()
+    alive = [weakref.ref(experiment), weakref.ref(experiment.statistics),
+             weakref.ref(experiment.statistics.factorized([1])[1])]  # made by the run, and kept by its statistics
+    del experiment
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None, None]
 
 
 def test_releasing_memory_collects_unreferenced_cycles_and_empties_the_cuda_cache_where_there_is_one(monkeypatch):

@@ -102,3 +102,15 @@ def test_a_run_stopped_by_its_time_limit_still_prints_the_runs_that_finished(tmp
     printed = capsys.readouterr().out
     report = printed.split("interrupted: the 1 runs that finished before it")[1]
     assert "| rome | 1 |" in report and "| layers [5] |" in report and "| rome + SADR" not in report
+
+
+def test_the_table_shows_the_peaks_before_the_first_case_while_editing_and_while_evaluating():
+    row = {"seconds": {"delta": 1.0, "update": 0.2, "eval_per_case": 0.5}, "diagnostics": {"delta_steps": 4},
+           "sadr_lambda": 0.0}
+    on_cuda = {**row, "cuda_phase_peak_bytes": {"edit": 3.0e9, "evaluate": 2.0e9}}
+    environment = {"one_off_cuda_peak_bytes": {"score_unedited": 1.0e9, "prepare": 4.0e9}}
+    summary = scale_bench.run_summary([on_cuda, {**on_cuda, "cuda_phase_peak_bytes": {"edit": 3.5e9}}], environment)
+    assert summary["step"] == 0.25
+    assert scale_bench.table([("memit", summary)]).splitlines()[-1].endswith("| 4.0 / 3.5 / 2.0 |")
+    off_cuda = scale_bench.run_summary([row], {})
+    assert scale_bench.table([("memit", off_cuda)]).splitlines()[-1].endswith("| 0.50 | – |")

@@ -89,9 +89,10 @@ def take_peak_memory(device: torch.device) -> dict:
     return {"cuda_peak_bytes": peak}
 
 
-class GroupPeaks:
-    """The GPU memory peaks of one group's phases (editing, then evaluating), each read when the phase ends, so it
-    runs from the end of the phase before (or the last reset). Nothing off CUDA."""
+class PhasePeaks:
+    """The GPU memory peaks of consecutive phases (a group's editing, then its evaluating; a run's one-off work before
+    its first group), each read when the phase ends, so it runs from the end of the phase before (or the last reset).
+    Nothing off CUDA."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -101,6 +102,10 @@ class GroupPeaks:
         peak = take_peak_memory(self.device).get("cuda_peak_bytes")
         if peak is not None:
             self.phases[phase] = peak
+
+    def described(self, phase: str) -> str:
+        """", GPU peak 12.3 GB" for a phase read on CUDA, for a log line; "" otherwise."""
+        return f", GPU peak {self.phases[phase] / 1e9:.1f} GB" if phase in self.phases else ""
 
     def fields(self) -> dict:
         """What a case row records: `cuda_peak_bytes`, the group's peak, and `cuda_phase_peak_bytes`, each phase's."""
