@@ -158,6 +158,7 @@ def test_ctrl_c_in_a_local_sweep_ends_with_one_line_last_and_a_rerun_finishes_it
     logs = [path.read_text() for path in sweep.glob(".submitit/*/*_log.err")]
     assert any(re.search(r"^interrupted: \d+ finished case\(s\) are kept in ", log, re.M) for log in logs), logs
     assert not (sweep / "summary.csv").exists()
+    assert "%j" not in {path.name for path in (sweep / ".submitit").iterdir()}  # submitit's empty pattern folder
     command[-1] = f"hydra.sweep.dir={sweep}"
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -158,6 +158,7 @@ def main() -> None:
         if _full_error_requested():
             raise
         _wait_for_child_processes(timeout=10.0)
+        SweepFolder.remove_empty_pattern_folder()
         print(f"interrupted: {_what_an_interrupted_launch_keeps()}", file=sys.stderr)
         raise SystemExit(130) from None
     except ValueError as err:
