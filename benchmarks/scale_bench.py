@@ -65,10 +65,11 @@ HPARAMS = REPO / "sadr" / "conf" / "hparams"
 PAPER_SADR = REPO / "sadr" / "conf" / "sadr_hparams" / "paper"
 
 
-def build_model_folder(arch: str, tiny: bool, device: str, tokenizer, folder: Path) -> float:
-    """Random weights of the shape, initialised on the device and saved in bfloat16; returns the seconds taken."""
+def build_model_folder(arch: str, tiny: bool, device: str, tokenizer, folder: Path, narrow: int = 1) -> float:
+    """Random weights of the shape (`narrow`: shapes.model_config's), initialised on the device and saved in bfloat16;
+    returns the seconds taken."""
     started = time.perf_counter()
-    model = random_model(arch, tiny, tokenizer, device, torch.bfloat16)
+    model = random_model(arch, tiny, tokenizer, device, torch.bfloat16, narrow)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model

@@ -35,17 +35,30 @@ TINY_WIDTHS = {
 }
 
 
-def model_config(arch: str, tiny: bool = False):
+# the widths that --narrow divides (the heads too, so each head keeps its published width); absent ones are skipped
+NARROWED = ("n_embd", "n_inner", "n_head", "hidden_size", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads")
+
+
+def model_config(arch: str, tiny: bool = False, narrow: int = 1):
+    """The shape's config: published, with tiny widths, or with every width and head count divided by `narrow`."""
     config = SHAPES[arch]()
     for key, value in (TINY_WIDTHS[arch] if tiny else {}).items():
         setattr(config, key, value)
+    aliased = getattr(config, "attribute_map", {})  # GPT-J's hidden_size is its n_embd: divide it once
+    for key in sorted({aliased.get(key, key) for key in NARROWED}) if narrow > 1 else ():
+        value = getattr(config, key, None)
+        if value is not None:
+            if value % narrow:
+                raise ValueError(f"{arch}'s {key} ({value}) is not divisible by {narrow}")
+            setattr(config, key, value // narrow)
     return config
 
 
-def random_model(arch: str, tiny: bool, tokenizer, device, dtype: torch.dtype):
+def random_model(arch: str, tiny: bool, tokenizer, device, dtype: torch.dtype, narrow: int = 1):
     """Random weights of the shape (seeded), initialised on the device; the vocabulary is widened to the tokenizer's
     if that is larger (the tiny widths' 1,024 rows are narrower than a real tokenizer)."""
-    config = model_config(arch, tiny)
+    config = model_config(arch, tiny, narrow)
     config.vocab_size = max(config.vocab_size, len(tokenizer))
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
