@@ -13,7 +13,9 @@
 # `run` installs the wheels into /tmp/site, then runs each step with its own timeout (what is left of BUDGET seconds,
 # at most each step's own limit), writing each step's log (its tables at the end) and a summary into $OUT (default
 # /tmp/gpu-checks). Steps (STEPS,
-# space-separated; by default the first three, which fit one 10-minute call, and pbf16 is a second call's):
+# space-separated; by default the first four, which fit one 10-minute call, and pbf16 is a second call's):
+#   lu      C's factors alone at GPT-J's and NeoX's d_ff, float64 and float32: the memory they hold, and the peak above
+#           that while factoring and while solving (a workspace or a copy there is held six times by GPT-J's MEMIT)
 #   smol    SmolLM2-135M shape, ROME and MEMIT, plain and SADR, one case at a time: SADR's s/step ratio (≤ 1.3×)
 #   gptj    GPT-J-6B shape, float32 and TF32, MEMIT and ROME, plain and SADR, one case at a time: SADR's ratio
 #           (≤ 1.15×), the TF32 MEMIT peak, statistics tokens/s (≥ 20,000), TF32's decisions against float32's per prompt
@@ -100,15 +102,18 @@ run_checks() {
   local scale=(python3 benchmarks/scale_bench.py --workdir "$WORK" --tokenizer "$GPU/tok" --delta-steps 20)
   local pcases=(python3 benchmarks/parallel_cases_bench.py --device cuda --model gpt-j --random-shape)
   local fluency=(python3 benchmarks/fluency_bench.py --device cuda --model gpt-j --random-shape)
+  local factors=(python3 benchmarks/factor_memory_bench.py)
   SLOWER=1
   if [ "${TINY:-0}" = 1 ]; then  # 3 δ steps, and 2-core CPUs take longer than the GPU
     scale=(python3 benchmarks/scale_bench.py --workdir "$WORK" --tiny)
     pcases=(python3 benchmarks/parallel_cases_bench.py --device cpu --model gpt-j --random-shape --tiny)
     fluency=(python3 benchmarks/fluency_bench.py --device cpu --model gpt-j --random-shape --tiny)
+    factors=(python3 benchmarks/factor_memory_bench.py --tiny)
     SLOWER=3
   fi
-  for name in ${STEPS:-smol gptj neox}; do
+  for name in ${STEPS:-lu smol gptj neox}; do
     case $name in
+      lu) step lu 60 "${factors[@]}" ;;
       smol) step smol 120 "${scale[@]}" --arch smollm2-135m --editors rome memit ;;
       # MEMIT first: its pass over layers 3-8 also gives ROME's layer 5; and the statistics read 128 texts of the
       # prepared file rather than sampling them (the 2026-12-05 run, ROME first, sampled 4 corpora of 36-42 s each and
@@ -122,7 +127,7 @@ run_checks() {
                --stats-samples 128 --set editor.v_num_grad_steps=10 ;;
       alpha) step alpha 120 "${scale[@]}" --arch smollm2-135m --editors alphaedit ;;
       fluency) step fluency 150 "${fluency[@]}" --cases 4 --prompts-per-case 0 --rounds 1 ;;
-      *) echo "unknown step $name (smol gptj neox pbf16 alpha fluency)"; exit 2 ;;
+      *) echo "unknown step $name (lu smol gptj neox pbf16 alpha fluency)"; exit 2 ;;
     esac
   done
   cat "$OUT/summary.md"

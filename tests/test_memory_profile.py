@@ -54,3 +54,27 @@ def test_narrowing_divides_every_width_and_head_count_once_and_keeps_the_depth(a
 
     hidden, heads, kv_heads, mlp, depth = widths(1)
     assert widths(4) == (hidden // 4, heads // 4, max(1, kv_heads // 4), mlp // 4, depth)
+
+
+FACTOR_SPEC = importlib.util.spec_from_file_location(
+    "factor_memory_bench", Path(__file__).parents[1] / "benchmarks" / "factor_memory_bench.py")
+factor_memory_bench = sys.modules.setdefault("factor_memory_bench", importlib.util.module_from_spec(FACTOR_SPEC))
+FACTOR_SPEC.loader.exec_module(factor_memory_bench)
+
+
+def test_factor_memory_is_read_against_what_the_card_held_before_and_after_factoring(monkeypatch):
+    """Stand-ins for the CUDA counters: 100 bytes held before, 300 once factored (the factors: 200); peaks of 350
+    while factoring and 310 / 320 while solving are 50, 10 and 20 above the held 300."""
+    held, peaks = iter([100, 300, 300, 300]), iter([350, 310, 320])
+    monkeypatch.setattr(factor_memory_bench, "allocated", lambda device: next(held))
+    monkeypatch.setattr(factor_memory_bench, "peak_since_reset", lambda device: next(peaks))
+    result = factor_memory_bench.measure(64, torch.float64, torch.device("cpu"))
+    assert {key: value for key, value in result.items() if not key.endswith("_s")} == {
+        "held": 200, "factoring_above_held": 50, "solve1_above_held": 10, "solve8_above_held": 20}
+
+
+def test_factor_memory_tiny_runs_every_width_and_precision_on_the_cpu():
+    report = factor_memory_bench.main(["--tiny"])
+    assert [line.split("|")[1:3] for line in report.splitlines()[4:]] == [
+        [" tiny-256 (256) ", " float64 "], [" tiny-256 (256) ", " float32 "],
+        [" tiny-384 (384) ", " float64 "], [" tiny-384 (384) ", " float32 "]]
