@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -266,3 +268,54 @@ def test_run_and_sweep_folders_are_checked_only_where_hydra_would_make_them(tmp_
     cli._check_hydra_folders(["--cfg", "job", f"hydra.run.dir={blocked}/run"])
     with pytest.raises(UsageError, match=r"cannot write in .*file/run \(hydra\.run\.dir\)"):
         cli._check_hydra_folders([f"+hydra.run.dir={blocked}/run"])
+
+
+class RecordedInterrupts:
+    """A SIGINT handler for the test's duration that records each signal delivered to it instead of raising."""
+
+    def __init__(self):
+        self.received = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: self.received.append(signum))
+        self.restore = lambda: signal.signal(signal.SIGINT, previous)
+
+    def interrupt_again(self) -> None:
+        """A second SIGINT to this process (Ctrl-C pressed again; `timeout -s INT` signals the process, then its
+        group), given time to be handled."""
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+
+def test_a_second_interrupt_while_a_run_says_what_it_keeps_is_ignored(monkeypatch, capsys, tmp_path):
+    """It arrives while the rows are counted (seconds, for a large run): the line is still whole, and SIGINT is
+    handled again afterwards."""
+    RunDirectory(tmp_path).append({"case_id": 0})
+    interrupts, counted = RecordedInterrupts(), cli._kept
+    try:
+        monkeypatch.setattr(cli, "_kept", lambda output_dir: (interrupts.interrupt_again(), counted(output_dir))[1])
+        status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+        assert (status, stderr.startswith("interrupted: 1 finished case(s) are kept in")) == (130, True)
+        assert interrupts.received == []
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.received == [signal.SIGINT]  # the handler before is back
+    finally:
+        interrupts.restore()
+
+
+def test_a_second_interrupt_while_a_sweep_s_launcher_waits_for_its_jobs_is_ignored(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    interrupts = RecordedInterrupts()
+    try:
+        monkeypatch.setattr(cli, "_main", interrupted)
+        monkeypatch.setattr(cli, "_wait_for_child_processes", lambda timeout: interrupts.interrupt_again())
+        monkeypatch.setattr(cli.SweepFolder, "started", None)
+        monkeypatch.setattr(sys, "argv", ["sadr-run", "-m"])
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        with pytest.raises(SystemExit) as stopped:
+            cli.main()
+        assert stopped.value.code == 130
+        assert capsys.readouterr().err == "interrupted: before the run started; nothing was computed\n"
+        assert interrupts.received == []
+    finally:
+        interrupts.restore()

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -55,9 +59,10 @@ def _main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         if _full_error_requested():
             raise
-        _say_why_it_stopped(f"interrupted: {_kept(cfg.output_dir) or '0 finished case(s)'} are kept in "
-                            f"{cfg.output_dir}; to resume (finished work is skipped), run the same command with "
-                            f"{_where_to_resume(cfg.output_dir)}")
+        with _further_interrupts_ignored():  # counting the kept rows of a large run takes seconds
+            _say_why_it_stopped(f"interrupted: {_kept(cfg.output_dir) or '0 finished case(s)'} are kept in "
+                                f"{cfg.output_dir}; to resume (finished work is skipped), run the same command with "
+                                f"{_where_to_resume(cfg.output_dir)}")
         raise SystemExit(130) from None
     except Exception:
         _record_in_log_file("stopped by an error (a bug: please report it with this traceback)", sys.exc_info())
@@ -97,6 +102,21 @@ def _where_to_resume(output_dir: str) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f"hydra.sweep.dir={hydra_cfg.sweep.dir}"
     return f"hydra.run.dir={output_dir}"
+
+
+@contextmanager
+def _further_interrupts_ignored() -> Iterator[None]:
+    """SIGINT ignored while an interrupted process says what it keeps: a second Ctrl-C, or `timeout -s INT`, which
+    signals the process and then its whole group, would cut that short with a traceback. Main thread only (where
+    Python runs signal handlers); the handler before is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _wait_for_child_processes(timeout: float) -> None:
@@ -157,9 +177,10 @@ def main() -> None:
         # outside a job's handler (_main's): the launching process of a sweep whose jobs run in processes of their own
         if _full_error_requested():
             raise
-        _wait_for_child_processes(timeout=10.0)
-        SweepFolder.remove_empty_pattern_folder()
-        print(f"interrupted: {_what_an_interrupted_launch_keeps()}", file=sys.stderr)
+        with _further_interrupts_ignored():
+            _wait_for_child_processes(timeout=10.0)
+            SweepFolder.remove_empty_pattern_folder()
+            print(f"interrupted: {_what_an_interrupted_launch_keeps()}", file=sys.stderr)
         raise SystemExit(130) from None
     except ValueError as err:
         # Hydra's own check of the command line (e.g. "Only one of --run, --multirun, --cfg ... can be specified")
