@@ -11,9 +11,9 @@ GPT-NeoX-20B's shape).
 It prints, per run: seconds per case of each phase (keys, δ-optimisation, update, evaluation), δ steps and seconds
 per δ step (the median over cases; cases run one at a time unless `--parallel-cases N`), the GPU memory peaks of
 the run before its first case (C's factors, after the statistics pass), while editing and while evaluating
-(`torch.cuda.max_memory_allocated`; the statistics pass is reported on its own line), and for each statistics pass its tokens per second split into the forward, the float64
-accumulation and the corpus (sampling the texts). Times and memory are real; the metrics of a random model mean
-nothing. With `--variants`, each run after the first variant is also compared with that variant's run per prompt:
+(`torch.cuda.max_memory_allocated`; the statistics pass is reported on its own line), and for each statistics pass
+its tokens per second split into the forward, the float64 accumulation and the corpus (sampling the texts). Times
+and memory are real; the metrics of a random model mean nothing. With `--variants`, each run after the first variant is also compared with that variant's run per prompt:
 how many compared decisions differ, how many of those are ties within the rounding of the two settings (1e-5 relative
 in float32; 1e-2 with TF32 or half precision, benchmarks/decisions.py) and the largest gap of one that differs, and in
 how many cases the δ steps are the same.
@@ -174,7 +174,8 @@ def table(results: list[tuple[str, dict]]) -> str:
     for name, r in results:
         step = f"{r['step']:.3f}" if r["step"] else "–"
         peaks = [r.get(key) for key in ("peak_prepare_gb", "peak_edit_gb", "peak_eval_gb")]
-        peak = " / ".join("–" if gb is None else f"{gb:.1f}" for gb in peaks) if any(gb is not None for gb in peaks) else "–"
+        shown = any(gb is not None for gb in peaks)
+        peak = " / ".join("–" if gb is None else f"{gb:.1f}" for gb in peaks) if shown else "–"
         line = (f"| {name} | {r['cases']} | {r['delta']:.2f} ({r['delta_steps']:.0f}) | {step} | {r['keys']:.2f} | "
                 f"{r['update']:.2f} | {r['eval']:.2f} | {peak} |")
         if versus:

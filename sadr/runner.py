@@ -225,7 +225,7 @@ class Experiment:
                 one_off.end("prepare")
                 log.info("the editor's one-off work (context templates, key statistics and what is made of them) "
                          "took %.1f s%s", time.perf_counter() - started, one_off.described("prepare"))
-                if one_off.phases:  # on CUDA: the unedited scoring's peak, and the one-off work's after the statistics pass
+                if one_off.phases:  # on CUDA: the unedited scoring's peak; the one-off work's after the statistics pass
                     self.out.write_environment({**self.environment, "one_off_cuda_peak_bytes": one_off.phases})
                 protocol(editor, todo, unedited)
             except torch.cuda.OutOfMemoryError as error:
