@@ -13,8 +13,8 @@ per δ step (the median over cases; cases run one at a time unless `--parallel-c
 the run before its first case (C's factors, after the statistics pass), while editing and while evaluating
 (`torch.cuda.max_memory_allocated`; the statistics pass is reported on its own line), and for each statistics pass
 its tokens per second split into the forward, the float64 accumulation and the corpus (sampling the texts). Times
-and memory are real; the metrics of a random model mean nothing. With `--variants`, each run after the first variant is also compared with that variant's run per prompt:
-how many compared decisions differ, how many of those are ties within the rounding of the two settings (1e-5 relative
+and memory are real; the metrics of a random model mean nothing. With `--variants`, each run after the first variant
+is also compared with that variant's run per prompt: how many compared decisions differ, how many of those are ties within the rounding of the two settings (1e-5 relative
 in float32; 1e-2 with TF32 or half precision, benchmarks/decisions.py) and the largest gap of one that differs, and in
 how many cases the δ steps are the same.
 
