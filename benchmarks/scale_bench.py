@@ -9,14 +9,14 @@ text the model samples itself (`model.stats.corpus=generated`), or from `--stats
 GPT-NeoX-20B's shape).
 
 It prints, per run: seconds per case of each phase (keys, δ-optimisation, update, evaluation), δ steps and seconds
-per δ step (the median over cases; cases run one at a time unless `--parallel-cases N`), the GPU memory peaks of
-the run before its first case (C's factors, after the statistics pass), while editing and while evaluating
+per δ step (the median over cases; cases run one at a time unless `--parallel-cases N`), the GPU memory peaks of the
+run before its first case (C's factors, after the statistics pass), while editing and while evaluating
 (`torch.cuda.max_memory_allocated`; the statistics pass is reported on its own line), and for each statistics pass
 its tokens per second split into the forward, the float64 accumulation and the corpus (sampling the texts). Times
 and memory are real; the metrics of a random model mean nothing. With `--variants`, each run after the first variant
-is also compared with that variant's run per prompt: how many compared decisions differ, how many of those are ties within the rounding of the two settings (1e-5 relative
-in float32; 1e-2 with TF32 or half precision, benchmarks/decisions.py) and the largest gap of one that differs, and in
-how many cases the δ steps are the same.
+is also compared with that variant's run per prompt: how many compared decisions differ, how many of those are ties
+within the rounding of the two settings (1e-5 relative in float32; 1e-2 with TF32 or half precision,
+benchmarks/decisions.py) and the largest gap of one that differs, and in how many cases the δ steps are the same.
 
 Weights are saved in bfloat16 (half the disk traffic) and loaded in `--dtype`. The tokenizer is `--tokenizer DIR`
 (any saved tokenizer, e.g. SmolLM2's: `python benchmarks/scale_bench.py --save-tokenizer DIR` writes it from the
