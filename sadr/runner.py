@@ -86,13 +86,25 @@ def build_editor(cfg: DictConfig, loaded: LoadedModel, statistics: SecondMomentS
     return EDITORS[cfg.editor.name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, services)
 
 
+UNEDITED_CHUNK = 256  # cases per cache entry of the unedited model's results
+
+
 def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: list[Evaluator], fingerprint: str,
-                     cache_dir: str) -> list[dict]:
-    """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk."""
-    key = cache_key(kind="unedited", model=fingerprint, cases=[repr(c) for c in cases],
-                    evaluators=[e.identity() for e in evaluators])
-    return cached(Path(cache_dir) / "unedited" / f"{key}{JSON.suffix}",
-                  lambda: evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, cases))
+                     cache_dir: str, progress: bool = False) -> list[dict]:
+    """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk, a chunk of
+    UNEDITED_CHUNK cases per entry: a run stopped while it scores a large selection (10,000 CounterFact cases
+    take about 20 minutes on GPT-J at the 0.12 s per case of an H200) keeps the chunks it finished. A selection of one chunk or less has the entry it had
+    before chunks. The progress shows only where there are several chunks."""
+    identities = [e.identity() for e in evaluators]
+    results: list[dict] = []
+    with Progress(len(cases), progress and len(cases) > UNEDITED_CHUNK, label="scoring the unedited model") as bar:
+        for start in range(0, len(cases), UNEDITED_CHUNK):
+            chunk = cases[start:start + UNEDITED_CHUNK]
+            key = cache_key(kind="unedited", model=fingerprint, cases=[repr(c) for c in chunk], evaluators=identities)
+            results += cached(Path(cache_dir) / "unedited" / f"{key}{JSON.suffix}",
+                              lambda: evaluate_all(evaluators, loaded.model, loaded.tokenizer, loaded.adapter, chunk))
+            bar.advance(len(chunk))
+    return results
 
 
 def case_line(row: dict) -> str:
@@ -208,7 +220,8 @@ class Experiment:
         started = time.perf_counter()
         one_off = PhasePeaks(self.loaded.device)  # kept apart from the first group's peaks
         unedited = dict(zip((str(c.case_id) for c in cases),
-                            unedited_results(self.loaded, cases, self.evaluators, self.computed_by, self.cfg.cache_dir)))
+                            unedited_results(self.loaded, cases, self.evaluators, self.computed_by, self.cfg.cache_dir,
+                                             self.cfg.progress.bar)))
         one_off.end("score_unedited")
         log.info("unedited model scored on %s in %.1f s%s", _counted(len(cases), "case"), time.perf_counter() - started,
                  one_off.described("score_unedited"))

@@ -302,3 +302,86 @@ def test_a_fingerprint_tells_apart_a_parameter_of_another_shape_with_the_same_va
     weight.data = weight.data.reshape(weight.shape[1], weight.shape[0])  # same values and sums, transposed shape
     assert model_fingerprint(model) != before
 
+
+
+class ProbeEvaluator:
+    def identity(self):
+        return {"name": "probe"}
+
+
+def _probe_cases(n: int):
+    from sadr.data.records import EditCase, EditRequest
+
+    return [EditCase(i, EditRequest("{} is in", f"City {i}", f"Country {i}")) for i in range(n)]
+
+
+def test_unedited_results_are_cached_a_chunk_at_a_time_and_a_stopped_scoring_keeps_its_chunks(tmp_path, monkeypatch):
+    """5 cases in chunks of 2: three entries. Stopped (Ctrl-C) in the second chunk, the first is kept, and the rerun
+    scores only the chunks after it; then everything is read back, in order."""
+    import sadr.runner as runner
+
+    calls, stop_at = [], [2]
+
+    def evaluate_all(evaluators, model, tokenizer, adapter, cases):
+        calls.append([case.case_id for case in cases])
+        if len(calls) in stop_at:
+            raise KeyboardInterrupt
+        return [{"case": case.case_id} for case in cases]
+
+    monkeypatch.setattr(runner, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(runner, "UNEDITED_CHUNK", 2)
+    loaded, cases = SimpleNamespace(model=None, tokenizer=None, adapter=None), _probe_cases(5)
+    with pytest.raises(KeyboardInterrupt):
+        runner.unedited_results(loaded, cases, [ProbeEvaluator()], "w", str(tmp_path))
+    assert calls == [[0, 1], [2, 3]] and len(list((tmp_path / "unedited").glob("*.json"))) == 1
+    stop_at.clear()
+    for _ in range(2):
+        assert runner.unedited_results(loaded, cases, [ProbeEvaluator()], "w", str(tmp_path)) == [
+            {"case": i} for i in range(5)]
+    assert calls == [[0, 1], [2, 3], [2, 3], [4]]  # the first chunk read back; the second time, every chunk
+
+
+def test_a_selection_of_one_chunk_keeps_the_entry_it_had_before_chunks(tmp_path, monkeypatch):
+    """Cached unedited results of earlier runs (one entry per whole selection) are still found."""
+    import sadr.runner as runner
+
+    monkeypatch.setattr(runner, "evaluate_all", lambda evaluators, model, tokenizer, adapter, cases: [{}] * len(cases))
+    cases = _probe_cases(3)
+    runner.unedited_results(SimpleNamespace(model=None, tokenizer=None, adapter=None), cases, [ProbeEvaluator()],
+                            "w", str(tmp_path))
+    whole = runner.cache_key(kind="unedited", model="w", cases=[repr(c) for c in cases],
+                             evaluators=[{"name": "probe"}])
+    assert [path.name for path in (tmp_path / "unedited").glob("*.json")] == [f"{whole}{runner.JSON.suffix}"]
+
+
+def _leaves(node, path=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, f"{path}[{index}]")
+    else:
+        yield path, node
+
+
+def test_unedited_results_in_chunks_are_the_whole_selection_s_up_to_float_rounding(tiny_dir, tmp_path, monkeypatch):
+    """8 offline records scored at once and in chunks of 3 on a tiny model: every decision the same, every probability
+    within float32 rounding (a chunk's prompts share other batches)."""
+    import sadr.runner as runner
+    from tests.runs import OFFLINE_RECORDS, composed
+
+    experiment = runner.Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"dataset.path={OFFLINE_RECORDS}",
+                                                           "dataset.limit=8")))
+    score = lambda folder: runner.unedited_results(experiment.loaded, experiment.dataset.cases,  # noqa: E731
+                                                   experiment.evaluators, "w", str(tmp_path / folder))
+    whole = dict(_leaves(score("whole")))
+    monkeypatch.setattr(runner, "UNEDITED_CHUNK", 3)
+    chunked = dict(_leaves(score("chunked")))
+    assert len(list((tmp_path / "chunked" / "unedited").glob("*.json"))) == 3
+    assert chunked.keys() == whole.keys() and len(whole) > 100
+    for path, value in whole.items():
+        if isinstance(value, float):
+            assert chunked[path] == pytest.approx(value, rel=1e-4, abs=1e-9), path
+        else:
+            assert chunked[path] == value, path
