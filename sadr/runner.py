@@ -94,10 +94,11 @@ def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: lis
     """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk, a chunk of
     UNEDITED_CHUNK cases per entry: a run stopped while it scores a large selection (10,000 CounterFact cases
     take about 20 minutes on GPT-J at the 0.12 s per case of an H200) keeps the chunks it finished. A selection of one chunk or less has the entry it had
-    before chunks. The progress shows only where there are several chunks."""
+    before chunks. Its progress is logged (a line a minute) where there are several chunks."""
     identities = [e.identity() for e in evaluators]
     results: list[dict] = []
-    with Progress(len(cases), progress and len(cases) > UNEDITED_CHUNK, label="scoring the unedited model") as bar:
+    with Progress(len(cases), progress and len(cases) > UNEDITED_CHUNK, interactive=False,  # log lines, as a pass's
+                  label="scoring the unedited model") as bar:
         for start in range(0, len(cases), UNEDITED_CHUNK):
             chunk = cases[start:start + UNEDITED_CHUNK]
             key = cache_key(kind="unedited", model=fingerprint, cases=[repr(c) for c in chunk], evaluators=identities)

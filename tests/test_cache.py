@@ -315,7 +315,8 @@ def _probe_cases(n: int):
     return [EditCase(i, EditRequest("{} is in", f"City {i}", f"Country {i}")) for i in range(n)]
 
 
-def test_unedited_results_are_cached_a_chunk_at_a_time_and_a_stopped_scoring_keeps_its_chunks(tmp_path, monkeypatch):
+def test_unedited_results_are_cached_a_chunk_at_a_time_and_a_stopped_scoring_keeps_its_chunks(tmp_path, monkeypatch,
+                                                                                               caplog):
     """5 cases in chunks of 2: three entries. Stopped (Ctrl-C) in the second chunk, the first is kept, and the rerun
     scores only the chunks after it; then everything is read back, in order."""
     import sadr.runner as runner
@@ -336,8 +337,10 @@ def test_unedited_results_are_cached_a_chunk_at_a_time_and_a_stopped_scoring_kee
     assert calls == [[0, 1], [2, 3]] and len(list((tmp_path / "unedited").glob("*.json"))) == 1
     stop_at.clear()
     for _ in range(2):
-        assert runner.unedited_results(loaded, cases, [ProbeEvaluator()], "w", str(tmp_path)) == [
-            {"case": i} for i in range(5)]
+        with caplog.at_level(logging.INFO, logger="sadr.progress"):
+            assert runner.unedited_results(loaded, cases, [ProbeEvaluator()], "w", str(tmp_path), progress=True) == [
+                {"case": i} for i in range(5)]
+        assert "scoring the unedited model: 100%" in caplog.text  # logged, several chunks being scored
     assert calls == [[0, 1], [2, 3], [2, 3], [4]]  # the first chunk read back; the second time, every chunk
 
 
