@@ -25,6 +25,7 @@ from sadr.errors import DamagedFileError, UsageError
 CONFIG_FILE, ENV_FILE, ROWS_FILE, METRICS_FILE = "config.yaml", "environment.json", "cases.jsonl", "metrics.csv"
 RUN_LOCK = ".sadr-run.lock"  # held by the one invocation working in a run directory
 SEQUENTIAL_STATE = "sequential_state.pt"  # the sequential protocol's checkpoint: the requests edited so far and the weights
+DELTA_CHECKPOINT = "delta_checkpoint"  # the finished δs of the group being edited (sadr/editors/delta_checkpoint.py)
 PACKAGES = ("sadr", "torch", "transformers", "huggingface-hub", "hydra-core", "omegaconf", "datasets", "pandas", "numpy",
             "gguf", "accelerate")
 

@@ -30,6 +30,7 @@ from sadr.data.registry import FORMATS
 from sadr.editors.base import Editor, EditOutcome
 from sadr.editors.context_templates import context_templates
 from sadr.editors.covariance import SecondMomentStatistics
+from sadr.editors.delta_checkpoint import discard_deltas, resumable_deltas
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
@@ -45,7 +46,7 @@ from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
 from sadr.progress import Progress
 from sadr.regularizers.attention_drift import build_regularizers
-from sadr.results import SEQUENTIAL_STATE, RunDirectory
+from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunDirectory
 from sadr.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,8 @@ class Experiment:
             for group in groups:
                 peaks = PhasePeaks(self.loaded.device)
                 try:
-                    outcome = editor.apply([case.request for case in group])
+                    with resumable_deltas(self.out.path / DELTA_CHECKPOINT, {"group": [c.case_id for c in group]}):
+                        outcome = editor.apply([case.request for case in group])
                     peaks.end("edit")
                     edited, eval_seconds = self._evaluate(group)
                     peaks.end("evaluate")
@@ -278,6 +280,7 @@ class Experiment:
                 missing = [(case, result) for case, result in zip(group, edited) if str(case.case_id) in pending]
                 for case, result in missing:
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group), memory))
+                discard_deltas(self.out.path / DELTA_CHECKPOINT)
                 progress.advance(len(missing))
 
     def _parallel_single(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
@@ -350,7 +353,9 @@ class Experiment:
                          len(state["edited"]), len(pending))
             with Progress(len(pending), self.cfg.progress.bar) as progress:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
-                    outcome = editor.apply([case.request for case in group])
+                    with resumable_deltas(self.out.path / DELTA_CHECKPOINT,
+                                          {"group": [c.case_id for c in group], "edited_before": len(state["edited"])}):
+                        outcome = editor.apply([case.request for case in group])
                     for name, seconds in outcome.seconds.items():
                         edit_seconds[name] = edit_seconds.get(name, 0.0) + seconds
                     state["edited"] += [str(c.case_id) for c in group]
@@ -358,6 +363,7 @@ class Experiment:
                     state["editor"] = editor.state_dict()
                     state["seconds"] = dict(edit_seconds)
                     write_atomically(state, state_file, TORCH)  # under the run directory's lock
+                    discard_deltas(self.out.path / DELTA_CHECKPOINT)
                     progress.advance(len(group))
             peaks.end("edit")
             log.info("sequential: %d requests edited into the model; evaluating every case", len(state["edited"]))

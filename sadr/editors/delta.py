@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
 from sadr.data.records import EditRequest
 from sadr.editors.capture import add_at_positions, capture_outputs, frozen_blocks
+from sadr.editors.delta_checkpoint import kept_or_optimised
 from sadr.editors.prefix_cache import PrefixCache, split_rows
 from sadr.editors.prompts import DeltaPrompts, StackedDeltaPrompts, encode_delta_prompts, stack_delta_prompts
 from sadr.errors import InvalidSettingError
@@ -95,6 +96,18 @@ class DeltaResult:
     def target(self, site: str) -> torch.Tensor:
         return self.initial[site] + self.deltas[site]
 
+    def as_plain(self) -> dict:
+        """Tensors (on the host), numbers, lists and dicts only: what `torch.load(weights_only=True)` reads back."""
+        return {"deltas": {site: d.cpu() for site, d in self.deltas.items()},
+                "initial": {site: v.cpu() for site, v in self.initial.items()}, "steps_run": self.steps_run,
+                "history": [asdict(state) for state in self.history], "diagnostics": self.diagnostics}
+
+    @classmethod
+    def from_plain(cls, plain: dict, device: torch.device) -> "DeltaResult":
+        return cls({site: d.to(device) for site, d in plain["deltas"].items()},
+                   {site: v.to(device) for site, v in plain["initial"].items()}, plain["steps_run"],
+                   [StepState(**state) for state in plain["history"]], plain["diagnostics"])
+
 
 def delta_diagnostics(results: list[DeltaResult]) -> dict:
     """The δ-optimisation's numbers of the requests of one edit (steps, final loss, the regularizers'), each averaged
@@ -119,8 +132,12 @@ def _kl_edited_from_initial(log_p_edited: torch.Tensor, log_p_initial: torch.Ten
 
 def optimize_delta(model, adapter: ModelAdapter, tokenizer, request: EditRequest, context_templates: list[str],
                    objective: DeltaObjective, regularizers: list[DeltaRegularizer] = ()) -> DeltaResult:
-    """The δ of one request (`optimize_deltas` of a batch of one)."""
-    return optimize_deltas(model, adapter, tokenizer, [request], context_templates, objective, regularizers)[0]
+    """The δ of one request (`optimize_deltas` of a batch of one); within `resumable_deltas`, kept in the run
+    directory, or read back from it (`delta_checkpoint.py`)."""
+    device = next(model.parameters()).device
+    return kept_or_optimised(request, lambda: optimize_deltas(model, adapter, tokenizer, [request], context_templates,
+                                                              objective, regularizers)[0],
+                             DeltaResult.as_plain, lambda plain: DeltaResult.from_plain(plain, device))
 
 
 @dataclass

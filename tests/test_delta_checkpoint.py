@@ -1,0 +1,139 @@
+"""The finished δs of the group being edited are kept in the run directory: a run stopped while it optimises a batch's
+δs resumes from them, with the rows of a run never stopped."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sadr.editors.delta as delta
+from sadr.editors.delta_checkpoint import discard_deltas, kept_or_optimised, resumable_deltas
+from sadr.results import DELTA_CHECKPOINT
+from sadr.runner import SEQUENTIAL_STATE, run_experiment
+from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (a fixture)
+
+
+class Optimiser:
+    """Stands in for a δ-optimisation: a request's result is its name and how many times it was optimised;
+    `stop_at` raises Ctrl-C instead on that call."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.calls: list[str] = []
+        self.stop_at = stop_at
+
+    def __call__(self, request: str) -> dict:
+        def optimise():
+            self.calls.append(request)
+            if len(self.calls) == self.stop_at:
+                raise KeyboardInterrupt
+            return {"request": request, "delta": torch.full((2,), float(len(self.calls)))}
+
+        return kept_or_optimised(request, optimise, encode=lambda r: r, decode=lambda r: {**r, "read_back": True})
+
+
+def test_a_stopped_block_keeps_its_finished_results_and_the_next_reads_them_back_in_order(tmp_path):
+    folder, identity = tmp_path / DELTA_CHECKPOINT, {"group": [0, 1, 2]}
+    first = Optimiser(stop_at=3)
+    with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, identity, every_seconds=3600):
+        [first(request) for request in "abc"]
+    assert first.calls == ["a", "b", "c"] and len(list(folder.glob("*.pt"))) == 1  # written as the block was left
+    second = Optimiser()
+    with resumable_deltas(folder, identity):
+        results = [second(request) for request in "abc"]
+    assert second.calls == ["c"]
+    assert [(r["request"], r.get("read_back", False), r["delta"].tolist()) for r in results] == [
+        ("a", True, [1.0, 1.0]), ("b", True, [2.0, 2.0]), ("c", False, [1.0, 1.0])]
+    third = Optimiser()
+    with resumable_deltas(folder, identity):
+        [third(request) for request in "abc"]
+    assert third.calls == []  # every result kept, across two chunk files
+    discard_deltas(folder)
+    assert not folder.exists()
+
+
+def test_results_of_another_group_or_another_request_are_not_read_back(tmp_path):
+    folder = tmp_path / DELTA_CHECKPOINT
+    with resumable_deltas(folder, {"group": [0, 1]}):
+        [Optimiser()(request) for request in "ab"]
+    other_group = Optimiser()
+    with resumable_deltas(folder, {"group": [2, 3]}):
+        [other_group(request) for request in "ab"]
+    assert other_group.calls == ["a", "b"]
+    other_request = Optimiser()
+    with resumable_deltas(folder, {"group": [2, 3]}):
+        [other_request(request) for request in "axb"]
+    assert other_request.calls == ["x", "b"]  # "a" read back; from the first request that differs on, afresh
+    again = Optimiser()
+    with resumable_deltas(folder, {"group": [2, 3]}):
+        [again(request) for request in "axb"]
+    assert again.calls == []
+
+
+def test_outside_a_block_nothing_is_kept():
+    optimiser = Optimiser()
+    assert optimiser("a")["request"] == "a" and optimiser("a")["delta"].tolist() == [2.0, 2.0]
+
+
+def test_results_are_written_at_most_every_few_seconds_inside_a_block(tmp_path, monkeypatch):
+    """A kill (no chance to write at the block's end) loses only the δs finished since the last write."""
+    folder, now = tmp_path / DELTA_CHECKPOINT, [0.0]
+    monkeypatch.setattr("sadr.editors.delta_checkpoint.time.monotonic", lambda: now[0])
+    written = []
+    with resumable_deltas(folder, {"group": [0]}, every_seconds=60):
+        for second, request in ((10, "a"), (70, "b"), (80, "c")):
+            now[0] = second
+            Optimiser()(request)
+            written.append(len(list(folder.glob("*.pt"))))
+    assert written == [0, 1, 1]  # "a" and "b" written together at 70 s; "c" waits for the next minute (or the end)
+
+
+def _stopped_in_the_deltas(cfg, monkeypatch, stop_at: int) -> None:
+    """Runs `cfg` and stops it (Ctrl-C) when its `stop_at`-th δ-optimisation begins."""
+    original, calls = delta.optimize_deltas, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(delta, "optimize_deltas", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    monkeypatch.setattr(delta, "optimize_deltas", original)
+
+
+def _counting_deltas(monkeypatch) -> list[str]:
+    original, subjects = delta.optimize_deltas, []
+
+    def counting(model, adapter, tokenizer, requests, *args, **kwargs):
+        subjects.extend(request.subject for request in requests)
+        return original(model, adapter, tokenizer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(delta, "optimize_deltas", counting)
+    return subjects
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.mark.parametrize("editor, protocol", [("memit", "batch"), ("rome", "batch"), ("pmet", "sequential")])
+def test_a_run_stopped_in_a_batch_s_deltas_resumes_from_them_with_the_rows_of_a_run_never_stopped(
+        editor, protocol, tiny_dir, tmp_path, monkeypatch):
+    """Batches of three: stopped as the third δ of the first batch begins, the rerun optimises only that one of the
+    batch (then the second batch's); ROME's δs, each on the model its earlier requests edited, too. Once the batch's
+    rows (or the sequential checkpoint) are written, its δs are gone from the run directory."""
+    def cfg(out):
+        given = tiny_overrides(tiny_dir, out, f"editor={editor}", f"editor.protocol={protocol}", "editor.batch_size=3")
+        return composed([*(o for o in given if not o.startswith(("dataset.path=", "dataset.limit="))),
+                         f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=4"])
+
+    whole = run_experiment(cfg(tmp_path / "whole"))
+    _stopped_in_the_deltas(cfg(tmp_path / "run"), monkeypatch, stop_at=3)
+    assert len(list((tmp_path / "run" / DELTA_CHECKPOINT).glob("*.pt"))) == 1
+    assert not (tmp_path / "run" / SEQUENTIAL_STATE).exists() and not (tmp_path / "run" / "cases.jsonl").exists()
+    optimised = _counting_deltas(monkeypatch)
+    out = run_experiment(cfg(tmp_path / "run"))
+    assert len(optimised) == 2  # the first batch's third request, then the second batch's one
+    assert _without_seconds(written_rows(out)) == _without_seconds(written_rows(whole))
+    assert not (out / DELTA_CHECKPOINT).exists()
