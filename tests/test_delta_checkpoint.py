@@ -68,6 +68,23 @@ def test_results_of_another_group_or_another_request_are_not_read_back(tmp_path)
     assert again.calls == []
 
 
+def test_a_damaged_chunk_and_those_after_it_are_optimised_again(tmp_path, caplog):
+    """A chunk a result each (written at once); the second damaged (a changed byte, caught by its CRC-32): the
+    first is read back, the second and the third are optimised again."""
+    folder, identity = tmp_path / DELTA_CHECKPOINT, {"group": [0, 1, 2]}
+    with resumable_deltas(folder, identity, every_seconds=0):
+        [Optimiser()(request) for request in "abc"]
+    chunks = sorted(folder.glob("*.pt"))
+    assert len(chunks) == 3
+    damaged = bytearray(chunks[1].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunks[1].write_bytes(bytes(damaged))
+    again = Optimiser()
+    with resumable_deltas(folder, identity):
+        [again(request) for request in "abc"]
+    assert again.calls == ["b", "c"] and "is damaged" in caplog.text
+
+
 def test_outside_a_block_nothing_is_kept():
     optimiser = Optimiser()
     assert optimiser("a")["request"] == "a" and optimiser("a")["delta"].tolist() == [2.0, 2.0]

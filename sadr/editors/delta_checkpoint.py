@@ -64,7 +64,7 @@ def _earlier_results(folder: Path, identity: dict) -> tuple[list[tuple[str, dict
         chunk = read_entry(file, TORCH)
         if chunk is None or chunk.get("identity") != identity or chunk.get("first") != len(results):
             for later in files[index:]:
-                later.unlink()
+                later.unlink(missing_ok=True)  # read_entry may have removed a damaged one
             return results, index
         results += chunk["results"]
     return results, len(files)
