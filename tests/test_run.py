@@ -677,7 +677,8 @@ def test_the_key_statistics_are_made_before_the_progress_over_cases_starts(edito
     monkeypatch.setattr(sadr.runner.Progress, "__enter__", lambda self: events.append(self.label) or enter(self))
     extra = ["editor=memit", "editor.layers=[1,2]", "editor.mom2_update_weight=1"] if editor == "memit" else []
     run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", *extra, f"cache_dir={tmp_path / 'cache'}")))
-    assert events[:3] == ["key statistics", "factors made", "progress"]  # the pass, then the factors, then the cases
+    # the unedited scores, the pass, the factors, then the cases
+    assert events[:4] == ["scoring the unedited model", "key statistics", "factors made", "progress"]
 
 
 def test_a_misspelt_metric_fails_before_the_model_loads(tiny_dir, tmp_path):
