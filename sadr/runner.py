@@ -93,9 +93,10 @@ UNEDITED_CHUNK = 256  # cases per cache entry of the unedited model's results
 def unedited_results(loaded: LoadedModel, cases: list[EditCase], evaluators: list[Evaluator], fingerprint: str,
                      cache_dir: str, progress: bool = False) -> list[dict]:
     """The unedited model's results, computed once per (model, cases, evaluators) and cached on disk, a chunk of
-    UNEDITED_CHUNK cases per entry: a run stopped while it scores a large selection (10,000 CounterFact cases
-    take about 20 minutes on GPT-J at the 0.12 s per case of an H200) keeps the chunks it finished. A selection of one chunk or less has the entry it had
-    before chunks. Its progress is logged (a line a minute) where there are several chunks."""
+    UNEDITED_CHUNK cases per entry: a run stopped while it scores a large selection (10,000 CounterFact cases take
+    about 20 minutes on GPT-J at the 0.12 s per case of an H200) keeps the chunks it finished. A selection of one
+    chunk or less has the entry it had before chunks. Its progress is logged (a line a minute) where there are
+    several chunks."""
     identities = [e.identity() for e in evaluators]
     results: list[dict] = []
     with Progress(len(cases), progress and len(cases) > UNEDITED_CHUNK, interactive=False,  # log lines, as a pass's

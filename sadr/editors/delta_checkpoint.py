@@ -9,8 +9,8 @@ MEMIT, PMET and AlphaEdit optimise every δ on the same model, and ROME optimise
 requests edited, which replaying their kept δs rebuilds. Results are kept as plain data (`DeltaResult.as_plain`), a
 chunk file (CRC-checked, as cache entries) at most every `every_seconds` and whenever the block is left, by an error
 or Ctrl-C too, so a kill loses at most that long. The runner removes the folder once the group's rows (or a
-sequential run's checkpoint) are written. The seconds of δs read back are not this run's: the edit's `delta`
-seconds leave them out.
+sequential run's checkpoint) are written. The seconds of δs read back are not this run's: the edit's δ seconds
+(`delta`; ROME's `v_star`) leave them out.
 """
 from __future__ import annotations
 
