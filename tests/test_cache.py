@@ -374,8 +374,8 @@ def test_unedited_results_in_chunks_are_the_whole_selection_s_up_to_float_roundi
     import sadr.runner as runner
     from tests.runs import OFFLINE_RECORDS, composed
 
-    experiment = runner.Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"dataset.path={OFFLINE_RECORDS}",
-                                                           "dataset.limit=8")))
+    overrides = tiny_overrides(tiny_dir, tmp_path / "run", f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=8")
+    experiment = runner.Experiment(composed(overrides))
     score = lambda folder: runner.unedited_results(experiment.loaded, experiment.dataset.cases,  # noqa: E731
                                                    experiment.evaluators, "w", str(tmp_path / folder))
     whole = dict(_leaves(score("whole")))
