@@ -188,11 +188,13 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
 
 
 def _stopped_in_process(monkeypatch, capsys, out, stop):
-    """(exit status, stderr) of `sadr-run` in this process, its run raising `stop` in the run folder `out`."""
+    """(exit status, stderr) of `sadr-run` in this process, its run raising `stop` in the run folder `out` (None: the
+    run already stubbed)."""
     def run_experiment(cfg):
         raise stop
 
-    monkeypatch.setattr(cli, "run_experiment", run_experiment)
+    if stop is not None:
+        monkeypatch.setattr(cli, "run_experiment", run_experiment)
     monkeypatch.setattr(cli._Stage, "task_started", False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     # logging left as it is: Hydra's setup would replace this test session's (later tests read theirs through caplog)
@@ -319,3 +321,51 @@ def test_a_second_interrupt_while_a_sweep_s_launcher_waits_for_its_jobs_is_ignor
         assert interrupts.received == []
     finally:
         interrupts.restore()
+
+
+def _sigterm_inside_the_run(received: list):
+    """A stand-in run that sends this process SIGTERM and gives a handler time to act; refused (so that the test
+    fails rather than its process dies) where SIGTERM would kill the process."""
+    def run_experiment(cfg):
+        handler = signal.getsignal(signal.SIGTERM)
+        received.append(handler)
+        assert handler not in (signal.SIG_DFL, None), "SIGTERM would kill the process"
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)
+
+    return run_experiment
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_exit_status_143(monkeypatch, capsys, tmp_path):
+    """A SLURM job's time limit sends SIGTERM: the job's log says what is kept and how to resume, as for Ctrl-C, and
+    SIGTERM's default action is back afterwards."""
+    RunDirectory(tmp_path).append({"case_id": 0})
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        handlers = []
+        monkeypatch.setattr(cli, "run_experiment", _sigterm_inside_the_run(handlers))
+        status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, None)
+        assert status == 143 and len(handlers) == 1
+        assert stderr == (f"terminated (SIGTERM): 1 finished case(s) are kept in {tmp_path}; to resume (finished work "
+                          f"is skipped), run the same command with hydra.run.dir={tmp_path}\n")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_handler_already_set_is_left_alone(monkeypatch, tmp_path):
+    """Submitit's jobs set their own (they log SIGTERM and go on): the run neither replaces nor removes it."""
+    received = []
+    recorded = lambda signum, frame: received.append(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, recorded)
+    try:
+        handlers = []
+        monkeypatch.setattr(cli, "run_experiment", _sigterm_inside_the_run(handlers))
+        monkeypatch.setattr(cli._Stage, "task_started", False)
+        monkeypatch.setattr(sys, "argv", ["sadr-run", f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null",
+                                          "hydra/job_logging=none", "hydra/hydra_logging=none"])
+        cli.main()
+        assert handlers == [recorded] and received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is recorded
+    finally:
+        signal.signal(signal.SIGTERM, previous)

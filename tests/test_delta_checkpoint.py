@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sadr.editors.delta as delta
-from sadr.editors.delta_checkpoint import discard_deltas, kept_or_optimised, resumable_deltas
+from sadr.cache import TORCH, read_entry, write_atomically
+from sadr.editors.delta_checkpoint import discard_deltas, kept_or_optimised, resumable_deltas, timed_deltas
 from sadr.results import DELTA_CHECKPOINT
 from sadr.runner import SEQUENTIAL_STATE, run_experiment
 from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (a fixture)
@@ -14,15 +15,18 @@ from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, writ
 
 class Optimiser:
     """Stands in for a δ-optimisation: a request's result is its name and how many times it was optimised;
-    `stop_at` raises Ctrl-C instead on that call."""
+    `stop_at` raises Ctrl-C instead on that call. Each call takes 5 s of a stand-in `clock`, where one is given."""
 
-    def __init__(self, stop_at: int | None = None):
+    def __init__(self, stop_at: int | None = None, clock: list[float] | None = None):
         self.calls: list[str] = []
         self.stop_at = stop_at
+        self.clock = clock
 
     def __call__(self, request: str) -> dict:
         def optimise():
             self.calls.append(request)
+            if self.clock is not None:
+                self.clock[0] += 5.0
             if len(self.calls) == self.stop_at:
                 raise KeyboardInterrupt
             return {"request": request, "delta": torch.full((2,), float(len(self.calls)))}
@@ -83,6 +87,41 @@ def test_a_damaged_chunk_and_those_after_it_are_optimised_again(tmp_path, caplog
     with resumable_deltas(folder, identity):
         [again(request) for request in "abc"]
     assert again.calls == ["b", "c"] and "is damaged" in caplog.text
+
+
+def test_a_result_read_back_counts_the_seconds_its_optimisation_took(tmp_path, monkeypatch):
+    """Stopped at the third of three δs (5 s each), the rerun's δ seconds are those of a run never stopped: 5 s
+    optimising the third and the 10 s the first two took, though reading them back takes none."""
+    folder, identity, clock = tmp_path / DELTA_CHECKPOINT, {"group": [0, 1, 2]}, [0.0]
+    monkeypatch.setattr("sadr.editors.delta_checkpoint.time.perf_counter", lambda: clock[0])
+    stopped, optimiser = {}, Optimiser(stop_at=3, clock=clock)
+    with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, identity), timed_deltas(stopped, "delta"):
+        [optimiser(request) for request in "abc"]
+    assert stopped == {"delta": 15.0}
+    for optimised in (["c"], []):  # then with every result read back
+        resumed, optimiser = {}, Optimiser(clock=clock)
+        with resumable_deltas(folder, identity), timed_deltas(resumed, "delta"):
+            [optimiser(request) for request in "abc"]
+        assert optimiser.calls == optimised and resumed == {"delta": 15.0}
+    outside: dict[str, float] = {}
+    with timed_deltas(outside, "delta"):
+        Optimiser(clock=clock)("a")
+    assert outside == {"delta": 5.0}
+
+
+def test_chunks_of_an_earlier_format_are_optimised_again(tmp_path):
+    """Format 1 kept no seconds per result."""
+    folder, identity = tmp_path / DELTA_CHECKPOINT, {"group": [0, 1]}
+    with resumable_deltas(folder, identity):
+        [Optimiser()(request) for request in "ab"]
+    (chunk,) = folder.glob("*.pt")
+    earlier = read_entry(chunk, TORCH)
+    write_atomically({"identity": identity, "first": 0, "results": [result[:2] for result in earlier["results"]]},
+                     chunk, TORCH)
+    again = Optimiser()
+    with resumable_deltas(folder, identity):
+        [again(request) for request in "ab"]
+    assert again.calls == ["a", "b"]
 
 
 def test_outside_a_block_nothing_is_kept():
@@ -147,10 +186,13 @@ def test_a_run_stopped_in_a_batch_s_deltas_resumes_from_them_with_the_rows_of_a_
 
     whole = run_experiment(cfg(tmp_path / "whole"))
     _stopped_in_the_deltas(cfg(tmp_path / "run"), monkeypatch, stop_at=3)
-    assert len(list((tmp_path / "run" / DELTA_CHECKPOINT).glob("*.pt"))) == 1
+    (chunk,) = (tmp_path / "run" / DELTA_CHECKPOINT).glob("*.pt")
+    kept_seconds = sum(seconds for _, _, seconds in read_entry(chunk, TORCH)["results"])
     assert not (tmp_path / "run" / SEQUENTIAL_STATE).exists() and not (tmp_path / "run" / "cases.jsonl").exists()
     optimised = _counting_deltas(monkeypatch)
     out = run_experiment(cfg(tmp_path / "run"))
     assert len(optimised) == 2  # the first batch's third request, then the second batch's one
     assert _without_seconds(written_rows(out)) == _without_seconds(written_rows(whole))
+    first_batch = written_rows(out)[0]["seconds"]
+    assert first_batch["v_star" if editor == "rome" else "delta"] > kept_seconds  # the kept δs' seconds, and more
     assert not (out / DELTA_CHECKPOINT).exists()

@@ -407,7 +407,11 @@ def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
         run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
 
 
-def test_ctrl_c_keeps_the_finished_cases_says_so_and_the_same_command_resumes(tiny_dir, tmp_path):
+@pytest.mark.parametrize("stop, status, said", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, r"terminated \(SIGTERM\)")])
+def test_ctrl_c_or_sigterm_keeps_the_finished_cases_says_so_and_the_same_command_resumes(stop, status, said, tiny_dir,
+                                                                                        tmp_path):
+    """SIGTERM is what a SLURM job's time limit sends."""
     out = tmp_path / "run"
     offline = Path(__file__).parents[1] / "sadr" / "data" / "offline" / "counterfact_offline.json"
     overrides = [o for o in tiny_overrides(tiny_dir, out) if not o.startswith(("dataset.path=", "dataset.limit="))]
@@ -422,11 +426,11 @@ def test_ctrl_c_keeps_the_finished_cases_says_so_and_the_same_command_resumes(ti
     deadline = time.monotonic() + 300
     while not (rows.is_file() and rows.read_text()) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=300)
     kept = len(rows.read_text().splitlines())
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    assert re.search(rf"^interrupted: {kept} finished case\(s\) are kept in (.*run); to resume \(finished work is "
+    assert process.returncode == status and "Traceback" not in stderr, stderr[-3000:]
+    assert re.search(rf"^{said}: {kept} finished case\(s\) are kept in (.*run); to resume \(finished work is "
                      rf"skipped\), run the same command with hydra\.run\.dir=\1$", stderr, re.MULTILINE), stderr[-3000:]
     assert 1 <= kept < 4
     resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

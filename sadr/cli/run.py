@@ -3,7 +3,8 @@
 A user's mistake (a bad key or value, a missing file, an unknown model family, a malformed record, no
 network for a hub model) ends the command with its message on stderr and exit status 2, without a
 traceback; `HYDRA_FULL_ERROR=1` shows the traceback. Ctrl-C ends it with one line saying how many finished cases
-are kept and how to resume, and exit status 130. Anything else is a bug and keeps its traceback. The line, or the
+are kept and how to resume, and exit status 130; SIGTERM (a SLURM job's time limit, `kill`, `timeout`) does the same
+with exit status 143. Anything else is a bug and keeps its traceback. The line, or the
 traceback, is also the last record of the run's log file (Hydra's `run.log`), which is often all a SLURM job leaves.
 """
 from __future__ import annotations
@@ -32,6 +33,11 @@ from sadr.runner import run_experiment
 log = logging.getLogger("sadr")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised inside a run as Ctrl-C is: the same code then keeps the finished work (the δs of the edit in
+    progress among it, which a kill would lose) and says how to resume."""
+
+
 class _Stage:
     """Whether Hydra got as far as calling the task: an exit before that is a config that does not compose."""
 
@@ -46,8 +52,9 @@ def _full_error_requested() -> bool:
 def _main(cfg: DictConfig) -> None:
     _Stage.task_started = True
     try:
-        validate(cfg)
-        run_experiment(cfg)
+        with _sigterm_stops_the_run():
+            validate(cfg)
+            run_experiment(cfg)
     except UsageError as err:
         if _full_error_requested():
             raise
@@ -56,14 +63,16 @@ def _main(cfg: DictConfig) -> None:
         resume = f"; {kept} are kept in {cfg.output_dir}: a rerun with {_where_to_resume(cfg.output_dir)} skips them"
         _say_why_it_stopped(f"error: {err}{resume if kept else ''}")
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if _full_error_requested():
             raise
+        terminated = isinstance(stop, Terminated)
         with _further_interrupts_ignored():  # counting the kept rows of a large run takes seconds
-            _say_why_it_stopped(f"interrupted: {_kept(cfg.output_dir) or '0 finished case(s)'} are kept in "
-                                f"{cfg.output_dir}; to resume (finished work is skipped), run the same command with "
+            _say_why_it_stopped(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: "
+                                f"{_kept(cfg.output_dir) or '0 finished case(s)'} are kept in {cfg.output_dir}; to "
+                                "resume (finished work is skipped), run the same command with "
                                 f"{_where_to_resume(cfg.output_dir)}")
-        raise SystemExit(130) from None
+        raise SystemExit(143 if terminated else 130) from None
     except Exception:
         _record_in_log_file("stopped by an error (a bug: please report it with this traceback)", sys.exc_info())
         raise
@@ -102,6 +111,26 @@ def _where_to_resume(output_dir: str) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f"hydra.sweep.dir={hydra_cfg.sweep.dir}"
     return f"hydra.run.dir={output_dir}"
+
+
+@contextmanager
+def _sigterm_stops_the_run() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the run works, where it would kill the process: a SLURM job's time limit
+    sends it, and the job's log then ends with what is kept and how to resume. A handler already set is left alone
+    (submitit's jobs log SIGTERM and go on, and requeue on a signal of their own), as is any thread but the main one
+    (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextmanager

@@ -9,8 +9,8 @@ MEMIT, PMET and AlphaEdit optimise every δ on the same model, and ROME optimise
 requests edited, which replaying their kept δs rebuilds. Results are kept as plain data (`DeltaResult.as_plain`), a
 chunk file (CRC-checked, as cache entries) at most every `every_seconds` and whenever the block is left, by an error
 or Ctrl-C too, so a kill loses at most that long. The runner removes the folder once the group's rows (or a
-sequential run's checkpoint) are written. The seconds of δs read back are not this run's: the edit's δ seconds
-(`delta`; ROME's `v_star`) leave them out.
+sequential run's checkpoint) are written. Each result keeps the seconds its optimisation took, which the edit's δ
+seconds (`delta`; ROME's `v_star`, timed by `timed_deltas`) count for a result read back.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from sadr.cache import TORCH, read_entry, write_atomically
+from sadr.editors.base import timed
 
 log = logging.getLogger(__name__)
 
 SAVE_SECONDS = 60.0
+FORMAT = 2  # chunks of format 1 (2026-12-06) lack each result's seconds: they are optimised again
 R = TypeVar("R")
 
 
@@ -36,16 +38,18 @@ class _Kept:
     folder: Path
     identity: dict
     every_seconds: float
-    earlier: list[tuple[str, dict]]  # (request, encoded result) of the earlier blocks, in call order
-    new: list[tuple[str, dict]] = field(default_factory=list)  # not yet written
+    earlier: list[tuple[str, dict, float]]  # (request, encoded result, its seconds) of the earlier blocks, in order
+    new: list[tuple[str, dict, float]] = field(default_factory=list)  # not yet written
     calls: int = 0
     chunks: int = 0
     saved: float = field(default_factory=lambda: time.monotonic())
     reused: int = 0
+    seconds_read_back: float = 0.0  # what the results read back took to optimise, when they were
 
     def save(self) -> None:
         if self.new:
-            chunk = {"identity": self.identity, "first": self.calls - len(self.new), "results": self.new}
+            chunk = {"format": FORMAT, "identity": self.identity, "first": self.calls - len(self.new),
+                     "results": self.new}
             write_atomically(chunk, self.folder / f"{self.chunks:06d}.pt", TORCH)
             self.chunks += 1
             self.new = []
@@ -55,18 +59,20 @@ class _Kept:
 _ACTIVE: ContextVar[_Kept | None] = ContextVar("resumable_deltas", default=None)
 
 
-def _earlier_results(folder: Path, identity: dict) -> tuple[list[tuple[str, dict]], int]:
+def _earlier_results(folder: Path, identity: dict) -> tuple[list[tuple[str, dict, float]], int]:
     """The results kept for `identity`, in call order, and how many chunk files hold them. Files after the first
-    that is another group's, damaged (read_entry warns) or out of order are removed: their δs are optimised again."""
+    that is another group's, damaged (read_entry warns), out of order or of another format are removed: their δs
+    are optimised again."""
     files = sorted(folder.glob("*.pt")) if folder.is_dir() else []
-    results: list[tuple[str, dict]] = []
+    results: list[tuple[str, dict, float]] = []
     for index, file in enumerate(files):
         chunk = read_entry(file, TORCH)
-        if chunk is None or chunk.get("identity") != identity or chunk.get("first") != len(results):
+        if (chunk is None or chunk.get("format") != FORMAT or chunk.get("identity") != identity
+                or chunk.get("first") != len(results)):
             for later in files[index:]:
                 later.unlink(missing_ok=True)  # read_entry may have removed a damaged one
             return results, index
-        results += chunk["results"]
+        results += [tuple(result) for result in chunk["results"]]
     return results, len(files)
 
 
@@ -98,15 +104,30 @@ def kept_or_optimised(request, optimise: Callable[[], R], encode: Callable[[R], 
         return optimise()
     call, key = kept.calls, repr(request)  # calls: the results of this block so far
     if call < len(kept.earlier) and kept.earlier[call][0] == key:
+        _, plain, seconds = kept.earlier[call]
         kept.reused += 1
         kept.calls += 1
-        return decode(kept.earlier[call][1])
+        kept.seconds_read_back += seconds
+        return decode(plain)
     if call < len(kept.earlier):  # another request than the kept one (not in a resumed run): from here on afresh
         kept.new, kept.earlier, kept.chunks = kept.earlier[:call], [], 0
         shutil.rmtree(kept.folder, ignore_errors=True)
+    start = time.perf_counter()
     result = optimise()
-    kept.new.append((key, encode(result)))
+    kept.new.append((key, encode(result), time.perf_counter() - start))
     kept.calls += 1
     if time.monotonic() - kept.saved >= kept.every_seconds:
         kept.save()
     return result
+
+
+@contextmanager
+def timed_deltas(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """`timed`, with each result read back inside counted at the seconds its optimisation took: a resumed edit's δ
+    seconds are those of the edit never stopped, not only of the δs this invocation optimised."""
+    kept = _ACTIVE.get()
+    before = kept.seconds_read_back if kept is not None else 0.0
+    with timed(seconds, name):
+        yield
+    if kept is not None:
+        seconds[name] += kept.seconds_read_back - before

@@ -18,6 +18,7 @@ from sadr.data.records import EditRequest
 from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.delta import DeltaObjective, DeltaResult, delta_diagnostics, optimize_delta, optimize_deltas
+from sadr.editors.delta_checkpoint import timed_deltas
 from sadr.editors.keys import mean_keys
 from sadr.editors.plugin import EditorPlugin
 from sadr.editors.update import rank_one_update
@@ -60,7 +61,7 @@ class RomeEditor(Editor):
         deltas = []
         for request in requests:
             ((second_moment, key, exact_key),) = self._keys([request], outcome.seconds)
-            with timed(outcome.seconds, "v_star"):
+            with timed_deltas(outcome.seconds, "v_star"):
                 deltas.append(optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
                                              self.objective, self.regularizers))
             self._write(second_moment, key, exact_key, deltas[-1], outcome)

@@ -30,6 +30,7 @@ from sadr.editors.base import EditOutcome, Editor, timed
 from sadr.editors.capture import capture_outputs, stop_after
 from sadr.editors.covariance import SecondMomentStatistics
 from sadr.editors.delta import SITES, DeltaObjective, DeltaResult, delta_diagnostics, optimize_delta, optimize_deltas
+from sadr.editors.delta_checkpoint import timed_deltas
 from sadr.editors.keys import mean_keys
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.prompts import encode_subject_prompts
@@ -137,7 +138,7 @@ class SpreadEditor(Editor):
         outcome = SpreadOutcome()
         with timed(outcome.seconds, "covariance"):
             second_moments = self.second_moments()
-        with timed(outcome.seconds, "delta"):
+        with timed_deltas(outcome.seconds, "delta"):
             results = [optimize_delta(self.model, self.adapter, self.tokenizer, request, self.context_templates,
                                       self.objective, self.regularizers) for request in requests]
         return self._spread(requests, results, second_moments, outcome)
