@@ -114,6 +114,41 @@ def test_a_killed_statistics_pass_resumes_from_its_checkpoint_with_the_same_sums
         torch.testing.assert_close(rebatched.take_moment(layer), whole.take_moment(layer), rtol=1e-5, atol=1e-7)
 
 
+def test_ctrl_c_in_a_batch_keeps_the_sums_with_that_batch_and_the_rerun_gives_the_same_sums(tokenizer, tmp_path):
+    """A real SIGINT while the second batch's forward runs, and no checkpoint due for an hour: the batch finishes in
+    every layer, the sums are saved after it, and the resumed pass equals an uninterrupted one bit for bit."""
+    import os
+    import signal
+
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    texts = TEXTS * 3
+    whole = accumulate_second_moments(model, adapter, tokenizer, [1, 2], texts, sample_length=64, batch_tokens=24)
+    checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1, 2]}, every_seconds=3600.0)
+    rows = []
+
+    def interrupt_the_second_batch(_module, args):
+        rows.append(args[0].shape[0])
+        if len(rows) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = adapter.mlp_down_module(model, 1).register_forward_pre_hook(interrupt_the_second_batch)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            accumulate_second_moments(model, adapter, tokenizer, [1, 2], texts, sample_length=64, batch_tokens=24,
+                                      checkpoint=checkpoint)
+    finally:
+        signal.signal(signal.SIGINT, before)
+        handle.remove()
+    assert torch.load(checkpoint.path)["texts"] == sum(rows) < len(texts)  # the first two batches' texts
+    resumed = accumulate_second_moments(model, adapter, tokenizer, [1, 2], texts, sample_length=64, batch_tokens=24,
+                                        checkpoint=checkpoint)
+    assert resumed.count == whole.count
+    for layer in (1, 2):
+        assert torch.equal(resumed.take_moment(layer), whole.take_moment(layer))
+
+
 def test_a_resumed_pass_counts_the_texts_of_its_checkpoint_as_done_but_not_in_its_rate(tokenizer, tmp_path,
                                                                                          monkeypatch, caplog):
     """Each text this process encodes takes 2 s on a hand-set clock; the skipped ones take none, as they nearly do."""

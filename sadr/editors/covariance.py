@@ -22,6 +22,7 @@ from sadr.data.corpus import Corpus
 from sadr.editors.capture import stop_after
 from sadr.editors.update import FactorizedMoment, mirror_upper_triangle_
 from sadr.errors import DeviceMemoryError, InvalidSettingError, MissingInputError
+from sadr.interrupts import interrupts_deferred
 from sadr.models.adapters import ModelAdapter
 from sadr.models.devices import clock, take_peak_memory, tf32_in_use
 from sadr.models.fingerprint import cache_key
@@ -124,11 +125,11 @@ class SecondMomentSums:
 
 @dataclass
 class PassCheckpoint:
-    """Where a statistics pass saves its sums every `every_seconds`, between two batches, and from which a rerun of
-    the same pass (`identity`: its layers and device) resumes: with the same batching, to the same sums, bit for bit,
-    as if never stopped. A rerun with other batching (`batch_tokens` lowered after running out of memory) resumes
-    too, as C's cache entries do not depend on it either. One file per (model, corpus): a pass with another identity
-    starts afresh and overwrites it."""
+    """Where a statistics pass saves its sums every `every_seconds` and when Ctrl-C or SIGTERM stops it, always
+    between two batches, and from which a rerun of the same pass (`identity`: its layers and device) resumes: with
+    the same batching, to the same sums, bit for bit, as if never stopped. A rerun with other batching (`batch_tokens`
+    lowered after running out of memory) resumes too, as C's cache entries do not depend on it either. One file per
+    (model, corpus): a pass with another identity starts afresh and overwrites it."""
 
     path: Path
     identity: dict
@@ -166,8 +167,9 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     float32 (at most CHUNK_BYTES / (8 d_ff) tokens summed in float32) and added to the float64 sums. With
     `expected_texts` (the corpus's size, when known), a log line every PROGRESS_SECONDS gives the texts read, the rate
     and the ETA: a published statistics pass reads 100,000 texts. With a `checkpoint`, the sums so far are saved
-    there every `checkpoint.every_seconds`, and a pass that finds one resumes after the texts it holds (reading them
-    from the corpus again, without their forwards).
+    there every `checkpoint.every_seconds` and when Ctrl-C or SIGTERM stops the pass (which waits for the batch in
+    progress), and a pass that finds one resumes after the texts it holds (reading them from the corpus again, without
+    their forwards).
     """
     device = next(model.parameters()).device
     sums = {layer: None for layer in layers}
@@ -212,8 +214,16 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
         seconds["forward"] += clock(device) - started - (seconds["accumulate"] - accumulated)
 
     pending: list[list[int]] = []
+    boundary = skip  # the first text not in the sums: the texts before it are, and a batch begins there
     started = saved = time.perf_counter()
     before = dict(seconds)  # a resumed pass's seconds so far
+
+    def flush_before(index: int) -> None:
+        """Adds the pending texts, those before text `index`, to the sums; Ctrl-C or SIGTERM waits for it."""
+        nonlocal pending, boundary
+        with interrupts_deferred():
+            flush(pending)
+            pending, boundary = [], index
 
     def with_corpus_seconds() -> dict[str, float]:
         """`seconds` with the corpus's share so far: what is neither forward nor accumulation."""
@@ -224,28 +234,33 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     # The rate and ETA count from the first text: the wait for it (a download, or sampling a generated corpus,
     # whose texts all come at once) says nothing of how fast the texts are read.
     texts = iter(texts)
-    first = next(texts, None)
-    if first is not None:
-        log.info("key statistics: the corpus's first text came after %.1f s", time.perf_counter() - started)
-    with Progress(expected_texts or 0, True, interval=PROGRESS_SECONDS, interactive=False, unit="text",
-                  label="key statistics", initial=skip) as progress:
-        for index, text in enumerate(itertools.chain([] if first is None else [first], texts)):
-            if index < skip:  # in the resumed sums, and in the progress's count, not in its rate
-                continue
-            progress.advance(1)
-            ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:sample_length]
-            if not ids:
-                continue
-            width = max([len(ids)] + [len(s) for s in pending])
-            if pending and width * (len(pending) + 1) > batch_tokens:
-                flush(pending)
-                pending = []
-                if checkpoint is not None and time.perf_counter() - saved >= checkpoint.every_seconds:
-                    checkpoint.save(index, count, with_corpus_seconds(), sums)  # the texts before this one are in the sums
-                    saved = time.perf_counter()
-            pending.append(ids)
-        if pending:
-            flush(pending)
+    index = -1
+    try:
+        first = next(texts, None)
+        if first is not None:
+            log.info("key statistics: the corpus's first text came after %.1f s", time.perf_counter() - started)
+        with Progress(expected_texts or 0, True, interval=PROGRESS_SECONDS, interactive=False, unit="text",
+                      label="key statistics", initial=skip) as progress:
+            for index, text in enumerate(itertools.chain([] if first is None else [first], texts)):
+                if index < skip:  # in the resumed sums, and in the progress's count, not in its rate
+                    continue
+                progress.advance(1)
+                ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:sample_length]
+                if not ids:
+                    continue
+                width = max([len(ids)] + [len(s) for s in pending])
+                if pending and width * (len(pending) + 1) > batch_tokens:
+                    flush_before(index)
+                    if checkpoint is not None and time.perf_counter() - saved >= checkpoint.every_seconds:
+                        checkpoint.save(boundary, count, with_corpus_seconds(), sums)
+                        saved = time.perf_counter()
+                pending.append(ids)
+            if pending:
+                flush_before(index + 1)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`sadr.cli.run`), never within a batch: the sums so far are kept
+        if checkpoint is not None and boundary > skip:
+            checkpoint.save(boundary, count, with_corpus_seconds(), sums)
+        raise
     seconds = with_corpus_seconds()
     if count == 0:
         raise InvalidSettingError("the statistics corpus produced no tokens; check model.stats (corpus, text_file, n_samples)")

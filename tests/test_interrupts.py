@@ -1,0 +1,63 @@
+"""Ctrl-C and SIGTERM held while work that must not stop halfway finishes, then delivered as they would have been."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from sadr.interrupts import interrupts_deferred
+
+
+@pytest.fixture
+def handlers():
+    """SIGINT raising KeyboardInterrupt (as in a terminal; a suite started in the background ignores it) and SIGTERM
+    recorded, for the test's duration."""
+    received: list[int] = []
+    before = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+              signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))}
+    yield received
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_ctrl_c_inside_the_block_comes_when_the_block_has_finished(handlers):
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # pressed twice: one interrupt
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_reaches_its_own_handler_once_after_the_block(handlers):
+    recorder = signal.getsignal(signal.SIGTERM)
+    with interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handlers == []
+    assert handlers == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is recorder
+
+
+def test_a_block_that_raises_still_restores_and_delivers(handlers):
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise RuntimeError("a bug")
+    assert isinstance(stopped.value.__context__, RuntimeError)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_off_the_main_thread_nothing_changes(handlers):
+    seen = []
+
+    def work():
+        with interrupts_deferred():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]
