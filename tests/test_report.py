@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,11 @@ from sadr.report import page
 from sadr.report.build import MAX_STEM, file_stem, write_report
 from sadr.evaluation.summary import differing_keys, summarize
 from sadr.evaluation.aggregate import metric_table
-from sadr.report.data import (TRADEOFF_METRICS, Run, Series, bars_table, drift_map, environments, load_runs, phase_seconds,
-                              selected_head_map, series_of)
+from sadr.evaluation.drift import ATTENTION, decode_entry
+from sadr.report.data import (TRADEOFF_METRICS, Run, Series, bars_table, environments, load_runs, phase_seconds,
+                              series_of, tally_cases)
 from sadr.report.plots import bars_figure, drift_figure, tradeoff_figure
+from sadr.results import RunDirectory
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
 
@@ -153,7 +156,55 @@ def test_drift_map_weights_every_dns_prompt_alike_whatever_its_case():
             {"edited": {"subject_attention": attention_entry([[[0.25, 0.5]]] * 3)},
              "unedited": {"subject_attention": attention_entry([[[0.25, 0.25]]] * 3)}}]
     # increases: [0.5, 0] once, [0, 0.25] three times -> [0.5, 0.75] / 4; case means would give [0.25, 0.125]
-    np.testing.assert_allclose(drift_map(Run("0", {}, pd.DataFrame(), {"0": rows}, {"0": {}})), [[12.5, 18.75]])
+    np.testing.assert_allclose(tally_cases([rows]).drift, [[12.5, 18.75]])
+
+
+def test_drift_map_as_loaded_is_the_mean_of_every_case_s_increases_stacked(sweep, tmp_path):
+    """The report sums the map as it reads the rows; that is the mean of all prompts' increases concatenated, in
+    float64, to the last bit. Cases with 1 to 7 DNS prompts (so the mean of case means would differ), and one case
+    without attention, which adds nothing."""
+    run = tmp_path / "runs" / "0"
+    shutil.copytree(sweep / "0", run)
+    recorded = written_rows(run)
+    layers, heads = recorded[0]["edited"][ATTENTION]["shape"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for case_id, prompts in enumerate([1, 7, 2, 5, 3, 1, 6, 4]):
+        row = json.loads(json.dumps(recorded[case_id % len(recorded)]))
+        row["case_id"] = case_id
+        for state in ("edited", "unedited"):
+            row[state][ATTENTION] = attention_entry(rng.random((prompts, layers, heads)))
+        rows.append(row)
+    rows[3]["unedited"].pop(ATTENTION)
+    (run / "cases.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    increases = [decode_entry(row["edited"][ATTENTION]) - decode_entry(row["unedited"][ATTENTION])
+                 for row in rows if ATTENTION in row["unedited"]]
+    expected = 100 * np.concatenate(increases).astype(np.float64).mean(axis=0)
+    (loaded,) = load_runs(tmp_path / "runs")
+    np.testing.assert_array_equal(loaded.cases.drift, expected)
+    assert not np.allclose(expected, 100 * np.mean([increase.mean(axis=0) for increase in increases], axis=0))
+
+
+def test_load_runs_keeps_no_rows(sweep, monkeypatch):
+    """Each run's rows are reduced as they are read: when a run's rows are read, no earlier run's are still held, and
+    the runs returned hold none (a sweep's rows take several GB a run at paper scale)."""
+    class Rows(list):  # a list that can be referenced weakly
+        pass
+
+    read = []
+    original = RunDirectory.rows
+
+    def rows(self):
+        assert all(ref() is None for ref in read), "an earlier run's rows are still held"
+        out = Rows(original(self))
+        read.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(RunDirectory, "rows", rows)
+    runs = load_runs(sweep)
+    assert len(read) == len(runs) == len(SWEEP)
+    assert all(ref() is None for ref in read)
 
 
 def test_selected_head_map_is_the_mean_count_over_the_cases_that_recorded_one():
@@ -162,10 +213,9 @@ def test_selected_head_map_is_the_mean_count_over_the_cases_that_recorded_one():
     counts at all: no map."""
     rows = [{"diagnostics": {"selected_head_counts": counts}} for counts in
             ([[0, 1], [2, 0]], [[0, 2], [1, 0]], [[0, 0], [3, 0]])] + [{"diagnostics": {}}]
-    run = Run("0", {}, pd.DataFrame(), {"0": rows}, {"0": {}})
-    np.testing.assert_allclose(selected_head_map(run), [[0.0, 1.0], [2.0, 0.0]])
-    np.testing.assert_allclose(selected_head_map(Run("1", {}, pd.DataFrame(), {"1": rows[:1]}, {"1": {}})), [[0, 1], [2, 0]])
-    assert selected_head_map(Run("2", {}, pd.DataFrame(), {"2": rows[3:]}, {"2": {}})) is None
+    np.testing.assert_allclose(tally_cases([rows]).selected_heads, [[0.0, 1.0], [2.0, 0.0]])
+    np.testing.assert_allclose(tally_cases([rows[:1]]).selected_heads, [[0, 1], [2, 0]])
+    assert tally_cases([rows[3:]]).selected_heads is None
 
 
 def test_drift_figure_draws_those_maps_on_one_scale(report):
@@ -224,7 +274,7 @@ def test_bars_show_score_and_avg_s_beside_the_success_rates():
               "relation": entry([0.0, 1.0], [0.25, 0.5], [0.5, 0.25]),
               "distract_neighborhood": entry([0.0, 1.0, 0.0, 0.0], [0.25, 0.5, 0.25, 0.25], [0.5, 0.25, 0.5, 0.5])}
     rows = [{"case_id": 0, "edited": edited, "unedited": edited}]
-    run = Run("0", {"editor.name": "rome", "sadr.lambda": 0.0}, metric_table(rows), {"0": rows}, {"0": {}})
+    run = Run("0", {"editor.name": "rome", "sadr.lambda": 0.0}, metric_table(rows), tally_cases([rows]), {"0": {}})
     table = bars_table(Series("rome", [run]))
     assert "magnitude" not in set(table.quantity)
     for bar in ("unedited", "γ=0"):
@@ -251,9 +301,9 @@ def test_page_is_self_contained_and_holds_every_table(sweep, report):
 
 def test_phase_seconds_split_shared_edit_times_among_cases():
     def run(protocol, batch_size, seconds):
-        return Run(protocol, {}, pd.DataFrame(), {"x": [
+        return Run(protocol, {}, pd.DataFrame(), tally_cases([[
             {"protocol": protocol, "batch_size": batch_size, "seconds": {**s, "eval_per_case": 1.0}} for s in seconds
-        ]}, {"x": {}})
+        ]]), {"x": {}})
     single = run("single", 1, [{"update": 2.0}, {"update": 3.0}])
     batch = run("batch", 2, [{"update": 4.0}, {"update": 4.0}])  # one edit of both cases
     sequential = run("sequential", 1, [{"update": 6.0}] * 3)  # every row holds the whole run's edit time
@@ -267,15 +317,17 @@ def test_phase_seconds_add_the_shards_of_a_sequential_run():
     """Each shard of a sequential run stacks its own edits: its rows share its folder's time, and the shards add up."""
     def rows(n, update):
         return [{"protocol": "sequential", "batch_size": 1, "seconds": {"update": update, "eval_per_case": 1.0}}] * n
-    run = Run("s_1,s_2", {}, pd.DataFrame(), {"s_1": rows(2, 4.0), "s_2": rows(3, 9.0)}, {"s_1": {}, "s_2": {}})
+    run = Run("s_1,s_2", {}, pd.DataFrame(), tally_cases([rows(2, 4.0), rows(3, 9.0)]), {"s_1": {}, "s_2": {}})
     table = phase_seconds([run])
     assert table.loc["s_1,s_2", ["cases", "update", "evaluation", "total"]].tolist() == [5, 4.0 + 9.0, 5.0, 18.0]
 
 
 def test_runs_of_one_environment_share_a_row():
     env = {"python": "3.11", "platform": "linux", "device_name": "cpu", "git_commit": "abc", "packages": {"torch": "2.13"}}
-    runs = [Run(n, {}, pd.DataFrame(), {n: []}, {n: e}) for n, e in (("0", env), ("1", env), ("2", {**env, "git_commit": "def"}))]
-    runs.append(Run("3_1,3_2", {}, pd.DataFrame(), {"3_1": [], "3_2": []}, {"3_1": env, "3_2": {**env, "device_name": "gpu"}}))
+    runs = [Run(n, {}, pd.DataFrame(), tally_cases([[]]), {n: e})
+            for n, e in (("0", env), ("1", env), ("2", {**env, "git_commit": "def"}))]
+    runs.append(Run("3_1,3_2", {}, pd.DataFrame(), tally_cases([[], []]),
+                    {"3_1": env, "3_2": {**env, "device_name": "gpu"}}))
     table = environments(runs)  # the shards of one configuration may have run on different machines
     assert table.runs.tolist() == ["0, 1, 3_1", "2", "3_2"] and table.torch.tolist() == ["2.13", "2.13", "2.13"]
 
@@ -370,7 +422,7 @@ def test_series_of_one_editor_are_labelled_by_the_always_shown_keys_that_tell_th
     in which runs of one line may differ); MEMIT, alone, keeps the bare editor name."""
     def run(name, editor, model, limit, gamma):
         settings = {"editor.name": editor, "model.name": model, "dataset.limit": limit, "sadr.lambda": gamma}
-        return Run(name, settings, pd.DataFrame(), {name: []}, {name: {}})
+        return Run(name, settings, pd.DataFrame(), tally_cases([[]]), {name: {}})
     runs = [run("a", "rome", "m1", 2, 0.0), run("c", "rome", "m2", 3, 0.5), run("b", "rome", "m2", 3, 0.0),
             run("d", "memit", "m1", 2, 0.5)]
     lines = series_of(runs)

@@ -92,7 +92,7 @@ def test_the_report_merges_shards_as_summarize_does(runs):
     sharded = {run.settings["sadr.lambda"]: run for run in load_runs(runs / "sharded")}
     whole = {run.settings["sadr.lambda"]: run for run in load_runs(runs / "whole")}
     assert sorted(sharded) == sorted(whole) == [0.0, 0.5]
-    assert sharded[0.5].name == "0.5_1,0.5_2" and sorted(sharded[0.5].parts) == ["0.5_1", "0.5_2"]
+    assert sharded[0.5].name == "0.5_1,0.5_2" and sorted(sharded[0.5].environments) == ["0.5_1", "0.5_2"]
     lines = series_of(list(sharded.values()))
     assert [line.label for line in lines] == ["rome"]  # one line, not one per shard
     columns = ["lambda", "metric", "mean", "ci95", "n"]

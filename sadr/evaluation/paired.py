@@ -17,6 +17,8 @@ from sadr.errors import DamagedFileError
 from sadr.evaluation.aggregate import LABELS, PROTOCOLS, mean_ci
 from sadr.results import ROWS_FILE, RunDirectory
 
+REQUEST_KEYS = ("dataset", "subject", "target_new")  # a case's request, the same in both runs
+
 
 def sign_test(up: int, down: int) -> float:
     """Exact two-sided binomial test of up vs down changes (ties dropped) against a fair coin."""
@@ -33,11 +35,7 @@ def _rows(runs: str | Path | list[Path]) -> dict[str, dict]:
     rows = {}
     for run in runs:
         for row in RunDirectory(run).rows() if (run / ROWS_FILE).is_file() else []:  # (RunDirectory makes its folder)
-            if not isinstance(row.get("edited"), dict):
-                raise DamagedFileError(
-                    f"case {row['case_id']} in {run / ROWS_FILE} has no edited scores (an object under \"edited\"), so "
-                    "the file was damaged or edited: delete that line, and a rerun of the same command redoes its case")
-            rows[str(row["case_id"])] = row
+            rows[str(row["case_id"])] = _compared_fields(row, run / ROWS_FILE)
     if not rows:
         written = any((run / ROWS_FILE).is_file() for run in runs)
         state = f"has no finished case in its {ROWS_FILE}" if written else f"holds no {ROWS_FILE}"
@@ -45,16 +43,28 @@ def _rows(runs: str | Path | list[Path]) -> dict[str, dict]:
     return rows
 
 
+def _compared_fields(row: dict, file: Path) -> dict:
+    """What compare reads of a row: its request and each metric's per-prompt values, edited. The rest (attention
+    blobs, unedited scores, diagnostics) would hold both runs' whole files in memory."""
+    if not isinstance(row.get("edited"), dict):
+        raise DamagedFileError(
+            f"case {row['case_id']} in {file} has no edited scores (an object under \"edited\"), so the file was "
+            "damaged or edited: delete that line, and a rerun of the same command redoes its case")
+    edited = {metric: {"value": entry["value"]} for metric, entry in row["edited"].items()
+              if metric in LABELS and isinstance(entry, dict) and "value" in entry}
+    return {**{key: row[key] for key in REQUEST_KEYS if key in row}, "edited": edited}
+
+
 def _values(row: dict, metric: str) -> list[float]:
     entry = row["edited"].get(metric)
-    return list(entry.get("value", [])) if isinstance(entry, dict) else []
+    return list(entry["value"]) if entry else []
 
 
 def _check_same_requests(a: dict[str, dict], b: dict[str, dict]) -> None:
     """Each case id names the same request in both runs (ids are file positions in most formats, so runs on two
     different files share them)."""
     for case_id in a:
-        for key in ("dataset", "subject", "target_new"):  # rows before 2026-12-06 have no target_new
+        for key in REQUEST_KEYS:  # rows before 2026-12-06 have no target_new
             if key in a[case_id] and key in b[case_id] and a[case_id][key] != b[case_id][key]:
                 raise ValueError(f"case {case_id} has {key} {a[case_id].get(key)!r} in one run but "
                                  f"{b[case_id].get(key)!r} in the other: the runs read different dataset files; "

@@ -17,12 +17,10 @@ from sadr.report.data import (
     Series,
     bars_table,
     config_diff,
-    drift_map,
     environments,
     load_runs,
     matrix_frame,
     phase_seconds,
-    selected_head_map,
     series_of,
     tradeoff_table,
 )
@@ -92,9 +90,9 @@ def _drift(series: list[Series], target: Path) -> list[str]:
         "Distract Neighborhood prompt, edited − unedited, mean over prompts, in percentage points (red: the edit "
         "pulls attention onto the subject). Green: in how many rewrite prompts SADR's last δ step restricted the head.")
     for line in series:
-        drift, drift_files = _matrices(line, target, "drift", drift_map,
+        drift, drift_files = _matrices(line, target, "drift", lambda run: run.cases.drift,
                                        lambda run: f"γ={line.tag(run)} ({'SADR' if run.gamma > 0 else 'no SADR'})")
-        selected, selected_files = _matrices(line, target, "selected_heads", selected_head_map,
+        selected, selected_files = _matrices(line, target, "selected_heads", lambda run: run.cases.selected_heads,
                                              lambda run: f"heads SADR selected, γ={line.tag(run)}")
         files = drift_files + selected_files
         if not drift and not selected:
@@ -138,7 +136,7 @@ def _metrics(series: list[Series], root: Path, target: Path) -> list[str]:
 
 
 def _metadata(runs: list[Run], target: Path) -> list[str]:
-    overview = pd.DataFrame([{"run": run.name, **{k: run.settings.get(k) for k in ALWAYS}, "cases": len(run.rows)}
+    overview = pd.DataFrame([{"run": run.name, **{k: run.settings.get(k) for k in ALWAYS}, "cases": run.cases.count}
                              for run in runs]).set_index("run")
     diff = config_diff(runs)
     envs = environments(runs)

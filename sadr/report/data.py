@@ -6,6 +6,7 @@ merged and grouped as `sadr summarize` finds, merges and pairs them (sadr/evalua
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +24,31 @@ PROTOCOL = "prompt"  # every prompt one observation, as SADR's Table 3
 
 
 @dataclass(frozen=True)
+class Cases:
+    """What the report reads of a configuration's cases.jsonl rows, reduced as they are read (`tally_cases`): the
+    rows hold attention blobs and every prompt's scores, several GB a run at paper scale, too many to keep a sweep's.
+
+    `drift`, layers × heads: the mean over every DNS prompt of edited − unedited attention to the edited subject, ×100
+    (percentage points, as the tables' Drift); None when no row recorded `subject_attention` (eval.drift=false).
+    `selected_heads`, layers × heads: in how many rewrite prompts SADR's last δ step selected each head, mean over the
+    rows that recorded `selected_head_counts`; None for runs without SADR, or made before the regularizer recorded it.
+    """
+
+    count: int  # rows
+    drift: np.ndarray | None
+    selected_heads: np.ndarray | None
+    seconds: dict[str, float]  # phase -> seconds summed over the rows, shared edit times split (`_add_phase_seconds`)
+
+
+@dataclass(frozen=True)
 class Run:
     """One configuration: a run directory, or the shard directories (`dataset.shard=i/n`) of one, merged."""
 
     name: str  # its folder(s) relative to the report's root, comma-separated (the folder's name when it is the root)
     settings: dict  # config.yaml, flattened to dotted keys (`dataset.shard` left out when sharded)
     metrics: pd.DataFrame  # metrics.csv; of shards, over all their cases
-    parts: dict[str, list[dict]]  # folder name -> its cases.jsonl rows
+    cases: Cases  # of every folder's cases.jsonl
     environments: dict[str, dict]  # folder name -> its environment.json ({} when missing)
-
-    @property
-    def rows(self) -> list[dict]:
-        return [row for rows in self.parts.values() for row in rows]
 
     @property
     def editor(self) -> str:
@@ -66,10 +80,67 @@ def load_runs(root: str | Path) -> list[Run]:
         names = {path: run_name(path, root) for path in configuration.runs}
         env_files = {path: path / ENV_FILE for path in configuration.runs}
         runs.append(Run(",".join(names.values()), configuration.settings, configuration.metrics(),
-                        {names[path]: RunDirectory(path).rows() for path in configuration.runs},
+                        tally_cases(RunDirectory(path).rows() for path in configuration.runs),
                         {names[path]: json.loads(file.read_text()) if file.is_file() else {}
                          for path, file in env_files.items()}))
     return runs
+
+
+class _RunningMean:
+    """The mean of layers × heads maps added one at a time, summed in float64 in the order they come: the same
+    numbers as stacking them all and taking the mean over the first axis (numpy sums that axis in order), without
+    holding them."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, maps: np.ndarray | list) -> None:
+        for matrix in np.asarray(maps, dtype=np.float64):
+            self.total = matrix if self.total is None else self.total + matrix
+            self.count += 1
+
+    def mean(self) -> np.ndarray | None:
+        return None if self.total is None else self.total / self.count
+
+
+def tally_cases(parts: Iterable[list[dict]]) -> Cases:
+    """`Cases` of a configuration's rows, one list per folder (a sequential run's rows share their folder's edit
+    time); from a generator, each folder's rows are let go as the next folder's are read."""
+    count, drift, selected, seconds = 0, _RunningMean(), _RunningMean(), {}
+    for rows in parts:
+        count += len(rows)
+        for row in rows:
+            drift.add(_attention_increase(row))
+            selected.add(_selected_head_counts(row))
+            _add_phase_seconds(seconds, row, len(rows))
+    mean_drift = drift.mean()
+    return Cases(count, None if mean_drift is None else 100 * mean_drift, selected.mean(), seconds)
+
+
+def _attention_increase(row: dict) -> np.ndarray:
+    """(DNS prompts, layers, heads): edited − unedited attention to the subject; no prompts where a state lacks it."""
+    if ATTENTION in row.get("edited", {}) and ATTENTION in row.get("unedited", {}):
+        return decode_entry(row["edited"][ATTENTION]) - decode_entry(row["unedited"][ATTENTION])
+    return np.zeros((0, 0, 0), np.float32)
+
+
+def _selected_head_counts(row: dict) -> list:
+    """The row's layers × heads `selected_head_counts` as a list of one map, or no map."""
+    diagnostics = row.get("diagnostics", {})
+    return [diagnostics["selected_head_counts"]] if "selected_head_counts" in diagnostics else []
+
+
+def _add_phase_seconds(totals: dict[str, float], row: dict, folder_rows: int) -> None:
+    """Add a row's seconds per phase to `totals`, its edit phases split among the rows that shared them.
+
+    A row carries the phase times of the edit it was part of (a batch's under `batch`, the whole run's under
+    `sequential`: its folder's, of `folder_rows` rows); `eval_per_case` is the row's own share already.
+    """
+    sharing = folder_rows if row.get("protocol") == "sequential" else row.get("batch_size", 1)
+    for phase, seconds in row.get("seconds", {}).items():
+        name = "evaluation" if phase == "eval_per_case" else phase
+        totals[name] = totals.get(name, 0.0) + seconds / (1 if phase == "eval_per_case" else sharing)
 
 
 def series_of(runs: list[Run]) -> list[Series]:
@@ -122,28 +193,6 @@ def bars_table(line: Series) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=["bar", "state", "lambda", "run", "metric", "label", "quantity", "mean", "ci95", "n"])
 
 
-def drift_map(run: Run) -> np.ndarray | None:
-    """layers × heads: the mean over every DNS prompt of edited − unedited attention to the edited subject,
-    ×100 (percentage points, as the tables' Drift).
-
-    None when the run recorded no `subject_attention` (eval.drift=false).
-    """
-    diffs = [decode_entry(row["edited"][ATTENTION]) - decode_entry(row["unedited"][ATTENTION])
-             for row in run.rows if ATTENTION in row.get("edited", {}) and ATTENTION in row.get("unedited", {})]
-    diffs = [d for d in diffs if len(d)]
-    return 100 * np.concatenate(diffs).astype(np.float64).mean(axis=0) if diffs else None
-
-
-def selected_head_map(run: Run) -> np.ndarray | None:
-    """layers × heads: how many rewrite prompts SADR's last δ step selected each head in, mean over cases.
-
-    None for runs without SADR, or made before the regularizer recorded `selected_head_counts`.
-    """
-    counts = [row["diagnostics"]["selected_head_counts"] for row in run.rows
-              if "selected_head_counts" in row.get("diagnostics", {})]
-    return np.asarray(counts, dtype=np.float64).mean(axis=0) if counts else None
-
-
 def matrix_frame(matrix: np.ndarray) -> pd.DataFrame:
     """A layers × heads map as a table: one row per layer, one column per head."""
     return pd.DataFrame(matrix, index=pd.RangeIndex(matrix.shape[0], name="layer"), columns=[str(h) for h in range(matrix.shape[1])])
@@ -169,21 +218,8 @@ def environments(runs: list[Run]) -> pd.DataFrame:
 
 
 def phase_seconds(runs: list[Run]) -> pd.DataFrame:
-    """Seconds each phase took in each run, summed over its cases.
-
-    A row carries the phase times of the edit it was part of (a batch's under `batch`, the whole run's
-    under `sequential`: its folder's), so those are split among the rows that share them; `eval_per_case` is the
-    row's own share already.
-    """
-    records = []
-    for run in runs:
-        totals: dict[str, float] = {}
-        for rows in run.parts.values():
-            for row in rows:
-                sharing = len(rows) if row.get("protocol") == "sequential" else row.get("batch_size", 1)
-                for phase, seconds in row.get("seconds", {}).items():
-                    name = "evaluation" if phase == "eval_per_case" else phase
-                    totals[name] = totals.get(name, 0.0) + seconds / (1 if phase == "eval_per_case" else sharing)
-        records.append({"run": run.name, "cases": len(run.rows), **totals, "total": sum(totals.values())})
+    """Seconds each phase took in each run, summed over its cases (`_add_phase_seconds` splits shared edit times)."""
+    records = [{"run": run.name, "cases": run.cases.count, **run.cases.seconds,
+                "total": sum(run.cases.seconds.values())} for run in runs]
     table = pd.DataFrame.from_records(records).set_index("run")
     return table[[c for c in table.columns if c != "total"] + ["total"]]
