@@ -118,6 +118,22 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+def _numbered_lines(file: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """Each line of `file` with its number (lines end as `bytes.splitlines` ends them, a lone carriage return
+    included) and whether it may be cut short: only the last line of a file that does not end with a newline. Reading
+    stops at that line, so that the rest of it, appended meanwhile, is not read as a line of its own."""
+    number = 0
+    with open(file, "rb") as f:
+        for chunk in f:  # up to and with each newline; only the file's end comes without one
+            whole = chunk.endswith(b"\n")
+            lines = chunk.splitlines()
+            for index, line in enumerate(lines, start=1):
+                number += 1
+                yield number, line, not whole and index == len(lines)
+            if not whole:
+                return
+
+
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -133,7 +149,7 @@ class RunDirectory:
             existing = _without_execution_settings(read_config(target))
             if existing == identity:
                 return
-            if self.rows() or self.checkpointed():
+            if self.count() or self.checkpointed():
                 raise RunConflictError(
                     f"{self.path} already holds a run with a different config (differs in: "
                     f"{'; '.join(config_differences(existing, identity))}); resume only with identical settings (the "
@@ -155,24 +171,22 @@ class RunDirectory:
                   "git_commit": git_commit(), **extra}
         (self.path / ENV_FILE).write_text(json.dumps(record, indent=2, default=str))
 
-    def rows(self) -> list[dict]:
-        """Every finished case's row. Only the last line may be cut short (by a kill while it was written), and is
-        then left out; any other line that does not parse is damage, which would silently drop finished cases.
-        Blank lines are skipped."""
+    def iter_rows(self) -> Iterator[dict]:
+        """Every finished case's row, read a line at a time: at paper scale a run's file holds GBs of attention blobs,
+        which callers that count rows or read a few fields need not hold at once. Only the last line may be cut short
+        (by a kill while it was written), and is then left out; any other line that does not parse is damage, which
+        would silently drop finished cases. Blank lines are skipped."""
         file = self.path / ROWS_FILE
         if not file.is_file():
-            return []
-        data = file.read_bytes()  # each line decoded apart: bytes that are not UTF-8 are damage on their line
-        lines = data.splitlines()
-        rows = []
-        for number, line in enumerate(lines, start=1):
+            return
+        for number, line, last in _numbered_lines(file):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as err:  # not JSON, or not UTF-8 text (UnicodeDecodeError)
-                if number == len(lines) and not data.endswith(b"\n"):
-                    break
+                if last:
+                    return
                 problem = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
                 raise DamagedFileError(
                     f"line {number} of {file} is not a whole JSON row ({problem}); it was not written by an "
@@ -182,15 +196,22 @@ class RunDirectory:
                 raise DamagedFileError(
                     f"line {number} of {file} is not a case's row (a JSON object with its case_id), so the file was "
                     "damaged or edited: delete that line, and a rerun of the same command redoes its case")
-            rows.append(row)
-        return rows
+            yield row
+
+    def rows(self) -> list[dict]:
+        """Every finished case's row (`iter_rows`), for callers that need them all at once."""
+        return list(self.iter_rows())
+
+    def count(self) -> int:
+        """How many cases are finished, without holding their rows."""
+        return sum(1 for _ in self.iter_rows())
 
     def checkpointed(self) -> bool:
         """Whether a sequential run has checkpointed edits here (its rows come only at the end)."""
         return (self.path / SEQUENTIAL_STATE).is_file()
 
     def finished(self) -> set[str]:
-        return {str(row["case_id"]) for row in self.rows()}
+        return {str(row["case_id"]) for row in self.iter_rows()}
 
     def append(self, row: dict) -> None:
         with open(self.path / ROWS_FILE, "a", encoding="utf-8") as f:

@@ -35,7 +35,7 @@ from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.errors import DamagedFileError, DeviceMemoryError, InvalidSettingError
-from sadr.evaluation.aggregate import LABELS, compact_table, metric_table
+from sadr.evaluation.aggregate import LABELS, compact_table, metric_table, scored_fields
 from sadr.evaluation.probes import check_metrics_apply, resolve_metrics
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
@@ -385,7 +385,7 @@ class Experiment:
 
     def _finish(self) -> Path:
         cfg = self.cfg
-        rows = self.out.rows()
+        rows = [scored_fields(row) for row in self.out.iter_rows()]
         table = metric_table(rows)
         self.out.write_metrics(table)
         dataset = cfg.dataset.name

@@ -560,6 +560,62 @@ def test_a_damaged_line_before_an_unfinished_last_one_is_named(tmp_path):
         run.rows()
 
 
+def test_rows_are_read_a_line_at_a_time_with_the_same_rules(tmp_path):
+    """`iter_rows` yields each row before it reads on: the rows before a damaged line come, then the error. Only the
+    last line is known to be last once no line follows it: cut short there it is left out, cut short before another
+    line it is damage."""
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    rows = [json.dumps({"case_id": i}) for i in range(3)]
+    file = tmp_path / "run" / "cases.jsonl"
+    file.write_text("\n".join([rows[0], rows[1], rows[2][:5], rows[2]]) + "\n")
+    read = run.iter_rows()
+    assert [next(read)["case_id"], next(read)["case_id"]] == [0, 1]
+    with pytest.raises(DamagedFileError, match=r"line 3 of .*cases\.jsonl is not a whole JSON row"):
+        next(read)
+    file.write_text("\n".join(rows) + "\n" + rows[0][:5])
+    assert [row["case_id"] for row in run.iter_rows()] == [0, 1, 2] and run.count() == 3
+    file.write_text("\n".join([rows[0], rows[1][:5], rows[2]]))
+    with pytest.raises(DamagedFileError, match=r"line 2 of"):
+        run.count()
+
+
+def test_rows_lines_end_at_a_carriage_return_as_they_did_when_the_file_was_read_whole(tmp_path):
+    """A file saved with CRLF reads the same, and a lone carriage return ends a line: damage is named by the line
+    number that reading the whole file and splitting it gave."""
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    file = tmp_path / "run" / "cases.jsonl"
+    file.write_bytes(b'{"case_id": 0}\r\n{"case_id": 1}\r\n')
+    assert run.finished() == {"0", "1"}
+    file.write_bytes(b'{"case_id": 0}\r{"case_id": 1}\r{"case_id": 2, \n{"case_id": 3}\n')
+    with pytest.raises(DamagedFileError, match=r"line 3 of"):
+        run.rows()
+    file.write_bytes(b'{"case_id": 0}\n{"case_id": 1}\r{"case_id": 2, ')  # the last line, cut short
+    assert run.finished() == {"0", "1"}
+
+
+def test_metrics_csv_from_rows_cut_to_their_scores_is_the_table_of_the_whole_rows(tiny_dir, tmp_path):
+    """The runner builds metrics.csv from rows read a line at a time and cut to what the table reads
+    (`scored_fields`), so a run's attention blobs, texts and diagnostics are never held at once: the file is byte for
+    byte the table of the whole rows, on rows with magnitudes, drift, subject attention and fluency."""
+    from sadr.evaluation.aggregate import metric_table, scored_fields
+
+    out = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.generation=true",
+                                                 "eval.generation_length=30")))
+    rows = written_rows(out)
+    assert {"subject_attention", "fluency", "drift_max", "drift_argmax"} <= set(rows[0]["edited"])
+    whole = metric_table(rows)
+    assert set(whole.quantity) == {"value", "magnitude", "harmonic_mean"}
+    assert (out / "metrics.csv").read_bytes() == whole.to_csv(index=False).encode()
+    cut = [scored_fields(row) for row in rows]
+    assert set(cut[0]["edited"]["subject_attention"]) == {"value"} and set(cut[0]["edited"]["fluency"]) == {"value"}
+    pd.testing.assert_frame_equal(metric_table(cut), whole)
+
 def test_where_and_how_results_are_written_do_not_stop_a_resume(tmp_path):
     """The run folder (a run moved, or resumed under another hydra.run.dir), the progress display and save_edited
     change no result: a run with a finished case resumes with them changed, and config.yaml does not hold them."""

@@ -95,7 +95,7 @@ def _kept(output_dir: str) -> str:
     """What a stopped run leaves in its directory for a rerun to skip ('' when nothing)."""
     run = RunDirectory(output_dir)
     try:
-        rows, checkpointed = len(run.rows()), run.checkpointed()
+        rows, checkpointed = run.count(), run.checkpointed()
     except DamagedFileError as err:  # while reporting another stop: say so, without hiding that stop
         return f"the cases in it (not counted: {err})"
     if not (rows or checkpointed):

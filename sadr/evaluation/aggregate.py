@@ -22,6 +22,8 @@ SUMMARIES = {
     "avg_s": ("efficacy", "paraphrase", "neighborhood", "relation", "distract_neighborhood"),  # SADR's Avg. S
 }
 PROTOCOLS = ("prompt", "case")
+STATES = ("edited", "unedited")
+SCORES = ("value", "p_good", "p_bad")  # what `metric_table` reads of a metric's entry
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, int]:
@@ -61,7 +63,14 @@ def _observations(rows: list[dict], state: str, metric: str, quantity: str, prot
     return out
 
 
-def metric_table(rows: list[dict], states: tuple[str, ...] = ("edited", "unedited")) -> pd.DataFrame:
+def scored_fields(row: dict, states: tuple[str, ...] = STATES) -> dict:
+    """What `metric_table` reads of a row: each state's entries, cut to their scores. The rest (attention blobs,
+    generated texts, diagnostics) would hold a whole run's cases.jsonl in memory."""
+    return {state: {name: {key: entry[key] for key in SCORES if key in entry} for name, entry in row[state].items()}
+            for state in states if state in row}
+
+
+def metric_table(rows: list[dict], states: tuple[str, ...] = STATES) -> pd.DataFrame:
     """One row per (state, metric, quantity, protocol): mean, ci95 and n, ×100.
 
     `value` is the success rate (or token accuracy, or fluency entropy); `magnitude` is p(good) − p(bad).

@@ -34,7 +34,8 @@ def _rows(runs: str | Path | list[Path]) -> dict[str, dict]:
     runs = [Path(run) for run in runs] if isinstance(runs, list) else [Path(runs)]
     rows = {}
     for run in runs:
-        for row in RunDirectory(run).rows() if (run / ROWS_FILE).is_file() else []:  # (RunDirectory makes its folder)
+        # the file looked for first: RunDirectory makes its folder
+        for row in RunDirectory(run).iter_rows() if (run / ROWS_FILE).is_file() else []:
             rows[str(row["case_id"])] = _compared_fields(row, run / ROWS_FILE)
     if not rows:
         written = any((run / ROWS_FILE).is_file() for run in runs)

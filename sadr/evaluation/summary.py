@@ -10,7 +10,7 @@ from hydra.experimental.callback import Callback
 
 from sadr.data.selection import parse_shard
 from sadr.errors import DamagedFileError
-from sadr.evaluation.aggregate import LABELS, metric_table
+from sadr.evaluation.aggregate import LABELS, metric_table, scored_fields
 from sadr.evaluation.paired import compare_runs
 from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory, read_config
 
@@ -54,7 +54,7 @@ def find_runs(root: str | Path) -> list[Path]:
     runs = sorted(p.parent for p in root.rglob(METRICS_FILE) if (p.parent / CONFIG_FILE).is_file())
     if not runs:
         unfinished = unfinished_runs(root)
-        listed = "; ".join(f"{run} ({len(RunDirectory(run).rows())} finished cases)" for run in unfinished[:3])
+        listed = "; ".join(f"{run} ({RunDirectory(run).count()} finished cases)" for run in unfinished[:3])
         more = f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""
         hint = (f"; unfinished runs, without metrics (still running, killed or failed; re-running the same command "
                 f"resumes them): {listed}{more}") if unfinished else ""
@@ -138,7 +138,7 @@ class Configuration:
         """The runner's metrics.csv; for shards, the same table over every shard's cases (CIs over all prompts)."""
         if not self.n_shards:
             return read_metrics(self.runs[0] / METRICS_FILE)
-        return metric_table([row for run in self.runs for row in RunDirectory(run).rows()])
+        return metric_table([scored_fields(row) for run in self.runs for row in RunDirectory(run).iter_rows()])
 
 
 def read_metrics(file: Path) -> pd.DataFrame:
