@@ -616,6 +616,7 @@ def test_metrics_csv_from_rows_cut_to_their_scores_is_the_table_of_the_whole_row
     assert set(cut[0]["edited"]["subject_attention"]) == {"value"} and set(cut[0]["edited"]["fluency"]) == {"value"}
     pd.testing.assert_frame_equal(metric_table(cut), whole)
 
+
 def test_where_and_how_results_are_written_do_not_stop_a_resume(tmp_path):
     """The run folder (a run moved, or resumed under another hydra.run.dir), the progress display and save_edited
     change no result: a run with a finished case resumes with them changed, and config.yaml does not hold them."""
