@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine from Debian's packages, then a sharded sweep through
-# hydra/launcher=slurm (submitit) on a tiny model, checked against the same sweep run unsharded in one process.
+# hydra/launcher=slurm (submitit) on a tiny model, checked against the same sweep run unsharded in one process, and a
+# plain batch job (sadr-run on the offline default, fetched on first use) stopped by its time limit and resubmitted.
 #
 #   sudo bash benchmarks/slurm_one_node.sh            # as root: installs slurm-wlm and munge if missing
 #
@@ -90,3 +91,19 @@ pd.testing.assert_frame_equal(key(sharded), key(whole))
 print(key(sharded).to_markdown(index=False))
 print("OK: the SLURM sweep's merged shards equal the unsharded runs")
 PY
+
+# A batch job whose command is sadr-run, past its 1-minute time limit: SLURM's SIGTERM stops the run, whose log ends
+# with what it keeps; the same script submitted again resumes, and its table is the one of a run never stopped.
+cat > "$work/job.sh" <<JOB
+#!/bin/bash
+"$python" -m sadr.cli.run hydra.run.dir=$work/timelimit dataset.limit=20 progress.bar=false
+JOB
+sbatch --wait --time=1 --output="$work/job-stopped.out" "$work/job.sh" || true
+grep "DUE TO TIME LIMIT" "$work/job-stopped.out"
+tail -n 1 "$work/timelimit/run.log" | grep "terminated (SIGTERM): .* finished case(s) are kept in"
+echo "stopped by the time limit with $(wc -l < "$work/timelimit/cases.jsonl") of 20 cases kept"
+sbatch --wait --time=30 --output="$work/job-resumed.out" "$work/job.sh"
+test "$(wc -l < "$work/timelimit/cases.jsonl")" -eq 20
+"$python" -m sadr.cli.run hydra.run.dir="$work/uninterrupted" dataset.limit=20 progress.bar=false >/dev/null
+cmp "$work/timelimit/metrics.csv" "$work/uninterrupted/metrics.csv"
+echo "OK: the job stopped by its time limit resumed, and its metrics.csv equals an uninterrupted run's"
