@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,15 +23,11 @@ from sadr.cache import writable_dir
 from sadr.cli.sweep import SweepFolder
 from sadr.conf.registry import missing_pair_setting, misspelt_override, register_configs, validate
 from sadr.errors import DamagedFileError, DeviceMemoryError, UsageError
+from sadr.interrupts import Terminated, further_interrupts_ignored, sigterm_stops_the_run
 from sadr.results import RunDirectory
 from sadr.runner import run_experiment
 
 log = logging.getLogger("sadr")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised inside a run as Ctrl-C is: the same code then keeps the finished work (the δs of the edit in
-    progress among it, which a kill would lose) and says how to resume."""
 
 
 class _Stage:
@@ -52,7 +44,7 @@ def _full_error_requested() -> bool:
 def _main(cfg: DictConfig) -> None:
     _Stage.task_started = True
     try:
-        with _sigterm_stops_the_run():
+        with sigterm_stops_the_run():
             validate(cfg)
             run_experiment(cfg)
     except UsageError as err:
@@ -67,7 +59,7 @@ def _main(cfg: DictConfig) -> None:
         if _full_error_requested():
             raise
         terminated = isinstance(stop, Terminated)
-        with _further_interrupts_ignored():  # counting the kept rows of a large run takes seconds
+        with further_interrupts_ignored():  # counting the kept rows of a large run takes seconds
             _say_why_it_stopped(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: "
                                 f"{_kept(cfg.output_dir) or '0 finished case(s)'} are kept in {cfg.output_dir}; to "
                                 "resume (finished work is skipped), run the same command with "
@@ -111,41 +103,6 @@ def _where_to_resume(output_dir: str) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f"hydra.sweep.dir={hydra_cfg.sweep.dir}"
     return f"hydra.run.dir={output_dir}"
-
-
-@contextmanager
-def _sigterm_stops_the_run() -> Iterator[None]:
-    """SIGTERM raises `Terminated` while the run works, where it would kill the process: a SLURM job's time limit
-    sends it, and the job's log then ends with what is kept and how to resume. A handler already set is left alone
-    (submitit's jobs log SIGTERM and go on, and requeue on a signal of their own), as is any thread but the main one
-    (where Python runs signal handlers)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-@contextmanager
-def _further_interrupts_ignored() -> Iterator[None]:
-    """SIGINT ignored while an interrupted process says what it keeps: a second Ctrl-C, or `timeout -s INT`, which
-    signals the process and then its whole group, would cut that short with a traceback. Main thread only (where
-    Python runs signal handlers); the handler before is back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def _wait_for_child_processes(timeout: float) -> None:
@@ -206,7 +163,7 @@ def main() -> None:
         # outside a job's handler (_main's): the launching process of a sweep whose jobs run in processes of their own
         if _full_error_requested():
             raise
-        with _further_interrupts_ignored():
+        with further_interrupts_ignored():
             _wait_for_child_processes(timeout=10.0)
             SweepFolder.remove_empty_pattern_folder()
             print(f"interrupted: {_what_an_interrupted_launch_keeps()}", file=sys.stderr)

@@ -257,7 +257,7 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
                 pending.append(ids)
             if pending:
                 flush_before(index + 1)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`sadr.cli.run`), never within a batch: the sums so far are kept
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (sadr/interrupts.py), never within a batch: the sums are kept
         if checkpoint is not None and boundary > skip:
             checkpoint.save(boundary, count, with_corpus_seconds(), sums)
         raise
