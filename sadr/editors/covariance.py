@@ -234,7 +234,6 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
     # The rate and ETA count from the first text: the wait for it (a download, or sampling a generated corpus,
     # whose texts all come at once) says nothing of how fast the texts are read.
     texts = iter(texts)
-    index = -1
     try:
         first = next(texts, None)
         if first is not None:

@@ -72,7 +72,7 @@ def _earlier_results(folder: Path, identity: dict) -> tuple[list[tuple[str, dict
             for later in files[index:]:
                 later.unlink(missing_ok=True)  # read_entry may have removed a damaged one
             return results, index
-        results += [tuple(result) for result in chunk["results"]]
+        results += chunk["results"]
     return results, len(files)
 
 
