@@ -64,7 +64,8 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
                                   stats.hub_sample.name, stats.sample_seed),
         "file": lambda: file_corpus(stats.text_file, stats.n_samples),
         "generated": lambda: generated_corpus(loaded.model, loaded.tokenizer, stats.n_samples, stats.sample_length,
-                                              cfg.seed, stats.batch_tokens),
+                                              cfg.seed, stats.batch_tokens, fingerprint=fingerprint,
+                                              cache_dir=cfg.cache_dir),
     }[corpus_kind]()
     return SecondMomentStatistics(
         loaded.model, loaded.adapter, loaded.tokenizer, fingerprint=fingerprint, corpus=corpus,

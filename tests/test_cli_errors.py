@@ -1,7 +1,7 @@
 """Every user mistake ends `sadr-run` with its message and exit status 2, and no traceback.
 
-All cases run as real `python -m sadr.cli.run` processes, started at once (each spends most of its time
-importing torch and transformers), and are checked one by one. How a started run stops (what it keeps, Ctrl-C, a
+All cases run as real `python -m sadr.cli.run` processes, CONCURRENT_MISTAKES at a time (each spends most of its
+time importing torch and transformers), and are checked one by one. How a started run stops (what it keeps, Ctrl-C, a
 bug) and which folders are checked before Hydra starts are checked in this process, with the run itself stubbed.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from omegaconf import OmegaConf
@@ -26,6 +27,9 @@ from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
 from sadr.results import SEQUENTIAL_STATE, RunDirectory
 from tests.runs import FIXTURE, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
 from tests.tiny_models import make_model, make_tokenizer
+
+# one per core: all 30 at once took 100 s on 2 cores, 2 at a time 73 s
+CONCURRENT_MISTAKES = min(8, os.cpu_count() or 2)
 
 BAD_OVERRIDES = {
     "unknown editor": (["editor=rmoe"], r"Could not find 'editor/rmoe'[\s\S]*Available options in 'editor'[\s\S]*rome"),
@@ -148,14 +152,15 @@ def finished(tiny_dir, work):  # noqa: F811
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    started = {name: subprocess.Popen([sys.executable, "-m", "sadr.cli.run", *args], cwd=work, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for name, (args, _) in cases.items()}
-    results = {}
-    for name, process in started.items():
-        stdout, stderr = process.communicate(timeout=600)
-        results[name] = (process.returncode, stdout, stderr, cases[name][1])
-    return results
+
+    def run(name: str) -> tuple:
+        args, expected = cases[name]
+        done = subprocess.run([sys.executable, "-m", "sadr.cli.run", *args], cwd=work, env=env, text=True,
+                              capture_output=True, timeout=600)
+        return done.returncode, done.stdout, done.stderr, expected
+
+    with ThreadPoolExecutor(max_workers=CONCURRENT_MISTAKES) as pool:
+        return dict(zip(cases, pool.map(run, cases)))
 
 
 @pytest.mark.parametrize("name", [*BAD_OVERRIDES, "missing dataset file", "missing model folder", "unknown model family",
@@ -178,6 +183,13 @@ def test_the_message_is_also_the_last_record_of_the_run_log(finished, work):
     log_lines = (work / "logged" / "run.log").read_text().splitlines()
     assert log_lines[-1].endswith(f"[ERROR] - {stderr.strip()}"), log_lines
     assert stderr.count("error:") == 1 and "error:" not in stdout
+
+
+def test_the_command_line_does_not_import_the_runner_before_the_config_composes():
+    """A mistake, `--help` or `--cfg` is answered without the runner's imports (seconds of them)."""
+    done = subprocess.run([sys.executable, "-c", "import sys, sadr.cli.run; print('sadr.runner' in sys.modules)"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):

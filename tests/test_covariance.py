@@ -553,6 +553,34 @@ def test_a_generated_corpus_samples_about_batch_tokens_tokens_at_a_time(tokenize
     assert generated_corpus(model, tokenizer, 10, 8, 0, batch_tokens=4).description["batch"] == 1
 
 
+def test_a_generated_corpus_is_sampled_once_per_model_and_description_and_then_read_from_the_cache(tokenizer,
+                                                                                                  tmp_path, caplog):
+    """Another pass over the same corpus (other layers, a pass resumed after a stop, another process) reads the texts
+    sampled first instead of sampling again: the same texts, whatever its threads. Another model fingerprint or
+    another seed is another corpus, sampled afresh."""
+    from sadr.data.corpus import generated_corpus
+
+    model = make_model("llama").eval()
+    batches = []
+    generate = model.generate
+    model.generate = lambda **kwargs: batches.append(kwargs["input_ids"].shape[0]) or generate(**kwargs)
+
+    def texts(fingerprint="f", seed=0):
+        corpus = generated_corpus(model, tokenizer, 6, 8, seed, batch_tokens=32, fingerprint=fingerprint,
+                                  cache_dir=tmp_path)
+        return list(corpus.texts())
+
+    with caplog.at_level(logging.INFO, logger="sadr.data.corpus"):
+        first = texts()
+    assert len(first) == 6 and batches == [4, 2] and "(once: the texts are cached)" in caplog.text
+    assert [entry.parent.name for entry in tmp_path.rglob("*.crc.json")] == ["corpora"]
+    assert texts() == first and batches == [4, 2]
+    assert texts(fingerprint="g") == first and batches == [4, 2] * 2  # same weights here, so the same draws
+    assert texts(seed=1) != first and batches == [4, 2] * 3
+    uncached = generated_corpus(model, tokenizer, 6, 8, 0, batch_tokens=32)
+    assert list(uncached.texts()) == first and batches == [4, 2] * 4
+
+
 def test_a_file_corpus_is_its_nonempty_blank_line_separated_blocks(tmp_path):
     """Documents are the stripped blocks between blank lines (a block keeps its single newlines), empty ones skipped,
     the first `n` taken; size and mtime are in the description, so editing the file changes the statistics' key."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -651,6 +652,50 @@ def test_the_run_s_seed_reaches_its_context_templates_and_its_generated_corpus(t
     texts = {seed: list(generated_corpus(loaded.model, loaded.tokenizer, 2, 8, seed, batch_tokens).texts()) for seed in (0, 3)}
     assert texts[0] != texts[3]
     assert list(build_statistics(cfg, loaded, "f").corpus.texts()) == texts[3]
+
+
+def test_passes_over_a_generated_corpus_sample_it_once_and_a_stopped_pass_resumes_on_the_same_texts(
+        tiny_dir, tmp_path, monkeypatch):
+    """The run's generated corpus is cached under the run's cache_dir: a pass stopped by Ctrl-C, its rerun and a
+    pass over other layers (another editor's) all read the texts sampled first, and the resumed C is the C of a pass
+    never stopped."""
+    from sadr.data import corpus as corpus_module
+    from sadr.editors import covariance
+    from sadr.models.loading import load_model
+    from sadr.runner import build_statistics
+
+    loaded = load_model(str(tiny_dir / "model"), device="cpu", cache_dir=str(tmp_path))
+    sampled = []
+    sample_texts = corpus_module.sample_texts
+    monkeypatch.setattr(corpus_module, "sample_texts", lambda *args, **kwargs: sampled.append(1) or sample_texts(
+        *args, **kwargs))
+
+    def statistics(cache: Path):
+        cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "model.stats.corpus=generated",
+                                      "model.stats.n_samples=12", "model.stats.sample_length=8",
+                                      "model.stats.batch_tokens=24", f"cache_dir={cache}"))
+        return build_statistics(cfg, loaded, "f")
+
+    accumulate = covariance.accumulate_second_moments
+
+    def stopped_after_nine_texts(model, adapter, tokenizer, layers, texts, *args, checkpoint, **kwargs):
+        def nine():
+            yield from itertools.islice(texts, 9)
+            raise KeyboardInterrupt
+        checkpoint.every_seconds = 0.0
+        return accumulate(model, adapter, tokenizer, layers, nine(), *args, checkpoint=checkpoint, **kwargs)
+
+    monkeypatch.setattr(covariance, "accumulate_second_moments", stopped_after_nine_texts)
+    with pytest.raises(KeyboardInterrupt):
+        statistics(tmp_path / "cache").take([1])
+    assert sampled == [1] and list((tmp_path / "cache").rglob("*.partial.pt"))
+    monkeypatch.setattr(covariance, "accumulate_second_moments", accumulate)
+    resumed = statistics(tmp_path / "cache").take([1])[1]
+    other_layers = statistics(tmp_path / "cache").take([2])
+    assert sampled == [1] and 2 in other_layers
+    never_stopped = statistics(tmp_path / "fresh").take([1])[1]
+    assert sampled == [1, 1]
+    torch.testing.assert_close(resumed, never_stopped, rtol=1e-6, atol=1e-9)
 
 
 def test_a_prompt_longer_than_the_model_s_positions_stops_the_run_before_any_work(tiny_dir, tmp_path):

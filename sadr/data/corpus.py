@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sadr.cache import JSON, cached
 from sadr.errors import MissingInputError, UnavailableError
+from sadr.models.fingerprint import cache_key
 from sadr.models.generation import sample_texts
 
 log = logging.getLogger(__name__)
@@ -82,21 +84,35 @@ def file_corpus(path: str | None, n_samples: int) -> Corpus:
     return Corpus({"kind": "file", "path": str(file.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, "n": n_samples}, texts)
 
 
-def generated_corpus(model, tokenizer, n_samples: int, length: int, seed: int, batch_tokens: int) -> Corpus:
+def generated_corpus(model, tokenizer, n_samples: int, length: int, seed: int, batch_tokens: int, *,
+                     fingerprint: str | None = None, cache_dir: str | Path | None = None) -> Corpus:
     """Text sampled by the model itself (top-k 5) from fixed seed words: an offline stand-in for Wikipedia.
 
     Texts are sampled `batch_tokens // length` at a time, so the sampling's key-value cache holds about
     `batch_tokens` tokens, as the statistics pass's forwards do: on GPT-J in float32, 64 texts of 256 tokens held
     15 GB of cache. Which texts come out depends on the batch (each batch draws from one random stream), so the
     batch is part of the corpus's description and of the cache keys of its statistics.
+
+    With `fingerprint` (the model's computation fingerprint) and `cache_dir`, the texts are sampled once and kept in
+    `cache_dir/corpora`: every later pass over this corpus (other layers, another editor, a pass resumed after a stop)
+    reads the same texts, without sampling again, whatever its threads (float rounding, which depends on them, can
+    change a sampled token).
     """
     batch = max(1, batch_tokens // length)
+    description = {"kind": "generated", "n": n_samples, "length": length, "seed": seed, "top_k": 5, "batch": batch}
 
-    def texts() -> Iterator[str]:
+    def sample() -> list[str]:
         prompts = [GENERATION_SEEDS[i % len(GENERATION_SEEDS)] for i in range(n_samples)]
         # every text comes at once, after minutes on a CPU: said before, so that the wait does not look like a hang
         log.info("sampling %d texts of %d tokens from the model, %d at a time, for its key statistics (once: the "
-                 "statistics are cached)", n_samples, length, batch)
-        yield from sample_texts(model, tokenizer, prompts, max_new_tokens=length, seed=seed, batch_size=batch)
+                 "texts are cached)", n_samples, length, batch)
+        return sample_texts(model, tokenizer, prompts, max_new_tokens=length, seed=seed, batch_size=batch)
 
-    return Corpus({"kind": "generated", "n": n_samples, "length": length, "seed": seed, "top_k": 5, "batch": batch}, texts)
+    def texts() -> Iterator[str]:
+        if fingerprint is None or cache_dir is None:
+            yield from sample()
+            return
+        key = cache_key(kind="generated_corpus", model=fingerprint, corpus=description)
+        yield from cached(Path(cache_dir) / "corpora" / f"{key}{JSON.suffix}", sample)
+
+    return Corpus(description, texts)
