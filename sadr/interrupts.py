@@ -43,17 +43,18 @@ def sigterm_stops_the_run() -> Iterator[None]:
 
 @contextmanager
 def further_interrupts_ignored() -> Iterator[None]:
-    """SIGINT ignored while an interrupted process says what it keeps: a second Ctrl-C, or `timeout -s INT`, which
-    signals the process and then its whole group, would cut that short with a traceback. The handler before is back
-    afterwards."""
+    """SIGINT and SIGTERM ignored while a stopped process says what it keeps: a second Ctrl-C, or `timeout -s INT`,
+    which signals the process and then its whole group, would cut that short with a traceback, and a SIGTERM (SLURM's
+    at a time limit, after a Ctrl-C) would kill it before its line. The handlers before are back afterwards."""
     if _off_the_main_thread():
         yield
         return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in HELD}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager

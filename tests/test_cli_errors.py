@@ -285,32 +285,36 @@ def test_run_and_sweep_folders_are_checked_only_where_hydra_would_make_them(tmp_
 
 
 class RecordedInterrupts:
-    """A SIGINT handler for the test's duration that records each signal delivered to it instead of raising."""
+    """SIGINT and SIGTERM handlers for the test's duration that record each signal delivered to them instead of
+    raising or killing the process (a SIGTERM not ignored then fails the test instead of ending the suite)."""
 
     def __init__(self):
         self.received = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: self.received.append(signum))
-        self.restore = lambda: signal.signal(signal.SIGINT, previous)
+        previous = {signum: signal.signal(signum, lambda received, frame: self.received.append(received))
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.restore = lambda: [signal.signal(signum, handler) for signum, handler in previous.items()]
 
-    def interrupt_again(self) -> None:
+    def interrupt_again(self, signum: int = signal.SIGINT) -> None:
         """A second SIGINT to this process (Ctrl-C pressed again; `timeout -s INT` signals the process, then its
-        group), given time to be handled."""
-        os.kill(os.getpid(), signal.SIGINT)
+        group), or a SIGTERM after it, given time to be handled."""
+        os.kill(os.getpid(), signum)
         time.sleep(0.2)
 
 
-def test_a_second_interrupt_while_a_run_says_what_it_keeps_is_ignored(monkeypatch, capsys, tmp_path):
-    """It arrives while the rows are counted (seconds, for a large run): the line is still whole, and SIGINT is
+@pytest.mark.parametrize("again", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_interrupt_while_a_run_says_what_it_keeps_is_ignored(again, monkeypatch, capsys, tmp_path):
+    """It arrives while the rows are counted (seconds, for a large run): the line is still whole, and the signal is
     handled again afterwards."""
     RunDirectory(tmp_path).append({"case_id": 0})
     interrupts, counted = RecordedInterrupts(), cli._kept
     try:
-        monkeypatch.setattr(cli, "_kept", lambda output_dir: (interrupts.interrupt_again(), counted(output_dir))[1])
+        monkeypatch.setattr(cli, "_kept", lambda output_dir: (interrupts.interrupt_again(again),
+                                                             counted(output_dir))[1])
         status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
         assert (status, stderr.startswith("interrupted: 1 finished case(s) are kept in")) == (130, True)
         assert interrupts.received == []
-        os.kill(os.getpid(), signal.SIGINT)
-        assert interrupts.received == [signal.SIGINT]  # the handler before is back
+        os.kill(os.getpid(), again)
+        assert interrupts.received == [again]  # the handler before is back
     finally:
         interrupts.restore()
 
