@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,7 +143,7 @@ class RunDirectory:
     def claim(self, cfg: DictConfig) -> None:
         """Write config.yaml, or check that the one already there describes the same run. A run that stopped before
         it finished a case or checkpointed an edit (a mistake in its settings, say) holds nothing to protect: its
-        config is replaced."""
+        config is replaced, and the δs it kept (optimised with the settings replaced) are removed."""
         target = self.path / CONFIG_FILE
         identity = _identity(cfg)
         if target.is_file():
@@ -156,6 +157,7 @@ class RunDirectory:
                     f"run's values, in {target}, also where a newer sadr changed a default), or choose a new "
                     "directory with hydra.run.dir=..."
                 )
+        shutil.rmtree(self.path / DELTA_CHECKPOINT, ignore_errors=True)
         tmp = target.with_suffix(".tmp")
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
         tmp.replace(target)

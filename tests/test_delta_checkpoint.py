@@ -196,3 +196,20 @@ def test_a_run_stopped_in_a_batch_s_deltas_resumes_from_them_with_the_rows_of_a_
     first_batch = written_rows(out)[0]["seconds"]
     assert first_batch["v_star" if editor == "rome" else "delta"] > kept_seconds  # the kept δs' seconds, and more
     assert not (out / DELTA_CHECKPOINT).exists()
+
+
+def test_deltas_kept_under_another_config_are_not_read_back(tiny_dir, tmp_path, monkeypatch):
+    """A run stopped in its first batch's δs holds no row, so a rerun may correct its settings (README, "Resuming"):
+    its δs, optimised with the settings it replaces, are optimised again, and the rows are those of the corrected
+    run never stopped."""
+    def cfg(out, *extra):
+        return composed(tiny_overrides(tiny_dir, out, "editor=memit", "editor.protocol=batch", "editor.batch_size=2",
+                                       *extra))
+
+    corrected = run_experiment(cfg(tmp_path / "corrected", "editor.v_lr=0.1"))
+    _stopped_in_the_deltas(cfg(tmp_path / "run"), monkeypatch, stop_at=2)
+    assert list((tmp_path / "run" / DELTA_CHECKPOINT).glob("*.pt"))
+    optimised = _counting_deltas(monkeypatch)
+    out = run_experiment(cfg(tmp_path / "run", "editor.v_lr=0.1"))
+    assert len(optimised) == 2
+    assert _without_seconds(written_rows(out)) == _without_seconds(written_rows(corrected))
