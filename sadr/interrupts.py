@@ -43,9 +43,10 @@ def sigterm_stops_the_run() -> Iterator[None]:
 
 @contextmanager
 def further_interrupts_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored while a stopped process says what it keeps: a second Ctrl-C, or `timeout -s INT`,
-    which signals the process and then its whole group, would cut that short with a traceback, and a SIGTERM (SLURM's
-    at a time limit, after a Ctrl-C) would kill it before its line. The handlers before are back afterwards."""
+    """SIGINT and SIGTERM ignored while a stopped process saves its work (a statistics pass's sums) or says what it
+    keeps: a second Ctrl-C, or `timeout -s INT`, which signals the process and then its whole group, would cut that
+    short, and a SIGTERM (SLURM's at a time limit, after a Ctrl-C) would kill it before its line. The handlers before
+    are back afterwards."""
     if _off_the_main_thread():
         yield
         return

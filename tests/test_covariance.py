@@ -149,6 +149,38 @@ def test_ctrl_c_in_a_batch_keeps_the_sums_with_that_batch_and_the_rerun_gives_th
         assert torch.equal(resumed.take_moment(layer), whole.take_moment(layer))
 
 
+def test_a_second_ctrl_c_while_a_stopped_pass_saves_its_sums_does_not_cut_the_save_short(tokenizer, tmp_path,
+                                                                                          monkeypatch):
+    """`timeout -s INT` signals the process and then its group, and a user may press Ctrl-C again while the sums (GBs
+    at a published model's width) are written: the sums are saved all the same, and the first interrupt ends the
+    pass."""
+    import os
+    import signal
+
+    model = make_model("llama")
+    texts = TEXTS * 3
+    checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1]}, every_seconds=3600.0)
+    write = covariance.write_atomically
+
+    def interrupted_again(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        write(*args)
+
+    def killed_after(n):
+        yield from texts[:n]
+        raise KeyboardInterrupt("the first")
+
+    monkeypatch.setattr(covariance, "write_atomically", interrupted_again)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt, match="the first"):
+            accumulate_second_moments(model, adapter_for(model), tokenizer, [1], killed_after(9), sample_length=64,
+                                      batch_tokens=24, checkpoint=checkpoint)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert 0 < torch.load(checkpoint.path)["texts"] <= 9
+
+
 def test_a_resumed_pass_counts_the_texts_of_its_checkpoint_as_done_but_not_in_its_rate(tokenizer, tmp_path,
                                                                                          monkeypatch, caplog):
     """Each text this process encodes takes 2 s on a hand-set clock; the skipped ones take none, as they nearly do."""

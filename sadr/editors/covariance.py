@@ -22,7 +22,7 @@ from sadr.data.corpus import Corpus
 from sadr.editors.capture import stop_after
 from sadr.editors.update import FactorizedMoment, mirror_upper_triangle_
 from sadr.errors import DeviceMemoryError, InvalidSettingError, MissingInputError
-from sadr.interrupts import interrupts_deferred
+from sadr.interrupts import further_interrupts_ignored, interrupts_deferred
 from sadr.models.adapters import ModelAdapter
 from sadr.models.devices import clock, take_peak_memory, tf32_in_use
 from sadr.models.fingerprint import cache_key
@@ -258,7 +258,8 @@ def accumulate_second_moments(model, adapter: ModelAdapter, tokenizer, layers: l
                 flush_before(index + 1)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (sadr/interrupts.py), never within a batch: the sums are kept
         if checkpoint is not None and boundary > skip:
-            checkpoint.save(boundary, count, with_corpus_seconds(), sums)
+            with further_interrupts_ignored():  # a second Ctrl-C would cut short the save (GBs at GPT-J's width)
+                checkpoint.save(boundary, count, with_corpus_seconds(), sums)
         raise
     seconds = with_corpus_seconds()
     if count == 0:
