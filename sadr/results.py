@@ -135,6 +135,22 @@ def _numbered_lines(file: Path) -> Iterator[tuple[int, bytes, bool]]:
                 return
 
 
+TAIL_BLOCK = 1 << 20  # bytes read at a time, from the end, to find where a file's last line begins
+
+
+def _last_line_start(f, end: int) -> int:
+    """The offset just after the last newline before `end` in the binary file `f`, or 0 where there is none."""
+    position = end
+    while position > 0:
+        begin = max(0, position - TAIL_BLOCK)
+        f.seek(begin)
+        found = f.read(position - begin).rfind(b"\n")
+        if found >= 0:
+            return begin + found + 1
+        position = begin
+    return 0
+
+
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -228,16 +244,22 @@ class RunDirectory:
         file = self.path / ROWS_FILE
         if not file.is_file():
             return
-        data = file.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return
-        start = data.rfind(b"\n") + 1
+        with open(file, "rb") as f:  # only the last line is read: a paper-scale run's rows take gigabytes
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                return
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return
+            start = _last_line_start(f, end)
+            f.seek(start)
+            last = f.read()
         try:
-            json.loads(data[start:])
+            json.loads(last)
         except ValueError:  # cut short (a JSON or a UTF-8 error)
             os.truncate(file, start)
             log.warning("dropped the last line of %s, cut short (%d bytes) by a kill while it was written; its case is "
-                        "redone", file, len(data) - start)
+                        "redone", file, end - start)
             return
         with open(file, "ab") as f:
             f.write(b"\n")

@@ -238,6 +238,55 @@ def test_killed_run_resumes_without_redoing_finished_cases(tiny_dir, tmp_path, m
     assert (out / "metrics.csv").is_file()
 
 
+@pytest.mark.parametrize("block", [1, 5, 64, 1 << 20])
+def test_a_last_line_cut_short_is_found_reading_only_the_end_of_the_rows(block, tmp_path, monkeypatch):
+    """Whatever the block read at a time from the end, the line after the last newline is the one checked, and the
+    file is read only about that far back (a paper-scale run's rows take gigabytes)."""
+    from sadr import results
+    from sadr.results import RunDirectory
+
+    monkeypatch.setattr(results, "TAIL_BLOCK", block)
+    run = RunDirectory(tmp_path / "run")
+    file = tmp_path / "run" / "cases.jsonl"
+    rows = "".join(json.dumps({"case_id": i, "text": "x" * (i % 7)}) + "\n" for i in range(300))
+    read = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def read(self, *args):
+            data = self.handle.read(*args)
+            read.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    counting = lambda *args, **kwargs: Counting(real_open(*args, **kwargs))  # noqa: E731
+    for tail, kept in ((b'{"case_id": 300, "te', rows), (b'{"case_id": 300}', rows + '{"case_id": 300}\n'),
+                       (b"", rows)):
+        file.write_bytes(rows.encode() + tail)
+        read.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr("builtins.open", counting)
+            patched.setattr(io, "open", counting)  # what pathlib reads with
+            run.drop_partial_line()
+        assert sum(read) <= 1 + 2 * len(tail) + 2 * block
+        assert file.read_text() == kept
+    for tail, kept in ((b'{"case_id": 0, "te', ""), (b'{"case_id": 0}', '{"case_id": 0}\n')):  # the only line
+        file.write_bytes(tail)
+        run.drop_partial_line()
+        assert file.read_text() == kept
+
+
 def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_named(tmp_path, monkeypatch, caplog):
     from sadr.errors import DamagedFileError
     from sadr.results import RunDirectory
