@@ -100,7 +100,7 @@ cat > "$work/job.sh" <<JOB
 JOB
 sbatch --wait --time=1 --output="$work/job-stopped.out" "$work/job.sh" || true
 grep "DUE TO TIME LIMIT" "$work/job-stopped.out"
-tail -n 1 "$work/timelimit/run.log" | grep "terminated (SIGTERM): .* finished case(s) are kept in"
+tail -n 1 "$work/timelimit/run.log" | grep "terminated (SIGTERM): [0-9]* finished case(s) .*are kept in"
 echo "stopped by the time limit with $(wc -l < "$work/timelimit/cases.jsonl") of 20 cases kept"
 sbatch --wait --time=30 --output="$work/job-resumed.out" "$work/job.sh"
 test "$(wc -l < "$work/timelimit/cases.jsonl")" -eq 20

@@ -228,6 +228,10 @@ class RunDirectory:
         """Whether a sequential run has checkpointed edits here (its rows come only at the end)."""
         return (self.path / SEQUENTIAL_STATE).is_file()
 
+    def deltas_kept(self) -> bool:
+        """Whether the edit in progress has kept δs here (sadr/editors/delta_checkpoint.py)."""
+        return any((self.path / DELTA_CHECKPOINT).glob("*.pt"))
+
     def finished(self) -> set[str]:
         return {str(row["case_id"]) for row in self.iter_rows()}
 

@@ -24,7 +24,8 @@ from transformers import OPTConfig
 
 from sadr.cli import run as cli
 from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
-from sadr.results import SEQUENTIAL_STATE, RunDirectory
+from sadr.interrupts import Terminated
+from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunDirectory
 from tests.runs import FIXTURE, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
 from tests.tiny_models import make_model, make_tokenizer
 
@@ -240,6 +241,19 @@ def test_an_interrupted_sequential_run_counts_its_checkpoint_as_kept(monkeypatch
     RunDirectory(tmp_path).append({"case_id": 0})  # killed while writing the rows, after every edit
     status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
     assert stderr.startswith("interrupted: 1 finished case(s) and the sequential edits checkpointed so far are kept in")
+
+
+def test_a_run_stopped_in_a_group_s_deltas_says_they_are_kept(monkeypatch, capsys, tmp_path):
+    """A group's rows come after all of its δs (hours for MEMIT's 10,000 requests): those optimised are kept."""
+    (tmp_path / DELTA_CHECKPOINT).mkdir()
+    (tmp_path / DELTA_CHECKPOINT / "000000.pt").write_bytes(b"")
+    status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, Terminated())
+    assert status == 143
+    assert stderr.startswith("terminated (SIGTERM): the δs optimised so far in the edit in progress are kept in")
+    RunDirectory(tmp_path).append({"case_id": 0})  # an earlier group's row
+    status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+    assert stderr.startswith("interrupted: 1 finished case(s) and the δs optimised so far in the edit in progress are "
+                             "kept in")
 
 
 @pytest.mark.parametrize("stop, expected", [

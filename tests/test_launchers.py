@@ -156,7 +156,9 @@ def test_ctrl_c_in_a_local_sweep_ends_with_one_line_last_and_a_rerun_finishes_it
         "its finished cases; SLURM jobs go on (squeue lists them). To resume (finished work is skipped) and write the "
         f"sweep's tables, run the same command with hydra.sweep.dir={sweep}")
     logs = [path.read_text() for path in sweep.glob(".submitit/*/*_log.err")]
-    assert any(re.search(r"^interrupted: \d+ finished case\(s\) are kept in ", log, re.M) for log in logs), logs
+    deltas = "the δs optimised so far in the edit in progress"  # kept where the signal came after a δ
+    said = rf"^interrupted: (\d+ finished case\(s\)|{deltas})( and {deltas})? are kept in "
+    assert any(re.search(said, log, re.M) for log in logs), logs
     assert not (sweep / "summary.csv").exists()
     assert "%j" not in {path.name for path in (sweep / ".submitit").iterdir()}  # submitit's empty pattern folder
     command[-1] = f"hydra.sweep.dir={sweep}"

@@ -98,11 +98,12 @@ def _kept(output_dir: str) -> str:
         rows, checkpointed = run.count(), run.checkpointed()
     except DamagedFileError as err:  # while reporting another stop: say so, without hiding that stop
         return f"the cases in it (not counted: {err})"
-    if not (rows or checkpointed):
-        return ""
-    if not rows:  # a sequential run evaluates its cases only once every request is edited: "0 cases" reads as lost
-        return "the sequential edits checkpointed so far"
-    return f"{rows} finished case(s)" + (" and the sequential edits checkpointed so far" if checkpointed else "")
+    # a sequential run evaluates its cases only once every request is edited, and a group's rows come after all of
+    # its δs: "0 cases" alone would read as if the hours before were lost
+    kept = [f"{rows} finished case(s)"] if rows else []
+    kept += ["the sequential edits checkpointed so far"] if checkpointed else []
+    kept += ["the δs optimised so far in the edit in progress"] if run.deltas_kept() else []
+    return " and ".join(kept)
 
 
 def _where_to_resume(output_dir: str) -> str:
