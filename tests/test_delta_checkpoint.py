@@ -54,6 +54,32 @@ def test_a_stopped_block_keeps_its_finished_results_and_the_next_reads_them_back
     assert not folder.exists()
 
 
+def test_a_second_ctrl_c_while_a_stopped_block_saves_its_results_comes_after_the_save(tmp_path, monkeypatch):
+    """`timeout -s INT` signals the process, then its group; an impatient user presses Ctrl-C again."""
+    import os
+    import signal
+
+    from sadr.editors import delta_checkpoint
+
+    def save_interrupted(value, path, fmt):
+        os.kill(os.getpid(), signal.SIGINT)
+        write_atomically(value, path, fmt)
+
+    monkeypatch.setattr(delta_checkpoint, "write_atomically", save_interrupted)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    folder = tmp_path / DELTA_CHECKPOINT
+    try:
+        with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, {"group": [0, 1]}, every_seconds=3600):
+            Optimiser(stop_at=2)("a"), Optimiser(stop_at=1)("b")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    monkeypatch.undo()
+    again = Optimiser()
+    with resumable_deltas(folder, {"group": [0, 1]}):
+        again("a"), again("b")
+    assert again.calls == ["b"]  # a's result was written whole
+
+
 def test_results_of_another_group_or_another_request_are_not_read_back(tmp_path):
     folder = tmp_path / DELTA_CHECKPOINT
     with resumable_deltas(folder, {"group": [0, 1]}):

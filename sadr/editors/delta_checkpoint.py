@@ -25,6 +25,7 @@ from typing import Callable, Iterator, TypeVar
 
 from sadr.cache import TORCH, read_entry, write_atomically
 from sadr.editors.base import timed
+from sadr.interrupts import interrupts_deferred
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def resumable_deltas(folder: Path, identity: dict, every_seconds: float = SAVE_S
         yield
     finally:
         _ACTIVE.reset(token)
-        kept.save()
+        with interrupts_deferred():  # a second Ctrl-C would cut the save short: up to a minute's δs lost
+            kept.save()
         if kept.reused:
             log.info("%d δ(s) read back from %s, optimised before the run was stopped", kept.reused, folder)
 
