@@ -10,7 +10,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,22 +157,26 @@ class RunDirectory:
 
     def claim(self, cfg: DictConfig) -> None:
         """Write config.yaml, or check that the one already there describes the same run. A run that stopped before
-        it finished a case or checkpointed an edit (a mistake in its settings, say) holds nothing to protect: its
-        config is replaced, and the δs it kept (optimised with the settings replaced) are removed."""
+        it finished a case, checkpointed an edit or kept a δ (a mistake in its settings, say) holds nothing to
+        protect: its config is replaced. Kept δs would be read back by a rerun, which would edit with δs optimised
+        under other settings."""
         target = self.path / CONFIG_FILE
         identity = _identity(cfg)
         if target.is_file():
             existing = _without_execution_settings(read_config(target))
             if existing == identity:
                 return
-            if self.count() or self.checkpointed():
+            rows, checkpointed = self.count(), self.checkpointed()
+            if rows or checkpointed or self.deltas_kept():
+                only_deltas = "" if rows or checkpointed else (
+                    f"; or, to give up the δs it kept and start it again with these settings, delete "
+                    f"{self.path / DELTA_CHECKPOINT}")
                 raise RunConflictError(
                     f"{self.path} already holds a run with a different config (differs in: "
                     f"{'; '.join(config_differences(existing, identity))}); resume only with identical settings (the "
                     f"run's values, in {target}, also where a newer sadr changed a default), or choose a new "
-                    "directory with hydra.run.dir=..."
+                    f"directory with hydra.run.dir=...{only_deltas}"
                 )
-        shutil.rmtree(self.path / DELTA_CHECKPOINT, ignore_errors=True)
         tmp = target.with_suffix(".tmp")
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
         tmp.replace(target)
@@ -229,7 +232,7 @@ class RunDirectory:
         return (self.path / SEQUENTIAL_STATE).is_file()
 
     def deltas_kept(self) -> bool:
-        """Whether the edit in progress has kept δs here (sadr/editors/delta_checkpoint.py)."""
+        """Whether the edit in progress has kept δs here, for a rerun to read back (sadr/editors/delta_checkpoint.py)."""
         return any((self.path / DELTA_CHECKPOINT).glob("*.pt"))
 
     def finished(self) -> set[str]:

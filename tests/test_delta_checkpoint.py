@@ -224,17 +224,25 @@ def test_a_run_stopped_in_a_batch_s_deltas_resumes_from_them_with_the_rows_of_a_
     assert not (out / DELTA_CHECKPOINT).exists()
 
 
-def test_deltas_kept_under_another_config_are_not_read_back(tiny_dir, tmp_path, monkeypatch):
-    """A run stopped in its first batch's δs holds no row, so a rerun may correct its settings (README, "Resuming"):
-    its δs, optimised with the settings it replaces, are optimised again, and the rows are those of the corrected
-    run never stopped."""
+def test_a_run_that_kept_deltas_refuses_other_settings_and_takes_them_once_they_are_deleted(tiny_dir, tmp_path,
+                                                                                             monkeypatch):
+    """A run stopped in its first batch's δs holds no row, but its δs (hours of a large batch) would be read back by
+    a rerun: other settings are refused, as for a run with rows, naming the folder whose deletion starts it again;
+    then the rows are those of the corrected run never stopped."""
+    from sadr.results import RunConflictError
+
     def cfg(out, *extra):
         return composed(tiny_overrides(tiny_dir, out, "editor=memit", "editor.protocol=batch", "editor.batch_size=2",
                                        *extra))
 
     corrected = run_experiment(cfg(tmp_path / "corrected", "editor.v_lr=0.1"))
     _stopped_in_the_deltas(cfg(tmp_path / "run"), monkeypatch, stop_at=2)
-    assert list((tmp_path / "run" / DELTA_CHECKPOINT).glob("*.pt"))
+    kept = tmp_path / "run" / DELTA_CHECKPOINT
+    assert list(kept.glob("*.pt"))
+    with pytest.raises(RunConflictError, match=rf"differs in: editor\.v_lr.*; or, to give up the δs it kept and start "
+                                               rf"it again with these settings, delete {kept}$"):
+        run_experiment(cfg(tmp_path / "run", "editor.v_lr=0.1"))
+    discard_deltas(kept)
     optimised = _counting_deltas(monkeypatch)
     out = run_experiment(cfg(tmp_path / "run", "editor.v_lr=0.1"))
     assert len(optimised) == 2

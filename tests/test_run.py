@@ -441,7 +441,7 @@ def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
     """Its mistake fixed, a run that stopped before any case can be started again in the same directory."""
     from omegaconf import OmegaConf
 
-    from sadr.results import SEQUENTIAL_STATE, RunConflictError, RunDirectory
+    from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunConflictError, RunDirectory
 
     run = RunDirectory(tmp_path / "run")
     run.claim(OmegaConf.create({"editor": {"layers": [9]}}))
@@ -452,6 +452,11 @@ def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
     with pytest.raises(RunConflictError, match=r"differs in: editor"):
         run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
     (tmp_path / "run" / SEQUENTIAL_STATE).unlink()
+    (tmp_path / "run" / DELTA_CHECKPOINT).mkdir()  # a stopped group's δs, which a rerun reads back
+    (tmp_path / "run" / DELTA_CHECKPOINT / "000000.pt").write_bytes(b"")
+    with pytest.raises(RunConflictError, match=r"differs in: editor.*delete .*delta_checkpoint$"):
+        run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+    (tmp_path / "run" / DELTA_CHECKPOINT / "000000.pt").unlink()
     run.append({"case_id": 0})
     with pytest.raises(RunConflictError, match=r"differs in: editor"):
         run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
