@@ -232,7 +232,7 @@ class RunDirectory:
         return (self.path / SEQUENTIAL_STATE).is_file()
 
     def deltas_kept(self) -> bool:
-        """Whether the edit in progress has kept δs here, for a rerun to read back (sadr/editors/delta_checkpoint.py)."""
+        """Whether the edit in progress kept δs here, for a rerun to read back (sadr/editors/delta_checkpoint.py)."""
         return any((self.path / DELTA_CHECKPOINT).glob("*.pt"))
 
     def finished(self) -> set[str]:
