@@ -720,6 +720,31 @@ def test_a_pass_for_other_layers_does_not_resume_another_pass_s_checkpoint(token
         torch.testing.assert_close(resumed[layer], fresh[layer], rtol=1e-6, atol=1e-9)
 
 
+def test_ctrl_c_while_a_finished_pass_writes_its_cs_waits_for_every_layer_s_entry(tokenizer, tmp_path, monkeypatch):
+    """A real SIGINT once the first layer's C is written: the pass's sums are in no checkpoint by then, and a rerun
+    would start a new pass for the layers left, so every layer's C is written before the run stops."""
+    import os
+    import signal
+
+    stats = _KillableStatistics(tokenizer, monkeypatch)
+    stats.kill_after = None
+    write = covariance.write_atomically
+
+    def ctrl_c_after_a_c(value, path, kind):
+        write(value, path, kind)
+        if not path.name.endswith(".partial.pt"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(covariance, "write_atomically", ctrl_c_after_a_c)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stats(tmp_path).take([1, 2])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert len(list(tmp_path.rglob("model.*.pt"))) == 2 and not list(tmp_path.rglob("*.partial.pt"))
+
+
 def _forward_widths(model, record):
     """A pre-hook on the embedding that records each forward's (rows, width)."""
     return model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: record.append(tuple(args[0].shape)))

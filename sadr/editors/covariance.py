@@ -381,6 +381,11 @@ class SecondMomentStatistics:
                 f"the key statistics pass for layers {layers} ran out of GPU memory ({detail}); lower "
                 f"model.stats.batch_tokens (now {self.batch_tokens}), the tokens per forward (and, for a generated "
                 "corpus, per sampling batch)") from error
+        with interrupts_deferred():  # the sums are in no checkpoint now: Ctrl-C or SIGTERM waits for their entries
+            self._store(layers, result, checkpoint)
+
+    def _store(self, layers: list[int], result: SecondMomentSums, checkpoint: PassCheckpoint) -> None:
+        """Each layer's C, made whole from the pass's sums, into the disk cache, and the pass's checkpoint removed."""
         width = max(total.width for total in result.sums.values())
         # each C leaves the device as soon as it is whole (`factorized` brings it back in turn); the peak is read after,
         # so it holds making them whole, and what comes next (the first edits' peak) starts from the model alone
