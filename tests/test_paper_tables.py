@@ -53,6 +53,21 @@ def test_gpu_tables_compose_with_the_papers_settings(experiment, model, editors)
             assert cfg.editor.mom2_update_weight == 15000.0  # the SADR repo's, not the PMET repo's 6000
 
 
+@pytest.mark.parametrize("experiment", ["table3_gptj", "table3_llama3", "table3_neox", "table3_offline"])
+def test_every_job_writes_into_the_folder_the_sweeps_tables_are_written_in(experiment):
+    """The summarize callback writes the tables into the sweep folder of the launching process's config, where
+    every job's folder must be: one named after a key that only the jobs set (a swept model) held no run."""
+    def folder(cfg) -> str:
+        return str(cfg.hydra.sweep.dir).rsplit("/", 1)[0]  # without the time it was made at
+
+    sweep = composed([f"experiment={experiment}"], hydra=True)
+    params = sweep.hydra.sweeper.params
+    keys = list(params)
+    for values in itertools.product(*(str(params[key]).split(",") for key in keys)):
+        job = composed([f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(keys, values))], hydra=True)
+        assert folder(job) == folder(sweep)
+
+
 def test_gptj_table_differs_from_the_published_hparams_only_where_the_sadr_repo_did():
     table = jobs("table3_gptj")
     plain = {editor: composed([f"editor={editor}", "model=gpt-j"]).editor for editor in ("rome", "memit", "pmet")}
