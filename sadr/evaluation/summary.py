@@ -126,7 +126,7 @@ class Configuration:
         return [i for i in range(1, self.n_shards + 1) if i not in present]
 
     def shards_label(self) -> str:
-        """"4/4", or "3/4; missing 2; unfinished 4" (unfinished shards are listed, not counted)."""
+        """"4/4", or "2/4; missing 2; unfinished 4" (unfinished shards are listed, not counted)."""
         label = f"{len(self.runs)}/{self.n_shards}"
         if self.missing:
             label += f"; missing {', '.join(map(str, self.missing))}"
