@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from transformers import OPTConfig
 
 from sadr.cli import run as cli
+from sadr.cli.sweep import folder_varied_by_the_sweep
 from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
 from sadr.interrupts import Terminated
 from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunDirectory
@@ -61,6 +62,12 @@ BAD_OVERRIDES = {
                                                            r"[\s\S]*^error: setup=sadr_repo: no run of the SADR "
                                                            r"authors' code for editor=rome on model=smollm2-135m"),
     "two modes at once": (["-m", "--cfg", "job"], r"^error: Only one of --run, --multirun, --cfg"),
+    # hub models, so that a sweep the check let through would stop at once here, offline
+    "sweep whose folder is named after a swept key": (["-m", "experiment=sadr_comparison", "model=tinyllama,llama2-7b"],
+                                                      r"^error: this sweep varies model \(model=tinyllama,llama2-7b\), "
+                                                      r"and its folder, hydra\.sweep\.dir=outputs/sadr_comparison/"
+                                                      r"\$\{model\.name\}_\$\{dataset\.name\}/.*, is named after "
+                                                      r"model\.name: .*give the sweep one folder"),
     "local model without its folder": (["model=local", "editor.layers=[1]", "editor.v_loss_layer=1"],
                                       r"^error: model=local needs model\.source: a local model folder, a GGUF file"),
 }
@@ -285,6 +292,28 @@ def test_in_a_multirun_the_resume_override_names_the_sweep_folder(monkeypatch, t
         hydra_cfg = OmegaConf.create({"mode": mode, "sweep": {"dir": str(tmp_path)}})
         monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
         assert cli._where_to_resume("job") == expected
+
+
+def _launching_config(task: list[str], params: dict | None = None, pattern: str = "out/${model.name}_${dataset.name}",
+                      hydra_overrides: tuple[str, ...] = ()):
+    """What the launching process of `sadr-run -m <task>` holds: its sweep folder's pattern, the sweep's params from
+    the config and the command line's overrides."""
+    return OmegaConf.create({"hydra": {"sweep": {"dir": pattern}, "sweeper": {"params": params},
+                                       "overrides": {"task": task, "hydra": list(hydra_overrides)}}})
+
+
+def test_a_sweep_whose_folder_would_differ_between_its_jobs_is_refused():
+    """The folder's pattern is checked against what the sweep varies, from the command line or the config's params
+    (a single value on the command line replaces a swept one), and an experiment swept sets the folder itself."""
+    varies = folder_varied_by_the_sweep
+    assert "varies model (model=a,b)" in varies(_launching_config(["model=a,b"]))
+    assert "is named after dataset.name" in varies(_launching_config(["dataset.name=x,y"]))
+    assert "varies model (model=a,b)" in varies(_launching_config([], params={"model": "a,b", "editor": "rome"}))
+    assert varies(_launching_config(["model=a"], params={"model": "a,b"})) is None
+    assert varies(_launching_config(["model.dtype=float32,bfloat16", "editor=rome,memit", "model=a"])) is None
+    assert varies(_launching_config(["model=a,b"], pattern="out/${now:%H-%M-%S}")) is None
+    assert "is set by each experiment" in varies(_launching_config(["experiment=e,f"], pattern="out/${now:%H}"))
+    assert varies(_launching_config(["experiment=e,f"], hydra_overrides=("hydra.sweep.dir=out",))) is None
 
 
 def test_run_and_sweep_folders_are_checked_only_where_hydra_would_make_them(tmp_path):

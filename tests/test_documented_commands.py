@@ -19,6 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sadr.cli.main import app
+from sadr.cli.sweep import folder_varied_by_the_sweep
 from sadr.conf.registry import ConfigError, compose_config, misspelt_override, register_configs
 from sadr.errors import MissingInputError
 from sadr.models.loading import check_local_source
@@ -81,7 +82,7 @@ def _with_own_model_folder(override: str, model_folder: Path) -> str:
 def sweep_jobs(arguments: tuple[str, ...], model_folder: Path) -> list[list[str]]:
     """The overrides of each job `sadr-run arguments` runs: one job, or each of a `-m` sweep's (its config's
     hydra.sweeper.params first, a key's last value winning, every combination of the swept values: what Hydra's
-    basic sweeper runs)."""
+    basic sweeper runs). A sweep that `sadr-run` refuses before its jobs start raises ConfigError."""
     args = _flags().parse_args(list(arguments))
     overrides = [_with_own_model_folder(o, model_folder) for o in args.overrides]
     if not args.multirun:
@@ -90,7 +91,12 @@ def sweep_jobs(arguments: tuple[str, ...], model_folder: Path) -> list[list[str]
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # glob(*) lists a group
     fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-    params = compose_config(fixed, checked=False, hydra=True).hydra.sweeper.params or {}
+    launching = compose_config(fixed, checked=False, hydra=True)
+    launching.hydra.overrides.task = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    refused = folder_varied_by_the_sweep(launching)
+    if refused:
+        raise ConfigError(refused)
+    params = launching.hydra.sweeper.params or {}
     values = {}
     for override in parser.parse_overrides([f"{key}={value}" for key, value in params.items()] + overrides):
         key = override.get_key_element()
