@@ -7,8 +7,9 @@
 #
 # `prepare` downloads the wheels the GPU image lacks (hydra-core, omegaconf, gguf, and antlr4, built from its sdist),
 # saves the offline default's tokenizer (SmolLM2's, 49,152 tokens) for the random-weight models, and writes a text
-# file for GPT-NeoX-20B's statistics (sampling text from a 20 B random model takes minutes). With LOCKED=1 it also
-# brings the locked transformers and what it needs, so `run` can use the locked set instead of the image's.
+# file for GPT-J's and GPT-NeoX-20B's statistics (sampling text from their random models would take most of a call,
+# minutes for NeoX's 20 B). With LOCKED=1 it also brings the locked transformers and what it needs, so `run` can use
+# the locked set instead of the image's.
 #
 # `run` installs the wheels into /tmp/site, then runs each step with its own timeout (what is left of BUDGET seconds,
 # at most each step's own limit), writing each step's log (its tables at the end) and a summary into $OUT (default
