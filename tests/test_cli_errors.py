@@ -19,11 +19,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hydra import initialize_config_module
 from omegaconf import OmegaConf
 from transformers import OPTConfig
 
 from sadr.cli import run as cli
-from sadr.cli.sweep import folder_varied_by_the_sweep
+from sadr.cli.sweep import folder_varied_by_the_sweep, job_that_cannot_run
 from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
 from sadr.interrupts import Terminated
 from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunDirectory
@@ -68,6 +69,13 @@ BAD_OVERRIDES = {
                                                       r"and its folder, hydra\.sweep\.dir=outputs/sadr_comparison/"
                                                       r"\$\{model\.name\}_\$\{dataset\.name\}/.*, is named after "
                                                       r"model\.name: .*give the sweep one folder"),
+    "sweep with a job out of its domain": (["-m", "model=tinyllama", "sadr.lambda=0.1,-1"],
+                                           r"^error: 1 of the sweep's 2 jobs cannot run, so none was started; the "
+                                           r"first: model=tinyllama sadr\.lambda=-1: sadr\.lambda=-1\.0: γ must be"),
+    "sweep with a pair without its setting": (["-m", "experiment=sadr_comparison", "model=llama3-8b"],
+                                              r"^error: 1 of the sweep's 8 jobs cannot run, so none was started; the "
+                                              r"first: editor=alphaedit sadr=paper .*: sadr=paper: no published SADR "
+                                              r"setting for editor=alphaedit on model=llama3-8b"),
     "local model without its folder": (["model=local", "editor.layers=[1]", "editor.v_loss_layer=1"],
                                       r"^error: model=local needs model\.source: a local model folder, a GGUF file"),
 }
@@ -314,6 +322,29 @@ def test_a_sweep_whose_folder_would_differ_between_its_jobs_is_refused():
     assert varies(_launching_config(["model=a,b"], pattern="out/${now:%H-%M-%S}")) is None
     assert "is set by each experiment" in varies(_launching_config(["experiment=e,f"], pattern="out/${now:%H}"))
     assert varies(_launching_config(["experiment=e,f"], hydra_overrides=("hydra.sweep.dir=out",))) is None
+
+
+def test_a_sweep_with_a_job_that_cannot_run_is_refused_before_any_starts():
+    """Every job is composed and checked as its run would check it, with the config's params and the command line's
+    sweeps combined; a missing local file is left to the job (a cluster's job may see it)."""
+    refused = job_that_cannot_run(_launching_config(["model=tinyllama", "sadr.lambda=0.1,-1,2,-3"]))
+    assert refused.startswith("2 of the sweep's 4 jobs cannot run, so none was started; the first: model=tinyllama "
+                              "sadr.lambda=-1: sadr.lambda=-1.0: γ must be a finite number >= 0"), refused
+    refused = job_that_cannot_run(_launching_config(["model=llama3-8b"], params={"editor": "rome,alphaedit",
+                                                                                  "sadr": "default,paper"}))
+    assert refused.startswith("1 of the sweep's 4 jobs cannot run, so none was started; the first: editor=alphaedit "
+                              "sadr=paper model=llama3-8b: sadr=paper: no published SADR setting"), refused
+    assert job_that_cannot_run(_launching_config(["editor=rome,memit", "sadr.lambda=0,0.1"])) is None
+    assert job_that_cannot_run(_launching_config(["model=local", "model.source=/nonexistent/model,/elsewhere/model",
+                                                  "editor.layers=[1]", "editor.v_loss_layer=2"])) is None
+
+
+def test_a_sweep_s_checks_compose_within_sadr_run_s_own_hydra():
+    """In `sadr-run`, Hydra is initialised already: the checks compose there, and glob(*) lists the editors."""
+    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+        assert job_that_cannot_run(_launching_config(["editor=glob(*)"])) is None
+        refused = job_that_cannot_run(_launching_config(["editor=glob(*)", "sadr=paper", "model=llama3-8b"]))
+    assert refused.startswith("1 of the sweep's 4 jobs cannot run"), refused
 
 
 def test_run_and_sweep_folders_are_checked_only_where_hydra_would_make_them(tmp_path):

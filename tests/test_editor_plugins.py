@@ -200,16 +200,17 @@ def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_
 
 
 def test_the_comparison_sweep_launches_every_declared_editor_with_and_without_sadr(tmp_path):
-    """An installed editor included: Hydra composes every job of a sweep before it launches one."""
+    """An installed editor included: `sadr-run` checks every job of a sweep before it launches one."""
     env = _install_extra_editor(tmp_path / "site", {"hparams/extra_smollm2-135m.yaml": EXTRA_HPARAMS,
                                                     "sadr_hparams/paper/extra_smollm2-135m.yaml": EXTRA_PAPER})
-    # sadr.lambda=-1 makes the first job stop at validation, after Hydra has counted the jobs of the sweep
+    # sadr.lambda=-1 fails every job's checks, so the sweep stops before any starts, having counted its jobs
     done = _run(["-m", "sadr.cli.run", "-m", "experiment=sadr_comparison", "sadr.lambda=-1",
                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], env, tmp_path)
     assert done.returncode == 2
     log = done.stdout + done.stderr
-    assert f"Launching {2 * (len(EDITORS) + 1)} jobs" in log, log[-2000:]
-    assert f"#0 : editor={sorted([*EDITORS, 'extra'])[0]} sadr=default " in log
+    jobs = 2 * (len(EDITORS) + 1)
+    assert f"error: {jobs} of the sweep's {jobs} jobs cannot run, so none was started" in log, log[-2000:]
+    assert f"the first: editor={sorted([*EDITORS, 'extra'])[0]} sadr=default " in log
 
 
 def test_paper_settings_are_stored_even_where_the_editor_ships_no_hparams_folder(tmp_path):

@@ -1,25 +1,37 @@
-"""The folder of the sweep a `sadr-run -m` process launched, for the line it prints when Ctrl-C stops it.
+"""What a `sadr-run -m` process checks before its sweep's first job starts, and the folder of the sweep it launched.
+
+Checked first (`SweepChecks`), so that a mistake stops the sweep before hours of jobs, not after them:
+- every job passes the run's checks of its config: a value out of its domain in one job (`sadr.lambda=0.1,-1`) stopped
+  a sweep in one process at that job, after the jobs before it, or made one job of a SLURM array fail, and the
+  sweep's tables were never written. Hydra composes every job before the first starts too, but its message for one
+  that does not compose (`experiment=sadr_comparison model=llama3-8b`: AlphaEdit has no `sadr=paper` setting there)
+  names neither the job nor the fix;
+- the sweep has one folder: a folder named after a key the sweep varies (`experiment=sadr_comparison
+  model=gpt-j,llama3-8b`, whose folder is `.../${model.name}_${dataset.name}/...`) would be one folder per value for
+  the jobs, and for the launching process, whose config has none of the swept values, a third one, where the sweep's
+  tables would find no run.
 
 A launcher that runs each job in a process of its own (hydra/launcher=local, gpus, slurm) keeps no job config in
 the launching process, and a sweep folder named by the time (`${now:...}`) can only be read from the config that the
-sweep started with: this Hydra callback (config.yaml, `hydra.callbacks.sweep_folder`) keeps it. At the sweep's end
-it also removes the empty folder that submitit makes of its folder pattern itself (`.submitit/%j`), as
-`sadr-run` does when Ctrl-C stops the sweep.
-
-Before any job starts, it also checks that the sweep has one folder: a folder named after a key the sweep varies
-(`experiment=sadr_comparison model=gpt-j,llama3-8b`, whose folder is `.../${model.name}_${dataset.name}/...`) would
-be one folder per value for the jobs, and for the launching process, whose config has none of the swept values, a
-third one, where the sweep's tables would find no run.
+sweep started with: `SweepFolder` (config.yaml, `hydra.callbacks.sweep_folder`) keeps it, for the line a Ctrl-C
+prints. At the sweep's end it also removes the empty folder that submitit makes of its folder pattern itself
+(`.submitit/%j`), as `sadr-run` does when Ctrl-C stops the sweep.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from pathlib import Path
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
+
+from sadr.conf.registry import compose_config, misspelt_override, missing_pair_setting, validate
+from sadr.errors import MissingInputError, UsageError
 
 # `${model.name}` in a folder's pattern; not a resolver's call, such as `${now:%H-%M-%S}`
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.-]*)\}")
@@ -27,15 +39,19 @@ REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.-]*)\}")
 FOLDER_SETTING_GROUP = "experiment"
 
 
+class SweepChecks(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        problem = folder_varied_by_the_sweep(config) or job_that_cannot_run(config)
+        if problem:  # SystemExit passes Hydra's report of errors, which would add a traceback; exit status 2
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+
+
 class SweepFolder(Callback):
     started: str | None = None  # the sweep folder of the multirun this process launched
     job_pattern: str | None = None  # submitit's folder pattern of its jobs (`hydra.launcher.submitit_folder`), if any
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        problem = folder_varied_by_the_sweep(config)
-        if problem:  # SystemExit passes Hydra's report of errors, which would add a traceback; exit status 2
-            print(f"error: {problem}", file=sys.stderr)
-            raise SystemExit(2)
         SweepFolder.started = str(config.hydra.sweep.dir)
         pattern = OmegaConf.select(config, "hydra.launcher.submitit_folder")
         SweepFolder.job_pattern = str(pattern) if pattern else None
@@ -53,19 +69,24 @@ class SweepFolder(Callback):
                 folder.rmdir()
 
 
+def sweep_overrides(config) -> dict[str, Override]:
+    """Each key the sweep sets, with its override: the config's `hydra.sweeper.params`, then the command line's
+    overrides, a key's last one winning (as Hydra's basic sweeper takes them)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    params = OmegaConf.to_container(params) if params is not None else {}
+    lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    hydra = GlobalHydra.instance()
+    parser = OverridesParser.create(config_loader=hydra.config_loader() if hydra.is_initialized() else None)
+    return {override.key_or_group: override for override in parser.parse_overrides(lines)}
+
+
 def folder_varied_by_the_sweep(config) -> str | None:
     """What is wrong when the sweep folder's pattern refers to a key the sweep varies, or None."""
     pattern = OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]
     referred = set(REFERENCE.findall(str(pattern)))
-    params = OmegaConf.select(config, "hydra.sweeper.params")
-    params = OmegaConf.to_container(params) if params is not None else {}
-    lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
     folder_given = any(line.split("=", 1)[0].lstrip("+") == "hydra.sweep.dir" for line in config.hydra.overrides.hydra)
-    swept = {}
-    for override in OverridesParser.create().parse_overrides(lines):  # the command line's replaces the config's
-        swept[override.key_or_group] = override if override.is_sweep_override() else None
-    for key, override in swept.items():
-        if override is None:
+    for key, override in sweep_overrides(config).items():
+        if not override.is_sweep_override():
             continue
         names = [path for path in referred if path == key or path.startswith(f"{key}.") or key.startswith(f"{path}.")]
         if names or (key == FOLDER_SETTING_GROUP and not folder_given):
@@ -75,3 +96,28 @@ def folder_varied_by_the_sweep(config) -> str | None:
                     f"into one that holds none of them. Run one sweep per value, or give the sweep one folder "
                     f"(hydra.sweep.dir=<folder>)")
     return None
+
+
+def job_that_cannot_run(config) -> str | None:
+    """What stops the first job of the sweep that does not compose or fails the run's checks, and how many do, or
+    None. Composing takes about 0.1 s a job. A missing local file is left to the job: a cluster's job may see paths
+    that the launching machine does not."""
+    choices = [[override.input_line] if not override.is_sweep_override() else
+               [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
+               for override in sweep_overrides(config).values()]
+    jobs = [list(job) for job in itertools.product(*choices)]
+    failing = []
+    for job in jobs:
+        try:
+            validate(compose_config(job, checked=False))
+        except MissingInputError:
+            continue
+        except UsageError as err:
+            failing.append((job, str(err)))
+        except Exception as err:  # noqa: BLE001 - Hydra's and OmegaConf's errors of a config that does not compose
+            failing.append((job, missing_pair_setting(job) or misspelt_override(job) or f"{type(err).__name__}: {err}"))
+    if not failing:
+        return None
+    job, why = failing[0]
+    return (f"{len(failing)} of the sweep's {len(jobs)} jobs cannot run, so none was started; the first: "
+            f"{' '.join(job)}: {why}")

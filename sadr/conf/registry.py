@@ -1,6 +1,7 @@
 """Registers the typed schema with Hydra and checks what types alone cannot."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import io
@@ -85,11 +86,19 @@ def gpu_workers() -> int:
     return max(1, count)
 
 
+def sadr_configs():
+    """A context in which Hydra composes sadr's configs: Hydra initialised with them, or as `sadr-run` initialised it
+    (a sweep's checks run within it)."""
+    if GlobalHydra.instance().is_initialized():
+        return contextlib.nullcontext()
+    return initialize_config_module(config_module="sadr.conf", version_base="1.3")
+
+
 def compose_config(overrides: list[str], *, checked: bool = True, hydra: bool = False) -> DictConfig:
     """The config `sadr-run <overrides>` composes, for scripts, benchmarks and tests; `checked`: as a run checks it
     (`validate`); `hydra`: with the `hydra` node."""
     register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+    with sadr_configs():
         cfg = compose("config", overrides=overrides, return_hydra_config=hydra)
     if checked:
         validate(cfg)
@@ -228,7 +237,7 @@ def missing_pair_setting(overrides: list[str]) -> str | None:
     except Exception:  # noqa: BLE001 - any other reason not to compose is Hydra's to report
         return None
     editor, model = (cfg.hydra.runtime.choices[name] for name in ("editor", "model"))
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
+    with sadr_configs():
         options = GlobalHydra.instance().config_loader().get_group_options
         missing = [f"{choice}: {what} for editor={editor} on model={model}; {instead}, or add the setting, with its "
                    f"source, as {group}/{editor}_{model}.yaml ({where})"
