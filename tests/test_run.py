@@ -314,6 +314,8 @@ def test_only_a_last_line_cut_short_is_taken_for_a_kill_any_other_bad_line_is_na
     run.drop_partial_line()
     assert "dropped" not in caplog.text
     assert file.read_text() == "\n".join(rows) + "\n" and len(run.rows()) == 3
+    run.drop_partial_line()  # a file that ends with its newline is left as it is, and nothing is said
+    assert "dropped" not in caplog.text and file.read_text() == "\n".join(rows) + "\n"
     file.write_text("\n".join(rows) + "\n\n")  # blank lines are no rows, and no damage
     assert len(run.rows()) == 3
     # a damaged line before the end would silently drop the finished rows after it, so it is an error
@@ -403,6 +405,7 @@ def test_config_differences_name_each_setting_with_both_values():
     assert config_differences({"a": [None, True, 1.5, "it's here", "x/y-1.z", "12", "true"]}, {"a": {"b": False}}) == [
         "a ([null,true,1.5,'it\\'s here',x/y-1.z,'12','true'] in the run, {b:false} now)"]
     assert config_differences({"a": "x" * 500}, {"a": "y"}) == ["a (" + "x" * 397 + "... in the run, y now)"]
+    assert config_differences({"a": "x" * 400}, {"a": "y"}) == ["a (" + "x" * 400 + " in the run, y now)"]  # fits
     # the words "nan" and "inf" (any case) are floats to an override, so as text they are quoted like "true"
     assert config_differences({"a": ["nan", "Inf", "info"]}, {"a": "NaN"}) == ["a (['nan','Inf',info] in the run, 'NaN' now)"]
 
@@ -460,6 +463,68 @@ def test_a_run_that_finished_no_case_may_restart_with_other_settings(tmp_path):
     run.append({"case_id": 0})
     with pytest.raises(RunConflictError, match=r"differs in: editor"):
         run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+
+
+def test_deleting_the_kept_deltas_is_offered_only_to_a_run_that_holds_nothing_else(tmp_path):
+    """A run with finished cases or checkpointed sequential edits still refuses other settings once its δs are gone,
+    so its refusal does not offer their deletion."""
+    from omegaconf import OmegaConf
+
+    from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunConflictError, RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.claim(OmegaConf.create({"editor": {"layers": [9]}}))
+    (tmp_path / "run" / DELTA_CHECKPOINT).mkdir()
+    (tmp_path / "run" / DELTA_CHECKPOINT / "000000.pt").write_bytes(b"")
+    (tmp_path / "run" / SEQUENTIAL_STATE).write_bytes(b"")
+    with pytest.raises(RunConflictError, match=r"differs in: editor") as refused:
+        run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+    assert "give up the δs" not in str(refused.value)
+    (tmp_path / "run" / SEQUENTIAL_STATE).unlink()
+    run.append({"case_id": 0})
+    with pytest.raises(RunConflictError, match=r"differs in: editor") as refused:
+        run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+    assert "give up the δs" not in str(refused.value)
+
+
+def test_a_delta_checkpoint_folder_without_a_chunk_keeps_no_delta(tmp_path):
+    """What a kill while the first chunk was written leaves (its temporary file) holds no δ to read back: the run
+    takes other settings, as one that kept nothing."""
+    from omegaconf import OmegaConf
+
+    from sadr.results import DELTA_CHECKPOINT, RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.claim(OmegaConf.create({"editor": {"layers": [9]}}))
+    (tmp_path / "run" / DELTA_CHECKPOINT).mkdir()
+    (tmp_path / "run" / DELTA_CHECKPOINT / "000000.pt.k2x9q.tmp").write_bytes(b"PK")
+    assert not run.deltas_kept()
+    run.claim(OmegaConf.create({"editor": {"layers": [3]}}))
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").editor.layers == [3]
+
+
+def test_a_config_yaml_that_holds_an_execution_setting_resumes_with_it_changed(tmp_path):
+    """sadr before eval.generation_batch_size was known to change no result wrote it into config.yaml: such a run
+    resumes with it changed, as a run written since does."""
+    from omegaconf import OmegaConf
+
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text("editor:\n  layers: [1]\neval:\n  generation_batch_size: 8\n")
+    run.append({"case_id": 0})
+    run.claim(OmegaConf.create({"editor": {"layers": [1]}, "eval": {"generation_batch_size": 3}}))
+
+
+def test_a_row_is_flushed_and_synced_to_disk_before_append_returns(tmp_path, monkeypatch):
+    """A machine that goes down (not only the process) keeps every row counted as finished."""
+    from sadr.results import RunDirectory
+
+    run, synced, real_fsync = RunDirectory(tmp_path / "run"), [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), real_fsync(fd))[1])
+    run.append({"case_id": 0})
+    run.append({"case_id": 1})
+    assert synced == [len('{"case_id": 0}\n'), len('{"case_id": 0}\n{"case_id": 1}\n')]
 
 
 @pytest.mark.parametrize("stop, status, said", [(signal.SIGINT, 130, "interrupted"),
@@ -654,6 +719,9 @@ def test_rows_lines_end_at_a_carriage_return_as_they_did_when_the_file_was_read_
         run.rows()
     file.write_bytes(b'{"case_id": 0}\n{"case_id": 1}\r{"case_id": 2, ')  # the last line, cut short
     assert run.finished() == {"0", "1"}
+    file.write_bytes(b'{"case_id": 0}\n{"case_id": 1, \r{"case_id": 2}')  # cut short before the last line: damage
+    with pytest.raises(DamagedFileError, match=r"line 2 of"):
+        run.rows()
 
 
 def test_metrics_csv_from_rows_cut_to_their_scores_is_the_table_of_the_whole_rows(tiny_dir, tmp_path):
