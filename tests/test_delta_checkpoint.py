@@ -7,7 +7,7 @@ import torch
 
 import sadr.editors.delta as delta
 from sadr.cache import TORCH, read_entry, write_atomically
-from sadr.editors.delta_checkpoint import discard_deltas, kept_or_optimised, resumable_deltas, timed_deltas
+from sadr.editors.delta_checkpoint import FORMAT, discard_deltas, kept_or_optimised, resumable_deltas, timed_deltas
 from sadr.results import DELTA_CHECKPOINT
 from sadr.runner import SEQUENTIAL_STATE, run_experiment
 from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (a fixture)
@@ -161,11 +161,87 @@ def test_results_are_written_at_most_every_few_seconds_inside_a_block(tmp_path, 
     monkeypatch.setattr("sadr.editors.delta_checkpoint.time.monotonic", lambda: now[0])
     written = []
     with resumable_deltas(folder, {"group": [0]}, every_seconds=60):
-        for second, request in ((10, "a"), (70, "b"), (80, "c")):
+        for second, request in ((10, "a"), (60, "b"), (80, "c")):
             now[0] = second
             Optimiser()(request)
             written.append(len(list(folder.glob("*.pt"))))
-    assert written == [0, 1, 1]  # "a" and "b" written together at 70 s; "c" waits for the next minute (or the end)
+    assert written == [0, 1, 1]  # "a" and "b" written together a minute in; "c" waits for the next minute (or the end)
+
+
+def test_a_block_that_keeps_no_new_result_writes_no_chunk(tmp_path):
+    """Stopped before its first δ (in the statistics pass, say), or with every result read back, a block writes
+    nothing: an empty chunk would make the run refuse other settings for δs it does not hold. Another group's chunk
+    is removed all the same."""
+    folder, identity = tmp_path / DELTA_CHECKPOINT, {"group": [0]}
+    another_group = {"format": FORMAT, "identity": {"group": [5]}, "first": 0, "results": [("'b'", {}, 1.0)]}
+    write_atomically(another_group, folder / "000000.pt", TORCH)
+    with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, identity):
+        raise KeyboardInterrupt
+    assert not list(folder.glob("*.pt"))
+    with resumable_deltas(folder, identity):
+        Optimiser()("a")
+    with resumable_deltas(folder, identity):
+        Optimiser()("a")
+    assert [path.name for path in folder.glob("*.pt")] == ["000000.pt"]
+
+
+def test_after_a_block_its_results_are_no_longer_kept(tmp_path):
+    folder = tmp_path / DELTA_CHECKPOINT
+    with resumable_deltas(folder, {"group": [0, 1]}, every_seconds=0):
+        Optimiser()("a")
+    Optimiser()("b")
+    assert [path.name for path in folder.glob("*.pt")] == ["000000.pt"]
+
+
+def test_a_missing_chunk_ends_what_is_read_back_even_where_the_next_holds_the_same_request(tmp_path):
+    """Each chunk holds the results from its first call on. With one gone, those after it would be read back as the
+    results of earlier calls, which the request alone does not tell apart where a request comes twice (and ROME's δ
+    of a request depends on the edits before it): they are optimised again."""
+    folder, identity = tmp_path / DELTA_CHECKPOINT, {"group": [0, 1, 2]}
+    first = Optimiser()
+    with resumable_deltas(folder, identity, every_seconds=0):
+        [first(request) for request in "aaa"]
+    sorted(folder.glob("*.pt"))[1].unlink()
+    again = Optimiser()
+    with resumable_deltas(folder, identity):
+        results = [again(request) for request in "aaa"]
+    assert again.calls == ["a", "a"]
+    assert [r["delta"].tolist() for r in results] == [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0]]
+
+
+def test_results_kept_after_the_first_request_that_differs_are_not_read_back_after_a_later_stop(tmp_path):
+    """The third result was optimised after "b": once "x" takes b's place, a stop in the same block must not leave it
+    kept, to be read back after "x"."""
+    folder, identity = tmp_path / DELTA_CHECKPOINT, {"group": [0, 1, 2]}
+    with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, identity, every_seconds=3600):
+        optimiser = Optimiser(stop_at=3)
+        [optimiser(request) for request in "abc"]
+    with resumable_deltas(folder, identity, every_seconds=3600):
+        [Optimiser()(request) for request in "abc"]
+    assert len(list(folder.glob("*.pt"))) == 2  # "a" and "b", then "c"
+    with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, identity, every_seconds=3600):
+        optimiser = Optimiser(stop_at=2)  # "x", then stopped as "c" begins
+        [optimiser(request) for request in "axc"]
+    again = Optimiser()
+    with resumable_deltas(folder, identity):
+        [again(request) for request in "axc"]
+    assert again.calls == ["c"]
+
+
+def test_each_timing_inside_a_block_counts_only_the_results_read_back_inside_it(tmp_path, monkeypatch):
+    """ROME times each request's δ on its own (`v_star`): several timings in one block."""
+    folder, identity, clock = tmp_path / DELTA_CHECKPOINT, {"group": [0, 1, 2]}, [0.0]
+    monkeypatch.setattr("sadr.editors.delta_checkpoint.time.perf_counter", lambda: clock[0])
+    with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, identity):
+        optimiser = Optimiser(stop_at=3, clock=clock)
+        [optimiser(request) for request in "abc"]
+    first, second, optimiser = {}, {}, Optimiser(clock=clock)
+    with resumable_deltas(folder, identity):
+        with timed_deltas(first, "v_star"):
+            optimiser("a"), optimiser("b")
+        with timed_deltas(second, "v_star"):
+            optimiser("c")
+    assert optimiser.calls == ["c"] and first == {"v_star": 10.0} and second == {"v_star": 5.0}
 
 
 def _stopped_in_the_deltas(cfg, monkeypatch, stop_at: int) -> None:
