@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from sadr.interrupts import interrupts_deferred
+from sadr.interrupts import further_interrupts_ignored, interrupts_deferred
 
 
 @pytest.fixture
@@ -50,14 +50,33 @@ def test_a_block_that_raises_still_restores_and_delivers(handlers):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_sigterm_sent_twice_inside_the_block_reaches_its_handler_once(handlers):
+    with interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert handlers == [signal.SIGTERM]
+
+
+def test_a_handler_not_set_from_python_is_left_alone(handlers, monkeypatch):
+    """`signal.getsignal` gives None for a handler set outside Python (inherited at startup, say), which could not be
+    set back: that signal is not held."""
+    recorder, getsignal = signal.getsignal(signal.SIGTERM), signal.getsignal
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None if signum == signal.SIGTERM else getsignal(signum))
+    with interrupts_deferred():
+        assert getsignal(signal.SIGTERM) is recorder and getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_off_the_main_thread_nothing_changes(handlers):
+    """Only the main thread may set handlers: elsewhere each context would raise."""
     seen = []
 
     def work():
-        with interrupts_deferred():
-            seen.append(signal.getsignal(signal.SIGINT))
+        for context in (interrupts_deferred, further_interrupts_ignored):
+            with context():
+                seen.append(signal.getsignal(signal.SIGINT))
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    assert seen == [signal.default_int_handler]
+    assert seen == [signal.default_int_handler] * 2
