@@ -105,7 +105,8 @@ def test_a_json_entry_with_a_changed_digit_is_found_by_its_crc_and_computed_agai
 
 
 @pytest.mark.parametrize("content, recomputed", [('["{}", "The {}"]', ["{}"]),  # a list, as templates are
-                                                 ('{"p_new": [0.125], "p_true": [0.5]}', {"p_new": [0.25]})])
+                                                 ('{"p_new": [0.125], "p_true": [0.5]}', {"p_new": [0.25]}),
+                                                 ('{"value": [0.125]}', {"value": [0.25]})])  # a key named value
 def test_a_json_entry_without_its_crc_is_damage_and_computed_again(tmp_path, caplog, content, recomputed):
     """A bare JSON value at an entry's path (a hand-made or foreign file; sadr's own older entries have other names)
     is named as lacking its CRC-32, also when it is an object (not as a KeyError), and computed again."""
@@ -139,6 +140,30 @@ def test_an_entry_is_never_left_half_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_entry_interrupted_while_written_leaves_no_temporary_file(tmp_path):
+    """Ctrl-C (a KeyboardInterrupt, not an Exception) during a write removes its temporary file, as large as the entry,
+    and still stops the job."""
+    path = tmp_path / "stats.pt"
+
+    def save_then_interrupt(value, target):
+        torch.save(value, target)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically({"mom2": torch.eye(2)}, path, dataclasses.replace(TORCH, save=save_then_interrupt))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_entry_read_alone_is_removed(tmp_path, caplog):
+    """Reading a damaged entry removes it (with a warning), also when nothing computes it again: a computation that
+    then fails or is stopped leaves no damaged entry to be warned about on every later read."""
+    path = tmp_path / "stats.pt"
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with caplog.at_level(logging.WARNING, logger="sadr.cache"):
+        assert read_entry(path, TORCH) is None
+    assert not path.exists() and "damaged" in caplog.text
+
+
 def test_entries_are_readable_as_any_new_file_and_another_user_s_entry_is_left_alone(tmp_path, monkeypatch):
     """A cache shared by a group: entries get the umask's mode (not mkstemp's owner-only one), and an entry this user
     may not read is an error naming it, never taken for damage and deleted."""
@@ -159,6 +184,23 @@ def test_entries_are_readable_as_any_new_file_and_another_user_s_entry_is_left_a
                                                   r"this user may not read it.*cache_dir="):
         read_entry(path, dataclasses.replace(JSON, load=denied))
     assert path.is_file()
+
+
+def test_the_umask_read_without_proc_is_left_as_it_was(monkeypatch):
+    """Where /proc cannot be read, the umask is read by setting it for a moment: it is then set back, or every later
+    file of the process would be written with mode 0o666."""
+    def no_proc(*_args):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(cache, "Path", no_proc)
+    old = os.umask(0o027)
+    try:
+        cache.new_file_mode.cache_clear()
+        assert cache.new_file_mode() == 0o640
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+        cache.new_file_mode.cache_clear()
 
 
 def test_a_fingerprint_s_sums_are_taken_in_chunks_without_changing_them():
