@@ -613,6 +613,23 @@ def test_a_generated_corpus_is_sampled_once_per_model_and_description_and_then_r
     assert list(uncached.texts()) == first and batches == [4, 2] * 4
 
 
+def test_hub_corpus_streams_only_the_first_documents_and_refuses_another_way_of_sampling(tmp_path, monkeypatch):
+    """`first` streams (the whole split of a large dataset is not downloaded for its first documents), `random` loads
+    the split to draw from it; a sampling that is neither is an error, not silently taken as `random`."""
+    import datasets
+
+    from sadr.data.corpus import hub_corpus
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append(kwargs["streaming"]) or iter(
+        [{"text": "first document"}]))
+    assert list(hub_corpus("wikimedia/wikipedia", None, "train", n_samples=1, sample="first").texts()) == [
+        "first document"]
+    assert calls == [True]
+    with pytest.raises(ValueError, match=r"^hub corpus sample must be 'random' or 'first', got 'last'$"):
+        hub_corpus("wikimedia/wikipedia", None, "train", n_samples=1, sample="last")
+
+
 def test_a_file_corpus_is_its_nonempty_blank_line_separated_blocks(tmp_path):
     """Documents are the stripped blocks between blank lines (a block keeps its single newlines), empty ones skipped,
     the first `n` taken; size and mtime are in the description, so editing the file changes the statistics' key."""
@@ -625,6 +642,16 @@ def test_a_file_corpus_is_its_nonempty_blank_line_separated_blocks(tmp_path):
     assert list(corpus.texts()) == ["first block\nline two", "second block"]
     assert corpus.description == {"kind": "file", "path": str(path.resolve()), "size": len(text.encode()),
                                   "mtime": path.stat().st_mtime, "n": 2}
+
+
+def test_a_file_corpus_named_relative_to_the_working_folder_is_described_by_its_absolute_path(tmp_path, monkeypatch):
+    """Two runs naming `corpus.txt` from different folders use different files: the description, and so the key of
+    the statistics, holds the file's absolute path, not the name as given."""
+    from sadr.data.corpus import file_corpus
+
+    (tmp_path / "corpus.txt").write_text("a block", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert file_corpus("corpus.txt", n_samples=1).description["path"] == str(tmp_path.resolve() / "corpus.txt")
 
 
 def test_a_file_corpus_without_its_file_names_the_setting(tmp_path):
