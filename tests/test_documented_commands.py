@@ -8,19 +8,16 @@ validation, and parse each `sadr` command line with its click command, without r
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import shlex
 from pathlib import Path
 
 import typer
-from hydra import initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sadr.cli.main import app
-from sadr.cli.sweep import folder_varied_by_the_sweep
-from sadr.conf.registry import ConfigError, compose_config, misspelt_override, register_configs
+from sadr.cli.sweep import folder_varied_by_the_sweep, sweep_jobs as jobs_of_the_sweep
+from sadr.conf.registry import ConfigError, compose_config, misspelt_override, sadr_configs
 from sadr.errors import MissingInputError
 from sadr.models.loading import check_local_source
 from tests.test_docs import CODE_SPAN, FENCE, DOCUMENTS, ROOT, prose
@@ -80,29 +77,20 @@ def _with_own_model_folder(override: str, model_folder: Path) -> str:
 
 
 def sweep_jobs(arguments: tuple[str, ...], model_folder: Path) -> list[list[str]]:
-    """The overrides of each job `sadr-run arguments` runs: one job, or each of a `-m` sweep's (its config's
-    hydra.sweeper.params first, a key's last value winning, every combination of the swept values: what Hydra's
-    basic sweeper runs). A sweep that `sadr-run` refuses before its jobs start raises ConfigError."""
+    """The overrides of each job `sadr-run arguments` runs: one job, or each of a `-m` sweep's, as `sadr-run` expands
+    them. A sweep that `sadr-run` refuses for its folder raises ConfigError."""
     args = _flags().parse_args(list(arguments))
     overrides = [_with_own_model_folder(o, model_folder) for o in args.overrides]
     if not args.multirun:
         return [overrides]
-    register_configs()
-    with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # glob(*) lists a group
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
     launching = compose_config(fixed, checked=False, hydra=True)
     launching.hydra.overrides.task = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     refused = folder_varied_by_the_sweep(launching)
     if refused:
         raise ConfigError(refused)
-    params = launching.hydra.sweeper.params or {}
-    values = {}
-    for override in parser.parse_overrides([f"{key}={value}" for key, value in params.items()] + overrides):
-        key = override.get_key_element()
-        values[key] = ([f"{key}={value}" for value in override.sweep_string_iterator()]
-                       if override.is_sweep_override() else [override.input_line])
-    return [list(job) for job in itertools.product(*values.values())]
+    with sadr_configs():
+        return jobs_of_the_sweep(launching)
 
 
 def sadr_run_problems(model_folder: Path) -> list[str]:

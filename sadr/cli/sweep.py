@@ -80,6 +80,15 @@ def sweep_overrides(config) -> dict[str, Override]:
     return {override.key_or_group: override for override in parser.parse_overrides(lines)}
 
 
+def sweep_jobs(config) -> list[list[str]]:
+    """The overrides of each job of the sweep: every combination of the swept values, as Hydra's basic sweeper runs
+    them. Within Hydra (`sadr-run`, or `sadr.conf.registry.sadr_configs()`), so that glob(*) lists a group."""
+    choices = [[override.input_line] if not override.is_sweep_override() else
+               [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
+               for override in sweep_overrides(config).values()]
+    return [list(job) for job in itertools.product(*choices)]
+
+
 def folder_varied_by_the_sweep(config) -> str | None:
     """What is wrong when the sweep folder's pattern refers to a key the sweep varies, or None."""
     pattern = OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]
@@ -102,10 +111,7 @@ def job_that_cannot_run(config) -> str | None:
     """What stops the first job of the sweep that does not compose or fails the run's checks, and how many do, or
     None. Composing takes about 0.1 s a job. A missing local file is left to the job: a cluster's job may see paths
     that the launching machine does not."""
-    choices = [[override.input_line] if not override.is_sweep_override() else
-               [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
-               for override in sweep_overrides(config).values()]
-    jobs = [list(job) for job in itertools.product(*choices)]
+    jobs = sweep_jobs(config)
     failing = []
     for job in jobs:
         try:
