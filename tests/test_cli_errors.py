@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from transformers import OPTConfig
 
 from sadr.cli import run as cli
-from sadr.cli.sweep import folder_varied_by_the_sweep, job_that_cannot_run
+from sadr.cli.sweep import folder_varied_by_the_sweep, job_that_cannot_run, sweep_jobs
+from sadr.conf.registry import compose_config
 from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
 from sadr.interrupts import Terminated
 from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunDirectory
@@ -322,6 +323,15 @@ def test_a_sweep_whose_folder_would_differ_between_its_jobs_is_refused():
     assert varies(_launching_config(["model=a,b"], pattern="out/${now:%H-%M-%S}")) is None
     assert "is set by each experiment" in varies(_launching_config(["experiment=e,f"], pattern="out/${now:%H}"))
     assert varies(_launching_config(["experiment=e,f"], hydra_overrides=("hydra.sweep.dir=out",))) is None
+
+
+def test_a_sweep_s_jobs_are_those_hydra_s_basic_sweeper_runs():
+    """A key with and without `+`/`++` is two overrides to Hydra, both in every job, and an override's `${...}` is
+    resolved in each job's config, not in the launching one."""
+    assert sweep_jobs(_launching_config(["sadr.lambda=0,0.1", "++sadr.lambda=0.5"])) == [
+        ["sadr.lambda=0", "++sadr.lambda=0.5"], ["sadr.lambda=0.1", "++sadr.lambda=0.5"]]
+    jobs = sweep_jobs(_launching_config(["editor=rome,memit", "output_dir=runs/${editor.name}"]))
+    assert [compose_config(job, checked=False).output_dir for job in jobs] == ["runs/rome", "runs/memit"]
 
 
 def test_a_sweep_with_a_job_that_cannot_run_is_refused_before_any_starts():

@@ -19,11 +19,11 @@ prints. At the sweep's end it also removes the empty folder that submitit makes 
 """
 from __future__ import annotations
 
-import itertools
 import re
 import sys
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -69,24 +69,31 @@ class SweepFolder(Callback):
                 folder.rmdir()
 
 
-def sweep_overrides(config) -> dict[str, Override]:
-    """Each key the sweep sets, with its override: the config's `hydra.sweeper.params`, then the command line's
-    overrides, a key's last one winning (as Hydra's basic sweeper takes them)."""
+def _sweep_lines(config) -> list[str]:
+    """The sweep's overrides, as Hydra's basic sweeper reads them: the config's `hydra.sweeper.params`, then the
+    command line's, unresolved (an override's `${...}` is resolved in each job's config)."""
     params = OmegaConf.select(config, "hydra.sweeper.params")
-    params = OmegaConf.to_container(params) if params is not None else {}
-    lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    return [f"{key}={value}" for key, value in params.items()] + OmegaConf.to_container(config.hydra.overrides.task,
+                                                                                        resolve=False)
+
+
+def _parsed(lines: list[str]) -> list[Override]:
     hydra = GlobalHydra.instance()
-    parser = OverridesParser.create(config_loader=hydra.config_loader() if hydra.is_initialized() else None)
-    return {override.key_or_group: override for override in parser.parse_overrides(lines)}
+    return OverridesParser.create(config_loader=hydra.config_loader() if hydra.is_initialized() else None
+                                  ).parse_overrides(lines)
+
+
+def sweep_overrides(config) -> dict[str, Override]:
+    """Each key the sweep sets, with its override, a key's last one winning (as Hydra's basic sweeper takes them)."""
+    return {override.key_or_group: override for override in _parsed(_sweep_lines(config))}
 
 
 def sweep_jobs(config) -> list[list[str]]:
     """The overrides of each job of the sweep: every combination of the swept values, as Hydra's basic sweeper runs
-    them. Within Hydra (`sadr-run`, or `sadr.conf.registry.sadr_configs()`), so that glob(*) lists a group."""
-    choices = [[override.input_line] if not override.is_sweep_override() else
-               [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
-               for override in sweep_overrides(config).values()]
-    return [list(job) for job in itertools.product(*choices)]
+    them (its own expansion). Within Hydra (`sadr-run`, or `sadr.conf.registry.sadr_configs()`), so that glob(*)
+    lists a group."""
+    return BasicSweeper.split_arguments(_parsed(_sweep_lines(config)), max_batch_size=None)[0]
 
 
 def folder_varied_by_the_sweep(config) -> str | None:
