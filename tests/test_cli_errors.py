@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from transformers import OPTConfig
 
 from sadr.cli import run as cli
-from sadr.cli.sweep import folder_varied_by_the_sweep, job_that_cannot_run, sweep_jobs
+from sadr.cli.sweep import folder_varied_by_the_sweep, job_that_cannot_run, sweep_jobs, sweep_not_enumerable
 from sadr.conf.registry import compose_config
 from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
 from sadr.interrupts import Terminated
@@ -77,6 +77,9 @@ BAD_OVERRIDES = {
                                               r"^error: 1 of the sweep's 8 jobs cannot run, so none was started; the "
                                               r"first: editor=alphaedit sadr=paper .*: sadr=paper: no published SADR "
                                               r"setting for editor=alphaedit on model=llama3-8b"),
+    "sweep with an interval": (["-m", "sadr.lambda=interval(0,1)"],
+                               r"^error: sadr\.lambda=interval\(0,1\): Hydra's basic sweeper runs a list of values "
+                               r"\(sadr\.lambda=a,b\), range\(\.\.\.\), choice\(\.\.\.\) or glob\(\.\.\.\), not interval"),
     "local model without its folder": (["model=local", "editor.layers=[1]", "editor.v_loss_layer=1"],
                                       r"^error: model=local needs model\.source: a local model folder, a GGUF file"),
 }
@@ -332,6 +335,15 @@ def test_a_sweep_s_jobs_are_those_hydra_s_basic_sweeper_runs():
         ["sadr.lambda=0", "++sadr.lambda=0.5"], ["sadr.lambda=0.1", "++sadr.lambda=0.5"]]
     jobs = sweep_jobs(_launching_config(["editor=rome,memit", "output_dir=runs/${editor.name}"]))
     assert [compose_config(job, checked=False).output_dir for job in jobs] == ["runs/rome", "runs/memit"]
+
+
+def test_a_sweep_with_an_interval_is_refused_with_what_the_basic_sweeper_runs():
+    """Hydra's basic sweeper refuses interval(...) even where a later override replaces it, with a traceback, and
+    what these checks raise is only a warning to Hydra: they name it first."""
+    refused = sweep_not_enumerable(_launching_config(["sadr.lambda=0.1"], params={"sadr.lambda": "interval(0,1)"}))
+    assert refused.startswith("sadr.lambda=interval(0,1): Hydra's basic sweeper runs a list of values"), refused
+    assert refused.endswith("give the values, e.g. sadr.lambda=range(0,1,0.25)"), refused
+    assert sweep_not_enumerable(_launching_config(["sadr.lambda=range(0,1,0.25)", "editor=glob(*)"])) is None
 
 
 def test_a_sweep_with_a_job_that_cannot_run_is_refused_before_any_starts():

@@ -41,7 +41,7 @@ FOLDER_SETTING_GROUP = "experiment"
 
 class SweepChecks(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
-        problem = folder_varied_by_the_sweep(config) or job_that_cannot_run(config)
+        problem = sweep_not_enumerable(config) or folder_varied_by_the_sweep(config) or job_that_cannot_run(config)
         if problem:  # SystemExit passes Hydra's report of errors, which would add a traceback; exit status 2
             print(f"error: {problem}", file=sys.stderr)
             raise SystemExit(2)
@@ -94,6 +94,18 @@ def sweep_jobs(config) -> list[list[str]]:
     them (its own expansion). Within Hydra (`sadr-run`, or `sadr.conf.registry.sadr_configs()`), so that glob(*)
     lists a group."""
     return BasicSweeper.split_arguments(_parsed(_sweep_lines(config)), max_batch_size=None)[0]
+
+
+def sweep_not_enumerable(config) -> str | None:
+    """What is wrong when the sweep has an interval(...), which Hydra's basic sweeper cannot list (it would stop with
+    a traceback, after a warning from these checks), or None. Overridden or not, Hydra refuses it."""
+    for override in _parsed(_sweep_lines(config)):
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            key = override.get_key_element()
+            return (f"{override.input_line}: Hydra's basic sweeper runs a list of values ({key}=a,b), range(...), "
+                    f"choice(...) or glob(...), not interval(...), which only a sweeper that samples values (such as "
+                    f"Optuna's) takes; give the values, e.g. {key}=range(0,1,0.25)")
+    return None
 
 
 def folder_varied_by_the_sweep(config) -> str | None:
