@@ -25,7 +25,7 @@ from transformers import OPTConfig
 
 from sadr.cli import run as cli
 from sadr.cli.sweep import folder_varied_by_the_sweep, job_that_cannot_run, sweep_jobs, sweep_not_enumerable
-from sadr.conf.registry import compose_config
+from sadr.conf.registry import compose_config, register_configs, sadr_configs
 from sadr.errors import DeviceMemoryError, InvalidSettingError, UsageError
 from sadr.interrupts import Terminated
 from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunDirectory
@@ -359,6 +359,31 @@ def test_a_sweep_with_a_job_that_cannot_run_is_refused_before_any_starts():
     assert job_that_cannot_run(_launching_config(["editor=rome,memit", "sadr.lambda=0,0.1"])) is None
     assert job_that_cannot_run(_launching_config(["model=local", "model.source=/nonexistent/model,/elsewhere/model",
                                                   "editor.layers=[1]", "editor.v_loss_layer=2"])) is None
+
+
+def _composed_launching_config(arguments: list[str]):
+    """The config that `sadr-run -m <arguments>` starts its sweep with, as Hydra composes it (within sadr_configs())."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    return GlobalHydra.instance().hydra.compose_config("config", arguments, run_mode=RunMode.MULTIRUN,
+                                                      with_log_configuration=False)
+
+
+def test_a_sweep_whose_jobs_would_not_run_their_own_sweeps_is_refused():
+    """Each experiment's hydra.sweeper.params would be ignored in a sweep of experiments (Hydra reads them from the
+    launching config, which has no experiment): each job would be one run, not the experiment's comparison."""
+    register_configs()
+    with sadr_configs():
+        refused = job_that_cannot_run(_composed_launching_config(["experiment=sadr_comparison,table3_offline",
+                                                                  "hydra.sweep.dir=out"]))
+        assert job_that_cannot_run(_composed_launching_config(["experiment=table3_offline", "editor=rome,memit"])) \
+            is None
+    assert refused.startswith("2 of the sweep's 2 jobs cannot run, so none was started; the first: "
+                              "experiment=sadr_comparison: its config sweeps editor=glob(*) sadr=default,paper "
+                              "(hydra.sweeper.params), which no job would run"), refused
+    assert refused.endswith("Run one sweep per experiment (sadr-run -m experiment=<name>)"), refused
+    assert folder_varied_by_the_sweep(_launching_config(["experiment=e,f"])).endswith("Run one sweep per value")
 
 
 def test_a_sweep_s_checks_compose_within_sadr_run_s_own_hydra():

@@ -30,7 +30,7 @@ from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from sadr.conf.registry import compose_config, misspelt_override, missing_pair_setting, validate
+from sadr.conf.registry import ConfigError, compose_config, misspelt_override, missing_pair_setting, validate
 from sadr.errors import MissingInputError, UsageError
 
 # `${model.name}` in a folder's pattern; not a resolver's call, such as `${now:%H-%M-%S}`
@@ -119,10 +119,11 @@ def folder_varied_by_the_sweep(config) -> str | None:
         names = [path for path in referred if path == key or path.startswith(f"{key}.") or key.startswith(f"{path}.")]
         if names or (key == FOLDER_SETTING_GROUP and not folder_given):
             named_after = f"named after {', '.join(sorted(names))}" if names else f"set by each {key}"
+            # an experiment's own sweep (hydra.sweeper.params) would not run in a sweep of experiments either
+            fix = "" if key == FOLDER_SETTING_GROUP else ", or give the sweep one folder (hydra.sweep.dir=<folder>)"
             return (f"this sweep varies {key} ({override.input_line}), and its folder, hydra.sweep.dir={pattern}, is "
                     f"{named_after}: each value's jobs would write into a folder of their own, and the sweep's tables "
-                    f"into one that holds none of them. Run one sweep per value, or give the sweep one folder "
-                    f"(hydra.sweep.dir=<folder>)")
+                    f"into one that holds none of them. Run one sweep per value{fix}")
     return None
 
 
@@ -131,10 +132,14 @@ def job_that_cannot_run(config) -> str | None:
     None. Composing takes about 0.1 s a job. A missing local file is left to the job: a cluster's job may see paths
     that the launching machine does not."""
     jobs = sweep_jobs(config)
+    hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
+    params = OmegaConf.select(config, "hydra.sweeper.params")
     failing = []
     for job in jobs:
         try:
-            validate(compose_config(job, checked=False))
+            job_config = compose_config(hydra_overrides + job, checked=False, hydra=True)
+            validate(job_config)
+            _check_no_sweep_of_its_own(job_config, params)
         except MissingInputError:
             continue
         except UsageError as err:
@@ -146,3 +151,15 @@ def job_that_cannot_run(config) -> str | None:
     job, why = failing[0]
     return (f"{len(failing)} of the sweep's {len(jobs)} jobs cannot run, so none was started; the first: "
             f"{' '.join(job)}: {why}")
+
+
+def _check_no_sweep_of_its_own(job_config, params) -> None:
+    """A job whose config sweeps other values than the launching one (`experiment=sadr_comparison,table3_offline`: each
+    experiment's `hydra.sweeper.params`) would be a single run: Hydra takes a sweep's values from the config that the
+    sweep starts with, composed without the swept values."""
+    own = OmegaConf.select(job_config, "hydra.sweeper.params")
+    if own and own != params:
+        swept = " ".join(f"{key}={value}" for key, value in own.items())
+        raise ConfigError(f"its config sweeps {swept} (hydra.sweeper.params), which no job would run: Hydra takes a "
+                          f"sweep's values from the config that the sweep starts with, so this job would be one run "
+                          f"of them. Run one sweep per experiment (sadr-run -m experiment=<name>)")
