@@ -386,6 +386,21 @@ def test_a_sweep_whose_jobs_would_not_run_their_own_sweeps_is_refused():
     assert folder_varied_by_the_sweep(_launching_config(["experiment=e,f"])).endswith("Run one sweep per value")
 
 
+def test_a_sweep_whose_jobs_would_share_a_folder_is_refused():
+    """Two jobs in one folder: the second finds the first's run, with other settings, and stops after it."""
+    def shared(*overrides):
+        return job_that_cannot_run(_launching_config(["editor=rome,memit"], hydra_overrides=overrides))
+
+    refused = shared("hydra.sweep.subdir=same")
+    assert refused == ("1 of the sweep's 2 jobs cannot run, so none was started; the first: editor=memit: it would run "
+                       "in the folder of job 0 (editor=rome), same (hydra.sweep.subdir=same), which holds one run: give "
+                       "each job a folder of its own, e.g. hydra.sweep.subdir=${hydra.job.num} (the default)"), refused
+    assert "(hydra.sweep.subdir=${model.name})" in shared("hydra.sweep.subdir=${model.name}")
+    assert shared("hydra.sweep.subdir=${editor.name}") is None
+    assert shared("hydra.sweep.subdir=run_${hydra:job.num}") is None
+    assert shared("hydra.sweep.subdir=${hydra.job.override_dirname}") is None
+
+
 def test_a_sweep_s_checks_compose_within_sadr_run_s_own_hydra():
     """In `sadr-run`, Hydra is initialised already: the checks compose there, and glob(*) lists the editors."""
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):

@@ -25,10 +25,11 @@ from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from sadr.conf.registry import ConfigError, compose_config, misspelt_override, missing_pair_setting, validate
 from sadr.errors import MissingInputError, UsageError
@@ -134,12 +135,19 @@ def job_that_cannot_run(config) -> str | None:
     jobs = sweep_jobs(config)
     hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
     params = OmegaConf.select(config, "hydra.sweeper.params")
-    failing = []
-    for job in jobs:
+    failing, folders = [], {}
+    for number, job in enumerate(jobs):
         try:
             job_config = compose_config(hydra_overrides + job, checked=False, hydra=True)
-            validate(job_config)
             _check_no_sweep_of_its_own(job_config, params)
+            folder = _job_folder(job_config, number, config)
+            first = folders.setdefault(folder, number)
+            if first != number:
+                pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["subdir"]
+                raise ConfigError(f"it would run in the folder of job {first} ({' '.join(jobs[first])}), {folder} "
+                                  f"(hydra.sweep.subdir={pattern}), which holds one run: give each job a folder of "
+                                  f"its own, e.g. hydra.sweep.subdir=${{hydra.job.num}} (the default)")
+            validate(job_config)
         except MissingInputError:
             continue
         except UsageError as err:
@@ -151,6 +159,22 @@ def job_that_cannot_run(config) -> str | None:
     job, why = failing[0]
     return (f"{len(failing)} of the sweep's {len(jobs)} jobs cannot run, so none was started; the first: "
             f"{' '.join(job)}: {why}")
+
+
+def _job_folder(job_config, number: int, launching) -> str:
+    """The job's folder within the sweep's (hydra.sweep.subdir), as Hydra's launchers resolve it: `hydra.job.num` is
+    the job's number, `hydra.job.id` one of its own, and `${now:...}` the time the sweep started."""
+    with open_dict(job_config.hydra.job):
+        job_config.hydra.job.num = number
+        job_config.hydra.job.id = f"job{number}"
+    OmegaConf.copy_cache(from_config=launching, to_config=job_config)
+    hydra_config = HydraConfig.instance()
+    launching_hydra = hydra_config.cfg
+    hydra_config.set_config(job_config)  # for `${hydra:job.num}`
+    try:
+        return str(job_config.hydra.sweep.subdir)
+    finally:
+        hydra_config.cfg = launching_hydra
 
 
 def _check_no_sweep_of_its_own(job_config, params) -> None:
