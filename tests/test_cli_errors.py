@@ -337,6 +337,28 @@ def test_a_sweep_s_jobs_are_those_hydra_s_basic_sweeper_runs():
     assert [compose_config(job, checked=False).output_dir for job in jobs] == ["runs/rome", "runs/memit"]
 
 
+@pytest.mark.parametrize("task, params", [
+    (["sadr.lambda=0,0.1", "++sadr.lambda=0.5", "editor=rome"], None),
+    (["editor=glob(*,exclude=alphaedit)", "sadr.lambda=range(0,0.3,0.1)", "seed=choice(1,2)"], None),
+    (["sadr.lambda=sort(0.2,0.1,reverse=true)", "seed=tag(t,choice(3,4))", "dataset.limit=3", "dataset.limit=2,4"], None),
+    (["editor=memit", "output_dir='a,b'", "sadr.lambda=0,1"], {"editor": "rome,pmet", "sadr.lambda": "0.5"}),
+])
+def test_a_sweep_s_jobs_are_expanded_as_hydra_s_basic_sweeper_expands_them(task, params):
+    """The same jobs, in the same order, as Hydra's own expansion (a private function of Hydra's, read here only)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    register_configs()
+    with sadr_configs():
+        config = _launching_config(task, params)
+        ours = sweep_jobs(config)
+        lines = [f"{key}={value}" for key, value in (params or {}).items()] + task
+        parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(lines)
+        assert ours == BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    assert len(ours) > 1
+
+
 def test_a_sweep_with_an_interval_is_refused_with_what_the_basic_sweeper_runs():
     """Hydra's basic sweeper refuses interval(...) even where a later override replaces it, with a traceback, and
     what these checks raise is only a warning to Hydra: they name it first."""

@@ -19,11 +19,11 @@ prints. At the sweep's end it also removes the empty folder that submitit makes 
 """
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from pathlib import Path
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -91,10 +91,16 @@ def sweep_overrides(config) -> dict[str, Override]:
 
 
 def sweep_jobs(config) -> list[list[str]]:
-    """The overrides of each job of the sweep: every combination of the swept values, as Hydra's basic sweeper runs
-    them (its own expansion). Within Hydra (`sadr-run`, or `sadr.conf.registry.sadr_configs()`), so that glob(*)
-    lists a group."""
-    return BasicSweeper.split_arguments(_parsed(_sweep_lines(config)), max_batch_size=None)[0]
+    """The overrides of each job of the sweep: every combination of the swept values, expanded as Hydra's basic
+    sweeper expands them (`BasicSweeper.split_arguments`): one list per key as written, `+` or `++` included, a later
+    override of a key taking the earlier one's place. Within Hydra (`sadr-run`, or `sadr.conf.registry.sadr_configs()`),
+    so that glob(*) lists a group; an interval(...) is refused before (`sweep_not_enumerable`)."""
+    choices: dict[str, list[str]] = {}
+    for override in _parsed(_sweep_lines(config)):
+        key = override.get_key_element()
+        choices[key] = ([f"{key}={value}" for value in override.sweep_string_iterator()]
+                        if override.is_sweep_override() else [f"{key}={override.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def sweep_not_enumerable(config) -> str | None:
