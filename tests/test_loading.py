@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tokenizers import processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, OPTConfig
 
 from sadr.models import embedded, gguf, loading
 from sadr.models.embedded import EmbeddedModelUnavailable, embedded_gguf
@@ -133,6 +133,19 @@ def test_a_tokenizer_that_appends_a_token_to_every_text_is_refused_with_the_fix(
     assert loaded("The cat")["input_ids"] == tokenizer("The cat")["input_ids"][:-1]
 
 
+def test_an_unsupported_family_is_named_before_its_tokenizer_is_judged(tmp_path):
+    """A BERT-like folder: its tokenizer appends a token to every text, as BERT's appends [SEP]. The family is what
+    makes the folder unusable, so it is the error, not advice to save the tokenizer again."""
+    tokenizer = make_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", tokenizer.eos_token_id)])
+    OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+              max_position_embeddings=64, word_embed_proj_dim=16).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^unsupported model family 'opt' \(config\.model_type\)"):
+        load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
 def test_a_model_folder_without_its_weights_is_a_clear_error(tmp_path, tokenizer):
     make_model("gpt2").save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -223,7 +236,8 @@ def test_unreachable_hub_model_is_one_line_naming_the_local_alternative(monkeypa
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")
 
-    monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", offline)
+    for loader in ("AutoConfig", "AutoTokenizer"):  # the config is read first, then the tokenizer
+        monkeypatch.setattr(f"sadr.models.loading.{loader}.from_pretrained", offline)
     with pytest.raises(OSError, match=r"model.source=/path/to/model_dir") as raised:
         load_model("no-such-org/no-such-model-sadr-test", cache_dir=str(tmp_path))
     message = str(raised.value)

@@ -125,9 +125,10 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
     if target.type == "cuda":  # straight onto the GPU: a 20B model never passes through host memory whole
         placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
     try:
-        tokenizer = _load_tokenizer(location, extra)
         config = AutoConfig.from_pretrained(location, **extra)
-        adapter = _supported(config, family, source)  # before the weights: a model that cannot be edited costs no load
+        # before the tokenizer and the weights: a model that cannot be edited is named as such, and costs no load
+        adapter = _supported(config, family, source)
+        tokenizer = _load_tokenizer(location, extra)
         model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=DTYPES[dtype], **placement, **extra)
     except SafetensorError as err:  # a weights file cut short (a copy that did not finish) or overwritten
         if location != resolved:
