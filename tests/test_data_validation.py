@@ -39,7 +39,9 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 def test_top_level_must_be_a_list(tmp_path):
     path = write_records(tmp_path / "dict.json", {"data": []})
-    with pytest.raises(MalformedDatasetError, match="expected a JSON list of records, got a JSON dict"):
+    with pytest.raises(MalformedDatasetError, match=r"expected a JSON list of records \[record, record, \.\.\.\], "
+                                                   r"got a JSON dict; fix it, or give another file with "
+                                                   r"dataset\.path\.$"):
         load_cases(config("zsre", path), tmp_path)
 
 
@@ -277,7 +279,8 @@ def test_a_file_that_is_not_utf8_is_a_malformed_dataset(tmp_path):
     """A Latin-1 file is reported as such, not as a bare UnicodeDecodeError."""
     path = tmp_path / "latin1.json"
     path.write_bytes('[{"subject": "Zoë"}]'.encode("latin-1"))
-    with pytest.raises(MalformedDatasetError, match=r"latin1\.json: not UTF-8 text .*expected a JSON dataset file"):
+    with pytest.raises(MalformedDatasetError, match=r"latin1\.json: not UTF-8 text .*expected a JSON dataset file: "
+                                                   r"fix it, or give another file with dataset\.path\.$"):
         load_cases(config("zsre", path), tmp_path)
 
 

@@ -128,7 +128,8 @@ def read_json_list(path: Path, fix: str) -> list:
             f"The file may be truncated or not a dataset; {fix}."
         ) from exc
     except UnicodeDecodeError as exc:
-        raise MalformedDatasetError(f"{path}: not UTF-8 text ({exc}); expected a JSON dataset file.") from exc
+        raise MalformedDatasetError(f"{path}: not UTF-8 text ({exc}); expected a JSON dataset file: {fix}.") from exc
     if not isinstance(data, list):
-        raise MalformedDatasetError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}.")
+        raise MalformedDatasetError(f"{path}: expected a JSON list of records [record, record, ...], got a JSON "
+                                    f"{type(data).__name__}; {fix}.")
     return data
