@@ -113,7 +113,8 @@ def test_a_model_folder_without_its_tokenizer_is_a_clear_error(tmp_path):
     """transformers builds an empty tokenizer for it (every text becomes no tokens), which would fail much later."""
 
     make_model("gpt2").save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"encodes text as no tokens .*tokenizer\.save_pretrained"):
+    with pytest.raises(FileNotFoundError, match=r"^the tokenizer loaded from .* encodes text as no tokens .*"
+                                                 r"tokenizer\.save_pretrained\(folder\)\)\.$"):
         load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
 
 
@@ -177,8 +178,9 @@ def test_a_tokenizer_transformers_cannot_build_is_a_clear_error(tmp_path, monkey
                          "serialization file,\nYou need to have sentencepiece or tiktoken installed")
 
     monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", unbuildable)
-    with pytest.raises(FileNotFoundError, match=r"no usable tokenizer in .*: Couldn't instantiate .* serialization "
-                                                r"file, You need to have sentencepiece .* installed Save"):
+    with pytest.raises(FileNotFoundError, match=r"^no usable tokenizer in .*: Couldn't instantiate .* serialization "
+                                                r"file, You need to have sentencepiece .* installed Save .* "
+                                                r"install what the message names\.$"):
         load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
 
 

@@ -10,7 +10,7 @@ from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sadr.errors import DamagedFileError, InvalidSettingError, MissingInputError, UnavailableError
+from sadr.errors import DamagedFileError, InvalidSettingError, MissingInputError, UnavailableError, UsageError
 from sadr.models.adapters import ModelAdapter, adapter_for_config
 from sadr.models.devices import resolve_device
 from sadr.models.embedded import EMBEDDED_SOURCES, embedded_gguf
@@ -139,6 +139,8 @@ def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, rev
             fix = "delete the model from the Hugging Face cache (`hf cache`), and the next run downloads it again"
         raise DamagedFileError(f"the weights in {location} (model.source) cannot be read ({err}): a file is damaged; "
                                f"{fix}") from err
+    except UsageError:  # the tokenizer's own message, which names the fix
+        raise
     except OSError as err:
         if Path(location).exists():  # e.g. a folder with its config and tokenizer but no weights
             raise MissingInputError(
