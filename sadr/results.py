@@ -196,10 +196,12 @@ class RunDirectory:
         """Every finished case's row, read a line at a time: at paper scale a run's file holds GBs of attention blobs,
         which callers that count rows or read a few fields need not hold at once. Only the last line may be cut short
         (by a kill while it was written), and is then left out; any other line that does not parse is damage, which
-        would silently drop finished cases. Blank lines are skipped."""
+        would silently drop finished cases. A case's second row (two invocations appending at once, where the file
+        system has no locks) is damage too: its scores would count twice. Blank lines are skipped."""
         file = self.path / ROWS_FILE
         if not file.is_file():
             return
+        first_line: dict[str, int] = {}  # case id -> the line of its row
         for number, line, last in _numbered_lines(file):
             if not line.strip():
                 continue
@@ -217,6 +219,13 @@ class RunDirectory:
                 raise DamagedFileError(
                     f"line {number} of {file} is not a case's row (a JSON object with its case_id), so the file was "
                     "damaged or edited: delete that line, and a rerun of the same command redoes its case")
+            case = str(row["case_id"])
+            if case in first_line:
+                raise DamagedFileError(
+                    f"line {number} of {file} is a second row of case {case} (line {first_line[case]} is its first), "
+                    "which would count twice in the tables: two invocations wrote in the folder at once, or the file "
+                    "was edited; delete one of the two lines")
+            first_line[case] = number
             yield row
 
     def rows(self) -> list[dict]:

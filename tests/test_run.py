@@ -1053,6 +1053,24 @@ def test_a_json_value_that_is_no_object_is_no_case_s_row(tmp_path, line):
         RunDirectory(tmp_path / "run").rows()
 
 
+def test_a_case_s_second_row_is_named_as_damage_not_counted_twice(tmp_path):
+    """Two invocations appending at once (a file system without locks) write a case twice: metrics.csv counted both
+    rows (n 4 for 3 cases) while `sadr compare` kept one, so the tables disagreed without a word."""
+    from sadr.errors import DamagedFileError
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    for case in (0, 1, 2, "1"):  # ids are compared as text, as resume and compare key them
+        run.append({"case_id": case, "edited": {}})
+    message = r"line 4 of .*cases\.jsonl is a second row of case 1 \(line 2 is its first\).*delete one of the two lines"
+    with pytest.raises(DamagedFileError, match=message):
+        run.rows()
+    with pytest.raises(DamagedFileError, match=message):
+        run.count()  # what a rerun checks first: it stops instead of writing a metrics.csv that counts case 1 twice
+    done = CliRunner().invoke(app, ["compare", str(tmp_path / "run"), str(tmp_path / "run")])
+    assert done.exit_code == 2 and re.match("error: " + message, done.output), done.output
+
+
 def test_a_config_yaml_that_is_gone_is_not_called_damaged(tmp_path):
     """Damage is in a file's content; a file that is not there (or cannot be opened) is the OS's error, as it is."""
     from sadr.results import read_config
