@@ -423,6 +423,26 @@ def test_a_sweep_whose_jobs_would_share_a_folder_is_refused():
     assert shared("hydra.sweep.subdir=${hydra.job.override_dirname}") is None
 
 
+def test_a_misspelt_metric_is_refused_by_the_config_checks(tmp_path):
+    """Checked with the config, not once the run has claimed its folder: a sweep refused it only once its job had
+    started (leaving an unfinished run), and a run in a folder of another config was told to choose a new folder."""
+    from sadr.results import RunDirectory
+
+    with pytest.raises(InvalidSettingError, match=r"^unknown metric\(s\) \['efficacyy'\] in eval\.metrics; known: "
+                                                  r"efficacy, "):
+        compose_config(["eval.metrics=[efficacyy]"])
+    refused = job_that_cannot_run(_launching_config(["eval.metrics=[efficacy],[efficacyy]"]))
+    assert refused.startswith("1 of the sweep's 2 jobs cannot run, so none was started; the first: "
+                              "eval.metrics=[efficacyy]: unknown metric(s) ['efficacyy']"), refused
+    run = RunDirectory(tmp_path / "run")
+    run.claim(compose_config([f"output_dir={run.path}"]))
+    run.append({"case_id": 0})
+    done = subprocess.run([sys.executable, "-m", "sadr.cli.run", f"hydra.run.dir={run.path}", "eval.metrics=[ES,NS]"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown metric(s) ['ES', 'NS'] in eval.metrics"), \
+        done.stderr
+
+
 def test_a_sweep_s_checks_compose_within_sadr_run_s_own_hydra():
     """In `sadr-run`, Hydra is initialised already: the checks compose there, and glob(*) lists the editors."""
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):

@@ -285,6 +285,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"threads={cfg.threads}: must be >= 1 (null: torch's default)")
     if cfg.eval.batch_size < 1:  # a batch of 0 pairs ended in a traceback in the scorer
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
+    from sadr.evaluation.probes import resolve_metrics
+
+    resolve_metrics(list(cfg.eval.metrics))  # a misspelt name, before a sweep's jobs start or a run claims its folder
     if not DEVICE.fullmatch(cfg.device):
         raise ConfigError(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N (N a GPU's index) or mps")
     if OmegaConf.is_missing(cfg.model, "source"):
