@@ -197,6 +197,30 @@ def test_sweeps_pair_each_sadr_run_with_the_gamma_zero_run_of_the_same_setting(t
     assert len(unpaired) == 1 and unpaired[0].startswith("5 (40 δ steps): several γ = 0 runs, none with its δ steps")
 
 
+def test_two_sweeps_of_the_same_settings_pair_each_sadr_run_with_its_own_sweep_s_baseline(tmp_path):
+    """Two sweeps under one folder (a design run twice) make a row each in the summary; each γ > 0 run pairs with the
+    γ = 0 run of its own sweep. It was paired with the first one found, another sweep's, or, where SADR took more δ
+    steps than its baseline (the paper's design), left unpaired as having several γ = 0 runs."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.summary import paired_with_baselines
+
+    def run(name, gamma, steps, dns):
+        path = _run(tmp_path / name, {0: {"distract_neighborhood": dns}})
+        OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": steps}, "sadr": {"lambda": gamma}},
+                       path / "config.yaml")
+        (path / "metrics.csv").write_text("state,metric\n")
+
+    for sweep, base_dns in (("a", [0, 0]), ("b", [1, 0])):
+        run(f"{sweep}/0", 0.0, 20, base_dns)
+        run(f"{sweep}/1", 0.1, 20, [1, 1])
+        run(f"{sweep}/2", 0.1, 80, [1, 1])
+    table, unpaired = paired_with_baselines(tmp_path)
+    dns = table[table.metric == "DNS"].set_index("run")
+    assert dns.base_run.to_dict() == {"a/1": "a/0", "a/2": "a/0", "b/1": "b/0", "b/2": "b/0"} and unpaired == []
+    assert dns.loc["b/1", "difference"] == pytest.approx(50.0)
+
+
 def test_a_baseline_with_other_metrics_pairs_on_the_metrics_both_runs_have(tmp_path):
     """A γ = 0 run made with a shorter `eval.metrics` (an older default) is still the baseline of a SADR run: the
     metrics both have are compared, the others left out."""

@@ -281,11 +281,18 @@ def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _baseline_of(runs: tuple, baselines: list[tuple], settings: dict) -> tuple | None:
-    """The γ = 0 configuration to pair `runs` with: the one with the same δ-step count, else the only one."""
-    same_steps = [base for base in baselines if settings[base].get(STEPS_KEY) == settings[runs].get(STEPS_KEY)]
-    if same_steps:
-        return same_steps[0]
-    return baselines[0] if len(baselines) == 1 else None
+    """The γ = 0 configuration to pair `runs` with: the one with the same δ-step count, else the only one; each
+    sought first among those in the same folder (two sweeps of the same settings under one root pair within each)."""
+    folders = {run.parent for run in runs}
+    beside = [base for base in baselines if {run.parent for run in base} == folders]
+    for candidates in (beside, baselines):
+        same_steps = [base for base in candidates if settings[base].get(STEPS_KEY) == settings[runs].get(STEPS_KEY)]
+        if same_steps:
+            return same_steps[0]
+    for candidates in (beside, baselines):
+        if len(candidates) == 1:
+            return candidates[0]
+    return None
 
 
 def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[pd.DataFrame, list[str]]:
