@@ -266,6 +266,32 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     assert (tmp_path / "paired.md").read_text().startswith("each γ > 0 run against its γ = 0 run, case by case")
 
 
+def test_a_summary_in_which_no_run_pairs_removes_an_earlier_summary_s_paired_tables(tmp_path):
+    """paired.csv/.md left from a summary of runs that paired would pass, beside the new summary.md, for its pairs."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import write_summary
+
+    for name, gamma in (("0", 0.0), ("1", 0.1)):
+        path = _run(tmp_path / "runs" / name, {0: {"neighborhood": [1, 0]}})
+        OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": 20}, "sadr": {"lambda": gamma}},
+                       path / "config.yaml")
+        rows = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
+        metric_table(rows, states=("edited",)).to_csv(path / "metrics.csv", index=False)
+    out = tmp_path / "tables"
+    assert "removed" not in write_summary(tmp_path / "runs", "prompt", out)
+    assert (out / "paired.csv").is_file() and (out / "paired.md").is_file()
+    shutil.rmtree(tmp_path / "runs" / "1")
+    text = write_summary(tmp_path / "runs", "prompt", out)
+    assert not (out / "paired.csv").exists() and not (out / "paired.md").exists()
+    assert text.endswith(f"wrote {out / 'summary.csv'}, {out / 'summary.md'}; removed the earlier paired.csv and "
+                         "paired.md: no run pairs now"), text
+    assert write_summary(tmp_path / "runs", "prompt", out).endswith("summary.md")
+
+
 @pytest.mark.parametrize("states", [("edited", "unedited"), ("edited",)])
 def test_the_summary_has_the_same_table_under_every_pandas(states, tmp_path):
     """The unedited row leaves γ and the δ steps blank (not "nan"), and the step counts stay integers, with or without

@@ -332,6 +332,15 @@ def test_runs_of_one_environment_share_a_row():
     assert table.runs.tolist() == ["0, 1, 3_1", "2", "3_2"] and table.torch.tolist() == ["2.13", "2.13", "2.13"]
 
 
+def test_the_report_counts_the_plots_it_drew_not_those_an_earlier_report_left(sweep, tmp_path):
+    (tmp_path / "bars_of_an_earlier_report.png").write_bytes(b"")
+    done = CliRunner().invoke(app, ["report", str(sweep / "0"), "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    drawn = (tmp_path / "report.html").read_text().count("<img ")
+    assert drawn >= 2 and len(list(tmp_path.glob("*.png"))) == drawn + 1
+    assert f" and {drawn} plots (PNG and SVG" in done.output, done.output
+
+
 def test_cli_reports_a_single_run(sweep, tmp_path):
     done = CliRunner().invoke(app, ["report", str(sweep / "0"), "--out", str(tmp_path)])
     assert done.exit_code == 0, done.output

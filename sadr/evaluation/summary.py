@@ -281,18 +281,15 @@ def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _baseline_of(runs: tuple, baselines: list[tuple], settings: dict) -> tuple | None:
-    """The γ = 0 configuration to pair `runs` with: the one with the same δ-step count, else the only one; each
-    sought first among those in the same folder (two sweeps of the same settings under one root pair within each)."""
+    """The γ = 0 configuration to pair `runs` with: the one with the same δ-step count, else the only one; sought
+    among those in the same folder where there are any (two sweeps of the same settings under one root pair within
+    each)."""
     folders = {run.parent for run in runs}
-    beside = [base for base in baselines if {run.parent for run in base} == folders]
-    for candidates in (beside, baselines):
-        same_steps = [base for base in candidates if settings[base].get(STEPS_KEY) == settings[runs].get(STEPS_KEY)]
-        if same_steps:
-            return same_steps[0]
-    for candidates in (beside, baselines):
-        if len(candidates) == 1:
-            return candidates[0]
-    return None
+    candidates = [base for base in baselines if {run.parent for run in base} == folders] or baselines
+    same_steps = [base for base in candidates if settings[base].get(STEPS_KEY) == settings[runs].get(STEPS_KEY)]
+    if same_steps:
+        return same_steps[0]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[pd.DataFrame, list[str]]:
@@ -335,7 +332,8 @@ def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[p
 
 
 def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
-    """summary.csv/.md and, where runs pair with a γ = 0 baseline, paired.csv/.md in `target` (default: root).
+    """summary.csv/.md and, where runs pair with a γ = 0 baseline, paired.csv/.md in `target` (default: root); where
+    none pairs, an earlier summary's paired.csv/.md there is removed.
 
     Returns the text to print: both tables and where they were written.
     """
@@ -356,6 +354,10 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
         (target / "paired.md").write_text(paired_text)
         text += "\n" + paired_text
         written += [target / "paired.csv", target / "paired.md"]
+    stale = [] if not paired.empty else [file for file in (target / "paired.csv", target / "paired.md")
+                                         if file.is_file()]
+    for file in stale:  # an earlier summary's: left beside this one, it would pass for the pairs of these runs
+        file.unlink()
     if unpaired:
         text += "\nγ > 0 runs not paired with a γ = 0 run:\n" + "\n".join(f"  {line}" for line in unpaired) + "\n"
     unmeasured = [run for run in find_runs(root) if read_metrics(run / METRICS_FILE).empty]
@@ -366,7 +368,8 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     if unfinished:
         text += ("\nnot in the tables: runs without metrics (still running, killed or failed; re-running the same "
                  "command resumes them):\n" + "\n".join(f"  {run}  log: {_log_of(run)}" for run in unfinished) + "\n")
-    return text + f"\nwrote {', '.join(str(p) for p in written)}"
+    removed = f"; removed the earlier {' and '.join(file.name for file in stale)}: no run pairs now" if stale else ""
+    return text + f"\nwrote {', '.join(str(p) for p in written)}{removed}"
 
 
 def _log_of(run: Path) -> str:

@@ -55,7 +55,8 @@ def write_report(root: str | Path, out: str | Path | None = None) -> str:
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = f"{len(runs)} run(s) under {root.resolve()}; prompt-level means ×100 with 95 % CIs; made {generated}"
     (target / REPORT_FILE).write_text(page.page(f"sadr report: {root.resolve().name}", subtitle, sections), encoding="utf-8")
-    plots = len(list(target.glob("*.png")))
+    # the plots drawn now: an earlier report's PNGs may be in the folder too
+    plots = sum(part.count("<figure>") for _, _, parts in sections for part in parts)
     return f"wrote {target / REPORT_FILE} and {plots} plots (PNG and SVG, each beside the CSV it was drawn from) in {target}"
 
 
