@@ -912,13 +912,13 @@ def test_the_key_statistics_are_made_before_the_progress_over_cases_starts(edito
 
 
 def test_a_misspelt_metric_fails_before_the_model_loads(tiny_dir, tmp_path):
-    """The evaluators are built from the config alone, before the model: the metric is named, not the folder that
-    holds no model (which only loading finds)."""
+    """The metrics are checked with the config, before the model: the metric is named, not the folder that holds no
+    model (which only loading finds), and no run folder is made."""
     (tmp_path / "no_model").mkdir()
-    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.metrics=[efficacy,neighbourhood]",
-                                  f"model.source={tmp_path / 'no_model'}"))
     with pytest.raises(InvalidSettingError, match=r"unknown metric\(s\) \['neighbourhood'\] in eval\.metrics"):
-        run_experiment(cfg)
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.metrics=[efficacy,neighbourhood]",
+                                               f"model.source={tmp_path / 'no_model'}")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_environment_names_a_dataset_file_given_by_a_relative_path_absolutely(tiny_dir, tmp_path, monkeypatch):
