@@ -361,6 +361,12 @@ def test_rome_npz_statistics_are_loaded_as_mean(tmp_path):
     torch.testing.assert_close(load_rome_npz(path), torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
     with pytest.raises(FileNotFoundError, match="model.stats.npz_dir"):
         load_rome_npz(tmp_path / "missing.npz")
+    # ROME's files of another sample count: the error names them and the key that picks the count
+    with pytest.raises(FileNotFoundError, match=r"c_proj_float32_mom2_1000\.npz does not exist; .*<n> being "
+                                                r"model\.stats\.n_samples; the folder holds "
+                                                r"transformer\.h\.1\.mlp\.c_proj_float32_mom2_100\.npz: set "
+                                                r"model\.stats\.n_samples to its <n>"):
+        load_rome_npz(tmp_path / "transformer.h.1.mlp.c_proj_float32_mom2_1000.npz")
     np.savez(path, **{"mom2.mom2": total})  # a file of another kind
     with pytest.raises(InvalidSettingError, match=r"c_proj_float32_mom2_100\.npz lacks key\(s\) \['mom2\.count'\]; "
                                                   r"found \['mom2\.mom2'\]$"):

@@ -36,9 +36,13 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
     """C from a ROME statistics file: mom2.mom2 / mom2.count, as float64."""
     path = Path(path)
     if not path.is_file():
+        module = path.name.rsplit("_float32_mom2_", 1)[0]
+        others = sorted(p.name for p in path.parent.glob(f"{module}_float32_mom2_*.npz"))
+        found = f"; the folder holds {', '.join(others)}: set model.stats.n_samples to its <n>" if others else ""
         raise MissingInputError(
             f"ROME statistics file {path} does not exist; expected <module>_float32_mom2_<n>.npz in "
-            "model.stats.npz_dir (or unset model.stats.npz_dir to compute the statistics)"
+            f"model.stats.npz_dir, <n> being model.stats.n_samples{found} (or unset model.stats.npz_dir to compute the "
+            "statistics)"
         )
     with np.load(path) as data:
         missing = {"mom2.mom2", "mom2.count"} - set(data.files)
