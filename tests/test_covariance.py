@@ -650,6 +650,22 @@ def test_a_file_corpus_is_its_nonempty_blank_line_separated_blocks(tmp_path):
                                   "mtime": path.stat().st_mtime, "n": 2}
 
 
+def test_a_file_corpus_with_fewer_documents_than_asked_says_so(tmp_path, caplog):
+    """A file of 2 documents for model.stats.n_samples=5 gives its 2, with a warning naming both counts: the results
+    record n 5, which the statistics did not have."""
+    from sadr.data.corpus import file_corpus
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("one\n\ntwo\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="sadr.data.corpus"):
+        assert list(file_corpus(str(path), n_samples=2).texts()) == ["one", "two"]
+        assert not caplog.records
+        assert list(file_corpus(str(path), n_samples=5).texts()) == ["one", "two"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model.stats.text_file={path} holds 2 documents (blocks between blank lines), fewer than "
+        "model.stats.n_samples=5: the key statistics are computed from those 2"]
+
+
 def test_a_file_corpus_named_relative_to_the_working_folder_is_described_by_its_absolute_path(tmp_path, monkeypatch):
     """Two runs naming `corpus.txt` from different folders use different files: the description, and so the key of
     the statistics, holds the file's absolute path, not the name as given."""

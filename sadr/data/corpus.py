@@ -79,7 +79,12 @@ def file_corpus(path: str | None, n_samples: int) -> Corpus:
 
     def texts() -> Iterator[str]:
         blocks = (b.strip() for b in file.read_text(encoding="utf-8").split("\n\n"))
-        yield from itertools.islice((b for b in blocks if b), n_samples)
+        documents = list(itertools.islice((b for b in blocks if b), n_samples))
+        if len(documents) < n_samples:
+            log.warning("model.stats.text_file=%s holds %d documents (blocks between blank lines), fewer than "
+                        "model.stats.n_samples=%d: the key statistics are computed from those %d", file,
+                        len(documents), n_samples, len(documents))
+        yield from documents
 
     return Corpus({"kind": "file", "path": str(file.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, "n": n_samples}, texts)
 
