@@ -196,6 +196,16 @@ def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     assert resolve_device("cuda:0", tmp_path) == torch.device("cuda", 0)
 
 
+def test_mps_requested_without_mps_is_a_clear_error(monkeypatch, tmp_path):
+    """It was torch's RuntimeError, with Hydra's traceback hint, once the model was moved there."""
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device='mps' but MPS \(Apple's GPU\) is not available here; use "
+                                         r"device=cpu or device=auto$"):
+        resolve_device("mps", tmp_path)
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: True)
+    assert resolve_device("mps", tmp_path) == torch.device("mps")
+
+
 def test_a_cuda_device_without_an_index_is_the_current_gpu_and_cpu_needs_no_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)

@@ -51,6 +51,9 @@ def resolve_device(name: str, lock_dir: Path) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidSettingError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidSettingError(f"device={name!r} but MPS (Apple's GPU) is not available here; use device=cpu or "
+                                  "device=auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InvalidSettingError(f"device={name!r} but this process sees {torch.cuda.device_count()} GPU(s) "
                                   "(CUDA_VISIBLE_DEVICES numbers them from 0); use device=cuda or device=auto")
