@@ -7,7 +7,7 @@ import torch
 from sadr.data.corpus import Corpus
 from sadr.editors import covariance
 from sadr.editors.covariance import SecondMomentStatistics, accumulate_second_moments, load_rome_npz
-from sadr.errors import InvalidSettingError
+from sadr.errors import InvalidSettingError, MissingInputError
 from sadr.models.adapters import adapter_for
 from tests.editing import random_texts
 from tests.tiny_models import make_model
@@ -733,6 +733,32 @@ def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_
             assert got[layer].dtype == torch.float64
             torch.testing.assert_close(got[layer], written[layer, n], rtol=1e-12, atol=0)
         assert stats.description() == {"kind": "rome_npz", "dir": str(tmp_path), "n": n}
+
+
+def test_a_rome_npz_folder_without_files_of_the_sample_count_is_refused_when_the_statistics_are_set_up(tmp_path,
+                                                                                                        tokenizer):
+    """Before the unedited model is scored (minutes at paper scale), not when the editor first reads C: a folder that
+    is not there, or holds ROME's files of other sample counts only, is named with the counts it holds."""
+    model = make_model("gpt2")
+
+    def statistics(folder, n):
+        return SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None,
+                                      sample_length=64, batch_tokens=256, cache_dir=tmp_path / "cache",
+                                      npz_dir=str(folder), npz_samples=n)
+
+    with pytest.raises(MissingInputError, match=r"model\.stats\.npz_dir=.*/absent is not a folder: give the folder of "
+                                                r"ROME's statistics files"):
+        statistics(tmp_path / "absent", 100000)
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    with pytest.raises(MissingInputError, match=r"holds no ROME statistics file of model\.stats\.n_samples=100000 "
+                                                r"texts .*; it holds no such file, or unset model\.stats\.npz_dir"):
+        statistics(folder, 100000)
+    for n in (1000, 40):
+        np.savez(folder / f"transformer.h.1.mlp.c_proj_float32_mom2_{n}.npz", **{"mom2.mom2": np.eye(2)})
+    with pytest.raises(MissingInputError, match=r"its files are of <n> = 40, 1000: set model\.stats\.n_samples to one"):
+        statistics(folder, 100000)
+    assert statistics(folder, 40).description() == {"kind": "rome_npz", "dir": str(folder), "n": 40}
 
 
 class _KillableStatistics:

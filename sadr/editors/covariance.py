@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,24 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
         if missing:
             raise InvalidSettingError(f"{path} lacks key(s) {sorted(missing)}; found {data.files}")
         return torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64)) / float(data["mom2.count"])
+
+
+def check_rome_npz_dir(folder: str | Path, n_samples: int | None) -> None:
+    """A one-line error where `folder` (model.stats.npz_dir) is no folder, or holds no ROME statistics file of
+    `n_samples` texts: checked when the run starts, not when the editor first reads C, after the unedited model is
+    scored (minutes on a paper-scale dataset). A layer's own file is checked when it is read (`load_rome_npz`)."""
+    folder = Path(folder).expanduser()
+    unset = "or unset model.stats.npz_dir to compute the statistics"
+    if not folder.is_dir():
+        raise MissingInputError(f"model.stats.npz_dir={folder} is not a folder: give the folder of ROME's statistics "
+                                f"files (<module>_float32_mom2_<n>.npz), {unset}")
+    if not any(folder.glob(f"*_float32_mom2_{n_samples}.npz")):
+        counts = sorted({int(match.group(1)) for path in folder.glob("*_float32_mom2_*.npz")
+                         if (match := re.search(r"_float32_mom2_(\d+)\.npz$", path.name))})
+        held = (f"its files are of <n> = {', '.join(map(str, counts))}: set model.stats.n_samples to one" if counts
+                else "it holds no such file")
+        raise MissingInputError(f"model.stats.npz_dir={folder} holds no ROME statistics file of model.stats.n_samples="
+                                f"{n_samples} texts (<module>_float32_mom2_{n_samples}.npz); {held}, {unset}")
 
 
 # Keys are converted to float64 at most this many bytes at a time.
@@ -283,6 +302,8 @@ class SecondMomentStatistics:
         self.sample_length, self.batch_tokens = sample_length, batch_tokens
         self.cache_dir = Path(cache_dir) / "stats"
         self.npz_dir, self.npz_samples = npz_dir, npz_samples
+        if npz_dir:
+            check_rome_npz_dir(npz_dir, npz_samples)
         self.product_dtype, self.factor_dtype, self.factors_on_host = product_dtype, factor_dtype, factors_on_host
         self._memory: dict[int, torch.Tensor] = {}
         self._factors: dict[int, FactorizedMoment] = {}
