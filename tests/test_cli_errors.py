@@ -314,6 +314,12 @@ def _launching_config(task: list[str], params: dict | None = None, pattern: str 
                                        "overrides": {"task": task, "hydra": list(hydra_overrides)}}})
 
 
+def _jobs_checked(task: list[str], params: dict | None = None, hydra_overrides: tuple[str, ...] = ()):
+    """`job_that_cannot_run` of a launching config whose sweep folder is its jobs' (hydra.sweep.dir=out)."""
+    return job_that_cannot_run(_launching_config(task, params, pattern="out",
+                                                 hydra_overrides=("hydra.sweep.dir=out", *hydra_overrides)))
+
+
 def test_a_sweep_whose_folder_would_differ_between_its_jobs_is_refused():
     """The folder's pattern is checked against what the sweep varies, from the command line or the config's params
     (a single value on the command line replaces a swept one), and an experiment swept sets the folder itself."""
@@ -371,16 +377,15 @@ def test_a_sweep_with_an_interval_is_refused_with_what_the_basic_sweeper_runs():
 def test_a_sweep_with_a_job_that_cannot_run_is_refused_before_any_starts():
     """Every job is composed and checked as its run would check it, with the config's params and the command line's
     sweeps combined; a missing local file is left to the job (a cluster's job may see it)."""
-    refused = job_that_cannot_run(_launching_config(["model=tinyllama", "sadr.lambda=0.1,-1,2,-3"]))
+    refused = _jobs_checked(["model=tinyllama", "sadr.lambda=0.1,-1,2,-3"])
     assert refused.startswith("2 of the sweep's 4 jobs cannot run, so none was started; the first: model=tinyllama "
                               "sadr.lambda=-1: sadr.lambda=-1.0: γ must be a finite number >= 0"), refused
-    refused = job_that_cannot_run(_launching_config(["model=llama3-8b"], params={"editor": "rome,alphaedit",
-                                                                                  "sadr": "default,paper"}))
+    refused = _jobs_checked(["model=llama3-8b"], params={"editor": "rome,alphaedit", "sadr": "default,paper"})
     assert refused.startswith("1 of the sweep's 4 jobs cannot run, so none was started; the first: editor=alphaedit "
                               "sadr=paper model=llama3-8b: sadr=paper: no published SADR setting"), refused
-    assert job_that_cannot_run(_launching_config(["editor=rome,memit", "sadr.lambda=0,0.1"])) is None
-    assert job_that_cannot_run(_launching_config(["model=local", "model.source=/nonexistent/model,/elsewhere/model",
-                                                  "editor.layers=[1]", "editor.v_loss_layer=2"])) is None
+    assert _jobs_checked(["editor=rome,memit", "sadr.lambda=0,0.1"]) is None
+    assert _jobs_checked(["model=local", "model.source=/nonexistent/model,/elsewhere/model", "editor.layers=[1]",
+                                "editor.v_loss_layer=2"]) is None
 
 
 def _composed_launching_config(arguments: list[str]):
@@ -408,10 +413,32 @@ def test_a_sweep_whose_jobs_would_not_run_their_own_sweeps_is_refused():
     assert folder_varied_by_the_sweep(_launching_config(["experiment=e,f"])).endswith("Run one sweep per value")
 
 
+def test_a_sweep_whose_jobs_resolve_another_sweep_folder_is_refused():
+    """Hydra's launchers resolve each job's sweep folder in the job's config, and the sweep's tables go into the
+    launching config's: a folder named after a swept key through Hydra's node, which the pattern's text does not
+    name, is one folder per value. `${now:...}` is the time the sweep started in every job."""
+    register_configs()
+    with sadr_configs():
+        def checked(*arguments):
+            return job_that_cannot_run(_composed_launching_config(list(arguments)))
+
+        refused = checked("model=smollm2-135m,tinyllama", "hydra.sweep.dir=out/${hydra.runtime.choices.model}")
+        by_overrides = checked("editor=rome,memit", "hydra.sweep.dir=out/${hydra.job.override_dirname}")
+        assert checked("editor=rome,memit", "hydra.sweep.dir=out/${now:%H-%M-%S-%f}") is None
+        unresolvable = checked("editor=rome,memit", "hydra.sweep.dir=out/${hydra:runtime.choices.model}")
+    assert refused == ("1 of the sweep's 2 jobs cannot run, so none was started; the first: model=tinyllama: its run "
+                       "would be in the sweep folder out/tinyllama (hydra.sweep.dir=out/${hydra.runtime.choices.model}), "
+                       "not in the sweep's, out/smollm2-135m, where the sweep's tables are written: a value the sweep "
+                       "varies changes the folder. Give the sweep one folder (hydra.sweep.dir=<folder>)"), refused
+    assert by_overrides.startswith("2 of the sweep's 2 jobs cannot run, so none was started; the first: editor=rome: "
+                                   "its run would be in the sweep folder out/editor=rome "), by_overrides
+    assert unresolvable.startswith("hydra.sweep.dir=out/${hydra:runtime.choices.model} cannot be resolved in the "
+                                   "config that the sweep starts with"), unresolvable
+
 def test_a_sweep_whose_jobs_would_share_a_folder_is_refused():
     """Two jobs in one folder: the second finds the first's run, with other settings, and stops after it."""
     def shared(*overrides):
-        return job_that_cannot_run(_launching_config(["editor=rome,memit"], hydra_overrides=overrides))
+        return _jobs_checked(["editor=rome,memit"], hydra_overrides=overrides)
 
     refused = shared("hydra.sweep.subdir=same")
     assert refused == ("1 of the sweep's 2 jobs cannot run, so none was started; the first: editor=memit: it would run "
@@ -431,7 +458,7 @@ def test_a_misspelt_metric_is_refused_by_the_config_checks(tmp_path):
     with pytest.raises(InvalidSettingError, match=r"^unknown metric\(s\) \['efficacyy'\] in eval\.metrics; known: "
                                                   r"efficacy, "):
         compose_config(["eval.metrics=[efficacyy]"])
-    refused = job_that_cannot_run(_launching_config(["eval.metrics=[efficacy],[efficacyy]"]))
+    refused = _jobs_checked(["eval.metrics=[efficacy],[efficacyy]"])
     assert refused.startswith("1 of the sweep's 2 jobs cannot run, so none was started; the first: "
                               "eval.metrics=[efficacyy]: unknown metric(s) ['efficacyy']"), refused
     run = RunDirectory(tmp_path / "run")
@@ -446,8 +473,8 @@ def test_a_misspelt_metric_is_refused_by_the_config_checks(tmp_path):
 def test_a_sweep_s_checks_compose_within_sadr_run_s_own_hydra():
     """In `sadr-run`, Hydra is initialised already: the checks compose there, and glob(*) lists the editors."""
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
-        assert job_that_cannot_run(_launching_config(["editor=glob(*)"])) is None
-        refused = job_that_cannot_run(_launching_config(["editor=glob(*)", "sadr=paper", "model=llama3-8b"]))
+        assert _jobs_checked(["editor=glob(*)"]) is None
+        refused = _jobs_checked(["editor=glob(*)", "sadr=paper", "model=llama3-8b"])
     assert refused.startswith("1 of the sweep's 4 jobs cannot run"), refused
 
 

@@ -30,6 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from sadr.conf.registry import ConfigError, compose_config, misspelt_override, missing_pair_setting, validate
 from sadr.errors import MissingInputError, UsageError
@@ -141,12 +142,20 @@ def job_that_cannot_run(config) -> str | None:
     jobs = sweep_jobs(config)
     hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
     params = OmegaConf.select(config, "hydra.sweeper.params")
+    try:
+        sweep_folder = str(config.hydra.sweep.dir)  # before the jobs copy its `${now:...}` values
+    except InterpolationResolutionError as err:  # `${hydra:...}`: Hydra's sweeper would stop with a traceback
+        pattern = OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]
+        return (f"hydra.sweep.dir={pattern} cannot be resolved in the config that the sweep starts with, where Hydra "
+                f"makes the sweep's folder ({str(err).splitlines()[0]}): give the sweep a folder such as "
+                f"hydra.sweep.dir=<folder>")
     failing, folders = [], {}
     for number, job in enumerate(jobs):
         try:
             job_config = compose_config(hydra_overrides + job, checked=False, hydra=True)
             _check_no_sweep_of_its_own(job_config, params)
-            folder = _job_folder(job_config, number, config)
+            job_sweep_folder, folder = _job_folder(job_config, number, config)
+            _check_sweep_folder(job_sweep_folder, sweep_folder, job_config)
             first = folders.setdefault(folder, number)
             if first != number:
                 pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["subdir"]
@@ -167,9 +176,10 @@ def job_that_cannot_run(config) -> str | None:
             f"{' '.join(job)}: {why}")
 
 
-def _job_folder(job_config, number: int, launching) -> str:
-    """The job's folder within the sweep's (hydra.sweep.subdir), as Hydra's launchers resolve it: `hydra.job.num` is
-    the job's number, `hydra.job.id` one of its own, and `${now:...}` the time the sweep started."""
+def _job_folder(job_config, number: int, launching) -> tuple[str, str]:
+    """The job's sweep folder (hydra.sweep.dir) and its folder within it (hydra.sweep.subdir), as Hydra's launchers
+    resolve them: in the job's config, where `hydra.job.num` is the job's number, `hydra.job.id` one of its own, and
+    `${now:...}` the time the sweep started."""
     with open_dict(job_config.hydra.job):
         job_config.hydra.job.num = number
         job_config.hydra.job.id = f"job{number}"
@@ -178,9 +188,20 @@ def _job_folder(job_config, number: int, launching) -> str:
     launching_hydra = hydra_config.cfg
     hydra_config.set_config(job_config)  # for `${hydra:job.num}`
     try:
-        return str(job_config.hydra.sweep.subdir)
+        return str(job_config.hydra.sweep.dir), str(job_config.hydra.sweep.subdir)
     finally:
         hydra_config.cfg = launching_hydra
+
+
+def _check_sweep_folder(job_folder: str, sweep_folder: str, job_config) -> None:
+    """A job's sweep folder is resolved in the job's config (Hydra's launchers compose each job anew), the sweep's
+    tables go into the launching config's: a folder named after a swept key through another key or a resolver
+    (`${hydra:runtime.choices.model}`), which `folder_varied_by_the_sweep` cannot read, differs between them."""
+    if job_folder != sweep_folder:
+        pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["dir"]
+        raise ConfigError(f"its run would be in the sweep folder {job_folder} (hydra.sweep.dir={pattern}), not in the "
+                          f"sweep's, {sweep_folder}, where the sweep's tables are written: a value the sweep varies "
+                          f"changes the folder. Give the sweep one folder (hydra.sweep.dir=<folder>)")
 
 
 def _check_no_sweep_of_its_own(job_config, params) -> None:
