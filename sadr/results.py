@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from filelock import FileLock, Timeout
@@ -150,36 +151,60 @@ def _last_line_start(f, end: int) -> int:
     return 0
 
 
+class HeldRun(NamedTuple):
+    """The run a folder holds under other settings: each setting that differs (`config_differences`), and whether
+    all it holds are kept δs, which may be given up."""
+    differences: list[str]
+    only_deltas: bool
+
+
 class RunDirectory:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, make: bool = True):
+        """`make`: create the folder; a reader that must leave nothing behind (a sweep's checks) does not."""
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if make:
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def claim(self, cfg: DictConfig) -> None:
-        """Write config.yaml, or check that the one already there describes the same run. A run that stopped before
-        it finished a case, checkpointed an edit or kept a δ (a mistake in its settings, say) holds nothing to
-        protect: its config is replaced. Kept δs would be read back by a rerun, which would edit with δs optimised
-        under other settings."""
+        """Write config.yaml, or check that the one already there describes the same run (`held_run`)."""
         target = self.path / CONFIG_FILE
         identity = _identity(cfg)
-        if target.is_file():
-            existing = _without_execution_settings(read_config(target))
-            if existing == identity:
-                return
-            rows, checkpointed = self.count(), self.checkpointed()
-            if rows or checkpointed or self.deltas_kept():
-                only_deltas = "" if rows or checkpointed else (
-                    f"; or, to give up the δs it kept and start it again with these settings, delete "
-                    f"{self.path / DELTA_CHECKPOINT}")
-                raise RunConflictError(
-                    f"{self.path} already holds a run with a different config (differs in: "
-                    f"{'; '.join(config_differences(existing, identity))}); resume only with identical settings (the "
-                    f"run's values, in {target}, also where a newer sadr changed a default), or choose a new "
-                    f"directory with hydra.run.dir=...{only_deltas}"
-                )
+        recorded = self._recorded_identity()
+        if recorded == identity:
+            return
+        held = self._held_run(recorded, identity) if recorded is not None else None
+        if held:
+            only_deltas = (f"; or, to give up the δs it kept and start it again with these settings, delete "
+                           f"{self.path / DELTA_CHECKPOINT}") if held.only_deltas else ""
+            raise RunConflictError(
+                f"{self.path} already holds a run with a different config (differs in: "
+                f"{'; '.join(held.differences)}); resume only with identical settings (the run's values, in "
+                f"{target}, also where a newer sadr changed a default), or choose a new directory with "
+                f"hydra.run.dir=...{only_deltas}"
+            )
         tmp = target.with_suffix(".tmp")
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
         tmp.replace(target)
+
+    def held_run(self, cfg: DictConfig) -> HeldRun | None:
+        """The run with other settings than `cfg` that this folder holds, which a run of `cfg` here would refuse to
+        resume, or None. Reads only, so a sweep's checks ask it of each job's folder before any job starts."""
+        recorded = self._recorded_identity()
+        identity = _identity(cfg)
+        return None if recorded is None or recorded == identity else self._held_run(recorded, identity)
+
+    def _recorded_identity(self) -> dict | None:
+        target = self.path / CONFIG_FILE
+        return _without_execution_settings(read_config(target)) if target.is_file() else None
+
+    def _held_run(self, recorded: dict, identity: dict) -> HeldRun | None:
+        """A run that stopped before it finished a case, checkpointed an edit or kept a δ (a mistake in its settings,
+        say) holds nothing to protect: its config may be replaced. Kept δs would be read back by a rerun, which would
+        edit with δs optimised under other settings."""
+        rows, checkpointed = self.count(), self.checkpointed()
+        if rows or checkpointed or self.deltas_kept():
+            return HeldRun(config_differences(recorded, identity), only_deltas=not (rows or checkpointed))
+        return None
 
     def write_environment(self, extra: dict) -> None:
         versions = {}

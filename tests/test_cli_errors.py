@@ -435,6 +435,34 @@ def test_a_sweep_whose_jobs_resolve_another_sweep_folder_is_refused():
     assert unresolvable.startswith("hydra.sweep.dir=out/${hydra:runtime.choices.model} cannot be resolved in the "
                                    "config that the sweep starts with"), unresolvable
 
+def test_a_resumed_sweep_whose_jobs_would_find_other_runs_is_refused(tmp_path):
+    """A sweep resumed in its folder finds each job's run by the job's number: with a value added in the middle, job
+    1 would find job 2's run and stop only when it started, after job 0. Checked without writing anything; the
+    same sweep resumes, and a folder whose run finished nothing is left to the job (it replaces that config)."""
+    folder = tmp_path / "sweep"
+    for number, lam in ((0, 0), (1, 0.2)):
+        run = RunDirectory(folder / str(number))
+        run.claim(compose_config([f"sadr.lambda={lam}", f"output_dir={run.path}"]))
+        run.append({"case_id": 0})
+    RunDirectory(folder / "2").claim(compose_config(["sadr.lambda=0.5", f"output_dir={folder / '2'}"]))
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    register_configs()
+    with sadr_configs():
+        def checked(values):
+            return job_that_cannot_run(_composed_launching_config([f"sadr.lambda={values}",
+                                                                   f"hydra.sweep.dir={folder}"]))
+
+        assert checked("0,0.2,0.3,0.4") is None
+        refused = checked("0,0.1,0.2")
+    assert refused == (f"1 of the sweep's 3 jobs cannot run, so none was started; the first: sadr.lambda=0.1: its "
+                       f"folder, {folder / '1'}, holds a run of other settings (differs in: sadr.lambda (0.2 in the "
+                       f"run, 0.1 now)), which the job would refuse only when it starts, after the jobs before it: "
+                       f"this sweep's jobs are not those of the sweep that wrote the folder (each job's folder is "
+                       f"hydra.sweep.subdir=${{hydra.job.num}}), e.g. a value was added or removed, or glob(...) lists "
+                       f"other options. Resume with the values of the first launch, in their order, or give this "
+                       f"sweep another folder (hydra.sweep.dir=<folder>)"), refused
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
+
 def test_a_sweep_whose_jobs_would_share_a_folder_is_refused():
     """Two jobs in one folder: the second finds the first's run, with other settings, and stops after it."""
     def shared(*overrides):

@@ -19,9 +19,13 @@ prints. At the sweep's end it also removes the empty folder that submitit makes 
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
@@ -29,11 +33,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationResolutionError
 
 from sadr.conf.registry import ConfigError, compose_config, misspelt_override, missing_pair_setting, validate
 from sadr.errors import MissingInputError, UsageError
+from sadr.results import CONFIG_FILE, RunDirectory
 
 # `${model.name}` in a folder's pattern; not a resolver's call, such as `${now:%H-%M-%S}`
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.-]*)\}")
@@ -154,14 +159,16 @@ def job_that_cannot_run(config) -> str | None:
         try:
             job_config = compose_config(hydra_overrides + job, checked=False, hydra=True)
             _check_no_sweep_of_its_own(job_config, params)
-            job_sweep_folder, folder = _job_folder(job_config, number, config)
-            _check_sweep_folder(job_sweep_folder, sweep_folder, job_config)
-            first = folders.setdefault(folder, number)
-            if first != number:
-                pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["subdir"]
-                raise ConfigError(f"it would run in the folder of job {first} ({' '.join(jobs[first])}), {folder} "
-                                  f"(hydra.sweep.subdir={pattern}), which holds one run: give each job a folder of "
-                                  f"its own, e.g. hydra.sweep.subdir=${{hydra.job.num}} (the default)")
+            with _as_launched(job_config, number, config):
+                job_sweep_folder, folder = str(job_config.hydra.sweep.dir), str(job_config.hydra.sweep.subdir)
+                _check_sweep_folder(job_sweep_folder, sweep_folder, job_config)
+                first = folders.setdefault(folder, number)
+                if first != number:
+                    pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["subdir"]
+                    raise ConfigError(f"it would run in the folder of job {first} ({' '.join(jobs[first])}), {folder} "
+                                      f"(hydra.sweep.subdir={pattern}), which holds one run: give each job a folder "
+                                      f"of its own, e.g. hydra.sweep.subdir=${{hydra.job.num}} (the default)")
+                _check_run_folder(job_config, os.path.join(job_sweep_folder, folder))
             validate(job_config)
         except MissingInputError:
             continue
@@ -176,27 +183,53 @@ def job_that_cannot_run(config) -> str | None:
             f"{' '.join(job)}: {why}")
 
 
-def _job_folder(job_config, number: int, launching) -> tuple[str, str]:
-    """The job's sweep folder (hydra.sweep.dir) and its folder within it (hydra.sweep.subdir), as Hydra's launchers
-    resolve them: in the job's config, where `hydra.job.num` is the job's number, `hydra.job.id` one of its own, and
-    `${now:...}` the time the sweep started."""
+@contextmanager
+def _as_launched(job_config, number: int, launching) -> Iterator[None]:
+    """The job's config as Hydra's launchers set it before the job starts, within which its folders resolve as the
+    job resolves them: `hydra.job.num` is the job's number, `hydra.job.id` one of its own, `${now:...}` the time the
+    sweep started, and `${hydra:...}` reads the job's own hydra node. The launching config's is restored after."""
     with open_dict(job_config.hydra.job):
         job_config.hydra.job.num = number
         job_config.hydra.job.id = f"job{number}"
     OmegaConf.copy_cache(from_config=launching, to_config=job_config)
     hydra_config = HydraConfig.instance()
     launching_hydra = hydra_config.cfg
-    hydra_config.set_config(job_config)  # for `${hydra:job.num}`
+    hydra_config.set_config(job_config)
     try:
-        return str(job_config.hydra.sweep.dir), str(job_config.hydra.sweep.subdir)
+        yield
     finally:
         hydra_config.cfg = launching_hydra
+
+
+def _check_run_folder(job_config, job_folder: str) -> None:
+    """A sweep resumed in its folder finds each job's run by the job's folder (its number, by default): where the
+    jobs are not those of the first launch (a value added in the middle, glob(*) listing a new editor), job n finds
+    job m's run, and would refuse it only when it starts, after the jobs before it. Reads only; as Hydra's
+    `run_job` sets the job's `hydra.runtime.output_dir`, which `output_dir` reads by default."""
+    with read_write(job_config.hydra.runtime), open_dict(job_config.hydra.runtime):
+        job_config.hydra.runtime.output_dir = os.path.abspath(job_folder)
+    HydraConfig.instance().set_config(job_config)
+    run = RunDirectory(job_config.output_dir, make=False)
+    if not (run.path / CONFIG_FILE).is_file():  # before copying the job's config: a new sweep's folders hold none
+        return
+    task = copy.deepcopy(job_config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    held = run.held_run(task)
+    if held:
+        pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["subdir"]
+        raise ConfigError(f"its folder, {run.path}, holds a run of other settings (differs in: "
+                          f"{'; '.join(held.differences)}), which the job would refuse only when it starts, after "
+                          f"the jobs before it: this sweep's jobs are not those of the sweep that wrote the folder "
+                          f"(each job's folder is hydra.sweep.subdir={pattern}), e.g. a value was added or removed, or "
+                          f"glob(...) lists other options. Resume with the values of the first launch, in their order, "
+                          f"or give this sweep another folder (hydra.sweep.dir=<folder>)")
 
 
 def _check_sweep_folder(job_folder: str, sweep_folder: str, job_config) -> None:
     """A job's sweep folder is resolved in the job's config (Hydra's launchers compose each job anew), the sweep's
     tables go into the launching config's: a folder named after a swept key through another key or a resolver
-    (`${hydra:runtime.choices.model}`), which `folder_varied_by_the_sweep` cannot read, differs between them."""
+    (`${hydra.runtime.choices.model}`), which `folder_varied_by_the_sweep` cannot read, differs between them."""
     if job_folder != sweep_folder:
         pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["dir"]
         raise ConfigError(f"its run would be in the sweep folder {job_folder} (hydra.sweep.dir={pattern}), not in the "
