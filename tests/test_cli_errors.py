@@ -427,9 +427,10 @@ def test_a_sweep_whose_jobs_resolve_another_sweep_folder_is_refused():
         assert checked("editor=rome,memit", "hydra.sweep.dir=out/${now:%H-%M-%S-%f}") is None
         unresolvable = checked("editor=rome,memit", "hydra.sweep.dir=out/${hydra:runtime.choices.model}")
     assert refused == ("1 of the sweep's 2 jobs cannot run, so none was started; the first: model=tinyllama: its run "
-                       "would be in the sweep folder out/tinyllama (hydra.sweep.dir=out/${hydra.runtime.choices.model}), "
-                       "not in the sweep's, out/smollm2-135m, where the sweep's tables are written: a value the sweep "
-                       "varies changes the folder. Give the sweep one folder (hydra.sweep.dir=<folder>)"), refused
+                       "would be in the sweep folder out/tinyllama "
+                       "(hydra.sweep.dir=out/${hydra.runtime.choices.model}), not in the sweep's, out/smollm2-135m, "
+                       "where the sweep's tables are written: a value the sweep varies changes the folder. Give the "
+                       "sweep one folder (hydra.sweep.dir=<folder>)"), refused
     assert by_overrides.startswith("2 of the sweep's 2 jobs cannot run, so none was started; the first: editor=rome: "
                                    "its run would be in the sweep folder out/editor=rome "), by_overrides
     assert unresolvable.startswith("hydra.sweep.dir=out/${hydra:runtime.choices.model} cannot be resolved in the "
@@ -462,6 +463,28 @@ def test_a_resumed_sweep_whose_jobs_would_find_other_runs_is_refused(tmp_path):
                        f"other options. Resume with the values of the first launch, in their order, or give this "
                        f"sweep another folder (hydra.sweep.dir=<folder>)"), refused
     assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
+
+def test_a_bug_in_a_sweep_s_checks_stops_the_sweep_with_its_traceback(monkeypatch, capsys):
+    """Hydra turns an exception in a callback into a warning (a private class of Hydra's, used here only), after
+    which the sweep would start unchecked: a bug stops it, with its traceback and how to run without the checks."""
+    from hydra._internal.callbacks import Callbacks
+
+    from sadr.cli import sweep
+
+    def bug(config):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sweep, "job_that_cannot_run", bug)
+    checks = {"checks": {"_target_": "sadr.cli.sweep.SweepChecks"}}
+    callbacks = Callbacks(OmegaConf.create({"hydra": {"callbacks": checks}}))
+    with pytest.raises(SystemExit) as stopped:
+        callbacks.on_multirun_start(config=_launching_config(["editor=rome,memit"], pattern="out"))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1
+    assert "Traceback (most recent call last)" in err and "RuntimeError: a bug" in err, err
+    assert err.endswith("error: the sweep's checks stopped on a bug (please report it with this traceback), before "
+                        "any job started; to run the sweep without them meanwhile, add "
+                        "~hydra.callbacks.sweep_checks\n"), err
 
 def test_a_sweep_whose_jobs_would_share_a_folder_is_refused():
     """Two jobs in one folder: the second finds the first's run, with other settings, and stops after it."""

@@ -24,6 +24,7 @@ import itertools
 import os
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,16 @@ FOLDER_SETTING_GROUP = "experiment"
 
 class SweepChecks(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
-        problem = sweep_not_enumerable(config) or folder_varied_by_the_sweep(config) or job_that_cannot_run(config)
+        """A bug in the checks stops the sweep with its traceback: Hydra turns a callback's exception into a one-line
+        warning, and the sweep would then start unchecked. SystemExit passes Hydra's callbacks."""
+        try:
+            problem = sweep_not_enumerable(config) or folder_varied_by_the_sweep(config) or job_that_cannot_run(config)
+        except Exception:
+            traceback.print_exc()
+            print("error: the sweep's checks stopped on a bug (please report it with this traceback), before any job "
+                  "started; to run the sweep without them meanwhile, add ~hydra.callbacks.sweep_checks",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
         if problem:  # SystemExit passes Hydra's report of errors, which would add a traceback; exit status 2
             print(f"error: {problem}", file=sys.stderr)
             raise SystemExit(2)
