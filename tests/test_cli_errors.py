@@ -464,7 +464,7 @@ def test_a_resumed_sweep_whose_jobs_would_find_other_runs_is_refused(tmp_path):
                        f"sweep another folder (hydra.sweep.dir=<folder>)"), refused
     assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
 
-def test_a_bug_in_a_sweep_s_checks_stops_the_sweep_with_its_traceback(monkeypatch, capsys):
+def test_a_bug_in_a_sweep_s_checks_stops_the_sweep_with_its_traceback(monkeypatch, capsys, tmp_path):
     """Hydra turns an exception in a callback into a warning (a private class of Hydra's, used here only), after
     which the sweep would start unchecked: a bug stops it, with its traceback and how to run without the checks."""
     from hydra._internal.callbacks import Callbacks
@@ -485,6 +485,11 @@ def test_a_bug_in_a_sweep_s_checks_stops_the_sweep_with_its_traceback(monkeypatc
     assert err.endswith("error: the sweep's checks stopped on a bug (please report it with this traceback), before "
                         "any job started; to run the sweep without them meanwhile, add "
                         "~hydra.callbacks.sweep_checks\n"), err
+    monkeypatch.setattr(sys, "argv", ["sadr-run", "-m", "sadr.lambda=0,0.1", f"hydra.sweep.dir={tmp_path}"])
+    monkeypatch.setattr(sweep.SweepChecks, "stopped_on_a_bug", False)
+    with pytest.raises(SystemExit) as stopped:  # not taken for Hydra's exit status 1 of a usage error
+        cli.main()
+    assert stopped.value.code == 1 and "RuntimeError: a bug" in capsys.readouterr().err
 
 def test_a_sweep_whose_jobs_would_share_a_folder_is_refused():
     """Two jobs in one folder: the second finds the first's run, with other settings, and stops after it."""

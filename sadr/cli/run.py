@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sadr.cache import writable_dir
-from sadr.cli.sweep import SweepFolder
+from sadr.cli.sweep import SweepChecks, SweepFolder
 from sadr.conf.registry import missing_pair_setting, misspelt_override, register_configs, validate
 from sadr.errors import DamagedFileError, DeviceMemoryError, UsageError
 from sadr.interrupts import Terminated, further_interrupts_ignored, sigterm_stops_the_run
@@ -161,7 +161,7 @@ def main() -> None:
     except SystemExit as stop:
         # Hydra prints a config that does not compose (unknown key, bad value, missing config file) without a
         # traceback and exits with 1; that is a usage error like the ones the task reports.
-        if stop.code == 1 and not _Stage.task_started:
+        if stop.code == 1 and not _Stage.task_started and not SweepChecks.stopped_on_a_bug:
             # Hydra's message for a misspelt key advises '+', which would add a key that nothing reads
             what_to_do = misspelt_override(sys.argv[1:]) or missing_pair_setting(sys.argv[1:])
             if what_to_do:

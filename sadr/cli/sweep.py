@@ -48,6 +48,8 @@ FOLDER_SETTING_GROUP = "experiment"
 
 
 class SweepChecks(Callback):
+    stopped_on_a_bug = False  # for `sadr-run`, which takes Hydra's exit status 1 before a run starts for a usage error
+
     def on_multirun_start(self, config, **kwargs) -> None:
         """A bug in the checks stops the sweep with its traceback: Hydra turns a callback's exception into a one-line
         warning, and the sweep would then start unchecked. SystemExit passes Hydra's callbacks."""
@@ -55,6 +57,7 @@ class SweepChecks(Callback):
             problem = sweep_not_enumerable(config) or folder_varied_by_the_sweep(config) or job_that_cannot_run(config)
         except Exception:
             traceback.print_exc()
+            SweepChecks.stopped_on_a_bug = True
             print("error: the sweep's checks stopped on a bug (please report it with this traceback), before any job "
                   "started; to run the sweep without them meanwhile, add ~hydra.callbacks.sweep_checks",
                   file=sys.stderr)
