@@ -326,6 +326,7 @@ def test_a_sweep_whose_folder_would_differ_between_its_jobs_is_refused():
     varies = folder_varied_by_the_sweep
     assert "varies model (model=a,b)" in varies(_launching_config(["model=a,b"]))
     assert "is named after dataset.name" in varies(_launching_config(["dataset.name=x,y"]))
+    assert "is named after model:" in varies(_launching_config(["model.dtype=float32,bfloat16"], pattern="out/${model}"))
     assert "varies model (model=a,b)" in varies(_launching_config([], params={"model": "a,b", "editor": "rome"}))
     assert varies(_launching_config(["model=a"], params={"model": "a,b"})) is None
     assert varies(_launching_config(["model.dtype=float32,bfloat16", "editor=rome,memit", "model=a"])) is None
