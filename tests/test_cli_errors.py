@@ -464,6 +464,15 @@ def test_a_resumed_sweep_whose_jobs_would_find_other_runs_is_refused(tmp_path):
                        f"other options. Resume with the values of the first launch, in their order, or give this "
                        f"sweep another folder (hydra.sweep.dir=<folder>)"), refused
     assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
+    # a run that differs from its job only in keys the sweep does not vary (here seed; on a cluster, cache_dir read
+    # from the login node's environment) is left to the job, which sees its own environment
+    run = RunDirectory(tmp_path / "other" / "0")
+    run.claim(compose_config(["sadr.lambda=0", "seed=5", f"output_dir={run.path}"]))
+    run.append({"case_id": 0})
+    with sadr_configs():
+        assert job_that_cannot_run(_composed_launching_config(["sadr.lambda=0,0.2",
+                                                               f"hydra.sweep.dir={tmp_path / 'other'}"])) is None
+
 
 def test_a_bug_in_a_sweep_s_checks_stops_the_sweep_with_its_traceback(monkeypatch, capsys, tmp_path):
     """Hydra turns an exception in a callback into a warning (a private class of Hydra's, used here only), after

@@ -167,6 +167,7 @@ def job_that_cannot_run(config) -> str | None:
         return (f"hydra.sweep.dir={pattern} cannot be resolved in the config that the sweep starts with, where Hydra "
                 f"makes the sweep's folder ({str(err).splitlines()[0]}): give the sweep a folder such as "
                 f"hydra.sweep.dir=<folder>")
+    swept = [key for key, override in sweep_overrides(config).items() if override.is_sweep_override()]
     failing, folders = [], {}
     for number, job in enumerate(jobs):
         try:
@@ -181,7 +182,7 @@ def job_that_cannot_run(config) -> str | None:
                     raise ConfigError(f"it would run in the folder of job {first} ({' '.join(jobs[first])}), {folder} "
                                       f"(hydra.sweep.subdir={pattern}), which holds one run: give each job a folder "
                                       f"of its own, e.g. hydra.sweep.subdir=${{hydra.job.num}} (the default)")
-                _check_run_folder(job_config, os.path.join(job_sweep_folder, folder))
+                _check_run_folder(job_config, os.path.join(job_sweep_folder, folder), swept)
             validate(job_config)
         except MissingInputError:
             continue
@@ -214,11 +215,13 @@ def _as_launched(job_config, number: int, launching) -> Iterator[None]:
         hydra_config.cfg = launching_hydra
 
 
-def _check_run_folder(job_config, job_folder: str) -> None:
+def _check_run_folder(job_config, job_folder: str, swept: list[str]) -> None:
     """A sweep resumed in its folder finds each job's run by the job's folder (its number, by default): where the
     jobs are not those of the first launch (a value added in the middle, glob(*) listing a new editor), job n finds
-    job m's run, and would refuse it only when it starts, after the jobs before it. Reads only; as Hydra's
-    `run_job` sets the job's `hydra.runtime.output_dir`, which `output_dir` reads by default."""
+    job m's run, and would refuse it only when it starts, after the jobs before it. Only a run that differs in a key
+    the sweep varies (`swept`) is refused here: a difference in another key may come from where this check runs (a
+    login node's environment, `cache_dir` from SADR_CACHE_DIR), which the job's own check sees as it is. Reads
+    only; as Hydra's `run_job` sets the job's `hydra.runtime.output_dir`, which `output_dir` reads by default."""
     with read_write(job_config.hydra.runtime), open_dict(job_config.hydra.runtime):
         job_config.hydra.runtime.output_dir = os.path.abspath(job_folder)
     HydraConfig.instance().set_config(job_config)
@@ -229,7 +232,8 @@ def _check_run_folder(job_config, job_folder: str) -> None:
     with read_write(task), open_dict(task):
         del task["hydra"]
     held = run.held_run(task)
-    if held:
+    if held and any(difference.split(" (", 1)[0] == key or difference.startswith(f"{key}.")
+                    for difference in held.differences for key in swept):
         pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["subdir"]
         raise ConfigError(f"its folder, {run.path}, holds a run of other settings (differs in: "
                           f"{'; '.join(held.differences)}), which the job would refuse only when it starts, after "
