@@ -474,6 +474,19 @@ def test_a_resumed_sweep_whose_jobs_would_find_other_runs_is_refused(tmp_path):
                                                                f"hydra.sweep.dir={tmp_path / 'other'}"])) is None
 
 
+def test_a_bug_in_a_job_s_checks_is_raised_not_reported_as_a_job_that_cannot_run(monkeypatch):
+    """Only composing a job may fail in any way (Hydra's and OmegaConf's errors of a config); an exception of the
+    checks after it is a bug, which SweepChecks stops the sweep with, traceback and all."""
+    from sadr.cli import sweep
+
+    def bug(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sweep, "_check_no_sweep_of_its_own", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        _jobs_checked(["sadr.lambda=0,0.1"])
+
+
 def test_a_bug_in_a_sweep_s_checks_stops_the_sweep_with_its_traceback(monkeypatch, capsys, tmp_path):
     """Hydra turns an exception in a callback into a warning (a private class of Hydra's, used here only), after
     which the sweep would start unchecked: a bug stops it, with its traceback and how to run without the checks."""

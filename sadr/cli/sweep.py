@@ -35,7 +35,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf, open_dict, read_write
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from sadr.conf.registry import ConfigError, compose_config, misspelt_override, missing_pair_setting, validate
 from sadr.errors import MissingInputError, UsageError
@@ -172,6 +172,10 @@ def job_that_cannot_run(config) -> str | None:
     for number, job in enumerate(jobs):
         try:
             job_config = compose_config(hydra_overrides + job, checked=False, hydra=True)
+        except Exception as err:  # noqa: BLE001 - Hydra's and OmegaConf's errors of a config that does not compose
+            failing.append((job, missing_pair_setting(job) or misspelt_override(job) or f"{type(err).__name__}: {err}"))
+            continue
+        try:  # any other exception is a bug of these checks (SweepChecks)
             _check_no_sweep_of_its_own(job_config, params)
             with _as_launched(job_config, number, config):
                 job_sweep_folder, folder = str(job_config.hydra.sweep.dir), str(job_config.hydra.sweep.subdir)
@@ -188,8 +192,8 @@ def job_that_cannot_run(config) -> str | None:
             continue
         except UsageError as err:
             failing.append((job, str(err)))
-        except Exception as err:  # noqa: BLE001 - Hydra's and OmegaConf's errors of a config that does not compose
-            failing.append((job, missing_pair_setting(job) or misspelt_override(job) or f"{type(err).__name__}: {err}"))
+        except OmegaConfBaseException as err:  # a value of the job's that does not resolve
+            failing.append((job, f"{type(err).__name__}: {err}"))
     if not failing:
         return None
     job, why = failing[0]
