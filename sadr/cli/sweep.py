@@ -9,7 +9,10 @@ Checked first (`SweepChecks`), so that a mistake stops the sweep before hours of
 - the sweep has one folder: a folder named after a key the sweep varies (`experiment=sadr_comparison
   model=gpt-j,llama3-8b`, whose folder is `.../${model.name}_${dataset.name}/...`) would be one folder per value for
   the jobs, and for the launching process, whose config has none of the swept values, a third one, where the sweep's
-  tables would find no run.
+  tables would find no run;
+- each job has a run folder of its own, and a resumed sweep's job finds its own run there, not another job's;
+- each job is the run it looks like: in a sweep of experiments, each experiment's own sweep would not run;
+- the sweep is one Hydra's basic sweeper can list (no `interval(...)`).
 
 A launcher that runs each job in a process of its own (hydra/launcher=local, gpus, slurm) keeps no job config in
 the launching process, and a sweep folder named by the time (`${now:...}`) can only be read from the config that the
