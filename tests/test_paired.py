@@ -221,6 +221,24 @@ def test_two_sweeps_of_the_same_settings_pair_each_sadr_run_with_its_own_sweep_s
     assert dns.loc["b/1", "difference"] == pytest.approx(50.0)
 
 
+def test_a_sadr_sweep_without_a_baseline_of_its_own_pairs_with_the_baseline_sweep_s_run(tmp_path):
+    """The baseline swept apart from SADR (its own folder): a γ > 0 run whose folder holds no γ = 0 run pairs with
+    the one in the other folder, as where each run had a folder of its own."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.summary import paired_with_baselines
+
+    for name, gamma, dns in (("base/0", 0.0, [0, 0]), ("sadr/0", 0.1, [1, 0])):
+        path = _run(tmp_path / name, {0: {"distract_neighborhood": dns}})
+        OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": 20}, "sadr": {"lambda": gamma}},
+                       path / "config.yaml")
+        (path / "metrics.csv").write_text("state,metric\n")
+    table, unpaired = paired_with_baselines(tmp_path)
+    dns = table[table.metric == "DNS"].set_index("run")
+    assert unpaired == [] and dns.base_run.to_dict() == {"sadr/0": "base/0"}
+    assert dns.loc["sadr/0", "difference"] == pytest.approx(50.0)
+
+
 def test_a_baseline_with_other_metrics_pairs_on_the_metrics_both_runs_have(tmp_path):
     """A γ = 0 run made with a shorter `eval.metrics` (an older default) is still the baseline of a SADR run: the
     metrics both have are compared, the others left out."""
