@@ -487,6 +487,30 @@ def test_deleting_the_kept_deltas_is_offered_only_to_a_run_that_holds_nothing_el
     assert "give up the δs" not in str(refused.value)
 
 
+def test_held_run_names_only_a_run_that_a_claim_would_refuse_and_writes_nothing(tmp_path):
+    """What a sweep's checks ask of each job's folder before any job starts: None for a folder without a run, a run
+    of the same settings, or one that finished nothing; else each difference, and whether only kept δs are held."""
+    from omegaconf import OmegaConf
+
+    from sadr.results import DELTA_CHECKPOINT, HeldRun, RunDirectory
+
+    same, other = OmegaConf.create({"editor": {"layers": [9]}}), OmegaConf.create({"editor": {"layers": [3]}})
+    assert RunDirectory(tmp_path / "none", make=False).held_run(same) is None
+    assert not (tmp_path / "none").exists()
+    run = RunDirectory(tmp_path / "run")
+    run.claim(same)
+    assert run.held_run(other) is None  # finished nothing: a claim replaces its config
+    (tmp_path / "run" / DELTA_CHECKPOINT).mkdir()
+    (tmp_path / "run" / DELTA_CHECKPOINT / "000000.pt").write_bytes(b"")
+    held = run.held_run(other)
+    assert isinstance(held, HeldRun) and held.only_deltas and len(held.differences) == 1
+    assert held.differences[0].startswith("editor")
+    run.append({"case_id": 0})
+    assert run.held_run(same) is None
+    assert run.held_run(other).only_deltas is False
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").editor.layers == [9]
+
+
 def test_a_delta_checkpoint_folder_without_a_chunk_keeps_no_delta(tmp_path):
     """What a kill while the first chunk was written leaves (its temporary file) holds no δ to read back: the run
     takes other settings, as one that kept nothing."""
