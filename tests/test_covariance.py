@@ -761,6 +761,20 @@ def test_a_rome_npz_folder_without_files_of_the_sample_count_is_refused_when_the
     assert statistics(folder, 40).description() == {"kind": "rome_npz", "dir": str(folder), "n": 40}
 
 
+def test_a_rome_npz_folder_under_the_home_folder_is_read_as_it_is_checked(tmp_path, tokenizer, monkeypatch):
+    """model.stats.npz_dir=~/...: the check at set-up expanded `~`, the reads did not, so a run that passed the check
+    stopped at the first edit, after the unedited model was scored, on a file "~/npz/..." that does not exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = make_model("gpt2")
+    (tmp_path / "npz").mkdir()
+    np.savez(tmp_path / "npz" / "transformer.h.1.mlp.c_proj_float32_mom2_40.npz",
+             **{"mom2.mom2": 4 * np.eye(2), "mom2.count": np.array(2)})
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None,
+                                   sample_length=64, batch_tokens=256, cache_dir=tmp_path / "cache",
+                                   npz_dir="~/npz", npz_samples=40)
+    torch.testing.assert_close(stats.take([1])[1], 2 * torch.eye(2, dtype=torch.float64))
+
+
 class _KillableStatistics:
     """Statistics of one tiny llama over a corpus that stops with a KeyboardInterrupt at text `kill_after` (None:
     never), checkpointing after every batch."""

@@ -322,7 +322,9 @@ class SecondMomentStatistics:
     def _source(self, layer: int) -> Path:
         """Where a layer's C is read from: ROME's .npz file, or the cache (where a corpus pass writes it)."""
         if self.npz_dir:
-            return Path(self.npz_dir) / f"{self.adapter.mlp_down.format(layer)}_float32_mom2_{self.npz_samples}.npz"
+            # `~` expanded, as `check_rome_npz_dir` expands it
+            folder = Path(self.npz_dir).expanduser()
+            return folder / f"{self.adapter.mlp_down.format(layer)}_float32_mom2_{self.npz_samples}.npz"
         return self._cache_file(layer)
 
     def _pass_lock(self) -> Path:
