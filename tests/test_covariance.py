@@ -775,6 +775,20 @@ def test_a_rome_npz_folder_under_the_home_folder_is_read_as_it_is_checked(tmp_pa
     torch.testing.assert_close(stats.take([1])[1], 2 * torch.eye(2, dtype=torch.float64))
 
 
+def test_the_files_a_rome_npz_error_names_are_of_the_module_and_the_counts_in_order(tmp_path, tokenizer):
+    """A missing layer's file is named beside that module's files only (another layer's would not do), and a folder
+    without the sample count lists the counts it has in increasing order."""
+    for layer, n in ((1, 9), (2, 9), (2, 2)):
+        np.savez(tmp_path / f"transformer.h.{layer}.mlp.c_proj_float32_mom2_{n}.npz", **{"mom2.mom2": np.eye(2)})
+    with pytest.raises(MissingInputError) as missing:
+        load_rome_npz(tmp_path / "transformer.h.1.mlp.c_proj_float32_mom2_2.npz")
+    assert "; the folder holds transformer.h.1.mlp.c_proj_float32_mom2_9.npz: set" in str(missing.value)
+    model = make_model("gpt2")
+    with pytest.raises(MissingInputError, match=r"its files are of <n> = 2, 9: set model\.stats\.n_samples to one"):
+        SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None, sample_length=64,
+                               batch_tokens=256, cache_dir=tmp_path / "cache", npz_dir=str(tmp_path), npz_samples=5)
+
+
 class _KillableStatistics:
     """Statistics of one tiny llama over a corpus that stops with a KeyboardInterrupt at text `kill_after` (None:
     never), checkpointing after every batch."""
