@@ -1095,6 +1095,15 @@ def test_a_case_s_second_row_is_named_as_damage_not_counted_twice(tmp_path):
     assert done.exit_code == 2 and re.match("error: " + message, done.output), done.output
 
 
+def test_a_blank_line_between_rows_is_no_row_and_no_damage(tmp_path):
+    """A blank line before the last (an editor's, say) is skipped: neither damage nor a case."""
+    from sadr.results import RunDirectory
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "cases.jsonl").write_text('{"case_id": 0}\n\n  \n{"case_id": 1}\n')
+    assert [row["case_id"] for row in RunDirectory(tmp_path / "run").rows()] == [0, 1]
+
+
 def test_a_config_yaml_that_is_gone_is_not_called_damaged(tmp_path):
     """Damage is in a file's content; a file that is not there (or cannot be opened) is the OS's error, as it is."""
     from sadr.results import read_config
