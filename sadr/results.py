@@ -65,18 +65,22 @@ def _identity(cfg: DictConfig) -> dict:
 _ABSENT = object()
 
 
-def config_differences(run: dict, now: dict, prefix: str = "") -> list[str]:
-    """Each setting whose value differs between a run's config and the one given now, as its dotted key and the two
-    values written as an override takes them: "dataset.limit (1 in the run, 2 now)",
-    "eval.metrics ([efficacy,relation] in the run, [efficacy] now)"."""
-    differences = []
+def _differing(run: dict, now: dict, prefix: str = "") -> Iterator[tuple[str, object, object]]:
+    """(dotted key, value in the run, value now) of each setting whose value differs, in key order."""
     for key in sorted(set(run) | set(now), key=str):
         before, after = run.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(before, dict) and isinstance(after, dict):
-            differences += config_differences(before, after, f"{prefix}{key}.")
+            yield from _differing(before, after, f"{prefix}{key}.")
         elif before != after:
-            differences.append(f"{prefix}{key} ({_as_override(before)} in the run, {_as_override(after)} now)")
-    return differences
+            yield f"{prefix}{key}", before, after
+
+
+def config_differences(run: dict, now: dict) -> list[str]:
+    """Each setting whose value differs between a run's config and the one given now, as its dotted key and the two
+    values written as an override takes them: "dataset.limit (1 in the run, 2 now)",
+    "eval.metrics ([efficacy,relation] in the run, [efficacy] now)"."""
+    return [f"{key} ({_as_override(before)} in the run, {_as_override(after)} now)"
+            for key, before, after in _differing(run, now)]
 
 
 def _as_override(value, width: int = 400) -> str:
@@ -152,9 +156,10 @@ def _last_line_start(f, end: int) -> int:
 
 
 class HeldRun(NamedTuple):
-    """The run a folder holds under other settings: each setting that differs (`config_differences`), and whether
-    all it holds are kept δs, which may be given up."""
+    """The run a folder holds under other settings: each setting that differs (`config_differences`) and its dotted
+    key, and whether all it holds are kept δs, which may be given up."""
     differences: list[str]
+    keys: list[str]
     only_deltas: bool
 
 
@@ -203,7 +208,8 @@ class RunDirectory:
         edit with δs optimised under other settings."""
         rows, checkpointed = self.count(), self.checkpointed()
         if rows or checkpointed or self.deltas_kept():
-            return HeldRun(config_differences(recorded, identity), only_deltas=not (rows or checkpointed))
+            keys = [key for key, _, _ in _differing(recorded, identity)]
+            return HeldRun(config_differences(recorded, identity), keys, only_deltas=not (rows or checkpointed))
         return None
 
     def write_environment(self, extra: dict) -> None:

@@ -504,7 +504,7 @@ def test_held_run_names_only_a_run_that_a_claim_would_refuse_and_writes_nothing(
     (tmp_path / "run" / DELTA_CHECKPOINT / "000000.pt").write_bytes(b"")
     held = run.held_run(other)
     assert isinstance(held, HeldRun) and held.only_deltas and len(held.differences) == 1
-    assert held.differences[0].startswith("editor")
+    assert held.differences == ["editor.layers ([9] in the run, [3] now)"] and held.keys == ["editor.layers"]
     run.append({"case_id": 0})
     assert run.held_run(same) is None
     assert run.held_run(other).only_deltas is False

@@ -137,6 +137,11 @@ def sweep_not_enumerable(config) -> str | None:
     return None
 
 
+def _within(path: str, key: str) -> bool:
+    """Whether the dotted `path` is `key` or a setting inside it (`model.name` is within `model`)."""
+    return path == key or path.startswith(f"{key}.")
+
+
 def folder_varied_by_the_sweep(config) -> str | None:
     """What is wrong when the sweep folder's pattern refers to a key the sweep varies, or None."""
     pattern = OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]
@@ -145,7 +150,7 @@ def folder_varied_by_the_sweep(config) -> str | None:
     for key, override in sweep_overrides(config).items():
         if not override.is_sweep_override():
             continue
-        names = [path for path in referred if path == key or path.startswith(f"{key}.") or key.startswith(f"{path}.")]
+        names = [path for path in referred if _within(path, key) or _within(key, path)]
         if names or (key == FOLDER_SETTING_GROUP and not folder_given):
             named_after = f"named after {', '.join(sorted(names))}" if names else f"set by each {key}"
             # an experiment's own sweep (hydra.sweeper.params) would not run in a sweep of experiments either
@@ -239,8 +244,7 @@ def _check_run_folder(job_config, job_folder: str, swept: list[str]) -> None:
     with read_write(task), open_dict(task):
         del task["hydra"]
     held = run.held_run(task)
-    if held and any(difference.split(" (", 1)[0] == key or difference.startswith(f"{key}.")
-                    for difference in held.differences for key in swept):
+    if held and any(_within(differing, key) for differing in held.keys for key in swept):
         pattern = OmegaConf.to_container(job_config.hydra.sweep, resolve=False)["subdir"]
         raise ConfigError(f"its folder, {run.path}, holds a run of other settings (differs in: "
                           f"{'; '.join(held.differences)}), which the job would refuse only when it starts, after "
