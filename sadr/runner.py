@@ -22,14 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sadr.cache import JSON, TORCH, cached, writable_dir, write_atomically
 from sadr.conf.registry import validate_layers
-from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus
+from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus, text_file
 from sadr.data.lengths import EDIT_PROMPT, GENERATION_PROMPTS, check_prompt_lengths, generated_after_prompt
 from sadr.data.load import load_cases
 from sadr.data.records import EditCase
 from sadr.data.registry import FORMATS
 from sadr.editors.base import Editor, EditOutcome
 from sadr.editors.context_templates import context_templates
-from sadr.editors.covariance import SecondMomentStatistics
+from sadr.editors.covariance import SecondMomentStatistics, check_rome_npz_dir
 from sadr.editors.delta_checkpoint import discard_deltas, resumable_deltas
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices
@@ -73,6 +73,15 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
         npz_dir=stats.npz_dir, npz_samples=stats.n_samples, product_dtype=getattr(torch, stats.product_dtype.name),
         factor_dtype=getattr(torch, stats.factor_dtype.name), factors_on_host=stats.factor_device.name == "cpu",
     )
+
+
+def check_statistics_inputs(stats: DictConfig) -> None:
+    """The files the key statistics are read from (model.stats.npz_dir, model.stats.text_file), before the model
+    loads (minutes at paper scale). Each edited layer's own ROME file is checked once the model names its module."""
+    if stats.npz_dir:
+        check_rome_npz_dir(stats.npz_dir, stats.n_samples)
+    if stats.corpus.name == "file":
+        text_file(stats.text_file)
 
 
 def editor_templates(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> list[str]:
@@ -155,6 +164,7 @@ class Experiment:
             raise InvalidSettingError(f"no case to run: {self.dataset.why_empty()}")
         self.evaluators = build_evaluators(cfg)  # before the model too: a misspelt eval.metrics fails in seconds
         check_metrics_apply(resolve_metrics(list(cfg.eval.metrics)), self.dataset.cases, cfg.dataset.name)
+        check_statistics_inputs(cfg.model.stats)
         self.loaded, self.fingerprint = load_model_kept(
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
@@ -169,6 +179,7 @@ class Experiment:
         self.computed_by = computation_fingerprint(self.fingerprint, self.tf32, self.loaded.device.type)
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
+        self.statistics.check_files(list(cfg.editor.layers))
         self.environment = {
             "device": str(self.loaded.device),
             "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sadr.data.load import load_cases
@@ -141,3 +143,22 @@ def test_a_selection_that_leaves_cases_out_is_logged_and_a_file_under_the_defaul
         load_cases(config("offline_counterfact", counterfact, case_ids=[100]), tmp_path)
     assert [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records] == [
         ("INFO", "dataset=counterfact"), ("INFO", "dataset=offline_counterfact")]
+
+
+@pytest.mark.parametrize("case_ids", [[1, 1], [3, 7, "7"]])
+def test_a_case_id_listed_twice_is_refused_before_the_file_is_read(case_ids, tmp_path):
+    """The file does not exist: the selection fails first, naming the repeated id."""
+    repeated = str(case_ids[-1])
+    with pytest.raises(ValueError, match=rf"dataset.case_ids lists {repeated} more than once"):
+        load_cases(config("zsre", tmp_path / "absent.json", case_ids=case_ids), tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [("dataset.shard=3/2", "dataset.shard='3/2' is not valid"),
+                                               ("dataset.case_ids=[4,4]", "dataset.case_ids lists 4 more than once"),
+                                               ("dataset.limit=-1", "dataset.limit=-1 is not valid")])
+def test_a_bad_selection_is_refused_with_the_config(override, message):
+    """Checked where the config is composed, so a sweep with one bad selection starts none of its jobs."""
+    from sadr.conf.registry import compose_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compose_config([override])

@@ -196,6 +196,16 @@ def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     assert resolve_device("cuda:0", tmp_path) == torch.device("cuda", 0)
 
 
+def test_a_device_this_machine_lacks_fails_before_the_model_is_fetched_or_unpacked(monkeypatch, tmp_path):
+    """A hub model's download or a GGUF file's unpacking (minutes at paper scale) came first, then the device error."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    fetched = []
+    monkeypatch.setattr(loading, "_from_pretrained_args", lambda *args: fetched.append(args))
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_model("EleutherAI/gpt-j-6b", cache_dir=str(tmp_path), device="cuda")
+    assert fetched == []
+
+
 def test_mps_requested_without_mps_is_a_clear_error(monkeypatch, tmp_path):
     """It was torch's RuntimeError, with Hydra's traceback hint, once the model was moved there."""
     monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)

@@ -119,10 +119,15 @@ def test_cli_prints_the_table_and_writes_csv(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no cases.jsonl" in bad.stderr
+    in_new_folder = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(other), "--out",
+                                    str(tmp_path / "new" / "folder" / "c.csv")], capture_output=True, text=True)
+    assert in_new_folder.returncode == 0, in_new_folder.stderr  # made, as summarize --out and report --out make theirs
+    assert (tmp_path / "new" / "folder" / "c.csv").read_text() == (tmp_path / "c.csv").read_text()
+    (tmp_path / "a-file").write_text("")
     unwritable = subprocess.run([sys.executable, "-m", "sadr.cli.main", "compare", str(base), str(other), "--out",
-                                 str(tmp_path / "no-such-folder" / "c.csv")], capture_output=True, text=True)
+                                 str(tmp_path / "a-file" / "c.csv")], capture_output=True, text=True)
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr, unwritable.stderr
-    assert unwritable.stderr.startswith("error: ") and "no-such-folder" in unwritable.stderr
+    assert unwritable.stderr.startswith("error: ") and "a-file" in unwritable.stderr
     assert unwritable.stdout == ""  # the error line alone, no table above it
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -1225,3 +1226,32 @@ def test_an_edit_reaches_its_target_with_a_sentencepiece_tokenizer(editor, extra
             for state in ("unedited", "edited")}
     assert row["edited"]["efficacy"]["value"] == [1.0]
     assert odds["edited"] > 2.5 * odds["unedited"], odds
+
+
+def test_a_missing_statistics_file_or_folder_fails_before_the_model_loads(tiny_dir, tmp_path):
+    """model.stats.text_file and model.stats.npz_dir are checked before the model (minutes at paper scale): the
+    setting is named, not the folder that holds no model, which only loading finds."""
+    (tmp_path / "no_model").mkdir()
+    no_model = f"model.source={tmp_path / 'no_model'}"
+    with pytest.raises(FileNotFoundError, match=r"^statistics text file .*absent\.txt does not exist"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "a", no_model,
+                                               f"model.stats.text_file={tmp_path / 'absent.txt'}")))
+    with pytest.raises(FileNotFoundError, match=r"^model\.stats\.npz_dir=.*absent is not a folder"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "b", no_model,
+                                               f"model.stats.npz_dir={tmp_path / 'absent'}")))
+
+
+def test_an_edited_layer_without_its_rome_file_fails_before_the_unedited_model_is_scored(tiny_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A folder holding layer 1's file of the sample count but not layer 2's passed the folder check, scored the
+    unedited model, then stopped when MEMIT first read layer 2's C."""
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    np.savez(folder / "model.layers.1.mlp.down_proj_float32_mom2_40.npz",
+             **{"mom2.mom2": np.eye(4), "mom2.count": np.array(1)})
+    monkeypatch.setattr("sadr.runner.unedited_results",
+                        lambda *args, **kwargs: pytest.fail("scored the unedited model"))
+    with pytest.raises(FileNotFoundError, match=r"^ROME statistics file .*/model\.layers\.2\.mlp\.down_proj_float32_"
+                                                r"mom2_40\.npz does not exist"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor=memit", "editor.layers=[1,2]",
+                                               f"model.stats.npz_dir={folder}", "model.stats.n_samples=40")))

@@ -54,7 +54,7 @@ def summarize(
 def compare(
     base: Path = typer.Argument(..., metavar="BASE", help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
     other: Path = typer.Argument(..., metavar="OTHER", help="run directory of the variant, on the same records (e.g. with SADR)"),
-    out: Path = typer.Option(None, help="also write the table to this CSV file"),
+    out: Path = typer.Option(None, help="also write the table to this CSV file (its folder is made if missing)"),
     protocol: str = typer.Option("prompt", help="pair prompts, or each case's mean over its prompts (case)"),
 ) -> None:
     """Prompt-by-prompt (or case-by-case) comparison of two runs: paired difference ± 95 % CI, observations up/down,
@@ -65,11 +65,17 @@ def compare(
     table = _or_usage_error(lambda: compare_runs(base, other, protocol))
     title = _or_usage_error(lambda: pair_title(base, other, protocol))
     if out:  # before the table is printed, so that a path it cannot write ends the output with the error alone
-        _or_usage_error(lambda: table.to_csv(out, index=False))
+        _or_usage_error(lambda: _write_csv(table, out))
     typer.echo(title)
     typer.echo(markdown_table(table, floatfmt=".3g"))
     if out:
         typer.echo(f"wrote {out}")
+
+
+def _write_csv(table, out: Path) -> None:
+    """`table` as CSV at `out`, making its folder where it is missing, as `summarize --out` and `report --out` do."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
 
 
 @app.command()

@@ -288,6 +288,9 @@ def validate(cfg: DictConfig) -> None:
     from sadr.evaluation.probes import resolve_metrics
 
     resolve_metrics(list(cfg.eval.metrics))  # a misspelt name, before a sweep's jobs start or a run claims its folder
+    from sadr.data.selection import Selection
+
+    Selection.from_config(cfg.dataset)  # a bad dataset.limit, shard or case_ids, before a sweep's jobs start, too
     if not DEVICE.fullmatch(cfg.device):
         raise ConfigError(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N (N a GPU's index) or mps")
     if OmegaConf.is_missing(cfg.model, "source"):

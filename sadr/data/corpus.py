@@ -69,12 +69,18 @@ def hub_corpus(dataset: str, config: str | None, split: str, n_samples: int, sam
     return Corpus(description, texts)
 
 
-def file_corpus(path: str | None, n_samples: int) -> Corpus:
+def text_file(path: str | None) -> Path:
+    """model.stats.text_file, which must name an existing file where model.stats.corpus=file."""
     if not path:
         raise CorpusUnavailableError("model.stats.corpus=file needs model.stats.text_file=PATH")
     file = Path(path).expanduser()
     if not file.is_file():
         raise MissingInputError(f"statistics text file {file} does not exist (model.stats.text_file)")
+    return file
+
+
+def file_corpus(path: str | None, n_samples: int) -> Corpus:
+    file = text_file(path)
     stat = file.stat()
 
     def texts() -> Iterator[str]:

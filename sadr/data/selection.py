@@ -29,6 +29,8 @@ class Selection:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise InvalidSettingError(f"dataset.limit={limit!r} is not valid: expected a non-negative integer or null.")
         case_ids = tuple(cfg.case_ids) if cfg.case_ids is not None else None
+        if case_ids is not None:
+            _check_listed_once(case_ids)
         return cls(case_ids, parse_shard(cfg.shard) if cfg.shard is not None else None, limit)
 
     def apply(self, cases: Sequence[EditCase]) -> tuple[list[EditCase], dict]:
@@ -61,6 +63,19 @@ def parse_shard(value: str) -> tuple[int, int]:
             f"dataset.shard={value!r} is not valid: expected 'i/n' with 1 <= i <= n, e.g. dataset.shard=1/8."
         )
     return i, n
+
+
+def _check_listed_once(case_ids: tuple[Any, ...]) -> None:
+    """Each id once: a run edits a case once, so an id listed twice (or as 7 and "7") would silently run fewer cases
+    than listed."""
+    seen: dict[str, int] = {}
+    for case_id in case_ids:
+        seen[str(case_id)] = seen.get(str(case_id), 0) + 1
+    repeated = [key for key, count in seen.items() if count > 1]
+    if repeated:
+        raise InvalidSettingError(
+            f"dataset.case_ids lists {', '.join(repeated)} more than once (ids match by their string form, so 7 and "
+            "\"7\" are the same case); a run edits each case once, so list each id once.")
 
 
 def _by_ids(cases: list[EditCase], wanted: tuple[Any, ...]) -> list[EditCase]:

@@ -33,9 +33,8 @@ from sadr.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def load_rome_npz(path: str | Path) -> torch.Tensor:
-    """C from a ROME statistics file: mom2.mom2 / mom2.count, as float64."""
-    path = Path(path)
+def check_rome_npz_file(path: Path) -> None:
+    """A one-line error where one module's ROME statistics file is missing, naming that module's other files."""
     if not path.is_file():
         module = path.name.rsplit("_float32_mom2_", 1)[0]
         others = sorted(p.name for p in path.parent.glob(f"{module}_float32_mom2_*.npz"))
@@ -45,6 +44,12 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
             f"model.stats.npz_dir, <n> being model.stats.n_samples{found} (or unset model.stats.npz_dir to compute the "
             "statistics)"
         )
+
+
+def load_rome_npz(path: str | Path) -> torch.Tensor:
+    """C from a ROME statistics file: mom2.mom2 / mom2.count, as float64."""
+    path = Path(path)
+    check_rome_npz_file(path)
     with np.load(path) as data:
         missing = {"mom2.mom2", "mom2.count"} - set(data.files)
         if missing:
@@ -55,7 +60,8 @@ def load_rome_npz(path: str | Path) -> torch.Tensor:
 def check_rome_npz_dir(folder: str | Path, n_samples: int | None) -> None:
     """A one-line error where `folder` (model.stats.npz_dir) is no folder, or holds no ROME statistics file of
     `n_samples` texts: checked when the run starts, not when the editor first reads C, after the unedited model is
-    scored (minutes on a paper-scale dataset). A layer's own file is checked when it is read (`load_rome_npz`)."""
+    scored (minutes on a paper-scale dataset). Each edited layer's own file is checked once the model has loaded
+    (`SecondMomentStatistics.check_files`)."""
     folder = Path(folder).expanduser()
     unset = "or unset model.stats.npz_dir to compute the statistics"
     if not folder.is_dir():
@@ -307,6 +313,13 @@ class SecondMomentStatistics:
         self.product_dtype, self.factor_dtype, self.factors_on_host = product_dtype, factor_dtype, factors_on_host
         self._memory: dict[int, torch.Tensor] = {}
         self._factors: dict[int, FactorizedMoment] = {}
+
+    def check_files(self, layers: list[int]) -> None:
+        """Where C is read from ROME's files (model.stats.npz_dir): each of `layers`' file exists. The runner checks
+        the edited layers when the run starts, not when the editor first reads C, after the unedited model is scored."""
+        if self.npz_dir:
+            for layer in layers:
+                check_rome_npz_file(self._source(layer))
 
     def description(self) -> dict:
         if self.npz_dir:

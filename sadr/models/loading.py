@@ -117,10 +117,11 @@ def _load_tokenizer(location: str, extra: dict):
 def load_model(source: str, *, cache_dir: str, gguf_file: str | None = None, revision: str | None = None,
                family: str | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
     """`cache_dir`: where the embedded model's file is fetched, a GGUF file unpacked, and GPUs assigned to jobs."""
+    # before a download or a GGUF unpacking: a device this machine lacks fails at once
+    target = torch.device(resolve_device(device, Path(cache_dir) / "gpus"))
     location, resolved = _from_pretrained_args(source, gguf_file, revision, dtype, cache_dir)
     extra = {"revision": revision} if revision else {}
     log.info("loading model %s %s", location, extra)
-    target = torch.device(resolve_device(device, Path(cache_dir) / "gpus"))
     placement = {}
     if target.type == "cuda":  # straight onto the GPU: a 20B model never passes through host memory whole
         placement = {"device_map": {"": target.index if target.index is not None else torch.cuda.current_device()}}
