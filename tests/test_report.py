@@ -341,6 +341,27 @@ def test_the_report_counts_the_plots_it_drew_not_those_an_earlier_report_left(sw
     assert f" and {drawn} plots (PNG and SVG" in done.output, done.output
 
 
+def test_a_report_removes_the_files_of_the_previous_report_it_does_not_write_again(sweep, tmp_path):
+    """The sweep's report, then one of its γ = 0 run alone in the same folder: MEMIT's plots and tables and paired.csv
+    would pass for the new report's; they go, and a file the report did not write stays."""
+    (tmp_path / "notes.txt").write_text("mine")
+    write_report(sweep, tmp_path)
+    before = {path.name for path in tmp_path.iterdir()}
+    assert {"bars_memit.png", "bars_memit.svg", "bars_memit.csv", "drift_memit_0.01.csv", "paired.csv"} <= before
+    listed = (tmp_path / "report_files.txt").read_text().splitlines()
+    assert listed == sorted(before - {"notes.txt", "report_files.txt"})
+    done = CliRunner().invoke(app, ["report", str(sweep / "0"), "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    after = {path.name for path in tmp_path.iterdir()}
+    assert not {name for name in after if "memit" in name or "0.01" in name} and "paired.csv" not in after
+    assert "notes.txt" in after and "bars_rome.png" in after
+    listed = (tmp_path / "report_files.txt").read_text().splitlines()
+    assert listed == sorted(after - {"notes.txt", "report_files.txt"})
+    removed = len(before - after)
+    assert done.output.rstrip().endswith(f"; removed the {removed} file(s) of the previous report that this one does "
+                                         "not have"), done.output
+
+
 def test_cli_reports_a_single_run(sweep, tmp_path):
     done = CliRunner().invoke(app, ["report", str(sweep / "0"), "--out", str(tmp_path)])
     assert done.exit_code == 0, done.output
