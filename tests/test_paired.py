@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -515,3 +516,14 @@ def test_summary_reports_each_protocols_own_mean_and_names_the_unedited_editor_n
         assert table.loc["unedited", "NS"] == pytest.approx(100.0), protocol
         assert table.loc["unedited", "editor.name"] == "none" and table.loc["edited", "editor.name"] == "rome"
         assert table.loc["edited", "n_cases"] == 2  # records, not the 6 prompts
+
+
+@pytest.mark.parametrize("command", ["summarize", "compare"])
+def test_an_unknown_protocol_is_refused_with_the_choices_before_any_run_is_read(command, tmp_path):
+    """summarize refused it in a message of its own and compare in another; both now name the two choices, which
+    their --help lists too."""
+    folders = [str(tmp_path / "a")] * (2 if command == "compare" else 1)  # folders that hold no run
+    done = CliRunner().invoke(app, [command, *folders, "--protocol", "cases"])
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", done.output).split())  # typer's box wraps the message
+    assert done.exit_code == 2 and "'cases' is not one of 'prompt', 'case'" in said, done.output
+    assert "<prompt|case>" in CliRunner().invoke(app, [command, "--help"]).output

@@ -1,6 +1,7 @@
 """`sadr`: everything that is not a run: tables, paired comparisons and reports from finished runs."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -15,6 +16,13 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     help="Tables and utilities for sadr-run results.",
 )
+
+
+class Protocol(str, Enum):
+    """How prompts are pooled: each prompt an observation (SADR's Table 3), or each case's mean (ROME/MEMIT papers)."""
+
+    prompt = "prompt"
+    case = "case"
 
 
 @app.callback()
@@ -35,7 +43,7 @@ def _or_usage_error(action: Callable[[], T]) -> T:
 @app.command()
 def summarize(
     root: Path = typer.Argument(..., metavar="ROOT", help="a run directory, or a multirun directory holding many runs"),
-    protocol: str = typer.Option("prompt", help="prompt (SADR Table 3) or case (ROME/MEMIT papers)"),
+    protocol: Protocol = typer.Option(Protocol.prompt, help="prompt (SADR Table 3) or case (ROME/MEMIT papers)"),
     out: Path = typer.Option(None, help="where to write summary.* and paired.* (default: ROOT)"),
 ) -> None:
     """One comparison table (CSV and Markdown) of every run under ROOT, swept keys as columns.
@@ -45,9 +53,7 @@ def summarize(
     """
     from sadr.evaluation.summary import write_summary
 
-    if protocol not in ("prompt", "case"):
-        raise typer.BadParameter(f"--protocol must be 'prompt' or 'case', not {protocol!r}")
-    typer.echo(_or_usage_error(lambda: write_summary(root, protocol, out)))
+    typer.echo(_or_usage_error(lambda: write_summary(root, protocol.value, out)))
 
 
 @app.command()
@@ -55,15 +61,16 @@ def compare(
     base: Path = typer.Argument(..., metavar="BASE", help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
     other: Path = typer.Argument(..., metavar="OTHER", help="run directory of the variant, on the same records (e.g. with SADR)"),
     out: Path = typer.Option(None, help="also write the table to this CSV file (its folder is made if missing)"),
-    protocol: str = typer.Option("prompt", help="pair prompts, or each case's mean over its prompts (case)"),
+    protocol: Protocol = typer.Option(Protocol.prompt,
+                                      help="pair prompts, or each case's mean over its prompts (case)"),
 ) -> None:
     """Prompt-by-prompt (or case-by-case) comparison of two runs: paired difference ± 95 % CI, observations up/down,
     sign test."""
     from sadr.evaluation.paired import compare_runs
     from sadr.evaluation.summary import markdown_table, pair_title
 
-    table = _or_usage_error(lambda: compare_runs(base, other, protocol))
-    title = _or_usage_error(lambda: pair_title(base, other, protocol))
+    table = _or_usage_error(lambda: compare_runs(base, other, protocol.value))
+    title = _or_usage_error(lambda: pair_title(base, other, protocol.value))
     if out:  # before the table is printed, so that a path it cannot write ends the output with the error alone
         _or_usage_error(lambda: _write_csv(table, out))
     typer.echo(title)
