@@ -65,6 +65,8 @@ def test_sadr_run_says_what_to_do_for_a_pair_without_a_paper_or_sadr_repo_settin
     assert missing_pair_setting([*memit, "setup=sadr_repo"]) == repo
     assert missing_pair_setting(["setup=sadr_repo", *memit, "sadr=paper"]) == f"{paper}; and {repo}"
     assert "editor=rome on model=llama2-7b" in missing_pair_setting(["model=llama2-7b", "sadr=paper"])
+    for flags in (["--cfg", "job"], ["-c", "all", "--resolve"], ["--config-name=config"]):  # Hydra's own, not overrides
+        assert missing_pair_setting([*flags, *memit, "sadr=paper"]) == paper, flags
     assert missing_pair_setting(["setup=sadr_repo"]).startswith("setup=sadr_repo: no run of the SADR authors' code "
                                                                 "for editor=rome on model=smollm2-135m;")
     # llama3-8b has both files for memit, neither for alphaedit

@@ -198,7 +198,7 @@ def misspelt_override(overrides: list[str]) -> str | None:
     nodes = {"sadr": SadrConfig, "editor": EDITORS[editor].config if editor in EDITORS else None}
     for override in overrides:
         key, given, _ = override.partition("=")
-        if not given or key.startswith(("+", "~", "hydra.")) or "/" in key or key in groups:
+        if not given or key.startswith(("+", "~", "hydra.", "-")) or "/" in key or key in groups:  # -: Hydra's flags
             continue
         schema, parent = RunConfig, ""
         for name in key.split("."):
@@ -227,7 +227,8 @@ def missing_pair_setting(overrides: list[str]) -> str | None:
     """With `sadr=paper` or `setup=sadr_repo` for an (editor, model) that has no file of its settings, what to do
     instead; None otherwise (or where the command line does not compose without those choices: Hydra's own message
     stands). Hydra's message for it lists the pairs that have one."""
-    given = [override.lstrip("+") for override in overrides]
+    # the overrides alone: Hydra's flags (--cfg job, -m) compose nothing
+    given = [override.lstrip("+") for override in overrides if "=" in override and not override.startswith("-")]
     chosen = [entry for entry in PAIR_SETTINGS if entry[0] in given]
     if not chosen:
         return None
