@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import sadr.editors.registry as registry
 from sadr.conf.registry import ConfigError
 from sadr.editors.plugin import EditorPlugin, EditorServices
 from sadr.editors.registry import EDITORS
+from sadr.errors import UsageError
 from sadr.models.adapters import adapter_for
 from tests.editing import TEMPLATES, batch_requests, editor_config, statistics
 from tests.runs import composed
@@ -47,6 +49,8 @@ def test_the_editor_name_cannot_be_changed_behind_its_config():
 
 
 class _EntryPoint:
+    name, value = "extra", "extra_editor:EDITOR"
+
     def __init__(self, plugin):
         self.plugin = plugin
 
@@ -54,13 +58,37 @@ class _EntryPoint:
         return self.plugin
 
 
+@dataclass
+class _ExtraConfig(EDITORS["memit"].config):
+    name: str = "extra"
+
+
 def test_installed_distributions_add_editors_through_entry_points(monkeypatch):
-    extra = EditorPlugin("extra", EDITORS["memit"].config, EDITORS["memit"].editor, "a third-party editor")
+    extra = EditorPlugin("extra", _ExtraConfig, EDITORS["memit"].editor, "a third-party editor")
     monkeypatch.setattr(registry, "entry_points", lambda group: [_EntryPoint(extra)] if group == "sadr.editors" else [])
     found = registry.discover()
     assert found["extra"] is extra and set(found) == set(EDITORS) | {"extra"}
     monkeypatch.setattr(registry, "entry_points", lambda group: [_EntryPoint(EDITORS["rome"])])
-    with pytest.raises(ValueError, match="two editors are named 'rome'"):
+    with pytest.raises(UsageError, match=r"^two editors are named 'rome': sadr\.editors\.rome and the sadr\.editors "
+                                         r"entry point extra = extra_editor:EDITOR; rename the EditorPlugin"):
+        registry.discover()
+
+
+@dataclass
+class _NotAnEditorConfig:
+    name: str = "extra"
+
+
+@pytest.mark.parametrize(("config", "fix"), [
+    (_NotAnEditorConfig, r"is not a dataclass deriving from sadr\.conf\.schema\.EditorConfig; declare it as "),
+    (EDITORS["memit"].config, r"its config MemitConfig has name 'memit'; give it `name: str = 'extra'`"),
+])
+def test_an_installed_editors_config_of_another_kind_or_name_is_refused_with_the_fix(monkeypatch, config, fix):
+    """Hydra would reject the first only once editor=extra is composed, and take the second for a user's editor.name."""
+    extra = EditorPlugin("extra", config, EDITORS["memit"].editor, "a third-party editor")
+    monkeypatch.setattr(registry, "entry_points", lambda group: [_EntryPoint(extra)])
+    with pytest.raises(UsageError, match=r"^editor=extra \(the sadr\.editors entry point extra = extra_editor:EDITOR\):"
+                                         r" .*" + fix):
         registry.discover()
 
 
