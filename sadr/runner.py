@@ -40,7 +40,7 @@ from sadr.evaluation.probes import check_metrics_apply, resolve_metrics
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
 from sadr.models.devices import PhasePeaks, release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
-from sadr.models.fingerprint import cache_key, computation_fingerprint
+from sadr.models.fingerprint import cache_key, computation_fingerprint, model_fingerprint
 from sadr.models.kept import load_model_kept
 from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
@@ -290,11 +290,22 @@ class Experiment:
                         self._save_edited(group, self.out.path / EDITED_MODELS / "_".join(str(c.case_id) for c in group))
                 finally:
                     editor.load_state_dict(unedited_state)
+                if group is groups[0]:
+                    self._check_restored()
                 missing = [(case, result) for case, result in zip(group, edited) if str(case.case_id) in pending]
                 for case, result in missing:
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, len(group), memory))
                 discard_deltas(self.out.path / DELTA_CHECKPOINT)
                 progress.advance(len(missing))
+
+    def _check_restored(self) -> None:
+        """The unedited state the editor gave back restores the model: an editor whose `state_dict` holds no copy of a
+        weight its `apply` wrote would otherwise leave every later case edited on top of the earlier ones, silently."""
+        if model_fingerprint(self.loaded.model) != self.fingerprint:
+            raise RuntimeError(
+                f"editor={self.cfg.editor.name}: loading the state it gave before the first edit did not restore the "
+                "model's weights; its state_dict must return copies (.clone()) of every weight its apply writes "
+                "(Editor.layers names the down-projections the default state_dict copies)")
 
     def _parallel_single(self, editor: Editor, todo: list[EditCase], unedited: dict) -> None:
         """The single protocol, `editor.parallel_cases` cases at a time: each is edited alone into the unedited model,
@@ -327,6 +338,7 @@ class Experiment:
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, 1, memory))
                 progress.advance(len(group))
                 pending = pending[len(group):]
+        self._check_restored()
 
     def _side_by_side(self, editor: Editor, group: list[EditCase],
                       peaks: PhasePeaks) -> tuple[list[EditOutcome], list[dict], float] | None:
@@ -388,6 +400,7 @@ class Experiment:
             memory = peaks.fields()
         finally:
             editor.load_state_dict(unedited_state)
+        self._check_restored()
         for case, result in zip(todo, edited):
             # its batch's δ diagnostics, as a batch run's rows hold them
             outcome = EditOutcome(seconds=edit_seconds, diagnostics={**diagnostics.get(str(case.case_id), {}),
