@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import sadr.editors.registry as registry
 from sadr.conf.registry import ConfigError
+from sadr.editors.base import EditOutcome, Editor
 from sadr.editors.plugin import EditorPlugin, EditorServices
 from sadr.editors.registry import EDITORS
 from sadr.errors import UsageError
@@ -251,3 +252,19 @@ def test_paper_settings_are_stored_even_where_the_editor_ships_no_hparams_folder
     _store_settings_files(store, "extra", tmp_path)
     assert store.stored == {"sadr_hparams/paper/extra_gpt-j": (
         {"sadr": {"lambda": 0.25}, "editor": {"v_num_grad_steps": 11}}, "_global_")}
+
+
+def test_an_edit_that_writes_a_weight_it_does_not_report_is_refused_side_by_side(tokenizer, tmp_path, monkeypatch):
+    """Parallel cases are scored from EditOutcome.updates alone: an update left out would be scored as no edit."""
+    model = make_model("llama")
+    hparams = editor_config("rome", v_num_grad_steps=3, context_templates=[[10, 3]])
+    editor = EDITORS["rome"].build(model, adapter_for(model), tokenizer, hparams,
+                                   EditorServices(statistics(model, tokenizer, tmp_path), TEMPLATES))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    apply = type(editor).apply
+    monkeypatch.setattr(type(editor), "apply", lambda self, requests: EditOutcome(seconds=apply(self, requests).seconds))
+    monkeypatch.setattr(type(editor), "apply_each", Editor.apply_each)  # the default, through apply
+    with pytest.raises(RuntimeError, match=r"^RomeEditor wrote layer\(s\) \[1\] without reporting them in "
+                                           r"EditOutcome\.updates; editor\.parallel_cases"):
+        editor.apply_each(batch_requests(2))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored all the same

@@ -75,6 +75,7 @@ class Editor(ABC):
         for index, request in enumerate(requests):
             try:
                 written = edit_one(index, request)
+                self._check_reported(written, state)
             finally:
                 self.load_state_dict(state)
             seconds = dict(written.seconds)
@@ -82,6 +83,16 @@ class Editor(ABC):
                 seconds[name] = seconds.get(name, 0.0) + value / len(requests)
             outcomes.append(EditOutcome(updates=written.updates, seconds=seconds, diagnostics=written.diagnostics))
         return outcomes
+
+    def _check_reported(self, outcome: EditOutcome, before: dict) -> None:
+        """Every layer whose weight the edit changed has its update in `outcome`: parallel cases are evaluated from the
+        updates alone, so one left out would be scored as unedited, silently."""
+        unreported = [layer for layer, weight in before.get("weights", {}).items() if layer not in outcome.updates
+                      and not torch.equal(self.adapter.down_weight(self.model, layer), weight)]
+        if unreported:
+            raise RuntimeError(f"{type(self).__name__} wrote layer(s) {unreported} without reporting them in "
+                               "EditOutcome.updates; editor.parallel_cases evaluates edits from those updates alone, "
+                               "so apply must report every ΔW it writes (as a LowRankUpdate)")
 
     def state_dict(self) -> dict:
         """Copies of everything an edit changes."""
