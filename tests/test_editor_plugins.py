@@ -186,6 +186,14 @@ def test_an_installed_editors_misnamed_settings_file_is_named_with_the_fix(tmp_p
     assert "expected a name extra_<model>.yaml, <model> one of gpt-j, gpt-neox-20b," in done.stderr
 
 
+def test_sadr_paper_for_an_installed_editor_without_its_file_names_where_the_file_goes(tmp_path):
+    env = _install_extra_editor(tmp_path / "site", {"hparams/extra_smollm2-135m.yaml": EXTRA_HPARAMS})
+    done = _run(["-m", "sadr.cli.run", "editor=extra", "sadr=paper", f"output_dir={tmp_path / 'run'}"], env, tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].endswith(
+        f"as sadr_hparams/paper/extra_smollm2-135m.yaml (in {tmp_path / 'site' / 'extra_editor' / 'conf'})")
+
+
 class _Store:
     def __init__(self):
         self.stored = {}

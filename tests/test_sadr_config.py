@@ -56,7 +56,7 @@ def test_sadr_run_says_what_to_do_for_a_pair_without_a_paper_or_sadr_repo_settin
 
     paper = ("sadr=paper: no published SADR setting for editor=memit on model=llama2-7b; choose γ yourself with "
              "sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps), or add the setting, with its "
-             "source, as sadr_hparams/paper/memit_llama2-7b.yaml (in sadr/conf, or in an installed editor's config_dir)")
+             "source, as sadr_hparams/paper/memit_llama2-7b.yaml (in sadr/conf)")
     repo = ("setup=sadr_repo: no run of the SADR authors' code for editor=memit on model=llama2-7b; leave "
             "setup=sadr_repo out to take the published settings, or add the setting, with its source, as "
             "setup_hparams/sadr_repo/memit_llama2-7b.yaml (in sadr/conf)")

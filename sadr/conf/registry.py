@@ -213,13 +213,13 @@ def misspelt_override(overrides: list[str]) -> str | None:
 
 
 # a choice whose settings come from one file per (editor, model): (the choice, the choice without such a file, the
-# group of those files, what a missing file means, what to do instead, where the files may be)
+# group of those files, what a missing file means, what to do instead); the files are in sadr/conf, or for the groups
+# of SETTINGS_GROUPS in an installed editor's config_dir
 PAIR_SETTINGS = (
     ("sadr=paper", "sadr=default", "sadr_hparams/paper", "no published SADR setting",
-     "choose γ yourself with sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps)",
-     "in sadr/conf, or in an installed editor's config_dir"),
+     "choose γ yourself with sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps)"),
     ("setup=sadr_repo", "setup=published", "setup_hparams/sadr_repo", "no run of the SADR authors' code",
-     "leave setup=sadr_repo out to take the published settings", "in sadr/conf"),
+     "leave setup=sadr_repo out to take the published settings"),
 )
 
 
@@ -238,11 +238,15 @@ def missing_pair_setting(overrides: list[str]) -> str | None:
     except Exception:  # noqa: BLE001 - any other reason not to compose is Hydra's to report
         return None
     editor, model = (cfg.hydra.runtime.choices[name] for name in ("editor", "model"))
+    from sadr.editors.registry import EDITORS
+
+    config_dir = EDITORS[editor].config_dir
     with sadr_configs():
         options = GlobalHydra.instance().config_loader().get_group_options
         missing = [f"{choice}: {what} for editor={editor} on model={model}; {instead}, or add the setting, with its "
-                   f"source, as {group}/{editor}_{model}.yaml ({where})"
-                   for choice, _, group, what, instead, where in chosen if f"{editor}_{model}" not in options(group)]
+                   f"source, as {group}/{editor}_{model}.yaml "
+                   f"(in {config_dir if config_dir is not None and group in SETTINGS_GROUPS else 'sadr/conf'})"
+                   for choice, _, group, what, instead in chosen if f"{editor}_{model}" not in options(group)]
     return "; and ".join(missing) or None
 
 
