@@ -75,6 +75,18 @@ def test_installed_distributions_add_editors_through_entry_points(monkeypatch):
         registry.discover()
 
 
+def test_an_installed_editor_that_cannot_be_imported_is_named_with_the_fix(monkeypatch):
+    class Unimportable(_EntryPoint):
+        def load(self):
+            raise ModuleNotFoundError("No module named 'its_dependency'")
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [Unimportable(None)])
+    with pytest.raises(UsageError, match=r"^the sadr\.editors entry point extra = extra_editor:EDITOR cannot be "
+                                         r"imported \(ModuleNotFoundError: No module named 'its_dependency'\): "
+                                         r"install what it needs, or uninstall that distribution$"):
+        registry.discover()
+
+
 @dataclass
 class _NotAnEditorConfig:
     name: str = "extra"

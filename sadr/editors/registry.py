@@ -34,7 +34,12 @@ def _declared() -> list[tuple[str, EditorPlugin]]:
     for point in entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(point, "dist", None)
         origin = f"the {ENTRY_POINT_GROUP} entry point {point.name} = {point.value}"
-        plugins.append((origin + (f" of the distribution {dist.name}" if dist else ""), point.load()))
+        origin += f" of the distribution {dist.name}" if dist else ""
+        try:
+            plugins.append((origin, point.load()))
+        except ImportError as err:  # it stops every command, whichever editor it asks for
+            raise EditorDeclarationError(f"{origin} cannot be imported ({type(err).__name__}: {err}): install what "
+                                         "it needs, or uninstall that distribution") from err
     return plugins
 
 
