@@ -282,7 +282,8 @@ def test_an_edit_that_writes_a_weight_it_does_not_report_is_refused_side_by_side
                                    EditorServices(statistics(model, tokenizer, tmp_path), TEMPLATES))
     before = {key: value.clone() for key, value in model.state_dict().items()}
     apply = type(editor).apply
-    monkeypatch.setattr(type(editor), "apply", lambda self, requests: EditOutcome(seconds=apply(self, requests).seconds))
+    unreported = lambda self, requests: EditOutcome(seconds=apply(self, requests).seconds)  # noqa: E731
+    monkeypatch.setattr(type(editor), "apply", unreported)
     monkeypatch.setattr(type(editor), "apply_each", Editor.apply_each)  # the default, through apply
     with pytest.raises(RuntimeError, match=r"^RomeEditor wrote layer\(s\) \[1\] without reporting them in "
                                            r"EditOutcome\.updates; editor\.parallel_cases"):
