@@ -262,6 +262,15 @@ def test_the_comparison_sweep_launches_every_declared_editor_with_and_without_sa
     assert f"the first: editor={sorted([*EDITORS, 'extra'])[0]} sadr=default " in log
 
 
+def test_a_config_dir_that_is_not_a_folder_is_named_with_the_fix(tmp_path):
+    """What a wheel built without its YAML files as package data installs: the editor's settings, silently absent."""
+    from sadr.conf.registry import _store_settings_files
+
+    with pytest.raises(ConfigError, match=r"^editor=extra names the config_dir .*/conf, which is not a folder: ship "
+                                          r"its settings files with the package \(as package data\)"):
+        _store_settings_files(_Store(), "extra", tmp_path / "conf")
+
+
 def test_paper_settings_are_stored_even_where_the_editor_ships_no_hparams_folder(tmp_path):
     """Each group's folder is looked for on its own: a missing hparams/ does not hide sadr_hparams/paper/."""
     from sadr.conf.registry import _store_settings_files

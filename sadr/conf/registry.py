@@ -49,6 +49,9 @@ SETTINGS_GROUPS = {"hparams": "editor", "sadr_hparams/paper": "_global_"}
 def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversable) -> None:
     """An installed editor's `<editor>_<model>.yaml` files, as if they were in sadr/conf (Hydra finds both)."""
     models = sorted(file.name.removesuffix(".yaml") for file in (Path(__file__).parent / "model").glob("*.yaml"))
+    if not config_dir.is_dir():  # e.g. a wheel built without its YAML files as package data
+        raise ConfigError(f"editor={editor} names the config_dir {config_dir}, which is not a folder: ship its "
+                          "settings files with the package (as package data) or give the folder that holds them")
     for group, package in SETTINGS_GROUPS.items():
         folder = config_dir.joinpath(*group.split("/"))
         if not folder.is_dir():
