@@ -300,7 +300,8 @@ class Experiment:
 
     def _check_restored(self) -> None:
         """The unedited state the editor gave back restores the model: an editor whose `state_dict` holds no copy of a
-        weight its `apply` wrote would otherwise leave every later case edited on top of the earlier ones, silently."""
+        weight its `apply` wrote would otherwise leave every later case edited on top of the earlier ones, silently.
+        Checked once a run, after its first group, by the weights' content hash that loading computed."""
         if model_fingerprint(self.loaded.model) != self.fingerprint:
             raise RuntimeError(
                 f"editor={self.cfg.editor.name}: loading the state it gave before the first edit did not restore the "
@@ -334,11 +335,12 @@ class Experiment:
                 outcomes, edited, eval_seconds = done
                 peaks.end("evaluate")
                 memory = peaks.fields()
+                if len(pending) == len(todo):  # the first group: its rows are right only if each edit was undone
+                    self._check_restored()
                 for case, result, outcome in zip(group, edited, outcomes):
                     self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, 1, memory))
                 progress.advance(len(group))
                 pending = pending[len(group):]
-        self._check_restored()
 
     def _side_by_side(self, editor: Editor, group: list[EditCase],
                       peaks: PhasePeaks) -> tuple[list[EditOutcome], list[dict], float] | None:
@@ -400,13 +402,13 @@ class Experiment:
             memory = peaks.fields()
         finally:
             editor.load_state_dict(unedited_state)
-        self._check_restored()
         for case, result in zip(todo, edited):
             # its batch's δ diagnostics, as a batch run's rows hold them
             outcome = EditOutcome(seconds=edit_seconds, diagnostics={**diagnostics.get(str(case.case_id), {}),
                                                                      "n_edits_in_model": len(state["edited"])})
             self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds,
                                       self.cfg.editor.batch_size, memory))
+        self._check_restored()  # after the rows, which were scored on the model edited in sequence, as they should be
 
     def _finish(self) -> Path:
         cfg = self.cfg

@@ -189,15 +189,19 @@ def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_k
                                                                  {**second.diagnostics, "n_edits_in_model": 2}]
 
 
-@pytest.mark.parametrize("protocol", ["single", "sequential"])
+@pytest.mark.parametrize("protocol", ["single", "parallel", "sequential"])
 def test_an_editor_whose_state_does_not_restore_the_model_is_stopped_with_the_fix(protocol, tiny_dir, tmp_path,
                                                                                    monkeypatch):
-    """A plug-in's state_dict without copies: the cases after the first would be edited on top of it, silently."""
+    """A plug-in's state_dict without copies: the cases after the first would be edited on top of it, silently.
+    single and parallel stop after their first group, before its rows; sequential's rows, scored on the model edited
+    in sequence as they should be, are kept."""
     monkeypatch.setattr(RomeEditor, "state_dict", lambda editor: {"weights": {
         layer: editor.adapter.down_weight(editor.model, layer) for layer in editor.layers}})
-    experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"editor.protocol={protocol}")))
+    chosen = {"single": ["editor.parallel_cases=1"], "parallel": ["editor.parallel_cases=2", "dataset.limit=4"],
+              "sequential": ["editor.protocol=sequential"]}[protocol]
+    experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", *chosen)))
     with pytest.raises(RuntimeError, match=r"^editor=rome: loading the state it gave before the first edit did not "
                                            r"restore the model's weights; its state_dict must return copies"):
         experiment.run()
-    if protocol == "single":  # stopped after the first case, before a row or a second edit on top of it
-        assert not (tmp_path / "run" / "cases.jsonl").exists()
+    rows = tmp_path / "run" / "cases.jsonl"
+    assert len(written_rows(tmp_path / "run")) == 2 if protocol == "sequential" else not rows.exists()
