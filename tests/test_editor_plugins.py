@@ -298,3 +298,17 @@ def test_an_edit_that_writes_a_weight_it_does_not_report_is_refused_side_by_side
                                            r"EditOutcome\.updates; editor\.parallel_cases"):
         editor.apply_each(batch_requests(2))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored all the same
+
+
+def test_an_installed_editors_paper_file_that_sets_more_than_gamma_and_steps_is_refused(tmp_path):
+    """sadr=paper runs are paired with the γ = 0 runs of the same settings; a seed, or an editor key, in the file
+    would leave them unpaired or change what they compare. sadr/conf's own files are held to it by test_sadr_config."""
+    paper = EXTRA_PAPER + "seed: 5\n"
+    paper = paper.replace("  lambda: 0.25\n", "  lambda: 0.25\n  heads: all\n")
+    env = _install_extra_editor(tmp_path / "site", {"hparams/extra_smollm2-135m.yaml": EXTRA_HPARAMS,
+                                                    "sadr_hparams/paper/extra_smollm2-135m.yaml": paper})
+    done = _run(["-m", "sadr.cli.run", "--cfg", "job"], env, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.startswith("error: sadr_hparams/paper/extra_smollm2-135m.yaml of editor=extra (in ")
+    assert (" sets sadr.heads, seed: a sadr=paper file sets sadr.lambda and editor.v_num_grad_steps only"
+            in done.stderr), done.stderr

@@ -46,6 +46,23 @@ def register_configs() -> None:
 SETTINGS_GROUPS = {"hparams": "editor", "sadr_hparams/paper": "_global_"}
 
 
+# What a sadr=paper file may set: a γ > 0 run is paired with its γ = 0 run (sadr summarize, report) only where the
+# two differ in SADR settings and δ steps alone, so a file that set another key would leave the SADR arm unpaired, or
+# change what it compares.
+PAPER_KEYS = {"sadr": {"lambda"}, "editor": {"v_num_grad_steps"}}
+
+
+def _paper_keys_beyond(node: DictConfig) -> list[str]:
+    """The keys a sadr=paper file's `node` sets besides PAPER_KEYS."""
+    beyond = []
+    for top, value in node.items():
+        if top not in PAPER_KEYS or not isinstance(value, DictConfig):
+            beyond.append(str(top))
+        else:
+            beyond += [f"{top}.{key}" for key in value if key not in PAPER_KEYS[top]]
+    return beyond
+
+
 def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversable) -> None:
     """An installed editor's `<editor>_<model>.yaml` files, as if they were in sadr/conf (Hydra finds both)."""
     models = sorted(file.name.removesuffix(".yaml") for file in (Path(__file__).parent / "model").glob("*.yaml"))
@@ -78,6 +95,11 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
             if not isinstance(node, DictConfig):
                 raise ConfigError(f"{where} holds {type(node).__name__}; expected keys and values, as the files of "
                                   f"sadr/conf/{group} have")
+            beyond = _paper_keys_beyond(node) if group == "sadr_hparams/paper" else []
+            if beyond:
+                raise ConfigError(f"{where} sets {', '.join(beyond)}: a sadr=paper file sets sadr.lambda and "
+                                  "editor.v_num_grad_steps only (its runs are compared with the γ = 0 runs of the "
+                                  "same settings); put other settings in hparams/" + file.name)
             store.store(group=group, name=f"{editor}_{model}", node=node, package=package)
 
 
