@@ -46,6 +46,7 @@ from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
 from sadr.progress import Progress
 from sadr.regularizers.attention_drift import build_regularizers
+from sadr.regularizers.base import DeltaRegularizer
 from sadr.results import DELTA_CHECKPOINT, SEQUENTIAL_STATE, RunDirectory
 from sadr.versions import warn_if_untested
 
@@ -91,9 +92,10 @@ def editor_templates(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
                              style=cfg.editor.context_template_style.name)
 
 
-def build_editor(cfg: DictConfig, loaded: LoadedModel, statistics: SecondMomentStatistics, fingerprint: str) -> Editor:
-    """The editor `cfg` describes, with its templates, key statistics and SADR's regularizer when γ > 0."""
-    services = EditorServices(statistics, editor_templates(cfg, loaded, fingerprint), build_regularizers(cfg.sadr))
+def build_editor(cfg: DictConfig, loaded: LoadedModel, statistics: SecondMomentStatistics, fingerprint: str,
+                 regularizers: list[DeltaRegularizer]) -> Editor:
+    """The editor `cfg` describes, with its templates, key statistics and `regularizers` (SADR's when γ > 0)."""
+    services = EditorServices(statistics, editor_templates(cfg, loaded, fingerprint), regularizers)
     return EDITORS[cfg.editor.name].build(loaded.model, loaded.adapter, loaded.tokenizer, cfg.editor, services)
 
 
@@ -178,6 +180,7 @@ class Experiment:
         # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')
         self.computed_by = computation_fingerprint(self.fingerprint, self.tf32, self.loaded.device.type)
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
+        self.regularizers = build_regularizers(cfg.sadr)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
         self.statistics.check_files(list(cfg.editor.layers))
         self.environment = {
@@ -195,7 +198,17 @@ class Experiment:
         self.out.write_environment(self.environment)
 
     def _editor(self) -> Editor:
-        return build_editor(self.cfg, self.loaded, self.statistics, self.computed_by)
+        return build_editor(self.cfg, self.loaded, self.statistics, self.computed_by, self.regularizers)
+
+    def _check_sadr_applies(self) -> None:
+        """With γ > 0, SADR's term was attached to the δ-optimisation of an edit made afresh (not from δs a stopped
+        run kept): an editor that does not optimise δ with sadr's δ-optimisation (a plug-in that fine-tunes weights,
+        say) would otherwise give γ > 0 runs identical to γ = 0 ones, under SADR's name."""
+        if self.regularizers and not any(reg.attached for reg in self.regularizers):
+            raise InvalidSettingError(
+                f"sadr.lambda={self.cfg.sadr['lambda']} with editor={self.cfg.editor.name}: its edit did not run "
+                "sadr's δ-optimisation (sadr.editors.delta), to which SADR adds its term, so SADR would change "
+                "nothing; run this editor with sadr.lambda=0")
 
     def _evaluate(self, cases: list[EditCase]) -> tuple[list[dict], float]:
         start = time.perf_counter()
@@ -279,9 +292,12 @@ class Experiment:
         with Progress(len(todo), self.cfg.progress.bar) as progress:
             for group in groups:
                 peaks = PhasePeaks(self.loaded.device)
+                afresh = not (self.out.path / DELTA_CHECKPOINT).exists()  # no δ of a stopped run to read back
                 try:
                     with resumable_deltas(self.out.path / DELTA_CHECKPOINT, {"group": [c.case_id for c in group]}):
                         outcome = editor.apply([case.request for case in group])
+                    if afresh:
+                        self._check_sadr_applies()
                     peaks.end("edit")
                     edited, eval_seconds = self._evaluate(group)
                     peaks.end("evaluate")
@@ -348,6 +364,7 @@ class Experiment:
         memory (editing writes no weight and removes its hooks, so the model is as it was)."""
         try:
             outcomes = editor.apply_each([case.request for case in group])
+            self._check_sadr_applies()
             peaks.end("edit")
             return (outcomes, *self._evaluate_each(group, outcomes))
         except torch.cuda.OutOfMemoryError:
@@ -380,9 +397,12 @@ class Experiment:
                          len(state["edited"]), len(pending))
             with Progress(len(pending), self.cfg.progress.bar) as progress:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
+                    afresh = not (self.out.path / DELTA_CHECKPOINT).exists()
                     with resumable_deltas(self.out.path / DELTA_CHECKPOINT,
                                           {"group": [c.case_id for c in group], "edited_before": len(state["edited"])}):
                         outcome = editor.apply([case.request for case in group])
+                    if afresh:
+                        self._check_sadr_applies()
                     for name, seconds in outcome.seconds.items():
                         edit_seconds[name] = edit_seconds.get(name, 0.0) + seconds
                     state["edited"] += [str(c.case_id) for c in group]

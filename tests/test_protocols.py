@@ -2,6 +2,7 @@
 and that single/batch restore the model bit for bit while sequential keeps stacking edits."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from sadr.editors.rome import RomeEditor
+from sadr.errors import InvalidSettingError
 from sadr.models.saving import EDITS_FILE
-from sadr.results import RunDirectory
+from sadr.results import DELTA_CHECKPOINT, RunDirectory
 from sadr.runner import EDITED_MODEL, SEQUENTIAL_STATE, Experiment, run_experiment
 from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
 
@@ -205,3 +207,37 @@ def test_an_editor_whose_state_does_not_restore_the_model_is_stopped_with_the_fi
         experiment.run()
     rows = tmp_path / "run" / "cases.jsonl"
     assert len(written_rows(tmp_path / "run")) == 2 if protocol == "sequential" else not rows.exists()
+
+
+def _editor_without_regularizers(monkeypatch):
+    """Editors built without the run's regularizers, as a plug-in that fine-tunes weights, ignoring them, would be."""
+    from sadr.editors.plugin import EditorPlugin
+
+    build = EditorPlugin.build
+    monkeypatch.setattr(EditorPlugin, "build", lambda plugin, model, adapter, tokenizer, hparams, services: build(
+        plugin, model, adapter, tokenizer, hparams, dataclasses.replace(services, regularizers=[])))
+
+
+@pytest.mark.parametrize("protocol", ["single", "parallel", "sequential"])
+def test_sadr_with_an_editor_that_does_not_run_the_delta_optimisation_is_refused(protocol, tiny_dir, tmp_path,
+                                                                                  monkeypatch):
+    """Its γ > 0 runs were the γ = 0 runs under SADR's name: refused after the first edit, before any row."""
+    _editor_without_regularizers(monkeypatch)
+    chosen = {"single": ["editor.parallel_cases=1"], "parallel": ["editor.parallel_cases=2"],
+              "sequential": ["editor.protocol=sequential"]}[protocol]
+    experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "sadr.lambda=0.1", *chosen)))
+    with pytest.raises(InvalidSettingError, match=r"^sadr\.lambda=0\.1 with editor=rome: its edit did not run sadr's "
+                                                  r"δ-optimisation .* run this editor with sadr\.lambda=0$"):
+        experiment.run()
+    assert not (tmp_path / "run" / "cases.jsonl").exists()
+
+
+def test_a_group_whose_deltas_a_stopped_run_kept_is_not_taken_for_one_without_sadr(tiny_dir, tmp_path, monkeypatch):
+    """A group resumed from kept δs runs no δ-optimisation, so SADR's term is not attached there: the check waits for
+    the next group edited afresh."""
+    _editor_without_regularizers(monkeypatch)
+    experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "sadr.lambda=0.1")))
+    (tmp_path / "run" / DELTA_CHECKPOINT).mkdir()  # what a run stopped in its first group leaves
+    with pytest.raises(InvalidSettingError, match=r"its edit did not run sadr's δ-optimisation"):
+        experiment.run()
+    assert len(written_rows(tmp_path / "run")) == 1

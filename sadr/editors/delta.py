@@ -296,6 +296,7 @@ def optimize_deltas(model, adapter: ModelAdapter, tokenizer, requests: list[Edit
                 for reg in regularizers:
                     if kept is None:
                         reg.attach(model, adapter, live.delta_batch)
+                        reg.attached = True
                     else:
                         reg.keep_cases(kept, live.delta_batch)
                 kept = _steps(model, live, optimizer, objective, regularizers, site_out, loss_out,

@@ -57,6 +57,9 @@ class DeltaRegularizer(ABC):
     #: Whether the editor's stop rule sees this term (StepState.loss includes it). When False the term
     #: shapes the gradient but cannot delay a loss-based early stop.
     in_stop_rule: bool = True
+    #: Set by the δ-optimiser (`sadr.editors.delta`) once it has attached this term to an optimisation. The runner
+    #: refuses γ > 0 with an editor whose edit never did, where the term would change nothing.
+    attached: bool = False
 
     def reads_cached_prefix(self) -> bool:
         """Whether this term can be computed from a forward fed only the tokens from each row's δ position on, the
