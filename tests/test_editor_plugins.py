@@ -87,6 +87,29 @@ def test_an_installed_editor_that_cannot_be_imported_is_named_with_the_fix(monke
         registry.discover()
 
 
+def test_an_installed_editor_whose_import_fails_inside_it_is_named_with_the_distribution(monkeypatch):
+    """Any ImportError, not only a missing module: a name its dependency no longer has stops it the same way."""
+    class Unimportable(_EntryPoint):
+        dist = type("Dist", (), {"name": "extra-editor"})()
+
+        def load(self):
+            raise ImportError("cannot import name 'gone' from 'its_dependency'")
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [Unimportable(None)])
+    with pytest.raises(UsageError, match=r"^the sadr\.editors entry point extra = extra_editor:EDITOR of the "
+                                         r"distribution extra-editor cannot be imported \(ImportError: cannot import "
+                                         r"name 'gone' from 'its_dependency'\): install what it needs"):
+        registry.discover()
+
+
+@pytest.mark.parametrize("declared", [EDITORS["memit"].editor, "extra_editor:EDITOR"])
+def test_an_entry_point_that_names_no_editor_plugin_is_refused_with_the_fix(monkeypatch, declared):
+    monkeypatch.setattr(registry, "entry_points", lambda group: [_EntryPoint(declared)])
+    with pytest.raises(UsageError, match=r"^the sadr\.editors entry point extra = extra_editor:EDITOR gives .*, not an "
+                                         r"EditorPlugin: point it at the module's `EDITOR = EditorPlugin\(\.\.\.\)`$"):
+        registry.discover()
+
+
 @dataclass
 class _NotAnEditorConfig:
     name: str = "extra"
@@ -95,6 +118,7 @@ class _NotAnEditorConfig:
 @pytest.mark.parametrize(("config", "fix"), [
     (_NotAnEditorConfig, r"is not a dataclass deriving from sadr\.conf\.schema\.EditorConfig; declare it as "),
     (EDITORS["memit"].config, r"its config MemitConfig has name 'memit'; give it `name: str = 'extra'`"),
+    (_ExtraConfig(), r"its config .*_ExtraConfig\(.*\) is not a dataclass deriving from "),  # an instance
 ])
 def test_an_installed_editors_config_of_another_kind_or_name_is_refused_with_the_fix(monkeypatch, config, fix):
     """Hydra would reject the first only once editor=extra is composed, and take the second for a user's editor.name."""
@@ -204,6 +228,11 @@ def test_sadr_paper_for_an_installed_editor_without_its_file_names_where_the_fil
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.splitlines()[-1].endswith(
         f"as sadr_hparams/paper/extra_smollm2-135m.yaml (in {tmp_path / 'site' / 'extra_editor' / 'conf'})")
+    # setup=sadr_repo's files are sadr/conf's alone, for an installed editor too
+    done = _run(["-m", "sadr.cli.run", "editor=extra", "setup=sadr_repo", f"output_dir={tmp_path / 'run'}"], env,
+                tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].endswith("as setup_hparams/sadr_repo/extra_smollm2-135m.yaml (in sadr/conf)")
 
 
 class _Store:

@@ -134,3 +134,14 @@ def test_comparison_sweep_ends_in_one_table(tiny_dir, tmp_path):  # noqa: F811
         "Drift", "Drift ci95", "Drift mean", "Drift mean ci95"]
     assert table[table.state == "edited"]["Drift"].notna().all()
     assert "Drift" in (sweep / "summary.md").read_text() and "summary.md" in done.stdout
+
+
+def test_a_paper_file_s_keys_beyond_gamma_and_steps_are_each_named():
+    """A top key that is not a mapping (sadr: 0.25) is named whole, not iterated; the allowed keys are not named."""
+    from sadr.conf.registry import _paper_keys_beyond
+
+    node = OmegaConf.create({"sadr": 0.25, "editor": {"v_num_grad_steps": 3, "layers": [1]}, "seed": 1})
+    assert _paper_keys_beyond(node) == ["sadr", "editor.layers", "seed"]
+    node = OmegaConf.create({"sadr": {"lambda": 0.1, "heads": "all"}, "editor": {"v_num_grad_steps": 3}})
+    assert _paper_keys_beyond(node) == ["sadr.heads"]
+    assert _paper_keys_beyond(OmegaConf.create({"editor": 3})) == ["editor"]
