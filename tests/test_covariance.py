@@ -789,6 +789,40 @@ def test_the_files_a_rome_npz_error_names_are_of_the_module_and_the_counts_in_or
                                batch_tokens=256, cache_dir=tmp_path / "cache", npz_dir=str(tmp_path), npz_samples=5)
 
 
+@pytest.mark.parametrize("shipped", [(1,), (2,), (1, 2)])
+def test_each_edited_layer_s_rome_file_is_checked_whatever_its_place(shipped, tmp_path, tokenizer):
+    """check_files names the first edited layer without its file, wherever it comes in editor.layers."""
+    model = make_model("gpt2")
+    for layer in shipped:
+        np.savez(tmp_path / f"transformer.h.{layer}.mlp.c_proj_float32_mom2_40.npz", **{"mom2.mom2": np.eye(2)})
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None,
+                                   sample_length=64, batch_tokens=256, cache_dir=tmp_path / "cache",
+                                   npz_dir=str(tmp_path), npz_samples=40)
+    missing = [layer for layer in (1, 2) if layer not in shipped]
+    if missing:
+        with pytest.raises(MissingInputError, match=rf"transformer\.h\.{missing[0]}\.mlp\.c_proj_float32_mom2_40\.npz "
+                                                    "does not exist"):
+            stats.check_files([1, 2])
+    else:
+        stats.check_files([1, 2])
+    stats.check_files([])
+
+
+def test_the_statistics_text_file_is_named_by_its_setting_under_the_home_folder_too(tmp_path, monkeypatch):
+    """model.stats.text_file=~/...: `~` expanded; an empty setting (model.stats.text_file=) is the missing setting."""
+    from sadr.data.corpus import text_file
+    from sadr.errors import UnavailableError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "corpus.txt").write_text("a block", encoding="utf-8")
+    assert text_file("~/corpus.txt") == tmp_path / "corpus.txt"
+    (tmp_path / "folder.txt").mkdir()
+    with pytest.raises(MissingInputError, match=r"^statistics text file .*folder\.txt does not exist"):
+        text_file(str(tmp_path / "folder.txt"))
+    with pytest.raises(UnavailableError, match=r"^model\.stats\.corpus=file needs model\.stats\.text_file=PATH$"):
+        text_file("")
+
+
 class _KillableStatistics:
     """Statistics of one tiny llama over a corpus that stops with a KeyboardInterrupt at text `kill_after` (None:
     never), checkpointing after every batch."""
