@@ -527,3 +527,15 @@ def test_an_unknown_protocol_is_refused_with_the_choices_before_any_run_is_read(
     said = " ".join(re.sub("[│╭╮╰╯─]", " ", done.output).split())  # typer's box wraps the message
     assert done.exit_code == 2 and "'cases' is not one of 'prompt', 'case'" in said, done.output
     assert "<prompt|case>" in CliRunner().invoke(app, [command, "--help"]).output
+
+
+def test_compare_pairs_prompts_unless_told_to_pair_cases_and_says_which_in_its_title(tmp_path):
+    """The default is --protocol prompt: 3 prompts of one case are 3 observations; the title names the protocol's
+    word, not the choice's Python name."""
+    base = _run(tmp_path / "a", {0: {"distract_neighborhood": [0, 0, 0]}})
+    other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1, 0]}})
+    plain, prompt, case = (CliRunner().invoke(app, ["compare", str(base), str(other), *extra]) for extra in
+                           ([], ["--protocol", "prompt"], ["--protocol", "case"]))
+    assert plain.exit_code == 0 and plain.output == prompt.output, plain.output
+    assert ", prompt by prompt, ×100" in plain.output.splitlines()[0] and "| DNS      |   3 |" in plain.output
+    assert ", case by case, ×100" in case.output.splitlines()[0] and "| DNS      |   1 |" in case.output
