@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sadr.cli.main import app
 from sadr.report import page
-from sadr.report.build import MAX_STEM, file_stem, write_report
+from sadr.report.build import FILES_LIST, MAX_STEM, ReportFolder, file_stem, write_report
 from sadr.evaluation.summary import differing_keys, summarize
 from sadr.evaluation.aggregate import metric_table
 from sadr.evaluation.drift import ATTENTION, decode_entry
@@ -345,7 +345,7 @@ def test_a_report_removes_the_files_of_the_previous_report_it_does_not_write_aga
     """The sweep's report, then one of its γ = 0 run alone in the same folder: MEMIT's plots and tables and paired.csv
     would pass for the new report's; they go, and a file the report did not write stays."""
     (tmp_path / "notes.txt").write_text("mine")
-    write_report(sweep, tmp_path)
+    assert "removed" not in write_report(sweep, tmp_path)  # the first report in the folder: nothing of its own to go
     before = {path.name for path in tmp_path.iterdir()}
     assert {"bars_memit.png", "bars_memit.svg", "bars_memit.csv", "drift_memit_0.01.csv", "paired.csv"} <= before
     listed = (tmp_path / "report_files.txt").read_text().splitlines()
@@ -360,6 +360,25 @@ def test_a_report_removes_the_files_of_the_previous_report_it_does_not_write_aga
     removed = len(before - after)
     assert done.output.rstrip().endswith(f"; removed the {removed} file(s) of the previous report that this one does "
                                          "not have"), done.output
+
+
+def test_a_report_folder_removes_only_the_plain_names_its_list_holds(tmp_path):
+    """report_files.txt is a file a user may edit: a blank line, a path into another folder and a name that is gone
+    are passed over; a name listed and not written again is removed; one written again stays."""
+    folder = tmp_path / "report"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("stale.csv", "kept.csv", "sub/inner.csv", "mine.txt"):
+        (folder / name).write_text("x")
+    (tmp_path / "outside.csv").write_text("x")
+    (folder / FILES_LIST).write_text("stale.csv\n\nkept.csv\n../outside.csv\nsub/inner.csv\ngone.csv\n" + str(
+        tmp_path / "outside.csv") + "\n")
+    report = ReportFolder(folder)
+    report.csv(pd.DataFrame({"a": [1]}), "kept.csv", index=False)
+    report.text("page.html", "<p>")
+    assert report.finish() == ["gone.csv", "stale.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([FILES_LIST, "kept.csv", "mine.txt", "page.html", "sub"])
+    assert (folder / "sub" / "inner.csv").exists() and (tmp_path / "outside.csv").exists()
+    assert (folder / FILES_LIST).read_text() == "kept.csv\npage.html\n"
 
 
 def test_cli_reports_a_single_run(sweep, tmp_path):
