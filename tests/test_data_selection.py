@@ -162,3 +162,8 @@ def test_a_bad_selection_is_refused_with_the_config(override, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         compose_config([override])
+
+
+def test_every_repeated_case_id_is_named_once_in_the_order_first_listed(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset\.case_ids lists 5, 2 more than once \("):
+        load_cases(config("zsre", tmp_path / "absent.json", case_ids=[5, 2, "2", 3, 5, 2]), tmp_path)

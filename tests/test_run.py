@@ -1241,6 +1241,12 @@ def test_a_missing_statistics_file_or_folder_fails_before_the_model_loads(tiny_d
     with pytest.raises(FileNotFoundError, match=r"^model\.stats\.npz_dir=.*absent is not a folder"):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "b", no_model,
                                                f"model.stats.npz_dir={tmp_path / 'absent'}")))
+    (tmp_path / "npz").mkdir()  # ROME's files of another sample count only
+    np.savez(tmp_path / "npz" / "model.layers.1.mlp.down_proj_float32_mom2_40.npz", **{"mom2.mom2": np.eye(2)})
+    with pytest.raises(FileNotFoundError, match=r"^model\.stats\.npz_dir=.*npz holds no ROME statistics file of "
+                                                r"model\.stats\.n_samples=41 texts"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "c", no_model, "model.stats.n_samples=41",
+                                               f"model.stats.npz_dir={tmp_path / 'npz'}")))
 
 
 def test_an_edited_layer_without_its_rome_file_fails_before_the_unedited_model_is_scored(tiny_dir, tmp_path,
