@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -75,30 +76,24 @@ def test_installed_distributions_add_editors_through_entry_points(monkeypatch):
         registry.discover()
 
 
-def test_an_installed_editor_that_cannot_be_imported_is_named_with_the_fix(monkeypatch):
+@pytest.mark.parametrize(("error", "distribution"), [
+    (ModuleNotFoundError("No module named 'its_dependency'"), None),
+    (ImportError("cannot import name 'gone' from 'its_dependency'"), "extra-editor"),
+])
+def test_an_installed_editor_that_cannot_be_imported_is_named_with_the_fix(monkeypatch, error, distribution):
+    """Any ImportError, not only a missing module (a name its dependency no longer has), named with the
+    distribution where the entry point knows it."""
     class Unimportable(_EntryPoint):
+        dist = type("Dist", (), {"name": distribution})() if distribution else None
+
         def load(self):
-            raise ModuleNotFoundError("No module named 'its_dependency'")
+            raise error
 
     monkeypatch.setattr(registry, "entry_points", lambda group: [Unimportable(None)])
-    with pytest.raises(UsageError, match=r"^the sadr\.editors entry point extra = extra_editor:EDITOR cannot be "
-                                         r"imported \(ModuleNotFoundError: No module named 'its_dependency'\): "
+    of = f" of the distribution {distribution}" if distribution else ""
+    with pytest.raises(UsageError, match=rf"^the sadr\.editors entry point extra = extra_editor:EDITOR{re.escape(of)} "
+                                         rf"cannot be imported \({re.escape(f'{type(error).__name__}: {error}')}\): "
                                          r"install what it needs, or uninstall that distribution$"):
-        registry.discover()
-
-
-def test_an_installed_editor_whose_import_fails_inside_it_is_named_with_the_distribution(monkeypatch):
-    """Any ImportError, not only a missing module: a name its dependency no longer has stops it the same way."""
-    class Unimportable(_EntryPoint):
-        dist = type("Dist", (), {"name": "extra-editor"})()
-
-        def load(self):
-            raise ImportError("cannot import name 'gone' from 'its_dependency'")
-
-    monkeypatch.setattr(registry, "entry_points", lambda group: [Unimportable(None)])
-    with pytest.raises(UsageError, match=r"^the sadr\.editors entry point extra = extra_editor:EDITOR of the "
-                                         r"distribution extra-editor cannot be imported \(ImportError: cannot import "
-                                         r"name 'gone' from 'its_dependency'\): install what it needs"):
         registry.discover()
 
 
