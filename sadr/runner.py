@@ -292,7 +292,7 @@ class Experiment:
         with Progress(len(todo), self.cfg.progress.bar) as progress:
             for group in groups:
                 peaks = PhasePeaks(self.loaded.device)
-                afresh = not (self.out.path / DELTA_CHECKPOINT).exists()  # no δ of a stopped run to read back
+                afresh = not self.out.deltas_kept()  # no δ of a stopped run to read back
                 try:
                     with resumable_deltas(self.out.path / DELTA_CHECKPOINT, {"group": [c.case_id for c in group]}):
                         outcome = editor.apply([case.request for case in group])
@@ -397,7 +397,7 @@ class Experiment:
                          len(state["edited"]), len(pending))
             with Progress(len(pending), self.cfg.progress.bar) as progress:
                 for group in case_groups(pending, self.cfg.editor.batch_size):
-                    afresh = not (self.out.path / DELTA_CHECKPOINT).exists()
+                    afresh = not self.out.deltas_kept()
                     with resumable_deltas(self.out.path / DELTA_CHECKPOINT,
                                           {"group": [c.case_id for c in group], "edited_before": len(state["edited"])}):
                         outcome = editor.apply([case.request for case in group])

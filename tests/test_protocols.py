@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from sadr.cache import TORCH, write_atomically
 from sadr.editors.rome import RomeEditor
 from sadr.errors import InvalidSettingError
 from sadr.models.saving import EDITS_FILE
@@ -237,7 +238,9 @@ def test_a_group_whose_deltas_a_stopped_run_kept_is_not_taken_for_one_without_sa
     the next group edited afresh."""
     _editor_without_regularizers(monkeypatch)
     experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "sadr.lambda=0.1")))
-    (tmp_path / "run" / DELTA_CHECKPOINT).mkdir()  # what a run stopped in its first group leaves
+    # what a run stopped in its first group leaves: a chunk of δs (another group's here, so none is read back)
+    write_atomically({"format": 2, "identity": {"group": ["another"]}, "first": 0, "results": []},
+                     tmp_path / "run" / DELTA_CHECKPOINT / "000000.pt", TORCH)
     with pytest.raises(InvalidSettingError, match=r"its edit did not run sadr's δ-optimisation"):
         experiment.run()
     assert len(written_rows(tmp_path / "run")) == 1

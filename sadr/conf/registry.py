@@ -99,7 +99,7 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
             if beyond:
                 raise ConfigError(f"{where} sets {', '.join(beyond)}: a sadr=paper file sets sadr.lambda and "
                                   "editor.v_num_grad_steps only (its runs are compared with the γ = 0 runs of the "
-                                  "same settings); put other settings in hparams/" + file.name)
+                                  f"same settings); put other settings in hparams/{file.name}")
             store.store(group=group, name=f"{editor}_{model}", node=node, package=package)
 
 

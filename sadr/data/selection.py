@@ -6,6 +6,7 @@ The shard comes last, so the n shards of a selection are that selection, whateve
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -68,10 +69,7 @@ def parse_shard(value: str) -> tuple[int, int]:
 def _check_listed_once(case_ids: tuple[Any, ...]) -> None:
     """Each id once: a run edits a case once, so an id listed twice (or as 7 and "7") would silently run fewer cases
     than listed."""
-    seen: dict[str, int] = {}
-    for case_id in case_ids:
-        seen[str(case_id)] = seen.get(str(case_id), 0) + 1
-    repeated = [key for key, count in seen.items() if count > 1]
+    repeated = [key for key, count in Counter(map(str, case_ids)).items() if count > 1]
     if repeated:
         raise InvalidSettingError(
             f"dataset.case_ids lists {', '.join(repeated)} more than once (ids match by their string form, so 7 and "
