@@ -60,7 +60,7 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
     corpus_kind = stats.corpus.name
     if corpus_kind == "auto":
         corpus_kind = "generated" if cfg.model.source in EMBEDDED_SOURCES else "hub"
-    corpus = {
+    corpus = None if stats.npz_dir else {  # C read from ROME's files: no corpus is read
         "hub": lambda: hub_corpus(stats.hub_dataset, stats.hub_config, stats.hub_split, stats.n_samples,
                                   stats.hub_sample.name, stats.sample_seed),
         "file": lambda: file_corpus(stats.text_file, stats.n_samples),
@@ -79,9 +79,9 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
 def check_statistics_inputs(stats: DictConfig) -> None:
     """The files the key statistics are read from (model.stats.npz_dir, model.stats.text_file), before the model
     loads (minutes at paper scale). Each edited layer's own ROME file is checked once the model names its module."""
-    if stats.npz_dir:
+    if stats.npz_dir:  # the corpus is not read
         check_rome_npz_dir(stats.npz_dir, stats.n_samples)
-    if stats.corpus.name == "file":
+    elif stats.corpus.name == "file":
         text_file(stats.text_file)
 
 
@@ -182,7 +182,7 @@ class Experiment:
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.regularizers = build_regularizers(cfg.sadr)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
-        self.statistics.check_files(list(cfg.editor.layers))
+        self.statistics.check_files(list(EDITORS[cfg.editor.name].statistics_layers(cfg.editor)))
         self.environment = {
             "device": str(self.loaded.device),
             "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",

@@ -1249,6 +1249,29 @@ def test_a_missing_statistics_file_or_folder_fails_before_the_model_loads(tiny_d
                                                f"model.stats.npz_dir={tmp_path / 'npz'}")))
 
 
+def test_statistics_files_are_required_only_where_they_are_read(tiny_dir, tmp_path):
+    """With model.stats.npz_dir no corpus is read, so its text file is not required (it was, with corpus=file); ROME
+    without the mom2 adjustment reads no C, so its layer's ROME file is not required (the folder's check stands)."""
+    width = json.loads((tiny_dir / "model" / "config.json").read_text())["intermediate_size"]
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    np.savez(folder / "model.layers.1.mlp.down_proj_float32_mom2_40.npz",
+             **{"mom2.mom2": np.eye(width, dtype=np.float32), "mom2.count": np.array(1)})
+    no_text = (f"model.stats.text_file={tmp_path / 'absent.txt'}", f"model.stats.npz_dir={folder}",
+               "model.stats.n_samples=40")
+    run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "memit", "editor=memit", *no_text)))
+    environment = json.loads((tmp_path / "memit" / "environment.json").read_text())
+    assert environment["stats_corpus"] == {"kind": "rome_npz", "dir": str(folder), "n": 40}
+    assert len(written_rows(tmp_path / "memit")) == 2
+    run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "rome", "editor=rome", "editor.layers=[2]",
+                                           "editor.mom2_adjustment=false", *no_text)))
+    assert len(written_rows(tmp_path / "rome")) == 2
+    with pytest.raises(FileNotFoundError, match=r"^ROME statistics file .*/model\.layers\.2\.mlp\.down_proj_float32_"
+                                                r"mom2_40\.npz does not exist"):
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "rome_c", "editor=rome", "editor.layers=[2]",
+                                               *no_text)))
+
+
 def test_an_edited_layer_without_its_rome_file_fails_before_the_unedited_model_is_scored(tiny_dir, tmp_path,
                                                                                          monkeypatch):
     """A folder holding layer 1's file of the sample count but not layer 2's passed the folder check, scored the

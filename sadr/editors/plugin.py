@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
-from typing import Callable
+from typing import Callable, Sequence
 
 from sadr.editors.base import Editor
 from sadr.editors.covariance import SecondMomentStatistics
@@ -39,6 +39,9 @@ class EditorPlugin:
     # hparams/<name>_<model>.yaml and sadr_hparams/paper/<name>_<model>.yaml (an editor of sadr/editors keeps them in
     # sadr/conf itself); e.g. importlib.resources.files("my_editor") / "conf".
     config_dir: Traversable | None = None
+    # The layers whose key second moment C an edit reads, from the editor's settings (`editor.*`): where C comes from
+    # ROME's files (model.stats.npz_dir), the runner checks theirs exist before it scores the unedited model.
+    statistics_layers: Callable[..., Sequence[int]] = lambda hparams: list(hparams.layers)
 
     def build(self, model, adapter: ModelAdapter, tokenizer, hparams, services: EditorServices) -> Editor:
         return self.editor(model, adapter, tokenizer, hparams, statistics=services.statistics,

@@ -111,4 +111,5 @@ class RomeEditor(Editor):
         return mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], requests, context_templates)[self.layer]
 
 
-EDITOR = EditorPlugin("rome", RomeConfig, RomeEditor, "ROME (Meng et al., 2022): a rank-one update of one MLP layer")
+EDITOR = EditorPlugin("rome", RomeConfig, RomeEditor, "ROME (Meng et al., 2022): a rank-one update of one MLP layer",
+                      statistics_layers=lambda hparams: list(hparams.layers) if hparams.mom2_adjustment else [])
