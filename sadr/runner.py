@@ -391,7 +391,8 @@ class Experiment:
             editor.load_state_dict(state["editor"])
             edit_seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
             diagnostics = state.setdefault("diagnostics", {})  # each edited request's batch's (none in older ones)
-            pending = [c for c in todo if str(c.case_id) not in set(state["edited"])]
+            already = set(state["edited"])
+            pending = [c for c in todo if str(c.case_id) not in already]
             if state["edited"]:
                 log.info("sequential: resuming from %s, which holds %d edited request(s); %d to edit", state_file,
                          len(state["edited"]), len(pending))
