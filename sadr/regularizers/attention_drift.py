@@ -63,9 +63,9 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
         self.selective = SadrHeads(heads) is SadrHeads.selective
         self.layers = None if layers is None else sorted(set(layers))
         self.epsilon = float(epsilon)
-        self.selected: dict[int, Tensor] = {}
         self._recorder: Optional[AttentionRows] = None
         self._reference: Optional[Tensor] = None  # (active layers, rows, heads, keys): the δ = 0 rows
+        self._active: list[int] = []
         self._selection: Optional[Tensor] = None  # (active layers, rows, heads) bool: the last step's selection
         self._losses: Optional[Tensor] = None  # (requests,): the last step's terms
         self._n_layers = 0
@@ -74,7 +74,7 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, batch: DeltaBatch) -> None:
         self.detach()
-        self.selected, self._selection, self._losses = {}, None, None
+        self._selection, self._losses = None, None
         self._model, self._adapter = model, adapter
         self._n_layers = adapter.num_layers(model)
         self._active = self._active_layers(self._n_layers, batch.injection_layer)
@@ -164,7 +164,13 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
 
     def _keep(self, selection: Tensor, losses: Tensor) -> None:
         self._selection, self._losses = selection, losses
-        self.selected = {layer: selection[i] for i, layer in enumerate(self._active)}
+
+    @property
+    def selected(self) -> dict[int, Tensor]:
+        """layer -> the (rows, heads) selection of the last step (kept after `detach()`); {} before the first step."""
+        if self._selection is None:
+            return {}
+        return {layer: self._selection[i] for i, layer in enumerate(self._active)}
 
     def _record_reference(self, current: Tensor) -> list[Tensor]:
         """δ = 0: these rows are the unedited reference W; W* = W, so the loss is exactly 0 (no head selected)."""
