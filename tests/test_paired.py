@@ -290,6 +290,26 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     assert (tmp_path / "paired.md").read_text().startswith("each γ > 0 run against its γ = 0 run, case by case")
 
 
+def test_a_summary_finds_the_runs_and_reads_their_settings_once_for_both_tables(tmp_path, monkeypatch):
+    """summary and paired tables come from one `configurations` pass: a sweep's folders are walked and every
+    config.yaml read once, not once per table."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation import summary
+    from sadr.evaluation.aggregate import metric_table
+
+    for name, gamma, ns in (("0", 0.0, [1, 0, 0]), ("1", 0.1, [1, 1, 0])):
+        path = _run(tmp_path / name, {0: {"neighborhood": ns}})
+        OmegaConf.save({"editor": {"name": "rome", "v_num_grad_steps": 20}, "sadr": {"lambda": gamma}}, path / "config.yaml")
+        rows = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
+        metric_table(rows, states=("edited",)).to_csv(path / "metrics.csv", index=False)
+    calls = []
+    counted = summary.configurations
+    monkeypatch.setattr(summary, "configurations", lambda root: calls.append(root) or counted(root))
+    summary.write_summary(tmp_path, "prompt")
+    assert len(calls) == 1 and (tmp_path / "paired.csv").is_file()
+
+
 def test_a_summary_in_which_no_run_pairs_removes_an_earlier_summary_s_paired_tables(tmp_path):
     """paired.csv/.md left from a summary of runs that paired would pass, beside the new summary.md, for its pairs."""
     import shutil

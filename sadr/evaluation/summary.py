@@ -201,16 +201,17 @@ def _sweeps_of(group: list[Path], settings: dict[Path, dict]) -> list[list[Path]
                      "Remove the runs made twice, or summarize each sweep's folder on its own")
 
 
-def summarize(root: str | Path, protocol: str = "prompt") -> pd.DataFrame:
+def summarize(root: str | Path, protocol: str = "prompt", found: list[Configuration] | None = None) -> pd.DataFrame:
     """Rows: configurations (edited) plus the unedited model once per distinct setting; columns: swept keys, metrics.
 
     The shards of one configuration (runs that differ only in `dataset.shard`) make one row: their cases
     together, CIs over all prompts, and a `shards` column ("3/4; missing 2"). `n_cases` counts the records
     edited; `n_obs` is the largest n behind a mean (prompts under the prompt protocol, records under the case
     protocol). Means and CIs keep full precision; `summary.md` shows them to 2 decimals (`rounded_metrics`).
+    `found`: `configurations(root)`, where the caller has them already.
     """
     root = Path(root)
-    found = configurations(root)
+    found = configurations(root) if found is None else found
     settings = {id(c): c.settings for c in found}
     keys = {k for s in settings.values() for k in s}
     url_per_name = {(s.get("dataset.name"), s[URL_KEY]) for s in settings.values() if URL_KEY in s}
@@ -292,7 +293,8 @@ def _baseline_of(runs: tuple, baselines: list[tuple], settings: dict) -> tuple |
     return candidates[0] if len(candidates) == 1 else None
 
 
-def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[pd.DataFrame, list[str]]:
+def paired_with_baselines(root: str | Path, protocol: str = "prompt",
+                          found: list[Configuration] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every configuration with γ > 0 against the γ = 0 one that differs from it only in SADR settings, δ steps and
     `eval.metrics` (MAY_DIFFER_FROM_BASELINE).
 
@@ -300,9 +302,10 @@ def paired_with_baselines(root: str | Path, protocol: str = "prompt") -> tuple[p
     steps than their baselines; `base steps` says which). Returns one row per (configuration, metric), as
     `sadr compare --protocol <protocol>`, shards merged (empty when none pairs), and a line for each configuration left unpaired though
     it has γ = 0 runs beside it: several with other step counts, or records not the same (a shard not finished).
+    `found`: `configurations(root)`, where the caller has them already.
     """
     root = Path(root)
-    found = {tuple(c.runs): c for c in configurations(root)}
+    found = {tuple(c.runs): c for c in (configurations(root) if found is None else found)}
     settings = {runs: c.settings for runs, c in found.items()}
     name = lambda runs: ",".join(run_name(run, root) for run in runs)  # noqa: E731
     tables, unpaired = [], []
@@ -337,7 +340,8 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
 
     Returns the text to print: both tables and where they were written.
     """
-    table = summarize(root, protocol)
+    found = configurations(root)  # the runs are found and their settings read once, for both tables
+    table = summarize(root, protocol, found)
     target = Path(target or root)
     target.mkdir(parents=True, exist_ok=True)
     table.to_csv(target / "summary.csv", index=False)
@@ -346,7 +350,7 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     (target / "summary.md").write_text(summary)
     text = summary
     written = [target / "summary.csv", target / "summary.md"]
-    paired, unpaired = paired_with_baselines(root, protocol)
+    paired, unpaired = paired_with_baselines(root, protocol, found)
     if not paired.empty:
         paired.to_csv(target / "paired.csv", index=False)
         paired_text = (f"each γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
@@ -360,7 +364,7 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
         file.unlink()
     if unpaired:
         text += "\nγ > 0 runs not paired with a γ = 0 run:\n" + "\n".join(f"  {line}" for line in unpaired) + "\n"
-    unmeasured = [run for run in find_runs(root) if read_metrics(run / METRICS_FILE).empty]
+    unmeasured = sorted(run for c in found for run in c.runs if read_metrics(run / METRICS_FILE).empty)
     if unmeasured:
         text += ("\nnot in the tables: runs whose metrics.csv has no entry (their eval.metrics had no prompt in their "
                  "cases):\n" + "\n".join(f"  {run}" for run in unmeasured) + "\n")
