@@ -40,7 +40,7 @@ from sadr.evaluation.probes import check_metrics_apply, resolve_metrics
 from sadr.evaluation.suite import Evaluator, build_evaluators, compare_all, evaluate_all
 from sadr.models.embedded import EMBEDDED_SOURCES
 from sadr.models.devices import PhasePeaks, release_unused_memory, reset_peak_memory, set_tf32, take_peak_memory
-from sadr.models.fingerprint import cache_key, computation_fingerprint, model_fingerprint
+from sadr.models.fingerprint import cache_key, computation_fingerprint, model_fingerprint, tokenizer_fingerprint
 from sadr.models.kept import load_model_kept
 from sadr.models.loading import LoadedModel
 from sadr.models.saving import save_edited_model
@@ -178,7 +178,9 @@ class Experiment:
         reset_peak_memory(self.loaded.device)
         self.tf32 = set_tf32(self.loaded.device, cfg.tf32)
         # what the caches of this model's computations are keyed by (self.fingerprint stays the weights')
-        self.computed_by = computation_fingerprint(self.fingerprint, self.tf32, self.loaded.device.type)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.loaded.tokenizer)
+        self.computed_by = computation_fingerprint(self.fingerprint, self.tokenizer_fingerprint, self.tf32,
+                                                   self.loaded.device.type)
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.regularizers = build_regularizers(cfg.sadr)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
@@ -187,6 +189,7 @@ class Experiment:
             "device": str(self.loaded.device),
             "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",
             "model_source": self.loaded.resolved_source, "model_fingerprint": self.fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
             # resolved: a path relative to where the run was started names no file once read elsewhere
             "dataset_source": str(Path(self.dataset.source).resolve()), "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),

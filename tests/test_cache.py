@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -15,14 +16,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tokenizers import normalizers
+from transformers import AutoTokenizer
 
 from sadr import cache
 from sadr.cache import JSON, TORCH, cached, lock_for, read_entry, write_atomically
 from sadr.errors import InvalidSettingError
-from sadr.models.fingerprint import model_fingerprint
+from sadr.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from sadr.models.loading import load_model
+from sadr.models.tokenization import pad_id_of
 from tests.runs import tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
-from tests.tiny_models import make_model, make_tokenizer
+from tests.tiny_models import make_model, make_sentencepiece_tokenizer, make_tokenizer
 
 
 def _slow_compute_once(path, counter, start):
@@ -224,6 +228,41 @@ def test_the_same_weights_from_two_folders_have_one_fingerprint(tmp_path):
     with torch.no_grad():
         b.adapter.down_weight(b.model, 0)[0, 0] += 1e-3
     assert model_fingerprint(a.model) != model_fingerprint(b.model)
+
+
+def test_a_tokenizer_s_fingerprint_is_its_content_not_its_folder(tmp_path):
+    """The same tokenizer files in two folders give one fingerprint; one that splits text otherwise (Llama-2's legacy
+    normalizer in place of its pre-tokenizer) or has another special token gives another. The pad token, which
+    `pad_id_of` sets during a run on a tokenizer without one, does not count: the next job of a sweep, which reuses
+    the loaded model and tokenizer, must find the first job's entries."""
+    make_sentencepiece_tokenizer().save_pretrained(tmp_path / "a")
+    make_sentencepiece_tokenizer().save_pretrained(tmp_path / "b" / "c")
+    a, b = (AutoTokenizer.from_pretrained(tmp_path / folder) for folder in ("a", "b/c"))
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    assert tokenizer_fingerprint(make_sentencepiece_tokenizer(legacy=True)) != tokenizer_fingerprint(a)
+    assert b.pad_token is None and pad_id_of(b) == b.eos_token_id
+    assert tokenizer_fingerprint(b) == tokenizer_fingerprint(a)
+    b.unk_token = b.eos_token
+    assert tokenizer_fingerprint(b) != tokenizer_fingerprint(a)
+
+
+def test_new_tokenizer_files_beside_the_same_weights_key_the_caches_apart(tiny_dir, tmp_path):
+    """A model folder whose tokenizer files were replaced (here: text lower-cased first) keeps its weights'
+    fingerprint, but none of the earlier tokenizer's cached templates, statistics or unedited scores is read."""
+    from sadr.runner import Experiment
+    from tests.runs import composed
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir / "model", folder)
+    overrides = lambda run: tiny_overrides(tiny_dir, tmp_path / run, f"model.source={folder}")  # noqa: E731
+    first = Experiment(composed(overrides("first")))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.save_pretrained(folder)
+    second = Experiment(composed(overrides("second")))
+    assert second.fingerprint == first.fingerprint
+    assert second.tokenizer_fingerprint != first.tokenizer_fingerprint and second.computed_by != first.computed_by
+    assert second.statistics.fingerprint == second.computed_by
 
 
 def test_a_fingerprint_tells_apart_a_changed_config_and_any_changed_weight():

@@ -33,23 +33,27 @@ def test_tf32_is_set_and_cleared_on_cuda_only(cuda_products, caplog):
     assert "no effect on cpu" in caplog.text and torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 
-def test_caches_key_tf32_and_gpu_computations_apart_and_keep_the_cpu_s_keys():
-    assert computation_fingerprint("abc", False) == computation_fingerprint("abc", False, "cpu") == "abc"
-    assert computation_fingerprint("abc", True) not in ("abc", computation_fingerprint("abd", True))
-    on_gpu = {computation_fingerprint("abc", tf32, "cuda") for tf32 in (False, True)}
-    assert len(on_gpu) == 2 and not on_gpu & {"abc", computation_fingerprint("abc", True)}
+def test_caches_key_the_weights_tokenizer_tf32_and_gpu_computations_apart():
+    keys = {computation_fingerprint(weights, tokenizer, tf32, device) for weights in ("abc", "abd")
+            for tokenizer in ("t1", "t2") for tf32 in (False, True) for device in ("cpu", "cuda")}
+    assert len(keys) == 16
+    assert computation_fingerprint("abc", "t1", False) == computation_fingerprint("abc", "t1", False, "cpu")
 
 
 def test_a_run_on_the_cpu_ignores_tf32_and_records_it(tiny_dir, tmp_path, cuda_products):
     experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "tf32=true")))
-    assert not experiment.tf32 and experiment.computed_by == experiment.fingerprint
+    assert not experiment.tf32
+    assert experiment.computed_by == computation_fingerprint(experiment.fingerprint, experiment.tokenizer_fingerprint,
+                                                             False)
     assert json.loads((tmp_path / "run" / "environment.json").read_text())["tf32"] is False
 
 
 def test_a_tf32_run_keys_its_statistics_apart(tiny_dir, tmp_path, monkeypatch, cuda_products):
     monkeypatch.setattr(runner, "set_tf32", lambda device, enabled: enabled)  # as on a CUDA device
     experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "tf32=true")))
-    assert experiment.statistics.fingerprint == computation_fingerprint(experiment.fingerprint, True)
-    assert experiment.statistics.fingerprint != experiment.fingerprint
+    assert experiment.statistics.fingerprint == computation_fingerprint(experiment.fingerprint,
+                                                                        experiment.tokenizer_fingerprint, True)
+    assert experiment.statistics.fingerprint != computation_fingerprint(experiment.fingerprint,
+                                                                        experiment.tokenizer_fingerprint, False)
     environment = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert environment["tf32"] is True and environment["model_fingerprint"] == experiment.fingerprint

@@ -35,14 +35,28 @@ def _float64_sums(param: torch.Tensor, chunk: int = 1 << 24) -> tuple[float, flo
     return total, squares
 
 
-def computation_fingerprint(weights_fingerprint: str, tf32: bool, device_type: str = "cpu") -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A content hash of how the tokenizer turns text into ids and ids into text, which every cached computation reads
+    (prompts, targets, the corpus, sampled texts): the `tokenizers` library's whole definition, where the tokenizer has
+    one (every supported family: vocabulary, merges, normalizer, pre-tokenizer, the post-processor that adds BOS, the
+    decoder), else its vocabulary; its class, special tokens and decoding's space clean-up. Not where it was loaded
+    from: the same files in another folder give the same hash. Nor its pad token, which fills masked positions only,
+    and which `pad_id_of` sets on a tokenizer without one: a model kept for the next job of a sweep keeps its hash."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    special = {name: token for name, token in tokenizer.special_tokens_map.items() if name != "pad_token"}
+    return cache_key(kind="tokenizer", definition=definition, tokenizer_class=type(tokenizer).__name__,
+                     special_tokens=special, clean_up_spaces=getattr(tokenizer, "clean_up_tokenization_spaces", None))
+
+
+def computation_fingerprint(weights_fingerprint: str, tokenizer: str, tf32: bool, device_type: str = "cpu") -> str:
     """What the caches of a model's computations (statistics, context templates, unedited scores) are keyed by: its
-    weights; whether float32 products ran in TF32, which changes results in the fourth significant digit, well
-    beyond float rounding; and the kind of device, whose random streams differ (a generated corpus, sampled
-    texts) as do its kernels' roundings, so a GPU run never reads what a CPU run cached, nor the reverse. On the
-    CPU without TF32 it is the weights' fingerprint, so existing caches stay valid."""
+    weights; its tokenizer (`tokenizer_fingerprint`: a folder's tokenizer files replaced beside the same weights change
+    every cached result); whether float32 products ran in TF32, which changes results in the fourth significant digit,
+    well beyond float rounding; and the kind of device, whose random streams differ (a generated corpus, sampled
+    texts) as do its kernels' roundings, so a GPU run never reads what a CPU run cached, nor the reverse."""
     parts = {**({"float32_products": "tf32"} if tf32 else {}), **({"device": device_type} if device_type != "cpu" else {})}
-    return cache_key(model=weights_fingerprint, **parts) if parts else weights_fingerprint
+    return cache_key(model=weights_fingerprint, tokenizer=tokenizer, **parts)
 
 
 def cache_key(**parts) -> str:
