@@ -298,7 +298,7 @@ class Experiment:
                 afresh = not self.out.deltas_kept()  # no δ of a stopped run to read back
                 try:
                     with resumable_deltas(self.out.path / DELTA_CHECKPOINT, {"group": [c.case_id for c in group]}):
-                        outcome = editor.apply([case.request for case in group])
+                        outcome = editor.apply([case.request for case in group]).without_updates()
                     if afresh:
                         self._check_sadr_applies()
                     peaks.end("edit")
@@ -389,9 +389,9 @@ class Experiment:
         unedited_state = editor.state_dict()
         peaks = PhasePeaks(self.loaded.device)
         try:
-            state = (_read_checkpoint(state_file) if state_file.is_file()
-                     else {"edited": [], "editor": unedited_state, "seconds": {}})
-            editor.load_state_dict(state["editor"])
+            state = _read_checkpoint(state_file) if state_file.is_file() else {"edited": [], "seconds": {}}
+            # the editor's state is in the editor, and on disk: no copy of it is held between checkpoints
+            editor.load_state_dict(state.pop("editor", unedited_state))
             edit_seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
             diagnostics = state.setdefault("diagnostics", {})  # each edited request's batch's (none in older ones)
             already = set(state["edited"])
@@ -404,16 +404,16 @@ class Experiment:
                     afresh = not self.out.deltas_kept()
                     with resumable_deltas(self.out.path / DELTA_CHECKPOINT,
                                           {"group": [c.case_id for c in group], "edited_before": len(state["edited"])}):
-                        outcome = editor.apply([case.request for case in group])
+                        outcome = editor.apply([case.request for case in group]).without_updates()
                     if afresh:
                         self._check_sadr_applies()
                     for name, seconds in outcome.seconds.items():
                         edit_seconds[name] = edit_seconds.get(name, 0.0) + seconds
                     state["edited"] += [str(c.case_id) for c in group]
                     diagnostics.update({str(c.case_id): outcome.diagnostics for c in group})
-                    state["editor"] = editor.state_dict()
                     state["seconds"] = dict(edit_seconds)
-                    write_atomically(state, state_file, TORCH)  # under the run directory's lock
+                    # under the run directory's lock
+                    write_atomically({**state, "editor": editor.state_dict()}, state_file, TORCH)
                     discard_deltas(self.out.path / DELTA_CHECKPOINT)
                     progress.advance(len(group))
             peaks.end("edit")

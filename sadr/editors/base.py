@@ -25,6 +25,12 @@ class EditOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, float] = field(default_factory=dict)
 
+    def without_updates(self) -> "EditOutcome":
+        """What a case's row reads of this outcome, its timings and diagnostics. Updates already written are not needed
+        to evaluate the edited model, and a large batch's fill its device: MEMIT's for 10,000 requests on GPT-J
+        take 1.6 GB per layer in float64 (and a `SpreadOutcome`'s keys 0.66 GB more)."""
+        return EditOutcome(seconds=self.seconds, diagnostics=self.diagnostics)
+
 
 @contextmanager
 def timed(seconds: dict[str, float], name: str):
