@@ -244,6 +244,9 @@ def test_a_tokenizer_s_fingerprint_is_its_content_not_its_folder(tmp_path):
     assert tokenizer_fingerprint(b) == tokenizer_fingerprint(a)
     b.unk_token = b.eos_token
     assert tokenizer_fingerprint(b) != tokenizer_fingerprint(a)
+    before = tokenizer_fingerprint(a)
+    a.clean_up_tokenization_spaces = not a.clean_up_tokenization_spaces  # decoded texts: sampled templates, corpora
+    assert tokenizer_fingerprint(a) != before
 
 
 def test_new_tokenizer_files_beside_the_same_weights_key_the_caches_apart(tiny_dir, tmp_path):
