@@ -3,6 +3,7 @@ keyed by content rather than by where a model was loaded from."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tokenizers import normalizers
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerFast
 
 from sadr import cache
 from sadr.cache import JSON, TORCH, cached, lock_for, read_entry, write_atomically
@@ -247,6 +248,45 @@ def test_a_tokenizer_s_fingerprint_is_its_content_not_its_folder(tmp_path):
     before = tokenizer_fingerprint(a)
     a.clean_up_tokenization_spaces = not a.clean_up_tokenization_spaces  # decoded texts: sampled templates, corpora
     assert tokenizer_fingerprint(a) != before
+
+
+def test_a_tokenizer_s_fingerprint_counts_its_class_and_without_a_backend_its_vocabulary():
+    """Two tokenizers of one `tokenizers` definition and special tokens but of classes that decode otherwise differ;
+    so do two tokenizers without a `tokenizers` definition (ByT5's, bytes in Python) whose vocabularies differ by an
+    added token, which encodes the same text into other ids."""
+    class LowerCaseDecoding(PreTrainedTokenizerFast):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).lower()
+
+    backend = make_sentencepiece_tokenizer().backend_tokenizer
+    plain, lowered = (kind(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+                      for kind in (PreTrainedTokenizerFast, LowerCaseDecoding))
+    assert plain.backend_tokenizer.to_str() == lowered.backend_tokenizer.to_str()
+    assert plain.special_tokens_map == lowered.special_tokens_map
+    ids = plain("The Eiffel Tower").input_ids
+    assert plain.decode(ids) != lowered.decode(ids)
+    assert tokenizer_fingerprint(plain) != tokenizer_fingerprint(lowered)
+
+    bytes_only, with_a_word = ByT5Tokenizer(), ByT5Tokenizer()
+    with_a_word.add_tokens(["Paris"])
+    assert getattr(bytes_only, "backend_tokenizer", None) is None
+    assert bytes_only.special_tokens_map == with_a_word.special_tokens_map
+    assert bytes_only("Paris").input_ids != with_a_word("Paris").input_ids
+    assert tokenizer_fingerprint(bytes_only) == tokenizer_fingerprint(ByT5Tokenizer())
+    assert tokenizer_fingerprint(bytes_only) != tokenizer_fingerprint(with_a_word)
+
+
+def test_environment_json_records_the_tokenizer_s_fingerprint(tiny_dir, tmp_path):
+    """environment.json names the tokenizer the run's caches were keyed by, beside the weights: the fingerprint of
+    the model folder's tokenizer files, as loaded on their own."""
+    from sadr.runner import Experiment
+    from tests.runs import composed
+
+    experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run")))
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    expected = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_dir / "model"))
+    assert environment["tokenizer_fingerprint"] == expected == experiment.tokenizer_fingerprint
+    assert environment["model_fingerprint"] == experiment.fingerprint
 
 
 def test_new_tokenizer_files_beside_the_same_weights_key_the_caches_apart(tiny_dir, tmp_path):
