@@ -1272,10 +1272,12 @@ def test_statistics_files_are_required_only_where_they_are_read(tiny_dir, tmp_pa
                                                *no_text)))
 
 
-def test_an_edited_layer_without_its_rome_file_fails_before_the_unedited_model_is_scored(tiny_dir, tmp_path,
-                                                                                         monkeypatch):
+@pytest.mark.parametrize("editor, layers", [("memit", "[1,2]"), ("rome", "[2]")])
+def test_an_edited_layer_without_its_rome_file_fails_before_the_unedited_model_is_scored(editor, layers, tiny_dir,
+                                                                                         tmp_path, monkeypatch):
     """A folder holding layer 1's file of the sample count but not layer 2's passed the folder check, scored the
-    unedited model, then stopped when MEMIT first read layer 2's C."""
+    unedited model, then stopped when MEMIT first read layer 2's C; so does ROME's edit of layer 2 with the mom2
+    adjustment (its default), which reads that layer's C."""
     folder = tmp_path / "npz"
     folder.mkdir()
     np.savez(folder / "model.layers.1.mlp.down_proj_float32_mom2_40.npz",
@@ -1284,5 +1286,6 @@ def test_an_edited_layer_without_its_rome_file_fails_before_the_unedited_model_i
                         lambda *args, **kwargs: pytest.fail("scored the unedited model"))
     with pytest.raises(FileNotFoundError, match=r"^ROME statistics file .*/model\.layers\.2\.mlp\.down_proj_float32_"
                                                 r"mom2_40\.npz does not exist"):
-        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor=memit", "editor.layers=[1,2]",
-                                               f"model.stats.npz_dir={folder}", "model.stats.n_samples=40")))
+        run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"editor={editor}",
+                                               f"editor.layers={layers}", f"model.stats.npz_dir={folder}",
+                                               "model.stats.n_samples=40")))
