@@ -206,3 +206,41 @@ def test_no_update_or_checkpointed_state_of_an_edit_is_held_while_its_cases_are_
                                        f"editor.batch_size={batch_size}"))).run()
     assert len(made) == 3 * (2 // batch_size) and len(states) == 1 + (protocol == "sequential") * 2
     assert alive == [0]
+
+
+def test_a_resumed_sequential_run_holds_no_copy_of_the_editor_state_it_read_back(tiny_dir, tmp_path, monkeypatch):
+    """Killed at its second edit, a sequential run resumes from its checkpoint: the editor state read back (a copy
+    of every edited layer's weights, GBs on GPT-J) is copied into the model and not kept while the run edits on and
+    evaluates."""
+    from sadr import runner
+    from sadr.editors.spread import SpreadEditor
+
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor=memit", "editor.protocol=sequential",
+                                  "editor.batch_size=1"))
+    apply, read, evaluate = SpreadEditor.apply, runner._read_checkpoint, Experiment._evaluate
+    applied, read_back, alive = [], [], []
+
+    def killed_at_the_second_edit(self, requests):
+        if applied:
+            raise KeyboardInterrupt
+        applied.append(requests)
+        return apply(self, requests)
+
+    def recorded_read(state_file):
+        state = read(state_file)
+        read_back.extend(weakref.ref(weight) for weight in state["editor"]["weights"].values())
+        return state
+
+    def checked_evaluate(self, cases):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in read_back))
+        return evaluate(self, cases)
+
+    monkeypatch.setattr(SpreadEditor, "apply", killed_at_the_second_edit)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(cfg)
+    monkeypatch.setattr(SpreadEditor, "apply", apply)
+    monkeypatch.setattr(runner, "_read_checkpoint", recorded_read)
+    monkeypatch.setattr(Experiment, "_evaluate", checked_evaluate)
+    runner.run_experiment(cfg)
+    assert len(read_back) == len(cfg.editor.layers) and alive == [0]
