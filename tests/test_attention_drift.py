@@ -135,6 +135,9 @@ def test_loss_matches_eager_attention_reference(tokenizer, family, heads):
                                  "selected_head_counts": counts}
     assert loss.item() == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert sorted(reg.selected) == list(range(INJECTION + 1, adapter_for(model).num_layers(model)))
+    # each layer's selection is its own: its rows selecting each head are the reference's count at that layer
+    assert {layer: s.sum(0).tolist() for layer, s in reg.selected.items()} == {
+        layer: counts[layer] for layer in range(INJECTION + 1, len(counts))}
 
 
 # Central-difference step and tolerance. GPT-2 and GPT-NeoX run entirely in float64; the others keep
@@ -212,6 +215,30 @@ def test_layers_option_and_detach(tokenizer):
         SelectiveAttentionDriftRegularizer(weight=1.0, layers=[4]).attach(model, adapter_for(model), batch)
     with pytest.raises(ValueError, match="sadr.layers"):
         SelectiveAttentionDriftRegularizer(weight=1.0, layers=[0, 1]).attach(model, adapter_for(model), batch)
+
+
+def test_a_new_attach_forgets_the_last_edit_s_selection(tokenizer):
+    """`selected` and the diagnostics are the last step's, still read after `detach()`; the next edit's `attach()`
+    starts without any (none until its first step), not with the previous edit's, on the layers of another."""
+    model = build_model("gpt2")
+    batch = delta_batch(tokenizer)
+    reg = SelectiveAttentionDriftRegularizer(weight=1.0)
+    assert reg.selected == {} and reg.case_diagnostics() == []
+    reg.attach(model, adapter_for(model), batch)
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        reg.loss(0)
+    finally:
+        reg.detach()
+    assert sorted(reg.selected) == [2, 3] and len(reg.case_diagnostics()) == 1
+    reg.attach(model, adapter_for(model), dataclasses.replace(batch, injection_layer=2))
+    try:
+        assert reg.selected == {} and reg.case_diagnostics() == []
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        reg.loss(0)
+        assert sorted(reg.selected) == [3]
+    finally:
+        reg.detach()
 
 
 def sadr_config(**values):
