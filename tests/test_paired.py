@@ -414,6 +414,28 @@ def test_a_sweep_ends_with_its_tables_or_one_line_saying_why_there_are_none(tmp_
     assert (tmp_path / "summary.md").read_text() in out
 
 
+def test_every_shard_that_measured_nothing_is_named_in_the_order_of_its_folder(tmp_path):
+    """Shards 2/2 (folder s_a) and 1/2 (s_b) of one configuration both measured nothing: both are named, not only the
+    configuration's first shard, and in the order of their paths (the sweep folder's), not of their shard numbers."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+    from sadr.evaluation.summary import write_summary
+
+    for name, values, seed, shard in (("0", {"neighborhood": [1, 0]}, 0, None), ("s_a", {}, 1, "2/2"),
+                                      ("s_b", {}, 1, "1/2")):
+        path = _run(tmp_path / name, {0: values})
+        OmegaConf.save({"editor": {"name": "rome"}, "sadr": {"lambda": 0.0}, "seed": seed,
+                        "dataset": {"shard": shard}}, path / "config.yaml")
+        rows = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
+        metric_table(rows, states=("edited",)).to_csv(path / "metrics.csv", index=False)
+    text = write_summary(tmp_path, "prompt")
+    assert list(pd.read_csv(tmp_path / "summary.csv", dtype={"run": str}).run) == ["0"]
+    listed = sorted(tmp_path / name for name in ("s_b", "s_a"))
+    assert text.split("\nwrote ")[0].endswith("(their eval.metrics had no prompt in their cases):\n"
+                                              + "".join(f"  {run}\n" for run in listed))
+
+
 def test_a_run_that_measured_nothing_is_named_beside_the_summary_of_the_others(tmp_path):
     """A run whose metrics.csv has no entry (its metrics had no prompt in its cases) is left out of the summary and the
     report, and named; with no other run, the summary's error says so (it was a ValueError: cannot convert float NaN
