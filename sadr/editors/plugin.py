@@ -29,6 +29,11 @@ class EditorServices:
     regularizers: list = field(default_factory=list)
 
 
+def edited_layers(hparams) -> list[int]:
+    """`editor.layers`: the layers whose C an editor of one update per edited layer reads."""
+    return list(hparams.layers)
+
+
 @dataclass(frozen=True)
 class EditorPlugin:
     name: str  # `editor=<name>`; also the config node's `name`
@@ -41,7 +46,7 @@ class EditorPlugin:
     config_dir: Traversable | None = None
     # The layers whose key second moment C an edit reads, from the editor's settings (`editor.*`): where C comes from
     # ROME's files (model.stats.npz_dir), the runner checks theirs exist before it scores the unedited model.
-    statistics_layers: Callable[..., Sequence[int]] = lambda hparams: list(hparams.layers)
+    statistics_layers: Callable[..., Sequence[int]] = edited_layers
 
     def build(self, model, adapter: ModelAdapter, tokenizer, hparams, services: EditorServices) -> Editor:
         return self.editor(model, adapter, tokenizer, hparams, statistics=services.statistics,

@@ -111,5 +111,10 @@ class RomeEditor(Editor):
         return mean_keys(self.model, self.adapter, self.tokenizer, [self.layer], requests, context_templates)[self.layer]
 
 
+def layers_whose_c_rome_reads(hparams) -> list[int]:
+    """Its layer's, with the mom2 adjustment; none without it (C = I)."""
+    return list(hparams.layers) if hparams.mom2_adjustment else []
+
+
 EDITOR = EditorPlugin("rome", RomeConfig, RomeEditor, "ROME (Meng et al., 2022): a rank-one update of one MLP layer",
-                      statistics_layers=lambda hparams: list(hparams.layers) if hparams.mom2_adjustment else [])
+                      statistics_layers=layers_whose_c_rome_reads)
