@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sadr.cache import JSON, TORCH, cached, writable_dir, write_atomically
-from sadr.conf.registry import validate_layers
+from sadr.conf.validation import validate_layers
 from sadr.data.corpus import file_corpus, generated_corpus, hub_corpus, text_file
 from sadr.data.lengths import EDIT_PROMPT, GENERATION_PROMPTS, check_prompt_lengths, generated_after_prompt
 from sadr.data.load import load_cases

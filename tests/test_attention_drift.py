@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sadr.conf.registry import ConfigError, validate_sadr
+from sadr.conf.validation import ConfigError, validate_sadr
 from sadr.conf.schema import SadrConfig
 from sadr.models.adapters import adapter_for
 from sadr.regularizers.attention_drift import (

@@ -17,7 +17,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sadr.cli.main import app
 from sadr.cli.sweep import folder_varied_by_the_sweep, sweep_jobs as jobs_of_the_sweep
-from sadr.conf.registry import ConfigError, compose_config, misspelt_override, sadr_configs
+from sadr.conf.advice import misspelt_override
+from sadr.conf.registry import compose_config, sadr_configs
+from sadr.conf.validation import ConfigError
 from sadr.errors import MissingInputError
 from sadr.models.loading import check_local_source
 from tests.test_docs import CODE_SPAN, FENCE, DOCUMENTS, ROOT, prose

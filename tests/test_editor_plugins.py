@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import sadr.editors.registry as registry
-from sadr.conf.registry import ConfigError
+from sadr.conf.validation import ConfigError
 from sadr.editors.base import EditOutcome, Editor
 from sadr.editors.plugin import EditorPlugin, EditorServices
 from sadr.editors.registry import EDITORS

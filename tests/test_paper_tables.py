@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from sadr.conf.registry import validate
+from sadr.conf.validation import validate
 from tests.test_sadr_config import composed
 
 # The SADR repo's GPT-J runs (examples/scripts/{rome,memit,pmet}.sh under examples/run_knowedit.py, whose --lr

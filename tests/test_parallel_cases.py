@@ -16,7 +16,7 @@ import torch
 
 import sadr.editors.rome as rome_module
 import sadr.editors.spread as spread_module
-from sadr.conf.registry import ConfigError
+from sadr.conf.validation import ConfigError
 from sadr.data.records import EditCase, EditRequest, LabeledPrompt
 from sadr.editors.low_rank import PerRowUpdates
 from sadr.editors.plugin import EditorServices

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from sadr.cli.main import app
-from sadr.conf.registry import ConfigError, validate_layers
+from sadr.conf.validation import ConfigError, validate_layers
 from sadr.editors.rome import RomeEditor
 from sadr.evaluation.paired import compare_runs
 from sadr.evaluation.probes import resolve_metrics
@@ -363,7 +363,8 @@ def test_a_folder_that_cannot_be_locked_runs_as_before_with_a_warning(tmp_path, 
 def test_a_key_added_with_plus_is_checked_only_where_a_schema_declares_the_keys():
     from omegaconf import OmegaConf
 
-    from sadr.conf.registry import compose_config, unknown_keys
+    from sadr.conf.registry import compose_config
+    from sadr.conf.validation import unknown_keys
 
     assert [key for key, _ in unknown_keys(compose_config(["+sadr.lamda=0.1"], checked=False))] == ["sadr.lamda"]
     assert unknown_keys(OmegaConf.create({"weights": {"anything": 1.0}})) == []  # a plug-in's Dict node
@@ -899,7 +900,7 @@ def test_sadr_help_names_its_arguments_as_its_text_does_and_joins_wrapped_lines(
 
 def test_a_misspelt_override_is_named_with_the_setting_it_may_mean():
     """What sadr-run adds to Hydra's message when an override's key is declared nowhere (Hydra advises '+')."""
-    from sadr.conf.registry import misspelt_override
+    from sadr.conf.advice import misspelt_override
 
     assert misspelt_override(["model.stats.n_sample=3"]).startswith(
         "model.stats.n_sample: model.stats has no setting 'n_sample'; did you mean model.stats.n_samples? ")
@@ -989,7 +990,7 @@ def test_metrics_that_apply_to_no_case_fail_before_the_model_loads(tiny_dir, tmp
 def test_a_key_no_editor_node_may_hold_is_not_said_to_be_another_editor_s():
     """Only a key of the editor node is looked up among the other editors: sadr.v_lr is a misspelling in sadr, not
     ROME's v_lr (with and without '+')."""
-    from sadr.conf.registry import misspelt_override
+    from sadr.conf.advice import misspelt_override
 
     settings = "sadr's settings: lambda, heads, layers, divergence, epsilon, in_stop_rule"  # SadrConfig's fields
     assert misspelt_override(["sadr.v_lr=0.1"]) == f"sadr.v_lr: sadr has no setting 'v_lr'; {settings}"

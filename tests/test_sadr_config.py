@@ -8,7 +8,8 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from sadr.conf.registry import compose_config, validate
+from sadr.conf.registry import compose_config
+from sadr.conf.validation import validate
 from sadr.editors.registry import EDITORS
 from sadr.evaluation.summary import _order_columns
 from tests.test_run import _sadr_run, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
@@ -52,7 +53,7 @@ def test_paper_setting_for_a_pair_without_one_names_the_pairs_that_have_one():
 def test_sadr_run_says_what_to_do_for_a_pair_without_a_paper_or_sadr_repo_setting():
     """What sadr-run prints after Hydra's message (tests/test_cli_errors.py runs it): only for a pair that has no file,
     whatever else is on the command line, and never for a command line that would not compose without the choice."""
-    from sadr.conf.registry import missing_pair_setting
+    from sadr.conf.advice import missing_pair_setting
 
     paper = ("sadr=paper: no published SADR setting for editor=memit on model=llama2-7b; choose γ yourself with "
              "sadr.lambda=<γ> instead (and the δ steps with editor.v_num_grad_steps), or add the setting, with its "

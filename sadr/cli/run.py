@@ -21,7 +21,9 @@ from omegaconf import DictConfig
 
 from sadr.cache import writable_dir
 from sadr.cli.sweep import SweepChecks, SweepFolder
-from sadr.conf.registry import missing_pair_setting, misspelt_override, register_configs, validate
+from sadr.conf.advice import missing_pair_setting, misspelt_override
+from sadr.conf.registry import register_configs
+from sadr.conf.validation import validate
 from sadr.errors import DamagedFileError, DeviceMemoryError, UsageError
 from sadr.interrupts import Terminated, further_interrupts_ignored, sigterm_stops_the_run
 from sadr.results import RunDirectory

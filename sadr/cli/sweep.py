@@ -40,7 +40,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from sadr.conf.registry import ConfigError, compose_config, misspelt_override, missing_pair_setting, validate
+from sadr.conf.advice import misspelt_override, missing_pair_setting
+from sadr.conf.registry import compose_config
+from sadr.conf.validation import ConfigError, validate
 from sadr.errors import MissingInputError, UsageError
 from sadr.results import CONFIG_FILE, RunDirectory
 

@@ -210,8 +210,8 @@ class SelectiveAttentionDriftRegularizer(DeltaRegularizer):
 
 
 def build_regularizers(sadr_cfg: DictConfig) -> list[DeltaRegularizer]:
-    """The regularizers the typed `sadr` node asks for (its values checked by `sadr.conf.registry.validate`): none when
-    γ = 0, so the plain editor runs bit for bit."""
+    """The regularizers the typed `sadr` node asks for (its values checked by `sadr.conf.validation.validate`):
+    none when γ = 0, so the plain editor runs bit for bit."""
     if sadr_cfg["lambda"] == 0:
         return []
     layers = None if sadr_cfg.layers is None else list(sadr_cfg.layers)
