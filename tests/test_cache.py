@@ -233,9 +233,8 @@ def test_the_same_weights_from_two_folders_have_one_fingerprint(tmp_path):
 
 def test_a_tokenizer_s_fingerprint_is_its_content_not_its_folder(tmp_path):
     """The same tokenizer files in two folders give one fingerprint; one that splits text otherwise (Llama-2's legacy
-    normalizer in place of its pre-tokenizer) or has another special token gives another. The pad token, which
-    `pad_id_of` sets during a run on a tokenizer without one, does not count: the next job of a sweep, which reuses
-    the loaded model and tokenizer, must find the first job's entries."""
+    normalizer in place of its pre-tokenizer) or has another special token gives another. The pad token does not
+    count: it fills masked positions only, and `pad_id_of` (at loading) gives a tokenizer without one its EOS token."""
     make_sentencepiece_tokenizer().save_pretrained(tmp_path / "a")
     make_sentencepiece_tokenizer().save_pretrained(tmp_path / "b" / "c")
     a, b = (AutoTokenizer.from_pretrained(tmp_path / folder) for folder in ("a", "b/c"))
@@ -287,6 +286,33 @@ def test_environment_json_records_the_tokenizer_s_fingerprint(tiny_dir, tmp_path
     expected = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_dir / "model"))
     assert environment["tokenizer_fingerprint"] == expected == experiment.tokenizer_fingerprint
     assert environment["model_fingerprint"] == experiment.fingerprint
+
+
+def test_the_next_run_in_the_process_finds_the_first_run_s_entries(tiny_dir, tmp_path, caplog):
+    """The jobs of a basic-launcher sweep share the loaded model and tokenizer (here saved without a pad token, which
+    loading gives it): the second keys its computations as the first did, so it computes no key statistics again."""
+    from sadr.models import kept
+    from sadr.runner import Experiment
+    from tests.runs import composed
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir / "model", folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    kept.release_kept_model()
+    runs = []
+    with caplog.at_level(logging.INFO, logger="sadr.editors.covariance"):
+        for name in ("first", "second"):
+            runs.append(Experiment(composed(tiny_overrides(tiny_dir, tmp_path / name, f"model.source={folder}",
+                                                           f"cache_dir={tmp_path / 'cache'}", "dataset.limit=1"))))
+            runs[-1].run()
+    first, second = runs
+    assert second.loaded.tokenizer is first.loaded.tokenizer and first.loaded.tokenizer.pad_token is not None
+    assert second.computed_by == first.computed_by
+    assert caplog.text.count("computing key statistics") == 1
+    kept.release_kept_model()
 
 
 def test_new_tokenizer_files_beside_the_same_weights_key_the_caches_apart(tiny_dir, tmp_path):

@@ -40,8 +40,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     (prompts, targets, the corpus, sampled texts): the `tokenizers` library's whole definition, where the tokenizer has
     one (every supported family: vocabulary, merges, normalizer, pre-tokenizer, the post-processor that adds BOS, the
     decoder), else its vocabulary; its class, special tokens and decoding's space clean-up. Not where it was loaded
-    from: the same files in another folder give the same hash. Nor its pad token, which fills masked positions only,
-    and which `pad_id_of` sets on a tokenizer without one: a model kept for the next job of a sweep keeps its hash."""
+    from: the same files in another folder give the same hash. Nor its pad token, which fills masked positions
+    only (loading gives a tokenizer without one its EOS token, `pad_id_of`): files that differ in it alone compute
+    the same."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     special = {name: token for name, token in tokenizer.special_tokens_map.items() if name != "pad_token"}
