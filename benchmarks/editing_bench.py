@@ -39,8 +39,9 @@ from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.data.load import load_cases  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.evaluation.suite import build_evaluators, evaluate_all  # noqa: E402
-from sadr.models.fingerprint import model_fingerprint  # noqa: E402
+from sadr.models.fingerprint import computation_fingerprint, model_fingerprint, tokenizer_fingerprint  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
+from sadr.regularizers.attention_drift import build_regularizers  # noqa: E402
 from sadr.runner import build_editor, build_statistics  # noqa: E402
 
 # Phase -> the names editors time it under (ROME calls its key and δ phases k_star and v_star).
@@ -106,8 +107,8 @@ def all_at_once(editor, loaded, cases, evaluators) -> dict:
 def bench_build_editor(cfg, loaded, fingerprint: str, stats_dir: str):
     """The editor a composed config describes (SADR included when `sadr.lambda` > 0), its key statistics cached under
     `stats_dir`."""
-    return build_editor(cfg, loaded, build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint),
-                        fingerprint)
+    statistics = build_statistics(OmegaConf.merge(cfg, {"cache_dir": stats_dir}), loaded, fingerprint)
+    return build_editor(cfg, loaded, statistics, fingerprint, build_regularizers(cfg.sadr))
 
 
 def bench_editor(name: str, overrides: list[str], loaded, fingerprint: str, cases, batch: bool,
@@ -194,7 +195,9 @@ def main() -> None:
                         dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
     load_seconds = time.perf_counter() - start
     cases = load_cases(cfg.dataset, cfg.cache_dir).cases
-    fingerprint = model_fingerprint(loaded.model)
+    # the runner's key (no TF32 here), so a run's cached templates and statistics serve the benchmark and back
+    fingerprint = computation_fingerprint(model_fingerprint(loaded.model), tokenizer_fingerprint(loaded.tokenizer),
+                                          False, loaded.device.type)
     rows = []
     for name in args.editors:
         if args.variants:

@@ -40,7 +40,7 @@ from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.data.records import EditRequest  # noqa: E402
 from sadr.editors.delta import DeltaObjective, optimize_delta  # noqa: E402
 from sadr.models.embedded import EmbeddedModelUnavailable  # noqa: E402
-from sadr.models.fingerprint import model_fingerprint  # noqa: E402
+from sadr.models.fingerprint import computation_fingerprint, model_fingerprint, tokenizer_fingerprint  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer, head_kl, select_heads  # noqa: E402
 from sadr.regularizers.base import DeltaBatch, DeltaRegularizer  # noqa: E402
@@ -105,8 +105,10 @@ def load(args):
     if not (args.tiny or args.smollm2_depth):
         try:
             loaded = load_model(cfg.model.source, family=cfg.model.family, device="cpu", cache_dir=args.cache_dir)
-            templates = editor_templates(OmegaConf.merge(cfg, {"cache_dir": args.cache_dir}), loaded,
-                                         model_fingerprint(loaded.model))
+            # the runner's key (no TF32 here): the templates a run cached
+            computed_by = computation_fingerprint(model_fingerprint(loaded.model),
+                                                  tokenizer_fingerprint(loaded.tokenizer), False, loaded.device.type)
+            templates = editor_templates(OmegaConf.merge(cfg, {"cache_dir": args.cache_dir}), loaded, computed_by)
             return loaded.model, loaded.tokenizer, loaded.adapter, cfg.editor, templates, cfg.model.name
         except EmbeddedModelUnavailable as err:
             print(f"offline default model unavailable ({err}); using a random tiny llama", file=sys.stderr)
