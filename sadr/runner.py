@@ -260,6 +260,8 @@ class Experiment:
         todo = [c for c in cases if str(c.case_id) not in done]
         log.info("%s to edit (%d already finished in %s)", _counted(len(todo), "case"), len(cases) - len(todo),
                  self.out.path)
+        if not todo and self.out.deltas_kept():  # killed after its last rows were written, before they were removed
+            discard_deltas(self.out.path / DELTA_CHECKPOINT)
         if todo:
             started = time.perf_counter()
             editor = self._editor()
