@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sadr.cache import default_cache_dir  # noqa: E402
+from sadr.conf.schema import default_cache_dir  # noqa: E402
 from sadr.models.adapters import adapter_for  # noqa: E402
 from sadr.models.loading import load_model  # noqa: E402
 from sadr.regularizers.attention_rows import AttentionRows  # noqa: E402

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sadr.cache import default_cache_dir  # noqa: E402
+from sadr.conf.schema import default_cache_dir  # noqa: E402
 from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.data.load import load_cases  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402

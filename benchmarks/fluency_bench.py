@@ -36,7 +36,7 @@ from editing_bench import markdown  # noqa: E402
 from parallel_cases_bench import random_loaded_model, synchronize  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
-from sadr.cache import default_cache_dir  # noqa: E402
+from sadr.conf.schema import default_cache_dir  # noqa: E402
 from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.data.load import load_cases  # noqa: E402
 from sadr.evaluation.generation_metrics import TOP_K, GenerationMetrics, case_seed  # noqa: E402

@@ -51,7 +51,7 @@ from editing_bench import markdown  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
 import sadr.runner as runner  # noqa: E402
-from sadr.cache import default_cache_dir  # noqa: E402
+from sadr.conf.schema import default_cache_dir  # noqa: E402
 from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.editors.registry import EDITORS  # noqa: E402
 from sadr.models.adapters import adapter_for  # noqa: E402

@@ -35,7 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sadr.cache import default_cache_dir  # noqa: E402
+from sadr.conf.schema import default_cache_dir  # noqa: E402
 from sadr.conf.registry import compose_config  # noqa: E402
 from sadr.data.records import EditRequest  # noqa: E402
 from sadr.editors.delta import DeltaObjective, optimize_delta  # noqa: E402

@@ -54,8 +54,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from decisions import TIE_RTOL, differing  # noqa: E402
 from shapes import SHAPES, random_model, trained_tokenizer  # noqa: E402
 
-from sadr.cache import TORCH, default_cache_dir, read_entry  # noqa: E402
+from sadr.cache import TORCH, read_entry  # noqa: E402
 from sadr.conf.registry import compose_config  # noqa: E402
+from sadr.conf.schema import default_cache_dir  # noqa: E402
 from sadr.models.kept import release_kept_model  # noqa: E402
 from sadr.results import ENV_FILE, RunDirectory  # noqa: E402
 from sadr.runner import run_experiment  # noqa: E402

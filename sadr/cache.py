@@ -30,11 +30,6 @@ from sadr.errors import InvalidSettingError
 log = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> str:
-    """Where `sadr-run` keeps its caches when `cache_dir` is not set (the default in conf/schema.py)."""
-    return os.environ.get("SADR_CACHE_DIR", str(Path.home() / ".cache" / "sadr"))
-
-
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's content, read 8 MiB at a time."""
     digest = hashlib.sha256()

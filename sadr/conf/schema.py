@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from sadr.evaluation.probes import METRICS
 
@@ -220,6 +220,14 @@ class ProgressConfig:
     case_lines: bool = False  # one INFO line per finished case (its metrics and phase times)
 
 
+
+CACHE_DIR = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"
+
+
+def default_cache_dir() -> str:
+    """`cache_dir`'s default, resolved: where `sadr-run` keeps its caches when none is set (the benchmarks' default)."""
+    return OmegaConf.create({"cache_dir": CACHE_DIR}).cache_dir
+
 @dataclass
 class RunConfig:
     model: ModelConfig = MISSING
@@ -242,5 +250,5 @@ class RunConfig:
     # write the edited model as a folder from_pretrained loads: a sequential run's final model, or every
     # group's model in single/batch runs (one full copy each: select the cases with dataset.case_ids)
     save_edited: bool = False
-    cache_dir: str = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"
+    cache_dir: str = CACHE_DIR
     output_dir: str = "${hydra:runtime.output_dir}"
