@@ -270,6 +270,11 @@ def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_
     with pytest.raises(ConfigError, match=r"^hparams/rome_gpt-j\.yaml of editor=extra .*: expected a name "
                                           r"extra_<model>\.yaml"):
         _store_settings_files(_Store(), "extra", tmp_path)
+    (tmp_path / "hparams" / "rome_gpt-j.yaml").unlink()
+    (tmp_path / "hparams" / "extra_gpt-j.yml").write_text(EXTRA_HPARAMS)  # Hydra would not read it
+    with pytest.raises(ConfigError, match=r"^hparams/extra_gpt-j\.yml of editor=extra \(in .*\): settings files end "
+                                          r"in \.yaml; rename it extra_gpt-j\.yaml$"):
+        _store_settings_files(_Store(), "extra", tmp_path)
 
 
 def test_the_comparison_sweep_launches_every_declared_editor_with_and_without_sadr(tmp_path):

@@ -70,9 +70,12 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
         if not folder.is_dir():
             continue
         for file in sorted(folder.iterdir(), key=lambda entry: entry.name):
+            where = f"{group}/{file.name} of editor={editor} (in {config_dir})"
+            if file.name.endswith(".yml"):  # Hydra reads .yaml files only: its settings would be missing, silently
+                raise ConfigError(f"{where}: settings files end in .yaml; rename it "
+                                  f"{file.name.removesuffix('.yml')}.yaml")
             if not file.name.endswith(".yaml"):
                 continue
-            where = f"{group}/{file.name} of editor={editor} (in {config_dir})"
             model = file.name.removesuffix(".yaml").removeprefix(f"{editor}_")
             if model not in models:
                 raise ConfigError(f"{where}: expected a name {editor}_<model>.yaml, <model> one of {', '.join(models)}")
