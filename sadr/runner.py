@@ -55,12 +55,18 @@ log = logging.getLogger(__name__)
 EDITED_MODEL, EDITED_MODELS = "edited_model", "edited_models"  # sequential: one folder; single/batch: one per group
 
 
+def statistics_layers(cfg: DictConfig) -> list[int]:
+    """The layers whose key statistics C the editor reads (none: ROME without the mom2 adjustment)."""
+    return list(EDITORS[cfg.editor.name].statistics_layers(cfg.editor))
+
+
 def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> SecondMomentStatistics:
     stats = cfg.model.stats
     corpus_kind = stats.corpus.name
     if corpus_kind == "auto":
         corpus_kind = "generated" if cfg.model.source in EMBEDDED_SOURCES else "hub"
-    corpus = None if stats.npz_dir else {  # C read from ROME's files: no corpus is read
+    # no corpus is read where C comes from ROME's files, or where the editor reads no layer's
+    corpus = None if stats.npz_dir or not statistics_layers(cfg) else {
         "hub": lambda: hub_corpus(stats.hub_dataset, stats.hub_config, stats.hub_split, stats.n_samples,
                                   stats.hub_sample.name, stats.sample_seed),
         "file": lambda: file_corpus(stats.text_file, stats.n_samples),
@@ -76,9 +82,13 @@ def build_statistics(cfg: DictConfig, loaded: LoadedModel, fingerprint: str) -> 
     )
 
 
-def check_statistics_inputs(stats: DictConfig) -> None:
+def check_statistics_inputs(cfg: DictConfig) -> None:
     """The files the key statistics are read from (model.stats.npz_dir, model.stats.text_file), before the model
-    loads (minutes at paper scale). Each edited layer's own ROME file is checked once the model names its module."""
+    loads (minutes at paper scale); none for an editor that reads no C. Each layer's own ROME file is checked once
+    the model names its module."""
+    stats = cfg.model.stats
+    if not statistics_layers(cfg):
+        return
     if stats.npz_dir:  # the corpus is not read
         check_rome_npz_dir(stats.npz_dir, stats.n_samples)
     elif stats.corpus.name == "file":
@@ -166,7 +176,7 @@ class Experiment:
             raise InvalidSettingError(f"no case to run: {self.dataset.why_empty()}")
         self.evaluators = build_evaluators(cfg)  # before the model too: a misspelt eval.metrics fails in seconds
         check_metrics_apply(resolve_metrics(list(cfg.eval.metrics)), self.dataset.cases, cfg.dataset.name)
-        check_statistics_inputs(cfg.model.stats)
+        check_statistics_inputs(cfg)
         self.loaded, self.fingerprint = load_model_kept(
             cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, family=cfg.model.family,
             device=cfg.device, dtype=cfg.dtype.name, cache_dir=cfg.cache_dir)
@@ -184,7 +194,7 @@ class Experiment:
         self.parallel_cases = parallel_cases(cfg, self.loaded.device)
         self.regularizers = build_regularizers(cfg.sadr)
         self.statistics = build_statistics(cfg, self.loaded, self.computed_by)
-        self.statistics.check_files(list(EDITORS[cfg.editor.name].statistics_layers(cfg.editor)))
+        self.statistics.check_files(statistics_layers(cfg))
         self.environment = {
             "device": str(self.loaded.device),
             "device_name": torch.cuda.get_device_name(self.loaded.device) if self.loaded.device.type == "cuda" else "cpu",
@@ -193,7 +203,8 @@ class Experiment:
             # resolved: a path relative to where the run was started names no file once read elsewhere
             "dataset_source": str(Path(self.dataset.source).resolve()), "dataset_selection": self.dataset.selection,
             "dataset_invalid_skipped": self.dataset.n_invalid_skipped, "n_cases": len(self.dataset.cases),
-            "stats_corpus": self.statistics.description(), "parallel_cases": self.parallel_cases,
+            "stats_corpus": self.statistics.description() if statistics_layers(cfg) else None,
+            "parallel_cases": self.parallel_cases,
             "factor_device": cfg.model.stats.factor_device.name, "threads": torch.get_num_threads(), "tf32": self.tf32,
             "generation_batch_size": cfg.eval.generation_batch_size,
             "untested_versions": untested_versions,

@@ -735,20 +735,26 @@ def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_
         assert stats.description() == {"kind": "rome_npz", "dir": str(tmp_path), "n": n}
 
 
-def test_a_rome_npz_folder_without_files_of_the_sample_count_is_refused_when_the_statistics_are_set_up(tmp_path,
-                                                                                                        tokenizer):
+def test_a_rome_npz_folder_without_files_of_the_sample_count_is_refused_when_its_files_are_checked(tmp_path,
+                                                                                                     tokenizer):
     """Before the unedited model is scored (minutes at paper scale), not when the editor first reads C: a folder that
-    is not there, or holds ROME's files of other sample counts only, is named with the counts it holds."""
+    is not there, or holds ROME's files of other sample counts only, is named with the counts it holds; a folder no
+    layer's C is read from is not checked."""
     model = make_model("gpt2")
 
     def statistics(folder, n):
-        return SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None,
-                                      sample_length=64, batch_tokens=256, cache_dir=tmp_path / "cache",
-                                      npz_dir=str(folder), npz_samples=n)
+        stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None,
+                                       sample_length=64, batch_tokens=256, cache_dir=tmp_path / "cache",
+                                       npz_dir=str(folder), npz_samples=n)
+        stats.check_files([1])
+        return stats
 
     with pytest.raises(MissingInputError, match=r"model\.stats\.npz_dir=.*/absent is not a folder: give the folder of "
                                                 r"ROME's statistics files"):
         statistics(tmp_path / "absent", 100000)
+    SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None, sample_length=64,
+                           batch_tokens=256, cache_dir=tmp_path / "cache", npz_dir=str(tmp_path / "absent"),
+                           npz_samples=100000).check_files([])
     folder = tmp_path / "npz"
     folder.mkdir()
     with pytest.raises(MissingInputError, match=r"holds no ROME statistics file of model\.stats\.n_samples=100000 "
@@ -786,7 +792,8 @@ def test_the_files_a_rome_npz_error_names_are_of_the_module_and_the_counts_in_or
     model = make_model("gpt2")
     with pytest.raises(MissingInputError, match=r"its files are of <n> = 2, 9: set model\.stats\.n_samples to one"):
         SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f", corpus=None, sample_length=64,
-                               batch_tokens=256, cache_dir=tmp_path / "cache", npz_dir=str(tmp_path), npz_samples=5)
+                               batch_tokens=256, cache_dir=tmp_path / "cache", npz_dir=str(tmp_path),
+                               npz_samples=5).check_files([1])
 
 
 @pytest.mark.parametrize("shipped", [(1,), (2,), (1, 2)])

@@ -1252,7 +1252,8 @@ def test_a_missing_statistics_file_or_folder_fails_before_the_model_loads(tiny_d
 
 def test_statistics_files_are_required_only_where_they_are_read(tiny_dir, tmp_path):
     """With model.stats.npz_dir no corpus is read, so its text file is not required (it was, with corpus=file); ROME
-    without the mom2 adjustment reads no C, so its layer's ROME file is not required (the folder's check stands)."""
+    without the mom2 adjustment reads no C, so neither its layer's ROME file, nor a folder of them, nor a corpus is
+    required, and its environment.json names no statistics corpus."""
     width = json.loads((tiny_dir / "model" / "config.json").read_text())["intermediate_size"]
     folder = tmp_path / "npz"
     folder.mkdir()
@@ -1267,6 +1268,11 @@ def test_statistics_files_are_required_only_where_they_are_read(tiny_dir, tmp_pa
     run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "rome", "editor=rome", "editor.layers=[2]",
                                            "editor.mom2_adjustment=false", *no_text)))
     assert len(written_rows(tmp_path / "rome")) == 2
+    for unread in ((f"model.stats.npz_dir={tmp_path / 'absent'}",), no_text[:1]):
+        out = tmp_path / f"rome_without_c_{len(unread)}_{unread[0][12:19]}"
+        run_experiment(composed(tiny_overrides(tiny_dir, out, "editor=rome", "editor.mom2_adjustment=false", *unread)))
+        assert len(written_rows(out)) == 2
+        assert json.loads((out / "environment.json").read_text())["stats_corpus"] is None
     with pytest.raises(FileNotFoundError, match=r"^ROME statistics file .*/model\.layers\.2\.mlp\.down_proj_float32_"
                                                 r"mom2_40\.npz does not exist"):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "rome_c", "editor=rome", "editor.layers=[2]",

@@ -308,16 +308,16 @@ class SecondMomentStatistics:
         self.sample_length, self.batch_tokens = sample_length, batch_tokens
         self.cache_dir = Path(cache_dir) / "stats"
         self.npz_dir, self.npz_samples = npz_dir, npz_samples
-        if npz_dir:
-            check_rome_npz_dir(npz_dir, npz_samples)
         self.product_dtype, self.factor_dtype, self.factors_on_host = product_dtype, factor_dtype, factors_on_host
         self._memory: dict[int, torch.Tensor] = {}
         self._factors: dict[int, FactorizedMoment] = {}
 
     def check_files(self, layers: list[int]) -> None:
-        """Where C is read from ROME's files (model.stats.npz_dir): each of `layers`' file exists. The runner checks
-        the edited layers when the run starts, not when the editor first reads C, after the unedited model is scored."""
-        if self.npz_dir:
+        """Where C is read from ROME's files (model.stats.npz_dir): the folder holds files of `npz_samples`, and each
+        of `layers`' file exists. The runner checks the layers whose C the editor reads when the run starts, not when
+        the editor first reads C, after the unedited model is scored; a folder no layer reads from is not checked."""
+        if self.npz_dir and layers:
+            check_rome_npz_dir(self.npz_dir, self.npz_samples)
             for layer in layers:
                 check_rome_npz_file(self._source(layer))
 
