@@ -10,6 +10,7 @@ from sadr.evaluation.paired import compare_runs
 from sadr.evaluation.summary import paired_with_baselines, summarize, write_summary
 from sadr.report.build import write_report
 from sadr.report.data import load_runs, series_of, tradeoff_table
+from sadr.results import RunDirectory
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
@@ -88,8 +89,13 @@ def test_a_sharded_configuration_pairs_with_an_unsharded_baseline(runs, tmp_path
     assert [line.label for line in series_of(load_runs(root))] == ["rome"]  # one line in the report too
 
 
-def test_the_report_merges_shards_as_summarize_does(runs):
+def test_the_report_merges_shards_as_summarize_does(runs, monkeypatch):
+    """Each shard's rows are read once (at paper scale, GBs of attention blobs each): a configuration's metrics and its
+    drift come from the same read."""
+    reads, iter_rows = [], RunDirectory.iter_rows
+    monkeypatch.setattr(RunDirectory, "iter_rows", lambda self: reads.append(self.path.name) or iter_rows(self))
     sharded = {run.settings["sadr.lambda"]: run for run in load_runs(runs / "sharded")}
+    assert sorted(reads) == ["0.5_1", "0.5_2", "0_1", "0_2"]
     whole = {run.settings["sadr.lambda"]: run for run in load_runs(runs / "whole")}
     assert sorted(sharded) == sorted(whole) == [0.0, 0.5]
     assert sharded[0.5].name == "0.5_1,0.5_2" and sorted(sharded[0.5].environments) == ["0.5_1", "0.5_2"]

@@ -134,11 +134,14 @@ class Configuration:
             label += f"; unfinished {', '.join(map(str, self.unfinished))}"
         return label
 
-    def metrics(self) -> pd.DataFrame:
-        """The runner's metrics.csv; for shards, the same table over every shard's cases (CIs over all prompts)."""
+    def metrics(self, scored: list[dict] | None = None) -> pd.DataFrame:
+        """The runner's metrics.csv; for shards, the same table over every shard's cases (CIs over all prompts), from
+        `scored`, their rows' `scored_fields` where the caller has read them already, or else read here."""
         if not self.n_shards:
             return read_metrics(self.runs[0] / METRICS_FILE)
-        return metric_table([scored_fields(row) for run in self.runs for row in RunDirectory(run).iter_rows()])
+        if scored is None:
+            scored = [scored_fields(row) for run in self.runs for row in RunDirectory(run).iter_rows()]
+        return metric_table(scored)
 
 
 def read_metrics(file: Path) -> pd.DataFrame:

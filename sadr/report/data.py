@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sadr.evaluation.aggregate import scored_fields
 from sadr.evaluation.drift import ATTENTION, decode_entry
 from sadr.evaluation.summary import (ALWAYS, MAY_DIFFER_FROM_BASELINE, baseline_groups, configurations, differing_keys,
                                     run_name)
@@ -79,11 +80,20 @@ def load_runs(root: str | Path) -> list[Run]:
     for configuration in configurations(root):
         names = {path: run_name(path, root) for path in configuration.runs}
         env_files = {path: path / ENV_FILE for path in configuration.runs}
-        runs.append(Run(",".join(names.values()), configuration.settings, configuration.metrics(),
-                        tally_cases(RunDirectory(path).rows() for path in configuration.runs),
+        scored: list[dict] = []  # a sharded configuration's metrics come from its rows: read once, for both
+        cases = tally_cases(_scored_as_read(RunDirectory(path).rows(), scored if configuration.n_shards else None)
+                            for path in configuration.runs)
+        runs.append(Run(",".join(names.values()), configuration.settings, configuration.metrics(scored), cases,
                         {names[path]: json.loads(file.read_text()) if file.is_file() else {}
                          for path, file in env_files.items()}))
     return runs
+
+
+def _scored_as_read(rows: list[dict], scored: list[dict] | None) -> list[dict]:
+    """`rows`, their `scored_fields` added to `scored` (unless None)."""
+    if scored is not None:
+        scored += [scored_fields(row) for row in rows]
+    return rows
 
 
 class _RunningMean:
