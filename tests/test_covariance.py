@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sadr.cache import TORCH, read_entry
 from sadr.data.corpus import Corpus
 from sadr.editors import covariance
 from sadr.editors.covariance import SecondMomentStatistics, accumulate_second_moments, load_rome_npz
@@ -695,15 +696,52 @@ def test_a_generated_corpus_cycles_the_seed_words_with_its_seed(monkeypatch):
 
     def record(model, tokenizer, prompts, **kwargs):
         calls.append((prompts, kwargs))
-        return prompts
+        yield prompts, {}
 
-    monkeypatch.setattr(corpus_module, "sample_texts", record)
+    monkeypatch.setattr(corpus_module, "sampled_batches", record)
     corpus = corpus_module.generated_corpus(None, None, n_samples=14, length=8, seed=7, batch_tokens=32)
-    list(corpus.texts())
     words = ["The", "In", "A", "It", "When", "This", "There", "One", "After", "His", "Her", "According to"]
-    assert calls == [(words + ["The", "In"], {"max_new_tokens": 8, "seed": 7, "batch_size": 4})]
+    assert list(corpus.texts()) == words + ["The", "In"]
+    assert calls == [(words + ["The", "In"], {"max_new_tokens": 8, "seed": 7, "batch_size": 4, "rng_state": None})]
     assert corpus.description == {"kind": "generated", "n": 14, "length": 8, "seed": 7, "top_k": 5, "batch": 4}
 
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_stopped_sampling_of_a_generated_corpus_resumes_to_the_texts_of_one_never_stopped(stop, tmp_path, tokenizer,
+                                                                                            monkeypatch):
+    """7 texts sampled 2 at a time, stopped as the third batch begins: by Ctrl-C or SIGTERM, which keep the 4 texts
+    sampled, or by a crash, after which those kept by the last periodic save remain (every batch, here). The rerun
+    samples the last two batches only, from the random state the second left, to the texts of a sampling never
+    stopped; the kept texts go once the corpus's entry is written."""
+    from sadr.data import corpus as corpus_module
+
+    model = make_model("llama")
+
+    def corpus(cache):
+        return corpus_module.generated_corpus(model, tokenizer, n_samples=7, length=6, seed=3, batch_tokens=12,
+                                              fingerprint="f", cache_dir=cache)
+
+    never_stopped = list(corpus(tmp_path / "fresh").texts())
+    assert len(set(never_stopped)) > 1
+    generate, calls = model.generate, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise stop()
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", stopping)
+    if stop is RuntimeError:
+        monkeypatch.setattr(corpus_module, "SAMPLING_CHECKPOINT_SECONDS", 0.0)
+    with pytest.raises(stop):
+        list(corpus(tmp_path / "cache").texts())
+    (partial,) = (tmp_path / "cache" / "corpora").glob("*.partial.pt")
+    assert read_entry(partial, TORCH)["texts"] == never_stopped[:4]
+    calls.clear()
+    assert list(corpus(tmp_path / "cache").texts()) == never_stopped
+    assert len(calls) == 2 and not partial.exists()
 
 def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_as_means(tmp_path, tokenizer):
     """`model.stats.npz_dir`: each layer's C is the file <module>_float32_mom2_<n>.npz of the configured n, mom2.mom2 /

@@ -817,8 +817,8 @@ def test_passes_over_a_generated_corpus_sample_it_once_and_a_stopped_pass_resume
 
     loaded = load_model(str(tiny_dir / "model"), device="cpu", cache_dir=str(tmp_path))
     sampled = []
-    sample_texts = corpus_module.sample_texts
-    monkeypatch.setattr(corpus_module, "sample_texts", lambda *args, **kwargs: sampled.append(1) or sample_texts(
+    sampled_batches = corpus_module.sampled_batches
+    monkeypatch.setattr(corpus_module, "sampled_batches", lambda *args, **kwargs: sampled.append(1) or sampled_batches(
         *args, **kwargs))
 
     def statistics(cache: Path):

@@ -4,14 +4,16 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sadr.cache import JSON, cached
+from sadr.cache import JSON, TORCH, cached, read_entry, write_atomically
 from sadr.errors import MissingInputError, UnavailableError
 from sadr.models.fingerprint import cache_key
-from sadr.models.generation import sample_texts
+from sadr.interrupts import further_interrupts_ignored, interrupts_deferred
+from sadr.models.generation import sampled_batches
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +109,70 @@ def generated_corpus(model, tokenizer, n_samples: int, length: int, seed: int, b
     With `fingerprint` (the model's computation fingerprint) and `cache_dir`, the texts are sampled once and kept in
     `cache_dir/corpora`: every later pass over this corpus (other layers, another editor, a pass resumed after a stop)
     reads the same texts, without sampling again, whatever its threads (float rounding, which depends on them, can
-    change a sampled token).
+    change a sampled token). The texts sampled so far are kept beside the entry too (`SamplingCheckpoint`), so a
+    sampling stopped by Ctrl-C, SIGTERM or a crash resumes where it was (hours, for a real model's 100,000 texts).
     """
     batch = max(1, batch_tokens // length)
     description = {"kind": "generated", "n": n_samples, "length": length, "seed": seed, "top_k": 5, "batch": batch}
 
-    def sample() -> list[str]:
+    def sample(checkpoint: SamplingCheckpoint | None) -> list[str]:
         prompts = [GENERATION_SEEDS[i % len(GENERATION_SEEDS)] for i in range(n_samples)]
+        texts, rng = checkpoint.load() if checkpoint is not None else ([], None)
         # every text comes at once, after minutes on a CPU: said before, so that the wait does not look like a hang
         log.info("sampling %d texts of %d tokens from the model, %d at a time, for its key statistics (once: the "
-                 "texts are cached)", n_samples, length, batch)
-        return sample_texts(model, tokenizer, prompts, max_new_tokens=length, seed=seed, batch_size=batch)
+                 "texts are cached)%s", n_samples, length, batch,
+                 f"; resuming after the {len(texts)} sampled before a stop" if texts else "")
+        kept, saved = len(texts), time.monotonic()
+        try:
+            for sampled, after in sampled_batches(model, tokenizer, prompts[len(texts):], max_new_tokens=length,
+                                                  seed=seed, batch_size=batch, rng_state=rng):
+                with interrupts_deferred():  # the texts and the state to draw the next ones from, together
+                    texts.extend(sampled)
+                    rng = after
+                if checkpoint is not None and time.monotonic() - saved >= checkpoint.every_seconds:
+                    checkpoint.save(texts, rng)
+                    kept, saved = len(texts), time.monotonic()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (sadr/interrupts.py): what was sampled is kept
+            if checkpoint is not None and len(texts) > kept:
+                with further_interrupts_ignored():
+                    checkpoint.save(texts, rng)
+            raise
+        return texts
 
     def texts() -> Iterator[str]:
         if fingerprint is None or cache_dir is None:
-            yield from sample()
+            yield from sample(None)
             return
         key = cache_key(kind="generated_corpus", model=fingerprint, corpus=description)
-        yield from cached(Path(cache_dir) / "corpora" / f"{key}{JSON.suffix}", sample)
+        entry = Path(cache_dir) / "corpora" / f"{key}{JSON.suffix}"
+        checkpoint = SamplingCheckpoint(entry.with_name(f"{key}.partial{TORCH.suffix}"), SAMPLING_CHECKPOINT_SECONDS)
+        sampled = cached(entry, lambda: sample(checkpoint))
+        checkpoint.remove()
+        yield from sampled
 
     return Corpus(description, texts)
+
+
+# a generated corpus's sampling keeps its texts this often (and when stopped), as a statistics pass keeps its sums
+SAMPLING_CHECKPOINT_SECONDS = 600.0
+
+
+@dataclass
+class SamplingCheckpoint:
+    """The texts a generated corpus's sampling has drawn so far, and the random state it draws the next from. The
+    file is named by the corpus's cache key (model, tokenizer, device kind and every setting of the corpus), so only
+    the same sampling reads it back, and it is removed once the corpus's entry is written."""
+
+    path: Path
+    every_seconds: float
+
+    def load(self) -> tuple[list[str], dict | None]:
+        state = read_entry(self.path, TORCH)
+        return ([], None) if state is None else (state["texts"], state["rng"])
+
+    def save(self, texts: list[str], rng: dict) -> None:
+        write_atomically({"texts": texts, "rng": rng}, self.path, TORCH)
+        log.info("generated corpus: %d texts sampled so far, kept in %s", len(texts), self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

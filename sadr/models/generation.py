@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import unicodedata
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -12,7 +12,6 @@ from sadr.models.kv_cache import new_cache
 from sadr.models.tokenization import pad_batch, pad_id_of
 
 
-@torch.no_grad()
 def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, top_k: int = 5,
                  batch_size: int = 32) -> list[str]:
     """One sampled continuation per prompt, returned with its prompt (special tokens stripped).
@@ -20,14 +19,27 @@ def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, s
     Sampling draws from a private RNG state seeded with `seed`, so the global RNG is untouched and the
     same call gives the same texts on the same device.
     """
+    return [text for texts, _ in sampled_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                                 top_k=top_k, batch_size=batch_size) for text in texts]
+
+
+@torch.no_grad()
+def sampled_batches(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, top_k: int = 5,
+                    batch_size: int = 32, rng_state: dict | None = None) -> Iterator[tuple[list[str], dict]]:
+    """`sample_texts`, a batch at a time: each batch's texts, and the random state after it. Given that state as
+    `rng_state` (instead of the one `seed` starts), with the prompts after that batch, it draws what the stream would
+    have drawn next: a sampling stopped between two batches resumes to the same texts. Each batch starts from the
+    state the previous one left, whatever ran between them."""
     device = next(model.parameters()).device
-    texts: list[str] = []
     pad_id = pad_id_of(tokenizer)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+        if rng_state is None:
+            torch.manual_seed(seed)
+            rng_state = _rng_state(device)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             batch = pad_batch([tokenizer(prompt)["input_ids"] for prompt in chunk], pad_id, left=True).to(device)
+            _set_rng_state(rng_state, device)
             out = model.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -39,8 +51,20 @@ def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, s
                 min_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
             )
-            texts += tokenizer.batch_decode(out, skip_special_tokens=True)
-    return texts
+            rng_state = _rng_state(device)
+            yield tokenizer.batch_decode(out, skip_special_tokens=True), rng_state
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The random state sampling on `device` draws from (the host's, and the GPU's on CUDA)."""
+    gpu = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    return {"cpu": torch.get_rng_state(), **gpu}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @torch.no_grad()
