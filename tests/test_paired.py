@@ -281,6 +281,9 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     markdown = (tmp_path / "summary.md").read_text()
     assert "33.33 " in markdown and "66.67 " in markdown and "0.001 " in markdown and "33.333" not in markdown
     assert markdown.startswith(f"prompt-level results ×100 of every run in {tmp_path}:\n|")  # read alone, it says so
+    latex = (tmp_path / "summary.tex").read_text()  # the same rounding, each CI beside its mean
+    assert latex.startswith(f"% prompt-level results ×100 of every run in {tmp_path}:\n")
+    assert r"$33.33 \pm " in latex and r"$66.67 \pm " in latex and "$0.001$" in latex and "33.333" not in latex
 
     text = write_summary(tmp_path, "case")  # one case of 3 prompts: a single pair of case means
     paired = pd.read_csv(tmp_path / "paired.csv").set_index("metric")
@@ -288,6 +291,9 @@ def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics
     assert "case by case (as `sadr compare --protocol case`)" in text
     assert (tmp_path / "summary.md").read_text().startswith("case-level results")
     assert (tmp_path / "paired.md").read_text().startswith("each γ > 0 run against its γ = 0 run, case by case")
+    assert (tmp_path / "paired.tex").read_text().startswith("% each γ > 0 run against its γ = 0 run, case by case")
+    # base, other and their difference to 3 digits, as paired.md shows them; one pair of case means has no CI
+    assert " & NS & $1$ & $33.3$ & $66.7$ & $33.3$ & $1$ & $0$ & $1$ \\\\\n" in (tmp_path / "paired.tex").read_text()
 
 
 def test_a_summary_finds_the_runs_and_reads_their_settings_once_for_both_tables(tmp_path, monkeypatch):
@@ -327,13 +333,13 @@ def test_a_summary_in_which_no_run_pairs_removes_an_earlier_summary_s_paired_tab
         metric_table(rows, states=("edited",)).to_csv(path / "metrics.csv", index=False)
     out = tmp_path / "tables"
     assert "removed" not in write_summary(tmp_path / "runs", "prompt", out)
-    assert (out / "paired.csv").is_file() and (out / "paired.md").is_file()
+    assert all((out / f"paired.{kind}").is_file() for kind in ("csv", "md", "tex"))
     shutil.rmtree(tmp_path / "runs" / "1")
     text = write_summary(tmp_path / "runs", "prompt", out)
-    assert not (out / "paired.csv").exists() and not (out / "paired.md").exists()
-    assert text.endswith(f"wrote {out / 'summary.csv'}, {out / 'summary.md'}; removed the earlier paired.csv and "
-                         "paired.md: no run pairs now"), text
-    assert write_summary(tmp_path / "runs", "prompt", out).endswith("summary.md")
+    assert not any((out / f"paired.{kind}").exists() for kind in ("csv", "md", "tex"))
+    assert text.endswith(f"wrote {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.tex'}; removed the "
+                         "earlier paired.csv, paired.md and paired.tex: no run pairs now"), text
+    assert write_summary(tmp_path / "runs", "prompt", out).endswith("summary.tex")
 
 
 @pytest.mark.parametrize("states", [("edited", "unedited"), ("edited",)])

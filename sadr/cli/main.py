@@ -46,10 +46,10 @@ def summarize(
     protocol: Protocol = typer.Option(Protocol.prompt, help="prompt (SADR Table 3) or case (ROME/MEMIT papers)"),
     out: Path = typer.Option(None, help="where to write summary.* and paired.* (default: ROOT)"),
 ) -> None:
-    """One comparison table (CSV and Markdown) of every run under ROOT, swept keys as columns.
+    """One comparison table (CSV, Markdown and LaTeX) of every run under ROOT, swept keys as columns.
 
     Where a run with γ > 0 has a γ = 0 run that differs only in SADR settings, δ steps and the metrics evaluated,
-    paired.csv and paired.md also compare the two under the same protocol (as `sadr compare`).
+    paired.csv, paired.md and paired.tex also compare the two under the same protocol (as `sadr compare`).
     """
     from sadr.evaluation.summary import write_summary
 

@@ -11,10 +11,12 @@ from hydra.experimental.callback import Callback
 from sadr.data.selection import parse_shard
 from sadr.errors import DamagedFileError
 from sadr.evaluation.aggregate import LABELS, metric_table, scored_fields
+from sadr.evaluation.latex import latex_table
 from sadr.evaluation.paired import compare_runs
 from sadr.results import CONFIG_FILE, METRICS_FILE, RunDirectory, read_config
 
 STEPS_KEY = "editor.v_num_grad_steps"
+DECIMALS = 2  # of the means and CIs in summary.md and summary.tex (summary.csv keeps full precision)
 # SADR comparisons must report δ-step counts (the paper's SADR runs used more steps than its baselines).
 ALWAYS = ("model.name", "editor.name", "dataset.name", "sadr.lambda", STEPS_KEY)
 # Keys that differ between runs but are not columns: the seed, and where an editor's hyperparameters were published
@@ -264,11 +266,14 @@ def markdown_table(table: pd.DataFrame, **options) -> str:
     return table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="", **options)
 
 
-def rounded_metrics(table: pd.DataFrame, decimals: int = 2) -> pd.DataFrame:
-    """`summarize`'s table with its metric columns (every column after `run`) rounded, settings such as γ = 0.001
-    left as they are."""
-    metrics = table.columns[table.columns.get_loc("run") + 1 :]
-    return table.round({column: decimals for column in metrics})
+def rounded_metrics(table: pd.DataFrame) -> pd.DataFrame:
+    """`summarize`'s table with its metric columns rounded to DECIMALS, settings such as γ = 0.001 left as they are."""
+    return table.round({column: DECIMALS for column in _metric_columns(table)})
+
+
+def _metric_columns(table: pd.DataFrame) -> list[str]:
+    """`summarize`'s metric columns: every column after `run`."""
+    return list(table.columns[table.columns.get_loc("run") + 1 :])
 
 
 def _order_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -348,21 +353,27 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     target = Path(target or root)
     target.mkdir(parents=True, exist_ok=True)
     table.to_csv(target / "summary.csv", index=False)
-    # each .md file opens with the title printed above its table, which names the protocol
-    summary = f"{protocol}-level results ×100 of every run in {root}:\n{markdown_table(rounded_metrics(table))}\n"
+    # each .md and .tex file opens with the title printed above its table, which names the protocol
+    title = f"{protocol}-level results ×100 of every run in {root}:"
+    summary = f"{title}\n{markdown_table(rounded_metrics(table))}\n"
     (target / "summary.md").write_text(summary)
+    (target / "summary.tex").write_text(latex_table(table, title, {column: f".{DECIMALS}f" for column in
+                                                                    _metric_columns(table)}))
     text = summary
-    written = [target / "summary.csv", target / "summary.md"]
+    written = [target / f"summary.{kind}" for kind in ("csv", "md", "tex")]
     paired, unpaired = paired_with_baselines(root, protocol, found)
     if not paired.empty:
         paired.to_csv(target / "paired.csv", index=False)
-        paired_text = (f"each γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
-                       f"{protocol}`):\n{markdown_table(paired, floatfmt='.3g')}\n")
+        title = (f"each γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
+                 f"{protocol}`):")
+        paired_text = f"{title}\n{markdown_table(paired, floatfmt='.3g')}\n"
         (target / "paired.md").write_text(paired_text)
+        (target / "paired.tex").write_text(latex_table(paired, title, {column: ".3g" for column in paired.columns
+                                                                        if paired[column].dtype.kind == "f"}))
         text += "\n" + paired_text
-        written += [target / "paired.csv", target / "paired.md"]
-    stale = [] if not paired.empty else [file for file in (target / "paired.csv", target / "paired.md")
-                                         if file.is_file()]
+        written += [target / f"paired.{kind}" for kind in ("csv", "md", "tex")]
+    stale = [] if not paired.empty else [target / f"paired.{kind}" for kind in ("csv", "md", "tex")
+                                         if (target / f"paired.{kind}").is_file()]
     for file in stale:  # an earlier summary's: left beside this one, it would pass for the pairs of these runs
         file.unlink()
     if unpaired:
@@ -375,7 +386,9 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
     if unfinished:
         text += ("\nnot in the tables: runs without metrics (still running, killed or failed; re-running the same "
                  "command resumes them):\n" + "\n".join(f"  {run}  log: {_log_of(run)}" for run in unfinished) + "\n")
-    removed = f"; removed the earlier {' and '.join(file.name for file in stale)}: no run pairs now" if stale else ""
+    names = [file.name for file in stale]
+    listed = " and ".join(filter(None, [", ".join(names[:-1]), *names[-1:]]))
+    removed = f"; removed the earlier {listed}: no run pairs now" if stale else ""
     return text + f"\nwrote {', '.join(str(p) for p in written)}{removed}"
 
 

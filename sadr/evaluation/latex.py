@@ -1,0 +1,49 @@
+"""Tables as LaTeX (booktabs), for a paper: each mean and its 95 % CI in one cell, `$m \\pm c$`."""
+from __future__ import annotations
+
+import pandas as pd
+
+CI_SUFFIX = " ci95"  # a column `<name> ci95` holds the CI half-widths of column `<name>`
+SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def escape(text: str) -> str:
+    """`text` as LaTeX typesets it literally."""
+    return "".join(SPECIAL.get(char, char) for char in text)
+
+
+def latex_table(table: pd.DataFrame, title: str, formats: dict[str, str] | None = None) -> str:
+    """A booktabs `tabular` of `table` under `title` (a comment line), its columns in order but each `<name> ci95`
+    merged into `<name>`'s cells. Numbers are formatted with `formats[column]` (default `g`: as the Markdown tables
+    show them) in math mode; text is escaped; a missing value is an empty cell."""
+    formats = formats or {}
+    columns = [c for c in table.columns if not (c.endswith(CI_SUFFIX) and c.removesuffix(CI_SUFFIX) in table.columns)]
+
+    def number(value, column: str) -> str | None:
+        if value is None or isinstance(value, str) or pd.isna(value):
+            return None
+        return format(value, formats.get(column, "d" if isinstance(value, int) else "g"))
+
+    def cell(row: pd.Series, column: str) -> str:
+        value = row[column]
+        if isinstance(value, str):
+            return escape(value)
+        shown = number(value, column)
+        if shown is None:
+            return ""
+        ci = number(row[column + CI_SUFFIX], column) if column + CI_SUFFIX in table.columns else None
+        return f"${shown} \\pm {ci}$" if ci is not None else f"${shown}$"
+
+    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in columns]
+    lines = [f"% {title}", "% needs \\usepackage{booktabs}",
+             f"\\begin{{tabular}}{{{''.join('r' if is_number else 'l' for is_number in numeric)}}}", r"\toprule",
+             " & ".join(escape(str(c)) for c in columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(cell(row, c) for c in columns) + r" \\" for _, row in _plain(table).iterrows()]
+    return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def _plain(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with numpy scalars as Python ones (an integer column's cells as int, so they print without a point)."""
+    return table.astype(object).map(lambda v: v.item() if hasattr(v, "item") and not isinstance(v, str) else v)
+
