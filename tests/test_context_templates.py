@@ -142,6 +142,28 @@ def test_fixed_style_sampling_is_seeded(tokenizer):
     assert draw(3) == draw(3) != draw(4)
 
 
+def test_fixed_style_sampling_draws_its_batches_from_one_stream_that_the_seed_starts(tokenizer):
+    """Batches of 2 (the last of 1) draw one after another from the stream torch.manual_seed(seed) starts, as one loop
+    of transformers' sampling over the left-padded batches does: the batch-at-a-time sampling (`sampled_batches`) that
+    lets a generated corpus resume draws each batch from the state the one before left, not from the seed's again."""
+    model = make_model("llama")
+    prompts = ["The", "You", "In", "A", "It"]
+    texts = sample_texts(model, tokenizer, prompts, max_new_tokens=5, seed=11, batch_size=2)
+    expected = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        for start in range(0, len(prompts), 2):
+            ids = [tokenizer(prompt)["input_ids"] for prompt in prompts[start : start + 2]]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in ids])
+            mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=5, top_p=1.0,
+                                 temperature=1.0, max_new_tokens=5, min_new_tokens=5,
+                                 pad_token_id=tokenizer.pad_token_id)
+            expected += tokenizer.batch_decode(out, skip_special_tokens=True)
+    assert texts == expected and len(set(texts)) == len(prompts)
+
+
 @pytest.mark.parametrize("style", ["fixed", "reference"])
 def test_each_length_class_is_sampled_from_its_own_seed_to_its_length(style, tokenizer, tmp_path):
     """Class i of [[max_tokens, count], ...] is `count` texts from seed + i, each seed word count/5 times: the fixed
