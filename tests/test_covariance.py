@@ -743,6 +743,38 @@ def test_a_stopped_sampling_of_a_generated_corpus_resumes_to_the_texts_of_one_ne
     assert list(corpus(tmp_path / "cache").texts()) == never_stopped
     assert len(calls) == 2 and not partial.exists()
 
+
+def test_a_stop_while_a_sampled_batch_is_added_keeps_its_texts_with_the_random_state_after_them(tmp_path,
+                                                                                                 monkeypatch):
+    """Ctrl-C arriving as a batch's texts are added to those sampled is held until the random state after that batch
+    is taken too: the kept file pairs the texts with the state that draws the next ones, never with the one that
+    drew the last batch (a rerun would then draw texts that a sampling never stopped does not)."""
+    import signal
+
+    from sadr.data import corpus as corpus_module
+
+    class Arriving:  # a batch's texts, Ctrl-C arriving once they are all added
+        def __init__(self, texts):
+            self.texts = texts
+
+        def __iter__(self):
+            yield from self.texts
+            signal.raise_signal(signal.SIGINT)
+
+    def batches(model, tokenizer, prompts, **kwargs):
+        yield ["a", "b"], {"cpu": "after the first batch"}
+        yield Arriving(["c", "d"]), {"cpu": "after the second batch"}
+        raise AssertionError("sampled on after Ctrl-C")
+
+    monkeypatch.setattr(corpus_module, "sampled_batches", batches)
+    corpus = corpus_module.generated_corpus(None, None, n_samples=6, length=4, seed=3, batch_tokens=8,
+                                            fingerprint="f", cache_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        list(corpus.texts())
+    (partial,) = (tmp_path / "corpora").glob("*.partial.pt")
+    assert read_entry(partial, TORCH) == {"texts": ["a", "b", "c", "d"], "rng": {"cpu": "after the second batch"}}
+
+
 def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_as_means(tmp_path, tokenizer):
     """`model.stats.npz_dir`: each layer's C is the file <module>_float32_mom2_<n>.npz of the configured n, mom2.mom2 /
     mom2.count; no corpus is read. Files of another n (ROME publishes several) are not taken."""
