@@ -775,6 +775,33 @@ def test_a_stop_while_a_sampled_batch_is_added_keeps_its_texts_with_the_random_s
     assert read_entry(partial, TORCH) == {"texts": ["a", "b", "c", "d"], "rng": {"cpu": "after the second batch"}}
 
 
+def test_the_random_state_a_sampling_resumes_from_holds_the_gpu_s_on_cuda(monkeypatch):
+    """On CUDA the texts are drawn from the GPU's generator: the state kept after a batch, and set again before the
+    next (or a resumed sampling's first), is the GPU's as well as the host's; the host's alone would resume a CUDA
+    sampling to other texts. The GPU's generator is a stand-in here, so the test runs without one."""
+    from sadr.models import generation
+
+    gpu = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8), "devices": []}
+
+    def get_rng_state(device):
+        gpu["devices"].append(device)
+        return gpu["state"].clone()
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: gpu.update(state=state.clone(), set_on=device))
+    device = torch.device("cuda", 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        state = generation._rng_state(device)
+        assert torch.equal(state["cpu"], torch.get_rng_state()) and torch.equal(state["cuda"], torch.tensor([1, 2, 3]))
+        assert gpu["devices"] == [device]
+        torch.manual_seed(6)
+        gpu["state"] = torch.tensor([7, 7, 7], dtype=torch.uint8)
+        generation._set_rng_state(state, device)
+        assert torch.equal(torch.get_rng_state(), state["cpu"])
+        assert torch.equal(gpu["state"], torch.tensor([1, 2, 3], dtype=torch.uint8)) and gpu["set_on"] == device
+
 def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_as_means(tmp_path, tokenizer):
     """`model.stats.npz_dir`: each layer's C is the file <module>_float32_mom2_<n>.npz of the configured n, mom2.mom2 /
     mom2.count; no corpus is read. Files of another n (ROME publishes several) are not taken."""
