@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from sadr.evaluation.paired import compare_runs
-from sadr.evaluation.summary import paired_with_baselines, summarize, write_summary
+from sadr.evaluation.summary import paired_with_baselines, read_metrics, summarize, write_summary
 from sadr.report.build import write_report
 from sadr.report.data import load_runs, series_of, tradeoff_table
-from sadr.results import RunDirectory
+from sadr.results import METRICS_FILE, RunDirectory
 from sadr.runner import run_experiment
 from tests.runs import composed, tiny_dir, tiny_overrides  # noqa: F401 (tiny_dir is a fixture)
 
@@ -103,6 +103,19 @@ def test_the_report_merges_shards_as_summarize_does(runs, monkeypatch):
     assert [line.label for line in lines] == ["rome"]  # one line, not one per shard
     columns = ["lambda", "metric", "mean", "ci95", "n"]
     pd.testing.assert_frame_equal(tradeoff_table(lines)[columns], tradeoff_table(series_of(list(whole.values())))[columns])
+
+
+def test_the_report_s_metrics_of_a_shard_are_made_from_every_row_it_read(tiny_dir, tmp_path):  # noqa: F811
+    """A sharded configuration's metrics in the report come from all the rows of the one read of each shard, so they
+    equal the metrics.csv that the runner wrote from the same rows: here a single shard (1/1) of both cases, where
+    the other tests' shards hold one row each."""
+    run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "root" / "only", "dataset.shard=1/1")))
+    (run,) = load_runs(tmp_path / "root")
+    assert run.cases.count == 2
+    written = read_metrics(tmp_path / "root" / "only" / METRICS_FILE)
+    # not components, whose empty cells read back from the file as NaN
+    columns = ["state", "metric", "label", "quantity", "protocol", "mean", "ci95", "n"]
+    pd.testing.assert_frame_equal(run.metrics[columns], written[columns])
 
 
 def test_a_shard_run_twice_is_an_error(runs, tmp_path):
