@@ -706,14 +706,13 @@ def test_a_generated_corpus_cycles_the_seed_words_with_its_seed(monkeypatch):
     assert corpus.description == {"kind": "generated", "n": 14, "length": 8, "seed": 7, "top_k": 5, "batch": 4}
 
 
-
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
-def test_a_stopped_sampling_of_a_generated_corpus_resumes_to_the_texts_of_one_never_stopped(stop, tmp_path, tokenizer,
-                                                                                            monkeypatch):
-    """7 texts sampled 2 at a time, stopped as the third batch begins: by Ctrl-C or SIGTERM, which keep the 4 texts
-    sampled, or by a crash, after which those kept by the last periodic save remain (every batch, here). The rerun
-    samples the last two batches only, from the random state the second left, to the texts of a sampling never
-    stopped; the kept texts go once the corpus's entry is written."""
+@pytest.mark.parametrize("stop, periodic", [(KeyboardInterrupt, False), (RuntimeError, False), (RuntimeError, True)])
+def test_a_stopped_sampling_of_a_generated_corpus_resumes_to_the_texts_of_one_never_stopped(stop, periodic, tmp_path,
+                                                                                            tokenizer, monkeypatch):
+    """7 texts sampled 2 at a time, stopped as the third batch begins: by Ctrl-C or SIGTERM, or by an error (a GPU out
+    of memory, say), each of which keeps the 4 texts sampled; with a save after every batch, they are on disk before
+    the stop. The rerun samples the last two batches only, from the random state the second left, to the texts of a
+    sampling never stopped; the kept texts go once the corpus's entry is written."""
     from sadr.data import corpus as corpus_module
 
     model = make_model("llama")
@@ -724,19 +723,22 @@ def test_a_stopped_sampling_of_a_generated_corpus_resumes_to_the_texts_of_one_ne
 
     never_stopped = list(corpus(tmp_path / "fresh").texts())
     assert len(set(never_stopped)) > 1
-    generate, calls, stops = model.generate, [], [stop]
+    generate, calls, stops, on_disk = model.generate, [], [stop], []
 
     def stopping(*args, **kwargs):  # once: a rerun that sampled its third batch again fails, not the whole session
         calls.append(1)
         if len(calls) == 3 and stops:
+            kept = (tmp_path / "cache").rglob("*.partial.pt")
+            on_disk.extend(read_entry(partial, TORCH)["texts"] for partial in kept)
             raise stops.pop()()
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", stopping)
-    if stop is RuntimeError:
+    if periodic:
         monkeypatch.setattr(corpus_module, "SAMPLING_CHECKPOINT_SECONDS", 0.0)
     with pytest.raises(stop):
         list(corpus(tmp_path / "cache").texts())
+    assert on_disk == ([never_stopped[:4]] if periodic else [])
     (partial,) = (tmp_path / "cache" / "corpora").glob("*.partial.pt")
     assert read_entry(partial, TORCH)["texts"] == never_stopped[:4]
     calls.clear()
@@ -801,6 +803,7 @@ def test_the_random_state_a_sampling_resumes_from_holds_the_gpu_s_on_cuda(monkey
         generation._set_rng_state(state, device)
         assert torch.equal(torch.get_rng_state(), state["cpu"])
         assert torch.equal(gpu["state"], torch.tensor([1, 2, 3], dtype=torch.uint8)) and gpu["set_on"] == device
+
 
 def test_statistics_from_a_rome_npz_folder_are_read_per_module_and_sample_count_as_means(tmp_path, tokenizer):
     """`model.stats.npz_dir`: each layer's C is the file <module>_float32_mom2_<n>.npz of the configured n, mom2.mom2 /

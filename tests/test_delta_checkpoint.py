@@ -300,7 +300,6 @@ def test_a_run_stopped_in_a_batch_s_deltas_resumes_from_them_with_the_rows_of_a_
     assert not (out / DELTA_CHECKPOINT).exists()
 
 
-
 def test_a_finished_run_killed_before_it_removed_its_last_groups_deltas_removes_them_when_resumed(tiny_dir, tmp_path,
                                                                                                   monkeypatch):
     """Killed after the last group's rows were written but before its δs were removed: the rerun has nothing to edit,
@@ -314,6 +313,7 @@ def test_a_finished_run_killed_before_it_removed_its_last_groups_deltas_removes_
     assert run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor=memit"))) == out
     assert not optimised and written_rows(out) == rows
     assert not (out / DELTA_CHECKPOINT).exists()
+
 
 def test_a_run_that_kept_deltas_refuses_other_settings_and_takes_them_once_they_are_deleted(tiny_dir, tmp_path,
                                                                                              monkeypatch):

@@ -271,10 +271,12 @@ def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_
                                           r"extra_<model>\.yaml"):
         _store_settings_files(_Store(), "extra", tmp_path)
     (tmp_path / "hparams" / "rome_gpt-j.yaml").unlink()
-    (tmp_path / "hparams" / "extra_gpt-j.yml").write_text(EXTRA_HPARAMS)  # Hydra would not read it
-    with pytest.raises(ConfigError, match=r"^hparams/extra_gpt-j\.yml of editor=extra \(in .*\): settings files end "
-                                          r"in \.yaml; rename it extra_gpt-j\.yaml$"):
-        _store_settings_files(_Store(), "extra", tmp_path)
+    for name in ("extra_gpt-j.yml", "extra_gpt-j.YAML"):  # Hydra would not read them
+        (tmp_path / "hparams" / name).write_text(EXTRA_HPARAMS)
+        with pytest.raises(ConfigError, match=rf"^hparams/{name}".replace(".", r"\.") + r" of editor=extra \(in .*\): "
+                                              r"settings files end in \.yaml; rename it extra_gpt-j\.yaml$"):
+            _store_settings_files(_Store(), "extra", tmp_path)
+        (tmp_path / "hparams" / name).unlink()
 
 
 def test_the_comparison_sweep_launches_every_declared_editor_with_and_without_sadr(tmp_path):

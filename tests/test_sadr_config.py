@@ -30,14 +30,15 @@ def test_sadr_is_off_by_default():
     assert cfg.sadr["lambda"] == 0.0 and cfg.editor.v_num_grad_steps == 20
 
 
-
 @pytest.mark.parametrize("environment", [{"SADR_CACHE_DIR": "/data/sadr-cache"}, {"HOME": "/home/someone"}])
 def test_the_benchmarks_default_cache_dir_is_the_one_a_run_composes(environment, monkeypatch):
+    """SADR_CACHE_DIR where it is set, else ~/.cache/sadr: one default, so a benchmark reads the caches a run wrote."""
     monkeypatch.delenv("SADR_CACHE_DIR", raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     expected = environment.get("SADR_CACHE_DIR", "/home/someone/.cache/sadr")
     assert default_cache_dir() == composed([]).cache_dir == expected
+
 
 @pytest.mark.parametrize("editor", GPTJ)
 def test_paper_setting_for_gpt_j(editor):

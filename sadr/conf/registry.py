@@ -71,9 +71,9 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
             continue
         for file in sorted(folder.iterdir(), key=lambda entry: entry.name):
             where = f"{group}/{file.name} of editor={editor} (in {config_dir})"
-            if file.name.endswith(".yml"):  # Hydra reads .yaml files only: its settings would be missing, silently
-                raise ConfigError(f"{where}: settings files end in .yaml; rename it "
-                                  f"{file.name.removesuffix('.yml')}.yaml")
+            stem, _, extension = file.name.rpartition(".")
+            if extension.lower() in ("yml", "yaml") and extension != "yaml":  # Hydra reads .yaml files only
+                raise ConfigError(f"{where}: settings files end in .yaml; rename it {stem}.yaml")
             if not file.name.endswith(".yaml"):
                 continue
             model = file.name.removesuffix(".yaml").removeprefix(f"{editor}_")

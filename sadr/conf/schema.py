@@ -220,13 +220,13 @@ class ProgressConfig:
     case_lines: bool = False  # one INFO line per finished case (its metrics and phase times)
 
 
-
 CACHE_DIR = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"
 
 
 def default_cache_dir() -> str:
     """`cache_dir`'s default, resolved: where `sadr-run` keeps its caches when none is set (the benchmarks' default)."""
     return OmegaConf.create({"cache_dir": CACHE_DIR}).cache_dir
+
 
 @dataclass
 class RunConfig:

@@ -109,8 +109,9 @@ def generated_corpus(model, tokenizer, n_samples: int, length: int, seed: int, b
     With `fingerprint` (the model's computation fingerprint) and `cache_dir`, the texts are sampled once and kept in
     `cache_dir/corpora`: every later pass over this corpus (other layers, another editor, a pass resumed after a stop)
     reads the same texts, without sampling again, whatever its threads (float rounding, which depends on them, can
-    change a sampled token). The texts sampled so far are kept beside the entry too (`SamplingCheckpoint`), so a
-    sampling stopped by Ctrl-C, SIGTERM or a crash resumes where it was (hours, for a real model's 100,000 texts).
+    change a sampled token). The texts sampled so far are kept beside the entry too (`SamplingCheckpoint`), every
+    `SAMPLING_CHECKPOINT_SECONDS` and when Ctrl-C, SIGTERM or an error stops the sampling, so that it resumes where it
+    was (hours, for a real model's 100,000 texts); a kill loses what came after the last save.
     """
     batch = max(1, batch_tokens // length)
     description = {"kind": "generated", "n": n_samples, "length": length, "seed": seed, "top_k": 5, "batch": batch}
@@ -132,7 +133,7 @@ def generated_corpus(model, tokenizer, n_samples: int, length: int, seed: int, b
                 if checkpoint is not None and time.monotonic() - saved >= checkpoint.every_seconds:
                     checkpoint.save(texts, rng)
                     kept, saved = len(texts), time.monotonic()
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (sadr/interrupts.py): what was sampled is kept
+        except BaseException:  # Ctrl-C, SIGTERM (sadr/interrupts.py) or an error: what was sampled is kept
             if checkpoint is not None and len(texts) > kept:
                 with further_interrupts_ignored():
                     checkpoint.save(texts, rng)
