@@ -144,6 +144,11 @@ def test_cli_pairs_prompts_unless_told_otherwise(tmp_path):
         assert done.output.startswith(f"{other} against the base {base}, {protocol} by {protocol}, ×100 (difference: "
                                       "other − base):\n|")  # runs without config.yaml: no settings to compare
         assert done.output.endswith(f"wrote {tmp_path / 'c.csv'}\n")
+    done = CliRunner().invoke(app, ["compare", str(base), str(other), "--out", str(tmp_path / "c.tex")])
+    assert done.exit_code == 0 and done.output.endswith(f"wrote {tmp_path / 'c.tex'}\n"), done.output
+    latex = (tmp_path / "c.tex").read_text()  # the printed title, and the differences to 3 digits as printed
+    assert latex.startswith(f"% {done.output.splitlines()[0]}\n% needs \\usepackage{{booktabs}}\n")
+    assert "\nDNS & $3$ & $0$ & $66.7$ & $66.7 \\pm " in latex and latex.endswith("\\end{tabular}\n")
 
 
 def test_cli_names_the_settings_in_which_the_two_runs_differ(tmp_path):

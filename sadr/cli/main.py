@@ -60,7 +60,8 @@ def summarize(
 def compare(
     base: Path = typer.Argument(..., metavar="BASE", help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
     other: Path = typer.Argument(..., metavar="OTHER", help="run directory of the variant, on the same records (e.g. with SADR)"),
-    out: Path = typer.Option(None, help="also write the table to this CSV file (its folder is made if missing)"),
+    out: Path = typer.Option(None, help="also write the table to this file: LaTeX where it ends in .tex, else CSV "
+                                        "(its folder is made if missing)"),
     protocol: Protocol = typer.Option(Protocol.prompt,
                                       help="pair prompts, or each case's mean over its prompts (case)"),
 ) -> None:
@@ -72,17 +73,23 @@ def compare(
     table = _or_usage_error(lambda: compare_runs(base, other, protocol.value))
     title = _or_usage_error(lambda: pair_title(base, other, protocol.value))
     if out:  # before the table is printed, so that a path it cannot write ends the output with the error alone
-        _or_usage_error(lambda: _write_csv(table, out))
+        _or_usage_error(lambda: _write_table(table, title, out))
     typer.echo(title)
     typer.echo(markdown_table(table, floatfmt=".3g"))
     if out:
         typer.echo(f"wrote {out}")
 
 
-def _write_csv(table, out: Path) -> None:
-    """`table` as CSV at `out`, making its folder where it is missing, as `summarize --out` and `report --out` do."""
+def _write_table(table, title: str, out: Path) -> None:
+    """`table` at `out`, as LaTeX under `title` where its name ends in .tex (floats to 3 digits, as printed), else as
+    CSV, making its folder where it is missing, as `summarize --out` and `report --out` do."""
+    from sadr.evaluation.latex import latex_table
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
+    if out.suffix == ".tex":
+        out.write_text(latex_table(table, title, {c: ".3g" for c in table.columns if table[c].dtype.kind == "f"}))
+    else:
+        table.to_csv(out, index=False)
 
 
 @app.command()
