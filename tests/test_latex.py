@@ -34,3 +34,9 @@ def test_a_table_with_means_cis_text_counts_and_gaps_is_typeset_as_written_by_ha
 def test_every_character_latex_reserves_is_typeset_literally():
     assert escape(r"a_b & 50% #1 $x$ {y} ~z^2 \n") == (r"a\_b \& 50\% \#1 \$x\$ \{y\} \textasciitilde{}z"
                                                       r"\textasciicircum{}2 \textbackslash{}n")
+
+
+def test_a_count_of_a_million_or_more_is_typeset_in_full_not_in_g_notation():
+    """An integer cell prints with `d` (a numpy int64 made a Python int first): `g` would show 1234567 as
+    1.23457e+06, six digits of a count."""
+    assert "\na & $1234567$ \\\\\n" in latex_table(pd.DataFrame({"run": ["a"], "n_obs": [1234567]}), "t")
