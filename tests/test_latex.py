@@ -40,3 +40,37 @@ def test_a_count_of_a_million_or_more_is_typeset_in_full_not_in_g_notation():
     """An integer cell prints with `d` (a numpy int64 made a Python int first): `g` would show 1234567 as
     1.23457e+06, six digits of a count."""
     assert "\na & $1234567$ \\\\\n" in latex_table(pd.DataFrame({"run": ["a"], "n_obs": [1234567]}), "t")
+
+
+def test_a_table_of_numbers_only_keeps_its_integers_integers():
+    """pandas hands each row of an all-number table over as floats: the count must still print with `d`."""
+    assert "\n$1234567$ & $0.5$ \\\\\n" in latex_table(pd.DataFrame({"n_obs": [1234567], "ES": [0.5]}), "t")
+
+
+def test_a_swept_true_false_setting_reads_true_and_false_as_in_the_markdown_table():
+    """A bool is an int to Python: it printed as $1$ and $0$. The unedited rows have no such setting (blank)."""
+    table = pd.DataFrame({"editor.mom2_adjustment": [None, True, False], "ES": [1.0, 2.0, 3.0]})
+    assert latex_table(table, "t").splitlines()[2:] == [
+        "\\begin{tabular}{lr}", "\\toprule", "editor.mom2\\_adjustment & ES \\\\", "\\midrule",
+        " & $1$ \\\\", "True & $2$ \\\\", "False & $3$ \\\\", "\\bottomrule", "\\end{tabular}"]
+
+
+def test_a_settings_column_of_numbers_with_blanks_is_right_aligned_as_numbers():
+    """The unedited rows lack γ, so pandas keeps the column as objects; its cells are numbers all the same."""
+    table = pd.DataFrame({"sadr.lambda": [None, 0.0, 0.001], "run": ["u", "a", "b"]}, dtype=object)
+    assert table["sadr.lambda"].dtype == object
+    assert "\\begin{tabular}{rl}\n" in latex_table(table, "t")
+
+
+def test_g_notation_and_infinity_are_typeset_as_math_not_as_letters():
+    """format(1e-05, "g") is 1e-05, which math mode typesets as 1e − 05 (e a variable, minus a binary operator)."""
+    table = pd.DataFrame({"v_lr": [1e-05, 2.5e12, math.inf, -math.inf, 0.5]})
+    assert latex_table(table, "t").splitlines()[6:11] == [
+        "$1 \\times 10^{-5}$ \\\\", "$2.5 \\times 10^{12}$ \\\\", "$\\infty$ \\\\", "$-\\infty$ \\\\", "$0.5$ \\\\"]
+
+
+def test_every_line_of_a_title_is_a_comment():
+    """A title with a line break (a setting's value in `sadr compare`'s title, say) must not put its second line
+    into the document, nor text after a carriage return."""
+    lines = latex_table(pd.DataFrame({"a": [1]}), "one\ntwo 50%\r\nthree\rfour").splitlines()
+    assert lines[:5] == ["% one", "% two 50%", "% three", "% four", "% needs \\usepackage{booktabs}"]

@@ -14,36 +14,58 @@ def escape(text: str) -> str:
 
 
 def latex_table(table: pd.DataFrame, title: str, formats: dict[str, str] | None = None) -> str:
-    """A booktabs `tabular` of `table` under `title` (a comment line), its columns in order but each `<name> ci95`
+    """A booktabs `tabular` of `table` under `title` (comment lines), its columns in order but each `<name> ci95`
     merged into `<name>`'s cells. Numbers are formatted with `formats[column]` (default `g`: as the Markdown tables
     show them) in math mode; text is escaped; a missing value is an empty cell."""
     formats = formats or {}
     columns = [c for c in table.columns if not (c.endswith(CI_SUFFIX) and c.removesuffix(CI_SUFFIX) in table.columns)]
 
     def number(value, column: str) -> str | None:
-        if value is None or isinstance(value, str) or pd.isna(value):
+        if value is None or isinstance(value, (str, bool)) or pd.isna(value):
             return None
-        return format(value, formats.get(column, "d" if isinstance(value, int) else "g"))
+        return _math(format(value, formats.get(column, "d" if isinstance(value, int) else "g")))
 
     def cell(row: pd.Series, column: str) -> str:
         value = row[column]
-        if isinstance(value, str):
-            return escape(value)
+        if isinstance(value, (str, bool)):  # True/False as the Markdown tables show them, not 1/0
+            return escape(str(value))
         shown = number(value, column)
         if shown is None:
             return ""
         ci = number(row[column + CI_SUFFIX], column) if column + CI_SUFFIX in table.columns else None
         return f"${shown} \\pm {ci}$" if ci is not None else f"${shown}$"
 
-    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in columns]
-    lines = [f"% {title}", "% needs \\usepackage{booktabs}",
+    plain = _plain(table)
+    # right-aligned: a column of numbers, blanks aside (settings the unedited rows lack make an object column)
+    numeric = [_numbers(plain[c]) if not plain[c].map(_missing).all() else
+               pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]) for c in columns]
+    lines = [*(f"% {line}" for line in title.splitlines() or [""]), "% needs \\usepackage{booktabs}",
              f"\\begin{{tabular}}{{{''.join('r' if is_number else 'l' for is_number in numeric)}}}", r"\toprule",
              " & ".join(escape(str(c)) for c in columns) + r" \\", r"\midrule"]
-    lines += [" & ".join(cell(row, c) for c in columns) + r" \\" for _, row in _plain(table).iterrows()]
+    lines += [" & ".join(cell(row, c) for c in columns) + r" \\" for _, row in plain.iterrows()]
     return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
 def _plain(table: pd.DataFrame) -> pd.DataFrame:
-    """`table` with numpy scalars as Python ones (an integer column's cells as int, so they print without a point)."""
-    return table.astype(object).map(lambda v: v.item() if hasattr(v, "item") and not isinstance(v, str) else v)
+    """`table` with numpy scalars as Python ones (an integer column's cells as int, so they print without a point),
+    its columns kept as objects: a table of numbers only would otherwise hand each row over as floats."""
+    return table.astype(object).map(lambda v: v.item() if hasattr(v, "item") and not isinstance(v, str) else v
+                                    ).astype(object)
+
+
+def _missing(value) -> bool:
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
+def _numbers(column: pd.Series) -> bool:
+    """Whether every value of `column` (of `_plain`'s) is a number or missing; True/False and text are not numbers."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column if not _missing(v))
+
+
+def _math(shown: str) -> str:
+    """A formatted number as math: 1e-05 as 1 \\times 10^{-5} (not 1e − 05), inf as \\infty."""
+    mantissa, e, exponent = shown.partition("e")
+    if e:
+        return f"{mantissa} \\times 10^{{{int(exponent)}}}"
+    return shown.replace("inf", "\\infty")
 
