@@ -152,13 +152,18 @@ def test_cli_pairs_prompts_unless_told_otherwise(tmp_path):
 
 
 def test_cli_writes_latex_only_to_a_file_whose_suffix_is_tex(tmp_path):
-    """`--out` picks LaTeX by the file's suffix: a name that merely ends in "tex" (c_tex) is written as CSV."""
+    """`--out` picks LaTeX by the file's suffix, in either case (C.TEX, as a .YML settings file is .yml); a name that
+    merely ends in "tex" (c_tex) is written as CSV."""
     base = _run(tmp_path / "a", {0: {"distract_neighborhood": [0, 0, 0]}})
     other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1, 0]}})
     done = CliRunner().invoke(app, ["compare", str(base), str(other), "--out", str(tmp_path / "c_tex")])
     assert done.exit_code == 0, done.output
     assert (tmp_path / "c_tex").read_text().splitlines()[0] == ("metric,n,base,other,difference,difference ci95,up,"
                                                                 "down,sign-test p")
+    done = CliRunner().invoke(app, ["compare", str(base), str(other), "--out", str(tmp_path / "C.TEX")])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "C.TEX").read_text().splitlines()[2:4] == ["\\begin{tabular}{lrrrrrrr}", "\\toprule"]
+
 
 def test_cli_names_the_settings_in_which_the_two_runs_differ(tmp_path):
     """A difference no one meant (another δ step count) is seen above the table."""

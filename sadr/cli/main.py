@@ -60,8 +60,8 @@ def summarize(
 def compare(
     base: Path = typer.Argument(..., metavar="BASE", help="run directory of the baseline (e.g. the editor with sadr.lambda=0)"),
     other: Path = typer.Argument(..., metavar="OTHER", help="run directory of the variant, on the same records (e.g. with SADR)"),
-    out: Path = typer.Option(None, help="also write the table to this file: LaTeX where it ends in .tex, else CSV "
-                                        "(its folder is made if missing)"),
+    out: Path = typer.Option(None, help="also write the table to this file: LaTeX where it ends in .tex (.TEX), else "
+                                        "CSV (its folder is made if missing)"),
     protocol: Protocol = typer.Option(Protocol.prompt,
                                       help="pair prompts, or each case's mean over its prompts (case)"),
 ) -> None:
@@ -86,7 +86,7 @@ def _write_table(table, title: str, out: Path) -> None:
     from sadr.evaluation.latex import latex_table
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".tex":
+    if out.suffix.lower() == ".tex":  # as .YML settings are .yml
         out.write_text(latex_table(table, title, {c: ".3g" for c in table.columns if table[c].dtype.kind == "f"}))
     else:
         table.to_csv(out, index=False)

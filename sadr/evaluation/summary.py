@@ -343,8 +343,8 @@ def paired_with_baselines(root: str | Path, protocol: str = "prompt",
 
 
 def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
-    """summary.csv/.md and, where runs pair with a γ = 0 baseline, paired.csv/.md in `target` (default: root); where
-    none pairs, an earlier summary's paired.csv/.md there is removed.
+    """summary.csv/.md/.tex and, where runs pair with a γ = 0 baseline, paired.csv/.md/.tex in `target` (default:
+    root); where none pairs, an earlier summary's paired.csv/.md/.tex there are removed.
 
     Returns the text to print: both tables and where they were written.
     """
