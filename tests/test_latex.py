@@ -60,6 +60,8 @@ def test_a_settings_column_of_numbers_with_blanks_is_right_aligned_as_numbers():
     table = pd.DataFrame({"sadr.lambda": [None, 0.0, 0.001], "run": ["u", "a", "b"]}, dtype=object)
     assert table["sadr.lambda"].dtype == object
     assert "\\begin{tabular}{rl}\n" in latex_table(table, "t")
+    blank = pd.DataFrame({"text": [None, None], "number": [math.nan, math.nan]})  # no value: aligned by dtype
+    assert "\\begin{tabular}{lr}\n" in latex_table(blank, "t")
 
 
 def test_g_notation_and_infinity_are_typeset_as_math_not_as_letters():
@@ -74,3 +76,4 @@ def test_every_line_of_a_title_is_a_comment():
     into the document, nor text after a carriage return."""
     lines = latex_table(pd.DataFrame({"a": [1]}), "one\ntwo 50%\r\nthree\rfour").splitlines()
     assert lines[:5] == ["% one", "% two 50%", "% three", "% four", "% needs \\usepackage{booktabs}"]
+    assert latex_table(pd.DataFrame({"a": [1]}), "").startswith("% \n% needs")  # an empty title: an empty comment

@@ -21,7 +21,7 @@ def latex_table(table: pd.DataFrame, title: str, formats: dict[str, str] | None 
     columns = [c for c in table.columns if not (c.endswith(CI_SUFFIX) and c.removesuffix(CI_SUFFIX) in table.columns)]
 
     def number(value, column: str) -> str | None:
-        if value is None or isinstance(value, (str, bool)) or pd.isna(value):
+        if value is None or isinstance(value, str) or pd.isna(value):
             return None
         return _math(format(value, formats.get(column, "d" if isinstance(value, int) else "g")))
 
