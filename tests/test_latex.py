@@ -77,3 +77,8 @@ def test_every_line_of_a_title_is_a_comment():
     lines = latex_table(pd.DataFrame({"a": [1]}), "one\ntwo 50%\r\nthree\rfour").splitlines()
     assert lines[:5] == ["% one", "% two 50%", "% three", "% four", "% needs \\usepackage{booktabs}"]
     assert latex_table(pd.DataFrame({"a": [1]}), "").startswith("% \n% needs")  # an empty title: an empty comment
+
+
+def test_angle_brackets_and_bars_are_typeset_as_themselves_in_the_default_font_encoding():
+    """With only \\usepackage{booktabs} (OT1 fonts), a bare <|endoftext|> is typeset as ¡—endoftext—¿."""
+    assert escape("<|endoftext|>") == r"\textless{}\textbar{}endoftext\textbar{}\textgreater{}"

@@ -5,7 +5,9 @@ import pandas as pd
 
 CI_SUFFIX = " ci95"  # a column `<name> ci95` holds the CI half-widths of column `<name>`
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+           # in LaTeX's default font encoding (OT1) these print as ¡, ¿ and —
+           "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
 
 
 def escape(text: str) -> str:
