@@ -895,7 +895,7 @@ def test_sadr_help_names_its_arguments_as_its_text_does_and_joins_wrapped_lines(
     done = CliRunner().invoke(app, ["summarize", "--help"], env={"COLUMNS": "200"})
     usage = next(line for line in done.output.splitlines() if "Usage:" in line)
     assert done.exit_code == 0 and "ROOT" in usage, done.output
-    assert "the metrics evaluated, paired.csv and paired.md" in done.output  # one paragraph, not the source's lines
+    assert "the metrics evaluated, paired.csv, paired.md and paired.tex" in done.output  # one paragraph, not its lines
 
 
 def test_a_misspelt_override_is_named_with_the_setting_it_may_mean():
