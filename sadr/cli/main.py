@@ -68,14 +68,14 @@ def compare(
     """Prompt-by-prompt (or case-by-case) comparison of two runs: paired difference ± 95 % CI, observations up/down,
     sign test."""
     from sadr.evaluation.paired import compare_runs
-    from sadr.evaluation.summary import markdown_table, pair_title
+    from sadr.evaluation.summary import PAIRED_DIGITS, markdown_table, pair_title
 
     table = _or_usage_error(lambda: compare_runs(base, other, protocol.value))
     title = _or_usage_error(lambda: pair_title(base, other, protocol.value))
     if out:  # before the table is printed, so that a path it cannot write ends the output with the error alone
         _or_usage_error(lambda: _write_table(table, title, out))
     typer.echo(title)
-    typer.echo(markdown_table(table, floatfmt=".3g"))
+    typer.echo(markdown_table(table, floatfmt=PAIRED_DIGITS))
     if out:
         typer.echo(f"wrote {out}")
 
@@ -83,11 +83,11 @@ def compare(
 def _write_table(table, title: str, out: Path) -> None:
     """`table` at `out`, as LaTeX under `title` where its name ends in .tex (floats to 3 digits, as printed), else as
     CSV, making its folder where it is missing, as `summarize --out` and `report --out` do."""
-    from sadr.evaluation.latex import latex_table
+    from sadr.evaluation.summary import paired_latex
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".tex":  # as .YML settings are .yml
-        out.write_text(latex_table(table, title, {c: ".3g" for c in table.columns if table[c].dtype.kind == "f"}))
+        out.write_text(paired_latex(table, title))
     else:
         table.to_csv(out, index=False)
 

@@ -70,4 +70,3 @@ def _math(shown: str) -> str:
     if e:
         return f"{mantissa} \\times 10^{{{int(exponent)}}}"
     return shown.replace("inf", "\\infty")
-

@@ -266,6 +266,15 @@ def markdown_table(table: pd.DataFrame, **options) -> str:
     return table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="", **options)
 
 
+PAIRED_DIGITS = ".3g"  # a paired table's floats, as `sadr compare`, paired.md and paired.tex show them
+
+
+def paired_latex(table: pd.DataFrame, title: str) -> str:
+    """A paired comparison (`compare_runs`, `paired_with_baselines`) as LaTeX, its floats as paired.md shows them."""
+    floats = [column for column in table.columns if table[column].dtype.kind == "f"]
+    return latex_table(table, title, dict.fromkeys(floats, PAIRED_DIGITS))
+
+
 def rounded_metrics(table: pd.DataFrame) -> pd.DataFrame:
     """`summarize`'s table with its metric columns rounded to DECIMALS, settings such as γ = 0.001 left as they are."""
     return table.round({column: DECIMALS for column in _metric_columns(table)})
@@ -366,10 +375,9 @@ def write_summary(root: Path, protocol: str, target: Path | None = None) -> str:
         paired.to_csv(target / "paired.csv", index=False)
         title = (f"each γ > 0 run against its γ = 0 run, {protocol} by {protocol} (as `sadr compare --protocol "
                  f"{protocol}`):")
-        paired_text = f"{title}\n{markdown_table(paired, floatfmt='.3g')}\n"
+        paired_text = f"{title}\n{markdown_table(paired, floatfmt=PAIRED_DIGITS)}\n"
         (target / "paired.md").write_text(paired_text)
-        (target / "paired.tex").write_text(latex_table(paired, title, {column: ".3g" for column in paired.columns
-                                                                        if paired[column].dtype.kind == "f"}))
+        (target / "paired.tex").write_text(paired_latex(paired, title))
         text += "\n" + paired_text
         written += [target / f"paired.{kind}" for kind in ("csv", "md", "tex")]
     stale = [] if not paired.empty else [target / f"paired.{kind}" for kind in ("csv", "md", "tex")
