@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from sadr.conf.registry import compose_config
 from sadr.conf.schema import default_cache_dir
-from sadr.conf.validation import validate
+from sadr.conf.validation import ConfigError, validate
 from sadr.editors.registry import EDITORS
 from sadr.evaluation.summary import _order_columns
 from tests.test_run import _sadr_run, tiny_dir, tiny_overrides  # noqa: F401  (tiny_dir is a fixture)
@@ -38,6 +38,17 @@ def test_the_benchmarks_default_cache_dir_is_the_one_a_run_composes(environment,
         monkeypatch.setenv(name, value)
     expected = environment.get("SADR_CACHE_DIR", "/home/someone/.cache/sadr")
     assert default_cache_dir() == composed([]).cache_dir == expected
+
+
+def test_no_default_cache_dir_without_sadr_cache_dir_or_home_is_a_config_error(monkeypatch):
+    """A bare container or cron job has neither: the error says what to set, not OmegaConf's traceback."""
+    monkeypatch.delenv("SADR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    cfg = composed([])
+    for check in (lambda: validate(cfg), default_cache_dir):
+        with pytest.raises(ConfigError, match=r"^cache_dir: .*'HOME'.*set SADR_CACHE_DIR .* or give cache_dir=PATH$"):
+            check()
+    validate(composed(["cache_dir=/data/sadr-cache"]))
 
 
 @pytest.mark.parametrize("editor", GPTJ)

@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from sadr.conf.validation import resolved_cache_dir
 from sadr.evaluation.probes import METRICS
 
 
@@ -225,7 +226,7 @@ CACHE_DIR = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"
 
 def default_cache_dir() -> str:
     """`cache_dir`'s default, resolved: where `sadr-run` keeps its caches when none is set (the benchmarks' default)."""
-    return OmegaConf.create({"cache_dir": CACHE_DIR}).cache_dir
+    return resolved_cache_dir(OmegaConf.create({"cache_dir": CACHE_DIR}))
 
 
 @dataclass

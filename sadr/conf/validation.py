@@ -8,6 +8,7 @@ import re
 import typing
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from sadr.errors import InvalidSettingError
 
@@ -124,9 +125,20 @@ def _check_delta_weights(editor: DictConfig) -> None:
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def resolved_cache_dir(cfg: DictConfig) -> str:
+    """`cfg.cache_dir`; its default read with neither SADR_CACHE_DIR nor HOME set (a bare container, a cron job) is
+    a ConfigError that says what to set, not OmegaConf's traceback."""
+    try:
+        return cfg.cache_dir
+    except InterpolationResolutionError as error:
+        raise ConfigError(f"cache_dir: {str(error).splitlines()[0]}; set SADR_CACHE_DIR (or HOME: the default is "
+                          "$HOME/.cache/sadr), or give cache_dir=PATH") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks, each naming the key and what it accepts."""
     _check_known_keys(cfg)
+    resolved_cache_dir(cfg)
     validate_sadr(cfg.sadr)
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads}: must be >= 1 (null: torch's default)")
