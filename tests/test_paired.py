@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import subprocess
 import sys
@@ -281,6 +282,16 @@ def test_a_baseline_with_other_metrics_pairs_on_the_metrics_both_runs_have(tmp_p
     table, unpaired = paired_with_baselines(tmp_path)
     assert unpaired == [] and set(table.metric) == {"DNS"} and set(table.base_run) == {"0"}
     assert table.set_index("metric").loc["DNS", "difference"] == pytest.approx(50.0)
+
+
+def test_a_mean_that_rounds_to_zero_shows_as_0_in_summary_md_not_as_minus_0():
+    from sadr.evaluation.summary import markdown_table, rounded_metrics
+
+    table = pd.DataFrame({"sadr.lambda": [-0.0], "run": ["a"], "Drift": [-0.001], "Magnitude": [-0.006]})
+    rounded = rounded_metrics(table)
+    assert rounded.loc[0, "sadr.lambda"] == 0 and math.copysign(1, rounded.loc[0, "sadr.lambda"]) == -1  # a setting
+    assert math.copysign(1, rounded.loc[0, "Drift"]) == 1 and rounded.loc[0, "Magnitude"] == -0.01
+    assert [cell.strip() for cell in markdown_table(rounded).splitlines()[2].split("|")[3:5]] == ["0", "-0.01"]
 
 
 def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics(tmp_path):

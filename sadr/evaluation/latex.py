@@ -25,7 +25,8 @@ def latex_table(table: pd.DataFrame, title: str, formats: dict[str, str] | None 
     def number(value, column: str) -> str | None:
         if value is None or isinstance(value, str) or pd.isna(value):
             return None
-        return _math(format(value, formats.get(column, "d" if isinstance(value, int) else "g")))
+        shown = format(value, formats.get(column, "d" if isinstance(value, int) else "g"))
+        return _math(shown.removeprefix("-") if float(shown) == 0 else shown)  # -0.001 as 0.00, not -0.00
 
     def cell(row: pd.Series, column: str) -> str:
         value = row[column]

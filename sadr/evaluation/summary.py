@@ -276,8 +276,13 @@ def paired_latex(table: pd.DataFrame, title: str) -> str:
 
 
 def rounded_metrics(table: pd.DataFrame) -> pd.DataFrame:
-    """`summarize`'s table with its metric columns rounded to DECIMALS, settings such as γ = 0.001 left as they are."""
-    return table.round({column: DECIMALS for column in _metric_columns(table)})
+    """`summarize`'s table with its metric columns rounded to DECIMALS, settings such as γ = 0.001 left as they are.
+    A mean that rounds to zero is 0, not -0 (-0.001 rounds to -0.0, which the Markdown table shows as -0)."""
+    metrics = _metric_columns(table)
+    rounded = table.round(dict.fromkeys(metrics, DECIMALS))
+    floats = [column for column in metrics if rounded[column].dtype.kind == "f"]
+    rounded[floats] = rounded[floats] + 0.0
+    return rounded
 
 
 def _metric_columns(table: pd.DataFrame) -> list[str]:
