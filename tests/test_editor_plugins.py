@@ -271,12 +271,16 @@ def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_
                                           r"extra_<model>\.yaml"):
         _store_settings_files(_Store(), "extra", tmp_path)
     (tmp_path / "hparams" / "rome_gpt-j.yaml").unlink()
-    for name in ("extra_gpt-j.yml", "extra_gpt-j.YAML"):  # Hydra would not read them
+    for name in ("extra_llama3-8b.yml", "extra_llama3-8b.YAML"):  # Hydra would not read them
         (tmp_path / "hparams" / name).write_text(EXTRA_HPARAMS)
         with pytest.raises(ConfigError, match=rf"^hparams/{name}".replace(".", r"\.") + r" of editor=extra \(in .*\): "
-                                              r"settings files end in \.yaml; rename it extra_gpt-j\.yaml$"):
+                                              r"settings files end in \.yaml; rename it extra_llama3-8b\.yaml$"):
             _store_settings_files(_Store(), "extra", tmp_path)
         (tmp_path / "hparams" / name).unlink()
+    (tmp_path / "hparams" / "extra_gpt-j.yml").write_text(EXTRA_HPARAMS)  # an old copy beside the .yaml file read
+    with pytest.raises(ConfigError, match=r"^hparams/extra_gpt-j\.yml of editor=extra \(in .*\): settings files end in "
+                                          r"\.yaml; extra_gpt-j\.yaml beside it is the one read: remove this one$"):
+        _store_settings_files(_Store(), "extra", tmp_path)
 
 
 def test_the_comparison_sweep_launches_every_declared_editor_with_and_without_sadr(tmp_path):

@@ -69,11 +69,14 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
         folder = config_dir.joinpath(*group.split("/"))
         if not folder.is_dir():
             continue
-        for file in sorted(folder.iterdir(), key=lambda entry: entry.name):
+        files = sorted(folder.iterdir(), key=lambda entry: entry.name)
+        for file in files:
             where = f"{group}/{file.name} of editor={editor} (in {config_dir})"
             stem, _, extension = file.name.rpartition(".")
             if extension.lower() in ("yml", "yaml") and extension != "yaml":  # Hydra reads .yaml files only
-                raise ConfigError(f"{where}: settings files end in .yaml; rename it {stem}.yaml")
+                beside = any(other.name == f"{stem}.yaml" for other in files)  # by name: a file system may ignore case
+                fix = f"{stem}.yaml beside it is the one read: remove this one" if beside else f"rename it {stem}.yaml"
+                raise ConfigError(f"{where}: settings files end in .yaml; {fix}")
             if not file.name.endswith(".yaml"):
                 continue
             model = file.name.removesuffix(".yaml").removeprefix(f"{editor}_")
