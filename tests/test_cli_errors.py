@@ -333,6 +333,9 @@ def test_a_sweep_whose_folder_would_differ_between_its_jobs_is_refused():
     assert varies(_launching_config(["model=a,b"], pattern="out/${now:%H-%M-%S}")) is None
     assert "is set by each experiment" in varies(_launching_config(["experiment=e,f"], pattern="out/${now:%H}"))
     assert varies(_launching_config(["experiment=e,f"], hydra_overrides=("hydra.sweep.dir=out",))) is None
+    assert varies(_launching_config(["experiment=e,f"], hydra_overrides=("++hydra.sweep.dir=out",))) is None
+    # a key whose name merely starts with the swept one's is another key
+    assert varies(_launching_config(["eval.generation=true,false"], pattern="out/${eval.generation_length}")) is None
 
 
 def test_a_sweep_s_jobs_are_those_hydra_s_basic_sweeper_runs():

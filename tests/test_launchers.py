@@ -15,6 +15,7 @@ import pytest
 import torch
 from filelock import FileLock
 
+from sadr.cli.sweep import SweepFolder
 from sadr.conf.registry import compose_config
 from sadr.evaluation.summary import summarize
 from sadr.models import devices
@@ -168,3 +169,22 @@ def test_ctrl_c_in_a_local_sweep_ends_with_one_line_last_and_a_rerun_finishes_it
     rerun_logs = "".join(path.read_text() for path in sweep.glob(".submitit/*/*_log.out") if path.parent not in first)
     assert re.search(r"\([1-9]\d* already finished in ", rerun_logs), rerun_logs  # what the jobs kept is not redone
     assert set(summarize(sweep).loc[lambda t: t.state == "edited", "n_cases"]) == {8}
+
+
+def test_only_submitit_s_empty_pattern_folder_is_removed(tmp_path, monkeypatch):
+    """The folder submitit names after its pattern (`%j`) goes at a sweep's end only while empty; a job's own folder,
+    or a pattern folder that holds a file, stays."""
+    pattern = tmp_path / ".submitit" / "%j"
+    pattern.mkdir(parents=True)
+    monkeypatch.setattr(SweepFolder, "job_pattern", str(pattern))
+    (pattern / "kept.out").write_text("log")
+    SweepFolder.remove_empty_pattern_folder()
+    assert (pattern / "kept.out").is_file()
+    (pattern / "kept.out").unlink()
+    SweepFolder.remove_empty_pattern_folder()
+    assert not pattern.exists()
+    job = tmp_path / ".submitit" / "123"
+    job.mkdir()
+    monkeypatch.setattr(SweepFolder, "job_pattern", str(job))
+    SweepFolder.remove_empty_pattern_folder()
+    assert job.is_dir()
