@@ -92,6 +92,7 @@ def test_an_existing_file_is_not_fetched_again(server, tmp_path):
     (tmp_path / "counterfact.json").write_bytes(b"[]")
     assert download(remote(server), tmp_path).read_bytes() == b"[]"
     assert server.ranges == []
+    assert [path.name for path in tmp_path.iterdir()] == ["counterfact.json"]  # nor its folder written to (a lock)
 
 
 def test_resumes_a_partial_file_with_a_range_request(server, tmp_path):
@@ -147,6 +148,12 @@ def test_checksum_mismatch_deletes_the_download(server, tmp_path):
     assert not (tmp_path / "counterfact.json").exists() and not (tmp_path / "counterfact.json.part").exists()
 
 
+def test_a_mismatch_without_a_hint_ends_with_its_sentence(server, tmp_path):
+    with pytest.raises(ChecksumError) as err:
+        download(remote(server, sha256="0" * 64), tmp_path)
+    assert str(err.value).endswith("expected " + "0" * 64 + "; the download was deleted.")
+
+
 def test_size_mismatch_deletes_an_oversized_download(server, tmp_path):
     (tmp_path / "counterfact.json.part").write_bytes(BODY + b"extra")
     with pytest.raises(ChecksumError, match=f"has {len(BODY) + 5} bytes, expected {len(BODY)}"):
@@ -157,6 +164,26 @@ def test_size_mismatch_deletes_an_oversized_download(server, tmp_path):
 def test_http_errors_name_the_url(server, tmp_path):
     with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:\d+/missing.json: HTTP Error 404"):
         download(RemoteFile(server.url + "missing.json"), tmp_path)
+
+
+def test_a_server_that_does_not_answer_in_http_is_a_download_error(tmp_path):
+    """http.client's errors that are not OSErrors (here BadStatusLine) are reported as any other failed download."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer():
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall(b"garbage\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/counterfact.json"
+        with pytest.raises(DownloadError, match=f"could not download {re.escape(url)}: .*garbage"):
+            download(RemoteFile(url), tmp_path)
+        thread.join()
 
 
 def closed_port_url(name):
