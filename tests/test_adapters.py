@@ -71,8 +71,22 @@ def test_add_to_down_weight_changes_the_mapping(tiny_model):
     torch.testing.assert_close(adapter.down_weight(tiny_model, 2), before + delta.float())
 
 
+def test_an_update_is_written_into_a_weight_that_requires_grad_without_tracking_it():
+    """A model whose parameters require grad (as loaded, before `requires_grad_(False)`), and an update that carries a
+    graph, are written as plain values: the weight stays a leaf, with no gradient history of the update."""
+    model = make_model("llama").requires_grad_(True)
+    adapter = adapter_for(model)
+    before = adapter.down_weight(model, 1).detach().clone()
+    delta = torch.randn(before.shape, dtype=torch.float64, requires_grad=True)
+    adapter.add_to_down_weight(model, 1, delta * 1)
+    weight = adapter.down_weight(model, 1)
+    assert weight.is_leaf and weight.grad_fn is None and weight.requires_grad
+    torch.testing.assert_close(weight.detach(), before + delta.detach().float())
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # gpt2: a transposed (Conv1D) weight
-@pytest.mark.parametrize("block_bytes", [2**26, 8 * 256 * 3])  # the whole weight at once, or 3 rows of 256 at a time
+# the whole weight at once, 3 rows of 256 at a time, or one row at a time when a block is less than a row
+@pytest.mark.parametrize("block_bytes", [2**26, 8 * 256 * 3, 8])
 def test_a_low_rank_update_is_written_block_by_block_as_its_dense_form(family, block_bytes, monkeypatch):
     """Written from its factors a few rows at a time, a rank-2 update gives bit for bit the weight its dense ΔW gives."""
     from sadr.editors.update import LowRankUpdate
