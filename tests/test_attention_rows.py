@@ -10,7 +10,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sadr.models.adapters import adapter_for
 from sadr.regularizers import attention_rows, legacy_attention
-from sadr.regularizers.attention_rows import AttentionRows, allowed_keys, use_row_kernel
+from sadr.regularizers.attention_rows import AttentionRows, allowed_keys, listen_to_kernel, use_row_kernel
 from tests import tiny_models
 from tests.tiny_models import FAMILIES
 
@@ -155,6 +155,63 @@ def test_only_gptj_before_5_24_bypasses_the_attention_interface():
     assert source("gptj", "5.17.0") is not None and source("gptj", "5.23.0") is not None
     assert source("gptj", "5.24.0") is None
     assert all(source(family, version) is None for family in FAMILIES if family != "gptj" for version in ("5.17.0", "5.24.0"))
+
+
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.24"),
+                    reason="this GPT-J runs the rebuild itself, checked by test_rows_equal_eager_attention_weights")
+@pytest.mark.parametrize("rotary_dim", [8, None], ids=["partial-rotary", "no-rotary-dim"])
+def test_gptj_legacy_queries_and_keys_are_what_gptj_attends_with(tokenizer, rotary_dim):
+    """The queries, keys and scaling rebuilt for GPT-J before transformers 5.24 from its projections, rotary table and
+    scale_attn are those that GPT-J since 5.24 (through AttentionInterface) hands its attention kernel."""
+    model = build_model("gptj", {"rotary_dim": rotary_dim or 16})  # 16: the tiny model's head_dim
+    use_row_kernel(model)
+    adapter = adapter_for(model)
+    attention = adapter.module(model, adapter.attention, 1)
+    attention.rotary_dim = rotary_dim  # None: rotary over the whole head, in GPT-J's attention and in the rebuild
+    attention.embed_positions = model.transformer.rotary_emb.embed_positions  # as GPT-J's attention held them
+    attention.scale_attn = torch.sqrt(torch.tensor(attention.head_dim, dtype=torch.float32))
+    seen = {}
+    stops = [listen_to_kernel(attention, lambda *args: seen.__setitem__("kernel", args)),
+             legacy_attention._attach_gptj(attention, lambda *args: seen.__setitem__("rebuilt", args))]
+    try:
+        model(**encode(tokenizer))
+    finally:
+        for stop in stops:
+            stop()
+    (query, key, scaling, _), (rebuilt_query, rebuilt_key, rebuilt_scaling, mask) = seen["kernel"], seen["rebuilt"]
+    torch.testing.assert_close(rebuilt_query, query, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rebuilt_key, key, atol=1e-6, rtol=0)
+    assert rebuilt_scaling == pytest.approx(scaling) and mask is None
+    assert not any(module._forward_hooks for module in model.modules())  # stop() removed the projections' hooks too
+
+
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.24"),
+                    reason="this GPT-J runs the rebuild itself, checked by test_rows_equal_eager_attention_weights")
+def test_gptj_legacy_keys_of_a_cached_prefix_are_what_gptj_attends_with(tokenizer):
+    """Fed the tokens after a cached prefix, with the cache as GPT-J before 5.24 named it (`layer_past`), the rebuilt
+    keys are the prefix's and the fed tokens', as GPT-J since 5.24 hands them to its kernel."""
+    model = build_model("gptj")
+    use_row_kernel(model)
+    adapter = adapter_for(model)
+    attention = adapter.module(model, adapter.attention, 1)
+    attention.embed_positions = model.transformer.rotary_emb.embed_positions
+    attention.scale_attn = torch.sqrt(torch.tensor(attention.head_dim, dtype=torch.float32))
+    ids = tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"]
+    cache = model(ids[:, :5], use_cache=True).past_key_values
+    renamed = attention.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "layer_past": kwargs["cache"]}), with_kwargs=True)
+    seen = {}
+    stops = [listen_to_kernel(attention, lambda *args: seen.__setitem__("kernel", args)),
+             legacy_attention._attach_gptj(attention, lambda *args: seen.__setitem__("rebuilt", args)), renamed.remove]
+    try:
+        model(ids[:, 5:], cache=cache)
+    finally:
+        for stop in stops:
+            stop()
+    (query, key, _, _), (rebuilt_query, rebuilt_key, _, _) = seen["kernel"], seen["rebuilt"]
+    assert rebuilt_key.shape[2] == ids.shape[1] and rebuilt_query.shape[2] == ids.shape[1] - 5
+    torch.testing.assert_close(rebuilt_query, query, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rebuilt_key, key, atol=1e-6, rtol=0)
 
 
 def test_rejects_padding_query_and_other_batches(tokenizer):
