@@ -22,13 +22,16 @@ SHA = hashlib.sha256(BODY).hexdigest()
 
 
 class FileServer:
-    """Serves `files` (name -> bytes); honours Range unless `ignore_range`; `cut_after` drops the connection;
-    `delay` (seconds) holds each response back."""
+    """Serves `files` (name -> bytes); honours Range unless `ignore_range`, or answers it with the bytes from
+    `range_served_from`; a request without one is answered with a 206 from `whole_served_from` where set;
+    `cut_after` drops the connection; `delay` (seconds) holds each response back."""
 
     def __init__(self):
         self.files = {"counterfact.json": BODY}
         self.ranges: list[str | None] = []  # the Range header of every request
         self.ignore_range = False
+        self.range_served_from: int | None = None
+        self.whole_served_from: int | None = None
         self.cut_after: int | None = None
         self.delay = 0.0
         server = self
@@ -44,10 +47,14 @@ class FileServer:
                 start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if match and not server.ignore_range:
-                    start = int(match[1])
+                    start = int(match[1]) if server.range_served_from is None else server.range_served_from
                     if start >= len(body):
                         self.send_error(416)
                         return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                elif server.whole_served_from is not None:
+                    start = server.whole_served_from
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
@@ -106,6 +113,23 @@ def test_restarts_when_the_server_ignores_the_range(server, tmp_path):
     server.ignore_range = True
     (tmp_path / "counterfact.json.part").write_bytes(b"garbage that must not stay in front")
     assert download(remote(server, sha256=SHA), tmp_path).read_bytes() == BODY
+
+
+@pytest.mark.parametrize("served_from", [0, 500])
+def test_a_range_answered_from_another_byte_is_not_appended_to_the_partial_file(server, tmp_path, served_from):
+    """A server (or proxy) whose 206 holds the bytes from 0 or from 500, not from 1000 as asked: the bytes from 0 are
+    the file from its start; those from 500 are of no use, so the file is asked for again whole."""
+    server.range_served_from = served_from
+    (tmp_path / "counterfact.json.part").write_bytes(BODY[:1000])
+    assert download(remote(server), tmp_path).read_bytes() == BODY  # neither size nor sha256 known to catch it
+    assert server.ranges == ["bytes=1000-"] + [None] * (served_from != 0)
+
+
+def test_part_of_the_file_sent_for_the_whole_is_an_error_that_keeps_nothing(server, tmp_path):
+    server.whole_served_from = 500
+    with pytest.raises(DownloadError, match=r"asked for the whole file, the server sent part of it \(bytes 500-"):
+        download(remote(server), tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["counterfact.json.lock"]  # no partial file to resume
 
 
 def test_a_complete_part_file_is_only_verified(server, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -91,17 +92,33 @@ def _fetch(remote: RemoteFile, part: Path) -> None:
             return
         raise
     with response:
-        resumed = have > 0 and response.status == 206
-        if have and not resumed:
-            log.info("%s ignored the Range request; downloading from the start", remote.url)
-        with open(part, "ab" if resumed else "wb") as out:
-            shutil.copyfileobj(response, out, _CHUNK)
-        # urllib returns a short body silently when the connection drops; Content-Length tells.
-        length = response.headers.get("Content-Length")
-        expected = (have if resumed else 0) + int(length) if length is not None else None
-        got = part.stat().st_size
-        if expected is not None and got != expected:
-            raise ConnectionError(f"the connection closed after {got} of {expected} bytes")
+        start = _first_byte(response) if response.status == 206 else 0
+        if start in (0, have):
+            resumed = have > 0 and start == have
+            if have and not resumed:
+                log.info("%s ignored the Range request; downloading from the start", remote.url)
+            with open(part, "ab" if resumed else "wb") as out:
+                shutil.copyfileobj(response, out, _CHUNK)
+            # urllib returns a short body silently when the connection drops; Content-Length tells.
+            length = response.headers.get("Content-Length")
+            expected = (have if resumed else 0) + int(length) if length is not None else None
+            got = part.stat().st_size
+            if expected is not None and got != expected:
+                raise ConnectionError(f"the connection closed after {got} of {expected} bytes")
+            return
+    # a piece from elsewhere in the file (Content-Range), which appended to the partial file would corrupt it
+    sent = response.headers.get("Content-Range") or "no Content-Range"
+    if not have:
+        raise ConnectionError(f"asked for the whole file, the server sent part of it ({sent})")
+    log.info("%s answered a request for the bytes from %d with %s; downloading from the start", remote.url, have, sent)
+    part.unlink()
+    _fetch(remote, part)
+
+
+def _first_byte(response) -> int | None:
+    """Where a 206 response's body starts in the file, from its Content-Range (`bytes 1000-1999/2000`)."""
+    match = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range") or "")
+    return int(match[1]) if match else None
 
 
 def _verify(remote: RemoteFile, part: Path, hint: str) -> None:
