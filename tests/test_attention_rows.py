@@ -159,11 +159,13 @@ def test_only_gptj_before_5_24_bypasses_the_attention_interface():
 
 @pytest.mark.skipif(Version(transformers.__version__) < Version("5.24"),
                     reason="this GPT-J runs the rebuild itself, checked by test_rows_equal_eager_attention_weights")
-@pytest.mark.parametrize("rotary_dim", [8, None], ids=["partial-rotary", "no-rotary-dim"])
-def test_gptj_legacy_queries_and_keys_are_what_gptj_attends_with(tokenizer, rotary_dim):
+@pytest.mark.parametrize("rotary_dim, dtype", [(8, torch.float32), (None, torch.float32), (8, torch.bfloat16)],
+                         ids=["partial-rotary", "no-rotary-dim", "bf16"])
+def test_gptj_legacy_queries_and_keys_are_what_gptj_attends_with(tokenizer, rotary_dim, dtype):
     """The queries, keys and scaling rebuilt for GPT-J before transformers 5.24 from its projections, rotary table and
-    scale_attn are those that GPT-J since 5.24 (through AttentionInterface) hands its attention kernel."""
-    model = build_model("gptj", {"rotary_dim": rotary_dim or 16})  # 16: the tiny model's head_dim
+    scale_attn are those that GPT-J since 5.24 (through AttentionInterface) hands its attention kernel; in bf16 too,
+    where the float32 rotary table is cast to the model's dtype first."""
+    model = build_model("gptj", {"rotary_dim": rotary_dim or 16}, dtype=dtype)  # 16: the tiny model's head_dim
     use_row_kernel(model)
     adapter = adapter_for(model)
     attention = adapter.module(model, adapter.attention, 1)
