@@ -16,6 +16,7 @@ def test_a_table_with_means_cis_text_counts_and_gaps_is_typeset_as_written_by_ha
     })
     expected = "\n".join([
         "% results ×100 of every run in /runs/a_b:",
+        "% $m \\pm c$: a mean m and the half-width c of its 95 % CI",
         "% needs \\usepackage{booktabs}",
         "\\begin{tabular}{lrrrrrr}",
         "\\toprule",
@@ -88,5 +89,5 @@ def test_angle_brackets_and_bars_are_typeset_as_themselves_in_the_default_font_e
 def test_a_value_that_rounds_to_zero_is_typeset_without_a_minus_sign():
     """-0.001 to 2 decimals is -0.00 by Python's format; a table in a paper says 0.00. A negative value shown stays."""
     table = pd.DataFrame({"Drift": [-0.001, -0.0, -0.006], "Drift ci95": [0.5, 0.5, 0.5], "v": [-0.0, -0.004, 0.0]})
-    assert latex_table(table, "t", {"Drift": ".2f"}).splitlines()[6:9] == [
+    assert latex_table(table, "t", {"Drift": ".2f"}).splitlines()[7:10] == [
         "$0.00 \\pm 0.50$ & $0$ \\\\", "$0.00 \\pm 0.50$ & $-0.004$ \\\\", "$-0.01 \\pm 0.50$ & $0$ \\\\"]

@@ -148,7 +148,9 @@ def test_cli_pairs_prompts_unless_told_otherwise(tmp_path):
     done = CliRunner().invoke(app, ["compare", str(base), str(other), "--out", str(tmp_path / "c.tex")])
     assert done.exit_code == 0 and done.output.endswith(f"wrote {tmp_path / 'c.tex'}\n"), done.output
     latex = (tmp_path / "c.tex").read_text()  # the printed title, and the differences to 3 digits as printed
-    assert latex.startswith(f"% {done.output.splitlines()[0]}\n% needs \\usepackage{{booktabs}}\n")
+    assert latex.startswith(f"% {done.output.splitlines()[0]}\n"
+                            "% $m \\pm c$: a mean m and the half-width c of its 95 % CI\n"
+                            "% needs \\usepackage{booktabs}\n")
     assert "\nDNS & $3$ & $0$ & $66.7$ & $66.7 \\pm " in latex and latex.endswith("\\end{tabular}\n")
 
 
@@ -163,7 +165,7 @@ def test_cli_writes_latex_only_to_a_file_whose_suffix_is_tex(tmp_path):
                                                                 "down,sign-test p")
     done = CliRunner().invoke(app, ["compare", str(base), str(other), "--out", str(tmp_path / "C.TEX")])
     assert done.exit_code == 0, done.output
-    assert (tmp_path / "C.TEX").read_text().splitlines()[2:4] == ["\\begin{tabular}{lrrrrrrr}", "\\toprule"]
+    assert (tmp_path / "C.TEX").read_text().splitlines()[3:5] == ["\\begin{tabular}{lrrrrrrr}", "\\toprule"]
 
 
 def test_cli_names_the_settings_in_which_the_two_runs_differ(tmp_path):

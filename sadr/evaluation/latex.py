@@ -17,8 +17,9 @@ def escape(text: str) -> str:
 
 def latex_table(table: pd.DataFrame, title: str, formats: dict[str, str] | None = None) -> str:
     """A booktabs `tabular` of `table` under `title` (comment lines), its columns in order but each `<name> ci95`
-    merged into `<name>`'s cells. Numbers are formatted with `formats[column]` (default `g`: as the Markdown tables
-    show them) in math mode; text is escaped; a missing value is an empty cell."""
+    merged into `<name>`'s cells (a comment line then says what `m \\pm c` is). Numbers are formatted with
+    `formats[column]` (default `g`: as the Markdown tables show them) in math mode; text is escaped; a missing value
+    is an empty cell."""
     formats = formats or {}
     columns = [c for c in table.columns if not (c.endswith(CI_SUFFIX) and c.removesuffix(CI_SUFFIX) in table.columns)]
 
@@ -42,7 +43,8 @@ def latex_table(table: pd.DataFrame, title: str, formats: dict[str, str] | None 
     # right-aligned: a column of numbers, blanks aside (settings the unedited rows lack make an object column)
     numeric = [_numbers(plain[c]) if not plain[c].map(_missing).all() else
                pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]) for c in columns]
-    lines = [*(f"% {line}" for line in title.splitlines() or [""]), "% needs \\usepackage{booktabs}",
+    key = ["% $m \\pm c$: a mean m and the half-width c of its 95 % CI"] if len(columns) < len(table.columns) else []
+    lines = [*(f"% {line}" for line in title.splitlines() or [""]), *key, "% needs \\usepackage{booktabs}",
              f"\\begin{{tabular}}{{{''.join('r' if is_number else 'l' for is_number in numeric)}}}", r"\toprule",
              " & ".join(escape(str(c)) for c in columns) + r" \\", r"\midrule"]
     lines += [" & ".join(cell(row, c) for c in columns) + r" \\" for _, row in plain.iterrows()]
