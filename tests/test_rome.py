@@ -1,4 +1,5 @@
 import contextlib
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import sadr.editors.rome as rome_module
 from sadr.data.records import EditRequest
 from sadr.editors.keys import mean_keys
 from sadr.editors.rome import RomeEditor
+from sadr.errors import InvalidSettingError
 from sadr.evaluation.scorer import score_pairs_detailed
 from sadr.models.adapters import adapter_for
 from tests.editing import TEMPLATES, composed_editor, editor_config, statistics, top1
@@ -161,3 +163,13 @@ def test_the_default_update_is_the_reference_codes():
     """method.md §2: every published number came from the code's update (exact at the bare prompt's key); the paper's
     is the option."""
     assert composed_editor("rome", "gpt-j").rome_update is rome_module.RomeUpdate.reference
+
+
+@pytest.mark.parametrize("layers", [[1, 2], []])
+def test_rome_given_other_than_one_layer_is_refused(tokenizer, tmp_path, layers):
+    """ROME writes one layer: given two it would edit the first alone and report a run of both."""
+    model = make_model("llama")
+    message = f"ROME edits exactly one layer; editor.layers={layers}"
+    with pytest.raises(InvalidSettingError, match=f"^{re.escape(message)}$"):
+        RomeEditor(model, adapter_for(model), tokenizer, editor_config(layers=layers),
+                   statistics=statistics(model, tokenizer, tmp_path), context_templates=TEMPLATES)
