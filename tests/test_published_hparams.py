@@ -136,3 +136,18 @@ def test_every_settings_file_names_its_source():
             assert any(repo in source for repo in REPOSITORIES), path.name
         else:
             assert source.startswith("chosen by this project"), path.name
+
+
+# the published setting whose values each editor's schema defaults are (with 20 δ steps, ROME's, throughout)
+SCHEMA_DEFAULTS = {"rome": ("rome", "gpt-j"), "memit": ("memit", "gpt-j"), "pmet": ("pmet", "llama3-8b"),
+                   "alphaedit": ("alphaedit", "gpt-j")}
+
+
+@pytest.mark.parametrize("editor", SCHEMA_DEFAULTS)
+def test_a_model_without_a_settings_file_gets_the_schema_defaults_of_one_published_setting(editor):
+    """`model=local` has no settings file: every key but the layers and loss layer given comes from the schema."""
+    published = PUBLISHED[SCHEMA_DEFAULTS[editor]]
+    layers = ",".join(str(layer) for layer in published["layers"])
+    settings = edit_settings([f"editor={editor}", "model=local", f"model.source={Path(__file__).parent}",
+                              f"editor.layers=[{layers}]", f"editor.v_loss_layer={published['v_loss_layer']}"])
+    assert settings == {**published, "v_num_grad_steps": 20}
