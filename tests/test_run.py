@@ -769,6 +769,29 @@ def test_metrics_csv_from_rows_cut_to_their_scores_is_the_table_of_the_whole_row
     pd.testing.assert_frame_equal(metric_table(cut), whole)
 
 
+
+def test_eval_drift_false_and_eval_batch_size_reach_the_prompt_metrics(tiny_dir, tmp_path, monkeypatch):
+    """eval.drift=false: no subject attention is read and no drift entry is written, in either state (drift is on by
+    default); eval.batch_size: the prompt scorer runs batches of that many rows."""
+    from sadr.evaluation import prompt_metrics
+
+    sizes, score = [], prompt_metrics.score_pairs_detailed
+
+    def recording(model, tokenizer, prompts, targets, batch_size, **kwargs):
+        sizes.append(batch_size)
+        return score(model, tokenizer, prompts, targets, batch_size, **kwargs)
+
+    monkeypatch.setattr(prompt_metrics, "score_pairs_detailed", recording)
+    out = run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", "eval.drift=false", "eval.batch_size=3",
+                                                 f"cache_dir={tmp_path / 'cache'}")))
+    rows = written_rows(out)
+    assert len(rows) == 2 and sizes and set(sizes) == {3}
+    for row in rows:
+        for state in ("edited", "unedited"):
+            assert "distract_neighborhood" in row[state]
+            assert not {"subject_attention", "drift_max", "drift_mean", "drift_argmax"} & set(row[state])
+
+
 def test_where_and_how_results_are_written_do_not_stop_a_resume(tmp_path):
     """The run folder (a run moved, or resumed under another hydra.run.dir), the progress display and save_edited
     change no result: a run with a finished case resumes with them changed, and config.yaml does not hold them."""
