@@ -453,7 +453,6 @@ def test_a_fingerprint_tells_apart_a_parameter_of_another_shape_with_the_same_va
     assert model_fingerprint(model) != before
 
 
-
 class ProbeEvaluator:
     def identity(self):
         return {"name": "probe"}

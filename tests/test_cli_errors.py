@@ -440,6 +440,7 @@ def test_a_sweep_whose_jobs_resolve_another_sweep_folder_is_refused():
     assert unresolvable.startswith("hydra.sweep.dir=out/${hydra:runtime.choices.model} cannot be resolved in the "
                                    "config that the sweep starts with"), unresolvable
 
+
 def test_a_resumed_sweep_whose_jobs_would_find_other_runs_is_refused(tmp_path):
     """A sweep resumed in its folder finds each job's run by the job's number: with a value added in the middle, job
     1 would find job 2's run and stop only when it started, after job 0. Checked without writing anything; the

@@ -85,7 +85,6 @@ def test_angle_brackets_and_bars_are_typeset_as_themselves_in_the_default_font_e
     assert escape("<|endoftext|>") == r"\textless{}\textbar{}endoftext\textbar{}\textgreater{}"
 
 
-
 def test_a_value_that_rounds_to_zero_is_typeset_without_a_minus_sign():
     """-0.001 to 2 decimals is -0.00 by Python's format; a table in a paper says 0.00. A negative value shown stays."""
     table = pd.DataFrame({"Drift": [-0.001, -0.0, -0.006], "Drift ci95": [0.5, 0.5, 0.5], "v": [-0.0, -0.004, 0.0]})

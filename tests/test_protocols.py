@@ -18,6 +18,7 @@ from sadr.results import DELTA_CHECKPOINT, RunDirectory
 from sadr.runner import EDITED_MODEL, SEQUENTIAL_STATE, Experiment, run_experiment
 from tests.runs import OFFLINE_RECORDS, composed, tiny_dir, tiny_overrides, written_rows  # noqa: F401 (tiny_dir is a fixture)
 
+
 def _state(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 

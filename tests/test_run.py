@@ -769,7 +769,6 @@ def test_metrics_csv_from_rows_cut_to_their_scores_is_the_table_of_the_whole_row
     pd.testing.assert_frame_equal(metric_table(cut), whole)
 
 
-
 def test_eval_drift_false_and_eval_batch_size_reach_the_prompt_metrics(tiny_dir, tmp_path, monkeypatch):
     """eval.drift=false: no subject attention is read and no drift entry is written, in either state (drift is on by
     default); eval.batch_size: the prompt scorer runs batches of that many rows."""

@@ -35,11 +35,11 @@ def test_batched_scores_match_one_example_at_a_time(tiny_model, tokenizer):
     torch.testing.assert_close(got.prob, torch.exp(-got.nll))
 
 
-
 def test_prompts_and_targets_of_different_counts_are_refused(tokenizer):
     """zip would score the first pairs and drop the rest silently, shifting every score after a missing target."""
     with pytest.raises(ValueError, match=r"^2 prompts but 1 targets$"):
         score_pairs_detailed(make_model("llama"), tokenizer, ["The capital of France is", "I"], ["Paris"])
+
 
 def test_pairs_sharing_a_prompt_are_read_from_one_row_and_score_as_alone(tiny_model, tokenizer):
     """A single-token target is read from the row of a longer target after the same prompt; a longer target that the

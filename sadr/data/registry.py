@@ -27,7 +27,6 @@ class DatasetFormat:
     reads_target: bool = False
 
 
-
 FORMATS: dict[str, DatasetFormat] = {
     "counterfact": DatasetFormat(
         counterfact.parse,
