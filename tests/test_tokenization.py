@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from sadr.models.tokenization import (
     SubjectNotFoundError,
@@ -10,7 +11,7 @@ from sadr.models.tokenization import (
     pad_id_of,
 )
 from sadr.data.records import EditRequest
-from sadr.editors.prompts import encode_delta_prompts, encode_subject_prompts
+from sadr.editors.prompts import encode_delta_prompts, encode_subject_prompts, stack_delta_prompts
 from tests.tiny_models import make_sentencepiece_tokenizer, make_tokenizer
 
 LEGACY = pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "legacy"])
@@ -213,3 +214,35 @@ def test_sentencepiece_delta_prompts_read_the_subject_the_last_prompt_token_and_
         assert tok.convert_ids_to_tokens(delta.target_ids[rows].tolist()) == (target if row < delta.n_rewrite else [])
         # the logits at each target position predict the next token of the row
         assert [ids[p + 1] for p in delta.target_positions[rows].tolist()] == delta.target_ids[rows].tolist()
+
+
+def test_stacked_delta_prompts_keep_each_request_s_rows_padded_with_the_pad_id_and_masked(tokenizer):
+    """Request after request, each block is the request's own batch, right-padded to the widest with the pad id given and
+    attention mask 0; `starts` are the row counts of the blocks before it."""
+    short = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    long = EditRequest(prompt="The mother tongue of {} is, as everyone knows,", subject="Danielle Darrieux",
+                       target_new="French")
+    cases = [encode_delta_prompts(tokenizer, request, ["{}", "The city. {}"]) for request in (short, long, short)]
+    widths = [case.batch.input_ids.shape[1] for case in cases]
+    assert widths[0] < widths[1]
+    pad_id = 7  # not the tokenizer's own 0, which the case batches are padded with
+    stacked = stack_delta_prompts(cases, pad_id)
+    rows = [case.batch.input_ids.shape[0] for case in cases]
+    assert stacked.starts == [0, rows[0], rows[0] + rows[1]]
+    assert stacked.batch.input_ids.shape == (sum(rows), widths[1])
+    for case, start, n_rows, width in zip(cases, stacked.starts, rows, widths):
+        ids = stacked.batch.input_ids[start:start + n_rows]
+        mask = stacked.batch.attention_mask[start:start + n_rows]
+        assert torch.equal(ids[:, :width], case.batch.input_ids)
+        assert torch.equal(mask[:, :width], case.batch.attention_mask)
+        assert (ids[:, width:] == pad_id).all() and (mask[:, width:] == 0).all()
+
+
+def test_delta_prompts_move_every_tensor_their_padded_batch_included(tokenizer):
+    request = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    moved = encode_delta_prompts(tokenizer, request, ["{}", "The city. {}"]).to("meta")
+    tensors = [moved.batch.input_ids, moved.batch.attention_mask, moved.subject_positions,
+               moved.last_prompt_positions, moved.target_rows, moved.target_positions, moved.target_ids]
+    assert all(t.device.type == "meta" for t in tensors)
+    stacked = stack_delta_prompts([encode_delta_prompts(tokenizer, request, ["{}"])], pad_id_of(tokenizer)).to("meta")
+    assert stacked.batch.input_ids.device.type == "meta" and stacked.cases[0].batch.input_ids.device.type == "meta"
