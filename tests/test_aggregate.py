@@ -297,6 +297,37 @@ def test_a_tie_is_a_failure_for_every_compared_metric(monkeypatch):
     assert all(got[name]["p_good"] == got[name]["p_bad"] == [pytest.approx(0.25)] for name in names)
 
 
+def test_dns_scored_only_for_the_drift_rows_leaves_the_next_case_its_own_bad_answers(monkeypatch):
+    """With the drift diagnostics, DNS's pairs are scored after each case's NS pairs but not reported: the second
+    case's NS still reads p(new) of its own prompt (0.2 < 0.3: a success), not of the first case's DNS prompt (0.9),
+    and each case's drift entry gets the indices of its own DNS pairs."""
+    cases = [EditCase(0, EditRequest("{} is in", "Toyota", "France", "Japan"), neighborhood_prompts=("Honda is in",)),
+             EditCase(1, EditRequest("{} is in", "Sony", "Italy", "Japan"), neighborhood_prompts=("Nikon is in",))]
+    p = {("Honda is in", "Japan"): 0.6, ("Honda is in", "France"): 0.1,
+         ("Toyota is in France. Honda is in", "Japan"): 0.05, ("Toyota is in France. Honda is in", "France"): 0.9,
+         ("Nikon is in", "Japan"): 0.3, ("Nikon is in", "Italy"): 0.2,
+         ("Sony is in Italy. Nikon is in", "Japan"): 0.4, ("Sony is in Italy. Nikon is in", "Italy"): 0.5}
+
+    def fake_scores(model, tokenizer, prompts, targets, batch_size, **_routing):
+        probabilities = torch.tensor([p[pair] for pair in zip(prompts, targets)])
+        return PairScores(-torch.log(probabilities), torch.zeros(len(targets)))
+
+    class PairsRead:
+        def __init__(self, model, adapter, reads):
+            pass
+
+        def entry(self, pairs):
+            return {"pairs": pairs}
+
+    monkeypatch.setattr(prompt_metrics, "score_pairs_detailed", fake_scores)
+    monkeypatch.setattr(prompt_metrics, "SubjectAttentionReader", PairsRead)
+    monkeypatch.setattr(prompt_metrics, "drift_read_positions", lambda *args: None)
+    got = prompt_metrics.evaluate_cases(None, None, cases, resolve_metrics(["neighborhood"]), drift_adapter=object())
+    assert [set(result) for result in got] == [{"neighborhood", "subject_attention"}] * 2
+    assert [result["neighborhood"]["p_bad"] for result in got] == [[pytest.approx(0.1)], [pytest.approx(0.2)]]
+    assert [result["neighborhood"]["value"] for result in got] == [[1.0], [1.0]]
+    assert [result["subject_attention"] for result in got] == [{"pairs": [1]}, {"pairs": [3]}]  # the plan's DNS rows
+
 def test_the_unedited_cache_key_changes_with_the_metrics_and_drift():
     from sadr.evaluation.suite import PromptMetrics
 
