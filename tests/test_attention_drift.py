@@ -359,3 +359,5 @@ def test_case_slices_give_each_request_its_own_rewrite_rows():
     assert batch.case_slices() == [slice(0, 5)]
     rows = dataclasses.replace(batch, rewrite_rows_per_case=(2, 3))
     assert [rows.rewrite_rows[part].tolist() for part in rows.case_slices()] == [[0, 1], [3, 4, 5]]
+    three = dataclasses.replace(batch, rewrite_rows_per_case=(2, 1, 2))  # the third starts after 2 + 1 rows
+    assert [three.rewrite_rows[part].tolist() for part in three.case_slices()] == [[0, 1], [3], [4, 5]]

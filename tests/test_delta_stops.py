@@ -1,6 +1,7 @@
 """The δ-optimisation's per-request stops and clamp: step counting (and SADR's query rows) when requests of one batch
 stop at different steps, the boundary at which a sliding attention window stops the prefix cache from being used, when
-a multi-token target counts as the argmax, the strictness of the loss stop rule, and the clamp's bound.
+a multi-token target counts as the argmax, the strictness of the loss stop rule, the clamp's bound, and what a plug-in
+regularizer's defaults (sadr/regularizers/base.py) do at each step and when a request stops first.
 
 A request that goes on after another left the batch is compared with the same request optimised alone (no stop),
 step by step; the window's boundary is checked against the whole-prompt forward of the model itself; v₀ for the clamp
@@ -18,6 +19,7 @@ from sadr.editors.prompts import encode_delta_prompts, stack_delta_prompts
 from sadr.models.adapters import adapter_for
 from sadr.models.tokenization import pad_id_of
 from sadr.regularizers.attention_drift import SelectiveAttentionDriftRegularizer
+from sadr.regularizers.base import DeltaRegularizer
 from tests.editing import TEMPLATES, editor_config
 from tests.test_delta_loss import _site_output, _subject_position, _subject_text
 from tests.tiny_models import make_model
@@ -164,3 +166,75 @@ def test_sadr_reads_the_last_prompt_token_of_the_requests_left_after_another_sto
         assert b.loss == pytest.approx(a.loss, rel=1e-4, abs=1e-6)
     torch.testing.assert_close(together.deltas["mlp_out"], alone.deltas["mlp_out"], rtol=1e-4,
                                atol=1e-4 * alone.deltas["mlp_out"].norm().item())
+
+
+class StepCountingTerm(DeltaRegularizer):
+    """A plug-in term that keeps the interface's defaults: a constant without gradient (so δ moves as without it), the
+    steps it is asked about, and the last of them as its diagnostics."""
+
+    weight = 1.0
+
+    def __init__(self):
+        self.steps = []
+
+    def attach(self, model, adapter, batch):
+        pass
+
+    def loss(self, step):
+        self.steps.append(step)
+        return torch.tensor(100.0)
+
+    def diagnostics(self):
+        return {"last_step": self.steps[-1]}
+
+    def detach(self):
+        pass
+
+
+def test_a_plug_in_term_with_the_interface_s_defaults_is_asked_each_step_and_counts_in_the_stop_rule(tokenizer):
+    """By default a term is in the stop rule (StepState.loss is the plain loss + 100 at every step), `case_losses`
+    asks `loss` for each step in turn, and `case_diagnostics` reports the term's `diagnostics` of the last one."""
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    plain = optimize_delta(model, adapter, tokenizer, SECOND, TEMPLATES, _objective(should_stop=never_stop))
+    term = StepCountingTerm()
+    with_term = optimize_delta(model, adapter, tokenizer, SECOND, TEMPLATES, _objective(should_stop=never_stop), [term])
+    assert term.steps == list(range(STEPS))
+    assert [s.loss for s in with_term.history] == pytest.approx([s.loss + 100.0 for s in plain.history], abs=1e-4)
+    assert with_term.diagnostics == {"last_step": STEPS - 1}
+
+
+class TermPerRequest(DeltaRegularizer):
+    """Shares a δ-optimisation of two requests (a term and diagnostics per request) but does not say how to keep some
+    of them."""
+
+    weight = 1.0
+
+    def attach(self, model, adapter, batch):
+        pass
+
+    def loss(self, step):
+        raise AssertionError("a batch of two requests asks for case_losses")
+
+    def case_losses(self, step):
+        return [torch.tensor(0.0), torch.tensor(0.0)]
+
+    def case_diagnostics(self):
+        return [{}, {}]
+
+    def detach(self):
+        pass
+
+
+def test_a_term_per_request_without_keep_cases_is_refused_when_a_request_stops_first(tokenizer):
+    model = make_model("llama")
+    calls = []
+
+    def first_stops_at_its_second_step(state):
+        calls.append(state)
+        return len(calls) == 3
+
+    with pytest.raises(NotImplementedError, match=r"^TermPerRequest gives case_losses for several requests, so it must "
+                                                  r"say how to keep some of them \(keep_cases\)$"):
+        optimize_deltas(model, adapter_for(model), tokenizer, [FIRST, SECOND], TEMPLATES,
+                        _objective(should_stop=first_stops_at_its_second_step), [TermPerRequest()])
