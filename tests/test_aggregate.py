@@ -328,6 +328,7 @@ def test_dns_scored_only_for_the_drift_rows_leaves_the_next_case_its_own_bad_ans
     assert [result["neighborhood"]["value"] for result in got] == [[1.0], [1.0]]
     assert [result["subject_attention"] for result in got] == [{"pairs": [1]}, {"pairs": [3]}]  # the plan's DNS rows
 
+
 def test_the_unedited_cache_key_changes_with_the_metrics_and_drift():
     from sadr.evaluation.suite import PromptMetrics
 

@@ -86,7 +86,6 @@ def test_the_prompt_length_check_bounds_tokens_by_bytes_and_counts_every_field()
                              bytes_with_bos, 33, {})
 
 
-
 @pytest.mark.parametrize("specials", [1, 2, 3, 4])
 def test_a_text_is_checked_whatever_special_tokens_up_to_four_its_tokenizer_adds(specials):
     """The byte bound counts up to SPECIAL_TOKENS = 4 tokens added around a text: with one token per byte, "Paris is in
@@ -98,6 +97,7 @@ def test_a_text_is_checked_whatever_special_tokens_up_to_four_its_tokenizer_adds
     with pytest.raises(InvalidSettingError, match=rf"requested_rewrite\.prompt needs {16 + specials} tokens with its "
                                                   rf"answer, more than the model's {15 + specials} positions"):
         check_prompt_lengths([paris()], EVERYTHING, tokenizer, 15 + specials, {})
+
 
 @pytest.mark.parametrize("field, prompts, needed", [
     # "Paris lies in Rome": 18 bytes, 19 tokens

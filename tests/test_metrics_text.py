@@ -153,15 +153,16 @@ def test_consistency_unavailable_on_mismatched_files(tmp_path):
         load_consistency_data(tmp_path)
 
 
-
 @pytest.mark.parametrize("broken, reason", [
     (lambda d: np.save(d / "idf.npy", IDF[:, None]), "do not match"),  # a column, not a vector, of idf values
+    (lambda d: (d / "tfidf_vocab.json").write_text(json.dumps({**VOCAB, "x": -1})), "do not match"),  # idf[-1]
     (lambda d: (d / "tfidf_vocab.json").write_text(json.dumps(list(VOCAB))), "holds no vocabulary"),
     (lambda d: (d / "tfidf_vocab.json").write_text("{}"), "holds no vocabulary"),  # every cosine would be 0.0
     (lambda d: (d / "attribute_snippets.json").write_text(json.dumps([{"relation_id": "P1", "target_id": "Q7"}])),
      "could not read the TF-IDF files .*'samples'"),
     (lambda d: (d / "attribute_snippets.json").write_text(json.dumps({"P1": []})), "could not read the TF-IDF files"),
-], ids=["2-d idf", "vocabulary list", "empty vocabulary", "snippets without samples", "snippets not a list"])
+], ids=["2-d idf", "negative index", "vocabulary list", "empty vocabulary", "snippets without samples",
+        "snippets not a list"])
 def test_consistency_unavailable_on_files_of_the_wrong_shape(tmp_path, broken, reason):
     """A file of the wrong shape leaves the metric out with the reason, as a missing one does, instead of failing the
     run or scoring against it."""
@@ -169,6 +170,7 @@ def test_consistency_unavailable_on_files_of_the_wrong_shape(tmp_path, broken, r
     broken(tmp_path)
     with pytest.raises(ConsistencyUnavailable, match=reason):
         load_consistency_data(tmp_path)
+
 
 def test_consistency_unavailable_when_download_fails(tmp_path, monkeypatch):
     from sadr.data.download import RemoteFile

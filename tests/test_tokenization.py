@@ -198,6 +198,12 @@ def test_sentencepiece_subject_positions(legacy, template, subject, last):
     assert prompts.subject_positions.tolist() == [index]
 
 
+def test_subject_prompts_need_one_subject_per_template():
+    """zip would drop the extra templates, and the keys read would be fewer than the prompts given."""
+    with pytest.raises(ValueError, match="zip"):
+        encode_subject_prompts(make_tokenizer(), ["{} is", "{} was"], ["Paris"])
+
+
 @LEGACY
 def test_sentencepiece_delta_prompts_read_the_subject_the_last_prompt_token_and_each_target_token(legacy):
     tok = make_sentencepiece_tokenizer(legacy)

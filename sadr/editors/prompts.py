@@ -35,7 +35,7 @@ class SubjectPrompts:
 def encode_subject_prompts(tokenizer, templates: list[str], subjects: list[str]) -> SubjectPrompts:
     """Tokenise `template.format(subject)` for each pair and locate the subject's last token."""
     sequences, positions = [], []
-    for template, subject in zip(templates, subjects):
+    for template, subject in zip(templates, subjects, strict=True):
         text, span = fill_subject(template, subject)
         ids, offsets = encode_with_offsets(tokenizer, text)
         sequences.append(ids)
