@@ -619,3 +619,97 @@ def test_compare_pairs_prompts_unless_told_to_pair_cases_and_says_which_in_its_t
     assert plain.exit_code == 0 and plain.output == prompt.output, plain.output
     assert ", prompt by prompt, ×100" in plain.output.splitlines()[0] and "| DNS      |   3 |" in plain.output
     assert ", case by case, ×100" in case.output.splitlines()[0] and "| DNS      |   1 |" in case.output
+
+
+def _finished(path, values: dict[int, dict[str, list[float]]], config: dict, states=("edited",)):
+    """A run made by `_run` (its rows hold the same scores unedited and edited), with its config.yaml and the
+    metrics.csv the runner writes from its rows."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.aggregate import metric_table
+
+    _run(path, values)
+    lines = (path / "cases.jsonl").read_text().splitlines()
+    rows = [{**row, "unedited": row["edited"]} for row in map(json.loads, lines)]
+    OmegaConf.save(config, path / "config.yaml")
+    metric_table(rows, states=states).to_csv(path / "metrics.csv", index=False)
+    return path
+
+
+ROME = {"editor": {"name": "rome"}, "sadr": {"lambda": 0.0}}
+
+
+def test_the_config_yaml_of_a_run_s_hydra_folder_is_no_unfinished_run(tmp_path):
+    """Hydra keeps its own config.yaml under .hydra in every run folder, without metrics.csv beside it."""
+    from sadr.evaluation.summary import unfinished_runs, write_summary
+
+    run = _finished(tmp_path / "0", {0: {"neighborhood": [1, 0]}}, ROME)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert unfinished_runs(tmp_path) == []
+    assert "runs without metrics" not in write_summary(tmp_path, "prompt")
+
+
+def test_a_metrics_csv_without_a_config_yaml_beside_it_is_no_run(tmp_path):
+    from sadr.evaluation.summary import find_runs
+
+    run = _finished(tmp_path / "0", {0: {"neighborhood": [1, 0]}}, ROME)
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "copies" / "metrics.csv").write_text((run / "metrics.csv").read_text())
+    assert find_runs(tmp_path) == [run]
+
+
+def test_a_merged_configuration_names_its_shards_in_the_order_of_their_indexes(tmp_path):
+    """Shard 2/2 in folder s_a, shard 1/2 in s_b: the row's run lists s_b first, whatever the folders' order."""
+    from sadr.evaluation.summary import configurations, summarize
+
+    for name, shard, values in (("s_a", "2/2", [1, 1]), ("s_b", "1/2", [1, 0])):
+        _finished(tmp_path / name, {int(shard[0]): {"neighborhood": values}}, {**ROME, "dataset": {"shard": shard}})
+    (configuration,) = configurations(tmp_path)
+    assert configuration.runs == [tmp_path / "s_b", tmp_path / "s_a"] and configuration.shard_indexes == (1, 2)
+    edited = summarize(tmp_path).set_index("state").loc["edited"]
+    assert (edited.run, edited.shards, edited.NS) == ("s_b,s_a", "2/2", pytest.approx(75.0))
+
+
+def test_the_unedited_rows_of_two_models_with_the_same_scores_are_both_kept(tmp_path):
+    """The unedited model's row is shown once per model, even where two models score alike."""
+    from sadr.evaluation.summary import summarize
+
+    for model in ("gpt2", "gpt-j"):
+        config = {**ROME, "model": {"name": model}, "dataset": {"name": "counterfact"}}
+        _finished(tmp_path / model, {0: {"neighborhood": [1, 0]}}, config, ("edited", "unedited"))
+    table = summarize(tmp_path)
+    unedited = table[table.state == "unedited"]
+    assert sorted(unedited["model.name"]) == ["gpt-j", "gpt2"] and set(unedited.NS) == {50.0}
+
+
+def test_a_setting_two_levels_deep_is_a_column_under_its_dotted_name(tmp_path):
+    from sadr.evaluation.summary import summarize
+
+    for name, samples in (("0", 100), ("1", 200)):
+        _finished(tmp_path / name, {0: {"neighborhood": [1, 0]}}, {**ROME, "model": {"stats": {"n_samples": samples}}})
+    table = summarize(tmp_path)
+    assert list(table["model.stats.n_samples"]) == [100, 200] and "model.stats" not in table
+
+
+def test_the_title_of_a_comparison_names_no_settings_where_one_run_has_no_config_yaml(tmp_path):
+    from sadr.evaluation.summary import pair_title
+
+    base = _finished(tmp_path / "a", {0: {"neighborhood": [1, 0]}}, ROME)
+    other = _run(tmp_path / "b", {0: {"neighborhood": [1, 1]}})
+    assert pair_title(base, other, "prompt") == (f"{other} against the base {base}, prompt by prompt, ×100 "
+                                                 "(difference: other − base):")
+
+
+def test_a_sweep_whose_shards_cannot_be_merged_ends_with_one_line_saying_why(tmp_path, capsys):
+    """A ValueError (a shard made twice), as a missing folder, is one line on stderr, not a traceback after the
+    runs."""
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.summary import SummarizeSweep
+
+    for name in ("a", "b"):
+        _finished(tmp_path / name, {0: {"neighborhood": [1, 0]}}, {**ROME, "dataset": {"shard": "1/2"}})
+    SummarizeSweep().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("\nno tables for the sweep (the shards of one configuration must be i/n")

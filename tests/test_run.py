@@ -685,6 +685,19 @@ def test_summarize_names_the_unfinished_runs_when_none_has_finished(tmp_path):
         find_runs(tmp_path)
 
 
+def test_summarize_names_three_unfinished_runs_and_counts_the_others(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sadr.evaluation.summary import find_runs
+    from sadr.results import RunDirectory
+
+    for name in ("a", "b", "c", "d"):
+        RunDirectory(tmp_path / name).claim(OmegaConf.create({"editor": {"name": "rome"}}))
+    with pytest.raises(FileNotFoundError, match=r"\): .*a \(0 finished cases\); .*b .*; .*c \(0 finished cases\) and 1 "
+                                                r"more$"):
+        find_runs(tmp_path)
+
+
 def test_a_loss_layer_below_the_edited_layer_is_rejected():
     with pytest.raises(ConfigError, match=r"editor.v_loss_layer=3 is below the edited layer 5"):
         composed(["model=gpt-j", "editor.v_loss_layer=3"])
