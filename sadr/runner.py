@@ -471,7 +471,7 @@ def _read_checkpoint(state_file: Path) -> dict:
     memory, wherever the run that wrote it ran: the editor copies its state onto the model's device."""
     try:
         return TORCH.load(state_file)
-    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as err:  # what an unreadable file raises
+    except (EOFError, IndexError, pickle.UnpicklingError, RuntimeError, ValueError) as err:  # what damage raises
         raise DamagedFileError(f"the sequential checkpoint {state_file} cannot be read ({type(err).__name__}: {err}); "
                                "delete it, and a rerun of the same command redoes the sequential edits from the "
                                "start") from err

@@ -338,3 +338,28 @@ def test_a_run_that_kept_deltas_refuses_other_settings_and_takes_them_once_they_
     out = run_experiment(cfg(tmp_path / "run", "editor.v_lr=0.1"))
     assert len(optimised) == 2
     assert _without_seconds(written_rows(out)) == _without_seconds(written_rows(corrected))
+
+
+def test_a_sequential_sadr_run_killed_as_it_checkpoints_a_group_resumes_from_that_group_s_deltas(tiny_dir, tmp_path,
+                                                                                                 monkeypatch):
+    """The group's δs are removed only once the checkpoint that holds its edit is written: killed while writing it,
+    the rerun reads the δ back (optimising only the next case's), and is not refused as a run whose edit did not
+    attach SADR's term, which a group read back attaches nowhere."""
+    from sadr import runner
+
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential", "sadr.lambda=0.1"))
+    write = runner.write_atomically
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_atomically", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    monkeypatch.setattr(runner, "write_atomically", write)
+    kept = tmp_path / "run" / DELTA_CHECKPOINT
+    assert not (tmp_path / "run" / SEQUENTIAL_STATE).exists() and list(kept.glob("*.pt"))
+    optimised = _counting_deltas(monkeypatch)
+    out = run_experiment(cfg)
+    assert optimised == [written_rows(out)[1]["subject"]]
+    assert [row["diagnostics"]["n_edits_in_model"] for row in written_rows(out)] == [2, 2]

@@ -387,6 +387,25 @@ def test_a_group_that_runs_out_of_gpu_memory_is_redone_in_halves(tiny_dir, tmp_p
         [(r["case_id"], r["edited"], r["diagnostics"]) for r in at_two]
 
 
+def test_a_first_group_redone_one_case_at_a_time_is_still_checked_for_a_restored_model(tiny_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Two cases side by side run out of GPU memory, so the first group is case 0 alone: an editor whose state does
+    not restore the model is stopped there, before its row, as where the first group fit."""
+    monkeypatch.setattr(RomeEditor, "state_dict", lambda editor: {"weights": {
+        layer: editor.adapter.down_weight(editor.model, layer) for layer in editor.layers}})
+    original = RomeEditor.apply_each
+
+    def apply_each(editor, requests):
+        if len(requests) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return original(editor, requests)
+
+    monkeypatch.setattr(RomeEditor, "apply_each", apply_each)
+    with pytest.raises(RuntimeError, match=r"^editor=rome: loading the state it gave before the first edit did not"):
+        Experiment(run_config(tiny_dir, tmp_path / "run", "editor.parallel_cases=2")).run()
+    assert not (tmp_path / "run" / "cases.jsonl").exists()
+
+
 def test_a_statistics_pass_out_of_gpu_memory_is_not_retried_with_fewer_cases(tiny_dir, tmp_path, monkeypatch):
     """Its size does not depend on the cases side by side: the run stops at once, naming the setting that bounds it."""
     import sadr.editors.covariance as covariance_module

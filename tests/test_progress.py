@@ -95,7 +95,7 @@ def test_console_log_lines_go_through_the_bar_while_it_is_shown(monkeypatch):
 def test_a_case_line_shows_each_metric_x100_and_the_seconds():
     row = {"case_id": 7, "subject": "Tokyo", "seconds": {"v_star": 2.5, "eval_per_case": 0.5},
            "edited": {"efficacy": {"value": [1.0]}, "paraphrase": {"value": [1.0, 0.0]}, "subject_attention": {"value": []},
-                      "drift_max": {"value": [0.2]}}}
+                      "drift_max": {"value": [0.2]}, "neighborhood": {"value": []}}}  # NS without a prompt: no score
     assert case_line(row) == "case 7 (Tokyo): ES 100 PS 50 Drift 20; 3.0 s"
 
 

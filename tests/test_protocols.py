@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+import sadr.editors.delta as delta
 from sadr.cache import TORCH, write_atomically
 from sadr.editors.rome import RomeEditor
 from sadr.errors import InvalidSettingError
@@ -124,7 +125,8 @@ def _without_seconds(rows: list[dict]) -> list[dict]:
 
 def test_a_batch_run_killed_between_a_group_s_rows_edits_that_group_again_whole(tiny_dir, tmp_path, monkeypatch):
     """Batches of two, killed after the first row of [0, 1]: the rerun edits [0, 1] again (writing case 1's row
-    only) and then [2], the groups of an uninterrupted run, not [1, 2]; its rows are that run's."""
+    only), from the δs the killed run kept for it (removed only once the group's rows are written), and then [2], the
+    groups of an uninterrupted run, not [1, 2]; its rows are that run's."""
     def overrides(out):
         given = tiny_overrides(tiny_dir, out, "editor.protocol=batch", "editor.batch_size=2")
         return [*(o for o in given if not o.startswith(("dataset.path=", "dataset.limit="))),
@@ -136,9 +138,13 @@ def test_a_batch_run_killed_between_a_group_s_rows_edits_that_group_again_whole(
     original_apply = RomeEditor.apply
     monkeypatch.setattr(RomeEditor, "apply", lambda editor, requests: (applied.append([r.subject for r in requests]),
                                                                        original_apply(editor, requests))[1])
+    optimised, optimize_deltas = [], delta.optimize_deltas
+    monkeypatch.setattr(delta, "optimize_deltas", lambda model, adapter, tokenizer, requests, *args, **kwargs: (
+        optimised.extend(r.subject for r in requests), optimize_deltas(model, adapter, tokenizer, requests, *args,
+                                                                       **kwargs))[1])
     out = run_experiment(composed(overrides(tmp_path / "run")))
     subjects = [record["requested_rewrite"]["subject"] for record in json.loads(OFFLINE_RECORDS.read_text())[:3]]
-    assert applied == [subjects[:2], subjects[2:]]
+    assert applied == [subjects[:2], subjects[2:]] and optimised == subjects[2:]
     assert _without_seconds(written_rows(out)) == _without_seconds(written_rows(whole))
 
 
@@ -209,6 +215,23 @@ def test_an_editor_whose_state_does_not_restore_the_model_is_stopped_with_the_fi
         experiment.run()
     rows = tmp_path / "run" / "cases.jsonl"
     assert len(written_rows(tmp_path / "run")) == 2 if protocol == "sequential" else not rows.exists()
+
+
+@pytest.mark.parametrize("protocol", ["single", "sequential"])
+def test_a_run_stopped_while_it_evaluates_hands_the_model_back_unedited(protocol, tiny_dir, tmp_path, monkeypatch):
+    """The process keeps its model for the next run of a sweep (sadr/models/kept.py), which reuses it only where it
+    holds the weights that were loaded: a run stopped between an edit and its rows restores them too."""
+    experiment = Experiment(composed(tiny_overrides(tiny_dir, tmp_path / "run", f"editor.protocol={protocol}")))
+    original = _state(experiment.loaded.model)
+
+    def stopped(self, cases):
+        assert _changed(_state(self.loaded.model), original)  # on the edited model
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Experiment, "_evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run()
+    assert not _changed(_state(experiment.loaded.model), original)
 
 
 def _editor_without_regularizers(monkeypatch):

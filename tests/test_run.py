@@ -239,6 +239,20 @@ def test_killed_run_resumes_without_redoing_finished_cases(tiny_dir, tmp_path, m
     assert (out / "metrics.csv").is_file()
 
 
+def test_a_finished_run_run_again_writes_its_metrics_again_without_building_an_editor(tiny_dir, tmp_path,
+                                                                                     monkeypatch):
+    """As a deleted metrics.csv is made again: from the rows, without the editor's one-off work (its templates and
+    key statistics, minutes at paper scale)."""
+    from sadr.runner import Experiment
+
+    cfg = composed(tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential"))
+    out = run_experiment(cfg)
+    metrics = (out / "metrics.csv").read_text()
+    (out / "metrics.csv").unlink()
+    monkeypatch.setattr(Experiment, "_editor", lambda self: pytest.fail("an editor built with no case to edit"))
+    assert run_experiment(cfg) == out and (out / "metrics.csv").read_text() == metrics
+
+
 @pytest.mark.parametrize("block", [1, 5, 64, 1 << 20])
 def test_a_last_line_cut_short_is_found_reading_only_the_end_of_the_rows(block, tmp_path, monkeypatch):
     """Whatever the block read at a time from the end, the line after the last newline is the one checked, and the
@@ -379,6 +393,24 @@ def test_a_damaged_sequential_checkpoint_is_named_with_the_fix(tiny_dir, tmp_pat
     (tmp_path / "run" / "sequential_state.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(DamagedFileError, match=r"sequential checkpoint .*sequential_state\.pt cannot be read .*delete it"):
         run_experiment(cfg)
+
+
+@pytest.mark.parametrize("cut", [1, 5])
+def test_a_sequential_checkpoint_whose_pickle_is_cut_short_is_named_with_the_fix(cut, tmp_path):
+    """A whole zip whose data.pkl ends early: unpickling it raises EOFError or IndexError, by where it ends."""
+    import zipfile
+
+    from sadr.errors import DamagedFileError
+    from sadr.runner import _read_checkpoint
+
+    torch.save({"edited": ["0"], "seconds": {}}, tmp_path / "whole.pt")
+    with zipfile.ZipFile(tmp_path / "whole.pt") as whole:
+        files = {name: whole.read(name) for name in whole.namelist()}
+    with zipfile.ZipFile(tmp_path / "cut.pt", "w") as damaged:
+        for name, data in files.items():
+            damaged.writestr(name, data[:cut] if name.endswith("/data.pkl") else data)
+    with pytest.raises(DamagedFileError, match=r"sequential checkpoint .*cut\.pt cannot be read .*delete it"):
+        _read_checkpoint(tmp_path / "cut.pt")
 
 
 def test_resuming_with_a_different_config_is_refused(tiny_dir, tmp_path):
@@ -1283,6 +1315,22 @@ def test_a_missing_statistics_file_or_folder_fails_before_the_model_loads(tiny_d
                                                 r"model\.stats\.n_samples=41 texts"):
         run_experiment(composed(tiny_overrides(tiny_dir, tmp_path / "c", no_model, "model.stats.n_samples=41",
                                                f"model.stats.npz_dir={tmp_path / 'npz'}")))
+
+
+@pytest.mark.parametrize("model, corpus", [("smollm2-135m", "generated"), ("gpt2-xl", "hub")])
+def test_the_auto_statistics_corpus_is_generated_for_the_embedded_model_and_read_from_the_hub_otherwise(model, corpus,
+                                                                                                        monkeypatch):
+    from types import SimpleNamespace
+
+    from sadr import runner
+
+    read = []
+    monkeypatch.setattr(runner, "generated_corpus", lambda *args, **kwargs: read.append("generated"))
+    monkeypatch.setattr(runner, "hub_corpus", lambda *args: read.append("hub"))
+    monkeypatch.setattr(runner, "SecondMomentStatistics", lambda *args, **kwargs: None)
+    cfg = composed([f"model={model}", "model.stats.corpus=auto"])
+    runner.build_statistics(cfg, SimpleNamespace(model=None, tokenizer=None, adapter=None), "fingerprint")
+    assert read == [corpus]
 
 
 def test_statistics_files_are_required_only_where_they_are_read(tiny_dir, tmp_path):
