@@ -49,8 +49,10 @@ def test_each_layer_s_projection_is_made_once_and_its_c_released(tokenizer, tmp_
         return EDITORS["alphaedit"].build(model, adapter_for(model), tokenizer, hparams, EditorServices(stats, TEMPLATES))
 
     stats = statistics(model, tokenizer, tmp_path)
-    projections = alphaedit(stats).second_moments()
+    editor = alphaedit(stats)
+    projections = editor.second_moments()
     assert sorted(projections) == LAYERS and not stats._memory
+    assert all(editor.second_moments()[layer] is projections[layer] for layer in LAYERS)  # not made again
     for layer in LAYERS:
         assert 0 < torch.trace(projections[layer]) < projections[layer].shape[0] - 0.5  # a proper subspace
         torch.testing.assert_close(projections[layer], nullspace_projection(moments[layer], threshold), rtol=0, atol=0)
@@ -115,6 +117,25 @@ def test_requests_solved_alone_each_see_the_preserved_keys_and_not_each_others(e
         k, r = solve.keys[row : row + 1].double().numpy(), solve.residuals[row : row + 1].double().numpy()
         system = (k.T @ k + preserved.numpy()) @ p + editor.hparams.L2 * np.eye(k.shape[1])
         expected = np.linalg.solve(system.T, (r.T @ k @ p).T).T
+        np.testing.assert_allclose(update.dense().numpy(), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
+def test_requests_solved_alone_before_any_edit_solve_without_preserved_keys_and_leave_none(tokenizer, tmp_path):
+    """`solve_each` on an editor that has edited nothing (the single protocol with parallel cases): each row's update
+    solves its normal equations with Cₚ = 0, and no preserved keys are left behind for the next group."""
+    model = make_model("llama")
+    hparams = editor_config("alphaedit", layers=LAYERS, context_templates=[[10, 3]], nullspace_threshold=1e9, L2=1e-3)
+    editor = EDITORS["alphaedit"].build(model, adapter_for(model), tokenizer, hparams,
+                                        EditorServices(statistics(model, tokenizer, tmp_path), TEMPLATES))
+    p = editor.second_moments()[1]
+    torch.manual_seed(0)
+    keys, residuals = torch.randn(3, p.shape[0]), torch.randn(3, 5)
+    updates = editor.solve_each(1, keys, residuals, p)
+    assert editor.earlier_keys == {} and editor.state_dict()["earlier_keys"] == {}
+    for row, update in enumerate(updates):
+        k, r = keys[row : row + 1].double().numpy(), residuals[row : row + 1].double().numpy()
+        system = k.T @ k @ p.numpy() + hparams.L2 * np.eye(k.shape[1])
+        expected = np.linalg.solve(system.T, (r.T @ k @ p.numpy()).T).T
         np.testing.assert_allclose(update.dense().numpy(), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
 
 
