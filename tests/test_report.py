@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgba
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
@@ -74,6 +75,7 @@ def test_every_file_is_written(report):
     for plot in ("tradeoff", "drift_rome", "drift_memit", "bars_rome", "bars_memit"):
         assert (report / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
         assert "<svg" in (report / f"{plot}.svg").read_text()[:2000]
+        assert "<dc:date>" not in (report / f"{plot}.svg").read_text()  # undated: a report written again is the same
     for name in expected:
         assert (report / name).is_file(), name
     assert not (report / "selected_heads_rome_0.csv").exists()  # no SADR, no selection
@@ -115,12 +117,13 @@ def test_tradeoff_numbers_are_the_rows_mean_and_ci(sweep, report):
 
 def test_tradeoff_plot_draws_those_numbers(report):
     table = pd.read_csv(report / "tradeoff.csv", dtype={"run": str})
-    figure = tradeoff_figure(table, TRADEOFF_METRICS)
+    figure = tradeoff_figure(table.sample(frac=1, random_state=0), TRADEOFF_METRICS)  # in any row order
     panels = [ax for ax in figure.axes if ax.get_visible()]
     assert len(panels) == len(TRADEOFF_METRICS)
     for ax, metric in zip(panels, TRADEOFF_METRICS):
         ticks = [t.get_text() for t in ax.get_xticklabels()]
         assert ticks == ["0", "0.01"]
+        assert ax.get_ylabel() == ("attention drift (pp)" if metric == "drift_max" else "% of prompts")
         lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
         assert set(lines) == {"rome", "memit"}
         for series, line in lines.items():
@@ -133,6 +136,14 @@ def test_tradeoff_plot_draws_those_numbers(report):
             for (low, high), mean, ci in zip(segments, points["mean"], points["ci95"]):
                 assert (low[1], high[1]) == pytest.approx((mean - ci, mean + ci))
         assert len(lines["memit"].get_xdata()) == 1  # a single γ still shows as a point
+        rome, memit = lines["rome"].get_xdata()[-1], lines["memit"].get_xdata()[0]  # both at γ = 0.01 (tick 1)
+        assert rome < memit and (rome + memit) / 2 == pytest.approx(1.0)  # nudged apart, centred on their tick
+
+
+def test_tradeoff_plot_hides_the_grid_s_panels_beyond_its_metrics(report):
+    table = pd.read_csv(report / "tradeoff.csv", dtype={"run": str})
+    figure = tradeoff_figure(table, TRADEOFF_METRICS[:4])  # a grid of 2 × 3, two cells empty
+    assert len(figure.axes) == 6 and [ax.get_visible() for ax in figure.axes] == [True] * 4 + [False] * 2
 
 
 def test_drift_maps_are_the_mean_increase_of_attention_on_dns_prompts(sweep, report):
@@ -231,6 +242,13 @@ def test_drift_figure_draws_those_maps_on_one_scale(report):
     assert (images[2].norm.vmin, images[2].norm.vmax) == pytest.approx((0.0, selected[0][1].max()))  # counts: from 0
 
 
+def test_drift_panel_titles_are_the_run_labels_shortened_in_the_middle():
+    names = ["γ=0_run" + "x" * 30 + end for end in "ab"]
+    figure = drift_figure("rome", [(name, np.zeros((2, 3))) for name in names], [])
+    titles = [ax.get_title() for ax in figure.axes if ax.images]
+    assert titles == ["γ=0_runxxxx…xxxxxxxxxxxa", "γ=0_runxxxx…xxxxxxxxxxxb"]
+
+
 def test_selected_heads_are_the_regularizers_counts_per_edit(sweep, report):
     for folder, name in (("1", "selected_heads_rome_0.01.csv"), ("2", "selected_heads_memit_0.01.csv")):
         recorded = written_rows(sweep / folder)
@@ -260,6 +278,13 @@ def test_bars_are_each_runs_metrics_table(sweep, report):
         heights = {names[round(p.get_x() + p.get_width() / 2)]: p.get_height() for p in ax.patches}
         want = table[table.metric == metric].set_index("bar")["mean"].to_dict()
         assert heights == pytest.approx(want)
+        colors = {names[round(p.get_x() + p.get_width() / 2)]: p.get_facecolor() for p in ax.patches}
+        assert colors == {bar: to_rgba(color) for bar, color in zip(names, ["0.6", "C0", "C1"]) if bar in colors}
+        ci = table[table.metric == metric].set_index("bar")["ci95"].fillna(0.0).to_dict()
+        for note in ax.texts:  # each mean written just beyond its error bar's end
+            bar = names[round(note.xy[0])]
+            assert note.get_text() == f"{want[bar]:.3g}"
+            assert note.xy[1] == pytest.approx(want[bar] + math.copysign(ci[bar], want[bar]))
 
 
 def test_bars_show_score_and_avg_s_beside_the_success_rates():
