@@ -417,6 +417,17 @@ def test_cli_reports_a_single_run(sweep, tmp_path):
     assert set(table["run"].astype(str)) == {"0"}  # the run's folder name, not "."
 
 
+def test_a_report_of_runs_without_trade_off_metrics_says_so_instead_of_a_plot(sweep, tmp_path):
+    run = tmp_path / "runs" / "0"
+    shutil.copytree(sweep / "0", run)
+    metrics = pd.read_csv(run / "metrics.csv")
+    metrics[~metrics.metric.isin(TRADEOFF_METRICS)].to_csv(run / "metrics.csv", index=False)
+    write_report(tmp_path / "runs", tmp_path / "report")
+    assert "No run has any of the trade-off metrics" in (tmp_path / "report" / "report.html").read_text()
+    assert not any((tmp_path / "report" / name).exists() for name in ("tradeoff.csv", "tradeoff.png", "tradeoff.svg"))
+    assert (tmp_path / "report" / "bars_rome.png").is_file()  # the metrics it has are still drawn
+
+
 def test_cli_reports_a_directory_without_runs(tmp_path):
     done = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert done.exit_code == 2
@@ -439,6 +450,7 @@ def test_page_links_each_figure_s_csv_files(report):
 
 def test_file_stem_keeps_short_names_and_cuts_long_ones_with_a_hash_of_the_whole():
     assert file_stem("drift", "rome/a b", "0.01") == "drift_rome_a_b_0.01"
+    assert file_stem("bars", "rome (model.name=m1)") == "bars_rome_model.name=m1"  # one "_" a run, none at the end
     exact = "x" * MAX_STEM
     assert file_stem(exact) == exact
     long_a, long_b = file_stem(exact + "a"), file_stem(exact + "b")
