@@ -459,23 +459,28 @@ def test_file_stem_keeps_short_names_and_cuts_long_ones_with_a_hash_of_the_whole
 
 
 def test_tables_show_numbers_index_and_text_as_written():
-    """Four significant digits, integers without a point (up to 1e9), a dash for missing values, the named index as
-    the first column, and text escaped."""
-    frame = pd.DataFrame({"value": [12.3456, float("nan"), 3.0, 2e9], "note": ["<b>", "a", "b", "c"]},
-                         index=pd.Index(["r1", "r2", "r3", "r4"], name="run"))
+    """Four significant digits, integers without a point (below 1e9), a dash for missing values, the named index as
+    the first column (an unnamed one is not shown), and text escaped."""
+    frame = pd.DataFrame({"value": [12.3456, float("nan"), 3.0, 2e9, 999999999.0, 1e9],
+                          "note": ["<b>", "a", "b", "c", "d", "e"]},
+                         index=pd.Index(["r1", "r2", "r3", "r4", "r5", "r6"], name="run"))
     html = page.table_html(frame)
     assert html.index("<th>run</th>") < html.index("<th>value</th>") and "<td>r1</td>" in html
-    for cell in ("12.35", "–", "3", "2e+09", "&lt;b&gt;"):
+    for cell in ("12.35", "–", "3", "2e+09", "999999999", "1e+09", "&lt;b&gt;"):
         assert f"<td>{cell}</td>" in html, cell
     assert "<b>" not in html
+    unnamed = page.table_html(frame.reset_index(drop=True))
+    assert unnamed.count("<th>") == 2 and "<td>r1</td>" not in unnamed and "<td>0</td>" not in unnamed
 
 
 def test_page_sections_are_linked_and_text_escaped():
-    text = page.page("t", "s", [("drift", "A & B", [page.paragraph("x < y"),
-                                                      page.figure_html("AAAA", "plot", "c", ["plot.csv"])])])
+    text = page.page("t <1>", "s & u", [("drift", "A & B", [page.paragraph("x < y"),
+                                                            page.figure_html("AAAA", "plot", "c < d", ["p&q.csv"])])])
     assert '<a href="#drift">A &amp; B</a>' in text and '<section id="drift">' in text
-    assert "x &lt; y" in text
-    assert all(f'href="{name}"' in text for name in ("plot.png", "plot.svg", "plot.csv"))
+    assert "<title>t &lt;1&gt;</title>" in text and "<h1>t &lt;1&gt;</h1>" in text and "s &amp; u" in text
+    assert "x &lt; y" in text and 'alt="c &lt; d"' in text and "<figcaption>c &lt; d<br>" in text
+    assert all(f'href="{name}"' in text for name in ("plot.png", "plot.svg", "p&amp;q.csv"))
+    assert "<1>" not in text and "c < d" not in text and "p&q" not in text
 
 
 def test_drift_panels_say_which_runs_used_sadr(report):
