@@ -975,7 +975,7 @@ def test_a_misspelt_override_is_named_with_the_setting_it_may_mean():
         "editor.nll_loss_factr: editor has no setting 'nll_loss_factr'; did you mean editor.nll_loss_factor? ")
     assert "it is a setting of editor=rome, not of editor=memit" in misspelt_override(["editor=memit", "editor.rome_update=paper"])
     declared = ["-m", "--config-name=config", "model=gpt-j", "hydra/launcher=local", "experiment=table3_gptj",
-                "setup=sadr_repo", "+x.y=1",
+                "setup=sadr_repo", "+x.y=1", "~sadr.lambda=0",
                 "editor.rome_update=paper", "model.stats.n_samples=3", "sadr.lambda=0,0.01", "hydra.sweep.dir=d"]
     assert misspelt_override(declared) is None  # the default editor is ROME, which has rome_update
     assert misspelt_override(["editor=rome,memit", "editor.layerz=[1]"]) is None  # swept editors: not one to name
