@@ -525,3 +525,27 @@ def test_a_request_that_fails_midway_side_by_side_leaves_the_weights_as_they_wer
         HalfWriting().apply_each([request, request])
     for layer in layers:
         assert torch.equal(adapter_for(model).down_weight(model, layer), before[layer])
+
+
+def test_side_by_side_outcomes_split_the_shared_seconds_and_need_not_report_a_layer_left_alone():
+    """`_each_alone` with 3 requests: each outcome's seconds are its own plus a third of the shared ones (update
+    1 + 6 / 3 = 3, keys 3 / 3 = 1). An edit of layers [1, 2] that writes and reports layer 1 only is accepted: layer
+    2 is unchanged, so no update of it is missing."""
+    from sadr.editors.base import EditOutcome, Editor
+
+    model = make_model("llama")
+
+    class FirstLayerOnly(Editor):
+        def __init__(self):
+            self.model, self.adapter, self.layers = model, adapter_for(model), [1, 2]
+
+        def apply(self, requests):
+            out, d_in = self.adapter.down_weight(self.model, 1).shape
+            update = LowRankUpdate(torch.ones(out, 1, dtype=torch.float64), torch.ones(d_in, 1, dtype=torch.float64))
+            self.adapter.add_to_down_weight(self.model, 1, update)
+            return EditOutcome(updates={1: update}, seconds={"update": 1.0})
+
+    editor, request = FirstLayerOnly(), EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    outcomes = editor._each_alone([request] * 3, lambda _index, r: editor.apply([r]), {"update": 6.0, "keys": 3.0})
+    assert [outcome.seconds for outcome in outcomes] == [{"update": 3.0, "keys": 1.0}] * 3
+    assert [list(outcome.updates) for outcome in editor.apply_each([request] * 2)] == [[1], [1]]

@@ -165,6 +165,24 @@ def test_a_sequential_run_killed_while_writing_its_rows_resumes_without_editing_
     assert note["n_edits"] == 2 and [edit["case_id"] for edit in note["edits"]] == [0, 1]
 
 
+def test_seconds_timed_under_one_name_add_up_and_an_edit_s_row_keeps_them_without_its_updates(monkeypatch):
+    """Two blocks timed as "keys" (2 s, then 3 s, the second raising) give 5 s; `without_updates` is what a row reads
+    of an outcome: its seconds and diagnostics, not its updates (GBs for a large batch)."""
+    from sadr.editors import base
+
+    clock = iter([10.0, 12.0, 20.0, 23.0])
+    monkeypatch.setattr(base.time, "perf_counter", lambda: next(clock))
+    seconds = {"update": 1.0}
+    with base.timed(seconds, "keys"):
+        pass
+    with pytest.raises(ValueError), base.timed(seconds, "keys"):
+        raise ValueError
+    assert seconds == {"update": 1.0, "keys": 5.0}
+    outcome = base.EditOutcome(updates={1: object()}, seconds=seconds, diagnostics={"delta_steps": 4})
+    row = outcome.without_updates()
+    assert (row.updates, row.seconds, row.diagnostics) == ({}, seconds, {"delta_steps": 4})
+
+
 def test_a_resumed_sequential_run_s_rows_add_the_edit_seconds_spent_before_the_kill(tiny_dir, tmp_path, monkeypatch,
                                                                                     caplog):
     """Killed during the second edit, resumed: each phase's seconds in the rows are the first edit's (kept by the
