@@ -118,11 +118,8 @@ class AlphaEditEditor(MemitEditor):
         if earlier is None:
             return [first_update(keys[row : row + 1], residuals[row : row + 1], projection, self.hparams.L2)
                     for row in range(len(keys))]
-        updates = []
-        for row in range(len(keys)):
-            updates.append(self.solve(layer, keys[row : row + 1], residuals[row : row + 1], projection))
-            self.earlier_keys[layer] = earlier
-        return updates
+        return [nullspace_update(keys[row : row + 1], residuals[row : row + 1], projection, earlier, self.hparams.L2)
+                for row in range(len(keys))]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "earlier_keys": {layer: m.clone() for layer, m in self.earlier_keys.items()}}

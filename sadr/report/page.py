@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import math
 
 import pandas as pd
 
@@ -25,8 +24,7 @@ nav a { margin-right: 1.2em; }
 
 
 def _number(value: float) -> str:
-    if math.isnan(value):
-        return "–"
+    """A table's float (pandas writes a missing one as its `na_rep`, never through here)."""
     if value.is_integer() and abs(value) < 1e9:
         return str(int(value))
     return f"{value:.4g}"
