@@ -23,8 +23,9 @@ SHA = hashlib.sha256(BODY).hexdigest()
 
 class FileServer:
     """Serves `files` (name -> bytes); honours Range unless `ignore_range`, or answers it with the bytes from
-    `range_served_from`; a request without one is answered with a 206 from `whole_served_from` where set;
-    `cut_after` drops the connection; `delay` (seconds) holds each response back."""
+    `range_served_from`; a request without one is answered with a 206 from `whole_served_from` where set; a 206
+    says where its bytes start (Content-Range) unless not `content_range`; `cut_after` drops the connection; `delay`
+    (seconds) holds each response back."""
 
     def __init__(self):
         self.files = {"counterfact.json": BODY}
@@ -32,6 +33,7 @@ class FileServer:
         self.ignore_range = False
         self.range_served_from: int | None = None
         self.whole_served_from: int | None = None
+        self.content_range = True
         self.cut_after: int | None = None
         self.delay = 0.0
         server = self
@@ -52,11 +54,13 @@ class FileServer:
                         self.send_error(416)
                         return
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    if server.content_range:
+                        self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 elif server.whole_served_from is not None:
                     start = server.whole_served_from
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    if server.content_range:
+                        self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
@@ -123,6 +127,15 @@ def test_a_range_answered_from_another_byte_is_not_appended_to_the_partial_file(
     (tmp_path / "counterfact.json.part").write_bytes(BODY[:1000])
     assert download(remote(server), tmp_path).read_bytes() == BODY  # neither size nor sha256 known to catch it
     assert server.ranges == ["bytes=1000-"] + [None] * (served_from != 0)
+
+
+def test_a_range_answered_without_content_range_is_not_kept(server, tmp_path):
+    """A 206 that does not say where its bytes start (here from 0, not from 1000 as asked) may hold any part of the
+    file: neither appended to the partial file nor taken for the file from its start; the file is asked for whole."""
+    server.range_served_from, server.content_range = 0, False
+    (tmp_path / "counterfact.json.part").write_bytes(BODY[:1000])
+    assert download(remote(server), tmp_path).read_bytes() == BODY
+    assert server.ranges == ["bytes=1000-", None]
 
 
 def test_part_of_the_file_sent_for_the_whole_is_an_error_that_keeps_nothing(server, tmp_path):
