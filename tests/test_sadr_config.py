@@ -40,15 +40,30 @@ def test_the_benchmarks_default_cache_dir_is_the_one_a_run_composes(environment,
     assert default_cache_dir() == composed([]).cache_dir == expected
 
 
-def test_no_default_cache_dir_without_sadr_cache_dir_or_home_is_a_config_error(monkeypatch):
-    """A bare container or cron job has neither: the error says what to set, not OmegaConf's traceback."""
-    monkeypatch.delenv("SADR_CACHE_DIR", raising=False)
+@pytest.mark.parametrize("sadr_cache_dir", [None, "/data/sadr-cache"])
+def test_no_default_cache_dir_without_home_is_a_config_error(monkeypatch, sadr_cache_dir):
+    """A bare container or cron job has no HOME: the error says what to set, not OmegaConf's traceback. OmegaConf
+    resolves oc.env's default ($HOME/.cache/sadr) before it reads SADR_CACHE_DIR, so that is no way out."""
     monkeypatch.delenv("HOME", raising=False)
+    if sadr_cache_dir is None:
+        monkeypatch.delenv("SADR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("SADR_CACHE_DIR", sadr_cache_dir)
     cfg = composed([])
     for check in (lambda: validate(cfg), default_cache_dir):
-        with pytest.raises(ConfigError, match=r"^cache_dir: .*'HOME'.*set SADR_CACHE_DIR .* or give cache_dir=PATH$"):
+        with pytest.raises(ConfigError, match=r"^cache_dir=\$\{oc\.env:SADR_CACHE_DIR,.*'HOME'.*; set HOME \(the "
+                                              r"default reads it even where SADR_CACHE_DIR is set\), or give "
+                                              r"cache_dir=PATH$"):
             check()
     validate(composed(["cache_dir=/data/sadr-cache"]))
+
+
+def test_a_given_cache_dir_that_does_not_resolve_is_a_config_error_that_asks_for_a_folder(monkeypatch):
+    """Neither SADR_CACHE_DIR nor HOME would change a cache_dir given on the command line."""
+    monkeypatch.delenv("SCRATCH", raising=False)
+    with pytest.raises(ConfigError, match=r"^cache_dir=\$\{oc\.env:SCRATCH\}/sadr: .*'SCRATCH' not found\S*; give "
+                                          r"cache_dir=PATH$"):
+        validate(composed(["cache_dir=${oc.env:SCRATCH}/sadr"]))
 
 
 @pytest.mark.parametrize("editor", GPTJ)

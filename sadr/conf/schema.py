@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
-from sadr.conf.validation import resolved_cache_dir
+from sadr.conf.validation import CACHE_DIR, resolved_cache_dir
 from sadr.evaluation.probes import METRICS
 
 
@@ -219,9 +219,6 @@ class ProgressConfig:
 
     bar: bool = True  # a progress bar over cases with rate and ETA, on stderr (never in the run's log file)
     case_lines: bool = False  # one INFO line per finished case (its metrics and phase times)
-
-
-CACHE_DIR = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"
 
 
 def default_cache_dir() -> str:

@@ -125,14 +125,20 @@ def _check_delta_weights(editor: DictConfig) -> None:
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+CACHE_DIR = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"  # `cache_dir`'s default
+
+
 def resolved_cache_dir(cfg: DictConfig) -> str:
-    """`cfg.cache_dir`; its default read with neither SADR_CACHE_DIR nor HOME set (a bare container, a cron job) is
-    a ConfigError that says what to set, not OmegaConf's traceback."""
+    """`cfg.cache_dir`; one that does not resolve (its default without HOME: a bare container, a cron job) is a
+    ConfigError that says what to set, not OmegaConf's traceback."""
     try:
         return cfg.cache_dir
     except InterpolationResolutionError as error:
-        raise ConfigError(f"cache_dir: {str(error).splitlines()[0]}; set SADR_CACHE_DIR (or HOME: the default is "
-                          "$HOME/.cache/sadr), or give cache_dir=PATH") from None
+        given = OmegaConf.to_container(cfg, resolve=False)["cache_dir"]
+        # OmegaConf resolves oc.env's default before it reads the variable, so the default needs HOME in any case
+        fix = ("set HOME (the default reads it even where SADR_CACHE_DIR is set), or give" if given == CACHE_DIR
+               else "give")
+        raise ConfigError(f"cache_dir={given}: {str(error).splitlines()[0]}; {fix} cache_dir=PATH") from None
 
 
 def validate(cfg: DictConfig) -> None:
