@@ -296,6 +296,15 @@ def test_a_mean_that_rounds_to_zero_shows_as_0_in_summary_md_not_as_minus_0():
     assert [cell.strip() for cell in markdown_table(rounded).splitlines()[2].split("|")[3:5]] == ["0", "-0.01"]
 
 
+def test_rounded_metrics_keeps_counts_integers():
+    """n_cases and n_obs are metric columns too: made floats (-0.0 → 0.0 by adding 0.0), 123456789 would show as
+    1.23457e+08."""
+    from sadr.evaluation.summary import markdown_table, rounded_metrics
+
+    rounded = rounded_metrics(pd.DataFrame({"run": ["a"], "n_cases": [20], "n_obs": [123456789], "Drift": [-0.001]}))
+    assert markdown_table(rounded).splitlines()[2].replace(" ", "") == "|a|20|123456789|0|"
+
+
 def test_summary_csv_keeps_full_precision_and_summary_md_rounds_only_the_metrics(tmp_path):
     from omegaconf import OmegaConf
 
