@@ -40,20 +40,24 @@ def test_the_benchmarks_default_cache_dir_is_the_one_a_run_composes(environment,
     assert default_cache_dir() == composed([]).cache_dir == expected
 
 
-@pytest.mark.parametrize("sadr_cache_dir", [None, "/data/sadr-cache"])
-def test_no_default_cache_dir_without_home_is_a_config_error(monkeypatch, sadr_cache_dir):
-    """A bare container or cron job has no HOME: the error says what to set, not OmegaConf's traceback. OmegaConf
-    resolves oc.env's default ($HOME/.cache/sadr) before it reads SADR_CACHE_DIR, so that is no way out."""
+def test_sadr_cache_dir_alone_sets_the_default_cache_dir(monkeypatch):
+    """A bare container or service may have no HOME; SADR_CACHE_DIR is then enough (OmegaConf resolves oc.env's
+    default, $HOME/.cache/sadr, before it reads the variable, so HOME must not be needed to resolve it)."""
     monkeypatch.delenv("HOME", raising=False)
-    if sadr_cache_dir is None:
-        monkeypatch.delenv("SADR_CACHE_DIR", raising=False)
-    else:
-        monkeypatch.setenv("SADR_CACHE_DIR", sadr_cache_dir)
+    monkeypatch.setenv("SADR_CACHE_DIR", "/data/sadr-cache")
+    cfg = composed([])
+    validate(cfg)
+    assert default_cache_dir() == cfg.cache_dir == "/data/sadr-cache"
+
+
+def test_no_default_cache_dir_without_sadr_cache_dir_or_home_is_a_config_error(monkeypatch):
+    """Not /.cache/sadr, a folder at the root, which the default would resolve to: the error says what to set."""
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("SADR_CACHE_DIR", raising=False)
     cfg = composed([])
     for check in (lambda: validate(cfg), default_cache_dir):
-        with pytest.raises(ConfigError, match=r"^cache_dir=\$\{oc\.env:SADR_CACHE_DIR,.*'HOME'.*; set HOME \(the "
-                                              r"default reads it even where SADR_CACHE_DIR is set\), or give "
-                                              r"cache_dir=PATH$"):
+        with pytest.raises(ConfigError, match=r"^cache_dir: its default is \$SADR_CACHE_DIR, else \$HOME/\.cache/sadr, "
+                                              r"and neither variable is set; set one, or give cache_dir=PATH$"):
             check()
     validate(composed(["cache_dir=/data/sadr-cache"]))
 

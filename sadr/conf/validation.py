@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 
@@ -125,20 +126,22 @@ def _check_delta_weights(editor: DictConfig) -> None:
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-CACHE_DIR = "${oc.env:SADR_CACHE_DIR,${oc.env:HOME}/.cache/sadr}"  # `cache_dir`'s default
+# `cache_dir`'s default. OmegaConf resolves oc.env's default before it reads the variable, so HOME's own default ""
+# lets SADR_CACHE_DIR alone set it; with neither set, `resolved_cache_dir` refuses the "/.cache/sadr" it resolves to.
+CACHE_DIR = '${oc.env:SADR_CACHE_DIR,${oc.env:HOME,""}/.cache/sadr}'
 
 
 def resolved_cache_dir(cfg: DictConfig) -> str:
-    """`cfg.cache_dir`; one that does not resolve (its default without HOME: a bare container, a cron job) is a
-    ConfigError that says what to set, not OmegaConf's traceback."""
+    """`cfg.cache_dir`; its default with neither SADR_CACHE_DIR nor HOME set (a bare container, a service), or a
+    given value that does not resolve, is a ConfigError that says what to set, not OmegaConf's traceback."""
+    given = OmegaConf.to_container(cfg, resolve=False)["cache_dir"]
+    if given == CACHE_DIR and not os.environ.get("SADR_CACHE_DIR") and not os.environ.get("HOME"):
+        raise ConfigError("cache_dir: its default is $SADR_CACHE_DIR, else $HOME/.cache/sadr, and neither variable is "
+                          "set; set one, or give cache_dir=PATH")
     try:
         return cfg.cache_dir
     except InterpolationResolutionError as error:
-        given = OmegaConf.to_container(cfg, resolve=False)["cache_dir"]
-        # OmegaConf resolves oc.env's default before it reads the variable, so the default needs HOME in any case
-        fix = ("set HOME (the default reads it even where SADR_CACHE_DIR is set), or give" if given == CACHE_DIR
-               else "give")
-        raise ConfigError(f"cache_dir={given}: {str(error).splitlines()[0]}; {fix} cache_dir=PATH") from None
+        raise ConfigError(f"cache_dir={given}: {str(error).splitlines()[0]}; give cache_dir=PATH") from None
 
 
 def validate(cfg: DictConfig) -> None:
