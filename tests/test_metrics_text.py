@@ -158,11 +158,13 @@ def test_consistency_unavailable_on_mismatched_files(tmp_path):
     (lambda d: (d / "tfidf_vocab.json").write_text(json.dumps({**VOCAB, "x": -1})), "do not match"),  # idf[-1]
     (lambda d: (d / "tfidf_vocab.json").write_text(json.dumps(list(VOCAB))), "holds no vocabulary"),
     (lambda d: (d / "tfidf_vocab.json").write_text("{}"), "holds no vocabulary"),  # every cosine would be 0.0
+    (lambda d: (d / "tfidf_vocab.json").write_text(json.dumps({**VOCAB, "x": 1.0})), "other than an integer index"),
+    (lambda d: (d / "tfidf_vocab.json").write_text(json.dumps({**VOCAB, "x": True})), "other than an integer index"),
     (lambda d: (d / "attribute_snippets.json").write_text(json.dumps([{"relation_id": "P1", "target_id": "Q7"}])),
      "could not read the TF-IDF files .*'samples'"),
     (lambda d: (d / "attribute_snippets.json").write_text(json.dumps({"P1": []})), "could not read the TF-IDF files"),
-], ids=["2-d idf", "negative index", "vocabulary list", "empty vocabulary", "snippets without samples",
-        "snippets not a list"])
+], ids=["2-d idf", "negative index", "vocabulary list", "empty vocabulary", "float index", "bool index",
+        "snippets without samples", "snippets not a list"])
 def test_consistency_unavailable_on_files_of_the_wrong_shape(tmp_path, broken, reason):
     """A file of the wrong shape leaves the metric out with the reason, as a missing one does, instead of failing the
     run or scoring against it."""

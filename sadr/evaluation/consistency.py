@@ -85,6 +85,8 @@ def load_consistency_data(directory: str | os.PathLike, download_missing: bool =
         vocab = json.loads((directory / "tfidf_vocab.json").read_text(encoding="utf-8"))
         if not isinstance(vocab, dict) or not vocab:
             raise ValueError("tfidf_vocab.json holds no vocabulary (a JSON object from words to indices)")
+        if not all(type(index) is int for index in vocab.values()):
+            raise ValueError("tfidf_vocab.json maps a word to something other than an integer index")
         if idf.ndim != 1 or not 0 <= min(vocab.values()) <= max(vocab.values()) < len(idf):
             raise ValueError("idf.npy and tfidf_vocab.json do not match (a vocabulary index is out of range)")
         snippets = _index_snippets(json.loads((directory / "attribute_snippets.json").read_text(encoding="utf-8")))
