@@ -172,6 +172,21 @@ def test_summary_columns_are_the_success_rates_and_counts_of_the_rows(tmp_path):
                 assert row[f"{label} ci95"] == pytest.approx(196 * std / math.sqrt(count), nan_ok=True)
 
 
+def test_summary_of_hand_made_configs_without_model_or_dataset_names(tmp_path):
+    """Runs always record model.name and dataset.name, but a config.yaml written by hand (a run made elsewhere) may
+    not: the table then has no such column, and the unedited model is still one row per distinct setting."""
+    lines = "".join(json.dumps({"case_id": i, **row}) + "\n" for i, row in enumerate(ROWS))
+    for name, editor in (("a", "rome"), ("b", "memit")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "cases.jsonl").write_text(lines)
+        OmegaConf.save({"editor": {"name": editor}}, run / "config.yaml")
+        metric_table(ROWS).to_csv(run / "metrics.csv", index=False)
+    summary = summarize(tmp_path)
+    assert "model.name" not in summary and "dataset.name" not in summary
+    assert sorted(summary["editor.name"]) == ["memit", "none", "rome"]
+
+
 def test_token_accuracy_path_from_probes_to_the_table(monkeypatch):
     """zsRE probes are scored by token accuracy (value) and CounterFact ones by p(new) > p(true), by hand."""
     zsre = EditCase(0, EditRequest("Which college did {} attend?", "Harwick Pell", "Grayhaven University", "Fenwater"),

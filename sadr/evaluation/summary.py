@@ -249,7 +249,10 @@ def summarize(root: str | Path, protocol: str = "prompt", found: list[Configurat
                                 f"{', '.join(str(run) for c in found for run in c.runs)}")
     frame = pd.DataFrame.from_records(records)
     edited = frame[frame.state == "edited"]
-    unedited = frame[frame.state == "unedited"].drop_duplicates(subset=[c for c in frame.columns if c not in (*swept, "run", "state", "shards")] + ["model.name", "dataset.name"])
+    # the unedited model once per model, dataset and setting of the evaluation (settings of the edit do not change it)
+    same_unedited = [c for c in frame.columns if c not in (*swept, "run", "state", "shards")]
+    same_unedited += [key for key in ("model.name", "dataset.name") if key in frame]
+    unedited = frame[frame.state == "unedited"].drop_duplicates(subset=same_unedited)
     edit_only = [key for key in swept if key.startswith(EDIT_ONLY)]
     unedited = unedited.assign(**{key: None for key in edit_only})
     if "editor.name" in unedited:
