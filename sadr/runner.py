@@ -407,6 +407,7 @@ class Experiment:
             editor.load_state_dict(state.pop("editor", unedited_state))
             edit_seconds = dict(state.get("seconds", {}))  # the edits' times before a resume (none in older checkpoints)
             diagnostics = state.setdefault("diagnostics", {})  # each edited request's batch's (none in older ones)
+            group_sizes = state.setdefault("group_sizes", {})  # each edited request's batch's size (none in older ones)
             already = set(state["edited"])
             pending = [c for c in todo if str(c.case_id) not in already]
             if state["edited"]:
@@ -424,6 +425,7 @@ class Experiment:
                         edit_seconds[name] = edit_seconds.get(name, 0.0) + seconds
                     state["edited"] += [str(c.case_id) for c in group]
                     diagnostics.update({str(c.case_id): outcome.diagnostics for c in group})
+                    group_sizes.update({str(c.case_id): len(group) for c in group})
                     state["seconds"] = dict(edit_seconds)
                     # under the run directory's lock
                     write_atomically({**state, "editor": editor.state_dict()}, state_file, TORCH)
@@ -443,8 +445,9 @@ class Experiment:
             # its batch's δ diagnostics, as a batch run's rows hold them
             outcome = EditOutcome(seconds=edit_seconds, diagnostics={**diagnostics.get(str(case.case_id), {}),
                                                                      "n_edits_in_model": len(state["edited"])})
-            self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds,
-                                      self.cfg.editor.batch_size, memory))
+            group_size = group_sizes.get(str(case.case_id), self.cfg.editor.batch_size)
+            self._write_row(self._row(case, result, unedited[str(case.case_id)], outcome, eval_seconds, group_size,
+                                      memory))
         self._check_restored()  # after the rows, which were scored on the model edited in sequence, as they should be
 
     def _finish(self) -> Path:

@@ -91,10 +91,11 @@ def test_sequential_stacks_every_edit_evaluates_once_at_the_end_and_checkpoints(
     assert {r["diagnostics"]["n_edits_in_model"] for r in rows} == {2}
 
 
-def test_a_batch_run_s_short_last_group_is_edited_and_recorded_as_its_own_size(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("protocol", ["batch", "sequential"])
+def test_a_short_last_group_is_edited_and_recorded_as_its_own_size(protocol, tiny_dir, tmp_path, monkeypatch):
     """Three cases in batches of two: the groups are [0, 1] and [2], and the last case's row says it was edited
     alone, not in a batch of the configured size."""
-    overrides = tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=batch", "editor.batch_size=2")
+    overrides = tiny_overrides(tiny_dir, tmp_path / "run", f"editor.protocol={protocol}", "editor.batch_size=2")
     cfg = composed([*(o for o in overrides if not o.startswith(("dataset.path=", "dataset.limit="))),
                     f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=3"])
     experiment, calls = _spied_experiment(cfg, monkeypatch)
