@@ -105,6 +105,21 @@ def test_a_short_last_group_is_edited_and_recorded_as_its_own_size(protocol, tin
     assert [(r["case_id"], r["batch_size"]) for r in written_rows(out)] == [(0, 2), (1, 2), (2, 1)]
 
 
+def test_a_resumed_sequential_run_keeps_the_size_of_each_batch_it_edited_before_the_stop(tiny_dir, tmp_path,
+                                                                                          monkeypatch):
+    """Three cases in batches of two, stopped after the first row: the resumed run edits nothing again, and the last
+    case's row still says it was edited alone (the checkpoint keeps each case's batch size)."""
+    overrides = tiny_overrides(tiny_dir, tmp_path / "run", "editor.protocol=sequential", "editor.batch_size=2")
+    cfg = composed([*(o for o in overrides if not o.startswith(("dataset.path=", "dataset.limit="))),
+                    f"dataset.path={OFFLINE_RECORDS}", "dataset.limit=3"])
+    _run_killed_after_its_first_row(cfg, monkeypatch)
+    applied = []
+    monkeypatch.setattr(RomeEditor, "apply", lambda editor, requests: applied.append(requests))
+    out = run_experiment(cfg)
+    assert applied == []
+    assert [(r["case_id"], r["batch_size"]) for r in written_rows(out)] == [(0, 2), (1, 2), (2, 1)]
+
+
 def _run_killed_after_its_first_row(cfg, monkeypatch) -> None:
     """Runs `cfg` until it is about to write its second row, and kills it there."""
     original_append = RunDirectory.append
