@@ -881,6 +881,17 @@ def test_a_rome_npz_folder_under_the_home_folder_is_read_as_it_is_checked(tmp_pa
     torch.testing.assert_close(stats.take([1])[1], 2 * torch.eye(2, dtype=torch.float64))
 
 
+def test_a_rome_npz_folder_under_the_home_folder_passes_the_set_up_check(tmp_path, monkeypatch):
+    """The check at set-up expands `~` as the reads do: model.stats.npz_dir=~/npz is the folder $HOME/npz, which
+    holds a file of the sample count, not a folder named '~' that is not there."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "npz").mkdir()
+    np.savez(tmp_path / "npz" / "transformer.h.1.mlp.c_proj_float32_mom2_40.npz", **{"mom2.mom2": np.eye(2)})
+    covariance.check_rome_npz_dir("~/npz", 40)
+    with pytest.raises(MissingInputError, match=rf"npz_dir={tmp_path}/npz holds no ROME statistics file of "):
+        covariance.check_rome_npz_dir("~/npz", 41)
+
+
 def test_the_files_a_rome_npz_error_names_are_of_the_module_and_the_counts_in_order(tmp_path, tokenizer):
     """A missing layer's file is named beside that module's files only (another layer's would not do), and a folder
     without the sample count lists the counts it has in increasing order."""
@@ -1105,3 +1116,84 @@ def test_a_checkpoint_from_another_device_is_not_resumed(tokenizer, tmp_path, mo
         again = stats(tmp_path / "a").take([1])
     assert not rebuilt and "another pass's checkpoint" in caplog.text and "resuming" not in caplog.text
     torch.testing.assert_close(again[1], stats(tmp_path / "b").take([1])[1], rtol=1e-12, atol=1e-12)
+
+
+def test_a_stopped_pass_saves_the_texts_of_its_finished_batches_and_nothing_before_its_first(tokenizer, tmp_path):
+    """With no save due (every_seconds of an hour), a stop saves the sums only where a batch finished since the pass
+    began: stopped after one text of one-text batches, that text is kept; stopped before any batch finished, nothing is
+    written (an empty checkpoint would cost a write of GBs at a published model's width and save no work)."""
+    model = make_model("llama")
+    checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1]}, every_seconds=3600.0)
+
+    def stopped_after(n):
+        yield from TEXTS[:n]
+        raise KeyboardInterrupt
+
+    def run(texts):
+        with pytest.raises(KeyboardInterrupt):  # batch_tokens=1: each text is a batch of its own
+            accumulate_second_moments(model, adapter_for(model), tokenizer, [1], texts, sample_length=64,
+                                      batch_tokens=1, checkpoint=checkpoint)
+
+    run(stopped_after(1))  # its one text still pending: no batch finished
+    assert not checkpoint.path.exists()
+    run(stopped_after(2))  # the first text's batch finished when the second came
+    kept = read_entry(checkpoint.path, TORCH)
+    assert kept["texts"] == 1 and kept["count"] == len(tokenizer(TEXTS[0])["input_ids"])
+
+
+def test_a_pass_saves_its_sums_every_every_seconds_counted_from_its_last_save(tokenizer, tmp_path, monkeypatch):
+    """On a clock that reads 1 s more at each text, one-text batches and a save due every 2.5 s: the batch boundaries
+    come at 2, 3, ... s, so the saves come after texts 2 (at 3 s) and 5 (at 6 s), not after every batch once the
+    first save is made."""
+    import types
+
+    model = make_model("llama")
+    now = [0.0]
+    monkeypatch.setattr(covariance, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1]}, every_seconds=2.5)
+    saved = []
+    monkeypatch.setattr(checkpoint, "save", lambda texts, *args: saved.append(texts))
+
+    def ticking():
+        for text in (TEXTS * 2):
+            now[0] += 1
+            yield text
+
+    accumulate_second_moments(model, adapter_for(model), tokenizer, [1], ticking(), sample_length=64, batch_tokens=1,
+                              checkpoint=checkpoint)
+    assert saved == [2, 5]
+
+
+def test_a_resumed_pass_s_timing_adds_the_seconds_its_checkpoint_holds(tokenizer, tmp_path):
+    """The time a pass reports is the whole pass's: a resumed pass adds its seconds to those its checkpoint saved."""
+    model = make_model("llama")
+    checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1]}, every_seconds=3600.0)
+
+    def stopped_after(n):
+        yield from TEXTS[:n]
+        raise KeyboardInterrupt
+
+    def run(texts):
+        return accumulate_second_moments(model, adapter_for(model), tokenizer, [1], texts, sample_length=64,
+                                         batch_tokens=1, checkpoint=checkpoint)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped_after(3))
+    state = read_entry(checkpoint.path, TORCH)
+    state["seconds"] = {"forward": 1000.0, "accumulate": 2000.0, "corpus": 3000.0}  # as if hours had been spent
+    covariance.write_atomically(state, checkpoint.path, TORCH)
+    seconds = run(TEXTS).seconds
+    assert 1000 <= seconds["forward"] < 1100 and 2000 <= seconds["accumulate"] < 2100
+    assert 3000 <= seconds["corpus"] < 3100
+
+
+def test_a_cached_c_is_read_without_waiting_for_the_lock_of_a_pass(tmp_path, tokenizer, monkeypatch):
+    """Another job may hold the pass's lock for hours while it computes other layers: a layer whose C is cached is read
+    at once, and the lock is taken only for the layers to compute."""
+    model = make_model("llama")
+    stats = SecondMomentStatistics(model, adapter_for(model), tokenizer, fingerprint="f",
+                                   corpus=Corpus({"kind": "t"}, lambda: iter(random_texts())), sample_length=64,
+                                   batch_tokens=256, cache_dir=tmp_path)
+    computed = stats.take([1])[1]
+    monkeypatch.setattr(covariance, "lock_for", lambda path: pytest.fail(f"waited for {path} with C cached"))
+    assert torch.equal(stats.take([1])[1], computed)
