@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sadr.cli.main import app
+from sadr.errors import DamagedFileError
 from sadr.evaluation.paired import compare_runs, sign_test
 
 
@@ -558,6 +559,34 @@ def test_a_run_whose_rows_predate_target_new_pairs_with_one_whose_rows_have_it(t
         _set_row_fields(run, subject="Duchy of Quenmark", **extra)
     table = compare_runs(base, other).set_index("metric")
     assert table.loc["ES", "n"] == 1 and table.loc["ES", "difference"] == pytest.approx(-100)
+
+
+@pytest.mark.parametrize("edited", [None, [1], "scores"])
+def test_a_row_whose_edited_scores_are_no_object_is_named_as_damage(edited, tmp_path):
+    """`edited` present but not an object (a hand edit gave it null or a list) is damage too, not an AttributeError."""
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [1]}})
+    _set_row_fields(other, edited=edited)
+    with pytest.raises(DamagedFileError, match=r"case 0 in .*cases\.jsonl has no edited scores"):
+        compare_runs(base, other)
+
+
+def test_a_base_whose_rows_have_target_new_pairs_with_a_run_whose_rows_predate_it(tmp_path):
+    """The other order of `test_a_run_whose_rows_predate_target_new_pairs_with_one_whose_rows_have_it`: a key is
+    compared only where both runs' rows give it, whichever run lacks it."""
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {0: {"efficacy": [0]}})
+    for run, extra in ((base, {"target_new": "Kesh"}), (other, {})):
+        _set_row_fields(run, subject="Duchy of Quenmark", **extra)
+    table = compare_runs(base, other).set_index("metric")
+    assert table.loc["ES", "n"] == 1 and table.loc["ES", "difference"] == pytest.approx(-100)
+
+
+def test_runs_without_a_metric_in_common_are_refused_not_given_an_empty_table(tmp_path):
+    base = _run(tmp_path / "a", {0: {"efficacy": [1]}})
+    other = _run(tmp_path / "b", {0: {"paraphrase": [0]}})
+    with pytest.raises(ValueError, match=r"no per-prompt metric values in common between .*a and .*b"):
+        compare_runs(base, other)
 
 
 def test_runs_of_different_datasets_that_share_case_ids_are_refused(tmp_path):
