@@ -398,3 +398,92 @@ def test_a_gguf_file_of_a_hub_repository_is_fetched_into_the_hub_cache_and_unpac
 def test_a_local_folder_without_the_named_gguf_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds no file absent\.gguf \(model\.gguf_file\)"):
         load_model(str(tmp_path), gguf_file="absent.gguf", cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("source", ["~/no-such-model", "models/no/such-model"])
+def test_a_missing_source_that_can_only_be_a_path_is_named_without_asking_the_hub(source, tmp_path, monkeypatch):
+    """'~/...' and a source with two '/' (no hub id has them) are paths: a missing one is named as such, not looked up
+    on the hub (which fails only after its retries, with a message about the network)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(FileNotFoundError, match=r"model directory .*no.such-model does not exist \(model\.source\)"):
+        load_model(source, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_model_folder_under_the_home_folder_loads_from_the_expanded_path(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_model("gpt2").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    loaded = load_model("~/model", device="cpu", cache_dir=str(tmp_path / "cache"))
+    assert loaded.resolved_source == str(tmp_path / "model") and loaded.adapter.family == "gpt2"
+
+
+def test_a_value_error_that_is_not_about_the_tokenizer_is_not_called_a_missing_tokenizer(tmp_path, monkeypatch):
+    from sadr.errors import UsageError
+
+    make_model("gpt2").save_pretrained(tmp_path)
+
+    def failing(*args, **kwargs):
+        raise ValueError("revision main is not a valid git ref")
+
+    monkeypatch.setattr("sadr.models.loading.AutoTokenizer.from_pretrained", failing)
+    with pytest.raises(ValueError, match="not a valid git ref") as raised:
+        load_model(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert not isinstance(raised.value, UsageError)
+
+
+def test_device_cuda_without_an_index_places_the_weights_on_torch_s_current_gpu(tmp_path, tokenizer, monkeypatch):
+    """`cuda` is the current GPU (torch.cuda.set_device may have made it GPU 1), not GPU 0: the weights are loaded
+    straight onto it (checked without a GPU: the placement asked of transformers is recorded)."""
+    make_model("gpt2").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(loading, "resolve_device", lambda device, gpus: "cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    asked = []
+
+    def placed(*args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        raise RuntimeError("placement recorded")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", placed)
+    with pytest.raises(RuntimeError, match="placement recorded"):
+        load_model(str(tmp_path / "model"), device="cuda", cache_dir=str(tmp_path / "cache"))
+    assert asked == [{"": 1}]
+
+
+def test_damaged_weights_of_an_unpacked_gguf_file_say_to_delete_the_unpacked_folder(tmp_path):
+    """The folder is the cache's, made from the GGUF file: deleting it is the fix, not copying the model again."""
+    from sadr.errors import DamagedFileError
+
+    _gguf_source(tmp_path)
+    loaded = load_model(str(tmp_path / "tiny.gguf"), device="cpu", cache_dir=str(tmp_path / "cache"))
+    (weights,) = (tmp_path / "cache").rglob("model.safetensors")
+    del loaded
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(DamagedFileError, match=r"damaged; delete that folder, unpacked from .*tiny\.gguf, and the next "
+                                               r"run unpacks it again"):
+        load_model(str(tmp_path / "tiny.gguf"), device="cpu", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_gguf_file_of_a_hub_repository_is_fetched_at_the_revision_asked_for(tmp_path, monkeypatch):
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append((repo, filename, kwargs.get("revision")))
+        raise OSError("offline")
+
+    monkeypatch.setattr(loading, "hf_hub_download", download)
+    from sadr.errors import UnavailableError
+
+    with pytest.raises(UnavailableError, match=r"could not fetch 'tiny\.gguf' of 'org/repo'"):
+        load_model("org/repo", gguf_file="tiny.gguf", revision="v1.0", cache_dir=str(tmp_path / "cache"))
+    assert asked == [("org/repo", "tiny.gguf", "v1.0")]
+
+
+def test_a_source_that_is_no_hub_id_with_a_gguf_file_is_named_as_neither_folder_nor_repository(tmp_path):
+    from sadr.errors import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match=r"model\.source='not a repo id!' is neither a local folder nor a hub "
+                                         r"repository id"):
+        load_model("not a repo id!", gguf_file="tiny.gguf", cache_dir=str(tmp_path / "cache"))
