@@ -444,6 +444,40 @@ def test_config_differences_name_each_setting_with_both_values():
     assert config_differences({"a": ["nan", "Inf", "info"]}, {"a": "NaN"}) == ["a (['nan','Inf',info] in the run, 'NaN' now)"]
 
 
+def test_config_differences_name_a_section_that_became_a_value_or_went_as_one_setting():
+    """A section (a dict) in the run that is a plain value, or absent, now is one difference under its own key, not
+    its keys one by one."""
+    from sadr.results import config_differences
+
+    assert config_differences({"a": {"b": 1}}, {"a": 2}) == ["a ({b:1} in the run, 2 now)"]
+    assert config_differences({"a": {"b": 1}, "c": 0}, {"c": 0}) == ["a ({b:1} in the run, (absent) now)"]
+
+
+def test_rows_read_stop_at_a_last_line_without_its_newline_whatever_is_appended_after(tmp_path):
+    """A whole row without its newline is the file's last line as the reader found it: what a writer appends meanwhile
+    (the rest of that line, then other rows) is not read as rows of its own."""
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    file = tmp_path / "run" / "cases.jsonl"
+    file.write_text('{"case_id": 0}\n{"case_id": 1}')
+    rows = run.iter_rows()
+    assert [next(rows)["case_id"], next(rows)["case_id"]] == [0, 1]
+    with open(file, "a") as f:
+        f.write('\n{"case_id": 2}\n')
+    assert list(rows) == []
+
+
+def test_an_empty_rows_file_is_left_as_it_is_when_a_run_resumes(tmp_path):
+    """A run killed before its first row leaves cases.jsonl empty: nothing to drop, and no error."""
+    from sadr.results import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    (tmp_path / "run" / "cases.jsonl").write_bytes(b"")
+    run.drop_partial_line()
+    assert (tmp_path / "run" / "cases.jsonl").read_bytes() == b"" and run.count() == 0
+
+
 def test_a_run_resumes_with_other_execution_settings_but_not_with_other_results_settings(tiny_dir, tmp_path, capsys,
                                                                                          caplog):
     """Where C's factors are kept and how many cases (or fluency texts) run side by side do not change what a run
