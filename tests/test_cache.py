@@ -3,6 +3,7 @@ keyed by content rather than by where a model was loaded from."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -157,6 +158,75 @@ def test_an_entry_interrupted_while_written_leaves_no_temporary_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomically({"mom2": torch.eye(2)}, path, dataclasses.replace(TORCH, save=save_then_interrupt))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_s_sha256_covers_all_of_a_file_longer_than_a_read(tmp_path):
+    """Files are read 8 MiB at a time: a byte after the first read changes the digest, as hashlib's gives it."""
+    from sadr.cache import file_sha256
+
+    data = bytearray(b"x" * ((1 << 23) + 5))
+    (tmp_path / "a").write_bytes(data)
+    data[-1:] = b"y"
+    (tmp_path / "b").write_bytes(data)
+    assert file_sha256(tmp_path / "b") == hashlib.sha256(data).hexdigest() != file_sha256(tmp_path / "a")
+
+
+def test_a_writable_folder_is_made_with_its_parents_and_under_the_home_folder(tmp_path, monkeypatch):
+    from sadr.cache import writable_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert writable_dir("~/a/b", "cache_dir") == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_written_in_names_the_override_that_sets_it(tmp_path):
+    from sadr.cache import writable_dir
+    from sadr.errors import InvalidSettingError
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(InvalidSettingError, match=r"cannot write in .*file/run \(output_dir\): .*; set "
+                                                  r"hydra\.run\.dir=<a folder this user can write in>$"):
+        writable_dir(tmp_path / "file" / "run", "output_dir", "hydra.run.dir")
+
+
+def test_a_folder_that_exists_but_refuses_new_files_is_named(tmp_path, monkeypatch):
+    """Writing is tried, not only the folder made (a read-only mount; checked by refusing the try, as root may write
+    in any folder)."""
+    from sadr.cache import writable_dir
+    from sadr.errors import InvalidSettingError
+
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache.tempfile, "TemporaryFile", refused)
+    with pytest.raises(InvalidSettingError, match=r"cannot write in .* \(cache_dir\): Permission denied; "
+                                                  r"set cache_dir="):
+        writable_dir(tmp_path, "cache_dir")
+
+
+def _killed_while_writing(path):
+    def save(value, file):
+        file.write_text("half an entry")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    write_atomically([1], path, dataclasses.replace(JSON, save=save))
+
+
+def test_the_temporary_file_of_a_writer_killed_mid_write_is_removed_by_the_next_write(tmp_path):
+    """A real kill (SIGKILL: no cleanup runs) leaves write_atomically's own temporary file; the next write of the entry
+    removes it, so only the entry is left."""
+    path = tmp_path / f"entry{JSON.suffix}"
+    writer = multiprocessing.get_context("fork").Process(target=_killed_while_writing, args=(path,))
+    writer.start()
+    writer.join(30)
+    assert writer.exitcode == -signal.SIGKILL and len(list(tmp_path.iterdir())) == 1  # its temporary file
+    write_atomically([2], path, JSON)
+    assert list(tmp_path.iterdir()) == [path] and read_entry(path, JSON) == [2]
+
+
+def test_a_folder_where_an_entry_would_be_is_no_entry_and_is_left_alone(tmp_path):
+    (tmp_path / "entry.pt").mkdir()
+    assert read_entry(tmp_path / "entry.pt", TORCH) is None and (tmp_path / "entry.pt").is_dir()
 
 
 def test_a_damaged_entry_read_alone_is_removed(tmp_path, caplog):
