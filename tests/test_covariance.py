@@ -1059,6 +1059,9 @@ def test_a_corpus_with_exactly_as_many_tokens_as_key_dimensions_gives_c(tmp_path
     assert len(list((tmp_path / "stats").glob("*.pt"))) == 1
     with pytest.raises(InvalidSettingError, match=rf"gave {d - per_text} tokens, fewer than the {d} dimensions"):
         stats("short", texts[:-1]).take([1])
+    assert len(tokenizer("the cat")["input_ids"]) == per_text - 1
+    with pytest.raises(InvalidSettingError, match=rf"gave {d - 1} tokens, fewer than the {d} dimensions"):
+        stats("one short", texts[:-1] + ["the cat"]).take([1])  # one token fewer than d
 
 
 def test_empty_texts_add_no_tokens_and_no_rows(tokenizer):
