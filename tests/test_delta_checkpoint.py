@@ -66,13 +66,9 @@ def test_a_second_ctrl_c_while_a_stopped_block_saves_its_results_comes_after_the
         write_atomically(value, path, fmt)
 
     monkeypatch.setattr(delta_checkpoint, "write_atomically", save_interrupted)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     folder = tmp_path / DELTA_CHECKPOINT
-    try:
-        with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, {"group": [0, 1]}, every_seconds=3600):
-            Optimiser(stop_at=2)("a"), Optimiser(stop_at=1)("b")
-    finally:
-        signal.signal(signal.SIGINT, before)
+    with pytest.raises(KeyboardInterrupt), resumable_deltas(folder, {"group": [0, 1]}, every_seconds=3600):
+        Optimiser(stop_at=2)("a"), Optimiser(stop_at=1)("b")
     monkeypatch.undo()
     again = Optimiser()
     with resumable_deltas(folder, {"group": [0, 1]}):

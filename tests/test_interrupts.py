@@ -12,14 +12,11 @@ from sadr.interrupts import further_interrupts_ignored, interrupts_deferred
 
 @pytest.fixture
 def handlers():
-    """SIGINT raising KeyboardInterrupt (as in a terminal; a suite started in the background ignores it) and SIGTERM
-    recorded, for the test's duration."""
+    """SIGTERM recorded, for the test's duration (SIGINT raises KeyboardInterrupt in every test: conftest.py)."""
     received: list[int] = []
-    before = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-              signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))}
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     yield received
-    for signum, handler in before.items():
-        signal.signal(signum, handler)
+    signal.signal(signal.SIGTERM, before)
 
 
 def test_ctrl_c_inside_the_block_comes_when_the_block_has_finished(handlers):
