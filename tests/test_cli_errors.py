@@ -558,6 +558,7 @@ def test_a_misspelt_metric_is_refused_by_the_config_checks(tmp_path):
 
 def test_a_sweep_s_checks_compose_within_sadr_run_s_own_hydra():
     """In `sadr-run`, Hydra is initialised already: the checks compose there, and glob(*) lists the editors."""
+    register_configs()  # as sadr-run's main() does before Hydra starts (the test passed alone only after others)
     with initialize_config_module(config_module="sadr.conf", version_base="1.3"):
         assert _jobs_checked(["editor=glob(*)"]) is None
         refused = _jobs_checked(["editor=glob(*)", "sadr=paper", "model=llama3-8b"])
