@@ -347,3 +347,16 @@ def test_an_installed_editors_paper_file_that_sets_more_than_gamma_and_steps_is_
     assert done.stderr.startswith("error: sadr_hparams/paper/extra_smollm2-135m.yaml of editor=extra (in ")
     assert (" sets sadr.heads, seed: a sadr=paper file sets sadr.lambda and editor.v_num_grad_steps only"
             in done.stderr), done.stderr
+
+
+def test_a_header_without_a_space_after_the_hash_is_read_as_hydra_reads_it(tmp_path):
+    """Hydra takes '#@package editor' as a package header too (its own check is `#\\s*@`): in a sadr=paper file it is
+    the wrong package, refused as '# @package editor' is."""
+    from sadr.conf.registry import _store_settings_files
+
+    (tmp_path / "sadr_hparams" / "paper").mkdir(parents=True)
+    (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").write_text(EXTRA_HPARAMS.replace("# @", "#@"))
+    with pytest.raises(ConfigError, match=r"^sadr_hparams/paper/extra_gpt-j\.yaml of editor=extra \(in .*\) has the "
+                                          r"header '# @package editor'; the files of sadr_hparams/paper have "
+                                          r"'# @package _global_'$"):
+        _store_settings_files(_Store(), "extra", tmp_path)
