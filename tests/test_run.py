@@ -385,6 +385,18 @@ def test_a_key_added_with_plus_is_checked_only_where_a_schema_declares_the_keys(
     compose_config([], hydra=True)  # Hydra's own node is not the run's
 
 
+def test_a_composed_config_holds_hydra_s_node_only_when_asked():
+    """compose_config(hydra=False), what scripts and benchmarks take as the run's config, holds the run's settings
+    alone (those of RunConfig), as a run's config.yaml does; hydra=True adds Hydra's node."""
+    import dataclasses
+
+    from sadr.conf.registry import compose_config
+    from sadr.conf.schema import RunConfig
+
+    assert set(compose_config([])) == {field.name for field in dataclasses.fields(RunConfig)}
+    assert set(compose_config([], hydra=True)) == {field.name for field in dataclasses.fields(RunConfig)} | {"hydra"}
+
+
 def test_a_damaged_sequential_checkpoint_is_named_with_the_fix(tiny_dir, tmp_path):
     from sadr.errors import DamagedFileError
 
