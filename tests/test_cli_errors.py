@@ -219,9 +219,9 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr and "ConfigError" in done.stderr
 
 
-def _stopped_in_process(monkeypatch, capsys, out, stop):
+def _stopped_in_process(monkeypatch, capsys, out, stop, full_error=None):
     """(exit status, stderr) of `sadr-run` in this process, its run raising `stop` in the run folder `out` (None: the
-    run already stubbed)."""
+    run already stubbed); `full_error`: HYDRA_FULL_ERROR's value (None: unset)."""
     def run_experiment(cfg):
         raise stop
 
@@ -229,6 +229,8 @@ def _stopped_in_process(monkeypatch, capsys, out, stop):
         monkeypatch.setattr(cli, "run_experiment", run_experiment)
     monkeypatch.setattr(cli._Stage, "task_started", False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    if full_error is not None:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", full_error)
     # logging left as it is: Hydra's setup would replace this test session's (later tests read theirs through caplog)
     monkeypatch.setattr(sys, "argv", ["sadr-run", f"hydra.run.dir={out}", "hydra.output_subdir=null",
                                       "hydra/job_logging=none", "hydra/hydra_logging=none"])
@@ -677,3 +679,113 @@ def test_a_sigterm_handler_already_set_is_left_alone(monkeypatch, tmp_path):
         assert signal.getsignal(signal.SIGTERM) is recorded
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_before_any_case_finished_says_that_none_is_kept(monkeypatch, capsys, tmp_path):
+    """An empty run folder still gets the whole line: what is kept (nothing yet) and how to resume."""
+    status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+    assert (status, stderr) == (130, f"interrupted: 0 finished case(s) are kept in {tmp_path}; to resume (finished "
+                                     f"work is skipped), run the same command with hydra.run.dir={tmp_path}\n")
+
+
+def test_a_damaged_cases_file_found_while_stopping_is_named_without_hiding_the_stop(monkeypatch, capsys, tmp_path):
+    """The kept rows cannot be counted (a case written twice): the line names the damage and still says that the run
+    was interrupted and how to resume, with Ctrl-C's exit status, not a traceback about the file."""
+    (tmp_path / "cases.jsonl").write_text('{"case_id": 0}\n{"case_id": 0}\n')
+    status, stderr = _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+    assert status == 130 and "Traceback" not in stderr
+    assert stderr.startswith(f"interrupted: the cases in it (not counted: line 2 of {tmp_path / 'cases.jsonl'} is a "
+                             "second row of case 0"), stderr
+    assert stderr.endswith(f") are kept in {tmp_path}; to resume (finished work is skipped), run the same command "
+                           f"with hydra.run.dir={tmp_path}\n"), stderr
+
+
+def test_hydra_full_error_other_than_1_leaves_the_one_line_message(monkeypatch, capsys, tmp_path):
+    """Hydra shows the traceback for HYDRA_FULL_ERROR=1 alone; HYDRA_FULL_ERROR=0 is the default behaviour."""
+    stop = InvalidSettingError("a bad value")
+    assert _stopped_in_process(monkeypatch, capsys, tmp_path, stop, full_error="0") == (2, "error: a bad value\n")
+
+
+def test_a_config_that_does_not_compose_and_has_no_advice_is_hydra_s_message_alone(monkeypatch, capsys):
+    """An unknown editor: Hydra names the options, exit status 2, and no `error:` line of sadr's follows it."""
+    monkeypatch.setattr(cli._Stage, "task_started", False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["sadr-run", "editor=rmoe"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Could not find 'editor/rmoe'" in stderr, stderr
+    assert not re.search(r"^error:", stderr, re.MULTILINE), stderr
+
+
+def test_under_a_debugger_a_value_error_in_the_run_keeps_its_traceback(monkeypatch, tmp_path):
+    """Under pdb Hydra raises a task's exception instead of exiting with status 1: a ValueError from the run is a
+    bug, not Hydra's check of the command line (which is printed as one `error:` line)."""
+    import hydra._internal.utils
+
+    def run_experiment(cfg):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(hydra._internal.utils, "is_under_debugger", lambda: True)
+    monkeypatch.setattr(cli, "run_experiment", run_experiment)
+    monkeypatch.setattr(cli._Stage, "task_started", False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["sadr-run", f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    with pytest.raises(ValueError, match="^a bug$"):
+        cli.main()
+
+
+@pytest.mark.parametrize("flag", ["-c", "-h", "--info"])
+def test_hydra_s_short_and_info_flags_make_no_folder_either(flag, tmp_path):
+    """`-c` is `--cfg`, `-h` `--help`: like `--info`, Hydra makes no run folder for them, so none is checked."""
+    blocked = _a_file(tmp_path / "file")
+    cli._check_hydra_folders([flag, "job", f"hydra.run.dir={blocked}/run"])  # no UsageError
+
+
+def test_a_sweep_s_launcher_stopped_by_ctrl_c_removes_submitit_s_empty_pattern_folder(monkeypatch, capsys, tmp_path):
+    """The jobs had not started (no folder of their own in the pattern's place): the '%j' folder goes, and the line
+    names the sweep folder to resume in."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    pattern = tmp_path / ".submitit" / "%j"
+    pattern.mkdir(parents=True)
+    monkeypatch.setattr(cli, "_main", interrupted)
+    monkeypatch.setattr(cli, "_wait_for_child_processes", lambda timeout: None)
+    monkeypatch.setattr(cli.SweepFolder, "started", str(tmp_path))
+    monkeypatch.setattr(cli.SweepFolder, "job_pattern", str(pattern))
+    monkeypatch.setattr(sys, "argv", ["sadr-run", "-m"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 130 and not pattern.exists()
+    assert capsys.readouterr().err.endswith(f"run the same command with hydra.sweep.dir={tmp_path}\n")
+
+
+def test_the_launcher_waits_for_its_child_processes_until_they_end_or_the_timeout():
+    """A child that ends in 0.5 s is waited for; with none left the wait ends at once; one that outlives the timeout
+    is given up on after it."""
+    child = subprocess.Popen(["sleep", "0.5"])
+    started = time.monotonic()
+    cli._wait_for_child_processes(timeout=10.0)
+    assert 0.3 < time.monotonic() - started < 5
+    started = time.monotonic()
+    cli._wait_for_child_processes(timeout=10.0)  # no child left
+    assert time.monotonic() - started < 1
+    child.wait()
+    lasting = subprocess.Popen(["sleep", "30"])
+    try:
+        started = time.monotonic()
+        cli._wait_for_child_processes(timeout=0.5)
+        assert 0.4 < time.monotonic() - started < 5 and lasting.poll() is None
+    finally:
+        lasting.kill()
+        lasting.wait()
+
+
+def test_hydra_full_error_lets_ctrl_c_through_with_its_traceback(monkeypatch, capsys, tmp_path):
+    """HYDRA_FULL_ERROR=1 asks for the traceback of any stop: Ctrl-C is raised as it is, not turned into the line that
+    says what is kept (exit status 130)."""
+    with pytest.raises(KeyboardInterrupt):
+        _stopped_in_process(monkeypatch, capsys, tmp_path, KeyboardInterrupt(), full_error="1")
