@@ -1011,6 +1011,14 @@ def test_sadr_help_names_its_arguments_as_its_text_does_and_joins_wrapped_lines(
     assert "the metrics evaluated, paired.csv, paired.md and paired.tex" in done.output  # one paragraph, not its lines
 
 
+def test_sadr_without_a_command_shows_its_help_with_the_commands():
+    """`sadr` alone is asked what it does: the help, naming its three commands, not a "Missing command" error."""
+    done = CliRunner().invoke(app, [], env={"COLUMNS": "200"})
+    assert "Tables and utilities for sadr-run results." in done.output, done.output
+    assert all(command in done.output for command in ("summarize", "compare", "report")), done.output
+    assert "Missing command" not in done.output
+
+
 def test_a_misspelt_override_is_named_with_the_setting_it_may_mean():
     """What sadr-run adds to Hydra's message when an override's key is declared nowhere (Hydra advises '+')."""
     from sadr.conf.advice import misspelt_override
