@@ -751,3 +751,26 @@ def test_a_sweep_whose_shards_cannot_be_merged_ends_with_one_line_saying_why(tmp
     SummarizeSweep().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("\nno tables for the sweep (the shards of one configuration must be i/n")
+
+
+def test_cli_summarize_takes_its_protocol_and_writes_where_out_says(tmp_path):
+    """`sadr summarize ROOT --protocol case --out OUT`: case 0 keeps its 4 NS prompts, case 1 loses its 2, so the case
+    protocol gives (100 + 0) / 2 = 50 where the prompt protocol would give 4/6 = 66.7; the tables go to OUT alone."""
+    root, out = tmp_path / "runs", tmp_path / "tables"
+    _finished(root / "0", {0: {"neighborhood": [1, 1, 1, 1]}, 1: {"neighborhood": [0, 0]}}, ROME)
+    done = CliRunner().invoke(app, ["summarize", str(root), "--protocol", "case", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith(f"case-level results ×100 of every run in {root}:"), done.output
+    assert pd.read_csv(out / "summary.csv").set_index("state").loc["edited", "NS"] == pytest.approx(50.0)
+    assert not (root / "summary.csv").exists()
+
+
+def test_cli_prints_the_paired_table_to_three_significant_digits(tmp_path):
+    """As paired.md and the LaTeX file show them: 2 of 3 prompts turned distracted, 200/3 = 66.666... printed 66.7."""
+    base = _run(tmp_path / "a", {0: {"distract_neighborhood": [0, 0, 0]}})
+    other = _run(tmp_path / "b", {0: {"distract_neighborhood": [1, 1, 0]}})
+    done = CliRunner().invoke(app, ["compare", str(base), str(other)])
+    assert done.exit_code == 0, done.output
+    row = next(line for line in done.output.splitlines() if line.startswith("| DNS"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:5] == ["DNS", "3", "0", "66.7", "66.7"], row
