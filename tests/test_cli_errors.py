@@ -504,6 +504,7 @@ def test_a_bug_in_a_sweep_s_checks_stops_the_sweep_with_its_traceback(monkeypatc
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(sweep, "job_that_cannot_run", bug)
+    monkeypatch.setattr(sweep.SweepChecks, "stopped_on_a_bug", False)  # the checks set it: restored to False after
     checks = {"checks": {"_target_": "sadr.cli.sweep.SweepChecks"}}
     callbacks = Callbacks(OmegaConf.create({"hydra": {"callbacks": checks}}))
     with pytest.raises(SystemExit) as stopped:
@@ -709,6 +710,7 @@ def test_hydra_full_error_other_than_1_leaves_the_one_line_message(monkeypatch, 
 def test_a_config_that_does_not_compose_and_has_no_advice_is_hydra_s_message_alone(monkeypatch, capsys):
     """An unknown editor: Hydra names the options, exit status 2, and no `error:` line of sadr's follows it."""
     monkeypatch.setattr(cli._Stage, "task_started", False)
+    monkeypatch.setattr(cli.SweepChecks, "stopped_on_a_bug", False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", ["sadr-run", "editor=rmoe"])
     with pytest.raises(SystemExit) as stopped:
