@@ -252,7 +252,8 @@ def test_settings_files_are_stored_in_their_groups_and_packages_and_checked(tmp_
     _store_settings_files(store, "extra", tmp_path)
     assert store.stored["sadr_hparams/paper/extra_llama3-8b"] == (
         {"sadr": {"lambda": 0.25}, "editor": {"v_num_grad_steps": 11}}, "_global_")
-    # the other group's header, where Hydra reads it: on any line of the comment block the file opens with
+    # the other group's header on any line of the comment block the file opens with (Hydra would stop at the
+    # first plain comment and ignore it; the file is stored under its group's package all the same)
     (tmp_path / "sadr_hparams" / "paper" / "extra_gpt-j.yaml").write_text("# source: a test\n\n" + EXTRA_HPARAMS)
     with pytest.raises(ConfigError, match=r"^sadr_hparams/paper/extra_gpt-j\.yaml of editor=extra \(in .*\) has "
                                           r"the header '# @package editor'; the files of sadr_hparams/paper have "

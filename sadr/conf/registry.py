@@ -83,7 +83,9 @@ def _store_settings_files(store: ConfigStore, editor: str, config_dir: Traversab
             if model not in models:
                 raise ConfigError(f"{where}: expected a name {editor}_<model>.yaml, <model> one of {', '.join(models)}")
             text = file.read_text(encoding="utf-8")
-            # the header as Hydra reads it: the comment lines (blank ones between them) before the first value
+            # a package header anywhere in the comment lines before the first value (Hydra reads only the `# @`
+            # lines that open a file; the file is stored under its group's package whatever it says, so a header
+            # naming another package is refused rather than ignored)
             comments = itertools.takewhile(lambda line: not line or line.startswith("#"),
                                            (line.strip() for line in text.splitlines()))
             header = next(filter(None, (re.fullmatch(r"#\s*@package\s+(\S+)", line) for line in comments)), None)
