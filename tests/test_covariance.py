@@ -1111,6 +1111,12 @@ def test_a_checkpoint_from_another_device_is_not_resumed(tokenizer, tmp_path, mo
     torch.testing.assert_close(again[1], stats(tmp_path / "b").take([1])[1], rtol=1e-12, atol=1e-12)
 
 
+def _texts_then_ctrl_c(n):
+    """The first `n` of TEXTS, then a Ctrl-C where the next text would come."""
+    yield from TEXTS[:n]
+    raise KeyboardInterrupt
+
+
 def test_a_stopped_pass_saves_the_texts_of_its_finished_batches_and_nothing_before_its_first(tokenizer, tmp_path):
     """With no save due (every_seconds of an hour), a stop saves the sums only where a batch finished since the pass
     began: stopped after one text of one-text batches, that text is kept; stopped before any batch finished, nothing is
@@ -1118,18 +1124,14 @@ def test_a_stopped_pass_saves_the_texts_of_its_finished_batches_and_nothing_befo
     model = make_model("llama")
     checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1]}, every_seconds=3600.0)
 
-    def stopped_after(n):
-        yield from TEXTS[:n]
-        raise KeyboardInterrupt
-
     def run(texts):
         with pytest.raises(KeyboardInterrupt):  # batch_tokens=1: each text is a batch of its own
             accumulate_second_moments(model, adapter_for(model), tokenizer, [1], texts, sample_length=64,
                                       batch_tokens=1, checkpoint=checkpoint)
 
-    run(stopped_after(1))  # its one text still pending: no batch finished
+    run(_texts_then_ctrl_c(1))  # its one text still pending: no batch finished
     assert not checkpoint.path.exists()
-    run(stopped_after(2))  # the first text's batch finished when the second came
+    run(_texts_then_ctrl_c(2))  # the first text's batch finished when the second came
     kept = read_entry(checkpoint.path, TORCH)
     assert kept["texts"] == 1 and kept["count"] == len(tokenizer(TEXTS[0])["input_ids"])
 
@@ -1162,16 +1164,12 @@ def test_a_resumed_pass_s_timing_adds_the_seconds_its_checkpoint_holds(tokenizer
     model = make_model("llama")
     checkpoint = covariance.PassCheckpoint(tmp_path / "pass.partial.pt", {"layers": [1]}, every_seconds=3600.0)
 
-    def stopped_after(n):
-        yield from TEXTS[:n]
-        raise KeyboardInterrupt
-
     def run(texts):
         return accumulate_second_moments(model, adapter_for(model), tokenizer, [1], texts, sample_length=64,
                                          batch_tokens=1, checkpoint=checkpoint)
 
     with pytest.raises(KeyboardInterrupt):
-        run(stopped_after(3))
+        run(_texts_then_ctrl_c(3))
     state = read_entry(checkpoint.path, TORCH)
     state["seconds"] = {"forward": 1000.0, "accumulate": 2000.0, "corpus": 3000.0}  # as if hours had been spent
     covariance.write_atomically(state, checkpoint.path, TORCH)
